@@ -1,0 +1,1 @@
+//! Criterion benchmarks for chorus; see `benches/` and `README.md` in this directory.

@@ -1,0 +1,170 @@
+//! The `--device` value: which backend runs the computation, checked against what was compiled in.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// A compute device as written on the command line: `cpu`, `wgpu`, `cuda` or `cuda:N`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceSpec {
+    /// The ndarray CPU backend (feature `ndarray`, the default; `openblas` adds OpenBLAS GEMM).
+    #[default]
+    Cpu,
+    /// The default WebGPU adapter (feature `wgpu`).
+    Wgpu,
+    /// CUDA device N (feature `cuda`).
+    Cuda(usize),
+}
+
+/// Why a `--device` value cannot be used.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DeviceError {
+    /// Not one of the known spellings.
+    #[error("unknown device `{0}`: expected cpu, wgpu, cuda or cuda:N")]
+    Unknown(String),
+    /// A known backend whose cargo feature was off at build time.
+    #[error(
+        "device `{device}` needs the `{feature}` backend, which this binary was built without: \
+         rebuild with `cargo build -p chorus-cli --release --features {feature}`"
+    )]
+    NotCompiled {
+        /// The device as written.
+        device: String,
+        /// The cargo feature that provides it.
+        feature: &'static str,
+    },
+}
+
+impl FromStr for DeviceSpec {
+    type Err = DeviceError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "cpu" | "ndarray" => Ok(Self::Cpu),
+            "wgpu" => Ok(Self::Wgpu),
+            "cuda" => Ok(Self::Cuda(0)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Self::Cuda)
+                .ok_or_else(|| DeviceError::Unknown(s.to_string())),
+        }
+    }
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Cpu => write!(f, "cpu"),
+            Self::Wgpu => write!(f, "wgpu"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl DeviceSpec {
+    /// The cargo feature that compiles this device's backend.
+    pub fn feature(&self) -> &'static str {
+        match self {
+            Self::Cpu => "ndarray",
+            Self::Wgpu => "wgpu",
+            Self::Cuda(_) => "cuda",
+        }
+    }
+
+    /// Whether this binary was built with the backend.
+    pub fn is_compiled(&self) -> bool {
+        match self {
+            Self::Cpu => cfg!(feature = "ndarray"),
+            Self::Wgpu => cfg!(feature = "wgpu"),
+            Self::Cuda(_) => cfg!(feature = "cuda"),
+        }
+    }
+
+    /// `Ok` when the backend is compiled in, else an error saying which feature to enable.
+    pub fn check(&self) -> Result<Self, DeviceError> {
+        if self.is_compiled() {
+            Ok(*self)
+        } else {
+            Err(DeviceError::NotCompiled {
+                device: self.to_string(),
+                feature: self.feature(),
+            })
+        }
+    }
+}
+
+/// Runs `$body` with `$B` bound to the autodiff backend type and `$device` to the device that
+/// `$spec` names. Arms for backends that were not compiled in return [`DeviceError::NotCompiled`].
+#[macro_export]
+macro_rules! with_backend {
+    ($spec:expr, |$B:ident, $device:ident| $body:expr) => {{
+        let spec: $crate::device::DeviceSpec = $spec.check()?;
+        match spec {
+            $crate::device::DeviceSpec::Cpu => {
+                #[cfg(feature = "ndarray")]
+                {
+                    type $B = burn::backend::Autodiff<burn::backend::NdArray>;
+                    let $device = burn::backend::ndarray::NdArrayDevice::Cpu;
+                    $body
+                }
+                #[cfg(not(feature = "ndarray"))]
+                unreachable!("checked above")
+            }
+            $crate::device::DeviceSpec::Wgpu => {
+                #[cfg(feature = "wgpu")]
+                {
+                    type $B = burn::backend::Autodiff<burn::backend::Wgpu>;
+                    let $device = burn::backend::wgpu::WgpuDevice::default();
+                    $body
+                }
+                #[cfg(not(feature = "wgpu"))]
+                unreachable!("checked above")
+            }
+            $crate::device::DeviceSpec::Cuda(_index) => {
+                #[cfg(feature = "cuda")]
+                {
+                    type $B = burn::backend::Autodiff<burn::backend::Cuda>;
+                    let $device = burn::backend::cuda::CudaDevice::new(_index);
+                    $body
+                }
+                #[cfg(not(feature = "cuda"))]
+                unreachable!("checked above")
+            }
+        }
+    }};
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_spelling() {
+        assert_eq!("cpu".parse(), Ok(DeviceSpec::Cpu));
+        assert_eq!("WGPU".parse(), Ok(DeviceSpec::Wgpu));
+        assert_eq!("cuda".parse(), Ok(DeviceSpec::Cuda(0)));
+        assert_eq!("cuda:3".parse(), Ok(DeviceSpec::Cuda(3)));
+        for bad in ["gpu", "cuda:", "cuda:x", ""] {
+            assert!(
+                matches!(bad.parse::<DeviceSpec>(), Err(DeviceError::Unknown(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_backend_that_was_not_compiled_says_which_feature_to_enable() {
+        for spec in [DeviceSpec::Cpu, DeviceSpec::Wgpu, DeviceSpec::Cuda(1)] {
+            match spec.check() {
+                Ok(_) => assert!(spec.is_compiled()),
+                Err(err) => {
+                    assert!(!spec.is_compiled());
+                    assert!(
+                        err.to_string()
+                            .contains(&format!("--features {}", spec.feature()))
+                    );
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,58 @@
+//! Decoder-only transformer language models for chorus, generic over any burn [`Backend`].
+//!
+//! - [`LmConfig`] describes a model ([`LlamaConfig`]: RMSNorm, RoPE, SwiGLU, GQA;
+//!   [`Gpt2Config`]: LayerNorm, learned positions, GELU) and is validated before allocation.
+//! - [`Lm`] is the model; [`Lm::forward`] takes an [`LmInput`] (tokens, padding mask, and the two
+//!   hooks for conditioning on a latent: per-layer [`LayerMemory`] slots and an embedding offset)
+//!   and returns an [`LmOutput`] (logits and final hidden states).
+//! - [`KvCache`] makes decoding incremental: pass the same cache to successive calls.
+//! - [`Lm::save`] / [`Lm::load`] read and write chorus checkpoints (`config.json` +
+//!   `model.safetensors`); [`Tokenizer`] wraps Hugging Face's `tokenizers`.
+//!
+//! ```
+//! use burn::backend::NdArray;
+//! use burn::prelude::*;
+//! use chorus_lm::{LlamaConfig, LmConfig, LmInput};
+//!
+//! let config = LmConfig::Llama(LlamaConfig {
+//!     vocab_size: 32, d_model: 16, n_layers: 2, n_heads: 4, n_kv_heads: 2, d_ff: 32,
+//!     rope_theta: 10_000.0, norm_eps: 1e-5, tie_embeddings: true, max_seq_len: 64,
+//! });
+//! let device = Default::default();
+//! let model = config.init::<NdArray>(&device)?;
+//! let tokens = Tensor::<NdArray, 2, Int>::from_data([[1, 2, 3]], &device);
+//! let out = model.forward(LmInput::new(tokens), None)?;
+//! assert_eq!(out.logits.dims(), [1, 3, 32]);
+//! # Ok::<(), chorus_lm::LmError>(())
+//! ```
+//!
+//! [`Backend`]: burn::tensor::backend::Backend
+
+mod attention;
+mod cache;
+mod checkpoint;
+mod config;
+mod error;
+mod gpt2;
+mod llama;
+mod model;
+mod rope;
+mod tokenizer;
+
+pub use attention::{Attention, AttentionConfig, LayerMemory, attention_mask};
+pub use cache::{KvCache, LayerCache};
+pub use checkpoint::{CONFIG_FILE, WEIGHTS_FILE};
+pub use config::{Gpt2Config, LlamaConfig, LmConfig, LmDims};
+pub use error::LmError;
+pub use gpt2::{Gpt2, Gpt2Block, Gpt2Mlp};
+pub use llama::{Llama, LlamaBlock, SwiGlu};
+pub use model::{Lm, LmInput, LmOutput};
+pub use rope::Rope;
+pub use tokenizer::Tokenizer;
+
+#[cfg(test)]
+mod tests;
+
+/// The backend the unit tests run on.
+#[cfg(test)]
+pub(crate) type TestBackend = burn::backend::NdArray<f32>;

@@ -1,0 +1,156 @@
+//! The llama family: RMSNorm, RoPE, SwiGLU, grouped-query attention, optional tied embeddings.
+//!
+//! Field names follow Hugging Face's `LlamaForCausalLM` (`embed_tokens`, `layers.N.self_attn.q_proj`,
+//! `mlp.gate_proj`, `norm`, `lm_head`), so checkpoint keys read the same in both worlds.
+
+use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig};
+use burn::prelude::*;
+use burn::tensor::activation::silu;
+
+use crate::attention::{Attention, AttentionConfig, LayerMemory};
+use crate::cache::{KvCache, LayerCache};
+use crate::model::{LmInput, LmOutput, add_offset, init_normal, prepare_step, tied_logits};
+use crate::rope::Rope;
+use crate::{LlamaConfig, LmConfig, LmDims, LmError};
+
+/// SwiGLU feed-forward: `down(silu(gate(x)) ⊙ up(x))`.
+#[derive(Module, Debug)]
+pub struct SwiGlu<B: Backend> {
+    /// `[d_model, d_ff]`
+    pub gate_proj: Linear<B>,
+    /// `[d_model, d_ff]`
+    pub up_proj: Linear<B>,
+    /// `[d_ff, d_model]`
+    pub down_proj: Linear<B>,
+}
+
+impl<B: Backend> SwiGlu<B> {
+    /// # Shapes
+    /// - x, output: `[batch, seq, d_model]`
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let gated = silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x);
+        self.down_proj.forward(gated)
+    }
+}
+
+/// One pre-norm block: `x + attn(norm(x))`, then `x + mlp(norm(x))`.
+#[derive(Module, Debug)]
+pub struct LlamaBlock<B: Backend> {
+    /// Norm before attention.
+    pub input_layernorm: RmsNorm<B>,
+    /// Grouped-query self-attention with RoPE.
+    pub self_attn: Attention<B>,
+    /// Norm before the MLP.
+    pub post_attention_layernorm: RmsNorm<B>,
+    /// SwiGLU MLP.
+    pub mlp: SwiGlu<B>,
+}
+
+/// A llama-family decoder. Build with [`LmConfig::init`].
+#[derive(Module, Debug)]
+pub struct Llama<B: Backend> {
+    /// Token embedding `[vocab_size, d_model]`.
+    pub embed_tokens: Embedding<B>,
+    /// The blocks.
+    pub layers: Vec<LlamaBlock<B>>,
+    /// Final RMSNorm.
+    pub norm: RmsNorm<B>,
+    /// Output projection `[d_model, vocab_size]`; `None` when tied to `embed_tokens`.
+    pub lm_head: Option<Linear<B>>,
+    /// The config the model was built from.
+    #[module(skip)]
+    pub config: LlamaConfig,
+}
+
+impl<B: Backend> Llama<B> {
+    /// Allocates a model with GPT-2-style initialisation (call [`LmConfig::init`], which validates).
+    pub(crate) fn new(c: &LlamaConfig, device: &B::Device) -> Self {
+        let std = 0.02;
+        let residual_std = std / (2.0 * c.n_layers as f64).sqrt();
+        let linear = |d_in, d_out, std| {
+            LinearConfig::new(d_in, d_out)
+                .with_bias(false)
+                .with_initializer(init_normal(std))
+                .init(device)
+        };
+        let norm = || {
+            RmsNormConfig::new(c.d_model)
+                .with_epsilon(c.norm_eps)
+                .init(device)
+        };
+        let layers = (0..c.n_layers)
+            .map(|_| {
+                let mut self_attn = AttentionConfig {
+                    d_model: c.d_model,
+                    n_heads: c.n_heads,
+                    n_kv_heads: c.n_kv_heads,
+                    bias: false,
+                }
+                .init(device);
+                self_attn.o_proj = linear(c.d_model, c.d_model, residual_std);
+                LlamaBlock {
+                    input_layernorm: norm(),
+                    self_attn,
+                    post_attention_layernorm: norm(),
+                    mlp: SwiGlu {
+                        gate_proj: linear(c.d_model, c.d_ff, std),
+                        up_proj: linear(c.d_model, c.d_ff, std),
+                        down_proj: linear(c.d_ff, c.d_model, residual_std),
+                    },
+                }
+            })
+            .collect();
+        Self {
+            embed_tokens: EmbeddingConfig::new(c.vocab_size, c.d_model)
+                .with_initializer(init_normal(std))
+                .init(device),
+            layers,
+            norm: norm(),
+            lm_head: (!c.tie_embeddings).then(|| linear(c.d_model, c.vocab_size, std)),
+            config: c.clone(),
+        }
+    }
+
+    /// See [`crate::Lm::dims`].
+    pub fn dims(&self) -> LmDims {
+        LmConfig::Llama(self.config.clone()).dims()
+    }
+
+    /// See [`crate::Lm::forward`].
+    pub fn forward(
+        &self,
+        input: LmInput<B>,
+        mut cache: Option<&mut KvCache<B>>,
+    ) -> Result<LmOutput<B>, LmError> {
+        let step = prepare_step(&self.dims(), &input, cache.as_deref_mut())?;
+        let rope = Rope {
+            head_dim: self.config.d_model / self.config.n_heads,
+            theta: self.config.rope_theta,
+        };
+        let mut x = add_offset(
+            self.embed_tokens.forward(input.tokens),
+            input.embedding_offset.as_ref(),
+        );
+        for (i, layer) in self.layers.iter().enumerate() {
+            let memory: Option<&LayerMemory<B>> = input.memory.as_ref().map(|m| &m[i]);
+            let layer_cache: Option<&mut LayerCache<B>> =
+                cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let attended = layer.self_attn.forward(
+                layer.input_layernorm.forward(x.clone()),
+                step.start,
+                Some(&rope),
+                step.mask.clone(),
+                memory,
+                layer_cache,
+            );
+            x = x + attended;
+            x = x.clone() + layer.mlp.forward(layer.post_attention_layernorm.forward(x));
+        }
+        let hidden = self.norm.forward(x);
+        let logits = match &self.lm_head {
+            Some(head) => head.forward(hidden.clone()),
+            None => tied_logits(hidden.clone(), self.embed_tokens.weight.val()),
+        };
+        Ok(LmOutput { logits, hidden })
+    }
+}

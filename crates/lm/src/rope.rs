@@ -1,0 +1,123 @@
+//! Rotary position embedding (RoPE), in the "rotate half" layout of Hugging Face's llama.
+
+use burn::prelude::*;
+
+/// Rotates query/key heads by position-dependent angles.
+///
+/// For head dimension pairs `(i, i + head_dim/2)` and position `p`, with
+/// `θ_i = theta^(-2i/head_dim)`:
+///
+/// ```text
+/// x'_i          = x_i cos(p θ_i) − x_{i+h/2} sin(p θ_i)
+/// x'_{i+h/2}    = x_{i+h/2} cos(p θ_i) + x_i sin(p θ_i)
+/// ```
+///
+/// so that `⟨rot(q, m), rot(k, n)⟩` depends on `m − n` only.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rope {
+    /// Width of one head (even).
+    pub head_dim: usize,
+    /// The base θ.
+    pub theta: f64,
+}
+
+impl Rope {
+    /// `cos` and `sin` tables for positions `start..start + len`, each `[len, head_dim]`
+    /// (the half-width table repeated twice so it lines up with `rotate_half`).
+    fn tables<B: Backend>(
+        &self,
+        start: usize,
+        len: usize,
+        device: &B::Device,
+    ) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        let half = self.head_dim / 2;
+        let mut cos = Vec::with_capacity(len * self.head_dim);
+        let mut sin = Vec::with_capacity(len * self.head_dim);
+        for pos in start..start + len {
+            let angles: Vec<f64> = (0..half)
+                .map(|i| pos as f64 * self.theta.powf(-2.0 * i as f64 / self.head_dim as f64))
+                .collect();
+            for _ in 0..2 {
+                cos.extend(angles.iter().map(|a| a.cos() as f32));
+                sin.extend(angles.iter().map(|a| a.sin() as f32));
+            }
+        }
+        let shape = [len, self.head_dim];
+        (
+            Tensor::from_data(TensorData::new(cos, shape), device),
+            Tensor::from_data(TensorData::new(sin, shape), device),
+        )
+    }
+
+    /// Applies the rotation to heads at positions `start..start + seq`.
+    ///
+    /// # Shapes
+    /// - x: `[batch, n_heads, seq, head_dim]`
+    /// - output: same
+    pub fn apply<B: Backend>(&self, x: Tensor<B, 4>, start: usize) -> Tensor<B, 4> {
+        let [_batch, _n_heads, seq, head_dim] = x.dims();
+        let half = head_dim / 2;
+        let (cos, sin) = self.tables::<B>(start, seq, &x.device());
+        let cos = cos.unsqueeze::<4>(); // [1, 1, seq, head_dim]
+        let sin = sin.unsqueeze::<4>();
+        let x1 = x.clone().narrow(3, 0, half);
+        let x2 = x.clone().narrow(3, half, half);
+        let rotated = Tensor::cat(vec![x2.neg(), x1], 3); // rotate_half(x) = [-x2, x1]
+        x * cos + rotated * sin
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::TestBackend as B;
+    use burn::tensor::Distribution;
+
+    /// `⟨rot(q, m), rot(k, n)⟩` for one head.
+    fn rotated_dot(rope: &Rope, q: &Tensor<B, 4>, k: &Tensor<B, 4>, m: usize, n: usize) -> f32 {
+        let q = rope.apply(q.clone(), m);
+        let k = rope.apply(k.clone(), n);
+        (q * k).sum().into_scalar()
+    }
+
+    #[test]
+    fn rotated_scores_depend_only_on_the_position_difference() {
+        let device = Default::default();
+        let rope = Rope {
+            head_dim: 16,
+            theta: 10_000.0,
+        };
+        let q = Tensor::<B, 4>::random([1, 1, 1, 16], Distribution::Normal(0.0, 1.0), &device);
+        let k = Tensor::<B, 4>::random([1, 1, 1, 16], Distribution::Normal(0.0, 1.0), &device);
+        for (m, n) in [(5, 2), (9, 9), (3, 7)] {
+            let reference = rotated_dot(&rope, &q, &k, m, n);
+            for shift in [1, 17, 250] {
+                let shifted = rotated_dot(&rope, &q, &k, m + shift, n + shift);
+                assert!(
+                    (reference - shifted).abs() < 1e-4,
+                    "({m},{n})+{shift}: {reference} vs {shifted}"
+                );
+            }
+        }
+        // ... and it does depend on the difference, and position 0 is the identity.
+        assert!((rotated_dot(&rope, &q, &k, 5, 2) - rotated_dot(&rope, &q, &k, 6, 2)).abs() > 1e-3);
+        let unrotated = rope.apply(q.clone(), 0);
+        assert!((unrotated - q).abs().max().into_scalar() < 1e-7);
+    }
+
+    #[test]
+    fn rotation_preserves_norms() {
+        let device = Default::default();
+        let rope = Rope {
+            head_dim: 8,
+            theta: 100.0,
+        };
+        let x = Tensor::<B, 4>::random([2, 3, 4, 8], Distribution::Normal(0.0, 1.0), &device);
+        let norm = |t: Tensor<B, 4>| t.powf_scalar(2.0).sum_dim(3);
+        let diff = (norm(rope.apply(x.clone(), 11)) - norm(x))
+            .abs()
+            .max()
+            .into_scalar();
+        assert!(diff < 1e-4);
+    }
+}

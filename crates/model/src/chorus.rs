@@ -1,0 +1,407 @@
+//! The joint model `Chorus<B>` and its ELBO forward pass.
+
+use burn::prelude::*;
+use burn::tensor::Distribution;
+use chorus_elbo::{
+    ElboTerms, elbo_terms, iw_log_likelihood, mixture_log_likelihood, token_log_probs,
+};
+use chorus_latent::{
+    DiagonalGaussian, GaussianHead, GaussianHeadConfig, Prior, Selector, SelectorConfig,
+    masked_mean_pool, router_posterior,
+};
+use chorus_lm::{Lm, LmInput, LmOutput};
+use chorus_lm_adapters::{ZAdapter, ZAdapterConfig};
+
+use crate::{ChorusConfig, ModelError};
+
+/// One training or evaluation batch: `c` then `x` in one row, teacher-forced.
+///
+/// Row layout: `tokens[t]` is read at position t and `targets[t]` is the token that follows it.
+/// The posterior pools the base's hidden states over all non-padding input tokens, so `x` should end
+/// with an EOS target (then every real token of x is read).
+#[derive(Debug, Clone)]
+pub struct ChorusBatch<B: Backend> {
+    /// `[batch, seq]` input token ids.
+    pub tokens: Tensor<B, 2, Int>,
+    /// `[batch, seq]` the next token at each position.
+    pub targets: Tensor<B, 2, Int>,
+    /// `[batch, seq]`, 1.0 where `targets[t]` is a token of x (scored), 0.0 for context and padding.
+    pub target_mask: Tensor<B, 2>,
+    /// `[batch, seq]`, 1.0 where `tokens[t]` belongs to the context c (read by the prior).
+    pub context_mask: Tensor<B, 2>,
+    /// `[batch, seq]`, true where `tokens[t]` is padding.
+    pub padding: Tensor<B, 2, Bool>,
+    /// `[batch, seq, n_assistants]`: precomputed `log P_j(targets[t])` of frozen assistants without
+    /// adapters (Co-LLM's scoring step). When present, the assistants are not run.
+    pub assistant_log_probs: Option<Tensor<B, 3>>,
+}
+
+/// What [`Chorus::forward_elbo`] returns.
+#[derive(Debug, Clone)]
+pub struct ChorusOutput<B: Backend> {
+    /// The ELBO terms (loss, reconstruction, KL, β, token count).
+    pub terms: ElboTerms<B>,
+    /// `[batch, seq, n_models]`: the exact router posterior r_t(j) under the first z sample.
+    pub router: Tensor<B, 3>,
+    /// `[batch, seq, n_models]`: log π(j) under the first z sample.
+    pub log_pi: Tensor<B, 3>,
+    /// The posterior q(z | x, c), when z is on.
+    pub posterior: Option<DiagonalGaussian<B>>,
+}
+
+/// The joint model: base + assistants + per-model z-adapters + posterior + prior + selector.
+#[derive(Module, Debug)]
+pub struct Chorus<B: Backend> {
+    /// Model 0: carries the selector and the posterior's features.
+    pub base: Lm<B>,
+    /// Models 1..K-1.
+    pub assistants: Vec<Lm<B>>,
+    /// The base's reader of z (`None` without z).
+    pub base_adapter: Option<ZAdapter<B>>,
+    /// Each assistant's reader of z (empty without z or with `assistant_adapters = false`).
+    pub assistant_adapters: Vec<ZAdapter<B>>,
+    /// q(z | x, c) from the pooled base hidden states (`None` without z).
+    pub posterior: Option<GaussianHead<B>>,
+    /// p(z | c) (`None` without z).
+    pub prior: Option<Prior<B>>,
+    /// π(j | ·) over K models (`None` when K = 1).
+    pub selector: Option<Selector<B>>,
+    /// The switches.
+    #[module(skip)]
+    pub config: ChorusConfig,
+}
+
+impl<B: Backend> Chorus<B> {
+    /// Assembles a joint model around existing LMs. Rejects a config out of range and models whose
+    /// vocabularies differ. Assistants are frozen unless `config.train_assistants`.
+    pub fn new(
+        config: ChorusConfig,
+        base: Lm<B>,
+        assistants: Vec<Lm<B>>,
+        device: &B::Device,
+    ) -> Result<Self, ModelError> {
+        config.validate()?;
+        let base_dims = base.dims();
+        for (i, assistant) in assistants.iter().enumerate() {
+            let vocab = assistant.dims().vocab_size;
+            if vocab != base_dims.vocab_size {
+                return Err(ModelError::VocabMismatch {
+                    base: base_dims.vocab_size,
+                    assistant: i + 1,
+                    vocab,
+                });
+            }
+        }
+        let assistants: Vec<Lm<B>> = if config.train_assistants {
+            assistants
+        } else {
+            assistants.into_iter().map(|a| a.no_grad()).collect()
+        };
+        let adapter = |dims: &chorus_lm::LmDims| {
+            ZAdapterConfig {
+                d_latent: config.d_latent,
+                memory_slots: config.memory_slots,
+                embedding: config.embedding_offset,
+            }
+            .init(dims, device)
+        };
+        let (base_adapter, assistant_adapters, posterior, prior) = if config.has_z() {
+            let assistant_adapters = if config.assistant_adapters {
+                assistants
+                    .iter()
+                    .map(|a| adapter(&a.dims()))
+                    .collect::<Result<_, _>>()?
+            } else {
+                Vec::new()
+            };
+            let head = GaussianHeadConfig {
+                d_hidden: base_dims.d_model,
+                d_latent: config.d_latent,
+            };
+            (
+                Some(adapter(&base_dims)?),
+                assistant_adapters,
+                Some(head.init(device)?),
+                Some(
+                    config
+                        .prior
+                        .init(base_dims.d_model, config.d_latent, device)?,
+                ),
+            )
+        } else {
+            (None, Vec::new(), None, None)
+        };
+        let n_models = 1 + assistants.len();
+        let selector = (n_models > 1)
+            .then(|| {
+                SelectorConfig {
+                    d_hidden: base_dims.d_model,
+                    n_models,
+                }
+                .init(device)
+            })
+            .transpose()?;
+        Ok(Self {
+            base,
+            assistants,
+            base_adapter,
+            assistant_adapters,
+            posterior,
+            prior,
+            selector,
+            config,
+        })
+    }
+
+    /// K, the number of models.
+    pub fn n_models(&self) -> usize {
+        1 + self.assistants.len()
+    }
+
+    /// Runs model `j` (0 = base) on `input`, conditioned on z `[batch, d_latent]` through its
+    /// adapter when it has one.
+    pub fn model_forward(
+        &self,
+        j: usize,
+        input: LmInput<B>,
+        z: Option<Tensor<B, 2>>,
+    ) -> Result<LmOutput<B>, ModelError> {
+        let (model, adapter) = match j {
+            0 => (&self.base, self.base_adapter.as_ref()),
+            j => (&self.assistants[j - 1], self.assistant_adapters.get(j - 1)),
+        };
+        let input = match (adapter, z) {
+            (Some(adapter), Some(z)) => adapter.condition(input, z),
+            _ => input,
+        };
+        Ok(model.forward(input, None)?)
+    }
+
+    /// q(z | x, c) and p(z | c) for a batch (`None` without z), from one unconditioned base pass:
+    /// the base is causal, so its hidden states at context positions see the context only.
+    pub fn latent_distributions(
+        &self,
+        batch: &ChorusBatch<B>,
+    ) -> Result<Option<(DiagonalGaussian<B>, DiagonalGaussian<B>)>, ModelError> {
+        let (Some(posterior), Some(prior)) = (&self.posterior, &self.prior) else {
+            return Ok(None);
+        };
+        let [n_rows, _] = batch.tokens.dims();
+        let device = batch.tokens.device();
+        let input = LmInput::new(batch.tokens.clone()).with_padding(batch.padding.clone());
+        let hidden = self.base.forward(input, None)?.hidden;
+        let present = batch.padding.clone().bool_not().float();
+        let q = posterior.forward(masked_mean_pool(hidden.clone(), present));
+        let context_present = batch
+            .context_mask
+            .clone()
+            .sum_dim(1)
+            .squeeze_dim::<1>(1)
+            .greater_elem(0.0)
+            .float();
+        let context = masked_mean_pool(hidden, batch.context_mask.clone());
+        let p = prior.forward(n_rows, Some((context, context_present)), &device);
+        Ok(Some((q, p)))
+    }
+
+    /// `log p(x | z_s, c)` for each sample, with the per-model log-probs and log π.
+    ///
+    /// # Shapes
+    /// - z: `[n_samples, batch, d_latent]`, or `None` without z (then n_samples = 1)
+    /// - output: log_px `[n_samples, batch]`; log_pi and log_p `[n_samples · batch, seq, K]`
+    fn log_px(
+        &self,
+        batch: &ChorusBatch<B>,
+        z: Option<Tensor<B, 3>>,
+    ) -> Result<(Tensor<B, 2>, Tensor<B, 3>, Tensor<B, 3>), ModelError> {
+        let [n_rows, seq] = batch.tokens.dims();
+        let n_samples = z.as_ref().map_or(1, |z| z.dims()[0]);
+        let flat_z = z.map(|z| {
+            let [s, b, d] = z.dims();
+            z.reshape([s * b, d]) // sample-major rows: s · batch + b
+        });
+        let repeat2 = |t: Tensor<B, 2>| {
+            if n_samples == 1 {
+                t
+            } else {
+                t.repeat_dim(0, n_samples)
+            }
+        };
+        let tokens = if n_samples == 1 {
+            batch.tokens.clone()
+        } else {
+            batch.tokens.clone().repeat_dim(0, n_samples)
+        };
+        let targets = if n_samples == 1 {
+            batch.targets.clone()
+        } else {
+            batch.targets.clone().repeat_dim(0, n_samples)
+        };
+        let padding = if n_samples == 1 {
+            batch.padding.clone()
+        } else {
+            batch.padding.clone().repeat_dim(0, n_samples)
+        };
+        let input = || LmInput::new(tokens.clone()).with_padding(padding.clone());
+
+        let base = self.model_forward(0, input(), flat_z.clone())?;
+        let mut log_p = vec![token_log_probs(base.logits, targets.clone())];
+        match &batch.assistant_log_probs {
+            Some(cached) => {
+                let dims = cached.dims();
+                if dims != [n_rows, seq, self.assistants.len()] {
+                    return Err(ModelError::InvalidBatch(format!(
+                        "assistant_log_probs is {dims:?}, expected [{n_rows}, {seq}, {}]",
+                        self.assistants.len()
+                    )));
+                }
+                if !self.assistant_adapters.is_empty() {
+                    return Err(ModelError::InvalidBatch(
+                        "cached assistant log-probs need assistant_adapters = false (adapted assistants depend on z)".into(),
+                    ));
+                }
+                let cached = if n_samples == 1 {
+                    cached.clone()
+                } else {
+                    cached.clone().repeat_dim(0, n_samples)
+                };
+                log_p.extend(
+                    (0..self.assistants.len())
+                        .map(|j| cached.clone().narrow(2, j, 1).squeeze_dim::<2>(2)),
+                );
+            }
+            None => {
+                for j in 1..self.n_models() {
+                    let lp = if self.assistant_adapters.is_empty() {
+                        // Independent of z: run once on the batch and repeat over samples.
+                        let plain =
+                            LmInput::new(batch.tokens.clone()).with_padding(batch.padding.clone());
+                        let logits = self.model_forward(j, plain, None)?.logits;
+                        repeat2(token_log_probs(logits, batch.targets.clone()))
+                    } else {
+                        token_log_probs(
+                            self.model_forward(j, input(), flat_z.clone())?.logits,
+                            targets.clone(),
+                        )
+                    };
+                    log_p.push(lp);
+                }
+            }
+        }
+        let log_p = Tensor::stack::<3>(log_p, 2); // [S·B, seq, K]
+        let log_pi = match &self.selector {
+            Some(selector) => selector.forward(base.hidden),
+            None => Tensor::zeros([n_samples * n_rows, seq, 1], &batch.tokens.device()),
+        };
+        let mask = repeat2(batch.target_mask.clone());
+        let ll = mixture_log_likelihood(log_pi.clone(), log_p.clone(), mask);
+        let log_px = ll.per_sequence.reshape([n_samples, n_rows]);
+        Ok((log_px, log_pi, log_p))
+    }
+
+    /// The ELBO terms at global step `step` (which sets β), sampling `config.n_samples` z per row
+    /// from the backend's RNG.
+    pub fn forward_elbo(
+        &self,
+        batch: &ChorusBatch<B>,
+        step: u64,
+    ) -> Result<ChorusOutput<B>, ModelError> {
+        let [n_rows, _] = batch.tokens.dims();
+        let eps = self.config.has_z().then(|| {
+            Tensor::random(
+                [self.config.n_samples, n_rows, self.config.d_latent],
+                Distribution::Normal(0.0, 1.0),
+                &batch.tokens.device(),
+            )
+        });
+        self.forward_elbo_with_noise(batch, step, eps)
+    }
+
+    /// [`Chorus::forward_elbo`] with given standard-normal noise `eps` `[n_samples, batch, d_latent]`
+    /// (`z = μ + σ ε`), for reproducible estimates and gradient checks.
+    pub fn forward_elbo_with_noise(
+        &self,
+        batch: &ChorusBatch<B>,
+        step: u64,
+        eps: Option<Tensor<B, 3>>,
+    ) -> Result<ChorusOutput<B>, ModelError> {
+        let [n_rows, _] = batch.tokens.dims();
+        let device = batch.tokens.device();
+        let latent = self.latent_distributions(batch)?;
+        let (z, kl, posterior) = match (latent, eps) {
+            (Some((q, p)), Some(eps)) => {
+                let z = q.reparameterize(eps);
+                let kl = q.kl(&p);
+                (Some(z), kl, Some(q))
+            }
+            (None, _) => (None, Tensor::zeros([n_rows, 1], &device), None),
+            (Some(_), None) => {
+                return Err(ModelError::InvalidBatch(
+                    "z is on but no noise was given".into(),
+                ));
+            }
+        };
+        let (log_px, log_pi, log_p) = self.log_px(batch, z)?;
+        let n_tokens = batch
+            .target_mask
+            .clone()
+            .sum()
+            .into_scalar()
+            .elem::<f64>()
+            .round() as usize;
+        let beta = self.config.kl_schedule.beta(step);
+        let terms = elbo_terms(log_px, kl, beta, self.config.free_bits, n_tokens);
+        let first = |t: Tensor<B, 3>| t.narrow(0, 0, n_rows);
+        let log_pi = first(log_pi);
+        let router = router_posterior(log_pi.clone(), first(log_p));
+        Ok(ChorusOutput {
+            terms,
+            router,
+            log_pi,
+            posterior,
+        })
+    }
+
+    /// Importance-weighted `log p̂(x | c)` per row with `n_samples` z from q (DESIGN §3); without z
+    /// this is the exact `log p(x | c)`.
+    ///
+    /// # Shapes
+    /// - output: `[batch]`
+    pub fn iw_log_likelihood(
+        &self,
+        batch: &ChorusBatch<B>,
+        n_samples: usize,
+    ) -> Result<Tensor<B, 1>, ModelError> {
+        match self.latent_distributions(batch)? {
+            None => Ok(self.log_px(batch, None)?.0.squeeze_dim::<1>(0)),
+            Some((q, p)) => {
+                let z = q.sample(n_samples.max(1));
+                let (log_px, _, _) = self.log_px(batch, Some(z.clone()))?;
+                Ok(iw_log_likelihood(
+                    log_px,
+                    p.log_prob(z.clone()),
+                    q.log_prob(z),
+                ))
+            }
+        }
+    }
+
+    /// The assistants' `log P_j(targets[t])` `[batch, seq, n_assistants]`, to store and pass back as
+    /// [`ChorusBatch::assistant_log_probs`]. Only for assistants that do not read z.
+    pub fn assistant_log_probs(&self, batch: &ChorusBatch<B>) -> Result<Tensor<B, 3>, ModelError> {
+        if !self.assistant_adapters.is_empty() {
+            return Err(ModelError::InvalidBatch(
+                "assistants with z-adapters cannot be scored once: their log-probs depend on z"
+                    .into(),
+            ));
+        }
+        let columns = (1..self.n_models())
+            .map(|j| {
+                let input = LmInput::new(batch.tokens.clone()).with_padding(batch.padding.clone());
+                let logits = self.model_forward(j, input, None)?.logits;
+                Ok(token_log_probs(logits, batch.targets.clone()))
+            })
+            .collect::<Result<Vec<_>, ModelError>>()?;
+        Ok(Tensor::stack::<3>(columns, 2).detach())
+    }
+}

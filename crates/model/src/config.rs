@@ -1,0 +1,109 @@
+//! [`ChorusConfig`]: every switch of the joint model, validated before allocation.
+
+use chorus_elbo::KlSchedule;
+use chorus_latent::PriorConfig;
+use serde::{Deserialize, Serialize};
+
+use crate::ModelError;
+
+/// Where the posterior q(z | x, c) reads its features from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EncoderKind {
+    /// The base LM's own final hidden states over (c, x), run without z, mean-pooled.
+    BaseLm,
+}
+
+/// Every switch of the joint model. The ablations are settings of the same code path:
+/// `d_latent = 0` is Co-LLM (no z), no assistants is an Optimus-style VAE (K = 1), both is plain LM
+/// fine-tuning.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChorusConfig {
+    /// Dimension of z; 0 turns the continuous latent off. Default 32.
+    #[serde(default = "default_d_latent")]
+    pub d_latent: usize,
+    /// The posterior's features. Default `base_lm`.
+    #[serde(default = "default_encoder")]
+    pub encoder: EncoderKind,
+    /// The prior p(z | c). Default conditional.
+    #[serde(default = "default_prior")]
+    pub prior: PriorConfig,
+    /// Memory slots per layer in each adapter (0: none). Default 1.
+    #[serde(default = "default_memory_slots")]
+    pub memory_slots: usize,
+    /// Add an embedding offset from z in each adapter. Default true.
+    #[serde(default = "default_true")]
+    pub embedding_offset: bool,
+    /// Assistants read z through their own adapters. Default true. When false, assistants do not
+    /// depend on z and their log-probs can be precomputed (see [`crate::ChorusBatch`]).
+    #[serde(default = "default_true")]
+    pub assistant_adapters: bool,
+    /// Train the assistants' weights too. Default false (frozen; their adapters still train).
+    #[serde(default)]
+    pub train_assistants: bool,
+    /// Free bits λ per dimension (0 disables). Default 0.
+    #[serde(default)]
+    pub free_bits: f64,
+    /// β over steps. Default constant 1.
+    #[serde(default = "default_schedule")]
+    pub kl_schedule: KlSchedule,
+    /// z samples per sequence in the training estimate. Default 1.
+    #[serde(default = "default_samples")]
+    pub n_samples: usize,
+}
+
+fn default_d_latent() -> usize {
+    32
+}
+fn default_encoder() -> EncoderKind {
+    EncoderKind::BaseLm
+}
+fn default_prior() -> PriorConfig {
+    PriorConfig::Conditional
+}
+fn default_memory_slots() -> usize {
+    1
+}
+fn default_true() -> bool {
+    true
+}
+fn default_schedule() -> KlSchedule {
+    KlSchedule::Constant { beta: 1.0 }
+}
+fn default_samples() -> usize {
+    1
+}
+
+impl Default for ChorusConfig {
+    fn default() -> Self {
+        serde_json::from_str("{}").expect("every field has a default")
+    }
+}
+
+impl ChorusConfig {
+    /// Checks ranges and combinations.
+    pub fn validate(&self) -> Result<(), ModelError> {
+        let bad = |msg: String| Err(ModelError::InvalidConfig(msg));
+        if !(self.free_bits.is_finite() && self.free_bits >= 0.0) {
+            return bad(format!(
+                "free_bits = {} must be finite and ≥ 0",
+                self.free_bits
+            ));
+        }
+        if self.n_samples == 0 {
+            return bad("n_samples must be ≥ 1".into());
+        }
+        if self.d_latent > 0 && self.memory_slots == 0 && !self.embedding_offset {
+            return bad("with d_latent > 0, models need memory_slots > 0 or embedding_offset = true to read z".into());
+        }
+        self.kl_schedule
+            .validate()
+            .map_err(|e| ModelError::InvalidConfig(e.to_string()))
+    }
+
+    /// Whether the continuous latent is on.
+    pub fn has_z(&self) -> bool {
+        self.d_latent > 0
+    }
+}

@@ -1,0 +1,397 @@
+//! Joint-model tests: gradients by finite differences, zero adapters, IW bound, cached assistants,
+//! ablations against independent formulas.
+
+use burn::backend::Autodiff;
+use burn::module::Param;
+use burn::prelude::*;
+use burn::tensor::Distribution;
+use chorus_elbo::{KlSchedule, token_log_probs};
+use chorus_latent::PriorConfig;
+use chorus_lm::{Gpt2Config, LlamaConfig, Lm, LmConfig, LmInput};
+
+use crate::{Chorus, ChorusBatch, ChorusConfig, ModelError};
+
+type F64 = burn::backend::NdArray<f64>;
+type AD = Autodiff<F64>;
+
+fn llama(vocab: usize, d_model: usize) -> LmConfig {
+    LmConfig::Llama(LlamaConfig {
+        vocab_size: vocab,
+        d_model,
+        n_layers: 2,
+        n_heads: 2,
+        n_kv_heads: 1,
+        d_ff: 16,
+        rope_theta: 10_000.0,
+        norm_eps: 1e-5,
+        tie_embeddings: true,
+        max_seq_len: 32,
+    })
+}
+
+fn gpt2(vocab: usize) -> LmConfig {
+    LmConfig::Gpt2(Gpt2Config {
+        vocab_size: vocab,
+        d_model: 8,
+        n_layers: 1,
+        n_heads: 2,
+        d_ff: 16,
+        max_seq_len: 32,
+        norm_eps: 1e-5,
+        tie_embeddings: false,
+    })
+}
+
+/// Base (llama, d 12) + assistants (gpt2 d 8, llama d 8): different widths and families.
+fn chorus<B: Backend>(config: ChorusConfig, n_assistants: usize) -> Chorus<B> {
+    let device = Default::default();
+    let base = llama(20, 12).init::<B>(&device).unwrap();
+    let assistants: Vec<Lm<B>> = [gpt2(20), llama(20, 8)]
+        .into_iter()
+        .take(n_assistants)
+        .map(|c| c.init::<B>(&device).unwrap())
+        .collect();
+    Chorus::new(config, base, assistants, &device).unwrap()
+}
+
+/// Two rows of 6 positions: row 0 has 2 context tokens; row 1 has no context and one padding slot.
+fn batch<B: Backend>() -> ChorusBatch<B> {
+    let device = Default::default();
+    let seq: [[i64; 7]; 2] = [[3, 7, 1, 4, 1, 5, 2], [9, 2, 6, 5, 3, 2, 0]];
+    let tokens: Vec<i64> = seq.iter().flat_map(|r| r[..6].to_vec()).collect();
+    let targets: Vec<i64> = seq.iter().flat_map(|r| r[1..].to_vec()).collect();
+    ChorusBatch {
+        tokens: Tensor::from_data(TensorData::new(tokens, [2, 6]), &device),
+        targets: Tensor::from_data(TensorData::new(targets, [2, 6]), &device),
+        // Row 0: targets from position 1 on are x (x starts after the 2 context tokens).
+        target_mask: Tensor::from_data(
+            [
+                [0.0, 1.0, 1.0, 1.0, 1.0, 1.0],
+                [1.0, 1.0, 1.0, 1.0, 1.0, 0.0],
+            ],
+            &device,
+        ),
+        context_mask: Tensor::from_data([[1.0, 1.0, 0.0, 0.0, 0.0, 0.0], [0.0; 6]], &device),
+        padding: Tensor::from_data(
+            TensorData::new(
+                vec![
+                    false, false, false, false, false, false, false, false, false, false, false,
+                    true,
+                ],
+                [2, 6],
+            ),
+            &device,
+        ),
+        assistant_log_probs: None,
+    }
+}
+
+fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
+    t.into_scalar().elem::<f64>()
+}
+
+fn full_config() -> ChorusConfig {
+    ChorusConfig {
+        d_latent: 4,
+        memory_slots: 1,
+        embedding_offset: true,
+        kl_schedule: KlSchedule::Constant { beta: 0.7 },
+        free_bits: 0.0,
+        ..ChorusConfig::default()
+    }
+}
+
+type ParamOf = fn(&mut Chorus<AD>) -> &mut Param<Tensor<AD, 2>>;
+
+#[test]
+fn elbo_gradients_match_finite_differences() {
+    let device = Default::default();
+    F64::seed(&device, 17);
+    let mut model = chorus::<AD>(full_config(), 2);
+    // Move the zero-initialised adapter projections off zero so every path carries signal.
+    let perturb = |p: &mut Param<Tensor<AD, 2>>| {
+        *p = Param::from_tensor(
+            p.val()
+                .random_like(Distribution::Normal(0.0, 0.3))
+                .inner()
+                .into(),
+        );
+    };
+    perturb(
+        &mut model
+            .base_adapter
+            .as_mut()
+            .unwrap()
+            .memory_value
+            .as_mut()
+            .unwrap()
+            .weight,
+    );
+    perturb(
+        &mut model
+            .base_adapter
+            .as_mut()
+            .unwrap()
+            .embedding
+            .as_mut()
+            .unwrap()
+            .weight,
+    );
+    perturb(
+        &mut model.assistant_adapters[0]
+            .memory_value
+            .as_mut()
+            .unwrap()
+            .weight,
+    );
+    perturb(&mut model.selector.as_mut().unwrap().proj.weight);
+    let batch = batch::<AD>();
+    let eps = Tensor::<AD, 3>::random([2, 2, 4], Distribution::Normal(0.0, 1.0), &device);
+    let loss = |m: &Chorus<AD>| {
+        scalar(
+            m.forward_elbo_with_noise(&batch, 0, Some(eps.clone()))
+                .unwrap()
+                .terms
+                .loss,
+        )
+    };
+
+    let checks: [(&str, ParamOf, [usize; 2]); 5] = [
+        (
+            "posterior",
+            |m| &mut m.posterior.as_mut().unwrap().proj.weight,
+            [3, 5],
+        ),
+        (
+            "prior",
+            |m| &mut m.prior.as_mut().unwrap().head.as_mut().unwrap().proj.weight,
+            [2, 1],
+        ),
+        (
+            "selector",
+            |m| &mut m.selector.as_mut().unwrap().proj.weight,
+            [4, 2],
+        ),
+        (
+            "base adapter",
+            |m| {
+                &mut m
+                    .base_adapter
+                    .as_mut()
+                    .unwrap()
+                    .memory_value
+                    .as_mut()
+                    .unwrap()
+                    .weight
+            },
+            [1, 7],
+        ),
+        (
+            "assistant adapter",
+            |m| &mut m.assistant_adapters[1].embedding.as_mut().unwrap().weight,
+            [0, 3],
+        ),
+    ];
+    let out = model
+        .forward_elbo_with_noise(&batch, 0, Some(eps.clone()))
+        .unwrap();
+    let grads = out.terms.loss.backward();
+    for (name, param, [i, j]) in checks {
+        let p = param(&mut model).clone();
+        let [_, cols] = p.dims();
+        let analytic = p.grad(&grads).unwrap().into_data().to_vec::<f64>().unwrap()[i * cols + j];
+        let h = 1e-5;
+        let shifted = |delta: f64| {
+            let mut m = model.clone();
+            let target = param(&mut m);
+            let mut values = target.val().into_data().to_vec::<f64>().unwrap();
+            values[i * cols + j] += delta;
+            *target = Param::from_tensor(Tensor::from_data(
+                TensorData::new(values, target.dims()),
+                &device,
+            ));
+            loss(&m)
+        };
+        let numeric = (shifted(h) - shifted(-h)) / (2.0 * h);
+        let tolerance = 1e-6 * analytic.abs().max(1.0);
+        assert!(
+            (numeric - analytic).abs() < tolerance,
+            "{name}: autodiff {analytic} vs finite difference {numeric}"
+        );
+        assert!(
+            analytic.abs() > 1e-9,
+            "{name}: gradient is zero, the check is vacuous"
+        );
+    }
+}
+
+#[test]
+fn zero_initialised_adapters_leave_every_model_unchanged() {
+    let device = Default::default();
+    let model = chorus::<F64>(full_config(), 2);
+    let batch = batch::<F64>();
+    let z = Tensor::<F64, 2>::random([2, 4], Distribution::Normal(0.0, 2.0), &device);
+    let bare: [&Lm<F64>; 3] = [&model.base, &model.assistants[0], &model.assistants[1]];
+    for (j, lm) in bare.into_iter().enumerate() {
+        let input = || LmInput::new(batch.tokens.clone()).with_padding(batch.padding.clone());
+        let conditioned = model
+            .model_forward(j, input(), Some(z.clone()))
+            .unwrap()
+            .logits;
+        let plain = lm.forward(input(), None).unwrap().logits;
+        assert_eq!(conditioned.into_data(), plain.into_data(), "model {j}");
+    }
+}
+
+#[test]
+fn iw_bound_is_above_the_elbo_and_rises_with_samples() {
+    let device = Default::default();
+    F64::seed(&device, 99);
+    let mut model = chorus::<F64>(
+        ChorusConfig {
+            kl_schedule: KlSchedule::Constant { beta: 1.0 },
+            ..full_config()
+        },
+        1,
+    );
+    // Make z matter and q imperfect, so the bounds are distinguishable.
+    let adapter = model.base_adapter.as_mut().unwrap();
+    let w = adapter.embedding.as_ref().unwrap().weight.val();
+    adapter.embedding.as_mut().unwrap().weight =
+        Param::from_tensor(w.random_like(Distribution::Normal(0.0, 1.0)));
+    let q_w = model.posterior.as_ref().unwrap().proj.weight.val();
+    model.posterior.as_mut().unwrap().proj.weight =
+        Param::from_tensor(q_w.random_like(Distribution::Normal(0.0, 0.3)));
+    let batch = batch::<F64>();
+    let mean_over =
+        |reps: usize, f: &dyn Fn() -> f64| (0..reps).map(|_| f()).sum::<f64>() / reps as f64;
+    let elbo = mean_over(400, &|| {
+        -scalar(model.forward_elbo(&batch, 0).unwrap().terms.loss) * 2.0
+    });
+    let iw = |s: usize, reps: usize| {
+        mean_over(reps, &|| {
+            scalar(model.iw_log_likelihood(&batch, s).unwrap().sum())
+        })
+    };
+    let (iw1, iw8, iw64) = (iw(1, 400), iw(8, 100), iw(64, 25));
+    // S = 1 is an unbiased estimate of the ELBO itself.
+    assert!(
+        (iw1 - elbo).abs() < 0.05 * elbo.abs(),
+        "IW(1) {iw1} vs ELBO {elbo}"
+    );
+    assert!(
+        iw8 > elbo && iw64 >= iw8 - 1e-3,
+        "ELBO {elbo}, IW(8) {iw8}, IW(64) {iw64}"
+    );
+}
+
+#[test]
+fn cached_assistant_log_probs_give_the_same_loss_as_live_assistants() {
+    let device = Default::default();
+    let config = ChorusConfig {
+        assistant_adapters: false,
+        ..full_config()
+    };
+    let model = chorus::<F64>(config, 2);
+    let mut batch = batch::<F64>();
+    let eps = Tensor::<F64, 3>::random([1, 2, 4], Distribution::Normal(0.0, 1.0), &device);
+    let live = scalar(
+        model
+            .forward_elbo_with_noise(&batch, 0, Some(eps.clone()))
+            .unwrap()
+            .terms
+            .loss,
+    );
+    batch.assistant_log_probs = Some(model.assistant_log_probs(&batch).unwrap());
+    let cached = scalar(
+        model
+            .forward_elbo_with_noise(&batch, 0, Some(eps))
+            .unwrap()
+            .terms
+            .loss,
+    );
+    assert!((live - cached).abs() < 1e-12, "{live} vs {cached}");
+    // Adapted assistants depend on z and cannot be cached.
+    let adapted = chorus::<F64>(full_config(), 1);
+    assert!(adapted.assistant_log_probs(&batch).is_err());
+}
+
+#[test]
+fn without_z_k2_is_co_llm_and_k1_is_the_plain_lm() {
+    let device = Default::default();
+    let batch = batch::<F64>();
+    let no_z = ChorusConfig {
+        d_latent: 0,
+        ..ChorusConfig::default()
+    };
+    // K = 1, no z: loss = Σ_t −log P_base(x_t), averaged over rows.
+    let lm_only = chorus::<F64>(no_z.clone(), 0);
+    let loss = scalar(lm_only.forward_elbo(&batch, 0).unwrap().terms.loss);
+    let logits = lm_only
+        .base
+        .forward(
+            LmInput::new(batch.tokens.clone()).with_padding(batch.padding.clone()),
+            None,
+        )
+        .unwrap()
+        .logits;
+    let nll = -(token_log_probs(logits, batch.targets.clone()) * batch.target_mask.clone())
+        .sum()
+        .into_scalar()
+        / 2.0;
+    assert!((loss - nll).abs() < 1e-10, "{loss} vs {nll}");
+    // K = 2, no z: −log(σ(−d) P_base + σ(d) P_asst) with d the selector's deferral logit.
+    let co_llm = chorus::<F64>(no_z, 1);
+    let out = co_llm.forward_elbo(&batch, 0).unwrap();
+    let input = || LmInput::new(batch.tokens.clone()).with_padding(batch.padding.clone());
+    let base = co_llm.base.forward(input(), None).unwrap();
+    let asst = co_llm.assistants[0].forward(input(), None).unwrap().logits;
+    let p_base = token_log_probs(base.logits, batch.targets.clone()).exp();
+    let p_asst = token_log_probs(asst, batch.targets.clone()).exp();
+    let logits = co_llm.selector.as_ref().unwrap().proj.forward(base.hidden); // [b, t, 2]
+    let d = logits.clone().narrow(2, 1, 1) - logits.narrow(2, 0, 1);
+    let d = d.squeeze_dim::<2>(2);
+    let sigmoid = burn::tensor::activation::sigmoid::<2, F64>;
+    let per_token = -(sigmoid(d.clone().neg()) * p_base + sigmoid(d) * p_asst).log();
+    let expected = (per_token * batch.target_mask.clone()).sum().into_scalar() / 2.0;
+    assert!((scalar(out.terms.loss) - expected).abs() < 1e-10);
+    // The router posterior is a distribution over models at every position.
+    let sums = out.router.sum_dim(2);
+    assert!((sums - 1.0).abs().max().into_scalar() < 1e-12);
+    let _ = device;
+}
+
+#[test]
+fn models_with_different_vocabularies_are_rejected() {
+    let device = Default::default();
+    let base = llama(20, 12).init::<F64>(&device).unwrap();
+    let other = gpt2(21).init::<F64>(&device).unwrap();
+    let err = Chorus::new(ChorusConfig::default(), base, vec![other], &device).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ModelError::VocabMismatch {
+                base: 20,
+                assistant: 1,
+                vocab: 21
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("share one tokenizer"));
+}
+
+#[test]
+fn bad_configs_are_rejected() {
+    for bad in [
+        r#"{"free_bits": -1.0}"#,
+        r#"{"n_samples": 0}"#,
+        r#"{"memory_slots": 0, "embedding_offset": false}"#,
+        r#"{"kl_schedule": {"kind": "cyclical", "total_steps": 10, "n_cycles": 2, "ratio": 2.0}}"#,
+    ] {
+        let config: ChorusConfig = serde_json::from_str(bad).unwrap();
+        assert!(config.validate().is_err(), "{bad} accepted");
+    }
+    assert!(serde_json::from_str::<ChorusConfig>(r#"{"d_latnet": 3}"#).is_err());
+    let _ = PriorConfig::StandardNormal;
+}
