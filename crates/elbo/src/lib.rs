@@ -45,4 +45,4 @@ mod tests;
 
 /// The backend the unit tests run on.
 #[cfg(test)]
-pub(crate) type TestBackend = burn::backend::NdArray<f32>;
+pub(crate) type TestBackend = burn::backend::NdArray<f64>;

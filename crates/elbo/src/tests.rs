@@ -7,7 +7,7 @@ use chorus_latent::DiagonalGaussian;
 
 use crate::*;
 
-type F64 = burn::backend::NdArray<f64>;
+use crate::TestBackend as F64;
 
 fn to_vec<const D: usize>(t: Tensor<F64, D>) -> Vec<f64> {
     t.into_data().to_vec::<f64>().unwrap()
@@ -204,12 +204,14 @@ fn iw_bound_is_above_the_elbo_and_rises_with_samples() {
 fn mutual_information_and_active_units() {
     let device = Default::default();
     F64::seed(&device, 5);
-    // Posteriors that ignore x (all equal): MI ≈ 0, no active units.
+    // Posteriors that ignore x (all equal): MI ≈ 0 (the estimate's standard error is ≈ 1.2/√n),
+    // no active units.
     let same = DiagonalGaussian::<F64> {
-        mean: Tensor::zeros([64, 3], &device),
-        log_var: Tensor::zeros([64, 3], &device),
+        mean: Tensor::zeros([1024, 3], &device),
+        log_var: Tensor::zeros([1024, 3], &device),
     };
-    assert!(mutual_information(&same).abs() < 0.05);
+    let mi = mutual_information(&same);
+    assert!(mi.abs() < 0.15, "{mi}");
     assert_eq!(active_units(same.mean.clone(), 0.01), 0);
     // Sharp posteriors spread over dimension 0 only: high MI, one active unit.
     let means: Vec<f64> = (0..64)

@@ -154,7 +154,7 @@ mod tests {
         let mask = Tensor::<B, 2>::from_data([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]], &device);
         let pooled = masked_mean_pool(hidden, mask)
             .into_data()
-            .to_vec::<f32>()
+            .to_vec::<f64>()
             .unwrap();
         assert_eq!(pooled, vec![2.0, 3.0, 0.0, 0.0]);
     }

@@ -39,4 +39,4 @@ pub enum LatentError {
 
 /// The backend the unit tests run on.
 #[cfg(test)]
-pub(crate) type TestBackend = burn::backend::NdArray<f32>;
+pub(crate) type TestBackend = burn::backend::NdArray<f64>;

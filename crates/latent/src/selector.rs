@@ -32,7 +32,7 @@ impl SelectorConfig {
             let mut bias = vec![0.0f32; self.n_models];
             bias[0] = (9.0 * (self.n_models - 1) as f32).ln();
             proj.bias = Some(burn::module::Param::from_tensor(Tensor::from_data(
-                TensorData::new(bias, [self.n_models]),
+                TensorData::new(bias, [self.n_models]).convert::<B::FloatElem>(),
                 device,
             )));
         }
@@ -84,22 +84,22 @@ mod tests {
             .init::<B>(&device)
             .unwrap();
             let pi = selector.forward(Tensor::ones([1, 2, 4], &device)).exp();
-            let pi = pi.into_data().to_vec::<f32>().unwrap();
+            let pi = pi.into_data().to_vec::<f64>().unwrap();
             assert!((pi[0] - 0.9).abs() < 1e-6, "{pi:?}");
-            assert!((pi[1] - 0.1 / (k - 1) as f32).abs() < 1e-6);
+            assert!((pi[1] - 0.1 / (k - 1) as f64).abs() < 1e-6);
         }
     }
 
     #[test]
     fn router_posterior_is_bayes_rule() {
         let device = Default::default();
-        let pi = [0.7f32, 0.3];
-        let p = [0.1f32, 0.4];
+        let pi = [0.7f64, 0.3];
+        let p = [0.1f64, 0.4];
         let log_pi = Tensor::<B, 3>::from_data([[[pi[0].ln(), pi[1].ln()]]], &device);
         let log_p = Tensor::<B, 3>::from_data([[[p[0].ln(), p[1].ln()]]], &device);
         let r = router_posterior(log_pi, log_p)
             .into_data()
-            .to_vec::<f32>()
+            .to_vec::<f64>()
             .unwrap();
         let z = pi[0] * p[0] + pi[1] * p[1];
         assert!((r[0] - pi[0] * p[0] / z).abs() < 1e-6);

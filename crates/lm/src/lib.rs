@@ -36,6 +36,7 @@ mod error;
 mod gpt2;
 mod llama;
 mod model;
+mod norm;
 mod rope;
 mod tokenizer;
 
@@ -47,6 +48,7 @@ pub use error::LmError;
 pub use gpt2::{Gpt2, Gpt2Block, Gpt2Mlp};
 pub use llama::{Llama, LlamaBlock, SwiGlu};
 pub use model::{Lm, LmInput, LmOutput};
+pub use norm::RmsNorm;
 pub use rope::Rope;
 pub use tokenizer::Tokenizer;
 

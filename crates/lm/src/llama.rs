@@ -3,13 +3,14 @@
 //! Field names follow Hugging Face's `LlamaForCausalLM` (`embed_tokens`, `layers.N.self_attn.q_proj`,
 //! `mlp.gate_proj`, `norm`, `lm_head`), so checkpoint keys read the same in both worlds.
 
-use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig};
+use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::silu;
 
 use crate::attention::{Attention, AttentionConfig, LayerMemory};
 use crate::cache::{KvCache, LayerCache};
 use crate::model::{LmInput, LmOutput, add_offset, init_normal, prepare_step, tied_logits};
+use crate::norm::RmsNorm;
 use crate::rope::Rope;
 use crate::{LlamaConfig, LmConfig, LmDims, LmError};
 
@@ -73,11 +74,7 @@ impl<B: Backend> Llama<B> {
                 .with_initializer(init_normal(std))
                 .init(device)
         };
-        let norm = || {
-            RmsNormConfig::new(c.d_model)
-                .with_epsilon(c.norm_eps)
-                .init(device)
-        };
+        let norm = || RmsNorm::new(c.d_model, c.norm_eps, device);
         let layers = (0..c.n_layers)
             .map(|_| {
                 let mut self_attn = AttentionConfig {

@@ -44,8 +44,14 @@ impl Rope {
         }
         let shape = [len, self.head_dim];
         (
-            Tensor::from_data(TensorData::new(cos, shape), device),
-            Tensor::from_data(TensorData::new(sin, shape), device),
+            Tensor::from_data(
+                TensorData::new(cos, shape).convert::<B::FloatElem>(),
+                device,
+            ),
+            Tensor::from_data(
+                TensorData::new(sin, shape).convert::<B::FloatElem>(),
+                device,
+            ),
         )
     }
 
