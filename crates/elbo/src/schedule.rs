@@ -78,9 +78,9 @@ impl KlSchedule {
                     bad(format!(
                         "zero_then_linear needs 1 ≤ n_cycles ≤ total_steps, got {n_cycles} cycles over {total_steps} steps"
                     ))
-                } else if !(0.0..=1.0).contains(&ratio_zero)
-                    || !(ratio_increase > 0.0 && ratio_increase <= 1.0)
-                    || ratio_zero + ratio_increase > 1.0 + 1e-12
+                } else if !((0.0..=1.0).contains(&ratio_zero)
+                    && ratio_increase > 0.0
+                    && ratio_zero + ratio_increase <= 1.0 + 1e-12)
                 {
                     bad(format!(
                         "zero_then_linear ratios must satisfy 0 ≤ ratio_zero, 0 < ratio_increase, sum ≤ 1; got {ratio_zero} + {ratio_increase}"

@@ -194,6 +194,9 @@ pub(crate) fn init_normal(std: f64) -> Initializer {
 }
 
 /// A decoder-only language model of any supported family.
+// One model per value, built once and rarely moved: boxing would only add an indirection (and
+// burn's `Module` derive does not see through `Box`).
+#[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum Lm<B: Backend> {
     /// See [`Llama`].

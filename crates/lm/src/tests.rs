@@ -295,8 +295,8 @@ fn gqa_equals_mha_with_replicated_kv_heads() {
     for (m, g) in mha.layers.iter_mut().zip(&gqa.layers) {
         let mut attn = g.self_attn.clone();
         attn.n_kv_heads = 4;
-        attn.k_proj.weight = attn.k_proj.weight.map(|w| replicate(w));
-        attn.v_proj.weight = attn.v_proj.weight.map(|w| replicate(w));
+        attn.k_proj.weight = attn.k_proj.weight.map(&replicate);
+        attn.v_proj.weight = attn.v_proj.weight.map(&replicate);
         m.self_attn = attn;
         m.input_layernorm = g.input_layernorm.clone();
         m.post_attention_layernorm = g.post_attention_layernorm.clone();

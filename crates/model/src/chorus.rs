@@ -49,6 +49,25 @@ pub struct ChorusOutput<B: Backend> {
     pub posterior: Option<DiagonalGaussian<B>>,
 }
 
+/// q(z | x, c) and p(z | c) for one batch.
+#[derive(Debug, Clone)]
+pub struct LatentDistributions<B: Backend> {
+    /// q(z | x, c), `[batch, d_latent]`.
+    pub posterior: DiagonalGaussian<B>,
+    /// p(z | c), `[batch, d_latent]`.
+    pub prior: DiagonalGaussian<B>,
+}
+
+/// `log p(x | z_s, c)` per sample with the per-token pieces it was built from.
+struct SampleLikelihood<B: Backend> {
+    /// `[n_samples, batch]`
+    log_px: Tensor<B, 2>,
+    /// `[n_samples · batch, seq, K]`
+    log_pi: Tensor<B, 3>,
+    /// `[n_samples · batch, seq, K]`
+    log_p: Tensor<B, 3>,
+}
+
 /// The joint model: base + assistants + per-model z-adapters + posterior + prior + selector.
 #[derive(Module, Debug)]
 pub struct Chorus<B: Backend> {
@@ -182,7 +201,7 @@ impl<B: Backend> Chorus<B> {
     pub fn latent_distributions(
         &self,
         batch: &ChorusBatch<B>,
-    ) -> Result<Option<(DiagonalGaussian<B>, DiagonalGaussian<B>)>, ModelError> {
+    ) -> Result<Option<LatentDistributions<B>>, ModelError> {
         let (Some(posterior), Some(prior)) = (&self.posterior, &self.prior) else {
             return Ok(None);
         };
@@ -201,7 +220,10 @@ impl<B: Backend> Chorus<B> {
             .float();
         let context = masked_mean_pool(hidden, batch.context_mask.clone());
         let p = prior.forward(n_rows, Some((context, context_present)), &device);
-        Ok(Some((q, p)))
+        Ok(Some(LatentDistributions {
+            posterior: q,
+            prior: p,
+        }))
     }
 
     /// `log p(x | z_s, c)` for each sample, with the per-model log-probs and log π.
@@ -213,7 +235,7 @@ impl<B: Backend> Chorus<B> {
         &self,
         batch: &ChorusBatch<B>,
         z: Option<Tensor<B, 3>>,
-    ) -> Result<(Tensor<B, 2>, Tensor<B, 3>, Tensor<B, 3>), ModelError> {
+    ) -> Result<SampleLikelihood<B>, ModelError> {
         let [n_rows, seq] = batch.tokens.dims();
         let n_samples = z.as_ref().map_or(1, |z| z.dims()[0]);
         let flat_z = z.map(|z| {
@@ -296,7 +318,11 @@ impl<B: Backend> Chorus<B> {
         let mask = repeat2(batch.target_mask.clone());
         let ll = mixture_log_likelihood(log_pi.clone(), log_p.clone(), mask);
         let log_px = ll.per_sequence.reshape([n_samples, n_rows]);
-        Ok((log_px, log_pi, log_p))
+        Ok(SampleLikelihood {
+            log_px,
+            log_pi,
+            log_p,
+        })
     }
 
     /// The ELBO terms at global step `step` (which sets β), sampling `config.n_samples` z per row
@@ -329,7 +355,13 @@ impl<B: Backend> Chorus<B> {
         let device = batch.tokens.device();
         let latent = self.latent_distributions(batch)?;
         let (z, kl, posterior) = match (latent, eps) {
-            (Some((q, p)), Some(eps)) => {
+            (
+                Some(LatentDistributions {
+                    posterior: q,
+                    prior: p,
+                }),
+                Some(eps),
+            ) => {
                 let z = q.reparameterize(eps);
                 let kl = q.kl(&p);
                 (Some(z), kl, Some(q))
@@ -341,7 +373,11 @@ impl<B: Backend> Chorus<B> {
                 ));
             }
         };
-        let (log_px, log_pi, log_p) = self.log_px(batch, z)?;
+        let SampleLikelihood {
+            log_px,
+            log_pi,
+            log_p,
+        } = self.log_px(batch, z)?;
         let n_tokens = batch
             .target_mask
             .clone()
@@ -373,10 +409,13 @@ impl<B: Backend> Chorus<B> {
         n_samples: usize,
     ) -> Result<Tensor<B, 1>, ModelError> {
         match self.latent_distributions(batch)? {
-            None => Ok(self.log_px(batch, None)?.0.squeeze_dim::<1>(0)),
-            Some((q, p)) => {
+            None => Ok(self.log_px(batch, None)?.log_px.squeeze_dim::<1>(0)),
+            Some(LatentDistributions {
+                posterior: q,
+                prior: p,
+            }) => {
                 let z = q.sample(n_samples.max(1));
-                let (log_px, _, _) = self.log_px(batch, Some(z.clone()))?;
+                let log_px = self.log_px(batch, Some(z.clone()))?.log_px;
                 Ok(iw_log_likelihood(
                     log_px,
                     p.log_prob(z.clone()),

@@ -11,7 +11,7 @@
 mod chorus;
 mod config;
 
-pub use chorus::{Chorus, ChorusBatch, ChorusOutput};
+pub use chorus::{Chorus, ChorusBatch, ChorusOutput, LatentDistributions};
 pub use config::{ChorusConfig, EncoderKind};
 
 /// Errors of `chorus-model`.
