@@ -7,6 +7,41 @@
 //! router posterior; [`Chorus::iw_log_likelihood`] the evaluation bound of §3. [`ChorusConfig`]
 //! switches give the ablations from the same code path: no z (Co-LLM), K = 1 (VAE), assistants with
 //! cached log-probs.
+//!
+//! ```
+//! use burn::backend::NdArray;
+//! use burn::prelude::*;
+//! use chorus_lm::{Gpt2Config, LlamaConfig, LmConfig};
+//! use chorus_model::{Chorus, ChorusBatch, ChorusConfig};
+//!
+//! let device = Default::default();
+//! let base = LmConfig::Llama(LlamaConfig {
+//!     vocab_size: 16, d_model: 8, n_layers: 1, n_heads: 2, n_kv_heads: 1, d_ff: 16,
+//!     rope_theta: 10_000.0, norm_eps: 1e-5, tie_embeddings: true, max_seq_len: 16,
+//! });
+//! let assistant = LmConfig::Gpt2(Gpt2Config {
+//!     vocab_size: 16, d_model: 8, n_layers: 1, n_heads: 2, d_ff: 16, max_seq_len: 16,
+//!     norm_eps: 1e-5, tie_embeddings: true,
+//! });
+//! let chorus = Chorus::new(
+//!     ChorusConfig::default(),
+//!     base.init::<NdArray>(&device)?,
+//!     vec![assistant.init::<NdArray>(&device)?],
+//!     &device,
+//! )?;
+//! let batch = ChorusBatch {
+//!     tokens: Tensor::from_data([[1, 2, 3, 4]], &device),
+//!     targets: Tensor::from_data([[2, 3, 4, 5]], &device),
+//!     target_mask: Tensor::from_data([[0.0, 1.0, 1.0, 1.0]], &device), // x = 3 4 5
+//!     context_mask: Tensor::from_data([[1.0, 1.0, 0.0, 0.0]], &device), // c = 1 2
+//!     padding: Tensor::from_data([[false; 4]], &device),
+//!     assistant_log_probs: None,
+//! };
+//! let out = chorus.forward_elbo(&batch, 0)?;
+//! assert_eq!(out.terms.n_tokens, 3);
+//! assert_eq!(out.router.dims(), [1, 4, 2]);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 mod chorus;
 mod config;
