@@ -50,16 +50,33 @@ fn elbo_step(c: &mut Criterion) {
     )
     .expect("valid chorus");
 
-    let data = Tensor::<B, 2>::random([BATCH, SEQ + 1], Distribution::Uniform(0.0, VOCAB as f64), &device).int();
-    let position = Tensor::<B, 1, Int>::arange(0..SEQ as i64, &device).float().unsqueeze_dim::<2>(0);
-    let context_mask = position.clone().lower_elem(CONTEXT as f64).float().repeat_dim(0, BATCH);
+    let data = Tensor::<B, 2>::random(
+        [BATCH, SEQ + 1],
+        Distribution::Uniform(0.0, VOCAB as f64),
+        &device,
+    )
+    .int();
+    let position = Tensor::<B, 1, Int>::arange(0..SEQ as i64, &device)
+        .float()
+        .unsqueeze_dim::<2>(0);
+    let context_mask = position
+        .clone()
+        .lower_elem(CONTEXT as f64)
+        .float()
+        .repeat_dim(0, BATCH);
     let batch = ChorusBatch {
         tokens: data.clone().narrow(1, 0, SEQ),
         targets: data.narrow(1, 1, SEQ),
         // targets from position CONTEXT-1 on are the text x
-        target_mask: position.greater_equal_elem((CONTEXT - 1) as f64).float().repeat_dim(0, BATCH),
+        target_mask: position
+            .greater_equal_elem((CONTEXT - 1) as f64)
+            .float()
+            .repeat_dim(0, BATCH),
         context_mask,
-        padding: Tensor::from_data(TensorData::new(vec![false; BATCH * SEQ], [BATCH, SEQ]), &device),
+        padding: Tensor::from_data(
+            TensorData::new(vec![false; BATCH * SEQ], [BATCH, SEQ]),
+            &device,
+        ),
         assistant_log_probs: None,
     };
     let text_tokens = (BATCH * (SEQ - CONTEXT + 1)) as u64;

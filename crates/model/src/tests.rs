@@ -397,21 +397,48 @@ fn bad_configs_are_rejected() {
 #[test]
 fn frozen_assistants_get_no_gradient_while_their_adapters_train() {
     let device = Default::default();
-    let mut model = chorus::<AD>(full_config(), 1);
-    let w = model.assistant_adapters[0].memory_value.as_ref().unwrap().weight.val();
-    model.assistant_adapters[0].memory_value.as_mut().unwrap().weight =
-        Param::from_tensor(w.random_like(Distribution::Normal(0.0, 0.3)));
+    // Two slots: with a single slot the softmax over slots is constant and its keys get no gradient.
+    let config = ChorusConfig {
+        memory_slots: 2,
+        ..full_config()
+    };
+    let mut model = chorus::<AD>(config, 1);
+    let w = model.assistant_adapters[0]
+        .memory_value
+        .as_ref()
+        .unwrap()
+        .weight
+        .val();
+    model.assistant_adapters[0]
+        .memory_value
+        .as_mut()
+        .unwrap()
+        .weight = Param::from_tensor(w.random_like(Distribution::Normal(0.0, 0.3)));
     let batch = batch::<AD>();
     let eps = Tensor::<AD, 3>::random([1, 2, 4], Distribution::Normal(0.0, 1.0), &device);
-    let loss = model.forward_elbo_with_noise(&batch, 0, Some(eps)).unwrap().terms.loss;
+    let loss = model
+        .forward_elbo_with_noise(&batch, 0, Some(eps))
+        .unwrap()
+        .terms
+        .loss;
     let grads = loss.backward();
     let chorus_lm::Lm::Gpt2(assistant) = &model.assistants[0] else {
         unreachable!()
     };
-    assert!(assistant.h[0].mlp.c_fc.weight.grad(&grads).is_none(), "frozen weights got a gradient");
+    assert!(
+        assistant.h[0].mlp.c_fc.weight.grad(&grads).is_none(),
+        "frozen weights got a gradient"
+    );
     let adapter = &model.assistant_adapters[0];
-    for (name, linear) in [("key", &adapter.memory_key), ("value", &adapter.memory_value), ("embedding", &adapter.embedding)] {
+    for (name, linear) in [
+        ("key", &adapter.memory_key),
+        ("value", &adapter.memory_value),
+        ("embedding", &adapter.embedding),
+    ] {
         let grad = linear.as_ref().unwrap().weight.grad(&grads);
-        assert!(grad.is_some_and(|g| g.abs().sum().into_scalar() > 0.0), "adapter {name} has no gradient");
+        assert!(
+            grad.is_some_and(|g| g.abs().sum().into_scalar() > 0.0),
+            "adapter {name} has no gradient"
+        );
     }
 }
