@@ -93,8 +93,8 @@ impl DeviceSpec {
     }
 }
 
-/// Runs `$body` with `$B` bound to the autodiff backend type and `$device` to the device that
-/// `$spec` names. Arms for backends that were not compiled in return [`DeviceError::NotCompiled`].
+/// Runs `$body` with `$B` bound to the backend type (wrap it in `burn::backend::Autodiff` to train)
+/// and `$device` to the device that `$spec` names. Arms for backends that were not compiled in return [`DeviceError::NotCompiled`].
 #[macro_export]
 macro_rules! with_backend {
     ($spec:expr, |$B:ident, $device:ident| $body:expr) => {{
@@ -103,7 +103,7 @@ macro_rules! with_backend {
             $crate::device::DeviceSpec::Cpu => {
                 #[cfg(feature = "ndarray")]
                 {
-                    type $B = burn::backend::Autodiff<burn::backend::NdArray>;
+                    type $B = burn::backend::NdArray;
                     let $device = burn::backend::ndarray::NdArrayDevice::Cpu;
                     $body
                 }
@@ -113,7 +113,7 @@ macro_rules! with_backend {
             $crate::device::DeviceSpec::Wgpu => {
                 #[cfg(feature = "wgpu")]
                 {
-                    type $B = burn::backend::Autodiff<burn::backend::Wgpu>;
+                    type $B = burn::backend::Wgpu;
                     let $device = burn::backend::wgpu::WgpuDevice::default();
                     $body
                 }
@@ -123,7 +123,7 @@ macro_rules! with_backend {
             $crate::device::DeviceSpec::Cuda(_index) => {
                 #[cfg(feature = "cuda")]
                 {
-                    type $B = burn::backend::Autodiff<burn::backend::Cuda>;
+                    type $B = burn::backend::Cuda;
                     let $device = burn::backend::cuda::CudaDevice::new(_index);
                     $body
                 }

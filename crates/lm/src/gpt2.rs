@@ -98,7 +98,13 @@ impl<B: Backend> Gpt2<B> {
             wpe: embedding(c.max_seq_len, 0.01),
             h,
             ln_f: norm(),
-            lm_head: (!c.tie_embeddings).then(|| linear(c.d_model, c.vocab_size, std)),
+            // GPT-2's output projection has no bias.
+            lm_head: (!c.tie_embeddings).then(|| {
+                LinearConfig::new(c.d_model, c.vocab_size)
+                    .with_bias(false)
+                    .with_initializer(init_normal(std))
+                    .init(device)
+            }),
             config: c.clone(),
         }
     }

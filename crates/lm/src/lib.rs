@@ -33,7 +33,9 @@ mod cache;
 mod checkpoint;
 mod config;
 mod error;
+mod gguf;
 mod gpt2;
+mod import;
 mod llama;
 mod model;
 mod norm;
@@ -45,13 +47,22 @@ pub use cache::{KvCache, LayerCache};
 pub use checkpoint::{CONFIG_FILE, WEIGHTS_FILE};
 pub use config::{Gpt2Config, LlamaConfig, LmConfig, LmDims};
 pub use error::LmError;
+pub use gguf::{GgmlType, GgufFile, GgufTensorInfo, GgufValue};
 pub use gpt2::{Gpt2, Gpt2Block, Gpt2Mlp};
+pub use import::{
+    NamedTensors, config_from_hf, gpt2_from_hf, hf_config, llama_config_from_gguf, llama_from_hf,
+    to_hf_tensors,
+};
 pub use llama::{Llama, LlamaBlock, SwiGlu};
 pub use model::{Lm, LmInput, LmOutput};
 pub use norm::RmsNorm;
 pub use rope::Rope;
 pub use tokenizer::Tokenizer;
 
+#[cfg(test)]
+mod gguf_tests;
+#[cfg(test)]
+mod gguf_writer;
 #[cfg(test)]
 mod tests;
 

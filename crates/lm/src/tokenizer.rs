@@ -4,14 +4,23 @@ use std::path::Path;
 
 use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::{AddedToken, PreTokenizerWrapper};
 
-use crate::LmError;
+use crate::{GgufFile, GgufValue, LmError};
+
+/// llama.cpp's token type for control tokens (`<|im_start|>`, ...).
+const GGUF_TOKEN_CONTROL: i64 = 3;
+/// llama.cpp's token type for user-defined added tokens.
+const GGUF_TOKEN_USER_DEFINED: i64 = 4;
 
 /// A text ⇄ token-id mapping shared by every model of a chorus.
 #[derive(Debug, Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     source: String,
+    chat_template: Option<String>,
 }
 
 impl Tokenizer {
@@ -29,7 +38,11 @@ impl Tokenizer {
             path: source.clone(),
             reason: e.to_string(),
         })?;
-        Ok(Self { inner, source })
+        Ok(Self {
+            inner,
+            source,
+            chat_template: None,
+        })
     }
 
     /// Builds a GPT-2-style byte-level BPE from a `vocab.json` (token → id) and a `merges.txt`
@@ -58,7 +71,135 @@ impl Tokenizer {
         inner
             .with_pre_tokenizer(Some(ByteLevel::default().add_prefix_space(false)))
             .with_decoder(Some(ByteLevel::default()));
-        Ok(Self { inner, source })
+        Ok(Self {
+            inner,
+            source,
+            chat_template: None,
+        })
+    }
+
+    /// The byte-level BPE stored in a GGUF file (`tokenizer.ggml.model = gpt2`): vocabulary, merges,
+    /// control tokens as special tokens, the pre-tokenizer named by `tokenizer.ggml.pre`, and the
+    /// chat template.
+    pub fn from_gguf(g: &GgufFile) -> Result<Self, LmError> {
+        let model = g.get_str("tokenizer.ggml.model")?;
+        if model != "gpt2" {
+            return Err(g.error(format!(
+                "tokenizer model `{model}` is not supported (gpt2-style BPE is)"
+            )));
+        }
+        let tokens = g.get_strings("tokenizer.ggml.tokens")?;
+        let merges: Vec<(String, String)> = g
+            .get_strings("tokenizer.ggml.merges")?
+            .into_iter()
+            .map(|m| {
+                m.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .ok_or_else(|| {
+                        g.error(format!("merge `{m}` is not two space-separated tokens"))
+                    })
+            })
+            .collect::<Result<_, _>>()?;
+        let vocab: tokenizers::models::bpe::Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.to_string(), i as u32))
+            .collect();
+        let source = g.path().display().to_string();
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .map_err(|e| g.error(format!("tokenizer: {e}")))?;
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+        let byte_level = ByteLevel::default().add_prefix_space(false);
+        let pre = g.get_str("tokenizer.ggml.pre").unwrap_or("gpt2");
+        let pre_tokenizer: PreTokenizerWrapper = match pre {
+            // llama.cpp splits digits one by one before the GPT-2 regex for these.
+            "smollm" | "starcoder" | "refact" | "codeshell" => {
+                Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into()
+            }
+            "gpt2" | "default" => byte_level.into(),
+            other => {
+                return Err(g.error(format!(
+                    "pre-tokenizer `{other}` is not supported (gpt2, smollm are)"
+                )));
+            }
+        };
+        inner
+            .with_pre_tokenizer(Some(pre_tokenizer))
+            .with_decoder(Some(ByteLevel::default()));
+        if let Ok(GgufValue::Array(types)) = g.get("tokenizer.ggml.token_type") {
+            let special: Vec<AddedToken> = types
+                .iter()
+                .zip(&tokens)
+                .filter(|(t, _)| {
+                    matches!(
+                        t,
+                        GgufValue::Int(GGUF_TOKEN_CONTROL | GGUF_TOKEN_USER_DEFINED)
+                    )
+                })
+                .map(|(_, tok)| AddedToken::from(tok.to_string(), true))
+                .collect();
+            inner
+                .add_special_tokens(special)
+                .map_err(|e| g.error(format!("special tokens: {e}")))?;
+        }
+        let chat_template = g
+            .get_str("tokenizer.chat_template")
+            .ok()
+            .map(str::to_string);
+        Ok(Self {
+            inner,
+            source,
+            chat_template,
+        })
+    }
+
+    /// The Jinja chat template that came with the model, if any.
+    pub fn chat_template(&self) -> Option<&str> {
+        self.chat_template.as_deref()
+    }
+
+    /// Fails unless `other` maps text to ids exactly as `self` does: same vocabulary, same merges,
+    /// same added tokens. Models of one chorus must share a tokenizer.
+    pub fn check_same(&self, other: &Tokenizer) -> Result<(), LmError> {
+        let mismatch = |reason: String| LmError::TokenizerMismatch {
+            first: self.source.clone(),
+            second: other.source.clone(),
+            reason,
+        };
+        let (a, b) = (self.inner.get_vocab(true), other.inner.get_vocab(true));
+        if a.len() != b.len() {
+            return Err(mismatch(format!("{} vs {} tokens", a.len(), b.len())));
+        }
+        let mut differing: Vec<&String> = a
+            .iter()
+            .filter(|(tok, id)| b.get(*tok) != Some(id))
+            .map(|(t, _)| t)
+            .collect();
+        differing.sort();
+        if let Some(token) = differing.first() {
+            return Err(mismatch(format!(
+                "token {token:?} has id {} vs {:?}",
+                a[*token],
+                b.get(*token)
+            )));
+        }
+        let model_json = |t: &tokenizers::Tokenizer| -> Result<serde_json::Value, LmError> {
+            let text = t.to_string(false).map_err(|e| mismatch(e.to_string()))?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| mismatch(e.to_string()))?;
+            Ok(v["model"]["merges"].clone())
+        };
+        let (ma, mb) = (model_json(&self.inner)?, model_json(&other.inner)?);
+        if ma != mb {
+            let (la, lb) = (
+                ma.as_array().map_or(0, Vec::len),
+                mb.as_array().map_or(0, Vec::len),
+            );
+            return Err(mismatch(format!("merges differ ({la} vs {lb} merges)")));
+        }
+        Ok(())
     }
 
     /// Token ids of `text` (no special tokens added).

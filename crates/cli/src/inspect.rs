@@ -1,0 +1,134 @@
+//! `chorus inspect`: what a checkpoint, Hugging Face directory or GGUF file holds.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use burn::prelude::*;
+use chorus_lm::{GgufFile, GgufValue, Lm, LmConfig, Tokenizer};
+
+pub fn run<B: Backend>(path: &Path, device: &B::Device) -> Result<()> {
+    if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
+        return gguf::<B>(path, device);
+    }
+    if !path.is_dir() {
+        bail!(
+            "{}: expected a .gguf file or a model directory",
+            path.display()
+        );
+    }
+    let config = path.join(chorus_lm::CONFIG_FILE);
+    let text = std::fs::read_to_string(&config)
+        .with_context(|| format!("cannot read {}", config.display()))?;
+    let raw: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", config.display()))?;
+    let (kind, model) = if raw.get("family").is_some() {
+        ("chorus checkpoint", Lm::<B>::load(path, device)?)
+    } else {
+        (
+            "Hugging Face directory",
+            Lm::<B>::from_hf_dir(path, device)?,
+        )
+    };
+    println!("{:<14}{} ({kind})", "path", path.display());
+    describe(&model.config(), model.num_params());
+    println!("{:<14}F32 (as loaded)", "dtypes");
+    let tokenizer = path.join("tokenizer.json");
+    if tokenizer.is_file() {
+        let t = Tokenizer::from_file(&tokenizer)?;
+        println!(
+            "{:<14}{} tokens ({})",
+            "tokenizer",
+            t.vocab_size(),
+            tokenizer.display()
+        );
+    } else {
+        println!("{:<14}none in the directory", "tokenizer");
+    }
+    Ok(())
+}
+
+fn describe(config: &LmConfig, params: usize) {
+    let d = config.dims();
+    let (family, extra) = match config {
+        LmConfig::Llama(c) => (
+            "llama",
+            format!(
+                "{} heads / {} kv heads, d_ff {}, RoPE θ {}, RMSNorm ε {:e}, tied embeddings {}",
+                c.n_heads, c.n_kv_heads, c.d_ff, c.rope_theta, c.norm_eps, c.tie_embeddings
+            ),
+        ),
+        LmConfig::Gpt2(c) => (
+            "gpt2",
+            format!(
+                "{} heads, d_ff {}, LayerNorm ε {:e}, tied embeddings {}",
+                c.n_heads, c.d_ff, c.norm_eps, c.tie_embeddings
+            ),
+        ),
+    };
+    println!(
+        "{:<14}{family}: {} layers, d_model {}, vocab {}",
+        "architecture", d.n_layers, d.d_model, d.vocab_size
+    );
+    println!("{:<14}{extra}", "");
+    println!("{:<14}{} tokens", "context", d.max_seq_len);
+    println!(
+        "{:<14}{} ({:.1} M)",
+        "parameters",
+        params,
+        params as f64 / 1e6
+    );
+}
+
+fn gguf<B: Backend>(path: &Path, device: &B::Device) -> Result<()> {
+    let file = GgufFile::open(path)?;
+    println!("{:<14}{} (GGUF v{})", "path", path.display(), file.version);
+    if let Ok(name) = file.get_str("general.name") {
+        println!("{:<14}{name}", "name");
+    }
+    let mut dtypes: BTreeMap<String, (usize, u64)> = BTreeMap::new();
+    for t in &file.tensors {
+        let entry = dtypes.entry(t.dtype.name()).or_default();
+        entry.0 += 1;
+        entry.1 += t.n_elements();
+    }
+    let config = chorus_lm::llama_config_from_gguf(&file)?;
+    let params: u64 = file.tensors.iter().map(|t| t.n_elements()).sum();
+    describe(&LmConfig::Llama(config), params as usize);
+    let listed: Vec<String> = dtypes
+        .iter()
+        .map(|(k, (n, elems))| format!("{k} × {n} tensors ({:.1} M values)", *elems as f64 / 1e6))
+        .collect();
+    println!("{:<14}{}", "dtypes", listed.join(", "));
+    let tokenizer = Tokenizer::from_gguf(&file)?;
+    let merges = file
+        .get_strings("tokenizer.ggml.merges")
+        .map_or(0, |m| m.len());
+    let pre = file.get_str("tokenizer.ggml.pre").unwrap_or("gpt2");
+    println!(
+        "{:<14}byte-level BPE, {} tokens, {merges} merges, pre-tokenizer `{pre}`",
+        "tokenizer",
+        tokenizer.vocab_size()
+    );
+    for key in ["tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"] {
+        if let Ok(GgufValue::Uint(id)) = file.get(key) {
+            let token = tokenizer.decode(&[*id as u32]).unwrap_or_default();
+            println!(
+                "{:<14}{id} {token:?}",
+                key.trim_start_matches("tokenizer.ggml.")
+            );
+        }
+    }
+    match tokenizer.chat_template() {
+        Some(t) => println!("{:<14}{} characters (Jinja)", "chat template", t.len()),
+        None => println!("{:<14}none", "chat template"),
+    }
+    // Loading proves the tensors map onto chorus's llama.
+    let model = Lm::<B>::from_gguf(&file, device)?;
+    println!(
+        "{:<14}loads into chorus ({} parameters after dequantisation)",
+        "check",
+        model.num_params()
+    );
+    Ok(())
+}

@@ -1,0 +1,279 @@
+//! `chorus check-reference`: chorus against llama.cpp on the same GGUF file.
+//!
+//! The reference JSON (scripts/llama_cpp_reference.py) holds, per prompt, llama.cpp's token ids,
+//! its full next-token logits after the prompt and its greedy continuation; per tricky string, its
+//! token ids; and llama.cpp's load time and tokens/s. This command recomputes all of it with chorus
+//! and prints the two side by side.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use burn::prelude::*;
+use chorus_lm::{GgufFile, KvCache, Lm, LmInput, Tokenizer};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Deserialize)]
+struct Reference {
+    prompts: Vec<PromptReference>,
+    tokenizer: Vec<TokenizerCase>,
+    timing: Timing,
+}
+
+#[derive(Debug, Deserialize)]
+struct PromptReference {
+    text: String,
+    tokens: Vec<u32>,
+    logits: Vec<f32>,
+    greedy: Vec<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+struct TokenizerCase {
+    text: String,
+    tokens: Vec<u32>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+struct Timing {
+    load_s: f64,
+    prefill_tokens_per_s: f64,
+    decode_tokens_per_s: f64,
+    peak_rss_mb: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct PromptResult {
+    text: String,
+    same_tokens: bool,
+    top1_chorus: u32,
+    top1_llama_cpp: u32,
+    max_abs_diff: f32,
+    mean_abs_diff: f32,
+    greedy_agree: usize,
+    greedy_len: usize,
+    greedy_chorus: String,
+    greedy_llama_cpp: String,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    prompts: Vec<PromptResult>,
+    tokenizer_cases: usize,
+    tokenizer_mismatches: Vec<String>,
+    chorus: Timing,
+    llama_cpp: Timing,
+}
+
+/// Peak resident memory of this process in MB (Linux `VmHWM`), 0 where unknown.
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|kb| kb.parse::<f64>().ok())
+            })
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn argmax(values: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, v) in values.iter().enumerate() {
+        if *v > values[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn last_logits<B: Backend>(logits: Tensor<B, 3>) -> Vec<f32> {
+    let [_, seq, vocab] = logits.dims();
+    logits
+        .narrow(1, seq - 1, 1)
+        .reshape([vocab])
+        .into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .expect("f32")
+}
+
+fn tokens_tensor<B: Backend>(ids: &[u32], device: &B::Device) -> Tensor<B, 2, Int> {
+    let ids: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
+    let n = ids.len();
+    Tensor::from_data(TensorData::new(ids, [1, n]), device)
+}
+
+pub fn run<B: Backend>(
+    gguf: &Path,
+    reference: &Path,
+    tolerance: f32,
+    json: Option<&Path>,
+    device: &B::Device,
+) -> Result<()> {
+    let text = std::fs::read_to_string(reference)
+        .with_context(|| format!("cannot read {}", reference.display()))?;
+    let reference: Reference = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a reference file", reference.display()))?;
+
+    let start = Instant::now();
+    let file = GgufFile::open(gguf)?;
+    let tokenizer = Tokenizer::from_gguf(&file)?;
+    let model = Lm::<B>::from_gguf(&file, device)?;
+    drop(file);
+    let load_s = start.elapsed().as_secs_f64();
+
+    let mut prompts = Vec::new();
+    let (mut prefill_tokens, mut prefill_s, mut decode_tokens, mut decode_s) =
+        (0usize, 0.0, 0usize, 0.0);
+    for p in &reference.prompts {
+        let ours = tokenizer.encode(&p.text)?;
+        // Always run llama.cpp's ids, so a tokenizer difference does not hide a model difference.
+        let t0 = Instant::now();
+        let mut cache: KvCache<B> = model.new_cache();
+        let out = model.forward(
+            LmInput::new(tokens_tensor::<B>(&p.tokens, device)),
+            Some(&mut cache),
+        )?;
+        let logits = last_logits(out.logits);
+        prefill_s += t0.elapsed().as_secs_f64();
+        prefill_tokens += p.tokens.len();
+        if logits.len() != p.logits.len() {
+            bail!(
+                "reference logits have {} entries, the model {}",
+                p.logits.len(),
+                logits.len()
+            );
+        }
+        let diffs: Vec<f32> = logits
+            .iter()
+            .zip(&p.logits)
+            .map(|(a, b)| (a - b).abs())
+            .collect();
+        let max_abs_diff = diffs.iter().copied().fold(0.0, f32::max);
+        let mean_abs_diff = diffs.iter().sum::<f32>() / diffs.len() as f32;
+
+        let t0 = Instant::now();
+        let mut greedy = vec![argmax(&logits)];
+        while greedy.len() < p.greedy.len() {
+            let out = model.forward(
+                LmInput::new(tokens_tensor::<B>(&greedy[greedy.len() - 1..], device)),
+                Some(&mut cache),
+            )?;
+            greedy.push(argmax(&last_logits(out.logits)));
+        }
+        decode_s += t0.elapsed().as_secs_f64();
+        decode_tokens += greedy.len().saturating_sub(1);
+        let greedy_agree = greedy
+            .iter()
+            .zip(&p.greedy)
+            .take_while(|(a, b)| a == b)
+            .count();
+        prompts.push(PromptResult {
+            text: p.text.clone(),
+            same_tokens: ours == p.tokens,
+            top1_chorus: argmax(&logits),
+            top1_llama_cpp: argmax(&p.logits),
+            max_abs_diff,
+            mean_abs_diff,
+            greedy_agree,
+            greedy_len: p.greedy.len(),
+            greedy_chorus: tokenizer.decode(&greedy)?,
+            greedy_llama_cpp: tokenizer.decode(&p.greedy)?,
+        });
+    }
+    let mut tokenizer_mismatches = Vec::new();
+    for case in &reference.tokenizer {
+        let ours = tokenizer.encode(&case.text)?;
+        if ours != case.tokens {
+            tokenizer_mismatches.push(format!(
+                "{:?}: chorus {:?}, llama.cpp {:?}",
+                case.text, ours, case.tokens
+            ));
+        }
+    }
+    let report = Report {
+        prompts,
+        tokenizer_cases: reference.tokenizer.len(),
+        tokenizer_mismatches,
+        chorus: Timing {
+            load_s,
+            prefill_tokens_per_s: prefill_tokens as f64 / prefill_s,
+            decode_tokens_per_s: decode_tokens as f64 / decode_s,
+            peak_rss_mb: peak_rss_mb(),
+        },
+        llama_cpp: reference.timing,
+    };
+
+    println!(
+        "prompt                                    tokens  top-1 (chorus/llama.cpp)  max|Δ|   mean|Δ|  greedy agree"
+    );
+    for p in &report.prompts {
+        let short: String = p
+            .text
+            .chars()
+            .take(40)
+            .collect::<String>()
+            .replace('\n', "⏎");
+        println!(
+            "{short:<42}{:<8}{:>8} / {:<14}{:>8.4} {:>8.4}  {}/{}",
+            if p.same_tokens { "same" } else { "DIFFER" },
+            p.top1_chorus,
+            p.top1_llama_cpp,
+            p.max_abs_diff,
+            p.mean_abs_diff,
+            p.greedy_agree,
+            p.greedy_len
+        );
+    }
+    for p in report
+        .prompts
+        .iter()
+        .filter(|p| p.greedy_agree < p.greedy_len)
+    {
+        println!(
+            "\n{:?}\n  chorus:    {:?}\n  llama.cpp: {:?}",
+            p.text, p.greedy_chorus, p.greedy_llama_cpp
+        );
+    }
+    println!(
+        "\ntokenizer: {}/{} strings give identical ids",
+        report.tokenizer_cases - report.tokenizer_mismatches.len(),
+        report.tokenizer_cases
+    );
+    for m in &report.tokenizer_mismatches {
+        println!("  {m}");
+    }
+    println!("\n                 load s   prefill tok/s   decode tok/s   peak RSS MB");
+    for (name, t) in [
+        ("chorus (ndarray)", &report.chorus),
+        ("llama.cpp", &report.llama_cpp),
+    ] {
+        println!(
+            "{name:<17}{:>6.2}   {:>13.1}   {:>12.1}   {:>11.0}",
+            t.load_s, t.prefill_tokens_per_s, t.decode_tokens_per_s, t.peak_rss_mb
+        );
+    }
+    if let Some(path) = json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    let failures: Vec<String> = report
+        .prompts
+        .iter()
+        .filter(|p| {
+            p.top1_chorus != p.top1_llama_cpp || p.max_abs_diff > tolerance || !p.same_tokens
+        })
+        .map(|p| format!("{:?}", p.text))
+        .collect();
+    if !failures.is_empty() || !report.tokenizer_mismatches.is_empty() {
+        bail!(
+            "disagreement with llama.cpp (top-1, |Δlogit| > {tolerance}, or tokenization) on {} prompt(s) and {} tokenizer string(s)",
+            failures.len(),
+            report.tokenizer_mismatches.len()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,441 @@
+//! GGUF and Hugging Face import/export: dequantisation, the llama.cpp Q/K permutation, tokenizer,
+//! round trips, malformed files, and a mutation fuzzer over the reader.
+
+use burn::prelude::*;
+
+use crate::gguf_writer::{Store, Writer};
+use crate::tests::{tiny_gpt2, tiny_llama};
+use crate::{GgufFile, GgufValue, Lm, LmConfig, LmError, LmInput, TestBackend, Tokenizer};
+
+type B = TestBackend;
+
+fn device() -> burn::backend::ndarray::NdArrayDevice {
+    Default::default()
+}
+
+fn parse(w: &Writer) -> Result<GgufFile, LmError> {
+    GgufFile::parse(w.bytes(), "test.gguf")
+}
+
+fn ramp(n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|i| ((i * 37 % 101) as f32 / 50.0 - 1.0) * 1.7)
+        .collect()
+}
+
+#[test]
+fn dequantisation_is_within_one_quantisation_step() {
+    let values = ramp(128);
+    for (store, tolerance) in [
+        (Store::F32, 0.0),
+        (Store::F16, 1e-3),
+        (Store::Q8_0, 1.7 / 127.0 / 2.0 + 1e-3),
+        // Q4_0's 16 levels run from −8d to 7d: the extreme opposite to the largest value clamps a full step.
+        (Store::Q4_0, 1.7 / 8.0 + 1e-3),
+        (Store::Q4_1, 3.4 / 15.0 / 2.0 + 1e-3),
+    ] {
+        let mut w = Writer::new();
+        w.tensor("t", &[4, 32], &values, store);
+        let file = parse(&w).unwrap();
+        let (shape, out) = file.tensor_f32(&file.tensors[0]).unwrap();
+        assert_eq!(shape, vec![4, 32]);
+        let err = values
+            .iter()
+            .zip(&out)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(err <= tolerance, "{store:?}: max error {err} > {tolerance}");
+    }
+}
+
+#[test]
+fn q4_1_block_by_hand() {
+    // d = 0.5, m = −1; byte j holds element j (low nibble) and j + 16 (high nibble).
+    let mut block = Vec::new();
+    block.extend(half::f16::from_f32(0.5).to_le_bytes());
+    block.extend(half::f16::from_f32(-1.0).to_le_bytes());
+    block.extend((0..16u8).map(|j| j | ((15 - j) << 4)));
+    let mut w = Writer::new();
+    w.raw_tensor("t", vec![32], 3, block);
+    let file = parse(&w).unwrap();
+    let (_, out) = file.tensor_f32(&file.tensors[0]).unwrap();
+    for j in 0..16 {
+        assert_eq!(out[j], 0.5 * j as f32 - 1.0);
+        assert_eq!(out[j + 16], 0.5 * (15 - j) as f32 - 1.0);
+    }
+}
+
+/// Writes a chorus llama the way llama.cpp's converter does: GGUF names, Q/K rows interleaved.
+fn llama_to_gguf(model: &Lm<B>, store: Store) -> Writer {
+    let LmConfig::Llama(c) = model.config() else {
+        unreachable!()
+    };
+    let mut w = Writer::new();
+    w.meta("general.architecture", GgufValue::String("llama".into()))
+        .meta("llama.block_count", GgufValue::Uint(c.n_layers as u64))
+        .meta(
+            "llama.context_length",
+            GgufValue::Uint(c.max_seq_len as u64),
+        )
+        .meta("llama.embedding_length", GgufValue::Uint(c.d_model as u64))
+        .meta("llama.feed_forward_length", GgufValue::Uint(c.d_ff as u64))
+        .meta(
+            "llama.attention.head_count",
+            GgufValue::Uint(c.n_heads as u64),
+        )
+        .meta(
+            "llama.attention.head_count_kv",
+            GgufValue::Uint(c.n_kv_heads as u64),
+        )
+        .meta("llama.rope.freq_base", GgufValue::Float(c.rope_theta))
+        .meta(
+            "llama.attention.layer_norm_rms_epsilon",
+            GgufValue::Float(c.norm_eps),
+        )
+        .meta("llama.vocab_size", GgufValue::Uint(c.vocab_size as u64));
+    for (name, shape, values) in crate::to_hf_tensors(model) {
+        let gguf_name = name
+            .replace("model.embed_tokens.weight", "token_embd.weight")
+            .replace("model.norm.weight", "output_norm.weight")
+            .replace("lm_head.weight", "output.weight")
+            .replace("model.layers.", "blk.")
+            .replace("input_layernorm", "attn_norm")
+            .replace("post_attention_layernorm", "ffn_norm")
+            .replace("self_attn.q_proj", "attn_q")
+            .replace("self_attn.k_proj", "attn_k")
+            .replace("self_attn.v_proj", "attn_v")
+            .replace("self_attn.o_proj", "attn_output")
+            .replace("mlp.gate_proj", "ffn_gate")
+            .replace("mlp.up_proj", "ffn_up")
+            .replace("mlp.down_proj", "ffn_down");
+        let heads = if name.contains("q_proj") {
+            Some(c.n_heads)
+        } else if name.contains("k_proj") {
+            Some(c.n_kv_heads)
+        } else {
+            None
+        };
+        let values = match heads {
+            // llama.cpp's permute: HF row h·hd + part·hd/2 + i goes to h·hd + 2i + part.
+            Some(heads) => {
+                let (rows, cols) = (shape[0], shape[1]);
+                let hd = rows / heads;
+                let mut out = vec![0.0; values.len()];
+                for h in 0..heads {
+                    for i in 0..hd / 2 {
+                        for part in 0..2 {
+                            let src = h * hd + part * hd / 2 + i;
+                            let dst = h * hd + 2 * i + part;
+                            out[dst * cols..(dst + 1) * cols]
+                                .copy_from_slice(&values[src * cols..(src + 1) * cols]);
+                        }
+                    }
+                }
+                out
+            }
+            None => values,
+        };
+        let store = if shape.len() == 2 { store } else { Store::F32 };
+        w.tensor(&gguf_name, &shape, &values, store);
+    }
+    w
+}
+
+fn gguf_llama() -> LmConfig {
+    let mut config = tiny_llama(4, 2);
+    if let LmConfig::Llama(c) = &mut config {
+        c.vocab_size = 64; // rows of 32-element blocks
+        c.norm_eps = 1.0 / 131_072.0; // exact in f32, as GGUF stores it
+    }
+    config
+}
+
+#[test]
+fn a_llama_written_as_gguf_loads_back_with_identical_logits() {
+    let model = gguf_llama().init::<B>(&device()).unwrap();
+    let file = parse(&llama_to_gguf(&model, Store::F32)).unwrap();
+    let loaded = Lm::<B>::from_gguf(&file, &device()).unwrap();
+    assert_eq!(loaded.config(), model.config());
+    let ids = Tensor::<B, 2, Int>::from_data([[1, 5, 9, 2, 33, 7]], &device());
+    let a = model
+        .forward(LmInput::new(ids.clone()), None)
+        .unwrap()
+        .logits;
+    let b = loaded
+        .forward(LmInput::new(ids.clone()), None)
+        .unwrap()
+        .logits;
+    let diff: f32 = (a.clone() - b).abs().max().into_scalar();
+    assert!(diff < 1e-5, "|Δ| = {diff}");
+    // Quantised to Q8_0 the logits move, but only a little.
+    let file = parse(&llama_to_gguf(&model, Store::Q8_0)).unwrap();
+    let q8 = Lm::<B>::from_gguf(&file, &device()).unwrap();
+    let b = q8.forward(LmInput::new(ids), None).unwrap().logits;
+    let diff: f32 = (a - b).abs().max().into_scalar();
+    assert!(diff > 0.0 && diff < 0.05, "Q8_0 |Δ| = {diff}");
+}
+
+#[test]
+fn hugging_face_round_trip_is_bit_identical_for_both_families() {
+    for config in [tiny_llama(4, 2), tiny_gpt2()] {
+        let dir = tempfile::tempdir().unwrap();
+        let model = config.init::<B>(&device()).unwrap();
+        model.save_hf_dir(dir.path()).unwrap();
+        let loaded = Lm::<B>::from_hf_dir(dir.path(), &device()).unwrap();
+        assert_eq!(loaded.config(), config);
+        let ids = Tensor::<B, 2, Int>::from_data([[3, 1, 4, 1, 5]], &device());
+        let a = model
+            .forward(LmInput::new(ids.clone()), None)
+            .unwrap()
+            .logits;
+        let b = loaded.forward(LmInput::new(ids), None).unwrap().logits;
+        assert_eq!(a.into_data(), b.into_data(), "{config:?}");
+    }
+}
+
+#[test]
+fn malformed_gguf_files_are_clear_errors() {
+    let model = gguf_llama().init::<B>(&device()).unwrap();
+    let good = llama_to_gguf(&model, Store::Q4_1).bytes();
+    let message = |bytes: Vec<u8>| -> String {
+        match GgufFile::parse(bytes, "bad.gguf") {
+            Err(e) => e.to_string(),
+            Ok(file) => Lm::<B>::from_gguf(&file, &device())
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default(),
+        }
+    };
+    let mut wrong_magic = good.clone();
+    wrong_magic[..4].copy_from_slice(b"GGML");
+    assert!(message(wrong_magic).contains("not a GGUF file"));
+    for keep in [0, 3, 10, 40, good.len() / 3, good.len() - 5] {
+        let err = message(good[..keep].to_vec());
+        assert!(
+            err.contains("bad.gguf") && (err.contains("truncated") || err.contains("past the end")),
+            "{keep}: {err}"
+        );
+    }
+    // An unknown quantisation type: the tensor and the type are named.
+    let mut w = llama_to_gguf(&model, Store::F32);
+    w.raw_tensor("blk.9.attn_q.weight", vec![32, 2], 12, vec![0; 400]);
+    let err = message(w.bytes());
+    assert!(
+        err.contains("blk.9.attn_q.weight") && err.contains("type 12"),
+        "{err}"
+    );
+    // A missing tokenizer (misshapen and missing tensors: see the next test).
+    let file = parse(&llama_to_gguf(&model, Store::F32)).unwrap();
+    let err = Tokenizer::from_gguf(&file).unwrap_err().to_string();
+    assert!(
+        err.contains("tokenizer.ggml.model") && err.contains("test.gguf"),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_and_misshapen_tensors_are_named() {
+    let model = gguf_llama().init::<B>(&device()).unwrap();
+    let file = parse(&llama_to_gguf(&model, Store::F32)).unwrap();
+    let rebuild = |skip: &str, halve: &str| {
+        let mut w = Writer::new();
+        for (k, v) in &file.metadata {
+            w.meta(k, v.clone());
+        }
+        for info in &file.tensors {
+            let (shape, values) = file.tensor_f32(info).unwrap();
+            if info.name == skip {
+                continue;
+            }
+            if info.name == halve {
+                w.tensor(
+                    &info.name,
+                    &[shape[0] / 2, shape[1]],
+                    &values[..values.len() / 2],
+                    Store::F32,
+                );
+            } else {
+                w.tensor(&info.name, &shape, &values, Store::F32);
+            }
+        }
+        Lm::<B>::from_gguf(&parse(&w).unwrap(), &device()).unwrap_err()
+    };
+    let err = rebuild("blk.1.ffn_gate.weight", "");
+    assert!(
+        matches!(&err, LmError::MissingTensor { tensor, .. } if tensor == "model.layers.1.mlp.gate_proj.weight"),
+        "{err}"
+    );
+    let err = rebuild("", "blk.0.ffn_up.weight");
+    assert!(
+        matches!(&err, LmError::TensorMismatch { tensor, .. } if tensor == "model.layers.0.mlp.up_proj.weight"),
+        "{err}"
+    );
+}
+
+fn tokenizer_gguf(pre: &str) -> Writer {
+    let mut alphabet: Vec<char> = tokenizers::pre_tokenizers::byte_level::ByteLevel::alphabet()
+        .into_iter()
+        .collect();
+    alphabet.sort();
+    let mut tokens: Vec<String> = vec![
+        "<|endoftext|>".into(),
+        "<|im_start|>".into(),
+        "<|im_end|>".into(),
+    ];
+    tokens.extend(alphabet.iter().map(|c| c.to_string()));
+    let merges = ["t h", "th e", "Ġ the", "1 2"];
+    tokens.extend(["th", "the", "Ġthe", "12"].iter().map(|s| s.to_string()));
+    let types: Vec<GgufValue> = (0..tokens.len())
+        .map(|i| GgufValue::Int(if i < 3 { 3 } else { 1 }))
+        .collect();
+    let mut w = Writer::new();
+    w.meta("tokenizer.ggml.model", GgufValue::String("gpt2".into()))
+        .meta("tokenizer.ggml.pre", GgufValue::String(pre.into()))
+        .meta(
+            "tokenizer.ggml.tokens",
+            GgufValue::Array(tokens.into_iter().map(GgufValue::String).collect()),
+        )
+        .meta("tokenizer.ggml.token_type", GgufValue::Array(types))
+        .meta(
+            "tokenizer.ggml.merges",
+            GgufValue::Array(
+                merges
+                    .iter()
+                    .map(|m| GgufValue::String(m.to_string()))
+                    .collect(),
+            ),
+        )
+        .meta(
+            "tokenizer.chat_template",
+            GgufValue::String("{{ messages }}".into()),
+        );
+    w
+}
+
+#[test]
+fn gguf_tokenizer_keeps_control_tokens_digits_and_template() {
+    let gpt2 = Tokenizer::from_gguf(&parse(&tokenizer_gguf("gpt2")).unwrap()).unwrap();
+    let smollm = Tokenizer::from_gguf(&parse(&tokenizer_gguf("smollm")).unwrap()).unwrap();
+    assert_eq!(smollm.chat_template(), Some("{{ messages }}"));
+    let ids = smollm.encode("<|im_start|>the the<|im_end|>").unwrap();
+    let the = smollm.token_to_id("the").unwrap();
+    let space_the = smollm.token_to_id("Ġthe").unwrap();
+    assert_eq!(ids, vec![1, the, space_the, 2]);
+    // "smollm" splits digits one by one (so the merge "1 2" never applies); "gpt2" does not.
+    let twelve = gpt2.token_to_id("12").unwrap();
+    assert_eq!(gpt2.encode("12").unwrap(), vec![twelve]);
+    assert_eq!(smollm.encode("12").unwrap().len(), 2);
+    for text in ["the cat", "ünï 42 \n\t x", ""] {
+        assert_eq!(smollm.decode(&smollm.encode(text).unwrap()).unwrap(), text);
+    }
+    let err = Tokenizer::from_gguf(&parse(&tokenizer_gguf("mystery")).unwrap()).unwrap_err();
+    assert!(err.to_string().contains("mystery"), "{err}");
+}
+
+#[test]
+fn tokenizers_of_one_chorus_must_match() {
+    let a = Tokenizer::from_gguf(&parse(&tokenizer_gguf("gpt2")).unwrap()).unwrap();
+    let b = Tokenizer::from_gguf(&parse(&tokenizer_gguf("gpt2")).unwrap()).unwrap();
+    a.check_same(&b).unwrap();
+    let mut other = tokenizer_gguf("gpt2");
+    other.meta(
+        "tokenizer.ggml.merges",
+        GgufValue::Array(vec![GgufValue::String("t h".into())]),
+    );
+    // The later key wins in the parsed map: fewer merges.
+    let c = Tokenizer::from_gguf(&GgufFile::parse(other.bytes(), "other.gguf").unwrap()).unwrap();
+    let err = a.check_same(&c).unwrap_err().to_string();
+    assert!(
+        err.contains("test.gguf") && err.contains("other.gguf") && err.contains("merges"),
+        "{err}"
+    );
+}
+
+/// xorshift64*: a tiny deterministic generator for the fuzzer.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+/// Mutates a valid GGUF (bit flips, boundary values over length and count fields, truncation,
+/// insertion, splicing) and requires the reader to return Ok or Err — never panic — and every
+/// tensor it accepts to dequantise without panicking. Runs for `CHORUS_FUZZ_SECS` seconds
+/// (default 3); `CHORUS_FUZZ_SECS=600 cargo test -p chorus-lm --release gguf_reader_survives` is the
+/// long run.
+#[test]
+fn gguf_reader_survives_random_mutations() {
+    let model = gguf_llama().init::<B>(&device()).unwrap();
+    let mut seeds = vec![
+        llama_to_gguf(&model, Store::Q4_1).bytes(),
+        tokenizer_gguf("smollm").bytes(),
+    ];
+    let mut w = Writer::new();
+    for (i, store) in [
+        Store::F32,
+        Store::F16,
+        Store::Q8_0,
+        Store::Q4_0,
+        Store::Q4_1,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        w.tensor(&format!("t{i}"), &[2, 32], &ramp(64), store);
+    }
+    seeds.push(w.bytes());
+    let secs: u64 = std::env::var("CHORUS_FUZZ_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    let (mut runs, mut accepted) = (0u64, 0u64);
+    while std::time::Instant::now() < deadline {
+        let mut bytes = seeds[rng.below(seeds.len())].clone();
+        for _ in 0..1 + rng.below(4) {
+            let len = bytes.len();
+            match rng.below(6) {
+                0 => bytes[rng.below(len)] ^= 1 << rng.below(8),
+                1 if len >= 8 => {
+                    let at = rng.below(len - 7);
+                    let v = [0u64, u64::MAX, u32::MAX as u64, 1 << 40, 0x7f, 31][rng.below(6)];
+                    bytes[at..at + 8].copy_from_slice(&v.to_le_bytes());
+                }
+                2 => bytes.truncate(rng.below(len)),
+                3 => {
+                    let at = rng.below(len);
+                    bytes.insert(at, rng.next() as u8);
+                }
+                4 => {
+                    let (a, b) = (rng.below(len), rng.below(len));
+                    let n = rng.below(64).min(len - a.max(b));
+                    let chunk = bytes[a..a + n].to_vec();
+                    bytes[b..b + n].copy_from_slice(&chunk);
+                }
+                _ => bytes[rng.below(len)] = [0, 0xff, 0x80, 0x7f][rng.below(4)],
+            }
+            if bytes.is_empty() {
+                break;
+            }
+        }
+        runs += 1;
+        if let Ok(file) = GgufFile::parse(bytes, "fuzz.gguf") {
+            accepted += 1;
+            for info in &file.tensors {
+                let _ = file.tensor_f32(info);
+            }
+            let _ = Tokenizer::from_gguf(&file);
+            let _ = crate::llama_config_from_gguf(&file);
+        }
+    }
+    eprintln!("gguf fuzz: {runs} mutated files in {secs} s, {accepted} parsed, no panic");
+    assert!(runs > 0);
+}
