@@ -301,7 +301,7 @@ impl GgufFile {
                         t.dtype.name()
                     )));
                 }
-                let size = (n / per_block).checked_mul(block_bytes).unwrap_or(u64::MAX);
+                let size = (n / per_block).saturating_mul(block_bytes);
                 let end = t.offset.checked_add(size);
                 if end.is_none_or(|end| end > data_len) {
                     return Err(err(format!(
