@@ -29,8 +29,14 @@ if ! "$venv/bin/python" -c "import llama_cpp" 2>/dev/null; then
     "$venv/bin/pip" install llama-cpp-python numpy
 fi
 
+"$venv/bin/pip" install -q gguf numpy
 "$venv/bin/python" scripts/llama_cpp_reference.py "$gguf" "$out/reference.json" --threads 2
+"$venv/bin/python" scripts/numpy_reference.py "$gguf" "$out/reference.json" "$out/numpy_reference.json"
 cargo build --release -p chorus-cli
 ./target/release/chorus inspect "$gguf" | tee "$out/inspect.txt"
+echo "== chorus vs llama.cpp (quantised activations: reported, not asserted)"
 ./target/release/chorus check-reference --gguf "$gguf" --reference "$out/reference.json" \
-  --json "$out/comparison.json" | tee "$out/comparison.txt"
+  --report-only --json "$out/comparison.json" | tee "$out/comparison.txt"
+echo "== chorus vs an f32 numpy forward on the same dequantised weights (asserted: |Δlogit| ≤ 1e-3)"
+./target/release/chorus check-reference --gguf "$gguf" --reference "$out/numpy_reference.json" \
+  --tolerance 1e-3 --json "$out/comparison_numpy.json" | tee "$out/comparison_numpy.txt"

@@ -51,6 +51,10 @@ enum Command {
         /// Write the comparison as JSON here as well.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Print the comparison but do not fail on disagreement (llama.cpp quantises activations,
+        /// so its logits are not expected to match within a tight tolerance).
+        #[arg(long)]
+        report_only: bool,
     },
 }
 
@@ -65,11 +69,13 @@ fn main() -> Result<()> {
             reference,
             tolerance,
             json,
+            report_only,
         } => with_backend!(cli.device, |B, device| reference::run::<B>(
             &gguf,
             &reference,
             tolerance,
             json.as_deref(),
+            report_only,
             &device
         )),
     }
