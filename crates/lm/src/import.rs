@@ -66,6 +66,30 @@ impl NamedTensors {
         Ok(values)
     }
 
+    /// The same tensors with `prefix` removed from the names that carry it.
+    pub fn strip_prefix(self, prefix: &str) -> Self {
+        let tensors = self
+            .tensors
+            .into_iter()
+            .map(|(name, t)| {
+                (
+                    name.strip_prefix(prefix)
+                        .map_or(name.clone(), str::to_string),
+                    t,
+                )
+            })
+            .collect();
+        Self {
+            source: self.source,
+            tensors,
+        }
+    }
+
+    /// Drops a tensor that is not a parameter (a buffer), if present.
+    pub fn discard(&mut self, name: &str) {
+        self.tensors.remove(name);
+    }
+
     /// Fails on the first tensor nobody took.
     pub fn finish(self) -> Result<(), LmError> {
         match self.tensors.into_keys().next() {
@@ -101,7 +125,7 @@ fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 }
 
 /// A linear layer from a PyTorch `[out, in]` weight (burn stores `[in, out]`).
-fn linear<B: Backend>(
+pub(crate) fn linear<B: Backend>(
     t: &mut NamedTensors,
     name: &str,
     d_in: usize,
@@ -590,8 +614,9 @@ pub fn config_from_hf(path: &Path) -> Result<LmConfig, LmError> {
     Ok(config)
 }
 
-/// Reads every tensor of a safetensors file as f32 (F32, F16 and BF16 are accepted).
-fn read_safetensors(path: &Path, into: &mut NamedTensors) -> Result<(), LmError> {
+/// Reads every float tensor of a safetensors file as f32 (F32, F16 and BF16 are accepted; integer
+/// and boolean tensors are buffers such as BERT's `position_ids`, never parameters, and are skipped).
+pub(crate) fn read_safetensors(path: &Path, into: &mut NamedTensors) -> Result<(), LmError> {
     let bytes = std::fs::read(path).map_err(|e| LmError::io(path, e))?;
     let bad = |reason: String| LmError::Weights {
         path: path.to_path_buf(),
@@ -613,6 +638,15 @@ fn read_safetensors(path: &Path, into: &mut NamedTensors) -> Result<(), LmError>
                 .chunks_exact(2)
                 .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
                 .collect(),
+            safetensors::Dtype::BOOL
+            | safetensors::Dtype::U8
+            | safetensors::Dtype::I8
+            | safetensors::Dtype::I16
+            | safetensors::Dtype::U16
+            | safetensors::Dtype::I32
+            | safetensors::Dtype::U32
+            | safetensors::Dtype::I64
+            | safetensors::Dtype::U64 => continue,
             other => {
                 return Err(bad(format!(
                     "tensor `{name}` has dtype {other:?} (F32, F16, BF16 are supported)"

@@ -29,6 +29,7 @@
 //! [`Backend`]: burn::tensor::backend::Backend
 
 mod attention;
+mod bert;
 mod cache;
 mod checkpoint;
 mod config;
@@ -43,6 +44,7 @@ mod rope;
 mod tokenizer;
 
 pub use attention::{Attention, AttentionConfig, LayerMemory, attention_mask};
+pub use bert::{Bert, BertConfig, BertLayer};
 pub use cache::{KvCache, LayerCache};
 pub use checkpoint::{CONFIG_FILE, WEIGHTS_FILE};
 pub use config::{Gpt2Config, LlamaConfig, LmConfig, LmDims};

@@ -34,10 +34,18 @@ impl Tokenizer {
                 reason: "no such file".into(),
             });
         }
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| LmError::Tokenizer {
+        let mut inner = tokenizers::Tokenizer::from_file(path).map_err(|e| LmError::Tokenizer {
             path: source.clone(),
             reason: e.to_string(),
         })?;
+        // chorus pads and truncates its own batches (MiniLM's file pads every text to 128).
+        inner.with_padding(None);
+        inner
+            .with_truncation(None)
+            .map_err(|e| LmError::Tokenizer {
+                path: source.clone(),
+                reason: e.to_string(),
+            })?;
         Ok(Self {
             inner,
             source,
@@ -207,6 +215,16 @@ impl Tokenizer {
         let encoding = self
             .inner
             .encode(text, false)
+            .map_err(|e| self.error(format!("cannot encode {text:?}: {e}")))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// Token ids of `text` with the tokenizer's own special tokens (BERT's `[CLS] … [SEP]`), as
+    /// encoders expect.
+    pub fn encode_with_special_tokens(&self, text: &str) -> Result<Vec<u32>, LmError> {
+        let encoding = self
+            .inner
+            .encode(text, true)
             .map_err(|e| self.error(format!("cannot encode {text:?}: {e}")))?;
         Ok(encoding.get_ids().to_vec())
     }

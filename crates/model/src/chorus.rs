@@ -9,10 +9,10 @@ use chorus_latent::{
     DiagonalGaussian, GaussianHead, GaussianHeadConfig, Prior, Selector, SelectorConfig,
     masked_mean_pool, router_posterior,
 };
-use chorus_lm::{Lm, LmInput, LmOutput};
+use chorus_lm::{Bert, Lm, LmInput, LmOutput};
 use chorus_lm_adapters::{ZAdapter, ZAdapterConfig};
 
-use crate::{ChorusConfig, ModelError};
+use crate::{ChorusConfig, EncoderKind, ModelError};
 
 /// One training or evaluation batch: `c` then `x` in one row, teacher-forced.
 ///
@@ -34,6 +34,9 @@ pub struct ChorusBatch<B: Backend> {
     /// `[batch, seq, n_assistants]`: precomputed `log P_j(targets[t])` of frozen assistants without
     /// adapters (Co-LLM's scoring step). When present, the assistants are not run.
     pub assistant_log_probs: Option<Tensor<B, 3>>,
+    /// With a separate encoder ([`EncoderKind::Bert`]): `[batch, enc_seq]` its tokenization of
+    /// (c, x) and `[batch, enc_seq]` its padding mask (true = padding).
+    pub encoder_tokens: Option<(Tensor<B, 2, Int>, Tensor<B, 2, Bool>)>,
 }
 
 /// What [`Chorus::forward_elbo`] returns.
@@ -85,6 +88,8 @@ pub struct Chorus<B: Backend> {
     pub prior: Option<Prior<B>>,
     /// π(j | ·) over K models (`None` when K = 1).
     pub selector: Option<Selector<B>>,
+    /// A separate encoder for the posterior (`None`: the base's hidden states). Frozen.
+    pub encoder: Option<Bert<B>>,
     /// The switches.
     #[module(skip)]
     pub config: ChorusConfig,
@@ -168,8 +173,32 @@ impl<B: Backend> Chorus<B> {
             posterior,
             prior,
             selector,
+            encoder: None,
             config,
         })
+    }
+
+    /// Reads the posterior's features from a separate, frozen BERT encoder (e.g. MiniLM) instead
+    /// of the base: the posterior head is re-created for the encoder's width and batches must carry
+    /// [`ChorusBatch::encoder_tokens`].
+    pub fn with_encoder(
+        mut self,
+        encoder: Bert<B>,
+        device: &B::Device,
+    ) -> Result<Self, ModelError> {
+        if !self.config.has_z() {
+            return Err(ModelError::InvalidConfig(
+                "an encoder needs z (d_latent > 0)".into(),
+            ));
+        }
+        let head = GaussianHeadConfig {
+            d_hidden: encoder.d_model,
+            d_latent: self.config.d_latent,
+        };
+        self.posterior = Some(head.init(device)?);
+        self.encoder = Some(encoder.no_grad());
+        self.config.encoder = EncoderKind::Bert;
+        Ok(self)
     }
 
     /// K, the number of models.
@@ -209,8 +238,26 @@ impl<B: Backend> Chorus<B> {
         let device = batch.tokens.device();
         let input = LmInput::new(batch.tokens.clone()).with_padding(batch.padding.clone());
         let hidden = self.base.forward(input, None)?.hidden;
-        let present = batch.padding.clone().bool_not().float();
-        let q = posterior.forward(masked_mean_pool(hidden.clone(), present));
+        let features = match (&self.encoder, &batch.encoder_tokens) {
+            (None, _) => masked_mean_pool(hidden.clone(), batch.padding.clone().bool_not().float()),
+            (Some(encoder), Some((tokens, padding))) => {
+                if tokens.dims()[0] != n_rows || padding.dims() != tokens.dims() {
+                    return Err(ModelError::InvalidBatch(format!(
+                        "encoder tokens {:?} and padding {:?} for a batch of {n_rows}",
+                        tokens.dims(),
+                        padding.dims()
+                    )));
+                }
+                let encoded = encoder.forward(tokens.clone(), Some(padding.clone()))?;
+                masked_mean_pool(encoded, padding.clone().bool_not().float())
+            }
+            (Some(_), None) => {
+                return Err(ModelError::InvalidBatch(
+                    "the posterior reads a separate encoder: the batch needs encoder_tokens".into(),
+                ));
+            }
+        };
+        let q = posterior.forward(features);
         let context_present = batch
             .context_mask
             .clone()

@@ -12,6 +12,9 @@ use crate::ModelError;
 pub enum EncoderKind {
     /// The base LM's own final hidden states over (c, x), run without z, mean-pooled.
     BaseLm,
+    /// A separate BERT encoder (e.g. MiniLM) attached with [`crate::Chorus::with_encoder`], reading
+    /// its own tokenization of (c, x) from [`crate::ChorusBatch::encoder_tokens`], mean-pooled.
+    Bert,
 }
 
 /// Every switch of the joint model. The ablations are settings of the same code path:

@@ -36,6 +36,7 @@
 //!     context_mask: Tensor::from_data([[1.0, 1.0, 0.0, 0.0]], &device), // c = 1 2
 //!     padding: Tensor::from_data([[false; 4]], &device),
 //!     assistant_log_probs: None,
+//!     encoder_tokens: None,
 //! };
 //! let out = chorus.forward_elbo(&batch, 0)?;
 //! assert_eq!(out.terms.n_tokens, 3);
