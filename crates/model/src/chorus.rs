@@ -239,6 +239,11 @@ impl<B: Backend> Chorus<B> {
         let input = LmInput::new(batch.tokens.clone()).with_padding(batch.padding.clone());
         let hidden = self.base.forward(input, None)?.hidden;
         let features = match (&self.encoder, &batch.encoder_tokens) {
+            (None, _) if self.config.encoder == EncoderKind::Bert => {
+                return Err(ModelError::InvalidConfig(
+                    "encoder = bert but no encoder is attached: call Chorus::with_encoder".into(),
+                ));
+            }
             (None, _) => masked_mean_pool(hidden.clone(), batch.padding.clone().bool_not().float()),
             (Some(encoder), Some((tokens, padding))) => {
                 if tokens.dims()[0] != n_rows || padding.dims() != tokens.dims() {
