@@ -11,7 +11,7 @@ use burn::prelude::*;
 use burn::tensor::activation::softmax;
 
 use crate::cache::LayerCache;
-use crate::rope::Rope;
+use crate::rope::RopeTables;
 
 /// Score given to masked (future or padding) keys before the softmax: finite, so a row whose keys
 /// are all masked (a padding query) yields a uniform, finite distribution instead of NaN.
@@ -85,14 +85,13 @@ pub struct Attention<B: Backend> {
 
 impl<B: Backend> Attention<B> {
     /// # Shapes
-    /// - x: `[batch, seq, d_model]`, the tokens at positions `start..start + seq`
+    /// - x: `[batch, seq, d_model]`; `rope`, when given, holds the tables for these positions
     /// - mask: `[batch, seq, start + seq]`, true where a key must be ignored (see [`attention_mask`])
     /// - output: `[batch, seq, d_model]`
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
-        start: usize,
-        rope: Option<&Rope>,
+        rope: Option<&RopeTables<B>>,
         mask: Tensor<B, 3, Bool>,
         memory: Option<&LayerMemory<B>>,
         cache: Option<&mut LayerCache<B>>,
@@ -106,8 +105,8 @@ impl<B: Backend> Attention<B> {
         let mut k = heads(self.k_proj.forward(x.clone()), n_kv_heads);
         let v = heads(self.v_proj.forward(x), n_kv_heads);
         if let Some(rope) = rope {
-            q = rope.apply(q, start);
-            k = rope.apply(k, start);
+            q = rope.apply(q);
+            k = rope.apply(k);
         }
         let (k, v) = match cache {
             Some(cache) => cache.append(k, v),

@@ -243,7 +243,7 @@ impl<B: Backend> Bert<B> {
         for layer in &self.layers {
             let attended = layer
                 .attention
-                .forward(x.clone(), 0, None, mask.clone(), None, None);
+                .forward(x.clone(), None, mask.clone(), None, None);
             let h = layer.attention_norm.forward(x + attended);
             let ff = layer
                 .output

@@ -135,7 +135,6 @@ impl<B: Backend> Gpt2<B> {
                 cache.as_deref_mut().map(|c| &mut c.layers[i]);
             let attended = block.attn.forward(
                 block.ln_1.forward(x.clone()),
-                step.start,
                 None,
                 step.mask.clone(),
                 memory,

@@ -58,7 +58,7 @@ pub use import::{
 pub use llama::{Llama, LlamaBlock, SwiGlu};
 pub use model::{Lm, LmInput, LmOutput};
 pub use norm::RmsNorm;
-pub use rope::Rope;
+pub use rope::{Rope, RopeTables};
 pub use tokenizer::Tokenizer;
 
 #[cfg(test)]

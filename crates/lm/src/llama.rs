@@ -120,10 +120,12 @@ impl<B: Backend> Llama<B> {
         mut cache: Option<&mut KvCache<B>>,
     ) -> Result<LmOutput<B>, LmError> {
         let step = prepare_step(&self.dims(), &input, cache.as_deref_mut())?;
+        let [_, seq] = input.tokens.dims();
         let rope = Rope {
             head_dim: self.config.d_model / self.config.n_heads,
             theta: self.config.rope_theta,
-        };
+        }
+        .tables::<B>(step.start, seq, &input.tokens.device());
         let mut x = add_offset(
             self.embed_tokens.forward(input.tokens),
             input.embedding_offset.as_ref(),
@@ -134,7 +136,6 @@ impl<B: Backend> Llama<B> {
                 cache.as_deref_mut().map(|c| &mut c.layers[i]);
             let attended = layer.self_attn.forward(
                 layer.input_layernorm.forward(x.clone()),
-                step.start,
                 Some(&rope),
                 step.mask.clone(),
                 memory,

@@ -22,14 +22,14 @@ pub struct Rope {
 }
 
 impl Rope {
-    /// `cos` and `sin` tables for positions `start..start + len`, each `[len, head_dim]`
-    /// (the half-width table repeated twice so it lines up with `rotate_half`).
-    fn tables<B: Backend>(
+    /// The `cos`/`sin` tables for positions `start..start + len`, computed once per forward pass and
+    /// shared by every layer.
+    pub fn tables<B: Backend>(
         &self,
         start: usize,
         len: usize,
         device: &B::Device,
-    ) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    ) -> RopeTables<B> {
         let half = self.head_dim / 2;
         let mut cos = Vec::with_capacity(len * self.head_dim);
         let mut sin = Vec::with_capacity(len * self.head_dim);
@@ -37,22 +37,23 @@ impl Rope {
             let angles: Vec<f64> = (0..half)
                 .map(|i| pos as f64 * self.theta.powf(-2.0 * i as f64 / self.head_dim as f64))
                 .collect();
+            // The half-width table twice, lined up with `rotate_half`.
             for _ in 0..2 {
                 cos.extend(angles.iter().map(|a| a.cos() as f32));
                 sin.extend(angles.iter().map(|a| a.sin() as f32));
             }
         }
-        let shape = [len, self.head_dim];
-        (
-            Tensor::from_data(
-                TensorData::new(cos, shape).convert::<B::FloatElem>(),
+        let table = |values: Vec<f32>| {
+            Tensor::<B, 2>::from_data(
+                TensorData::new(values, [len, self.head_dim]).convert::<B::FloatElem>(),
                 device,
-            ),
-            Tensor::from_data(
-                TensorData::new(sin, shape).convert::<B::FloatElem>(),
-                device,
-            ),
-        )
+            )
+            .unsqueeze::<4>() // [1, 1, len, head_dim]
+        };
+        RopeTables {
+            cos: table(cos),
+            sin: table(sin),
+        }
     }
 
     /// Applies the rotation to heads at positions `start..start + seq`.
@@ -61,15 +62,31 @@ impl Rope {
     /// - x: `[batch, n_heads, seq, head_dim]`
     /// - output: same
     pub fn apply<B: Backend>(&self, x: Tensor<B, 4>, start: usize) -> Tensor<B, 4> {
-        let [_batch, _n_heads, seq, head_dim] = x.dims();
+        let [_, _, seq, _] = x.dims();
+        self.tables::<B>(start, seq, &x.device()).apply(x)
+    }
+}
+
+/// RoPE's `cos`/`sin` for a run of positions, `[1, 1, seq, head_dim]` each.
+#[derive(Debug, Clone)]
+pub struct RopeTables<B: Backend> {
+    cos: Tensor<B, 4>,
+    sin: Tensor<B, 4>,
+}
+
+impl<B: Backend> RopeTables<B> {
+    /// `x cos + rotate_half(x) sin`, with `rotate_half(x) = [−x₂, x₁]`.
+    ///
+    /// # Shapes
+    /// - x: `[batch, n_heads, seq, head_dim]` (the positions the tables were made for)
+    /// - output: same
+    pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let [_, _, _, head_dim] = x.dims();
         let half = head_dim / 2;
-        let (cos, sin) = self.tables::<B>(start, seq, &x.device());
-        let cos = cos.unsqueeze::<4>(); // [1, 1, seq, head_dim]
-        let sin = sin.unsqueeze::<4>();
         let x1 = x.clone().narrow(3, 0, half);
         let x2 = x.clone().narrow(3, half, half);
-        let rotated = Tensor::cat(vec![x2.neg(), x1], 3); // rotate_half(x) = [-x2, x1]
-        x * cos + rotated * sin
+        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+        x * self.cos.clone() + rotated * self.sin.clone()
     }
 }
 

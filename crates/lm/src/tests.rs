@@ -319,7 +319,7 @@ fn attention_with_all_kv_heads_equals_burn_multi_head_attention() {
     let x = Tensor::<B, 3>::random([2, 5, 32], Distribution::Normal(0.0, 1.0), &device());
     let mask = crate::attention_mask::<B>(2, 5, 0, None, &device());
     // Runs first: burn initialises parameters lazily, and the clones below must copy real weights.
-    let ours = attn.forward(x.clone(), 0, None, mask.clone(), None, None);
+    let ours = attn.forward(x.clone(), None, mask.clone(), None, None);
     let mut reference = MultiHeadAttentionConfig::new(32, 4)
         .with_dropout(0.0)
         .init::<B>(&device());

@@ -236,15 +236,24 @@ impl<B: Backend> Chorus<B> {
         };
         let [n_rows, _] = batch.tokens.dims();
         let device = batch.tokens.device();
-        let input = LmInput::new(batch.tokens.clone()).with_padding(batch.padding.clone());
-        let hidden = self.base.forward(input, None)?.hidden;
+        // The base's unconditioned hidden states feed the posterior (unless a separate encoder
+        // does) and the conditional prior; with an encoder and N(0, I) they are not needed.
+        let hidden = if self.encoder.is_none() || prior.head.is_some() {
+            let input = LmInput::new(batch.tokens.clone()).with_padding(batch.padding.clone());
+            Some(self.base.forward(input, None)?.hidden)
+        } else {
+            None
+        };
         let features = match (&self.encoder, &batch.encoder_tokens) {
             (None, _) if self.config.encoder == EncoderKind::Bert => {
                 return Err(ModelError::InvalidConfig(
                     "encoder = bert but no encoder is attached: call Chorus::with_encoder".into(),
                 ));
             }
-            (None, _) => masked_mean_pool(hidden.clone(), batch.padding.clone().bool_not().float()),
+            (None, _) => masked_mean_pool(
+                hidden.clone().expect("computed without an encoder"),
+                batch.padding.clone().bool_not().float(),
+            ),
             (Some(encoder), Some((tokens, padding))) => {
                 if tokens.dims()[0] != n_rows || padding.dims() != tokens.dims() {
                     return Err(ModelError::InvalidBatch(format!(
@@ -270,8 +279,13 @@ impl<B: Backend> Chorus<B> {
             .squeeze_dim::<1>(1)
             .greater_elem(0.0)
             .float();
-        let context = masked_mean_pool(hidden, batch.context_mask.clone());
-        let p = prior.forward(n_rows, Some((context, context_present)), &device);
+        let context = hidden.map(|h| {
+            (
+                masked_mean_pool(h, batch.context_mask.clone()),
+                context_present,
+            )
+        });
+        let p = prior.forward(n_rows, context, &device);
         Ok(Some(LatentDistributions {
             posterior: q,
             prior: p,
