@@ -1,7 +1,7 @@
 //! The three tasks, each a list of (context, target) examples with the document they come from.
 //! Definitions are in `docs/data.md`; this module is their implementation.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::chitchat::Conversation;
 use crate::sotu::Address;
@@ -21,7 +21,7 @@ pub const VALID_FRACTION: f64 = 0.05;
 pub const TEST_FRACTION: f64 = 0.05;
 
 /// Which task an example belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Task {
     /// Brown fiction: preceding sentences → the next ones.
@@ -43,6 +43,23 @@ impl Task {
             Task::Dialogue => "dialogue",
             Task::OpenEnded => "open_ended",
         }
+    }
+}
+
+impl std::fmt::Display for Task {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Task {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Task::ALL
+            .into_iter()
+            .find(|t| t.name() == s)
+            .ok_or_else(|| format!("unknown task `{s}`: expected story, dialogue or open_ended"))
     }
 }
 

@@ -57,6 +57,27 @@ impl<B: Backend> Lm<B> {
         Ok(model)
     }
 
+    /// Opens a model from any format chorus reads: a `.gguf` file, a chorus checkpoint directory
+    /// (`config.json` with a `family` field) or a Hugging Face directory.
+    pub fn open(path: impl AsRef<Path>, device: &B::Device) -> Result<Self, LmError> {
+        let path = path.as_ref();
+        if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
+            return Self::from_gguf(&crate::GgufFile::open(path)?, device);
+        }
+        let config = path.join(CONFIG_FILE);
+        let text = std::fs::read_to_string(&config).map_err(|e| LmError::io(&config, e))?;
+        let raw: serde_json::Value =
+            serde_json::from_str(&text).map_err(|source| LmError::Json {
+                path: config.clone(),
+                source,
+            })?;
+        if raw.get("family").is_some() {
+            Self::load(path, device)
+        } else {
+            Self::from_hf_dir(path, device)
+        }
+    }
+
     /// Replaces every parameter with the tensor of the same name in a safetensors file. Every
     /// parameter must be present with its exact shape, and every tensor in the file must be used.
     pub fn load_weights(&mut self, path: impl AsRef<Path>) -> Result<(), LmError> {

@@ -2,7 +2,8 @@
 
 use std::path::Path;
 
-use tokenizers::models::bpe::BPE;
+use tokenizers::models::TrainerWrapper;
+use tokenizers::models::bpe::{BPE, BpeTrainer};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
@@ -51,6 +52,19 @@ impl Tokenizer {
             source,
             chat_template: None,
         })
+    }
+
+    /// Opens a `tokenizer.json`, the tokenizer inside a `.gguf` file, or the `tokenizer.json` of a
+    /// model directory.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, LmError> {
+        let path = path.as_ref();
+        if path.extension().is_some_and(|e| e == "gguf") {
+            Self::from_gguf(&GgufFile::open(path)?)
+        } else if path.is_dir() {
+            Self::from_file(path.join("tokenizer.json"))
+        } else {
+            Self::from_file(path)
+        }
     }
 
     /// Builds a GPT-2-style byte-level BPE from a `vocab.json` (token → id) and a `merges.txt`
@@ -160,6 +174,63 @@ impl Tokenizer {
             inner,
             source,
             chat_template,
+        })
+    }
+
+    /// Trains a GPT-2-style byte-level BPE with `vocab_size` ids (special tokens included, listed
+    /// first so they get ids 0, 1, ...) on `texts`. Deterministic for a given input.
+    pub fn train_bpe<I, S>(
+        texts: I,
+        vocab_size: usize,
+        special_tokens: &[&str],
+    ) -> Result<Self, LmError>
+    where
+        I: Iterator<Item = S> + Send,
+        S: AsRef<str> + Send,
+    {
+        let source = format!("byte-level BPE trained to {vocab_size} tokens");
+        let error = |reason: String| LmError::Tokenizer {
+            path: source.clone(),
+            reason,
+        };
+        let alphabet = ByteLevel::alphabet().len();
+        if vocab_size < alphabet + special_tokens.len() {
+            return Err(error(format!(
+                "vocab_size {vocab_size} is below the {alphabet} byte symbols plus {} special tokens",
+                special_tokens.len()
+            )));
+        }
+        let mut trainer: TrainerWrapper = BpeTrainer::builder()
+            .vocab_size(vocab_size)
+            .min_frequency(2)
+            .show_progress(false)
+            .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+            .special_tokens(
+                special_tokens
+                    .iter()
+                    .map(|t| AddedToken::from(t.to_string(), true))
+                    .collect(),
+            )
+            .build()
+            .into();
+        let mut inner = tokenizers::Tokenizer::new(BPE::default());
+        inner
+            .with_pre_tokenizer(Some(ByteLevel::default().add_prefix_space(false)))
+            .with_decoder(Some(ByteLevel::default()));
+        inner
+            .train(&mut trainer, texts)
+            .map_err(|e| error(e.to_string()))?;
+        inner
+            .add_special_tokens(
+                special_tokens
+                    .iter()
+                    .map(|t| AddedToken::from(t.to_string(), true)),
+            )
+            .map_err(|e| error(e.to_string()))?;
+        Ok(Self {
+            inner,
+            source,
+            chat_template: None,
         })
     }
 
@@ -303,6 +374,36 @@ mod tests {
             .collect();
         std::fs::write(&merges_path, merges_text).unwrap();
         (vocab_path, merges_path)
+    }
+
+    #[test]
+    fn trained_bpe_round_trips_and_saves() {
+        let texts = [
+            "the cat sat on the mat",
+            "the dog sat on the log",
+            "a cat and a dog",
+        ];
+        let tok =
+            Tokenizer::train_bpe(texts.iter().cycle().take(30), 300, &["<|endoftext|>"]).unwrap();
+        assert_eq!(tok.token_to_id("<|endoftext|>"), Some(0));
+        assert!(tok.vocab_size() <= 300 && tok.vocab_size() > 256);
+        let ids = tok.encode("the cat sat<|endoftext|>").unwrap();
+        assert_eq!(*ids.last().unwrap(), 0);
+        assert!(
+            ids.len() < "the cat sat".len(),
+            "merges were learned: {ids:?}"
+        );
+        assert_eq!(tok.decode(&ids).unwrap(), "the cat sat<|endoftext|>");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenizer.json");
+        tok.save(&path).unwrap();
+        let back = Tokenizer::from_file(&path).unwrap();
+        back.check_same(&tok).unwrap();
+        assert_eq!(
+            back.encode("the dog").unwrap(),
+            tok.encode("the dog").unwrap()
+        );
+        assert!(Tokenizer::train_bpe(texts.iter(), 100, &[]).is_err());
     }
 
     #[test]

@@ -491,6 +491,65 @@ impl<B: Backend> Chorus<B> {
         }
     }
 
+    /// Co-LLM's selector initialisation (DESIGN §2): label target t with the assistant
+    /// `j* = argmax_{j≥1} log P_j(x_t)` when it beats the base (`log P_{j*} > log P_0`), else with
+    /// the base, and return the class-balanced cross-entropy
+    /// `−Σ_t m_t w_{y_t} log π(y_t) / Σ_t m_t w_{y_t}` with `w_c = n / (n_classes · n_c)` over the
+    /// batch's scored tokens. Only the selector receives gradients (models run without z, the
+    /// base's hidden states are detached). Also returns the share of tokens labelled to assistants.
+    pub fn selector_pseudo_label_loss(
+        &self,
+        batch: &ChorusBatch<B>,
+    ) -> Result<(Tensor<B, 1>, f64), ModelError> {
+        let Some(selector) = &self.selector else {
+            return Err(ModelError::InvalidConfig(
+                "selector initialisation needs assistants (K ≥ 2)".into(),
+            ));
+        };
+        let k = self.n_models();
+        let plain = || LmInput::new(batch.tokens.clone()).with_padding(batch.padding.clone());
+        let base = self.base.forward(plain(), None)?;
+        let lp0 = token_log_probs(base.logits, batch.targets.clone()).detach();
+        let assistants = match &batch.assistant_log_probs {
+            Some(cached) => cached.clone(),
+            None => Tensor::stack::<3>(
+                (1..k)
+                    .map(|j| {
+                        let logits = self.model_forward(j, plain(), None)?.logits;
+                        Ok(token_log_probs(logits, batch.targets.clone()))
+                    })
+                    .collect::<Result<Vec<_>, ModelError>>()?,
+                2,
+            ),
+        }
+        .detach();
+        let best = assistants.clone().max_dim(2).squeeze_dim::<2>(2);
+        let best_j = assistants.argmax(2).squeeze_dim::<2>(2).add_scalar(1);
+        let labels = best_j.mask_fill(best.lower_equal(lp0), 0); // [B, T]
+        let mask = batch.target_mask.clone();
+        let n = mask.clone().sum().into_scalar().elem::<f64>();
+        let mut weights = mask.zeros_like();
+        let mut counts = Vec::with_capacity(k);
+        for c in 0..k {
+            let is_c = labels.clone().equal_elem(c as i64).float() * mask.clone();
+            counts.push((is_c.clone(), is_c.sum().into_scalar().elem::<f64>()));
+        }
+        let present = counts.iter().filter(|(_, n_c)| *n_c > 0.0).count().max(1) as f64;
+        for (is_c, n_c) in &counts {
+            if *n_c > 0.0 {
+                weights = weights + is_c.clone().mul_scalar(n / (present * n_c));
+            }
+        }
+        let log_pi = selector.forward(base.hidden.detach()); // [B, T, K]
+        let picked = log_pi
+            .gather(2, labels.unsqueeze_dim::<3>(2))
+            .squeeze_dim::<2>(2);
+        let total = weights.clone().sum().clamp_min(1e-12);
+        let loss = (picked * weights).sum().neg() / total;
+        let assistant_share = if n > 0.0 { 1.0 - counts[0].1 / n } else { 0.0 };
+        Ok((loss, assistant_share))
+    }
+
     /// The assistants' `log P_j(targets[t])` `[batch, seq, n_assistants]`, to store and pass back as
     /// [`ChorusBatch::assistant_log_probs`]. Only for assistants that do not read z.
     pub fn assistant_log_probs(&self, batch: &ChorusBatch<B>) -> Result<Tensor<B, 3>, ModelError> {

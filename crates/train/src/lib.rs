@@ -1,3 +1,110 @@
-//! Pre-training of single LMs, assistant scoring, joint training (AdamW, schedules, accumulation, clipping, atomic checkpoints, resume), and evaluation (IW-NLL, KL, MI, AU, deferral rate).
+//! Training and evaluation for chorus: the data pipeline from examples to padded batches, the
+//! assistants' scoring cache, the optimisation loop (AdamW, warm-up + cosine LR, global-norm
+//! clipping, gradient accumulation, KL schedule by global step, Co-LLM selector initialisation),
+//! atomic checkpoints with exact resume, and evaluation (IW-NLL/PPL, KL, MI, AU, deferral rate).
 //!
-//! Not implemented yet: see README.md.
+//! Pre-training a single LM is the same loop on a chorus with K = 1 and no z (plain maximum
+//! likelihood), so every feature of the loop serves both.
+//!
+//! ```no_run
+//! use burn::backend::{Autodiff, NdArray};
+//! use chorus_train::{TrainConfig, load_config, train};
+//!
+//! let config: TrainConfig = load_config(Some("configs/joint.toml".as_ref()), &["train.steps=10".into()])?;
+//! let summary = train::<Autodiff<NdArray>>(&config, "out/joint".as_ref(), false, &Default::default())?;
+//! println!("best valid NLL/token {:?}", summary.best_valid_nll);
+//! # Ok::<(), chorus_train::TrainError>(())
+//! ```
+
+mod batch;
+mod checkpoint;
+mod config;
+mod eval;
+mod grads;
+mod run;
+mod schedule;
+mod scores;
+
+pub use batch::{Encoded, TokenBatch, encode_examples, epoch_batches, load_task_examples};
+pub use checkpoint::{
+    CheckpointState, ModelManifest, best_dir, latest_checkpoint, list_checkpoints, load_chorus,
+    read_state,
+};
+pub use config::{DataConfig, OptimConfig, PretrainConfig, TrainConfig, Validate, load_config};
+pub use eval::{
+    EvalReport, EvalRow, TOKEN_CONVENTION, evaluate_chorus, evaluate_lm, text_file_examples,
+};
+pub use run::{TrainSummary, pretrain, score, train};
+pub use schedule::learning_rate;
+pub use scores::{ScoreCache, score_assistants};
+
+use std::path::PathBuf;
+
+/// Errors of `chorus-train`; each names the file, key or step at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// A config file or override that does not parse or is out of range.
+    #[error("{file}: {reason}")]
+    Config {
+        /// The config file (or `--set` for overrides).
+        file: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Reading or writing a file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// A checkpoint that is missing, incomplete or corrupt.
+    #[error("checkpoint {path}: {reason}")]
+    Checkpoint {
+        /// The checkpoint directory or file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A NaN or infinite loss or gradient: training stopped before the bad update.
+    #[error(
+        "non-finite {what} at step {step}: training stopped before applying it; {}",
+        match last_good {
+            Some(p) => format!("the last good checkpoint is {}", p.display()),
+            None => "no checkpoint had been written yet".to_string(),
+        }
+    )]
+    NonFinite {
+        /// The optimiser step.
+        step: u64,
+        /// Which quantity (loss, gradient norm).
+        what: String,
+        /// The newest intact checkpoint.
+        last_good: Option<PathBuf>,
+    },
+    /// A dataset with nothing to train or evaluate on.
+    #[error("empty dataset: {0}")]
+    EmptyData(String),
+    /// From the corpora.
+    #[error(transparent)]
+    Data(#[from] chorus_data::DataError),
+    /// From a language model or tokenizer.
+    #[error(transparent)]
+    Lm(#[from] chorus_lm::LmError),
+    /// From the joint model.
+    #[error(transparent)]
+    Model(#[from] chorus_model::ModelError),
+}
+
+impl TrainError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,284 @@
+//! Training checkpoints: self-contained directories written atomically.
+//!
+//! `<out>/checkpoints/step-00000100/` holds `chorus.json` (the architecture: every model's config
+//! and the chorus switches), `tokenizer.json`, `model.mpk` (all parameters, with their ids),
+//! `optimizer.mpk` (AdamW moments) and `state.json` (step, validation history, the sha256 of every
+//! other file). Everything is written under `.tmp-…` and the directory is renamed into place, so a
+//! crash mid-write leaves the previous checkpoints untouched; `state.json` checksums catch files
+//! damaged afterwards. The random state is a pure function of (seed, step): each step re-seeds the
+//! backend with both, and the data order is derived from them, so (step, seed) is the whole RNG
+//! state. `best/` is a copy of the checkpoint with the lowest validation NLL.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use burn::module::Module;
+use burn::optim::Optimizer;
+use burn::prelude::*;
+use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
+use burn::tensor::backend::AutodiffBackend;
+use chorus_lm::{LmConfig, Tokenizer};
+use chorus_model::{Chorus, ChorusConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::TrainError;
+
+const MANIFEST: &str = "chorus.json";
+const TOKENIZER: &str = "tokenizer.json";
+const MODEL: &str = "model";
+const OPTIMIZER: &str = "optimizer";
+const STATE: &str = "state.json";
+const CHECKPOINTS: &str = "checkpoints";
+
+/// The architecture of a saved joint model: enough to rebuild its skeleton before loading weights.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelManifest {
+    /// The base's config.
+    pub base: LmConfig,
+    /// Each assistant's config.
+    pub assistants: Vec<LmConfig>,
+    /// The chorus switches.
+    pub chorus: ChorusConfig,
+    /// Where each model came from (for messages and `inspect`).
+    #[serde(default)]
+    pub sources: Vec<String>,
+}
+
+/// `state.json`: the loop's position and history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointState {
+    /// Optimiser steps completed.
+    pub step: u64,
+    /// Steps in the run's config.
+    pub total_steps: u64,
+    /// The seed of the run.
+    pub seed: u64,
+    /// Target tokens trained on so far.
+    pub tokens_seen: u64,
+    /// Validation NLL per token at this step, if validated.
+    pub valid_nll: Option<f64>,
+    /// Lowest validation NLL per token so far, and its step.
+    pub best: Option<(u64, f64)>,
+    /// sha256 of every other file in the directory.
+    pub files: BTreeMap<String, String>,
+}
+
+fn recorder() -> NamedMpkFileRecorder<FullPrecisionSettings> {
+    NamedMpkFileRecorder::new()
+}
+
+fn bad(path: &Path, reason: impl Into<String>) -> TrainError {
+    TrainError::Checkpoint {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+/// `<out>/checkpoints`.
+pub fn checkpoints_dir(out: &Path) -> PathBuf {
+    out.join(CHECKPOINTS)
+}
+
+/// `<out>/checkpoints/best`.
+pub fn best_dir(out: &Path) -> PathBuf {
+    checkpoints_dir(out).join("best")
+}
+
+/// Complete checkpoints under `<out>/checkpoints`, oldest first, as (step, dir).
+pub fn list_checkpoints(out: &Path) -> Vec<(u64, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(checkpoints_dir(out)) else {
+        return Vec::new();
+    };
+    let mut found: Vec<(u64, PathBuf)> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            let step = name.strip_prefix("step-")?.parse().ok()?;
+            Some((step, e.path()))
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// The newest complete checkpoint, if any.
+pub fn latest_checkpoint(out: &Path) -> Option<PathBuf> {
+    list_checkpoints(out).pop().map(|(_, p)| p)
+}
+
+/// Reads and verifies `state.json` of a checkpoint: every listed file must exist with its sha256.
+pub fn read_state(dir: &Path) -> Result<CheckpointState, TrainError> {
+    let path = dir.join(STATE);
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        bad(
+            dir,
+            format!("cannot read {STATE} ({e}): incomplete checkpoint"),
+        )
+    })?;
+    let state: CheckpointState = serde_json::from_str(&text)
+        .map_err(|e| bad(&path, format!("not a checkpoint state: {e}")))?;
+    for (file, expected) in &state.files {
+        let p = dir.join(file);
+        let actual = chorus_data::fetch::sha256_file(&p)
+            .map_err(|e| bad(&p, format!("missing or unreadable: {e}")))?;
+        if &actual != expected {
+            return Err(bad(
+                &p,
+                format!(
+                    "sha256 {actual} ≠ {expected} recorded at save: the file is truncated or corrupt"
+                ),
+            ));
+        }
+    }
+    Ok(state)
+}
+
+pub(crate) fn write_manifest(
+    dir: &Path,
+    manifest: &ModelManifest,
+    tokenizer: &Tokenizer,
+) -> Result<(), TrainError> {
+    let path = dir.join(MANIFEST);
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(manifest).expect("serializes"),
+    )
+    .map_err(|e| TrainError::io(&path, e))?;
+    tokenizer.save(dir.join(TOKENIZER))?;
+    Ok(())
+}
+
+/// Writes a checkpoint of `model` and `optimizer` at `state.step` atomically, then keeps only the
+/// `keep_last` newest `step-*` directories. Returns the new directory.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn save_checkpoint<B, O>(
+    out: &Path,
+    model: &Chorus<B>,
+    optimizer: &O,
+    manifest: &ModelManifest,
+    tokenizer: &Tokenizer,
+    mut state: CheckpointState,
+    keep_last: usize,
+) -> Result<PathBuf, TrainError>
+where
+    B: AutodiffBackend,
+    O: Optimizer<Chorus<B>, B>,
+{
+    let root = checkpoints_dir(out);
+    let name = format!("step-{:08}", state.step);
+    let tmp = root.join(format!(".tmp-{name}"));
+    let dest = root.join(&name);
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
+    write_manifest(&tmp, manifest, tokenizer)?;
+    recorder()
+        .record(model.clone().into_record(), tmp.join(MODEL))
+        .map_err(|e| bad(&tmp, format!("writing the model: {e}")))?;
+    recorder()
+        .record(optimizer.to_record(), tmp.join(OPTIMIZER))
+        .map_err(|e| bad(&tmp, format!("writing the optimizer: {e}")))?;
+    for file in [MANIFEST, TOKENIZER, "model.mpk", "optimizer.mpk"] {
+        let sha = chorus_data::fetch::sha256_file(&tmp.join(file))?;
+        state.files.insert(file.to_string(), sha);
+    }
+    let state_path = tmp.join(STATE);
+    std::fs::write(
+        &state_path,
+        serde_json::to_string_pretty(&state).expect("serializes"),
+    )
+    .map_err(|e| TrainError::io(&state_path, e))?;
+    if dest.exists() {
+        std::fs::remove_dir_all(&dest).map_err(|e| TrainError::io(&dest, e))?;
+    }
+    std::fs::rename(&tmp, &dest).map_err(|e| TrainError::io(&dest, e))?;
+    let all = list_checkpoints(out);
+    for (_, old) in all.iter().take(all.len().saturating_sub(keep_last)) {
+        std::fs::remove_dir_all(old).map_err(|e| TrainError::io(old, e))?;
+    }
+    Ok(dest)
+}
+
+/// Copies checkpoint `src` to `<out>/checkpoints/best` (via a temp copy and renames).
+pub(crate) fn update_best(out: &Path, src: &Path) -> Result<(), TrainError> {
+    let root = checkpoints_dir(out);
+    let tmp = root.join(".tmp-best");
+    let old = root.join(".old-best");
+    let best = best_dir(out);
+    for d in [&tmp, &old] {
+        if d.exists() {
+            std::fs::remove_dir_all(d).map_err(|e| TrainError::io(d, e))?;
+        }
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
+    for entry in std::fs::read_dir(src).map_err(|e| TrainError::io(src, e))? {
+        let entry = entry.map_err(|e| TrainError::io(src, e))?;
+        // The optimizer is not needed to use the best model; skip it to halve the copy.
+        if entry.file_name() == "optimizer.mpk" {
+            continue;
+        }
+        let to = tmp.join(entry.file_name());
+        std::fs::copy(entry.path(), &to).map_err(|e| TrainError::io(&to, e))?;
+    }
+    // Record only the files that were copied.
+    let state_path = tmp.join(STATE);
+    let mut state: CheckpointState = serde_json::from_str(
+        &std::fs::read_to_string(&state_path).map_err(|e| TrainError::io(&state_path, e))?,
+    )
+    .map_err(|e| bad(&state_path, e.to_string()))?;
+    state.files.remove("optimizer.mpk");
+    std::fs::write(
+        &state_path,
+        serde_json::to_string_pretty(&state).expect("serializes"),
+    )
+    .map_err(|e| TrainError::io(&state_path, e))?;
+    if best.exists() {
+        std::fs::rename(&best, &old).map_err(|e| TrainError::io(&best, e))?;
+    }
+    std::fs::rename(&tmp, &best).map_err(|e| TrainError::io(&best, e))?;
+    if old.exists() {
+        std::fs::remove_dir_all(&old).map_err(|e| TrainError::io(&old, e))?;
+    }
+    Ok(())
+}
+
+/// Rebuilds a joint model from a checkpoint (or `best/`) directory after verifying its files.
+pub fn load_chorus<B: Backend>(
+    dir: &Path,
+    device: &B::Device,
+) -> Result<(Chorus<B>, ModelManifest, Tokenizer, CheckpointState), TrainError> {
+    let state = read_state(dir)?;
+    let path = dir.join(MANIFEST);
+    let text = std::fs::read_to_string(&path).map_err(|e| TrainError::io(&path, e))?;
+    let manifest: ModelManifest = serde_json::from_str(&text)
+        .map_err(|e| bad(&path, format!("not a chorus manifest: {e}")))?;
+    let tokenizer = Tokenizer::from_file(dir.join(TOKENIZER))?;
+    let base = manifest.base.init::<B>(device)?;
+    let assistants = manifest
+        .assistants
+        .iter()
+        .map(|c| c.init::<B>(device))
+        .collect::<Result<Vec<_>, _>>()?;
+    let skeleton = Chorus::new(manifest.chorus.clone(), base, assistants, device)?;
+    let record = recorder()
+        .load(dir.join(MODEL), device)
+        .map_err(|e| bad(&dir.join("model.mpk"), format!("cannot load: {e}")))?;
+    Ok((skeleton.load_record(record), manifest, tokenizer, state))
+}
+
+/// Loads the optimiser state of a checkpoint into `optimizer`.
+pub(crate) fn load_optimizer<B, O>(
+    dir: &Path,
+    optimizer: O,
+    device: &B::Device,
+) -> Result<O, TrainError>
+where
+    B: AutodiffBackend,
+    O: Optimizer<Chorus<B>, B>,
+{
+    let record = recorder()
+        .load(dir.join(OPTIMIZER), device)
+        .map_err(|e| bad(&dir.join("optimizer.mpk"), format!("cannot load: {e}")))?;
+    Ok(optimizer.load_record(record))
+}

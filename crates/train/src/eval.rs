@@ -1,0 +1,245 @@
+//! Evaluation (DESIGN §3): importance-weighted NLL/PPL, KL, mutual information, active units and the
+//! posterior deferral rate of a joint model, and exact NLL/PPL of a single LM, per task.
+//!
+//! Token convention (printed with every table): tokens of the shared tokenizer, counting the
+//! target's tokens and its closing EOS; the context is read but not scored.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use burn::prelude::*;
+use chorus_data::{Example, Split, Task};
+use chorus_elbo::{active_units, mutual_information, token_log_probs};
+use chorus_latent::DiagonalGaussian;
+use chorus_lm::{Lm, LmInput};
+use chorus_model::{Chorus, ChorusBatch};
+use serde::{Deserialize, Serialize};
+
+use crate::{Encoded, ScoreCache, TokenBatch, TrainError};
+
+/// The token convention of every reported number.
+pub const TOKEN_CONVENTION: &str =
+    "per target token of the shared tokenizer, the closing EOS included, context not scored";
+
+/// One model on one task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalRow {
+    /// The model (e.g. `joint`, `base`, `story expert`).
+    pub model: String,
+    /// The task.
+    pub task: String,
+    /// Examples evaluated.
+    pub examples: usize,
+    /// Target tokens scored.
+    pub tokens: usize,
+    /// −log p̂(x | c) per token (IW bound for z models, exact otherwise), nats.
+    pub nll: f64,
+    /// exp(nll).
+    pub ppl: f64,
+    /// Mean Σ_d KL(q ‖ p) per example, nats (z models).
+    pub kl: Option<f64>,
+    /// I_q(x; z), He et al. 2019 estimator, nats (z models).
+    pub mi: Option<f64>,
+    /// Active units: dimensions with Var_x E_q[z_d] > 0.01 (z models).
+    pub active_units: Option<usize>,
+    /// Posterior deferral rate: mean over target tokens of 1 − r_t(base), with z = E_q[z] (K ≥ 2).
+    pub deferral: Option<f64>,
+}
+
+/// Rows plus how they were computed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalReport {
+    /// The split or text file evaluated.
+    pub data: String,
+    /// z samples per example for the IW bound.
+    pub iw_samples: usize,
+    /// What a token is.
+    pub token_convention: String,
+    /// One row per (model, task).
+    pub rows: Vec<EvalRow>,
+}
+
+impl EvalReport {
+    /// The rows as a Markdown table.
+    pub fn table(&self) -> String {
+        let opt = |v: Option<f64>| v.map_or("–".to_string(), |v| format!("{v:.3}"));
+        let mut s = String::from(
+            "| task | model | examples | tokens | NLL/token | PPL | KL | MI | AU | deferral |\n|---|---|---|---|---|---|---|---|---|---|\n",
+        );
+        let mut rows = self.rows.clone();
+        rows.sort_by(|a, b| a.task.cmp(&b.task));
+        for r in &rows {
+            s.push_str(&format!(
+                "| {} | {} | {} | {} | {:.4} | {:.2} | {} | {} | {} | {} |\n",
+                r.task,
+                r.model,
+                r.examples,
+                r.tokens,
+                r.nll,
+                r.ppl,
+                opt(r.kl),
+                opt(r.mi),
+                r.active_units.map_or("–".to_string(), |a| a.to_string()),
+                r.deferral
+                    .map_or("–".to_string(), |d| format!("{:.1} %", 100.0 * d)),
+            ));
+        }
+        s
+    }
+}
+
+/// Open-ended examples from a plain-text file: its sentences in passages of four, alternately with
+/// an empty and a first-sentence context (as the open-ended task).
+pub fn text_file_examples(path: &Path) -> Result<Vec<Example>, TrainError> {
+    let paragraphs = chorus_data::plain_text(path)?;
+    let sentences: Vec<String> = paragraphs
+        .iter()
+        .flat_map(|p| chorus_data::sentences(p))
+        .collect();
+    let name = path.display().to_string();
+    let examples: Vec<Example> = chorus_data::tasks::open_ended_examples(&name, &sentences)
+        .into_iter()
+        .map(|e| Example {
+            split: Split::Test,
+            ..e
+        })
+        .collect();
+    if examples.is_empty() {
+        return Err(TrainError::EmptyData(format!(
+            "{name}: fewer than {} sentences",
+            chorus_data::tasks::OPEN_PASSAGE_SENTENCES
+        )));
+    }
+    Ok(examples)
+}
+
+/// Example indices grouped by task, each group sorted by length (less padding).
+fn by_task(data: &[Encoded]) -> BTreeMap<Task, Vec<usize>> {
+    let mut groups: BTreeMap<Task, Vec<usize>> = BTreeMap::new();
+    for (i, e) in data.iter().enumerate() {
+        groups.entry(e.task).or_default().push(i);
+    }
+    for ids in groups.values_mut() {
+        ids.sort_by_key(|&i| data[i].tokens.len());
+    }
+    groups
+}
+
+fn batch_of<B: Backend>(
+    data: &[Encoded],
+    ids: &[usize],
+    scores: Option<&ScoreCache>,
+    device: &B::Device,
+) -> Result<(ChorusBatch<B>, usize), TrainError> {
+    let refs: Vec<&Encoded> = ids.iter().map(|&i| &data[i]).collect();
+    let mut batch = TokenBatch::new(&refs);
+    if let Some(scores) = scores {
+        batch = batch.with_scores(scores, ids)?;
+    }
+    let n = batch.n_targets();
+    Ok((batch.to_device(device), n))
+}
+
+fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
+    t.sum().into_scalar().elem::<f64>()
+}
+
+/// Evaluates a joint model per task: IW-NLL with `iw_samples` z from q, and, when z is on, KL, MI and
+/// AU; with K ≥ 2, the posterior deferral rate.
+pub fn evaluate_chorus<B: Backend>(
+    model: &Chorus<B>,
+    name: &str,
+    data: &[Encoded],
+    scores: Option<&ScoreCache>,
+    iw_samples: usize,
+    batch_size: usize,
+    device: &B::Device,
+) -> Result<Vec<EvalRow>, TrainError> {
+    let mut rows = Vec::new();
+    for (task, ids) in by_task(data) {
+        let (mut log_p, mut tokens, mut kl) = (0.0, 0usize, 0.0);
+        let (mut deferred, mut means, mut log_vars) = (0.0, Vec::new(), Vec::new());
+        for chunk in ids.chunks(batch_size.max(1)) {
+            let (batch, n) = batch_of::<B>(data, chunk, scores, device)?;
+            tokens += n;
+            log_p += scalar(model.iw_log_likelihood(&batch, iw_samples)?);
+            let latent = model.latent_distributions(&batch)?;
+            let eps = latent
+                .as_ref()
+                .map(|l| l.posterior.mean.zeros_like().unsqueeze_dim(0));
+            if let Some(l) = latent {
+                kl += l.posterior.kl(&l.prior).sum().into_scalar().elem::<f64>();
+                means.push(l.posterior.mean);
+                log_vars.push(l.posterior.log_var);
+            }
+            if model.n_models() > 1 {
+                let out = model.forward_elbo_with_noise(&batch, 0, eps)?;
+                let r0 = out.router.narrow(2, 0, 1).squeeze_dim::<2>(2);
+                deferred += ((r0.neg().add_scalar(1.0)) * batch.target_mask.clone())
+                    .sum()
+                    .into_scalar()
+                    .elem::<f64>();
+            }
+        }
+        let nll = -log_p / tokens.max(1) as f64;
+        let (mi, au) = if means.is_empty() {
+            (None, None)
+        } else {
+            let q = DiagonalGaussian {
+                mean: Tensor::cat(means, 0),
+                log_var: Tensor::cat(log_vars, 0),
+            };
+            let au = active_units(q.mean.clone(), 0.01);
+            (Some(mutual_information(&q)), Some(au))
+        };
+        rows.push(EvalRow {
+            model: name.to_string(),
+            task: task.name().to_string(),
+            examples: ids.len(),
+            tokens,
+            nll,
+            ppl: nll.exp(),
+            kl: model.config.has_z().then(|| kl / ids.len() as f64),
+            mi,
+            active_units: au,
+            deferral: (model.n_models() > 1).then(|| deferred / tokens.max(1) as f64),
+        });
+    }
+    Ok(rows)
+}
+
+/// Exact NLL/PPL per task of one LM on its own.
+pub fn evaluate_lm<B: Backend>(
+    lm: &Lm<B>,
+    name: &str,
+    data: &[Encoded],
+    batch_size: usize,
+    device: &B::Device,
+) -> Result<Vec<EvalRow>, TrainError> {
+    let mut rows = Vec::new();
+    for (task, ids) in by_task(data) {
+        let (mut log_p, mut tokens) = (0.0, 0usize);
+        for chunk in ids.chunks(batch_size.max(1)) {
+            let (batch, n) = batch_of::<B>(data, chunk, None, device)?;
+            tokens += n;
+            let input = LmInput::new(batch.tokens.clone()).with_padding(batch.padding.clone());
+            let logits = lm.forward(input, None)?.logits;
+            let lp = token_log_probs(logits, batch.targets.clone()) * batch.target_mask.clone();
+            log_p += lp.sum().into_scalar().elem::<f64>();
+        }
+        let nll = -log_p / tokens.max(1) as f64;
+        rows.push(EvalRow {
+            model: name.to_string(),
+            task: task.name().to_string(),
+            examples: ids.len(),
+            tokens,
+            nll,
+            ppl: nll.exp(),
+            kl: None,
+            mi: None,
+            active_units: None,
+            deferral: None,
+        });
+    }
+    Ok(rows)
+}

@@ -1,0 +1,67 @@
+//! Global-norm gradient clipping (burn's own clipping is per tensor).
+
+use burn::module::{AutodiffModule, ModuleVisitor, Param};
+use burn::optim::GradientsParams;
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+
+struct SquaredNorm<'a> {
+    grads: &'a GradientsParams,
+    sum: f64,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for SquaredNorm<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if let Some(g) = self.grads.get::<B::InnerBackend, D>(param.id) {
+            self.sum += g.powf_scalar(2.0).sum().into_scalar().elem::<f64>();
+        }
+    }
+}
+
+struct Scale<'a> {
+    grads: &'a mut GradientsParams,
+    factor: f64,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for Scale<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if let Some(g) = self.grads.remove::<B::InnerBackend, D>(param.id) {
+            self.grads
+                .register::<B::InnerBackend, D>(param.id, g.mul_scalar(self.factor));
+        }
+    }
+}
+
+/// The global L2 norm `‖g‖ = sqrt(Σ_params Σ g²)` of `grads` over `module`'s parameters.
+pub fn global_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
+    module: &M,
+    grads: &GradientsParams,
+) -> f64 {
+    let mut visitor = SquaredNorm { grads, sum: 0.0 };
+    module.visit(&mut visitor);
+    visitor.sum.sqrt()
+}
+
+/// Multiplies every gradient by `factor`.
+pub fn scale<B: AutodiffBackend, M: AutodiffModule<B>>(
+    module: &M,
+    grads: &mut GradientsParams,
+    factor: f64,
+) {
+    let mut visitor = Scale { grads, factor };
+    module.visit(&mut visitor);
+}
+
+/// Clips to `max_norm` like `torch.nn.utils.clip_grad_norm_`: scales every gradient by
+/// `min(1, max_norm / (‖g‖ + 1e-6))` when `max_norm > 0`. Returns ‖g‖ before clipping.
+pub fn clip_global_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
+    module: &M,
+    grads: &mut GradientsParams,
+    max_norm: f64,
+) -> f64 {
+    let norm = global_norm(module, grads);
+    if max_norm > 0.0 && norm.is_finite() && norm > max_norm {
+        scale(module, grads, max_norm / (norm + 1e-6));
+    }
+    norm
+}

@@ -1,0 +1,668 @@
+//! Tests of the data pipeline, the loop (loss goes down, exact resume, NaN stop), checkpoints
+//! (interrupted and truncated writes), score caches and configs.
+
+use std::path::Path;
+
+use burn::backend::{Autodiff, NdArray};
+use burn::prelude::*;
+use chorus_data::{Example, Split, Task};
+use chorus_lm::{LlamaConfig, Lm, LmConfig, Tokenizer};
+use chorus_model::{Chorus, ChorusConfig};
+
+use crate::checkpoint::ModelManifest;
+use crate::run::{Loop, run_loop};
+use crate::{
+    Encoded, OptimConfig, PretrainConfig, ScoreCache, TokenBatch, TrainConfig, TrainError,
+    encode_examples, epoch_batches, latest_checkpoint, learning_rate, list_checkpoints,
+    load_chorus, load_config, read_state, score_assistants,
+};
+
+type B = NdArray<f32>;
+type AD = Autodiff<B>;
+
+const VOCAB: usize = 24;
+
+/// burn-ndarray's RNG is one global: tests that train (and so draw random numbers) take turns, or
+/// their draws would interleave and runs would not be reproducible.
+static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn rng_lock() -> std::sync::MutexGuard<'static, ()> {
+    RNG.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn tokenizer() -> Tokenizer {
+    let texts = [
+        "the cat sat on the mat.",
+        "a dog ran to the log!",
+        "what did the cat see?",
+    ];
+    Tokenizer::train_bpe(texts.iter().cycle().take(60), 300, &["<|endoftext|>"]).unwrap()
+}
+
+fn llama(vocab: usize) -> LmConfig {
+    LmConfig::Llama(LlamaConfig {
+        vocab_size: vocab,
+        d_model: 16,
+        n_layers: 1,
+        n_heads: 2,
+        n_kv_heads: 1,
+        d_ff: 32,
+        rope_theta: 10_000.0,
+        norm_eps: 1e-5,
+        tie_embeddings: true,
+        max_seq_len: 64,
+    })
+}
+
+/// Arithmetic sequences mod (VOCAB − 1) over ids 1.., stride 1–3 (a per-sequence latent), with a
+/// 2-token context; EOS = 0 opens and closes each row.
+fn synthetic(n: usize, offset: usize) -> Vec<Encoded> {
+    (0..n)
+        .map(|i| {
+            let i = i + offset;
+            let stride = 1 + i % 3;
+            let start = (i * 7) % (VOCAB - 1);
+            let len = 6 + i % 5;
+            let mut tokens = vec![0u32];
+            tokens.extend((0..len).map(|t| 1 + ((start + t * stride) % (VOCAB - 1)) as u32));
+            tokens.push(0);
+            Encoded {
+                task: [Task::Story, Task::Dialogue][i % 2],
+                tokens,
+                context_len: 2,
+            }
+        })
+        .collect()
+}
+
+fn optim(steps: u64) -> OptimConfig {
+    OptimConfig {
+        steps,
+        lr: 1e-2,
+        warmup_steps: 2,
+        log_every: 5,
+        eval_every: 0,
+        iw_samples: 2,
+        checkpoint_every: 0,
+        ..OptimConfig::default()
+    }
+}
+
+fn joint(config: ChorusConfig, n_assistants: usize) -> (Chorus<AD>, ModelManifest) {
+    let device = Default::default();
+    AD::seed(&device, 7);
+    let base = llama(VOCAB).init::<AD>(&device).unwrap();
+    let assistants: Vec<Lm<AD>> = (0..n_assistants)
+        .map(|_| llama(VOCAB).init::<AD>(&device).unwrap())
+        .collect();
+    let manifest = ModelManifest {
+        base: llama(VOCAB),
+        assistants: vec![llama(VOCAB); n_assistants],
+        chorus: config.clone(),
+        sources: Vec::new(),
+    };
+    (
+        Chorus::new(config, base, assistants, &device).unwrap(),
+        manifest,
+    )
+}
+
+fn z_config() -> ChorusConfig {
+    ChorusConfig {
+        d_latent: 4,
+        ..ChorusConfig::default()
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn fit(
+    model: Chorus<AD>,
+    manifest: ModelManifest,
+    train: &[Encoded],
+    valid: &[Encoded],
+    optim: &OptimConfig,
+    out: &Path,
+    resume: bool,
+) -> Result<crate::TrainSummary, TrainError> {
+    let tok = tokenizer();
+    run_loop(
+        Loop {
+            manifest,
+            tokenizer: &tok,
+            train,
+            valid,
+            train_scores: None,
+            valid_scores: None,
+            optim,
+            batch_size: 4,
+            out,
+            resume,
+        },
+        model,
+        &Default::default(),
+    )
+}
+
+/// Every float parameter of a saved joint model, in module order.
+fn parameters(dir: &Path) -> Vec<f32> {
+    struct Collect(Vec<f32>);
+    impl burn::module::ModuleVisitor<B> for Collect {
+        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<B, D>>) {
+            self.0
+                .extend(param.val().into_data().to_vec::<f32>().unwrap());
+        }
+    }
+    let (model, ..) = load_chorus::<B>(dir, &Default::default()).unwrap();
+    let mut c = Collect(Vec::new());
+    burn::module::Module::visit(&model, &mut c);
+    c.0
+}
+
+fn metric_rows(out: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn batches_mask_exactly_the_target_and_never_leak_it_into_the_context() {
+    let tok = tokenizer();
+    let eos = tok.token_to_id("<|endoftext|>").unwrap();
+    let examples = vec![
+        Example {
+            task: Task::Dialogue,
+            document: "d".into(),
+            split: Split::Train,
+            context: "the cat sat on the mat.".into(),
+            target: " a dog ran!".into(),
+        },
+        Example {
+            task: Task::OpenEnded,
+            document: "e".into(),
+            split: Split::Train,
+            context: String::new(),
+            target: "what did the cat see?".into(),
+        },
+    ];
+    let encoded = encode_examples(&examples, &tok, "<|endoftext|>", 64).unwrap();
+    let refs: Vec<&Encoded> = encoded.iter().collect();
+    let batch = TokenBatch::new(&refs);
+    let seq = batch.seq;
+    assert_eq!(seq, encoded.iter().map(Encoded::input_len).max().unwrap());
+    for (r, (e, ex)) in encoded.iter().zip(&examples).enumerate() {
+        let row = |v: &Vec<f32>| v[r * seq..(r + 1) * seq].to_vec();
+        let padding = &batch.padding[r * seq..(r + 1) * seq];
+        // Padding exactly after the row's input length.
+        assert_eq!(padding.iter().filter(|p| !**p).count(), e.input_len());
+        assert!(padding[..e.input_len()].iter().all(|p| !p));
+        // Context positions hold exactly the context's tokens.
+        let context: Vec<u32> = (0..seq)
+            .filter(|&t| row(&batch.context_mask)[t] > 0.0)
+            .map(|t| batch.tokens[r * seq + t] as u32)
+            .collect();
+        assert_eq!(context, tok.encode(&ex.context).unwrap());
+        // Scored targets are exactly the target's tokens and its EOS.
+        let scored: Vec<u32> = (0..seq)
+            .filter(|&t| row(&batch.target_mask)[t] > 0.0)
+            .map(|t| batch.targets[r * seq + t] as u32)
+            .collect();
+        let mut want = tok.encode(&ex.target).unwrap();
+        want.push(eos);
+        assert_eq!(scored, want);
+        assert_eq!(scored.len(), e.n_targets());
+        // No scored target is readable at or before its own position, and the context (what the
+        // prior reads) ends before the first scored target is an input.
+        for t in 0..seq {
+            if row(&batch.target_mask)[t] > 0.0 {
+                assert_eq!(
+                    batch.targets[r * seq + t],
+                    batch.tokens[r * seq + t + 1].max(0)
+                );
+                for u in 0..=t {
+                    assert!(row(&batch.context_mask)[u] == 0.0 || u <= e.context_len);
+                }
+                assert!(t >= e.context_len, "target at {t} inside the context");
+            }
+        }
+    }
+}
+
+#[test]
+fn long_rows_are_truncated_within_the_budget() {
+    let tok = tokenizer();
+    let long = "the cat sat on the mat. ".repeat(20);
+    let examples = vec![Example {
+        task: Task::Story,
+        document: "d".into(),
+        split: Split::Train,
+        context: long.clone(),
+        target: long,
+    }];
+    let e = &encode_examples(&examples, &tok, "<|endoftext|>", 16).unwrap()[0];
+    assert_eq!(e.input_len(), 16);
+    assert_eq!(e.context_len, 16 / 4);
+    let eos = tok.token_to_id("<|endoftext|>").unwrap();
+    assert_ne!(*e.tokens.last().unwrap(), eos, "a cut target loses its EOS");
+    assert!(encode_examples(&examples, &tok, "<eos>", 16).is_err());
+}
+
+#[test]
+fn epoch_batches_cover_every_example_once_deterministically() {
+    let lengths: Vec<usize> = (0..103).map(|i| (i * 37) % 50).collect();
+    let a = epoch_batches(&lengths, 8, 1, 0);
+    assert_eq!(a, epoch_batches(&lengths, 8, 1, 0));
+    assert_ne!(a, epoch_batches(&lengths, 8, 1, 1));
+    let mut all: Vec<usize> = a.iter().flatten().copied().collect();
+    all.sort();
+    assert_eq!(all, (0..103).collect::<Vec<_>>());
+    assert!(a.iter().all(|b| b.len() <= 8));
+}
+
+#[test]
+fn learning_rate_warms_up_then_follows_the_cosine() {
+    let c = OptimConfig {
+        steps: 110,
+        lr: 1.0,
+        warmup_steps: 10,
+        min_lr_ratio: 0.1,
+        ..OptimConfig::default()
+    };
+    assert!((learning_rate(&c, 0) - 0.1).abs() < 1e-12);
+    assert!((learning_rate(&c, 9) - 1.0).abs() < 1e-12);
+    assert!((learning_rate(&c, 10) - 1.0).abs() < 1e-12);
+    let mid = 10 + 99 / 2; // p ≈ 0.5 → 0.1 + 0.9 · (1 + cos(π·49.5/99))/2 ≈ 0.55
+    let p = 49.0 / 99.0;
+    let want = 0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * p).cos());
+    assert!((learning_rate(&c, mid as u64) - want).abs() < 1e-12);
+    assert!((learning_rate(&c, 109) - 0.1).abs() < 1e-12);
+}
+
+#[test]
+fn the_loop_drives_the_loss_down_on_a_synthetic_task() {
+    let _rng = rng_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let train = synthetic(64, 0);
+    let valid = synthetic(8, 1000);
+    let (model, manifest) = joint(
+        ChorusConfig {
+            d_latent: 0,
+            ..ChorusConfig::default()
+        },
+        0,
+    );
+    let summary = fit(
+        model,
+        manifest,
+        &train,
+        &valid,
+        &optim(60),
+        dir.path(),
+        false,
+    )
+    .unwrap();
+    let rows: Vec<f64> = metric_rows(dir.path())
+        .iter()
+        .filter(|r| r["kind"] == "train")
+        .map(|r| r["nll_per_token"].as_f64().unwrap())
+        .collect();
+    let (first, last) = (rows[0], *rows.last().unwrap());
+    assert!(first > 2.5, "starts near log(24) ≈ 3.2: {first}");
+    assert!(last < 0.6 * first, "loss {first} → {last}");
+    let (_, best) = summary.best_valid_nll.unwrap();
+    assert!(best < 0.7 * (VOCAB as f64).ln(), "valid NLL {best}");
+    // The CSV mirrors the JSONL.
+    let csv = std::fs::read_to_string(dir.path().join("metrics.csv")).unwrap();
+    assert!(csv.starts_with("step,kind,lr,loss"));
+    assert_eq!(csv.lines().count(), 1 + metric_rows(dir.path()).len());
+}
+
+#[test]
+fn resume_is_bit_identical_to_an_uninterrupted_run() {
+    let _rng = rng_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let train = synthetic(24, 0);
+    let valid = synthetic(4, 500);
+    let optim = OptimConfig {
+        checkpoint_every: 3,
+        keep_last: 5,
+        accumulation: 2,
+        ..optim(6)
+    };
+    let config = z_config();
+    let (model, manifest) = joint(config.clone(), 1);
+    fit(
+        model,
+        manifest.clone(),
+        &train,
+        &valid,
+        &optim,
+        dir.path(),
+        false,
+    )
+    .unwrap();
+    let steps: Vec<u64> = list_checkpoints(dir.path()).iter().map(|c| c.0).collect();
+    assert_eq!(steps, vec![3, 6]);
+    let final_dir = latest_checkpoint(dir.path()).unwrap();
+    let uninterrupted = parameters(&final_dir);
+    // "Crash" after step 3: the later checkpoint never happened.
+    std::fs::remove_dir_all(&final_dir).unwrap();
+    // A fresh model (other random init) resumes from step 3.
+    let (fresh, _) = joint(config, 1);
+    let summary = fit(fresh, manifest, &train, &valid, &optim, dir.path(), true).unwrap();
+    assert_eq!(summary.steps, 6);
+    let resumed_dir = latest_checkpoint(dir.path()).unwrap();
+    // Bitwise equal parameters after 3 more steps also means the AdamW moments, the data order,
+    // the z noise and the schedules were restored exactly (the optimizer file itself is a hash map
+    // serialised in arbitrary order, so its bytes are not compared).
+    let resumed = parameters(&resumed_dir);
+    assert_eq!(resumed.len(), uninterrupted.len());
+    assert!(resumed == uninterrupted, "parameters differ after resume");
+    // And the run did move: step 3's parameters are different.
+    assert!(parameters(&dir.path().join("checkpoints/step-00000003")) != resumed);
+    // The metrics were rewritten, not duplicated.
+    let steps: Vec<u64> = metric_rows(dir.path())
+        .iter()
+        .filter(|r| r["kind"] == "train")
+        .map(|r| r["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, vec![5, 6]);
+}
+
+#[test]
+fn interrupted_or_truncated_checkpoints_never_replace_the_last_good_one() {
+    let _rng = rng_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let train = synthetic(16, 0);
+    let valid = synthetic(4, 500);
+    let optim = OptimConfig {
+        checkpoint_every: 2,
+        ..optim(2)
+    };
+    let (model, manifest) = joint(z_config(), 1);
+    fit(model, manifest, &train, &valid, &optim, dir.path(), false).unwrap();
+    let good = latest_checkpoint(dir.path()).unwrap();
+    // Killed between the temp write and the rename: a partial temp directory is left behind.
+    let partial = dir.path().join("checkpoints/.tmp-step-00000004");
+    std::fs::create_dir_all(&partial).unwrap();
+    std::fs::write(partial.join("model.mpk"), b"partial").unwrap();
+    assert_eq!(latest_checkpoint(dir.path()).unwrap(), good);
+    load_chorus::<B>(&good, &Default::default()).unwrap();
+    // A truncated file inside a checkpoint is a clear error naming it.
+    let model_file = good.join("model.mpk");
+    let bytes = std::fs::read(&model_file).unwrap();
+    std::fs::write(&model_file, &bytes[..bytes.len() / 2]).unwrap();
+    let err = read_state(&good).unwrap_err().to_string();
+    assert!(
+        err.contains("model.mpk") && err.contains("truncated"),
+        "{err}"
+    );
+    let err = load_chorus::<B>(&good, &Default::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("truncated"), "{err}");
+    // Without state.json (never committed), a directory is not a checkpoint.
+    std::fs::remove_file(good.join("state.json")).unwrap();
+    assert!(
+        read_state(&good)
+            .unwrap_err()
+            .to_string()
+            .contains("incomplete")
+    );
+}
+
+#[test]
+fn a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint() {
+    let _rng = rng_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let train = synthetic(16, 0);
+    let optim = OptimConfig {
+        lr: 1e30,
+        warmup_steps: 0,
+        grad_clip: 0.0,
+        checkpoint_every: 1,
+        keep_last: 10,
+        ..optim(20)
+    };
+    let (model, manifest) = joint(
+        ChorusConfig {
+            d_latent: 0,
+            ..ChorusConfig::default()
+        },
+        0,
+    );
+    let err = fit(model, manifest, &train, &[], &optim, dir.path(), false).unwrap_err();
+    let TrainError::NonFinite {
+        step, last_good, ..
+    } = &err
+    else {
+        panic!("expected NonFinite, got {err}");
+    };
+    let message = err.to_string();
+    assert!(message.contains("non-finite"), "{message}");
+    let last_good = last_good.as_ref().expect("a checkpoint was written before");
+    assert_eq!(read_state(last_good).unwrap().step, *step);
+    assert_eq!(latest_checkpoint(dir.path()).unwrap(), *last_good);
+}
+
+#[test]
+fn score_cache_round_trips_and_rejects_other_data() {
+    let _rng = rng_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let device = Default::default();
+    let data = synthetic(10, 0);
+    let lm = llama(VOCAB).init::<B>(&device).unwrap();
+    let fp = crate::scores::fingerprint(&data, &["a".into()]);
+    score_assistants(
+        std::slice::from_ref(&lm),
+        &data,
+        &fp,
+        3,
+        dir.path(),
+        &device,
+        |_| {},
+    )
+    .unwrap();
+    let cache = ScoreCache::open(dir.path(), &fp).unwrap();
+    // The cached values equal a direct forward pass.
+    let refs: Vec<&Encoded> = data.iter().collect();
+    let batch = TokenBatch::new(&refs).to_device::<B>(&device);
+    let logits = lm
+        .forward(
+            chorus_lm::LmInput::new(batch.tokens.clone()).with_padding(batch.padding),
+            None,
+        )
+        .unwrap()
+        .logits;
+    let direct = chorus_elbo::token_log_probs(logits, batch.targets)
+        .into_data()
+        .to_vec::<f32>()
+        .unwrap();
+    let seq = batch.tokens.dims()[1];
+    for (i, e) in data.iter().enumerate() {
+        let cached = cache.example(i).unwrap();
+        assert_eq!(cached.len(), e.input_len());
+        for (t, v) in cached.iter().enumerate() {
+            let d = direct[i * seq + t];
+            assert!(
+                (v - d).abs() < 1e-4 * d.abs().max(1.0),
+                "{i} {t}: {v} vs {d}"
+            );
+        }
+    }
+    let other = crate::scores::fingerprint(&synthetic(10, 1), &["a".into()]);
+    let err = ScoreCache::open(dir.path(), &other)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("rerun `chorus score`"), "{err}");
+    // A truncated data file is caught.
+    let data_file = dir.path().join("scores.f32");
+    let bytes = std::fs::read(&data_file).unwrap();
+    std::fs::write(&data_file, &bytes[..bytes.len() - 4]).unwrap();
+    assert!(
+        ScoreCache::open(dir.path(), &fp)
+            .unwrap_err()
+            .to_string()
+            .contains("truncated")
+    );
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+#[test]
+fn bad_configs_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = "tokenizer = \"t.json\"\nbase = \"b\"\n";
+    let load = |text: &str, sets: &[&str]| {
+        let p = write(dir.path(), "c.toml", text);
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        load_config::<TrainConfig>(Some(&p), &sets)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string()
+    };
+    let e = load(&format!("{base}[train]\nlrr = 1e-3\n"), &[]);
+    assert!(
+        e.contains("c.toml") && e.contains("unknown field `lrr`"),
+        "{e}"
+    );
+    let e = load(base, &["train.lr=-1"]);
+    assert!(e.contains("train.lr = -1"), "{e}");
+    let e = load(
+        &format!("{base}[chorus.kl_schedule]\nkind = \"constant\"\nbeta = -0.5\n"),
+        &[],
+    );
+    assert!(e.contains("beta = -0.5"), "{e}");
+    let e = load(
+        &format!(
+            "{base}[chorus.kl_schedule]\nkind = \"cyclical\"\ntotal_steps = 10\nn_cycles = 2\nratio = 1.5\n"
+        ),
+        &[],
+    );
+    assert!(e.contains("ratio"), "{e}");
+    let e = load(base, &["data.batch_size=0"]);
+    assert!(e.contains("batch_size"), "{e}");
+    let e = load(base, &["train.steps"]);
+    assert!(e.contains("key.path=value"), "{e}");
+    let e = load(&format!("{base}[train]\nsteps = \"many\"\n"), &[]);
+    assert!(e.contains("steps"), "{e}");
+    // Overrides reach nested tables, with TOML-typed values.
+    let p = write(dir.path(), "ok.toml", base);
+    let c: TrainConfig = load_config(
+        Some(&p),
+        &[
+            "train.lr=0.5".into(),
+            "chorus.d_latent=0".into(),
+            "data.tasks=[\"story\"]".into(),
+        ],
+    )
+    .unwrap();
+    assert_eq!(
+        (c.train.lr, c.chorus.d_latent, c.data.tasks),
+        (0.5, 0, vec![Task::Story])
+    );
+}
+
+#[test]
+fn vocab_mismatch_and_missing_corpus_are_clear_errors() {
+    let _rng = rng_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let device = Default::default();
+    let tok = tokenizer();
+    tok.save(dir.path().join("tokenizer.json")).unwrap();
+    // Pre-training a model whose vocabulary is not the tokenizer's.
+    let p = write(
+        dir.path(),
+        "pre.toml",
+        &format!(
+            "tokenizer = {:?}\n[model]\nfamily = \"llama\"\nvocab_size = 100\nd_model = 16\nn_layers = 1\nn_heads = 2\nn_kv_heads = 1\nd_ff = 32\nmax_seq_len = 32\n",
+            dir.path().join("tokenizer.json")
+        ),
+    );
+    let config: PretrainConfig = load_config(Some(&p), &[]).unwrap();
+    let err = crate::pretrain::<AD>(&config, &dir.path().join("out"), false, &device)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("model.vocab_size") && err.contains("100"),
+        "{err}"
+    );
+    // With the right vocabulary but an empty corpus cache.
+    let vocab = tok.vocab_size();
+    let config: PretrainConfig = load_config(
+        Some(&p),
+        &[
+            format!("model.vocab_size={vocab}"),
+            format!(
+                "data.cache={:?}",
+                dir.path().join("empty-cache").display().to_string()
+            ),
+        ],
+    )
+    .unwrap();
+    let err = crate::pretrain::<AD>(&config, &dir.path().join("out"), false, &device)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("chorus data fetch"), "{err}");
+    // A base and an assistant with different vocabularies.
+    llama(vocab)
+        .init::<B>(&device)
+        .unwrap()
+        .save(dir.path().join("base"))
+        .unwrap();
+    llama(vocab + 5)
+        .init::<B>(&device)
+        .unwrap()
+        .save(dir.path().join("assistant"))
+        .unwrap();
+    let t = write(
+        dir.path(),
+        "joint.toml",
+        &format!(
+            "tokenizer = {:?}\nbase = {:?}\nassistants = [{:?}]\n",
+            dir.path().join("tokenizer.json"),
+            dir.path().join("base"),
+            dir.path().join("assistant"),
+        ),
+    );
+    let config: TrainConfig = load_config(Some(&t), &[]).unwrap();
+    let err = crate::train::<AD>(&config, &dir.path().join("out2"), false, &device)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("vocabular"), "{err}");
+}
+
+/// Guards the workspace's burn-ndarray feature choice: with its `simd` feature, f32 `recip` (used
+/// by the backward of `log` and `/`) is approximate on the aligned part of a buffer, and gradients
+/// change from call to call.
+#[test]
+fn gradients_are_bitwise_reproducible() {
+    let _rng = rng_lock();
+    let device = Default::default();
+    let (model, _) = joint(z_config(), 1);
+    let train = synthetic(8, 0);
+    let refs: Vec<&Encoded> = train.iter().collect();
+    let batch = TokenBatch::new(&refs).to_device::<AD>(&device);
+    let embedding = match &model.base {
+        Lm::Llama(m) => m.embed_tokens.weight.clone(),
+        Lm::Gpt2(_) => unreachable!("a llama base"),
+    };
+    let grads: Vec<Vec<f32>> = (0..3)
+        .map(|_| {
+            AD::seed(&device, 1);
+            let loss = model.forward_elbo(&batch, 0).unwrap().terms.loss;
+            let g = burn::optim::GradientsParams::from_grads(loss.backward(), &model);
+            g.get::<B, 2>(embedding.id)
+                .unwrap()
+                .into_data()
+                .to_vec::<f32>()
+                .unwrap()
+        })
+        .collect();
+    assert!(grads[0] == grads[1] && grads[1] == grads[2]);
+}
