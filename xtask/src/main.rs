@@ -1,34 +1,486 @@
 //! `cargo xtask <task>`: project automation.
 //!
-//! Tasks land with the issues that need them; asking for one that has not landed is an error
-//! that says so, never a silent success.
+//! `cargo xtask train` runs the whole recipe through the `chorus` binary: fetch the corpora, train
+//! a tokenizer, pre-train a base and two domain experts, score the experts once, train the joint
+//! model and its ablations, evaluate everything on the test split and print the comparison table.
+//! Independent steps run two at a time (burn's CPU backend mostly uses one core per process).
 
-use anyhow::{Result, bail};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Instant;
 
-const TASKS: &[(&str, &str)] = &[
-    (
-        "train",
-        "fetch data → pretrain experts → train the joint model → evaluate (not implemented yet)",
-    ),
-    (
-        "fetch-data",
-        "download and verify the corpora into $CHORUS_CACHE (not implemented yet)",
-    ),
-];
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(about = "chorus project automation")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Preset {
+    /// Small models and short runs: about 15 minutes on a 2-core CPU.
+    Cpu,
+    /// Larger models, longer runs and 100 IW samples, on CUDA (builds with `--features cuda`).
+    Gpu,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// fetch data → tokenizer → pretrain base + experts → score → train joint model and
+    /// ablations → evaluate → print the comparison table.
+    Train {
+        /// Where everything goes.
+        #[arg(long, default_value = "out")]
+        out: PathBuf,
+        /// Scale of the run.
+        #[arg(long, value_enum, default_value_t = Preset::Cpu)]
+        preset: Preset,
+    },
+    /// Download and verify the corpora into $CHORUS_CACHE (default ~/.cache/chorus).
+    FetchData,
+}
 
 fn main() -> Result<()> {
-    let task = std::env::args().nth(1);
-    match task.as_deref() {
-        None | Some("help" | "--help" | "-h") => {
-            println!("usage: cargo xtask <task>\n\ntasks:");
-            for (name, what) in TASKS {
-                println!("  {name:<12} {what}");
-            }
-            Ok(())
+    match Cli::parse().task {
+        Task::Train { out, preset } => train(&out, preset),
+        Task::FetchData => {
+            let chorus = build(Preset::Cpu)?;
+            run_now(&chorus, &["data", "fetch"])
         }
-        Some(name) if TASKS.iter().any(|(n, _)| *n == name) => {
-            bail!("`cargo xtask {name}` is not implemented yet: it arrives with the training issue")
-        }
-        Some(other) => bail!("unknown task `{other}`; run `cargo xtask help`"),
     }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+/// Builds the `chorus` binary and returns its path. The CPU preset uses the dev profile (whose
+/// chorus-cli and dependencies are optimised) so it shares the test build.
+fn build(preset: Preset) -> Result<PathBuf> {
+    let root = workspace_root();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(&root).args(["build", "-p", "chorus-cli"]);
+    if preset == Preset::Gpu {
+        cmd.args(["--release", "--features", "cuda"]);
+    }
+    eprintln!("xtask: building chorus ({preset:?} preset)");
+    let status = cmd.status().context("running cargo build")?;
+    if !status.success() {
+        bail!("cargo build -p chorus-cli failed");
+    }
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root.join("target"));
+    let profile = if preset == Preset::Gpu {
+        "release"
+    } else {
+        "debug"
+    };
+    Ok(target.join(profile).join("chorus"))
+}
+
+fn run_now(chorus: &Path, args: &[&str]) -> Result<()> {
+    let status = Command::new(chorus)
+        .args(args)
+        .status()
+        .with_context(|| format!("running {}", chorus.display()))?;
+    if !status.success() {
+        bail!("chorus {} failed", args.join(" "));
+    }
+    Ok(())
+}
+
+/// One `chorus` invocation, logged to `<out>/logs/<name>.log`, skipped when `output` exists (a
+/// rerun picks up where a previous one stopped; delete the output directory to start over).
+struct Step {
+    name: &'static str,
+    args: Vec<String>,
+    output: PathBuf,
+}
+
+fn step(name: &'static str, mut args: Vec<String>, sets: &[String], output: PathBuf) -> Step {
+    for s in sets {
+        args.push("--set".into());
+        args.push(s.clone());
+    }
+    Step { name, args, output }
+}
+
+/// Runs lanes of steps concurrently; the steps of one lane run in order. Stops at the first
+/// failure with the tail of its log.
+fn run_lanes(chorus: &Path, out: &Path, lanes: Vec<Vec<Step>>) -> Result<()> {
+    let logs = out.join("logs");
+    std::fs::create_dir_all(&logs)?;
+    let started = Instant::now();
+    let mut lanes: Vec<std::vec::IntoIter<Step>> = lanes.into_iter().map(Vec::into_iter).collect();
+    let mut running: Vec<Option<(Child, &'static str, Instant, PathBuf)>> =
+        (0..lanes.len()).map(|_| None).collect();
+    loop {
+        let mut busy = false;
+        for (lane, slot) in running.iter_mut().enumerate() {
+            if let Some((child, name, t0, log)) = slot {
+                match child.try_wait()? {
+                    None => {
+                        busy = true;
+                        continue;
+                    }
+                    Some(status) => {
+                        let (name, t0, log) = (*name, *t0, log.clone());
+                        *slot = None;
+                        if !status.success() {
+                            let text = std::fs::read_to_string(&log).unwrap_or_default();
+                            let tail: Vec<&str> = text.lines().rev().take(15).collect();
+                            for line in tail.iter().rev() {
+                                eprintln!("  | {line}");
+                            }
+                            bail!("step `{name}` failed; full log: {}", log.display());
+                        }
+                        eprintln!(
+                            "xtask: done  {name} in {:.0} s (at {:.0} s)",
+                            t0.elapsed().as_secs_f64(),
+                            started.elapsed().as_secs_f64()
+                        );
+                    }
+                }
+            }
+            let mut upcoming = lanes[lane].next();
+            while let Some(next) = upcoming.take_if(|s| s.output.exists()) {
+                eprintln!(
+                    "xtask: skip  {} ({} exists)",
+                    next.name,
+                    next.output.display()
+                );
+                upcoming = lanes[lane].next();
+            }
+            if let Some(next) = upcoming {
+                let log = logs.join(format!("{}.log", next.name));
+                let file = std::fs::File::create(&log)?;
+                eprintln!("xtask: start {} (log {})", next.name, log.display());
+                let child = Command::new(chorus)
+                    .args(&next.args)
+                    .stdout(Stdio::from(file.try_clone()?))
+                    .stderr(Stdio::from(file))
+                    .spawn()
+                    .with_context(|| format!("starting {}", chorus.display()))?;
+                *slot = Some((child, next.name, Instant::now(), log));
+                busy = true;
+            }
+        }
+        if !busy {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+fn train(out: &Path, preset: Preset) -> Result<()> {
+    let started = Instant::now();
+    let chorus = build(preset)?;
+    let build_s = started.elapsed().as_secs_f64();
+    std::fs::create_dir_all(out)?;
+    let p = |rel: &str| out.join(rel).display().to_string();
+    let device: &[&str] = match preset {
+        Preset::Cpu => &[],
+        Preset::Gpu => &["--device", "cuda"],
+    };
+    // Preset knobs: (pretrain steps base/expert, joint steps, IW samples, examples per task for
+    // joint training, test examples per task, model overrides).
+    let (base_steps, expert_steps, joint_steps, iw, joint_examples, test_examples) = match preset {
+        Preset::Cpu => (350, 200, 150, 10, 1000, 100),
+        Preset::Gpu => (5000, 3000, 3000, 100, 0, 0),
+    };
+    let scale: Vec<String> = match preset {
+        Preset::Cpu => Vec::new(),
+        Preset::Gpu => [
+            "model.d_model=512",
+            "model.n_layers=8",
+            "model.n_heads=8",
+            "model.n_kv_heads=4",
+            "model.d_ff=1536",
+            "model.max_seq_len=256",
+            "data.max_seq_len=256",
+            "data.batch_size=32",
+            "data.max_train_examples=0",
+        ]
+        .map(String::from)
+        .to_vec(),
+    };
+    let with = |mut sets: Vec<String>, extra: &[String]| {
+        sets.extend_from_slice(extra);
+        sets
+    };
+    let tokenizer = format!("tokenizer={:?}", p("tokenizer.json"));
+    let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let pretrain = |name: &'static str, config: &str, dir: &str, steps: u64| {
+        let mut args = strings(&["pretrain", "--config", config, "--out", &p(dir)]);
+        args.extend(strings(device));
+        step(
+            name,
+            args,
+            &with(
+                vec![tokenizer.clone(), format!("train.steps={steps}")],
+                &scale,
+            ),
+            out.join(dir).join("lm").join("config.json"),
+        )
+    };
+
+    eprintln!("xtask: 1/5 corpora and tokenizer");
+    run_now(&chorus, &["data", "fetch"])?;
+    if !out.join("tokenizer.json").is_file() {
+        run_now(
+            &chorus,
+            &[
+                "data",
+                "tokenizer",
+                "--vocab-size",
+                "4096",
+                "--out",
+                &p("tokenizer.json"),
+            ],
+        )?;
+    }
+
+    eprintln!("xtask: 2/5 pre-training the base and two experts");
+    run_lanes(
+        &chorus,
+        out,
+        vec![
+            vec![pretrain(
+                "pretrain-base",
+                "configs/base.toml",
+                "base",
+                base_steps,
+            )],
+            vec![
+                pretrain(
+                    "pretrain-story",
+                    "configs/expert-story.toml",
+                    "expert-story",
+                    expert_steps,
+                ),
+                pretrain(
+                    "pretrain-dialogue",
+                    "configs/expert-dialogue.toml",
+                    "expert-dialogue",
+                    expert_steps,
+                ),
+            ],
+        ],
+    )?;
+
+    let models = vec![
+        tokenizer.clone(),
+        format!("base={:?}", p("base/lm")),
+        format!(
+            "assistants=[{:?}, {:?}]",
+            p("expert-story/lm"),
+            p("expert-dialogue/lm")
+        ),
+        format!("data.max_train_examples={joint_examples}"),
+        format!("train.steps={joint_steps}"),
+    ];
+    let scale_joint: Vec<String> = scale
+        .iter()
+        .filter(|s| s.starts_with("data."))
+        .cloned()
+        .collect();
+    let joint_sets = with(models.clone(), &scale_joint);
+    let scores = format!("scores={:?}", p("scores"));
+    let train = |name: &'static str, dir: &str, extra: &[&str]| {
+        let mut args = strings(&["train", "--config", "configs/joint.toml", "--out", &p(dir)]);
+        args.extend(strings(device));
+        step(
+            name,
+            args,
+            &with(joint_sets.clone(), &strings(extra)),
+            out.join(dir).join("summary.json"),
+        )
+    };
+
+    eprintln!("xtask: 3/5 scoring the experts once");
+    let mut score_args = strings(&[
+        "score",
+        "--config",
+        "configs/joint.toml",
+        "--out",
+        &p("scores"),
+    ]);
+    score_args.extend(strings(device));
+    let scored = out.join("scores/valid/scores.json");
+    run_lanes(
+        &chorus,
+        out,
+        vec![vec![step("score", score_args, &joint_sets, scored)]],
+    )?;
+
+    eprintln!("xtask: 4/5 training the joint model and its ablations");
+    let single = [
+        "assistants=[]",
+        "chorus.d_latent=0",
+        "train.selector_init_steps=0",
+    ];
+    let vae = ["assistants=[]", "train.selector_init_steps=0"];
+    run_lanes(
+        &chorus,
+        out,
+        vec![
+            vec![
+                match preset {
+                    // Assistants read z only with their adapters; on CPU they skip them so
+                    // their log-probs come from the score cache (3x cheaper steps).
+                    Preset::Cpu => train(
+                        "train-joint",
+                        "joint",
+                        &[scores.as_str(), "chorus.assistant_adapters=false"],
+                    ),
+                    Preset::Gpu => train("train-joint", "joint", &[]),
+                },
+                train("train-base-finetuned", "base-finetuned", &single),
+            ],
+            vec![
+                train(
+                    "train-co-llm",
+                    "co-llm",
+                    &[scores.as_str(), "chorus.d_latent=0"],
+                ),
+                train("train-vae", "vae", &vae),
+            ],
+        ],
+    )?;
+
+    eprintln!("xtask: 5/5 evaluating on the test split");
+    let eval = |name: &'static str, models: &[(&str, String)]| {
+        let json = p(&format!("{name}.json"));
+        let mut args: Vec<String> = vec!["eval".into()];
+        for (label, path) in models {
+            args.push("--model".into());
+            args.push(format!("{label}={path}"));
+        }
+        args.extend(
+            [
+                "--split",
+                "test",
+                "--iw-samples",
+                &iw.to_string(),
+                "--max-examples",
+                &test_examples.to_string(),
+                "--json",
+                &json,
+            ]
+            .map(String::from),
+        );
+        args.extend(device.iter().map(|s| s.to_string()));
+        args.extend(
+            scale_joint
+                .iter()
+                .flat_map(|s| ["--set".to_string(), s.clone()]),
+        );
+        Step {
+            name,
+            args,
+            output: PathBuf::from(json),
+        }
+    };
+    let best = |d: &str| p(&format!("{d}/checkpoints/best"));
+    run_lanes(
+        &chorus,
+        out,
+        vec![
+            vec![
+                eval("eval-joint", &[("joint", best("joint"))]),
+                eval(
+                    "eval-singles",
+                    &[
+                        ("base", p("base/lm")),
+                        ("story expert", p("expert-story/lm")),
+                        ("dialogue expert", p("expert-dialogue/lm")),
+                        ("base fine-tuned", best("base-finetuned")),
+                    ],
+                ),
+            ],
+            vec![
+                eval("eval-vae", &[("VAE", best("vae"))]),
+                eval("eval-co-llm", &[("Co-LLM", best("co-llm"))]),
+            ],
+        ],
+    )?;
+
+    let mut rows = Vec::new();
+    for name in ["eval-singles", "eval-co-llm", "eval-vae", "eval-joint"] {
+        let path = out.join(format!("{name}.json"));
+        let report: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?,
+        )?;
+        rows.extend(report["rows"].as_array().cloned().unwrap_or_default());
+    }
+    let table = comparison_table(&rows);
+    let wall = started.elapsed().as_secs_f64();
+    let summary = format!(
+        "# chorus: `cargo xtask train --preset {}`\n\nTest split, {} examples per task, IW-NLL with {iw} samples of z for z models; \
+         NLL in nats per target token of the shared 4096-token BPE (EOS included, context not scored).\n\n{table}\n\
+         Wall time: {wall:.0} s in all ({build_s:.0} s building chorus).\n",
+        match preset {
+            Preset::Cpu => "cpu",
+            Preset::Gpu => "gpu",
+        },
+        if test_examples == 0 {
+            "all".to_string()
+        } else {
+            test_examples.to_string()
+        },
+    );
+    std::fs::write(out.join("results.md"), &summary)?;
+    println!("{summary}");
+    println!(
+        "Outputs in {}: results.md (this table), eval-*.json, logs/, and per model: checkpoints/ (best/ is the model), metrics.jsonl, metrics.csv.",
+        out.display()
+    );
+    Ok(())
+}
+
+/// Rows grouped by task, with each row's NLL difference to the best single model of that task.
+fn comparison_table(rows: &[serde_json::Value]) -> String {
+    let singles = ["base", "story expert", "dialogue expert", "base fine-tuned"];
+    let mut s = String::from(
+        "| task | model | NLL/token | PPL | Δ NLL vs best single | KL | MI | AU | deferral |\n|---|---|---|---|---|---|---|---|---|\n",
+    );
+    let mut tasks: Vec<&str> = rows.iter().filter_map(|r| r["task"].as_str()).collect();
+    tasks.sort();
+    tasks.dedup();
+    for task in tasks {
+        let of_task: Vec<&serde_json::Value> = rows.iter().filter(|r| r["task"] == task).collect();
+        let best_single = of_task
+            .iter()
+            .filter(|r| singles.contains(&r["model"].as_str().unwrap_or("")))
+            .filter_map(|r| r["nll"].as_f64())
+            .fold(f64::INFINITY, f64::min);
+        for r in of_task {
+            let nll = r["nll"].as_f64().unwrap_or(f64::NAN);
+            let opt = |k: &str| r[k].as_f64().map_or("–".to_string(), |v| format!("{v:.3}"));
+            s.push_str(&format!(
+                "| {task} | {} | {nll:.4} | {:.1} | {:+.4} | {} | {} | {} | {} |\n",
+                r["model"].as_str().unwrap_or("?"),
+                nll.exp(),
+                nll - best_single,
+                opt("kl"),
+                opt("mi"),
+                r["active_units"]
+                    .as_u64()
+                    .map_or("–".to_string(), |v| v.to_string()),
+                r["deferral"]
+                    .as_f64()
+                    .map_or("–".to_string(), |v| format!("{:.1} %", 100.0 * v)),
+            ));
+        }
+    }
+    s
 }

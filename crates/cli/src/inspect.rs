@@ -11,6 +11,9 @@ pub fn run<B: Backend>(path: &Path, device: &B::Device) -> Result<()> {
     if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
         return gguf::<B>(path, device);
     }
+    if path.join("chorus.json").is_file() {
+        return joint::<B>(path, device);
+    }
     if !path.is_dir() {
         bail!(
             "{}: expected a .gguf file or a model directory",
@@ -44,6 +47,54 @@ pub fn run<B: Backend>(path: &Path, device: &B::Device) -> Result<()> {
         );
     } else {
         println!("{:<14}none in the directory", "tokenizer");
+    }
+    Ok(())
+}
+
+/// A joint-model checkpoint: its models, the chorus switches, parameter counts and training state.
+fn joint<B: Backend>(path: &Path, device: &B::Device) -> Result<()> {
+    let (model, manifest, tokenizer, state) = chorus_train::load_chorus::<B>(path, device)?;
+    println!("{:<14}{} (chorus joint checkpoint)", "path", path.display());
+    let roles = std::iter::once(("base", &model.base))
+        .chain(model.assistants.iter().map(|a| ("assistant", a)));
+    for (i, (role, lm)) in roles.enumerate() {
+        let source = manifest.sources.get(i).map_or("", String::as_str);
+        println!("\nmodel {i} ({role}) from {source}");
+        describe(&lm.config(), lm.num_params());
+    }
+    let total = Module::num_params(&model);
+    let members: usize = model.base.num_params()
+        + model
+            .assistants
+            .iter()
+            .map(|a| a.num_params())
+            .sum::<usize>();
+    println!();
+    println!(
+        "{:<14}{}",
+        "chorus",
+        serde_json::to_string(&manifest.chorus)?
+    );
+    println!(
+        "{:<14}{total} total, {} in latent/selector/adapters",
+        "parameters",
+        total - members
+    );
+    println!(
+        "{:<14}{} tokens ({})",
+        "tokenizer",
+        tokenizer.vocab_size(),
+        tokenizer.source()
+    );
+    println!(
+        "{:<14}step {} of {}, seed {}, {} target tokens seen",
+        "training", state.step, state.total_steps, state.seed, state.tokens_seen
+    );
+    if let Some((step, nll)) = state.best {
+        println!("{:<14}valid NLL/token {nll:.4} at step {step}", "best");
+    }
+    if let Some(nll) = state.valid_nll {
+        println!("{:<14}valid NLL/token {nll:.4} at this step", "validation");
     }
     Ok(())
 }

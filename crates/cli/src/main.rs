@@ -3,12 +3,15 @@
 mod data;
 mod device;
 mod embed;
+mod generate;
 mod inspect;
 mod reference;
+mod train;
 
 use std::path::PathBuf;
 
 use anyhow::Result;
+use chorus_data::Split;
 use clap::{Parser, Subcommand};
 
 use crate::device::DeviceSpec;
@@ -39,6 +42,30 @@ enum DataCommand {
         #[arg(long)]
         tokenizer: Option<PathBuf>,
     },
+    /// Train a byte-level BPE tokenizer (with `<|endoftext|>` as id 0) on the training split of
+    /// the three tasks, for models pre-trained from scratch.
+    ///
+    /// Example: chorus data tokenizer --vocab-size 4096 --out out/tokenizer.json
+    Tokenizer {
+        /// Tokens in the vocabulary, special tokens included.
+        #[arg(long, default_value_t = 4096)]
+        vocab_size: usize,
+        /// Where to write tokenizer.json.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// A TOML experiment config plus `--set key.path=value` overrides.
+#[derive(Debug, clap::Args)]
+struct ConfigArgs {
+    /// The experiment config (TOML; examples under configs/).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Override one config value, e.g. `--set train.lr=3e-4 --set data.tasks=["story"]`
+    /// (values in TOML syntax; bare words are strings).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -57,6 +84,151 @@ enum Command {
     Inspect {
         /// Checkpoint directory, Hugging Face directory or .gguf file.
         path: PathBuf,
+    },
+    /// Pre-train one LM from scratch on the configured tasks (a domain expert sharing the base's
+    /// tokenizer). Writes checkpoints, metrics.jsonl/.csv and the model to <out>/lm.
+    ///
+    /// Example: chorus pretrain --config configs/expert-story.toml --out out/story --set train.steps=500
+    Pretrain {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Continue from the newest checkpoint in <out>/checkpoints.
+        #[arg(long)]
+        resume: bool,
+    },
+    /// Compute the frozen assistants' per-token log-probs of the train and valid examples once
+    /// (Co-LLM's scoring step) and store them memory-mapped, for `train` with `scores = DIR`.
+    ///
+    /// Example: chorus score --config configs/joint.toml --out out/scores
+    Score {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Train the joint model (base + assistants + z + selector) by maximising the ELBO.
+    /// Writes checkpoints (keep-last-N + best), metrics.jsonl/.csv and summary.json.
+    ///
+    /// Example: chorus train --config configs/joint.toml --out out/joint --set chorus.d_latent=0
+    Train {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Continue exactly from the newest checkpoint in <out>/checkpoints.
+        #[arg(long)]
+        resume: bool,
+    },
+    /// Evaluate joint models (IW-NLL/PPL, KL, MI, AU, deferral rate) and single LMs (exact NLL/PPL)
+    /// per task on a split or a text file; prints one table, optionally writes JSON.
+    ///
+    /// Example: chorus eval --model joint=out/joint/checkpoints/best --model base=out/base/lm --split test --json out/eval.json
+    Eval {
+        /// NAME=PATH or PATH: a joint checkpoint directory (with chorus.json) or an LM (chorus
+        /// directory, Hugging Face directory or .gguf). Repeat to compare models in one table.
+        #[arg(long = "model", required = true)]
+        models: Vec<String>,
+        /// Data settings (the [data] table of a train config; optional).
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Which split of the tasks.
+        #[arg(long, default_value = "test", value_parser = parse_split)]
+        split: Split,
+        /// Evaluate on this plain-text file instead (as the open-ended task).
+        #[arg(long)]
+        text_file: Option<PathBuf>,
+        /// At most this many examples per task (0 = all).
+        #[arg(long, default_value_t = 200)]
+        max_examples: usize,
+        /// z samples per example for the importance-weighted bound.
+        #[arg(long, default_value_t = 100)]
+        iw_samples: usize,
+        /// Also evaluate each member of a joint model alone.
+        #[arg(long)]
+        members: bool,
+        /// Write the report as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Write text with a joint model: the selector picks the writer of each token, every model keeps
+    /// its own KV cache, and the output shows who wrote what (ANSI colours, --json, --html).
+    ///
+    /// Example: chorus generate --model out/joint/checkpoints/best "Once upon a time" --html story.html
+    Generate {
+        /// A joint checkpoint directory (e.g. out/joint/checkpoints/best).
+        #[arg(long)]
+        model: PathBuf,
+        /// The prompt (a story opening, a dialogue history, or nothing); `-` reads stdin.
+        prompt: Option<String>,
+        /// Read the prompt from this file.
+        #[arg(long)]
+        prompt_file: Option<PathBuf>,
+        /// Writer choice: sample, greedy, threshold[:η] (default; η from `chorus calibrate`) or mixture.
+        #[arg(long)]
+        strategy: Option<String>,
+        /// Where z comes from.
+        #[arg(long, value_enum, default_value_t = generate::ZSource::Prior)]
+        z: generate::ZSource,
+        /// Reference text(s) for `--z posterior` (one) or `--z interpolate` (two).
+        #[arg(long = "reference")]
+        references: Vec<String>,
+        /// Interpolation weight of the second reference.
+        #[arg(long, default_value_t = 0.5)]
+        alpha: f64,
+        /// Sampling temperature (0 = greedy tokens).
+        #[arg(long, default_value_t = 0.8)]
+        temperature: f64,
+        /// Keep the k most likely tokens (0 = all).
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        /// Nucleus sampling mass.
+        #[arg(long, default_value_t = 0.95)]
+        top_p: f64,
+        /// Seed for z, writers and tokens.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// New tokens at most.
+        #[arg(long, default_value_t = 64)]
+        max_tokens: usize,
+        /// Stop when the text contains this (repeatable).
+        #[arg(long)]
+        stop: Vec<String>,
+        /// Samples of the same prompt, decoded as one batch.
+        #[arg(long, default_value_t = 1)]
+        samples: usize,
+        /// Colour tokens by writer.
+        #[arg(long, value_enum, default_value_t = generate::Color::Auto)]
+        color: generate::Color,
+        /// Write tokens, writers and π as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Write a self-contained HTML page showing who wrote what.
+        #[arg(long)]
+        html: Option<PathBuf>,
+        /// How assistants follow the text: lazy (catch up in one batched step when needed),
+        /// eager (every token) or reencode (Co-LLM: re-read the whole prefix when needed).
+        #[arg(long, default_value = "lazy", value_parser = parse_update)]
+        assistant_update: chorus_model::AssistantUpdate,
+    },
+    /// Calibrate η of the threshold rule on the validation split (quantiles of the selector's
+    /// assistant probability, scored by hard-routing NLL) and store it next to the model.
+    ///
+    /// Example: chorus calibrate --model out/joint/checkpoints/best
+    Calibrate {
+        /// A joint checkpoint directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// Validation examples per task.
+        #[arg(long, default_value_t = 200)]
+        max_examples: usize,
+        /// Data settings (the [data] table of a train config).
+        #[command(flatten)]
+        config: ConfigArgs,
     },
     /// Sentence embeddings from a BERT encoder (mean-pooled, L2-normalised), printed as JSON.
     ///
@@ -93,6 +265,29 @@ enum Command {
     },
 }
 
+fn parse_split(s: &str) -> Result<Split, String> {
+    match s {
+        "train" => Ok(Split::Train),
+        "valid" => Ok(Split::Valid),
+        "test" => Ok(Split::Test),
+        _ => Err(format!(
+            "unknown split `{s}`: expected train, valid or test"
+        )),
+    }
+}
+
+fn parse_update(s: &str) -> Result<chorus_model::AssistantUpdate, String> {
+    use chorus_model::AssistantUpdate::*;
+    match s {
+        "lazy" => Ok(Lazy),
+        "eager" => Ok(Eager),
+        "reencode" => Ok(Reencode),
+        _ => Err(format!(
+            "unknown assistant update `{s}`: expected lazy, eager or reencode"
+        )),
+    }
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
@@ -102,6 +297,124 @@ fn main() -> Result<()> {
         Command::Data {
             command: DataCommand::Stats { tokenizer },
         } => data::stats(tokenizer.as_deref()),
+        Command::Data {
+            command: DataCommand::Tokenizer { vocab_size, out },
+        } => train::tokenizer(vocab_size, &out),
+        Command::Pretrain {
+            config,
+            out,
+            resume,
+        } => with_backend!(cli.device, |B, device| train::pretrain::<B>(
+            config.config.as_deref(),
+            &config.sets,
+            &out,
+            resume,
+            &device
+        )),
+        Command::Score { config, out } => with_backend!(cli.device, |B, device| train::score::<B>(
+            config.config.as_deref(),
+            &config.sets,
+            &out,
+            &device
+        )),
+        Command::Train {
+            config,
+            out,
+            resume,
+        } => with_backend!(cli.device, |B, device| train::train::<B>(
+            config.config.as_deref(),
+            &config.sets,
+            &out,
+            resume,
+            &device
+        )),
+        Command::Eval {
+            models,
+            config,
+            split,
+            text_file,
+            max_examples,
+            iw_samples,
+            members,
+            json,
+        } => with_backend!(cli.device, |B, device| train::eval::<B>(
+            train::EvalArgs {
+                models: &models,
+                config: config.config.as_deref(),
+                sets: &config.sets,
+                split,
+                text_file: text_file.as_deref(),
+                max_examples,
+                iw_samples,
+                members,
+                json: json.as_deref(),
+            },
+            &device
+        )),
+        Command::Generate {
+            model,
+            prompt,
+            prompt_file,
+            strategy,
+            z,
+            references,
+            alpha,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            max_tokens,
+            stop,
+            samples,
+            color,
+            json,
+            html,
+            assistant_update,
+        } => with_backend!(cli.device, |B, device| generate::generate::<B>(
+            generate::GenerateArgs {
+                model: &model,
+                prompt: prompt.as_deref(),
+                prompt_file: prompt_file.as_deref(),
+                strategy: strategy.as_deref(),
+                z,
+                references: &references,
+                alpha,
+                temperature,
+                top_k,
+                top_p,
+                seed,
+                max_tokens,
+                stop: &stop,
+                samples,
+                color,
+                json: json.as_deref(),
+                html: html.as_deref(),
+                assistants: assistant_update,
+            },
+            &device
+        )),
+        Command::Calibrate {
+            model,
+            max_examples,
+            config,
+        } => {
+            let data = match config.config {
+                Some(path) => Some(
+                    chorus_train::load_config::<chorus_train::TrainConfig>(
+                        Some(&path),
+                        &config.sets,
+                    )?
+                    .data,
+                ),
+                None => None,
+            };
+            with_backend!(cli.device, |B, device| generate::calibrate::<B>(
+                &model,
+                max_examples,
+                data.clone(),
+                &device
+            ))
+        }
         Command::Inspect { path } => {
             with_backend!(cli.device, |B, device| inspect::run::<B>(&path, &device))
         }

@@ -550,6 +550,17 @@ impl<B: Backend> Chorus<B> {
         Ok((loss, assistant_share))
     }
 
+    /// `log π(j)` and `log P_j(targets[t])` per position, `[batch, seq, K]` each, with a given z
+    /// `[batch, d_latent]` (`None` without z), e.g. the prior mean for decoding-time statistics.
+    pub fn token_terms(
+        &self,
+        batch: &ChorusBatch<B>,
+        z: Option<Tensor<B, 2>>,
+    ) -> Result<(Tensor<B, 3>, Tensor<B, 3>), ModelError> {
+        let terms = self.log_px(batch, z.map(|z| z.unsqueeze_dim::<3>(0)))?;
+        Ok((terms.log_pi, terms.log_p))
+    }
+
     /// The assistants' `log P_j(targets[t])` `[batch, seq, n_assistants]`, to store and pass back as
     /// [`ChorusBatch::assistant_log_probs`]. Only for assistants that do not read z.
     pub fn assistant_log_probs(&self, batch: &ChorusBatch<B>) -> Result<Tensor<B, 3>, ModelError> {

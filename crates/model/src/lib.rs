@@ -46,9 +46,14 @@
 
 mod chorus;
 mod config;
+mod decode;
 
 pub use chorus::{Chorus, ChorusBatch, ChorusOutput, LatentDistributions};
 pub use config::{ChorusConfig, EncoderKind};
+pub use decode::{
+    AssistantUpdate, DecodeConfig, Decoded, WriterStrategy, mixture_probs, tempered_probs,
+    truncate_probs,
+};
 
 /// Errors of `chorus-model`.
 #[derive(Debug, thiserror::Error)]
@@ -82,5 +87,7 @@ pub enum ModelError {
     Adapter(#[from] chorus_lm_adapters::AdapterError),
 }
 
+#[cfg(test)]
+mod decode_tests;
 #[cfg(test)]
 mod tests;

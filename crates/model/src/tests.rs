@@ -14,7 +14,7 @@ use crate::{Chorus, ChorusBatch, ChorusConfig, ModelError};
 type F64 = burn::backend::NdArray<f64>;
 type AD = Autodiff<F64>;
 
-fn llama(vocab: usize, d_model: usize) -> LmConfig {
+pub(crate) fn llama(vocab: usize, d_model: usize) -> LmConfig {
     LmConfig::Llama(LlamaConfig {
         vocab_size: vocab,
         d_model,
@@ -29,7 +29,7 @@ fn llama(vocab: usize, d_model: usize) -> LmConfig {
     })
 }
 
-fn gpt2(vocab: usize) -> LmConfig {
+pub(crate) fn gpt2(vocab: usize) -> LmConfig {
     LmConfig::Gpt2(Gpt2Config {
         vocab_size: vocab,
         d_model: 8,
@@ -43,7 +43,7 @@ fn gpt2(vocab: usize) -> LmConfig {
 }
 
 /// Base (llama, d 12) + assistants (gpt2 d 8, llama d 8): different widths and families.
-fn chorus<B: Backend>(config: ChorusConfig, n_assistants: usize) -> Chorus<B> {
+pub(crate) fn chorus<B: Backend>(config: ChorusConfig, n_assistants: usize) -> Chorus<B> {
     let device = Default::default();
     let base = llama(20, 12).init::<B>(&device).unwrap();
     let assistants: Vec<Lm<B>> = [gpt2(20), llama(20, 8)]

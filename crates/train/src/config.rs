@@ -315,6 +315,9 @@ impl Validate for TrainConfig {
         if self.train.selector_init_steps > 0 && self.assistants.is_empty() {
             return Err("train.selector_init_steps needs at least one assistant".into());
         }
+        if self.scores.is_some() && self.assistants.is_empty() {
+            return Err("scores are assistant log-probs, but there are no assistants".into());
+        }
         if self.scores.is_some() && self.chorus.has_z() && self.chorus.assistant_adapters {
             return Err("scores (cached assistant log-probs) need chorus.assistant_adapters = false: adapted assistants depend on z".into());
         }

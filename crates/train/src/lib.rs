@@ -17,6 +17,7 @@
 //! ```
 
 mod batch;
+mod calibrate;
 mod checkpoint;
 mod config;
 mod eval;
@@ -26,6 +27,7 @@ mod schedule;
 mod scores;
 
 pub use batch::{Encoded, TokenBatch, encode_examples, epoch_batches, load_task_examples};
+pub use calibrate::{DECODING_FILE, EtaCalibration, EtaCandidate, calibrate_eta};
 pub use checkpoint::{
     CheckpointState, ModelManifest, best_dir, latest_checkpoint, list_checkpoints, load_chorus,
     read_state,

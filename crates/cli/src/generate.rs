@@ -1,0 +1,501 @@
+//! `chorus generate` and `chorus calibrate`: collaborative decoding with provenance.
+
+use std::io::{IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use burn::prelude::*;
+use burn::tensor::Distribution;
+use chorus_data::{Split, fetch::cache_dir, load_examples};
+use chorus_lm::Tokenizer;
+use chorus_model::{AssistantUpdate, Chorus, DecodeConfig, Decoded, WriterStrategy};
+use chorus_train::{
+    DataConfig, EtaCalibration, calibrate_eta, encode_examples, load_chorus, load_task_examples,
+};
+use serde::Serialize;
+
+/// Where z comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ZSource {
+    /// A sample of the prior p(z | c).
+    Prior,
+    /// The prior's mean.
+    PriorMean,
+    /// The posterior mean of `--reference` (reconstruction).
+    Posterior,
+    /// Between the posterior means of two `--reference` texts, at `--alpha`.
+    Interpolate,
+}
+
+/// When to colour the output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Color {
+    /// When stdout is a terminal.
+    Auto,
+    /// Always (ANSI escapes).
+    Always,
+    /// Never.
+    Never,
+}
+
+pub struct GenerateArgs<'a> {
+    pub model: &'a Path,
+    pub prompt: Option<&'a str>,
+    pub prompt_file: Option<&'a Path>,
+    pub strategy: Option<&'a str>,
+    pub z: ZSource,
+    pub references: &'a [String],
+    pub alpha: f64,
+    pub temperature: f64,
+    pub top_k: usize,
+    pub top_p: f64,
+    pub seed: u64,
+    pub max_tokens: usize,
+    pub stop: &'a [String],
+    pub samples: usize,
+    pub color: Color,
+    pub json: Option<&'a Path>,
+    pub html: Option<&'a Path>,
+    pub assistants: AssistantUpdate,
+}
+
+/// ANSI colours per model: the base plain, assistants cyan, magenta, yellow, green, blue.
+const ANSI: [&str; 6] = [
+    "", "\x1b[36m", "\x1b[35m", "\x1b[33m", "\x1b[32m", "\x1b[34m",
+];
+/// HTML background colours per model.
+const HTML: [&str; 6] = [
+    "#f4f4f4", "#cdeefd", "#f6d5f3", "#fbefc0", "#d4f5d0", "#d9e0fb",
+];
+
+/// A display name per model, from where it was loaded (`out/expert-story/lm` → `expert-story`).
+fn model_names(sources: &[String], k: usize) -> Vec<String> {
+    (0..k)
+        .map(|j| {
+            let role = if j == 0 {
+                "base".to_string()
+            } else {
+                format!("assistant {j}")
+            };
+            let path = sources.get(j).map(PathBuf::from);
+            let stem = path.as_ref().and_then(|p| {
+                let last = p.file_name()?.to_string_lossy().to_string();
+                if last == "lm" || last == "model" || last == "best" {
+                    p.parent()?
+                        .file_name()
+                        .map(|s| s.to_string_lossy().to_string())
+                } else {
+                    Some(last)
+                }
+            });
+            match stem {
+                Some(s) if s != role => format!("{role} ({s})"),
+                _ => role,
+            }
+        })
+        .collect()
+}
+
+fn read_prompt(args: &GenerateArgs<'_>) -> Result<String> {
+    Ok(match (args.prompt, args.prompt_file) {
+        (Some(_), Some(_)) => {
+            bail!("give the prompt as an argument or with --prompt-file, not both")
+        }
+        (Some("-"), None) => {
+            let mut s = String::new();
+            std::io::stdin()
+                .read_to_string(&mut s)
+                .context("reading the prompt from stdin")?;
+            s
+        }
+        (Some(p), None) => p.to_string(),
+        (None, Some(file)) => std::fs::read_to_string(file)
+            .with_context(|| format!("reading the prompt from {}", file.display()))?,
+        (None, None) => String::new(),
+    })
+}
+
+#[derive(Serialize)]
+struct TokenOut {
+    id: u32,
+    text: String,
+    writer: usize,
+    pi: Vec<f32>,
+}
+
+#[derive(Serialize)]
+struct SampleOut {
+    text: String,
+    tokens: Vec<TokenOut>,
+    counts: Vec<usize>,
+    deferral_rate: f64,
+}
+
+#[derive(Serialize)]
+struct Report {
+    prompt: String,
+    models: Vec<String>,
+    strategy: String,
+    z: String,
+    temperature: f64,
+    top_k: usize,
+    top_p: f64,
+    seed: u64,
+    samples: Vec<SampleOut>,
+    deferral_rate: f64,
+    tokens_per_second: f64,
+}
+
+/// Cuts a sample at its first stop string (and its EOS), returning the kept tokens' texts.
+fn token_texts(tokenizer: &Tokenizer, d: &Decoded, eos: u32) -> Result<Vec<String>> {
+    let mut texts = Vec::with_capacity(d.tokens.len());
+    let mut previous = String::new();
+    for i in 0..d.tokens.len() {
+        if d.tokens[i] == eos {
+            texts.push(String::new());
+            continue;
+        }
+        let ids: Vec<u32> = d.tokens[..=i]
+            .iter()
+            .copied()
+            .filter(|&t| t != eos)
+            .collect();
+        let text = tokenizer.decode(&ids)?;
+        let piece = text.get(previous.len()..).unwrap_or("").to_string();
+        previous = text;
+        texts.push(piece);
+    }
+    Ok(texts)
+}
+
+pub fn generate<B: Backend>(args: GenerateArgs<'_>, device: &B::Device) -> Result<()> {
+    let (model, manifest, tokenizer, _) = load_chorus::<B>(args.model, device)?;
+    let k = model.n_models();
+    let names = model_names(&manifest.sources, k);
+    let calibration = EtaCalibration::load(args.model)?;
+    let strategy: WriterStrategy = match args.strategy {
+        Some(s) if s == "threshold" => WriterStrategy::Threshold {
+            eta: calibration.as_ref().map_or(0.5, |c| c.eta),
+        },
+        Some(s) => s.parse().map_err(anyhow::Error::msg)?,
+        None if k == 1 => WriterStrategy::Greedy,
+        None => WriterStrategy::Threshold {
+            eta: calibration.as_ref().map_or(0.5, |c| c.eta),
+        },
+    };
+    if let (WriterStrategy::Threshold { eta }, None) = (strategy, &calibration)
+        && k > 1
+    {
+        eprintln!(
+            "note: no decoding.json in {} (run `chorus calibrate`): using η = {eta}",
+            args.model.display()
+        );
+    }
+    let eos = tokenizer
+        .token_to_id("<|endoftext|>")
+        .context("the tokenizer has no <|endoftext|> token")?;
+    let prompt_text = read_prompt(&args)?;
+    let mut prompt = vec![eos];
+    prompt.extend(tokenizer.encode(&prompt_text)?);
+    let rows = args.samples.max(1);
+    let d_latent = model.config.d_latent;
+    let z_description;
+    let z = if !model.config.has_z() {
+        z_description = "none (the model has no z)".to_string();
+        None
+    } else {
+        let posterior_mean = |text: &str| -> Result<Tensor<B, 1>> {
+            let mut ids = tokenizer.encode(text)?;
+            ids.push(eos);
+            let q = model
+                .posterior_for_text(&prompt, &ids, device)?
+                .expect("the model has z");
+            Ok(q.mean.reshape([d_latent]))
+        };
+        let rows_of = |v: Tensor<B, 1>| v.unsqueeze_dim::<2>(0).repeat_dim(0, rows);
+        Some(match args.z {
+            ZSource::Prior | ZSource::PriorMean => {
+                let tokens = Tensor::<B, 2, Int>::from_data(
+                    TensorData::new(
+                        prompt.iter().map(|&t| t as i64).collect::<Vec<_>>(),
+                        [1, prompt.len()],
+                    ),
+                    device,
+                )
+                .repeat_dim(0, rows);
+                let p = model.prior_for_prompt(tokens)?.expect("the model has z");
+                if args.z == ZSource::PriorMean {
+                    z_description = "prior mean".into();
+                    p.mean
+                } else {
+                    z_description = "prior sample".into();
+                    B::seed(device, args.seed);
+                    let eps = Tensor::random(p.mean.dims(), Distribution::Normal(0.0, 1.0), device);
+                    p.std() * eps + p.mean
+                }
+            }
+            ZSource::Posterior => {
+                let [reference] = args.references else {
+                    bail!("--z posterior needs exactly one --reference TEXT");
+                };
+                z_description = format!("posterior mean of {reference:?}");
+                rows_of(posterior_mean(reference)?)
+            }
+            ZSource::Interpolate => {
+                let [a, b] = args.references else {
+                    bail!("--z interpolate needs two --reference TEXT");
+                };
+                if !(0.0..=1.0).contains(&args.alpha) {
+                    bail!("--alpha {} must be in [0, 1]", args.alpha);
+                }
+                z_description = format!("(1 − {0}) · q({a:?}) + {0} · q({b:?})", args.alpha);
+                let za = posterior_mean(a)?;
+                let zb = posterior_mean(b)?;
+                rows_of(za.mul_scalar(1.0 - args.alpha) + zb.mul_scalar(args.alpha))
+            }
+        })
+    };
+    let config = DecodeConfig {
+        strategy,
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        max_new_tokens: args.max_tokens,
+        eos: Some(eos),
+        seed: args.seed,
+        assistants: args.assistants,
+    };
+    let color = match args.color {
+        Color::Always => true,
+        Color::Never => false,
+        Color::Auto => std::io::stdout().is_terminal(),
+    };
+    let stream = rows == 1;
+    let mut stdout = std::io::stdout();
+    if color && k > 1 {
+        let legend: Vec<String> = names
+            .iter()
+            .enumerate()
+            .map(|(j, n)| format!("{}{n}\x1b[0m", ANSI[j % ANSI.len()]))
+            .collect();
+        eprintln!("writers: {}", legend.join(" · "));
+    }
+    if stream {
+        write!(stdout, "{prompt_text}")?;
+        stdout.flush()?;
+    }
+    // Streaming and stop strings need the text so far: decode the row's tokens at each step.
+    let mut so_far: Vec<Vec<u32>> = vec![Vec::new(); rows];
+    let mut printed: Vec<usize> = vec![0; rows];
+    let started = Instant::now();
+    let decoded = model.generate(&prompt, rows, z, &config, device, |r, token, writer| {
+        if token == eos {
+            return false;
+        }
+        so_far[r].push(token);
+        let text = tokenizer.decode(&so_far[r]).unwrap_or_default();
+        let stop_at = args.stop.iter().filter_map(|s| text.find(s.as_str())).min();
+        if stream {
+            let end = stop_at.unwrap_or(text.len());
+            if let Some(piece) = text.get(printed[r]..end) {
+                let (on, off) = if color && writer > 0 {
+                    (ANSI[writer % ANSI.len()], "\x1b[0m")
+                } else {
+                    ("", "")
+                };
+                let _ = write!(stdout, "{on}{piece}{off}");
+                let _ = stdout.flush();
+                printed[r] = end;
+            }
+        }
+        stop_at.is_none()
+    })?;
+    let seconds = started.elapsed().as_secs_f64();
+    if stream {
+        writeln!(stdout)?;
+    }
+    let mut samples = Vec::with_capacity(rows);
+    for d in &decoded {
+        let texts = token_texts(&tokenizer, d, eos)?;
+        let mut text = texts.concat();
+        if let Some(cut) = args.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+            text.truncate(cut);
+        }
+        if !stream {
+            let mut line = prompt_text.clone();
+            for (piece, &w) in texts.iter().zip(&d.writers) {
+                if color && w > 0 {
+                    line.push_str(&format!("{}{piece}\x1b[0m", ANSI[w % ANSI.len()]));
+                } else {
+                    line.push_str(piece);
+                }
+            }
+            println!("--- sample {} ---\n{line}", samples.len() + 1);
+        }
+        samples.push(SampleOut {
+            text,
+            tokens: d
+                .tokens
+                .iter()
+                .zip(&texts)
+                .zip(d.writers.iter().zip(&d.pi))
+                .map(|((&id, t), (&writer, pi))| TokenOut {
+                    id,
+                    text: t.clone(),
+                    writer,
+                    pi: pi.clone(),
+                })
+                .collect(),
+            counts: d.counts(k),
+            deferral_rate: d.deferral_rate(),
+        });
+    }
+    let total: usize = decoded.iter().map(|d| d.tokens.len()).sum();
+    let deferred: usize = decoded
+        .iter()
+        .map(|d| d.writers.iter().filter(|&&w| w != 0).count())
+        .sum();
+    let deferral = deferred as f64 / total.max(1) as f64;
+    eprintln!(
+        "{total} tokens in {seconds:.2} s ({:.1} tokens/s); written by assistants: {:.1} %",
+        total as f64 / seconds.max(1e-9),
+        100.0 * deferral
+    );
+    let report = Report {
+        prompt: prompt_text,
+        models: names,
+        strategy: format!("{strategy:?}"),
+        z: z_description,
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        seed: args.seed,
+        samples,
+        deferral_rate: deferral,
+        tokens_per_second: total as f64 / seconds.max(1e-9),
+    };
+    if let Some(path) = args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    if let Some(path) = args.html {
+        std::fs::write(path, html(&report))
+            .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// A self-contained page: a legend, each sample with one span per token tinted by its writer
+/// (hover for π), and the writers' shares.
+fn html(report: &Report) -> String {
+    let mut s = String::from(
+        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>chorus: who wrote what</title>\n<style>\n\
+body{font:16px/1.6 Georgia,serif;max-width:46rem;margin:2rem auto;padding:0 1rem;color:#222}\n\
+h1{font:600 1.3rem system-ui,sans-serif}.meta{font:13px system-ui,sans-serif;color:#666}\n\
+.legend span,.bar span{display:inline-block;padding:.1rem .5rem;margin-right:.4rem;border-radius:.3rem;font:13px system-ui,sans-serif}\n\
+.sample{margin:1.5rem 0;padding:1rem 1.2rem;border:1px solid #e3e3e3;border-radius:.5rem;white-space:pre-wrap}\n\
+.prompt{color:#777}.t{border-radius:.2rem}.t:hover{outline:1px solid #888}\n\
+.bar{margin-top:.6rem}\n</style></head><body>\n<h1>Who wrote what</h1>\n",
+    );
+    s.push_str(&format!(
+        "<p class=\"meta\">strategy {} · z: {} · temperature {} · top-k {} · top-p {} · seed {} · {:.1} tokens/s</p>\n<p class=\"legend\">",
+        escape(&report.strategy),
+        escape(&report.z),
+        report.temperature,
+        report.top_k,
+        report.top_p,
+        report.seed,
+        report.tokens_per_second
+    ));
+    for (j, name) in report.models.iter().enumerate() {
+        s.push_str(&format!(
+            "<span style=\"background:{}\">{}</span>",
+            HTML[j % HTML.len()],
+            escape(name)
+        ));
+    }
+    s.push_str("</p>\n");
+    for (i, sample) in report.samples.iter().enumerate() {
+        s.push_str(&format!(
+            "<div class=\"sample\" id=\"sample-{i}\"><span class=\"prompt\">{}</span>",
+            escape(&report.prompt)
+        ));
+        for t in &sample.tokens {
+            let pi: Vec<String> = t.pi.iter().map(|p| format!("{p:.2}")).collect();
+            s.push_str(&format!(
+                "<span class=\"t\" style=\"background:{}\" title=\"{} · π = [{}]\">{}</span>",
+                HTML[t.writer % HTML.len()],
+                escape(&report.models[t.writer]),
+                pi.join(", "),
+                escape(&t.text)
+            ));
+        }
+        s.push_str("<div class=\"bar\">");
+        let n: usize = sample.counts.iter().sum();
+        for (j, c) in sample.counts.iter().enumerate() {
+            s.push_str(&format!(
+                "<span style=\"background:{}\">{}: {c} tokens ({:.0} %)</span>",
+                HTML[j % HTML.len()],
+                escape(&report.models[j]),
+                100.0 * *c as f64 / n.max(1) as f64
+            ));
+        }
+        s.push_str("</div></div>\n");
+    }
+    s.push_str(&format!(
+        "<p class=\"meta\">Decode-time deferral rate (share of tokens written by assistants): {:.1} %</p>\n</body></html>\n",
+        100.0 * report.deferral_rate
+    ));
+    s
+}
+
+/// `chorus calibrate`: η for the threshold rule on the validation split, saved next to the model.
+pub fn calibrate<B: Backend>(
+    model_dir: &Path,
+    max_examples: usize,
+    data: Option<DataConfig>,
+    device: &B::Device,
+) -> Result<()> {
+    let (model, _, tokenizer, _): (Chorus<B>, _, _, _) = load_chorus::<B>(model_dir, device)?;
+    let data = data.unwrap_or_default();
+    let all = load_examples(&data.cache.clone().unwrap_or_else(cache_dir))?;
+    let examples = load_task_examples(&all, &data, Split::Valid, max_examples)?;
+    let encoded = encode_examples(&examples, &tokenizer, &data.eos_token, data.max_seq_len)?;
+    let calibration = calibrate_eta(&model, &encoded, data.batch_size, device)?;
+    println!(
+        "| quantile of π* | η | valid NLL/token (hard routing) | deferral |\n|---|---|---|---|"
+    );
+    for c in &calibration.candidates {
+        println!(
+            "| {} | {:.4} | {:.4} | {:.1} % |{}",
+            c.quantile
+                .map_or("never defer".into(), |q| format!("{q:.2}")),
+            c.eta,
+            c.nll,
+            100.0 * c.deferral,
+            if c.eta == calibration.eta {
+                " ← chosen"
+            } else {
+                ""
+            }
+        );
+    }
+    calibration.save(model_dir)?;
+    println!(
+        "η = {:.4} on {} validation tokens; saved to {}",
+        calibration.eta,
+        calibration.tokens,
+        model_dir.join(chorus_train::DECODING_FILE).display()
+    );
+    Ok(())
+}

@@ -1,0 +1,263 @@
+//! `chorus data tokenizer`, `pretrain`, `score`, `train` and `eval`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use burn::backend::Autodiff;
+use burn::prelude::*;
+use chorus_data::{Split, Task, fetch::cache_dir, load_examples};
+use chorus_lm::{Lm, Tokenizer};
+use chorus_train::{
+    DataConfig, EvalReport, PretrainConfig, TOKEN_CONVENTION, TrainConfig, encode_examples,
+    evaluate_chorus, evaluate_lm, load_chorus, load_config, load_task_examples, text_file_examples,
+};
+
+/// `chorus data tokenizer`: a byte-level BPE trained on the training split of the three tasks.
+pub fn tokenizer(vocab_size: usize, out: &Path) -> Result<()> {
+    let examples = load_examples(&cache_dir())?;
+    // Targets of every task, plus contexts where they are not earlier targets (dialogue contexts
+    // are previous turns).
+    let texts: Vec<&str> = examples
+        .iter()
+        .filter(|e| e.split == Split::Train)
+        .flat_map(|e| {
+            let context =
+                (e.task != Task::Dialogue && !e.context.is_empty()).then_some(e.context.as_str());
+            std::iter::once(e.target.as_str()).chain(context)
+        })
+        .collect();
+    eprintln!("training a {vocab_size}-token BPE on {} texts", texts.len());
+    let tokenizer = Tokenizer::train_bpe(texts.into_iter(), vocab_size, &["<|endoftext|>"])?;
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    tokenizer.save(out)?;
+    println!(
+        "wrote {} ({} tokens)",
+        out.display(),
+        tokenizer.vocab_size()
+    );
+    Ok(())
+}
+
+pub fn pretrain<B: Backend>(
+    config: Option<&Path>,
+    sets: &[String],
+    out: &Path,
+    resume: bool,
+    device: &B::Device,
+) -> Result<()> {
+    let config: PretrainConfig = load_config(config, sets)?;
+    save_config(out, &config)?;
+    let summary = chorus_train::pretrain::<Autodiff<B>>(&config, out, resume, device)?;
+    println!(
+        "pretrained {} steps in {:.0} s; best valid NLL/token {}; model: {}",
+        summary.steps,
+        summary.seconds,
+        summary
+            .best_valid_nll
+            .map_or("–".into(), |(s, v)| format!("{v:.4} (step {s})")),
+        summary.model.display()
+    );
+    Ok(())
+}
+
+pub fn score<B: Backend>(
+    config: Option<&Path>,
+    sets: &[String],
+    out: &Path,
+    device: &B::Device,
+) -> Result<()> {
+    let config: TrainConfig = load_config(config, sets)?;
+    let (n_train, n_valid) = chorus_train::score::<B>(&config, out, device)?;
+    println!(
+        "scored {} assistants on {n_train} train and {n_valid} valid examples: {}",
+        config.assistants.len(),
+        out.display()
+    );
+    Ok(())
+}
+
+pub fn train<B: Backend>(
+    config: Option<&Path>,
+    sets: &[String],
+    out: &Path,
+    resume: bool,
+    device: &B::Device,
+) -> Result<()> {
+    let config: TrainConfig = load_config(config, sets)?;
+    save_config(out, &config)?;
+    let summary = chorus_train::train::<Autodiff<B>>(&config, out, resume, device)?;
+    println!(
+        "trained {} steps in {:.0} s ({} target tokens); best valid NLL/token {}; model: {}",
+        summary.steps,
+        summary.seconds,
+        summary.tokens_seen,
+        summary
+            .best_valid_nll
+            .map_or("–".into(), |(s, v)| format!("{v:.4} (step {s})")),
+        summary.model.display()
+    );
+    Ok(())
+}
+
+/// The resolved config next to the run's outputs, for the record.
+fn save_config<T: serde::Serialize>(out: &Path, config: &T) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let path = out.join("config.toml");
+    std::fs::write(&path, toml::to_string(config)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// What `chorus eval` was asked to evaluate.
+pub struct EvalArgs<'a> {
+    pub models: &'a [String],
+    pub config: Option<&'a Path>,
+    pub sets: &'a [String],
+    pub split: Split,
+    pub text_file: Option<&'a Path>,
+    pub max_examples: usize,
+    pub iw_samples: usize,
+    pub members: bool,
+    pub json: Option<&'a Path>,
+}
+
+enum Loaded<B: Backend> {
+    Joint(Box<chorus_model::Chorus<B>>),
+    Single(Lm<B>),
+}
+
+/// `NAME=PATH` or `PATH` (then the name is the path).
+fn parse_model(spec: &str) -> (String, PathBuf) {
+    match spec.split_once('=') {
+        Some((name, path)) if !name.is_empty() => (name.to_string(), PathBuf::from(path)),
+        _ => (spec.to_string(), PathBuf::from(spec)),
+    }
+}
+
+pub fn eval<B: Backend>(args: EvalArgs<'_>, device: &B::Device) -> Result<()> {
+    if args.models.is_empty() {
+        bail!("give at least one --model (a joint checkpoint directory or an LM)");
+    }
+    let data: DataConfig = match args.config {
+        Some(_) => load_config::<chorus_train::TrainConfig>(args.config, args.sets)?.data,
+        None => {
+            #[derive(serde::Deserialize)]
+            struct Only {
+                #[serde(default)]
+                data: DataConfig,
+            }
+            let mut table = toml::Table::new();
+            for s in args.sets {
+                let (k, v) = s.split_once('=').context("--set expects key.path=value")?;
+                let key = k
+                    .strip_prefix("data.")
+                    .context("without --config, only data.* can be set")?;
+                let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {v}"))
+                    .ok()
+                    .and_then(|mut t| t.remove("v"))
+                    .unwrap_or(toml::Value::String(v.to_string()));
+                table.insert(key.to_string(), value);
+            }
+            let only: Only = toml::Value::Table(toml::Table::from_iter([(
+                "data".to_string(),
+                toml::Value::Table(table),
+            )]))
+            .try_into()?;
+            only.data.validate().map_err(anyhow::Error::msg)?;
+            only.data
+        }
+    };
+    let mut tokenizer: Option<Tokenizer> = None;
+    let mut loaded = Vec::new();
+    for spec in args.models {
+        let (name, path) = parse_model(spec);
+        let (model, tok) = if path.join("chorus.json").is_file() {
+            let (model, _, tok, state) = load_chorus::<B>(&path, device)?;
+            eprintln!(
+                "{name}: joint model, K = {}, step {}",
+                model.n_models(),
+                state.step
+            );
+            (Loaded::Joint(Box::new(model)), tok)
+        } else {
+            let lm = Lm::<B>::open(&path, device)?;
+            let tok = Tokenizer::open(&path)
+                .with_context(|| format!("{}: no tokenizer next to the model", path.display()))?;
+            (Loaded::Single(lm), tok)
+        };
+        match &tokenizer {
+            None => tokenizer = Some(tok),
+            Some(first) => first.check_same(&tok)?,
+        }
+        loaded.push((name, model));
+    }
+    let tokenizer = tokenizer.expect("at least one model");
+    let (examples, what) = match args.text_file {
+        Some(file) => (text_file_examples(file)?, file.display().to_string()),
+        None => {
+            let all = load_examples(&data.cache_dir())?;
+            (
+                load_task_examples(&all, &data, args.split, args.max_examples)?,
+                format!("{:?} split", args.split).to_lowercase(),
+            )
+        }
+    };
+    let encoded = encode_examples(&examples, &tokenizer, &data.eos_token, data.max_seq_len)?;
+    let mut rows = Vec::new();
+    for (name, model) in &loaded {
+        eprintln!("evaluating {name} on {} examples ({what})", encoded.len());
+        match model {
+            Loaded::Joint(m) => {
+                rows.extend(evaluate_chorus(
+                    m.as_ref(),
+                    name,
+                    &encoded,
+                    None,
+                    args.iw_samples,
+                    data.batch_size,
+                    device,
+                )?);
+                if args.members {
+                    rows.extend(evaluate_lm(
+                        &m.base,
+                        &format!("{name}: base without z"),
+                        &encoded,
+                        data.batch_size,
+                        device,
+                    )?);
+                    for (j, a) in m.assistants.iter().enumerate() {
+                        rows.extend(evaluate_lm(
+                            a,
+                            &format!("{name}: assistant {}", j + 1),
+                            &encoded,
+                            data.batch_size,
+                            device,
+                        )?);
+                    }
+                }
+            }
+            Loaded::Single(lm) => {
+                rows.extend(evaluate_lm(lm, name, &encoded, data.batch_size, device)?)
+            }
+        }
+    }
+    let report = EvalReport {
+        data: what,
+        iw_samples: args.iw_samples,
+        token_convention: TOKEN_CONVENTION.to_string(),
+        rows,
+    };
+    println!("{}", report.table());
+    println!(
+        "NLL: nats {TOKEN_CONVENTION}; joint models: importance-weighted bound with {} samples of z ~ q.",
+        args.iw_samples
+    );
+    if let Some(path) = args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,593 @@
+//! Collaborative decoding (DESIGN §4): every model keeps its own KV cache and consumes every
+//! emitted token; the selector on the base picks the writer of each token.
+//!
+//! Per step, with π = softmax(selector(h_base)):
+//! - *sample*: writer j ~ π; *greedy*: j = argmax π;
+//! - *threshold* (Co-LLM): j* = argmax_{j≥1} π_j writes when π_{j*} > η, else the base;
+//! - *mixture*: the token is drawn from Σ_j π_j P_j (its provenance is the model with the largest
+//!   responsibility π_j P_j(token) / Σ_k π_k P_k(token)).
+//!
+//! The writer's distribution is tempered (`P^{1/T}`, renormalised), cut to its top-k and to the
+//! smallest top-p set, and sampled with a seeded generator; temperature 0 takes the argmax. For the
+//! mixture, each P_j is tempered before mixing and the cuts apply to the mixture.
+
+use std::str::FromStr;
+
+use burn::prelude::*;
+use chorus_latent::DiagonalGaussian;
+use chorus_lm::{KvCache, LmInput};
+
+use crate::{Chorus, ChorusBatch, ModelError};
+
+/// How the writer of each token is chosen.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum WriterStrategy {
+    /// Z_t ~ π.
+    Sample,
+    /// argmax π.
+    Greedy,
+    /// Co-LLM: the most likely assistant writes when its π exceeds η.
+    Threshold {
+        /// η ∈ [0, 1]: 1 never defers, 0 always defers.
+        eta: f64,
+    },
+    /// Σ_j π_j P_j.
+    Mixture,
+}
+
+impl FromStr for WriterStrategy {
+    type Err = String;
+
+    /// `sample`, `greedy`, `mixture`, `threshold` (η = 0.5) or `threshold:η`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "sample" => Ok(Self::Sample),
+            "greedy" => Ok(Self::Greedy),
+            "mixture" => Ok(Self::Mixture),
+            "threshold" => Ok(Self::Threshold { eta: 0.5 }),
+            other => match other.strip_prefix("threshold:").map(str::parse::<f64>) {
+                Some(Ok(eta)) if (0.0..=1.0).contains(&eta) => Ok(Self::Threshold { eta }),
+                Some(_) => Err(format!("`{other}`: η must be a number in [0, 1]")),
+                None => Err(format!(
+                    "unknown strategy `{other}`: expected sample, greedy, threshold[:η] or mixture"
+                )),
+            },
+        }
+    }
+}
+
+/// How assistants are kept up to date with the emitted tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AssistantUpdate {
+    /// Every assistant consumes every token as it is emitted (one forward per token and model).
+    Eager,
+    /// An assistant consumes the tokens it missed in one batched forward when it is next needed.
+    #[default]
+    Lazy,
+    /// Co-LLM's way: no assistant cache; an assistant re-encodes the whole prefix whenever needed.
+    Reencode,
+}
+
+/// Decoding settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecodeConfig {
+    /// Who writes each token.
+    pub strategy: WriterStrategy,
+    /// Temperature (0 = argmax token).
+    pub temperature: f64,
+    /// Keep the k most likely tokens (0 = all).
+    pub top_k: usize,
+    /// Keep the smallest set with this much probability (1 = all).
+    pub top_p: f64,
+    /// New tokens at most.
+    pub max_new_tokens: usize,
+    /// Stop a row at this token (it is kept in the output).
+    pub eos: Option<u32>,
+    /// Seeds writer and token sampling.
+    pub seed: u64,
+    /// Assistant cache policy.
+    pub assistants: AssistantUpdate,
+}
+
+impl Default for DecodeConfig {
+    fn default() -> Self {
+        Self {
+            strategy: WriterStrategy::Sample,
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            max_new_tokens: 64,
+            eos: None,
+            seed: 0,
+            assistants: AssistantUpdate::Lazy,
+        }
+    }
+}
+
+impl DecodeConfig {
+    /// Checks ranges.
+    pub fn validate(&self) -> Result<(), ModelError> {
+        let bad = |m: String| Err(ModelError::InvalidConfig(m));
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return bad(format!("temperature {} must be ≥ 0", self.temperature));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad(format!("top_p {} must be in (0, 1]", self.top_p));
+        }
+        if let WriterStrategy::Threshold { eta } = self.strategy
+            && !(0.0..=1.0).contains(&eta)
+        {
+            return bad(format!("η = {eta} must be in [0, 1]"));
+        }
+        Ok(())
+    }
+}
+
+/// One generated continuation with its provenance.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decoded {
+    /// The new tokens.
+    pub tokens: Vec<u32>,
+    /// The model that wrote each token (0 = base).
+    pub writers: Vec<usize>,
+    /// π over the K models at each token.
+    pub pi: Vec<Vec<f32>>,
+}
+
+impl Decoded {
+    /// Tokens written by each of `k` models.
+    pub fn counts(&self, k: usize) -> Vec<usize> {
+        let mut c = vec![0; k];
+        for &w in &self.writers {
+            c[w] += 1;
+        }
+        c
+    }
+
+    /// Share of tokens written by assistants (decode-time deferral rate).
+    pub fn deferral_rate(&self) -> f64 {
+        if self.writers.is_empty() {
+            return 0.0;
+        }
+        self.writers.iter().filter(|&&w| w != 0).count() as f64 / self.writers.len() as f64
+    }
+}
+
+/// SplitMix64 uniform numbers in [0, 1): portable and seedable.
+#[derive(Debug, Clone)]
+struct Rng(u64);
+
+impl Rng {
+    fn uniform(&mut self) -> f64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// An index drawn from unnormalised non-negative weights.
+    fn categorical(&mut self, weights: &[f64]) -> usize {
+        let total: f64 = weights.iter().sum();
+        let mut u = self.uniform() * total;
+        for (i, w) in weights.iter().enumerate() {
+            if u < *w {
+                return i;
+            }
+            u -= w;
+        }
+        weights.iter().rposition(|w| *w > 0.0).unwrap_or(0)
+    }
+}
+
+fn argmax(values: &[f64]) -> usize {
+    values
+        .iter()
+        .enumerate()
+        .fold((0, f64::NEG_INFINITY), |best, (i, &v)| {
+            if v > best.1 { (i, v) } else { best }
+        })
+        .0
+}
+
+/// softmax(logits / T) in f64 (T = 0: one-hot argmax).
+pub fn tempered_probs(logits: &[f32], temperature: f64) -> Vec<f64> {
+    if temperature == 0.0 {
+        let logits: Vec<f64> = logits.iter().map(|&l| l as f64).collect();
+        let mut p = vec![0.0; logits.len()];
+        p[argmax(&logits)] = 1.0;
+        return p;
+    }
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l)) as f64;
+    let e: Vec<f64> = logits
+        .iter()
+        .map(|&l| ((l as f64 - max) / temperature).exp())
+        .collect();
+    let z: f64 = e.iter().sum();
+    e.into_iter().map(|v| v / z).collect()
+}
+
+/// Zeroes everything outside the top-k and outside the smallest set of mass ≥ top_p.
+pub fn truncate_probs(p: &mut [f64], top_k: usize, top_p: f64) {
+    let mut order: Vec<usize> = (0..p.len()).collect();
+    order.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
+    let total: f64 = p.iter().sum();
+    let mut kept = 0.0;
+    for (rank, &i) in order.iter().enumerate() {
+        let keep = (top_k == 0 || rank < top_k) && (kept < top_p * total || rank == 0);
+        if keep {
+            kept += p[i];
+        } else {
+            p[i] = 0.0;
+        }
+    }
+}
+
+/// The mixture `Σ_j π_j P_j` over the vocabulary.
+pub fn mixture_probs(pi: &[f64], per_model: &[Vec<f64>]) -> Vec<f64> {
+    let vocab = per_model.first().map_or(0, Vec::len);
+    (0..vocab)
+        .map(|v| pi.iter().zip(per_model).map(|(p, m)| p * m[v]).sum())
+        .collect()
+}
+
+/// One model's running state during decoding.
+struct ModelState<B: Backend> {
+    cache: KvCache<B>,
+    /// Tokens emitted but not yet consumed (lazy assistants).
+    pending: Vec<Vec<u32>>,
+    /// `[rows, vocab]` next-token logits after everything consumed so far.
+    logits: Option<Vec<Vec<f32>>>,
+}
+
+impl<B: Backend> Chorus<B> {
+    /// p(z | c) for prompts `[rows, len]` whose positions `1..` are context (position 0 is the
+    /// leading EOS, as in training). `None` without z.
+    pub fn prior_for_prompt(
+        &self,
+        prompt: Tensor<B, 2, Int>,
+    ) -> Result<Option<DiagonalGaussian<B>>, ModelError> {
+        let [rows, len] = prompt.dims();
+        let device = prompt.device();
+        let context_mask = Tensor::<B, 2>::ones([rows, len], &device)
+            .slice_assign([0..rows, 0..1], Tensor::zeros([rows, 1], &device));
+        let batch = ChorusBatch {
+            targets: prompt.clone(),
+            tokens: prompt,
+            target_mask: context_mask.zeros_like(),
+            context_mask,
+            padding: Tensor::<B, 2, Int>::zeros([rows, len], &device).bool(),
+            assistant_log_probs: None,
+            encoder_tokens: None,
+        };
+        Ok(self.latent_distributions(&batch)?.map(|l| l.prior))
+    }
+
+    /// q(z | x, c) for a prompt (as in [`Chorus::prior_for_prompt`]) followed by a reference text
+    /// `x` (token ids, ending with EOS as in training). `None` without z.
+    pub fn posterior_for_text(
+        &self,
+        prompt: &[u32],
+        text: &[u32],
+        device: &B::Device,
+    ) -> Result<Option<DiagonalGaussian<B>>, ModelError> {
+        let row: Vec<u32> = prompt.iter().chain(text).copied().collect();
+        if row.len() < 2 {
+            return Err(ModelError::InvalidBatch(
+                "the reference text is empty".into(),
+            ));
+        }
+        let n = row.len() - 1;
+        let ints = |v: Vec<i64>| Tensor::<B, 2, Int>::from_data(TensorData::new(v, [1, n]), device);
+        let floats = |v: Vec<f32>| {
+            Tensor::<B, 2>::from_data(TensorData::new(v, [1, n]).convert::<B::FloatElem>(), device)
+        };
+        let m = prompt.len().saturating_sub(1);
+        let batch = ChorusBatch {
+            tokens: ints(row[..n].iter().map(|&t| t as i64).collect()),
+            targets: ints(row[1..].iter().map(|&t| t as i64).collect()),
+            target_mask: floats((0..n).map(|t| f32::from(u8::from(t >= m))).collect()),
+            context_mask: floats(
+                (0..n)
+                    .map(|t| f32::from(u8::from((1..=m).contains(&t))))
+                    .collect(),
+            ),
+            padding: Tensor::<B, 2, Int>::zeros([1, n], device).bool(),
+            assistant_log_probs: None,
+            encoder_tokens: None,
+        };
+        Ok(self.latent_distributions(&batch)?.map(|l| l.posterior))
+    }
+
+    /// Runs model `j` on `tokens` `[rows, n]` through its cache (conditioned on z through its
+    /// adapter) and returns the last position's logits per row, plus the base's last hidden state.
+    fn step_model(
+        &self,
+        j: usize,
+        tokens: Tensor<B, 2, Int>,
+        z: Option<&Tensor<B, 2>>,
+        cache: Option<&mut KvCache<B>>,
+    ) -> Result<(Vec<Vec<f32>>, Tensor<B, 2>), ModelError> {
+        let (model, adapter) = match j {
+            0 => (&self.base, self.base_adapter.as_ref()),
+            j => (&self.assistants[j - 1], self.assistant_adapters.get(j - 1)),
+        };
+        let [rows, n] = tokens.dims();
+        let input = LmInput::new(tokens);
+        let input = match (adapter, z) {
+            (Some(adapter), Some(z)) => adapter.condition(input, z.clone()),
+            _ => input,
+        };
+        let out = model.forward(input, cache)?;
+        let vocab = out.logits.dims()[2];
+        let last = out
+            .logits
+            .narrow(1, n - 1, 1)
+            .reshape([rows, vocab])
+            .into_data()
+            .convert::<f32>()
+            .to_vec::<f32>()
+            .map_err(|e| ModelError::InvalidBatch(format!("{e:?}")))?;
+        let d = out.hidden.dims()[2];
+        let hidden = out.hidden.narrow(1, n - 1, 1).reshape([rows, d]);
+        Ok((last.chunks(vocab).map(<[f32]>::to_vec).collect(), hidden))
+    }
+
+    /// Generates up to `config.max_new_tokens` after `prompt` for `rows` rows at once (the same
+    /// prompt, e.g. several samples; `z` is `[rows, d_latent]`, `None` without z). `prompt` should
+    /// start with the EOS token, as training rows do. `on_token(row, token, writer)` is called as
+    /// each token is chosen (for streaming); returning `false` stops that row (stop strings).
+    pub fn generate(
+        &self,
+        prompt: &[u32],
+        rows: usize,
+        z: Option<Tensor<B, 2>>,
+        config: &DecodeConfig,
+        device: &B::Device,
+        mut on_token: impl FnMut(usize, u32, usize) -> bool,
+    ) -> Result<Vec<Decoded>, ModelError> {
+        config.validate()?;
+        let k = self.n_models();
+        let max_len = std::iter::once(self.base.dims().max_seq_len)
+            .chain(self.assistants.iter().map(|a| a.dims().max_seq_len))
+            .min()
+            .unwrap_or(0);
+        if prompt.is_empty() {
+            return Err(ModelError::InvalidBatch(
+                "empty prompt: start it with the EOS token".into(),
+            ));
+        }
+        if prompt.len() + config.max_new_tokens > max_len {
+            return Err(ModelError::InvalidBatch(format!(
+                "{} prompt tokens + {} new tokens exceed the context window of {max_len}: shorten the prompt or lower max_new_tokens",
+                prompt.len(),
+                config.max_new_tokens
+            )));
+        }
+        if self.config.has_z() != z.is_some() {
+            return Err(ModelError::InvalidBatch(if z.is_some() {
+                "z given to a model without z".into()
+            } else {
+                "this model reads z: pass one (prior sample, prior mean or posterior)".into()
+            }));
+        }
+        let rows = rows.max(1);
+        let tokens_tensor = |rows_tokens: &[Vec<u32>]| {
+            let n = rows_tokens[0].len();
+            let flat: Vec<i64> = rows_tokens.iter().flatten().map(|&t| t as i64).collect();
+            Tensor::<B, 2, Int>::from_data(TensorData::new(flat, [rows_tokens.len(), n]), device)
+        };
+        let prompt_rows: Vec<Vec<u32>> = vec![prompt.to_vec(); rows];
+        let mut rng = Rng(config.seed);
+
+        // Prefill: the base (and eager assistants) read the prompt.
+        let mut base_cache = self.base.new_cache();
+        let (mut base_logits, mut hidden) = self.step_model(
+            0,
+            tokens_tensor(&prompt_rows),
+            z.as_ref(),
+            Some(&mut base_cache),
+        )?;
+        let mut states: Vec<ModelState<B>> = self
+            .assistants
+            .iter()
+            .map(|a| ModelState {
+                cache: a.new_cache(),
+                pending: prompt_rows.clone(),
+                logits: None,
+            })
+            .collect();
+        let mut history = prompt_rows.clone();
+        let mut out: Vec<Decoded> = (0..rows)
+            .map(|_| Decoded {
+                tokens: Vec::new(),
+                writers: Vec::new(),
+                pi: Vec::new(),
+            })
+            .collect();
+        let mut done = vec![false; rows];
+
+        for _ in 0..config.max_new_tokens {
+            if config.assistants == AssistantUpdate::Eager {
+                for j in 1..k {
+                    self.catch_up(j, &mut states[j - 1], &history, z.as_ref(), config, device)?;
+                }
+            }
+            let pi: Vec<Vec<f64>> = match &self.selector {
+                Some(selector) => {
+                    let log_pi = selector.forward(hidden.clone().unsqueeze_dim::<3>(1));
+                    log_pi
+                        .exp()
+                        .reshape([rows, k])
+                        .into_data()
+                        .convert::<f64>()
+                        .to_vec::<f64>()
+                        .map_err(|e| ModelError::InvalidBatch(format!("{e:?}")))?
+                        .chunks(k)
+                        .map(<[f64]>::to_vec)
+                        .collect()
+                }
+                None => vec![vec![1.0]; rows],
+            };
+            // Who writes, per row (the mixture needs everyone).
+            let writers: Vec<Option<usize>> = pi
+                .iter()
+                .map(|p| match config.strategy {
+                    WriterStrategy::Sample => Some(rng.categorical(p)),
+                    WriterStrategy::Greedy => Some(argmax(p)),
+                    WriterStrategy::Threshold { eta } => {
+                        if k == 1 {
+                            return Some(0);
+                        }
+                        let j = 1 + argmax(&p[1..]);
+                        Some(if p[j] > eta { j } else { 0 })
+                    }
+                    WriterStrategy::Mixture => None,
+                })
+                .collect();
+            for j in 1..k {
+                let needed = writers
+                    .iter()
+                    .zip(&done)
+                    .any(|(w, d)| !d && (w.is_none() || *w == Some(j)));
+                if needed {
+                    self.catch_up(j, &mut states[j - 1], &history, z.as_ref(), config, device)?;
+                }
+            }
+            let mut next = Vec::with_capacity(rows);
+            for r in 0..rows {
+                if done[r] {
+                    next.push(config.eos.unwrap_or(0));
+                    continue;
+                }
+                let logits_of = |j: usize| -> &Vec<f32> {
+                    if j == 0 {
+                        &base_logits[r]
+                    } else {
+                        &states[j - 1].logits.as_ref().expect("caught up")[r]
+                    }
+                };
+                let (mut probs, writer_of) = match writers[r] {
+                    Some(j) => (tempered_probs(logits_of(j), config.temperature), None),
+                    None => {
+                        let per_model: Vec<Vec<f64>> = (0..k)
+                            .map(|j| tempered_probs(logits_of(j), config.temperature))
+                            .collect();
+                        (mixture_probs(&pi[r], &per_model), Some(per_model))
+                    }
+                };
+                truncate_probs(&mut probs, config.top_k, config.top_p);
+                let token = if config.temperature == 0.0 {
+                    argmax(&probs)
+                } else {
+                    rng.categorical(&probs)
+                } as u32;
+                let writer = match (writers[r], writer_of) {
+                    (Some(j), _) => j,
+                    (None, Some(per_model)) => argmax(
+                        &(0..k)
+                            .map(|j| pi[r][j] * per_model[j][token as usize])
+                            .collect::<Vec<_>>(),
+                    ),
+                    (None, None) => unreachable!("mixture keeps per-model probabilities"),
+                };
+                let keep_going = on_token(r, token, writer);
+                out[r].tokens.push(token);
+                out[r].writers.push(writer);
+                out[r].pi.push(pi[r].iter().map(|&p| p as f32).collect());
+                if config.eos == Some(token) || !keep_going {
+                    done[r] = true;
+                }
+                next.push(token);
+            }
+            if done.iter().all(|d| *d) {
+                break;
+            }
+            for (h, &t) in history.iter_mut().zip(&next) {
+                h.push(t);
+            }
+            for s in &mut states {
+                for (p, &t) in s.pending.iter_mut().zip(&next) {
+                    p.push(t);
+                }
+                s.logits = None;
+            }
+            let column: Vec<Vec<u32>> = next.iter().map(|&t| vec![t]).collect();
+            (base_logits, hidden) =
+                self.step_model(0, tokens_tensor(&column), z.as_ref(), Some(&mut base_cache))?;
+        }
+        Ok(out)
+    }
+
+    /// π and each model's tempered next-token distribution after `prompt` (one row), through the
+    /// same cached path as [`Chorus::generate`]'s first step.
+    pub fn next_token_distributions(
+        &self,
+        prompt: &[u32],
+        z: Option<Tensor<B, 2>>,
+        temperature: f64,
+        device: &B::Device,
+    ) -> Result<(Vec<f64>, Vec<Vec<f64>>), ModelError> {
+        let n = prompt.len();
+        let tokens = Tensor::<B, 2, Int>::from_data(
+            TensorData::new(prompt.iter().map(|&t| t as i64).collect::<Vec<_>>(), [1, n]),
+            device,
+        );
+        let mut per_model = Vec::new();
+        let mut base_hidden = None;
+        for j in 0..self.n_models() {
+            let mut cache = if j == 0 {
+                self.base.new_cache()
+            } else {
+                self.assistants[j - 1].new_cache()
+            };
+            let (logits, hidden) =
+                self.step_model(j, tokens.clone(), z.as_ref(), Some(&mut cache))?;
+            per_model.push(tempered_probs(&logits[0], temperature));
+            if j == 0 {
+                base_hidden = Some(hidden);
+            }
+        }
+        let pi = match (&self.selector, base_hidden) {
+            (Some(selector), Some(h)) => selector
+                .forward(h.unsqueeze_dim::<3>(1))
+                .exp()
+                .into_data()
+                .convert::<f64>()
+                .to_vec::<f64>()
+                .map_err(|e| ModelError::InvalidBatch(format!("{e:?}")))?,
+            _ => vec![1.0],
+        };
+        Ok((pi, per_model))
+    }
+
+    /// Brings assistant `j` up to date with `history` (its pending tokens, or the whole prefix
+    /// when re-encoding) and stores its next-token logits.
+    fn catch_up(
+        &self,
+        j: usize,
+        state: &mut ModelState<B>,
+        history: &[Vec<u32>],
+        z: Option<&Tensor<B, 2>>,
+        config: &DecodeConfig,
+        device: &B::Device,
+    ) -> Result<(), ModelError> {
+        if state.logits.is_some() {
+            return Ok(());
+        }
+        let rows = history.len();
+        let (source, cache) = match config.assistants {
+            AssistantUpdate::Reencode => (history, None),
+            _ => (state.pending.as_slice(), Some(&mut state.cache)),
+        };
+        let n = source[0].len();
+        let flat: Vec<i64> = source.iter().flatten().map(|&t| t as i64).collect();
+        let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(flat, [rows, n]), device);
+        let (logits, _) = self.step_model(j, tokens, z, cache)?;
+        state.logits = Some(logits);
+        for p in &mut state.pending {
+            p.clear();
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,168 @@
+//! η calibration for Co-LLM's threshold rule (DESIGN §4): on validation text, with z at the prior
+//! mean (as decoding uses it), collect `π* = max_{j≥1} π_j` at every target token; candidate η are
+//! quantiles of π*; each is scored by the NLL of *hard* routing — token t scored by the assistant
+//! `j* = argmax_{j≥1} π_j` when `π* > η`, else by the base — and the lowest wins. The result is
+//! stored next to the checkpoint as `decoding.json` and is `chorus generate`'s default η.
+
+use std::path::Path;
+
+use burn::prelude::*;
+use chorus_model::Chorus;
+use serde::{Deserialize, Serialize};
+
+use crate::{Encoded, TokenBatch, TrainError};
+
+/// File name of the calibration inside a checkpoint directory.
+pub const DECODING_FILE: &str = "decoding.json";
+
+/// One candidate η.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EtaCandidate {
+    /// The quantile of π* it came from (`None` for η = 1, never defer).
+    pub quantile: Option<f64>,
+    /// η.
+    pub eta: f64,
+    /// Validation NLL per token of hard threshold routing.
+    pub nll: f64,
+    /// Share of validation tokens routed to assistants.
+    pub deferral: f64,
+}
+
+/// The chosen η and every candidate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EtaCalibration {
+    /// The η with the lowest validation NLL.
+    pub eta: f64,
+    /// Target tokens it was measured on.
+    pub tokens: usize,
+    /// All candidates, in quantile order.
+    pub candidates: Vec<EtaCandidate>,
+}
+
+impl EtaCalibration {
+    /// Reads `decoding.json` from a checkpoint directory, if present.
+    pub fn load(dir: &Path) -> Result<Option<Self>, TrainError> {
+        let path = dir.join(DECODING_FILE);
+        if !path.is_file() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&path).map_err(|e| TrainError::io(&path, e))?;
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| TrainError::Checkpoint {
+                path,
+                reason: format!("not an η calibration: {e}"),
+            })
+    }
+
+    /// Writes `decoding.json` into a checkpoint directory (temp file + rename).
+    pub fn save(&self, dir: &Path) -> Result<(), TrainError> {
+        let path = dir.join(DECODING_FILE);
+        let tmp = dir.join(format!("{DECODING_FILE}.tmp"));
+        std::fs::write(
+            &tmp,
+            serde_json::to_string_pretty(self).expect("serializes"),
+        )
+        .map_err(|e| TrainError::io(&tmp, e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| TrainError::io(&path, e))
+    }
+}
+
+/// Calibrates η on `data` (see the module docs). Needs K ≥ 2.
+pub fn calibrate_eta<B: Backend>(
+    model: &Chorus<B>,
+    data: &[Encoded],
+    batch_size: usize,
+    device: &B::Device,
+) -> Result<EtaCalibration, TrainError> {
+    let k = model.n_models();
+    if k < 2 {
+        return Err(TrainError::Config {
+            file: "η calibration".into(),
+            reason: "the model has no assistants to defer to".into(),
+        });
+    }
+    // Per target token: (π*, log P_base, log P_{j*}).
+    let mut tokens: Vec<(f64, f64, f64)> = Vec::new();
+    for chunk in data.chunks(batch_size.max(1)) {
+        let refs: Vec<&Encoded> = chunk.iter().collect();
+        let batch = TokenBatch::new(&refs).to_device::<B>(device);
+        let z = model.latent_distributions(&batch)?.map(|l| l.prior.mean);
+        let (log_pi, log_p) = model.token_terms(&batch, z)?;
+        let [rows, seq, _] = log_pi.dims();
+        let host = |t: Tensor<B, 3>| -> Vec<f64> {
+            t.into_data()
+                .convert::<f64>()
+                .to_vec::<f64>()
+                .expect("f64 data")
+        };
+        let (pi, lp) = (host(log_pi.exp()), host(log_p));
+        let mask: Vec<f32> = batch
+            .target_mask
+            .into_data()
+            .convert::<f32>()
+            .to_vec::<f32>()
+            .expect("f32 data");
+        for i in 0..rows * seq {
+            if mask[i] == 0.0 {
+                continue;
+            }
+            let row = &pi[i * k..(i + 1) * k];
+            let j = (1..k).fold(1, |b, j| if row[j] > row[b] { j } else { b });
+            tokens.push((row[j], lp[i * k], lp[i * k + j]));
+        }
+    }
+    if tokens.is_empty() {
+        return Err(TrainError::EmptyData(
+            "no target tokens to calibrate η on".into(),
+        ));
+    }
+    let mut sorted: Vec<f64> = tokens.iter().map(|t| t.0).collect();
+    sorted.sort_by(f64::total_cmp);
+    let quantile = |q: f64| sorted[((q * (sorted.len() - 1) as f64).round()) as usize];
+    let score = |eta: f64| {
+        let (mut nll, mut deferred) = (0.0, 0usize);
+        for &(p, base, assistant) in &tokens {
+            if p > eta {
+                nll -= assistant;
+                deferred += 1;
+            } else {
+                nll -= base;
+            }
+        }
+        (
+            nll / tokens.len() as f64,
+            deferred as f64 / tokens.len() as f64,
+        )
+    };
+    let mut candidates: Vec<EtaCandidate> =
+        [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99]
+            .into_iter()
+            .map(|q| {
+                let eta = quantile(q);
+                let (nll, deferral) = score(eta);
+                EtaCandidate {
+                    quantile: Some(q),
+                    eta,
+                    nll,
+                    deferral,
+                }
+            })
+            .collect();
+    let (nll, deferral) = score(1.0);
+    candidates.push(EtaCandidate {
+        quantile: None,
+        eta: 1.0,
+        nll,
+        deferral,
+    });
+    let best = candidates
+        .iter()
+        .min_by(|a, b| a.nll.total_cmp(&b.nll))
+        .expect("candidates");
+    Ok(EtaCalibration {
+        eta: best.eta,
+        tokens: tokens.len(),
+        candidates,
+    })
+}
