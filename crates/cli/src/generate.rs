@@ -175,7 +175,7 @@ pub fn generate<B: Backend>(args: GenerateArgs<'_>, device: &B::Device) -> Resul
     let names = model_names(&manifest.sources, k);
     let calibration = EtaCalibration::load(args.model)?;
     let strategy: WriterStrategy = match args.strategy {
-        Some(s) if s == "threshold" => WriterStrategy::Threshold {
+        Some("threshold") => WriterStrategy::Threshold {
             eta: calibration.as_ref().map_or(0.5, |c| c.eta),
         },
         Some(s) => s.parse().map_err(anyhow::Error::msg)?,

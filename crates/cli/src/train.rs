@@ -125,7 +125,7 @@ pub struct EvalArgs<'a> {
 
 enum Loaded<B: Backend> {
     Joint(Box<chorus_model::Chorus<B>>),
-    Single(Lm<B>),
+    Single(Box<Lm<B>>),
 }
 
 /// `NAME=PATH` or `PATH` (then the name is the path).
@@ -185,7 +185,7 @@ pub fn eval<B: Backend>(args: EvalArgs<'_>, device: &B::Device) -> Result<()> {
             let lm = Lm::<B>::open(&path, device)?;
             let tok = Tokenizer::open(&path)
                 .with_context(|| format!("{}: no tokenizer next to the model", path.display()))?;
-            (Loaded::Single(lm), tok)
+            (Loaded::Single(Box::new(lm)), tok)
         };
         match &tokenizer {
             None => tokenizer = Some(tok),

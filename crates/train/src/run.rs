@@ -147,12 +147,15 @@ fn model_identity(path: &Path) -> Result<String, TrainError> {
     Ok(chorus_data::fetch::sha256_file(&weights)?)
 }
 
+/// The shared tokenizer, the base and the assistants of a train config.
+type Models<B> = (Tokenizer, Lm<B>, Vec<Lm<B>>);
+
 /// The models of a train config, with every tokenizer found next to them checked against the
 /// shared one.
 pub(crate) fn open_models<B: Backend>(
     config: &TrainConfig,
     device: &B::Device,
-) -> Result<(Tokenizer, Lm<B>, Vec<Lm<B>>), TrainError> {
+) -> Result<Models<B>, TrainError> {
     let tokenizer = Tokenizer::open(&config.tokenizer)?;
     let open = |path: &Path, role: &str| -> Result<Lm<B>, TrainError> {
         let lm = Lm::<B>::open(path, device)?;
