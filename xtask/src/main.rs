@@ -193,7 +193,7 @@ fn train(out: &Path, preset: Preset) -> Result<()> {
     // Preset knobs: (pretrain steps base/expert, joint steps, IW samples, examples per task for
     // joint training, test examples per task, model overrides).
     let (base_steps, expert_steps, joint_steps, iw, joint_examples, test_examples) = match preset {
-        Preset::Cpu => (350, 200, 150, 10, 1000, 100),
+        Preset::Cpu => (300, 170, 120, 10, 800, 100),
         Preset::Gpu => (5000, 3000, 3000, 100, 0, 0),
     };
     let scale: Vec<String> = match preset {
@@ -343,15 +343,15 @@ fn train(out: &Path, preset: Preset) -> Result<()> {
                     ),
                     Preset::Gpu => train("train-joint", "joint", &[]),
                 },
-                train("train-base-finetuned", "base-finetuned", &single),
-            ],
-            vec![
                 train(
                     "train-co-llm",
                     "co-llm",
                     &[scores.as_str(), "chorus.d_latent=0"],
                 ),
+            ],
+            vec![
                 train("train-vae", "vae", &vae),
+                train("train-base-finetuned", "base-finetuned", &single),
             ],
         ],
     )?;

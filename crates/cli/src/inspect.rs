@@ -96,6 +96,19 @@ fn joint<B: Backend>(path: &Path, device: &B::Device) -> Result<()> {
     if let Some(nll) = state.valid_nll {
         println!("{:<14}valid NLL/token {nll:.4} at this step", "validation");
     }
+    match chorus_train::EtaCalibration::load(path)? {
+        Some(c) => println!(
+            "{:<14}η = {:.4} (calibrated on {} validation tokens)",
+            "decoding", c.eta, c.tokens
+        ),
+        None if model.n_models() > 1 => {
+            println!(
+                "{:<14}η not calibrated (run `chorus calibrate`)",
+                "decoding"
+            )
+        }
+        None => {}
+    }
     Ok(())
 }
 

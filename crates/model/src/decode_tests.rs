@@ -17,8 +17,12 @@ type B = burn::backend::NdArray<f64>;
 
 /// A chorus whose selector and adapters are random, so writers vary and z matters.
 fn model(n_assistants: usize, d_latent: usize) -> Chorus<B> {
+    model_seeded(n_assistants, d_latent, 11)
+}
+
+fn model_seeded(n_assistants: usize, d_latent: usize, seed: u64) -> Chorus<B> {
     let device = Default::default();
-    B::seed(&device, 11);
+    B::seed(&device, seed);
     let mut m: Chorus<B> = chorus(
         ChorusConfig {
             d_latent,
@@ -101,14 +105,18 @@ fn reference(
 fn cached_greedy_decoding_equals_full_recomputation_for_k2_and_k3() {
     let device = Default::default();
     for (k, d_latent) in [(1, 4), (2, 4), (2, 0)] {
-        let m = model(k, d_latent);
-        let z = z_for(&m, 1);
         let prompt = [0u32, 5, 9, 3];
-        let (want_tokens, want_writers) = reference(&m, &prompt, z.clone(), 12);
-        assert!(
-            k == 1 || want_writers.iter().any(|&w| w != 0),
-            "the test needs assistants to write: {want_writers:?}"
-        );
+        // Random models (burn's RNG is shared with concurrent tests, so seeds do not pin them):
+        // take the first in which an assistant writes.
+        let (m, z, want_tokens, want_writers) = (0..20)
+            .map(|seed| {
+                let m = model_seeded(k, d_latent, seed);
+                let z = z_for(&m, 1);
+                let (tokens, writers) = reference(&m, &prompt, z.clone(), 12);
+                (m, z, tokens, writers)
+            })
+            .find(|(_, _, _, w)| w.iter().any(|&j| j != 0))
+            .expect("some random model defers");
         for assistants in [
             AssistantUpdate::Eager,
             AssistantUpdate::Lazy,
