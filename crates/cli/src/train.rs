@@ -8,8 +8,9 @@ use burn::prelude::*;
 use chorus_data::{Split, Task, fetch::cache_dir, load_examples};
 use chorus_lm::{Lm, Tokenizer};
 use chorus_train::{
-    DataConfig, EvalReport, PretrainConfig, TOKEN_CONVENTION, TrainConfig, encode_examples,
-    evaluate_chorus, evaluate_lm, load_chorus, load_config, load_task_examples, text_file_examples,
+    DataConfig, DataSection, EvalReport, PretrainConfig, TOKEN_CONVENTION, TrainConfig,
+    encode_examples, evaluate_chorus, evaluate_lm, load_chorus, load_config, load_task_examples,
+    text_file_examples,
 };
 
 /// `chorus data tokenizer`: a byte-level BPE trained on the training split of the three tasks.
@@ -50,15 +51,7 @@ pub fn pretrain<B: Backend>(
     let config: PretrainConfig = load_config(config, sets)?;
     save_config(out, &config)?;
     let summary = chorus_train::pretrain::<Autodiff<B>>(&config, out, resume, device)?;
-    println!(
-        "pretrained {} steps in {:.0} s; best valid NLL/token {}; model: {}",
-        summary.steps,
-        summary.seconds,
-        summary
-            .best_valid_nll
-            .map_or("–".into(), |(s, v)| format!("{v:.4} (step {s})")),
-        summary.model.display()
-    );
+    println!("pretrained {summary}");
     Ok(())
 }
 
@@ -88,16 +81,7 @@ pub fn train<B: Backend>(
     let config: TrainConfig = load_config(config, sets)?;
     save_config(out, &config)?;
     let summary = chorus_train::train::<Autodiff<B>>(&config, out, resume, device)?;
-    println!(
-        "trained {} steps in {:.0} s ({} target tokens); best valid NLL/token {}; model: {}",
-        summary.steps,
-        summary.seconds,
-        summary.tokens_seen,
-        summary
-            .best_valid_nll
-            .map_or("–".into(), |(s, v)| format!("{v:.4} (step {s})")),
-        summary.model.display()
-    );
+    println!("trained {summary}");
     Ok(())
 }
 
@@ -141,33 +125,8 @@ pub fn eval<B: Backend>(args: EvalArgs<'_>, device: &B::Device) -> Result<()> {
         bail!("give at least one --model (a joint checkpoint directory or an LM)");
     }
     let data: DataConfig = match args.config {
-        Some(_) => load_config::<chorus_train::TrainConfig>(args.config, args.sets)?.data,
-        None => {
-            #[derive(serde::Deserialize)]
-            struct Only {
-                #[serde(default)]
-                data: DataConfig,
-            }
-            let mut table = toml::Table::new();
-            for s in args.sets {
-                let (k, v) = s.split_once('=').context("--set expects key.path=value")?;
-                let key = k
-                    .strip_prefix("data.")
-                    .context("without --config, only data.* can be set")?;
-                let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {v}"))
-                    .ok()
-                    .and_then(|mut t| t.remove("v"))
-                    .unwrap_or(toml::Value::String(v.to_string()));
-                table.insert(key.to_string(), value);
-            }
-            let only: Only = toml::Value::Table(toml::Table::from_iter([(
-                "data".to_string(),
-                toml::Value::Table(table),
-            )]))
-            .try_into()?;
-            only.data.validate().map_err(anyhow::Error::msg)?;
-            only.data
-        }
+        Some(_) => load_config::<TrainConfig>(args.config, args.sets)?.data,
+        None => load_config::<DataSection>(None, args.sets)?.data,
     };
     let mut tokenizer: Option<Tokenizer> = None;
     let mut loaded = Vec::new();

@@ -289,10 +289,26 @@ impl OptimConfig {
     }
 }
 
+/// Just a `[data]` table, for commands that read data but train nothing (`chorus eval` without a
+/// train config).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    /// The data settings.
+    #[serde(default)]
+    pub data: DataConfig,
+}
+
 /// A config that can check itself.
 pub trait Validate {
     /// Every range and combination that can be checked without loading models.
     fn validate(&self) -> Result<(), String>;
+}
+
+impl Validate for DataSection {
+    fn validate(&self) -> Result<(), String> {
+        self.data.validate()
+    }
 }
 
 impl Validate for PretrainConfig {

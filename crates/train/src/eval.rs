@@ -46,6 +46,26 @@ pub struct EvalRow {
     pub deferral: Option<f64>,
 }
 
+impl EvalRow {
+    /// A row with the NLL (and so PPL) of `tokens` target tokens; the latent and routing columns
+    /// start empty.
+    fn new(model: &str, task: Task, examples: usize, tokens: usize, log_p: f64) -> Self {
+        let nll = -log_p / tokens.max(1) as f64;
+        Self {
+            model: model.to_string(),
+            task: task.name().to_string(),
+            examples,
+            tokens,
+            nll,
+            ppl: nll.exp(),
+            kl: None,
+            mi: None,
+            active_units: None,
+            deferral: None,
+        }
+    }
+}
+
 /// Rows plus how they were computed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EvalReport {
@@ -181,7 +201,6 @@ pub fn evaluate_chorus<B: Backend>(
                     .elem::<f64>();
             }
         }
-        let nll = -log_p / tokens.max(1) as f64;
         let (mi, au) = if means.is_empty() {
             (None, None)
         } else {
@@ -193,16 +212,11 @@ pub fn evaluate_chorus<B: Backend>(
             (Some(mutual_information(&q)), Some(au))
         };
         rows.push(EvalRow {
-            model: name.to_string(),
-            task: task.name().to_string(),
-            examples: ids.len(),
-            tokens,
-            nll,
-            ppl: nll.exp(),
             kl: model.config.has_z().then(|| kl / ids.len() as f64),
             mi,
             active_units: au,
             deferral: (model.n_models() > 1).then(|| deferred / tokens.max(1) as f64),
+            ..EvalRow::new(name, task, ids.len(), tokens, log_p)
         });
     }
     Ok(rows)
@@ -227,19 +241,7 @@ pub fn evaluate_lm<B: Backend>(
             let lp = token_log_probs(logits, batch.targets.clone()) * batch.target_mask.clone();
             log_p += lp.sum().into_scalar().elem::<f64>();
         }
-        let nll = -log_p / tokens.max(1) as f64;
-        rows.push(EvalRow {
-            model: name.to_string(),
-            task: task.name().to_string(),
-            examples: ids.len(),
-            tokens,
-            nll,
-            ppl: nll.exp(),
-            kl: None,
-            mi: None,
-            active_units: None,
-            deferral: None,
-        });
+        rows.push(EvalRow::new(name, task, ids.len(), tokens, log_p));
     }
     Ok(rows)
 }

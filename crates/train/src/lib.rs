@@ -32,7 +32,9 @@ pub use checkpoint::{
     CheckpointState, ModelManifest, best_dir, latest_checkpoint, list_checkpoints, load_chorus,
     read_state,
 };
-pub use config::{DataConfig, OptimConfig, PretrainConfig, TrainConfig, Validate, load_config};
+pub use config::{
+    DataConfig, DataSection, OptimConfig, PretrainConfig, TrainConfig, Validate, load_config,
+};
 pub use eval::{
     EvalReport, EvalRow, TOKEN_CONVENTION, evaluate_chorus, evaluate_lm, text_file_examples,
 };

@@ -43,6 +43,21 @@ pub struct TrainSummary {
     pub seconds: f64,
 }
 
+impl std::fmt::Display for TrainSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} steps in {:.0} s ({} target tokens); best valid NLL/token {}; model: {}",
+            self.steps,
+            self.seconds,
+            self.tokens_seen,
+            self.best_valid_nll
+                .map_or("–".into(), |(s, v)| format!("{v:.4} (step {s})")),
+            self.model.display()
+        )
+    }
+}
+
 /// Train and validation examples of a data config, tokenised.
 pub(crate) fn prepare_data(
     data: &DataConfig,
