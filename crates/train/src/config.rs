@@ -353,7 +353,7 @@ pub fn load_config<T: DeserializeOwned + Validate>(
     path: Option<&Path>,
     overrides: &[String],
 ) -> Result<T, TrainError> {
-    let file = path.map_or("<defaults>".to_string(), |p| p.display().to_string());
+    let file = path.map_or("defaults + --set".to_string(), |p| p.display().to_string());
     let err = |reason: String| TrainError::Config {
         file: file.clone(),
         reason,
