@@ -25,16 +25,17 @@ struct Row<'a> {
 }
 
 pub fn stats(tokenizer: Option<&Path>) -> Result<()> {
-    let cache = cache_dir();
-    let examples = load_examples(&cache)?;
+    // The tokenizer first: a bad path fails before the corpora are read.
     let tokenizer = match tokenizer {
         None => None,
         Some(p) if p.extension().is_some_and(|e| e == "gguf") => {
             Some(Tokenizer::from_gguf(&GgufFile::open(p)?)?)
         }
         Some(p) if p.is_file() => Some(Tokenizer::from_file(p)?),
-        Some(p) => bail!("{}: not a tokenizer.json or .gguf file", p.display()),
+        Some(p) => bail!("{}: no such tokenizer.json or .gguf file", p.display()),
     };
+    let cache = cache_dir();
+    let examples = load_examples(&cache)?;
     let mut table: BTreeMap<(Task, &str), Row> = BTreeMap::new();
     for e in &examples {
         let split = match e.split {

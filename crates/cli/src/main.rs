@@ -140,11 +140,12 @@ enum Command {
         #[arg(long, default_value = "test", value_parser = parse_split)]
         split: Split,
         /// Evaluate on this plain-text file instead (as the open-ended task).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "split")]
         text_file: Option<PathBuf>,
-        /// At most this many examples per task (0 = all).
-        #[arg(long, default_value_t = 200)]
-        max_examples: usize,
+        /// At most this many examples per task of a split (default 200), or the first this many
+        /// passages of a --text-file (default: all); 0 = all.
+        #[arg(long)]
+        max_examples: Option<usize>,
         /// z samples per example for the importance-weighted bound.
         #[arg(long, default_value_t = 100)]
         iw_samples: usize,
@@ -288,8 +289,31 @@ fn parse_update(s: &str) -> Result<chorus_model::AssistantUpdate, String> {
     }
 }
 
-fn main() -> Result<()> {
+/// Runs the command; an error is one line on stderr (`error: context: cause: …`) and exit code 1.
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", one_line(&e));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error and its causes joined on one line (causes that repeat their parent are dropped).
+fn one_line(e: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        let text = cause.to_string().replace('\n', " ");
+        if !parts.last().is_some_and(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+    }
+    parts.join(": ")
+}
+
+fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Data {
             command: DataCommand::Fetch,

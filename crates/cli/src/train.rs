@@ -15,6 +15,10 @@ use chorus_train::{
 
 /// `chorus data tokenizer`: a byte-level BPE trained on the training split of the three tasks.
 pub fn tokenizer(vocab_size: usize, out: &Path) -> Result<()> {
+    // Where it goes first, so that an unwritable output fails before minutes of training.
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
     let examples = load_examples(&cache_dir())?;
     // Targets of every task, plus contexts where they are not earlier targets (dialogue contexts
     // are previous turns).
@@ -29,9 +33,6 @@ pub fn tokenizer(vocab_size: usize, out: &Path) -> Result<()> {
         .collect();
     eprintln!("training a {vocab_size}-token BPE on {} texts", texts.len());
     let tokenizer = Tokenizer::train_bpe(texts.into_iter(), vocab_size, &["<|endoftext|>"])?;
-    if let Some(dir) = out.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
     tokenizer.save(out)?;
     println!(
         "wrote {} ({} tokens)",
@@ -101,7 +102,8 @@ pub struct EvalArgs<'a> {
     pub sets: &'a [String],
     pub split: Split,
     pub text_file: Option<&'a Path>,
-    pub max_examples: usize,
+    /// `None`: 200 examples per task of a split, every passage of a text file.
+    pub max_examples: Option<usize>,
     pub iw_samples: usize,
     pub members: bool,
     pub json: Option<&'a Path>,
@@ -154,16 +156,40 @@ pub fn eval<B: Backend>(args: EvalArgs<'_>, device: &B::Device) -> Result<()> {
     }
     let tokenizer = tokenizer.expect("at least one model");
     let (examples, what) = match args.text_file {
-        Some(file) => (text_file_examples(file)?, file.display().to_string()),
+        Some(file) => {
+            let mut passages = text_file_examples(file)?;
+            let total = passages.len();
+            match args.max_examples {
+                Some(n) if n > 0 && n < total => {
+                    passages.truncate(n);
+                    (
+                        passages,
+                        format!("{}, first {n} of {total} passages", file.display()),
+                    )
+                }
+                _ => (passages, file.display().to_string()),
+            }
+        }
         None => {
             let all = load_examples(&data.cache_dir())?;
             (
-                load_task_examples(&all, &data, args.split, args.max_examples)?,
+                load_task_examples(&all, &data, args.split, args.max_examples.unwrap_or(200))?,
                 format!("{:?} split", args.split).to_lowercase(),
             )
         }
     };
-    let encoded = encode_examples(&examples, &tokenizer, &data.eos_token, data.max_seq_len)?;
+    // Rows are cut to the shortest context window among the models (and data.max_seq_len).
+    let context = loaded
+        .iter()
+        .flat_map(|(_, m)| match m {
+            Loaded::Joint(m) => std::iter::once(&m.base)
+                .chain(&m.assistants)
+                .map(|lm| lm.dims().max_seq_len)
+                .collect::<Vec<_>>(),
+            Loaded::Single(lm) => vec![lm.dims().max_seq_len],
+        })
+        .fold(data.max_seq_len, usize::min);
+    let encoded = encode_examples(&examples, &tokenizer, &data.eos_token, context)?;
     let mut rows = Vec::new();
     for (name, model) in &loaded {
         eprintln!("evaluating {name} on {} examples ({what})", encoded.len());

@@ -287,6 +287,7 @@ mod tests {
         std::fs::write(dir.path().join("bad.whl"), "not a zip").unwrap();
         let err = unpack(&dir.path().join("bad.whl"), &dir.path().join("bad")).unwrap_err();
         assert!(err.to_string().contains("bad.whl"), "{err}");
-        assert!(unpack(&dir.path().join("bad.rar"), &dir.path().join("rar")).is_err());
+        let err = unpack(&dir.path().join("bad.rar"), &dir.path().join("rar")).unwrap_err();
+        assert!(err.to_string().contains("bad.rar"), "{err}");
     }
 }

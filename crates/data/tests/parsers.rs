@@ -26,7 +26,8 @@ fn brown_tags_are_stripped_and_punctuation_rejoined() {
     // The malformed line: an untagged token is kept as it is, the rest is stripped.
     let last = sentences.last().unwrap();
     assert_eq!(last, "This line has a broken token without-a-tag and ends.");
-    assert!(brown::parse("empty", "\n\n  \n").is_err());
+    let err = brown::parse("empty", "\n\n  \n").unwrap_err().to_string();
+    assert!(err.contains("empty"), "{err}");
 }
 
 #[test]
@@ -69,8 +70,10 @@ fn chitchat_conversations_become_turns_and_malformed_entries_are_named() {
         first.turns[1].text,
         "whats up MD im doing good how are you doing?"
     );
-    assert!(chitchat::parse("x.json", "{not json").is_err());
-    assert!(chitchat::parse("x.json", "{}").is_err());
+    for bad in ["{not json", "{}"] {
+        let err = chitchat::parse("x.json", bad).unwrap_err().to_string();
+        assert!(err.contains("x.json"), "{bad}: {err}");
+    }
 }
 
 #[test]
@@ -87,6 +90,10 @@ fn sotu_addresses_become_sentences() {
             .starts_with("Fellow-Citizens of the Senate and House of Representatives:")
     );
     assert!(address.sentences.len() > 5);
-    assert!(sotu::parse("george.txt", "Some text.").is_err());
-    assert!(sotu::parse("1790_x.txt", "   ").is_err());
+    let err = sotu::parse("george.txt", "Some text.")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("george.txt"), "{err}");
+    let err = sotu::parse("1790_x.txt", "   ").unwrap_err().to_string();
+    assert!(err.contains("1790_x.txt"), "{err}");
 }

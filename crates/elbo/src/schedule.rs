@@ -207,31 +207,43 @@ mod tests {
 
     #[test]
     fn out_of_range_schedules_are_rejected() {
+        // Each schedule with the field its message must name.
         let bad = [
-            KlSchedule::Constant { beta: -0.1 },
-            KlSchedule::Constant { beta: f64::NAN },
-            KlSchedule::Linear { warmup_steps: 0 },
-            KlSchedule::Cyclical {
-                total_steps: 10,
-                n_cycles: 0,
-                ratio: 0.5,
-            },
-            KlSchedule::Cyclical {
-                total_steps: 10,
-                n_cycles: 2,
-                ratio: 1.5,
-            },
-            KlSchedule::ZeroThenLinear {
-                total_steps: 10,
-                n_cycles: 1,
-                ratio_zero: 0.7,
-                ratio_increase: 0.5,
-            },
+            (KlSchedule::Constant { beta: -0.1 }, "beta = -0.1"),
+            (KlSchedule::Constant { beta: f64::NAN }, "beta = NaN"),
+            (KlSchedule::Linear { warmup_steps: 0 }, "warmup_steps"),
+            (
+                KlSchedule::Cyclical {
+                    total_steps: 10,
+                    n_cycles: 0,
+                    ratio: 0.5,
+                },
+                "n_cycles",
+            ),
+            (
+                KlSchedule::Cyclical {
+                    total_steps: 10,
+                    n_cycles: 2,
+                    ratio: 1.5,
+                },
+                "ratio = 1.5",
+            ),
+            (
+                KlSchedule::ZeroThenLinear {
+                    total_steps: 10,
+                    n_cycles: 1,
+                    ratio_zero: 0.7,
+                    ratio_increase: 0.5,
+                },
+                "ratio_zero",
+            ),
         ];
-        for s in bad {
-            assert!(s.validate().is_err(), "{s:?} accepted");
+        for (s, field) in bad {
+            let err = s.validate().unwrap_err().to_string();
+            assert!(err.contains(field), "{s:?}: {err}");
         }
         let parsed: Result<KlSchedule, _> = serde_json::from_str(r#"{"kind":"linear","warmup":5}"#);
-        assert!(parsed.is_err(), "unknown keys must be rejected");
+        let err = parsed.unwrap_err().to_string();
+        assert!(err.contains("unknown field `warmup`"), "{err}");
     }
 }

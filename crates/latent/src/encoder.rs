@@ -170,13 +170,16 @@ mod tests {
             + p.log_var.clone().narrow(0, 1, 1).abs().sum().into_scalar();
         assert_eq!(row1, 0.0);
         assert!(p.mean.narrow(0, 0, 1).abs().sum().into_scalar() > 0.0);
+        let err = GaussianHeadConfig {
+            d_hidden: 0,
+            d_latent: 2,
+        }
+        .init::<B>(&device)
+        .unwrap_err()
+        .to_string();
         assert!(
-            GaussianHeadConfig {
-                d_hidden: 0,
-                d_latent: 2
-            }
-            .init::<B>(&device)
-            .is_err()
+            err.contains("d_hidden > 0") && err.contains("got 0 and 2"),
+            "{err}"
         );
     }
 }

@@ -248,7 +248,13 @@ mod tests {
                 embedding: false,
             },
         ] {
-            assert!(cfg.init::<B>(&dims, &device).is_err(), "{cfg:?}");
+            let err = cfg.init::<B>(&dims, &device).unwrap_err().to_string();
+            let says = if cfg.d_latent == 0 {
+                "d_latent must be > 0"
+            } else {
+                "memory_slots > 0 or embedding"
+            };
+            assert!(err.contains(says), "{cfg:?}: {err}");
         }
     }
 }

@@ -349,6 +349,41 @@ fn tokenizers_of_one_chorus_must_match() {
         err.contains("test.gguf") && err.contains("other.gguf") && err.contains("merges"),
         "{err}"
     );
+    // Same vocabulary and merges, another pre-tokenizer ("12" is one token or two): refused.
+    let smollm = Tokenizer::from_gguf(&parse(&tokenizer_gguf("smollm")).unwrap()).unwrap();
+    assert_ne!(a.encode("12").unwrap(), smollm.encode("12").unwrap());
+    let err = a.check_same(&smollm).unwrap_err().to_string();
+    assert!(err.contains("pre-tokenizer differs"), "{err}");
+    // A normaliser or a decoder of its own, through tokenizer.json: refused, naming the part.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tokenizer.json");
+    a.save(&path).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    for (part, value, says) in [
+        (
+            "normalizer",
+            serde_json::json!({"type": "Lowercase"}),
+            "normalizer differs",
+        ),
+        (
+            "decoder",
+            serde_json::json!({"type": "Replace", "pattern": {"String": "Ġ"}, "content": " "}),
+            "decoder differs",
+        ),
+    ] {
+        let mut changed = json.clone();
+        changed[part] = value;
+        let edited = dir.path().join(format!("{part}.json"));
+        std::fs::write(&edited, changed.to_string()).unwrap();
+        let other = Tokenizer::from_file(&edited).unwrap();
+        let err = a.check_same(&other).unwrap_err().to_string();
+        assert!(
+            err.contains(says) && err.contains(&format!("{part}.json")),
+            "{err}"
+        );
+    }
+    Tokenizer::from_file(&path).unwrap().check_same(&a).unwrap();
 }
 
 /// xorshift64*: a tiny deterministic generator for the fuzzer.

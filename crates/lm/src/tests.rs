@@ -257,10 +257,14 @@ fn invalid_configs_are_rejected_before_allocation() {
     if let LmConfig::Llama(c) = &mut odd {
         c.d_model = 20; // head_dim 5 cannot be rotated
     }
-    assert!(odd.validate().is_err());
+    let err = odd.validate().unwrap_err().to_string();
+    assert!(err.contains("head_dim") || err.contains("d_model"), "{err}");
     let unknown = r#"{"family":"llama","vocab_size":5,"d_model":8,"n_layers":1,"n_heads":2,
         "n_kv_heads":1,"d_ff":8,"dmodel":3}"#;
-    assert!(serde_json::from_str::<LmConfig>(unknown).is_err());
+    let err = serde_json::from_str::<LmConfig>(unknown)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("dmodel"), "{err}");
 }
 
 #[test]

@@ -239,8 +239,11 @@ impl Tokenizer {
         self.chat_template.as_deref()
     }
 
-    /// Fails unless `other` maps text to ids exactly as `self` does: same vocabulary, same merges,
-    /// same added tokens. Models of one chorus must share a tokenizer.
+    /// Fails unless `other` maps text to ids and back exactly as `self` does: same vocabulary,
+    /// same model (merges and options), same added tokens, normaliser, pre-tokenizer,
+    /// post-processor and decoder. Models of one chorus must share a tokenizer. (Vocabulary and
+    /// merges alone are not enough: GGUF's `gpt2` and `smollm` pre-tokenizers share both and split
+    /// "12" differently.)
     pub fn check_same(&self, other: &Tokenizer) -> Result<(), LmError> {
         let mismatch = |reason: String| LmError::TokenizerMismatch {
             first: self.source.clone(),
@@ -264,19 +267,45 @@ impl Tokenizer {
                 b.get(*token)
             )));
         }
-        let model_json = |t: &tokenizers::Tokenizer| -> Result<serde_json::Value, LmError> {
+        let as_json = |t: &tokenizers::Tokenizer| -> Result<serde_json::Value, LmError> {
             let text = t.to_string(false).map_err(|e| mismatch(e.to_string()))?;
-            let v: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| mismatch(e.to_string()))?;
-            Ok(v["model"]["merges"].clone())
+            serde_json::from_str(&text).map_err(|e| mismatch(e.to_string()))
         };
-        let (ma, mb) = (model_json(&self.inner)?, model_json(&other.inner)?);
+        let (ja, jb) = (as_json(&self.inner)?, as_json(&other.inner)?);
+        let (ma, mb) = (&ja["model"]["merges"], &jb["model"]["merges"]);
         if ma != mb {
             let (la, lb) = (
                 ma.as_array().map_or(0, Vec::len),
                 mb.as_array().map_or(0, Vec::len),
             );
             return Err(mismatch(format!("merges differ ({la} vs {lb} merges)")));
+        }
+        // Every other part of the pipeline, by its tokenizer.json key. (Padding and truncation
+        // are off in both: chorus pads its own batches.)
+        for part in [
+            "model",
+            "added_tokens",
+            "normalizer",
+            "pre_tokenizer",
+            "post_processor",
+            "decoder",
+        ] {
+            if ja[part] != jb[part] {
+                let brief = |v: &serde_json::Value| {
+                    let s = v.to_string();
+                    if s.chars().count() > 120 {
+                        format!("{}…", s.chars().take(120).collect::<String>())
+                    } else {
+                        s
+                    }
+                };
+                return Err(mismatch(format!(
+                    "the {} differs: {} vs {}",
+                    part.replace('_', "-"),
+                    brief(&ja[part]),
+                    brief(&jb[part])
+                )));
+            }
         }
         Ok(())
     }
@@ -403,7 +432,10 @@ mod tests {
             back.encode("the dog").unwrap(),
             tok.encode("the dog").unwrap()
         );
-        assert!(Tokenizer::train_bpe(texts.iter(), 100, &[]).is_err());
+        let err = Tokenizer::train_bpe(texts.iter(), 100, &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("vocab_size 100 is below"), "{err}");
     }
 
     #[test]

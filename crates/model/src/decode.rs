@@ -155,7 +155,7 @@ impl Decoded {
 
 /// SplitMix64 uniform numbers in [0, 1): portable and seedable.
 #[derive(Debug, Clone)]
-struct Rng(u64);
+pub(crate) struct Rng(pub(crate) u64);
 
 impl Rng {
     fn uniform(&mut self) -> f64 {
@@ -167,7 +167,7 @@ impl Rng {
     }
 
     /// An index drawn from unnormalised non-negative weights.
-    fn categorical(&mut self, weights: &[f64]) -> usize {
+    pub(crate) fn categorical(&mut self, weights: &[f64]) -> usize {
         let total: f64 = weights.iter().sum();
         let mut u = self.uniform() * total;
         for (i, w) in weights.iter().enumerate() {
@@ -180,7 +180,7 @@ impl Rng {
     }
 }
 
-fn argmax(values: &[f64]) -> usize {
+pub(crate) fn argmax(values: &[f64]) -> usize {
     values
         .iter()
         .enumerate()

@@ -7,25 +7,25 @@ use burn::tensor::Distribution;
 use burn::tensor::activation::softmax;
 use chorus_lm::LmInput;
 
-use crate::tests::chorus;
+use crate::decode::{Rng, argmax};
+use crate::tests::{chorus, seeded};
 use crate::{
-    AssistantUpdate, Chorus, ChorusConfig, DecodeConfig, WriterStrategy, mixture_probs,
-    tempered_probs,
+    AssistantUpdate, Chorus, ChorusConfig, DecodeConfig, Decoded, WriterStrategy, mixture_probs,
+    tempered_probs, truncate_probs,
 };
 
 type B = burn::backend::NdArray<f64>;
 
-/// A chorus whose selector and adapters are random, so writers vary and z matters.
+/// A chorus whose selector and every adapter (memory keys and values, embedding offsets, on the
+/// base and on the assistants) are random, so writers vary and z reaches every model.
+/// Callers hold [`seeded`]'s lock.
 fn model(n_assistants: usize, d_latent: usize) -> Chorus<B> {
-    model_seeded(n_assistants, d_latent, 11)
-}
-
-fn model_seeded(n_assistants: usize, d_latent: usize, seed: u64) -> Chorus<B> {
-    let device = Default::default();
-    B::seed(&device, seed);
     let mut m: Chorus<B> = chorus(
         ChorusConfig {
             d_latent,
+            memory_slots: 1,
+            embedding_offset: true,
+            assistant_adapters: true,
             ..ChorusConfig::default()
         },
         n_assistants,
@@ -36,10 +36,13 @@ fn model_seeded(n_assistants: usize, d_latent: usize, seed: u64) -> Chorus<B> {
     let selector = m.selector.as_mut().unwrap();
     random(&mut selector.proj.weight, 1.0);
     selector.proj.bias = None; // no head start for the base: writers vary
-    if let Some(a) = m.base_adapter.as_mut()
-        && let Some(e) = a.embedding.as_mut()
-    {
-        random(&mut e.weight, 0.5);
+    for a in m.base_adapter.iter_mut().chain(&mut m.assistant_adapters) {
+        for linear in [&mut a.memory_key, &mut a.memory_value, &mut a.embedding]
+            .into_iter()
+            .flatten()
+        {
+            random(&mut linear.weight, 0.5);
+        }
     }
     m
 }
@@ -54,34 +57,52 @@ fn z_for(m: &Chorus<B>, rows: usize) -> Option<Tensor<B, 2>> {
     })
 }
 
-/// Greedy decoding by full recomputation: every model re-reads the whole sequence at each step.
+/// `generate` by full recomputation: at every step every model re-reads every row's whole sequence
+/// (no KV cache, no catch-up), then writer and token are chosen by the rules of DESIGN §4 with the
+/// same seeded draws in the same order. `stop(row, n)` ends a row after its n-th token, as a stop
+/// string does.
 fn reference(
     m: &Chorus<B>,
     prompt: &[u32],
+    rows: usize,
     z: Option<Tensor<B, 2>>,
-    n: usize,
-) -> (Vec<u32>, Vec<usize>) {
+    config: &DecodeConfig,
+    stop: impl Fn(usize, usize) -> bool,
+) -> Vec<Decoded> {
     let device = Default::default();
-    let mut seq = prompt.to_vec();
-    let (mut tokens, mut writers) = (Vec::new(), Vec::new());
-    for _ in 0..n {
-        let len = seq.len();
-        let input = || {
-            LmInput::new(Tensor::<B, 2, Int>::from_data(
-                TensorData::new(seq.iter().map(|&t| t as i64).collect::<Vec<_>>(), [1, len]),
-                &device,
-            ))
+    let k = m.n_models();
+    let mut rng = Rng(config.seed);
+    let mut seqs = vec![prompt.to_vec(); rows];
+    let mut out = vec![
+        Decoded {
+            tokens: Vec::new(),
+            writers: Vec::new(),
+            pi: Vec::new(),
         };
-        let outs: Vec<_> = (0..m.n_models())
-            .map(|j| m.model_forward(j, input(), z.clone()).unwrap())
+        rows
+    ];
+    let mut done = vec![false; rows];
+    for _ in 0..config.max_new_tokens {
+        let len = seqs[0].len();
+        let flat: Vec<i64> = seqs.iter().flatten().map(|&t| t as i64).collect();
+        let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(flat, [rows, len]), &device);
+        let outs: Vec<_> = (0..k)
+            .map(|j| {
+                m.model_forward(j, LmInput::new(tokens.clone()), z.clone())
+                    .unwrap()
+            })
             .collect();
-        let last = |t: Tensor<B, 3>| {
+        // The last position of each row, as rows of f64.
+        let last = |t: Tensor<B, 3>| -> Vec<Vec<f64>> {
             let d = t.dims()[2];
             t.narrow(1, len - 1, 1)
-                .reshape([d])
+                .reshape([rows, d])
                 .into_data()
                 .to_vec::<f64>()
                 .unwrap()
+                .chunks(d)
+                .map(<[f64]>::to_vec)
+                .collect()
         };
         let pi = last(
             m.selector
@@ -90,56 +111,142 @@ fn reference(
                 .forward(outs[0].hidden.clone())
                 .exp(),
         );
-        let writer = (0..pi.len()).fold(0, |b, j| if pi[j] > pi[b] { j } else { b });
-        let logits = last(outs[writer].logits.clone());
-        let token =
-            (0..logits.len()).fold(0, |b, v| if logits[v] > logits[b] { v } else { b }) as u32;
-        tokens.push(token);
-        writers.push(writer);
-        seq.push(token);
+        let logits: Vec<Vec<Vec<f32>>> = outs
+            .iter()
+            .map(|o| {
+                last(o.logits.clone())
+                    .into_iter()
+                    .map(|row| row.into_iter().map(|l| l as f32).collect())
+                    .collect()
+            })
+            .collect();
+        let writers: Vec<Option<usize>> = pi
+            .iter()
+            .map(|p| match config.strategy {
+                WriterStrategy::Sample => Some(rng.categorical(p)),
+                WriterStrategy::Greedy => Some(argmax(p)),
+                WriterStrategy::Threshold { eta } => {
+                    let j = 1 + argmax(&p[1..]);
+                    Some(if p[j] > eta { j } else { 0 })
+                }
+                WriterStrategy::Mixture => None,
+            })
+            .collect();
+        for r in 0..rows {
+            if done[r] {
+                seqs[r].push(config.eos.unwrap_or(0));
+                continue;
+            }
+            let per_model: Vec<Vec<f64>> = (0..k)
+                .map(|j| tempered_probs(&logits[j][r], config.temperature))
+                .collect();
+            let mut probs = match writers[r] {
+                Some(j) => per_model[j].clone(),
+                None => mixture_probs(&pi[r], &per_model),
+            };
+            truncate_probs(&mut probs, config.top_k, config.top_p);
+            let token = if config.temperature == 0.0 {
+                argmax(&probs)
+            } else {
+                rng.categorical(&probs)
+            };
+            let writer = writers[r].unwrap_or_else(|| {
+                argmax(
+                    &(0..k)
+                        .map(|j| pi[r][j] * per_model[j][token])
+                        .collect::<Vec<_>>(),
+                )
+            });
+            out[r].tokens.push(token as u32);
+            out[r].writers.push(writer);
+            out[r].pi.push(pi[r].iter().map(|&p| p as f32).collect());
+            seqs[r].push(token as u32);
+            if config.eos == Some(token as u32) || stop(r, out[r].tokens.len()) {
+                done[r] = true;
+            }
+        }
+        if done.iter().all(|d| *d) {
+            break;
+        }
     }
-    (tokens, writers)
+    out
 }
 
 #[test]
-fn cached_greedy_decoding_equals_full_recomputation_for_k2_and_k3() {
+fn cached_decoding_equals_full_recomputation_for_every_strategy_and_update_mode() {
+    let _rng = seeded(11);
     let device = Default::default();
-    for (k, d_latent) in [(1, 4), (2, 4), (2, 0)] {
-        let prompt = [0u32, 5, 9, 3];
-        // Random models (burn's RNG is shared with concurrent tests, so seeds do not pin them):
-        // take the first in which an assistant writes.
-        let (m, z, want_tokens, want_writers) = (0..20)
-            .map(|seed| {
-                let m = model_seeded(k, d_latent, seed);
-                let z = z_for(&m, 1);
-                let (tokens, writers) = reference(&m, &prompt, z.clone(), 12);
-                (m, z, tokens, writers)
-            })
-            .find(|(_, _, _, w)| w.iter().any(|&j| j != 0))
-            .expect("some random model defers");
-        for assistants in [
-            AssistantUpdate::Eager,
-            AssistantUpdate::Lazy,
-            AssistantUpdate::Reencode,
+    let prompt = [0u32, 5, 9, 3];
+    let rows = 3;
+    // Row 1 stops after its 4th token (a stop string); EOS = 7 ends any row that writes it.
+    let stop = |r: usize, n: usize| r == 1 && n == 4;
+    let (mut deferred, mut eos_seen) = (0, false);
+    for (k, d_latent) in [(2, 4), (1, 4), (2, 0)] {
+        let m = model(k, d_latent);
+        let z = z_for(&m, rows); // a different z per row
+        for (strategy, temperature, top_k, top_p) in [
+            (WriterStrategy::Greedy, 0.0, 0, 1.0),
+            (WriterStrategy::Sample, 1.0, 0, 1.0),
+            (WriterStrategy::Sample, 0.8, 6, 0.9),
+            (WriterStrategy::Threshold { eta: 0.3 }, 0.7, 0, 0.8),
+            (WriterStrategy::Mixture, 1.2, 8, 1.0),
+            (WriterStrategy::Mixture, 0.0, 0, 1.0),
         ] {
             let config = DecodeConfig {
-                strategy: WriterStrategy::Greedy,
-                temperature: 0.0,
+                strategy,
+                temperature,
+                top_k,
+                top_p,
                 max_new_tokens: 12,
-                assistants,
+                eos: Some(7),
+                seed: 3,
                 ..DecodeConfig::default()
             };
-            let got = m
-                .generate(&prompt, 1, z.clone(), &config, &device, |_, _, _| true)
-                .unwrap();
-            assert_eq!(got[0].tokens, want_tokens, "K = {} {assistants:?}", k + 1);
-            assert_eq!(got[0].writers, want_writers, "K = {} {assistants:?}", k + 1);
+            let want = reference(&m, &prompt, rows, z.clone(), &config, stop);
+            for assistants in [
+                AssistantUpdate::Eager,
+                AssistantUpdate::Lazy,
+                AssistantUpdate::Reencode,
+            ] {
+                let config = DecodeConfig {
+                    assistants,
+                    ..config.clone()
+                };
+                let mut emitted = vec![0; rows];
+                let got = m
+                    .generate(&prompt, rows, z.clone(), &config, &device, |r, _, _| {
+                        emitted[r] += 1;
+                        !stop(r, emitted[r])
+                    })
+                    .unwrap();
+                let what = format!("K = {} d_latent {d_latent} {config:?}", k + 1);
+                for (g, w) in got.iter().zip(&want) {
+                    assert_eq!(g.tokens, w.tokens, "{what}");
+                    assert_eq!(g.writers, w.writers, "{what}");
+                    for (a, b) in g.pi.iter().flatten().zip(w.pi.iter().flatten()) {
+                        assert!((a - b).abs() < 1e-6, "{what}: π {a} vs {b}");
+                    }
+                }
+                deferred += got
+                    .iter()
+                    .flat_map(|d| &d.writers)
+                    .filter(|&&w| w != 0)
+                    .count();
+                eos_seen |= got.iter().any(|d| d.tokens.last() == Some(&7));
+            }
+            // Rows read different z: with z on, they (almost surely) do not all agree.
+            if d_latent > 0 && strategy == WriterStrategy::Greedy {
+                assert!(want[0].tokens != want[2].tokens || want[0].pi != want[2].pi);
+            }
         }
     }
+    // The cases are not vacuous: assistants wrote tokens, EOS and the stop rule ended rows.
+    assert!(deferred > 0 && eos_seen);
 }
 
 #[test]
 fn eta_one_is_the_base_alone_and_eta_zero_always_defers() {
+    let _rng = seeded(12);
     let device = Default::default();
     let m = model(2, 4);
     let z = z_for(&m, 1);
@@ -187,6 +294,7 @@ fn eta_one_is_the_base_alone_and_eta_zero_always_defers() {
 
 #[test]
 fn mixture_distribution_is_the_pi_weighted_sum_of_the_models() {
+    let _rng = seeded(13);
     let device = Default::default();
     let m = model(2, 4);
     let z = z_for(&m, 1);
@@ -244,6 +352,7 @@ fn mixture_distribution_is_the_pi_weighted_sum_of_the_models() {
 
 #[test]
 fn provenance_counts_and_deferral_rate_match_the_tokens() {
+    let _rng = seeded(14);
     let device = Default::default();
     let m = model(2, 4);
     let z = z_for(&m, 3);
@@ -292,6 +401,7 @@ fn provenance_counts_and_deferral_rate_match_the_tokens() {
 
 #[test]
 fn bad_decoding_input_is_a_clear_error() {
+    let _rng = seeded(15);
     let device = Default::default();
     let m = model(1, 4);
     let z = z_for(&m, 1);
@@ -315,7 +425,8 @@ fn bad_decoding_input_is_a_clear_error() {
     assert!(err.to_string().contains("reads z"), "{err}");
     let err = "beam".parse::<WriterStrategy>().unwrap_err();
     assert!(err.contains("unknown strategy `beam`"), "{err}");
-    assert!("threshold:1.5".parse::<WriterStrategy>().is_err());
+    let err = "threshold:1.5".parse::<WriterStrategy>().unwrap_err();
+    assert!(err.contains("1.5"), "{err}");
     assert_eq!(
         "threshold:0.25".parse::<WriterStrategy>().unwrap(),
         WriterStrategy::Threshold { eta: 0.25 }

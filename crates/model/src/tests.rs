@@ -102,46 +102,69 @@ fn full_config() -> ChorusConfig {
     }
 }
 
+/// burn-ndarray's RNG is one process-wide generator: tests that draw from it (model initialisation
+/// included) take turns and seed it first, so a seed pins every draw and a failure reproduces.
+pub(crate) fn seeded(seed: u64) -> std::sync::MutexGuard<'static, ()> {
+    static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let guard = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    F64::seed(&Default::default(), seed);
+    guard
+}
+
 type ParamOf = fn(&mut Chorus<AD>) -> &mut Param<Tensor<AD, 2>>;
 
-#[test]
-fn elbo_gradients_match_finite_differences() {
+/// The base's first-layer weights, for finite differences through the base LM itself.
+fn base_llama(m: &mut Chorus<AD>) -> &mut chorus_lm::Llama<AD> {
+    match &mut m.base {
+        Lm::Llama(l) => l,
+        Lm::Gpt2(_) => unreachable!("the test base is a llama"),
+    }
+}
+
+/// Autodiff against central differences on one entry of each of: posterior, conditional prior,
+/// selector, the base's attention and embedding, the base's memory key and value and embedding
+/// offset, both assistants' adapters. With `free_bits` on, λ is put between the per-dimension KLs
+/// so some dimensions are clamped (zero gradient) and some are not.
+fn check_finite_differences(free_bits: bool) {
+    let _rng = seeded(17);
     let device = Default::default();
-    F64::seed(&device, 17);
-    let mut model = chorus::<AD>(full_config(), 2);
+    // Two memory slots: with one, the softmax over slots is constant and keys are inert.
+    let config = ChorusConfig {
+        memory_slots: 2,
+        ..full_config()
+    };
+    let mut model = chorus::<AD>(config, 2);
     // Move the zero-initialised adapter projections off zero so every path carries signal.
     let perturb = |p: &mut Param<Tensor<AD, 2>>| {
         *p = Param::from_tensor(p.val().random_like(Distribution::Normal(0.0, 0.3)));
     };
-    perturb(
-        &mut model
-            .base_adapter
-            .as_mut()
-            .unwrap()
-            .memory_value
-            .as_mut()
-            .unwrap()
-            .weight,
-    );
-    perturb(
-        &mut model
-            .base_adapter
-            .as_mut()
-            .unwrap()
-            .embedding
-            .as_mut()
-            .unwrap()
-            .weight,
-    );
-    perturb(
-        &mut model.assistant_adapters[0]
-            .memory_value
-            .as_mut()
-            .unwrap()
-            .weight,
-    );
+    for a in model
+        .base_adapter
+        .iter_mut()
+        .chain(&mut model.assistant_adapters)
+    {
+        for linear in [&mut a.memory_key, &mut a.memory_value, &mut a.embedding]
+            .into_iter()
+            .flatten()
+        {
+            perturb(&mut linear.weight);
+        }
+    }
     perturb(&mut model.selector.as_mut().unwrap().proj.weight);
     let batch = batch::<AD>();
+    if free_bits {
+        let latent = model.latent_distributions(&batch).unwrap().unwrap();
+        let mut kl = latent
+            .posterior
+            .kl(&latent.prior)
+            .into_data()
+            .to_vec::<f64>()
+            .unwrap();
+        kl.sort_by(f64::total_cmp);
+        let mid = kl.len() / 2;
+        assert!(kl[mid] - kl[mid - 1] > 1e-5, "KLs too close: {kl:?}");
+        model.config.free_bits = 0.5 * (kl[mid - 1] + kl[mid]);
+    }
     let eps = Tensor::<AD, 3>::random([2, 2, 4], Distribution::Normal(0.0, 1.0), &device);
     let loss = |m: &Chorus<AD>| {
         scalar(
@@ -151,8 +174,13 @@ fn elbo_gradients_match_finite_differences() {
                 .loss,
         )
     };
+    if free_bits {
+        let mut plain = model.clone();
+        plain.config.free_bits = 0.0;
+        assert!(loss(&plain) < loss(&model), "λ clamps no dimension");
+    }
 
-    let checks: [(&str, ParamOf, [usize; 2]); 5] = [
+    let checks: [(&str, ParamOf, [usize; 2]); 10] = [
         (
             "posterior",
             |m| &mut m.posterior.as_mut().unwrap().proj.weight,
@@ -169,21 +197,46 @@ fn elbo_gradients_match_finite_differences() {
             [4, 2],
         ),
         (
-            "base adapter",
+            "base q_proj",
+            |m| &mut base_llama(m).layers[0].self_attn.q_proj.weight,
+            [5, 3],
+        ),
+        (
+            "base embedding",
+            |m| &mut base_llama(m).embed_tokens.weight,
+            [4, 6],
+        ),
+        (
+            "base memory key",
             |m| {
-                &mut m
-                    .base_adapter
-                    .as_mut()
-                    .unwrap()
-                    .memory_value
-                    .as_mut()
-                    .unwrap()
-                    .weight
+                let a = m.base_adapter.as_mut().unwrap();
+                &mut a.memory_key.as_mut().unwrap().weight
+            },
+            [2, 1],
+        ),
+        (
+            "base memory value",
+            |m| {
+                let a = m.base_adapter.as_mut().unwrap();
+                &mut a.memory_value.as_mut().unwrap().weight
             },
             [1, 7],
         ),
         (
-            "assistant adapter",
+            "base embedding offset",
+            |m| {
+                let a = m.base_adapter.as_mut().unwrap();
+                &mut a.embedding.as_mut().unwrap().weight
+            },
+            [3, 2],
+        ),
+        (
+            "assistant 1 memory key",
+            |m| &mut m.assistant_adapters[0].memory_key.as_mut().unwrap().weight,
+            [0, 2],
+        ),
+        (
+            "assistant 2 embedding offset",
             |m| &mut m.assistant_adapters[1].embedding.as_mut().unwrap().weight,
             [0, 3],
         ),
@@ -212,7 +265,7 @@ fn elbo_gradients_match_finite_differences() {
         let tolerance = 1e-6 * analytic.abs().max(1.0);
         assert!(
             (numeric - analytic).abs() < tolerance,
-            "{name}: autodiff {analytic} vs finite difference {numeric}"
+            "{name} (free bits {free_bits}): autodiff {analytic} vs finite difference {numeric}"
         );
         assert!(
             analytic.abs() > 1e-9,
@@ -222,7 +275,18 @@ fn elbo_gradients_match_finite_differences() {
 }
 
 #[test]
+fn elbo_gradients_match_finite_differences() {
+    check_finite_differences(false);
+}
+
+#[test]
+fn elbo_gradients_match_finite_differences_with_free_bits() {
+    check_finite_differences(true);
+}
+
+#[test]
 fn zero_initialised_adapters_leave_every_model_unchanged() {
+    let _rng = seeded(32);
     let device = Default::default();
     let model = chorus::<F64>(full_config(), 2);
     let batch = batch::<F64>();
@@ -241,6 +305,7 @@ fn zero_initialised_adapters_leave_every_model_unchanged() {
 
 #[test]
 fn iw_bound_is_above_the_elbo_and_rises_with_samples() {
+    let _rng = seeded(33);
     let device = Default::default();
     F64::seed(&device, 99);
     let mut model = chorus::<F64>(
@@ -283,14 +348,17 @@ fn iw_bound_is_above_the_elbo_and_rises_with_samples() {
 
 #[test]
 fn cached_assistant_log_probs_give_the_same_loss_as_live_assistants() {
+    let _rng = seeded(34);
     let device = Default::default();
     let config = ChorusConfig {
         assistant_adapters: false,
+        n_samples: 3,
         ..full_config()
     };
     let model = chorus::<F64>(config, 2);
     let mut batch = batch::<F64>();
-    let eps = Tensor::<F64, 3>::random([1, 2, 4], Distribution::Normal(0.0, 1.0), &device);
+    // S = 3 samples of z per row: the cached log-probs are broadcast over samples.
+    let eps = Tensor::<F64, 3>::random([3, 2, 4], Distribution::Normal(0.0, 1.0), &device);
     let live = scalar(
         model
             .forward_elbo_with_noise(&batch, 0, Some(eps.clone()))
@@ -309,11 +377,13 @@ fn cached_assistant_log_probs_give_the_same_loss_as_live_assistants() {
     assert!((live - cached).abs() < 1e-12, "{live} vs {cached}");
     // Adapted assistants depend on z and cannot be cached.
     let adapted = chorus::<F64>(full_config(), 1);
-    assert!(adapted.assistant_log_probs(&batch).is_err());
+    let err = adapted.assistant_log_probs(&batch).unwrap_err().to_string();
+    assert!(err.contains("depend on z"), "{err}");
 }
 
 #[test]
 fn without_z_k2_is_co_llm_and_k1_is_the_plain_lm() {
+    let _rng = seeded(35);
     let batch = batch::<F64>();
     let no_z = ChorusConfig {
         d_latent: 0,
@@ -335,8 +405,17 @@ fn without_z_k2_is_co_llm_and_k1_is_the_plain_lm() {
         .into_scalar()
         / 2.0;
     assert!((loss - nll).abs() < 1e-10, "{loss} vs {nll}");
-    // K = 2, no z: −log(σ(−d) P_base + σ(d) P_asst) with d the selector's deferral logit.
-    let co_llm = chorus::<F64>(no_z, 1);
+    // K = 2, no z: −log(σ(−d) P_base + σ(d) P_asst) with d the selector's deferral logit. The
+    // selector is random (its zero initialisation would make d = 0 whatever hidden state it read).
+    let mut co_llm = chorus::<F64>(no_z, 1);
+    let selector = co_llm.selector.as_mut().unwrap();
+    selector.proj.weight = Param::from_tensor(
+        selector
+            .proj
+            .weight
+            .val()
+            .random_like(Distribution::Normal(0.0, 1.0)),
+    );
     let out = co_llm.forward_elbo(&batch, 0).unwrap();
     let input = || LmInput::new(batch.tokens.clone()).with_padding(batch.padding.clone());
     let base = co_llm.base.forward(input(), None).unwrap();
@@ -362,6 +441,7 @@ fn without_z_k2_is_co_llm_and_k1_is_the_plain_lm() {
 
 #[test]
 fn models_with_different_vocabularies_are_rejected() {
+    let _rng = seeded(36);
     let device = Default::default();
     let base = llama(20, 12).init::<F64>(&device).unwrap();
     let other = gpt2(21).init::<F64>(&device).unwrap();
@@ -382,21 +462,33 @@ fn models_with_different_vocabularies_are_rejected() {
 
 #[test]
 fn bad_configs_are_rejected() {
-    for bad in [
-        r#"{"free_bits": -1.0}"#,
-        r#"{"n_samples": 0}"#,
-        r#"{"memory_slots": 0, "embedding_offset": false}"#,
-        r#"{"kl_schedule": {"kind": "cyclical", "total_steps": 10, "n_cycles": 2, "ratio": 2.0}}"#,
+    let _rng = seeded(37);
+    for (bad, says) in [
+        (r#"{"free_bits": -1.0}"#, "free_bits = -1"),
+        (r#"{"n_samples": 0}"#, "n_samples must be ≥ 1"),
+        (
+            r#"{"memory_slots": 0, "embedding_offset": false}"#,
+            "memory_slots > 0 or embedding_offset",
+        ),
+        (
+            r#"{"kl_schedule": {"kind": "cyclical", "total_steps": 10, "n_cycles": 2, "ratio": 2.0}}"#,
+            "ratio = 2",
+        ),
     ] {
         let config: ChorusConfig = serde_json::from_str(bad).unwrap();
-        assert!(config.validate().is_err(), "{bad} accepted");
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains(says), "{bad}: {err}");
     }
-    assert!(serde_json::from_str::<ChorusConfig>(r#"{"d_latnet": 3}"#).is_err());
+    let err = serde_json::from_str::<ChorusConfig>(r#"{"d_latnet": 3}"#)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("unknown field `d_latnet`"), "{err}");
     let _ = PriorConfig::StandardNormal;
 }
 
 #[test]
 fn frozen_assistants_get_no_gradient_while_their_adapters_train() {
+    let _rng = seeded(38);
     let device = Default::default();
     // Two slots: with a single slot the softmax over slots is constant and its keys get no gradient.
     let config = ChorusConfig {
@@ -505,6 +597,7 @@ fn write_tiny_bert(dir: &std::path::Path) {
 
 #[test]
 fn the_posterior_can_read_a_separate_bert_encoder() {
+    let _rng = seeded(39);
     let device = Default::default();
     let dir = tempfile::tempdir().unwrap();
     write_tiny_bert(dir.path());
@@ -515,7 +608,8 @@ fn the_posterior_can_read_a_separate_bert_encoder() {
     assert_eq!(model.config.encoder, crate::EncoderKind::Bert);
     let mut batch = batch::<AD>();
     // Without encoder tokens the batch is refused.
-    assert!(model.forward_elbo(&batch, 0).is_err());
+    let err = model.forward_elbo(&batch, 0).unwrap_err().to_string();
+    assert!(err.contains("encoder"), "{err}");
     let tokens = |ids: [[i64; 5]; 2]| Tensor::<AD, 2, Int>::from_data(ids, &device);
     let padding =
         Tensor::<AD, 2, Bool>::from_data([[false, false, false, false, true], [false; 5]], &device);

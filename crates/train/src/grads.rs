@@ -5,15 +5,20 @@ use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 
-struct SquaredNorm<'a> {
+/// Sums `Σ g²` over parameters on the device (one host read at the end, not one per parameter).
+struct SquaredNorm<'a, B: AutodiffBackend> {
     grads: &'a GradientsParams,
-    sum: f64,
+    sum: Option<Tensor<B::InnerBackend, 1>>,
 }
 
-impl<B: AutodiffBackend> ModuleVisitor<B> for SquaredNorm<'_> {
+impl<B: AutodiffBackend> ModuleVisitor<B> for SquaredNorm<'_, B> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         if let Some(g) = self.grads.get::<B::InnerBackend, D>(param.id) {
-            self.sum += g.powf_scalar(2.0).sum().into_scalar().elem::<f64>();
+            let squares = g.powf_scalar(2.0).sum();
+            self.sum = Some(match self.sum.take() {
+                Some(sum) => sum + squares,
+                None => squares,
+            });
         }
     }
 }
@@ -37,9 +42,11 @@ pub fn global_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
     module: &M,
     grads: &GradientsParams,
 ) -> f64 {
-    let mut visitor = SquaredNorm { grads, sum: 0.0 };
+    let mut visitor = SquaredNorm::<B> { grads, sum: None };
     module.visit(&mut visitor);
-    visitor.sum.sqrt()
+    visitor
+        .sum
+        .map_or(0.0, |s| s.into_scalar().elem::<f64>().sqrt())
 }
 
 /// Multiplies every gradient by `factor`.

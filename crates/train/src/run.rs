@@ -29,8 +29,10 @@ use crate::{
 /// What a finished run reports.
 #[derive(Debug, Clone, Serialize)]
 pub struct TrainSummary {
-    /// Optimiser steps completed.
+    /// Optimiser steps completed (including those of the runs this one resumed).
     pub steps: u64,
+    /// Optimiser steps this process took (`steps` minus the step it resumed at).
+    pub steps_run: u64,
     /// The last checkpoint written.
     pub last_checkpoint: PathBuf,
     /// The exported model (`<out>/model`).
@@ -47,8 +49,9 @@ impl std::fmt::Display for TrainSummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} steps in {:.0} s ({} target tokens); best valid NLL/token {}; model: {}",
+            "{} steps ({} in this run) in {:.0} s ({} target tokens); best valid NLL/token {}; model: {}",
             self.steps,
+            self.steps_run,
             self.seconds,
             self.tokens_seen,
             self.best_valid_nll
@@ -132,6 +135,7 @@ pub fn pretrain<B: AutodiffBackend>(
             batch_size: config.data.batch_size,
             out,
             resume,
+            gradient_hook: None,
         },
         model,
         device,
@@ -196,6 +200,20 @@ pub(crate) fn open_models<B: Backend>(
         .enumerate()
         .map(|(i, p)| open(p, &format!("assistant {}", i + 1)))
         .collect::<Result<Vec<_>, _>>()?;
+    // Before any data is read: every model must share the base's vocabulary.
+    let vocab = base.dims().vocab_size;
+    for (a, path) in assistants.iter().zip(&config.assistants) {
+        if a.dims().vocab_size != vocab {
+            return Err(TrainError::Config {
+                file: format!("assistant {}", path.display()),
+                reason: format!(
+                    "its vocabulary has {} tokens but the base {} has {vocab}: all models of a chorus share one tokenizer",
+                    a.dims().vocab_size,
+                    config.base.display()
+                ),
+            });
+        }
+    }
     Ok((tokenizer, base, assistants))
 }
 
@@ -287,11 +305,15 @@ pub fn train<B: AutodiffBackend>(
             batch_size: config.data.batch_size,
             out,
             resume,
+            gradient_hook: None,
         },
         model,
         device,
     )
 }
+
+/// Sees (and may change) each step's accumulated gradients: `(step, gradients)`.
+pub(crate) type GradientHook = dyn Fn(u64, &mut GradientsParams);
 
 pub(crate) struct Loop<'a> {
     pub(crate) manifest: ModelManifest,
@@ -304,6 +326,9 @@ pub(crate) struct Loop<'a> {
     pub(crate) batch_size: usize,
     pub(crate) out: &'a Path,
     pub(crate) resume: bool,
+    /// Called on each step's accumulated gradients before they are checked and clipped (tests
+    /// inject non-finite gradients through it).
+    pub(crate) gradient_hook: Option<&'a GradientHook>,
 }
 
 fn progress_bar(len: u64, prefix: &str) -> ProgressBar {
@@ -480,6 +505,7 @@ pub(crate) fn run_loop<B: AutodiffBackend>(
         (step, best, tokens_seen) = (state.step, state.best, state.tokens_seen);
         last_good = Some(dir);
     }
+    let first_step = step;
     let metrics = Metrics::open(l.out, step)?;
     let lengths: Vec<usize> = l.train.iter().map(Encoded::input_len).collect();
     let mut epoch_cache: Option<(u64, Vec<Vec<usize>>)> = None;
@@ -559,6 +585,9 @@ pub(crate) fn run_loop<B: AutodiffBackend>(
             accumulator.accumulate(&model, GradientsParams::from_grads(grads, &model));
         }
         let mut grads = accumulator.grads();
+        if let Some(hook) = l.gradient_hook {
+            hook(step, &mut grads);
+        }
         let norm = clip_global_norm(&model, &mut grads, cfg.grad_clip);
         if !norm.is_finite() {
             bar.abandon();
@@ -706,6 +735,7 @@ pub(crate) fn run_loop<B: AutodiffBackend>(
     };
     let summary = TrainSummary {
         steps: step,
+        steps_run: step - first_step,
         last_checkpoint,
         model: model_dir,
         best_valid_nll: best,

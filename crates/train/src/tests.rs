@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use burn::backend::{Autodiff, NdArray};
+use burn::module::AutodiffModule;
 use burn::prelude::*;
 use chorus_data::{Example, Split, Task};
 use chorus_lm::{LlamaConfig, Lm, LmConfig, Tokenizer};
@@ -89,8 +90,17 @@ fn optim(steps: u64) -> OptimConfig {
 }
 
 fn joint(config: ChorusConfig, n_assistants: usize) -> (Chorus<AD>, ModelManifest) {
+    joint_seeded(config, n_assistants, 7)
+}
+
+/// A joint model initialised from `seed` (callers hold [`rng_lock`]).
+fn joint_seeded(
+    config: ChorusConfig,
+    n_assistants: usize,
+    seed: u64,
+) -> (Chorus<AD>, ModelManifest) {
     let device = Default::default();
-    AD::seed(&device, 7);
+    AD::seed(&device, seed);
     let base = llama(VOCAB).init::<AD>(&device).unwrap();
     let assistants: Vec<Lm<AD>> = (0..n_assistants)
         .map(|_| llama(VOCAB).init::<AD>(&device).unwrap())
@@ -124,6 +134,21 @@ fn fit(
     out: &Path,
     resume: bool,
 ) -> Result<crate::TrainSummary, TrainError> {
+    fit_with(model, manifest, train, valid, optim, 4, out, resume, None)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn fit_with(
+    model: Chorus<AD>,
+    manifest: ModelManifest,
+    train: &[Encoded],
+    valid: &[Encoded],
+    optim: &OptimConfig,
+    batch_size: usize,
+    out: &Path,
+    resume: bool,
+    gradient_hook: Option<&crate::run::GradientHook>,
+) -> Result<crate::TrainSummary, TrainError> {
     let tok = tokenizer();
     run_loop(
         Loop {
@@ -134,9 +159,10 @@ fn fit(
             train_scores: None,
             valid_scores: None,
             optim,
-            batch_size: 4,
+            batch_size,
             out,
             resume,
+            gradient_hook,
         },
         model,
         &Default::default(),
@@ -216,10 +242,9 @@ fn batches_mask_exactly_the_target_and_never_leak_it_into_the_context() {
         // prior reads) ends before the first scored target is an input.
         for t in 0..seq {
             if row(&batch.target_mask)[t] > 0.0 {
-                assert_eq!(
-                    batch.targets[r * seq + t],
-                    batch.tokens[r * seq + t + 1].max(0)
-                );
+                // The target at t is the row's token t + 1 (read from the encoded row, not
+                // from the batch, whose next slot may be padding or the next row).
+                assert_eq!(batch.targets[r * seq + t], i64::from(e.tokens[t + 1]));
                 for u in 0..=t {
                     assert!(row(&batch.context_mask)[u] == 0.0 || u <= e.context_len);
                 }
@@ -245,7 +270,10 @@ fn long_rows_are_truncated_within_the_budget() {
     assert_eq!(e.context_len, 16 / 4);
     let eos = tok.token_to_id("<|endoftext|>").unwrap();
     assert_ne!(*e.tokens.last().unwrap(), eos, "a cut target loses its EOS");
-    assert!(encode_examples(&examples, &tok, "<eos>", 16).is_err());
+    let err = encode_examples(&examples, &tok, "<eos>", 16)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("<eos>"), "{err}");
 }
 
 #[test]
@@ -348,10 +376,11 @@ fn resume_is_bit_identical_to_an_uninterrupted_run() {
     let uninterrupted = parameters(&final_dir);
     // "Crash" after step 3: the later checkpoint never happened.
     std::fs::remove_dir_all(&final_dir).unwrap();
-    // A fresh model (other random init) resumes from step 3.
-    let (fresh, _) = joint(config, 1);
+    // A fresh model from another random init resumes from step 3: only the checkpoint can make
+    // it end where the uninterrupted run ended.
+    let (fresh, _) = joint_seeded(config, 1, 99);
     let summary = fit(fresh, manifest, &train, &valid, &optim, dir.path(), true).unwrap();
-    assert_eq!(summary.steps, 6);
+    assert_eq!((summary.steps, summary.steps_run), (6, 3));
     let resumed_dir = latest_checkpoint(dir.path()).unwrap();
     // Bitwise equal parameters after 3 more steps also means the AdamW moments, the data order,
     // the z noise and the schedules were restored exactly (the optimizer file itself is a hash map
@@ -413,7 +442,7 @@ fn interrupted_or_truncated_checkpoints_never_replace_the_last_good_one() {
 }
 
 #[test]
-fn a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint() {
+fn divergence_stops_training_and_keeps_the_last_good_checkpoint() {
     let _rng = rng_lock();
     let dir = tempfile::tempdir().unwrap();
     let train = synthetic(16, 0);
@@ -444,6 +473,69 @@ fn a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint() {
     let last_good = last_good.as_ref().expect("a checkpoint was written before");
     assert_eq!(read_state(last_good).unwrap().step, *step);
     assert_eq!(latest_checkpoint(dir.path()).unwrap(), *last_good);
+    load_chorus::<B>(last_good, &Default::default()).unwrap();
+}
+
+#[test]
+fn training_on_the_score_cache_equals_live_assistants_with_several_z_samples() {
+    let _rng = rng_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let device = Default::default();
+    let config = ChorusConfig {
+        n_samples: 3,
+        assistant_adapters: false,
+        ..z_config()
+    };
+    let (model, _) = joint(config, 2);
+    let data = synthetic(9, 0);
+    // The real path: `score_assistants` writes the cache, `ScoreCache::open` maps it, and
+    // `TokenBatch::with_scores` fills a batch of examples in an order other than the cache's.
+    let inner = model.valid();
+    let fp = crate::scores::fingerprint(&data, &["a".into(), "b".into()]);
+    score_assistants(
+        &inner.assistants,
+        &data,
+        &fp,
+        4,
+        dir.path(),
+        &device,
+        |_| {},
+    )
+    .unwrap();
+    let cache = ScoreCache::open(dir.path(), &fp).unwrap();
+    let ids = [7usize, 2, 5, 0];
+    let refs: Vec<&Encoded> = ids.iter().map(|&i| &data[i]).collect();
+    let live_batch = TokenBatch::new(&refs);
+    let cached_batch = TokenBatch::new(&refs).with_scores(&cache, &ids).unwrap();
+    let eps = Tensor::<AD, 3>::random(
+        [3, 4, 4],
+        burn::tensor::Distribution::Normal(0.0, 1.0),
+        &device,
+    );
+    let loss = |batch: TokenBatch| {
+        let out = model
+            .forward_elbo_with_noise(&batch.to_device::<AD>(&device), 0, Some(eps.clone()))
+            .unwrap();
+        (
+            out.terms.loss.into_scalar(),
+            out.router.into_data().to_vec::<f32>().unwrap(),
+        )
+    };
+    let (live, live_router) = loss(live_batch);
+    let (cached, cached_router) = loss(cached_batch);
+    assert!(
+        (live - cached).abs() < 1e-5 * live.abs(),
+        "{live} vs {cached}"
+    );
+    // The router posterior at every scored position (padding is cached as 0).
+    let mask = TokenBatch::new(&refs).target_mask;
+    let k = 3;
+    for (i, m) in mask.iter().enumerate() {
+        for j in 0..k {
+            let (a, b) = (live_router[i * k + j], cached_router[i * k + j]);
+            assert!(*m == 0.0 || (a - b).abs() < 1e-5, "router {a} vs {b}");
+        }
+    }
 }
 
 #[test]
@@ -635,6 +727,33 @@ fn vocab_mismatch_and_missing_corpus_are_clear_errors() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("vocabular"), "{err}");
+    // A base whose own tokenizer.json has the same vocabulary and merges but a normaliser of
+    // its own: refused before training, naming both files and the part that differs.
+    let shared: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("tokenizer.json")).unwrap())
+            .unwrap();
+    let mut lowercasing = shared.clone();
+    lowercasing["normalizer"] = serde_json::json!({"type": "Lowercase"});
+    let own = dir.path().join("base/tokenizer.json");
+    std::fs::write(&own, lowercasing.to_string()).unwrap();
+    let t = write(
+        dir.path(),
+        "joint2.toml",
+        &format!(
+            "tokenizer = {:?}\nbase = {:?}\n",
+            dir.path().join("tokenizer.json"),
+            dir.path().join("base"),
+        ),
+    );
+    let config: TrainConfig = load_config(Some(&t), &[]).unwrap();
+    let err = crate::train::<AD>(&config, &dir.path().join("out3"), false, &device)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("normalizer differs") && err.contains("base/tokenizer.json"),
+        "{err}"
+    );
+    assert!(!dir.path().join("out3/checkpoints").exists());
 }
 
 /// Guards the workspace's burn-ndarray feature choice: with its `simd` feature, f32 `recip` (used
@@ -665,4 +784,299 @@ fn gradients_are_bitwise_reproducible() {
         })
         .collect();
     assert!(grads[0] == grads[1] && grads[1] == grads[2]);
+}
+
+/// Rows of one length, so that any grouping into batches pads nothing.
+fn same_length(n: usize) -> Vec<Encoded> {
+    synthetic(5 * n, 0).into_iter().step_by(5).collect()
+}
+
+#[test]
+fn accumulating_two_batches_equals_one_batch_of_twice_the_size() {
+    let _rng = rng_lock();
+    let train = same_length(8);
+    assert!(train.iter().all(|e| e.input_len() == train[0].input_len()));
+    let no_z = ChorusConfig {
+        d_latent: 0,
+        ..ChorusConfig::default()
+    };
+    let run = |batch_size: usize, accumulation: usize| {
+        let dir = tempfile::tempdir().unwrap();
+        let optim = OptimConfig {
+            accumulation,
+            log_every: 1,
+            grad_clip: 0.0,
+            ..optim(2)
+        };
+        let (model, manifest) = joint(no_z.clone(), 1);
+        fit_with(
+            model,
+            manifest,
+            &train,
+            &[],
+            &optim,
+            batch_size,
+            dir.path(),
+            false,
+            None,
+        )
+        .unwrap();
+        let rows = metric_rows(dir.path());
+        let params = parameters(&latest_checkpoint(dir.path()).unwrap());
+        (rows, params)
+    };
+    // 8 rows per step either way: one batch of 8, or two of 4 whose losses are averaged.
+    let (one, one_params) = run(8, 1);
+    let (two, two_params) = run(4, 2);
+    for (a, b) in one.iter().zip(&two) {
+        for key in ["loss", "nll_per_token", "grad_norm"] {
+            let (x, y) = (a[key].as_f64().unwrap(), b[key].as_f64().unwrap());
+            assert!((x - y).abs() < 1e-5 * x.abs().max(1.0), "{key}: {x} vs {y}");
+        }
+    }
+    let worst = one_params
+        .iter()
+        .zip(&two_params)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(worst < 1e-5, "parameters differ by {worst}");
+}
+
+#[test]
+fn clipping_scales_every_gradient_by_max_norm_over_the_global_norm() {
+    let _rng = rng_lock();
+    let device = Default::default();
+    let (model, _) = joint(z_config(), 1);
+    let train = synthetic(4, 0);
+    let refs: Vec<&Encoded> = train.iter().collect();
+    let batch = TokenBatch::new(&refs).to_device::<AD>(&device);
+    // The same gradients each call (the z noise is reseeded).
+    let fresh_grads = || {
+        AD::seed(&device, 5);
+        let loss = model.forward_elbo(&batch, 0).unwrap().terms.loss;
+        burn::optim::GradientsParams::from_grads(loss.backward(), &model)
+    };
+    let grads = fresh_grads();
+    // Every gradient, flattened, in module order.
+    let flat = |g: &burn::optim::GradientsParams| {
+        struct Collect<'a>(&'a burn::optim::GradientsParams, Vec<f64>);
+        impl burn::module::ModuleVisitor<AD> for Collect<'_> {
+            fn visit_float<const D: usize>(&mut self, p: &burn::module::Param<Tensor<AD, D>>) {
+                if let Some(g) = self.0.get::<B, D>(p.id) {
+                    let v = g.into_data().to_vec::<f32>().unwrap();
+                    self.1.extend(v.into_iter().map(f64::from));
+                }
+            }
+        }
+        let mut c = Collect(g, Vec::new());
+        burn::module::Module::visit(&model, &mut c);
+        c.1
+    };
+    let before = flat(&grads);
+    let norm = before.iter().map(|g| g * g).sum::<f64>().sqrt();
+    assert!(norm > 0.1, "{norm}");
+    // Below the norm: every gradient times max_norm / (‖g‖ + 1e-6); the reported norm is ‖g‖.
+    let mut clipped = fresh_grads();
+    let reported = crate::grads::clip_global_norm(&model, &mut clipped, norm / 4.0);
+    assert!(
+        (reported - norm).abs() < 1e-5 * norm,
+        "{reported} vs {norm}"
+    );
+    let factor = (norm / 4.0) / (norm + 1e-6);
+    for (a, b) in flat(&clipped).iter().zip(&before) {
+        assert!(
+            (a - b * factor).abs() <= 1e-6 * b.abs().max(1e-3),
+            "{a} vs {b} · {factor}"
+        );
+    }
+    let after = flat(&clipped).iter().map(|g| g * g).sum::<f64>().sqrt();
+    assert!((after - norm / 4.0).abs() < 1e-4 * norm, "{after}");
+    // Above the norm, or off (0): untouched.
+    for max_norm in [2.0 * norm, 0.0] {
+        let mut same = fresh_grads();
+        crate::grads::clip_global_norm(&model, &mut same, max_norm);
+        assert_eq!(flat(&same), before, "max_norm {max_norm}");
+    }
+}
+
+#[test]
+fn keep_last_prunes_old_checkpoints_and_best_holds_the_lowest_validation_nll() {
+    let _rng = rng_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let train = synthetic(32, 0);
+    let valid = synthetic(6, 700);
+    let optim = OptimConfig {
+        checkpoint_every: 1,
+        eval_every: 1,
+        keep_last: 2,
+        lr: 3e-2,
+        ..optim(6)
+    };
+    let (model, manifest) = joint(z_config(), 1);
+    let summary = fit(model, manifest, &train, &valid, &optim, dir.path(), false).unwrap();
+    let steps: Vec<u64> = list_checkpoints(dir.path()).iter().map(|c| c.0).collect();
+    assert_eq!(steps, vec![5, 6], "keep_last = 2");
+    let valid_rows: Vec<(u64, f64)> = metric_rows(dir.path())
+        .iter()
+        .filter(|r| r["kind"] == "valid")
+        .map(|r| {
+            (
+                r["step"].as_u64().unwrap(),
+                r["valid_nll"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(valid_rows.len(), 6);
+    let lowest = valid_rows
+        .iter()
+        .copied()
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .unwrap();
+    assert_eq!(summary.best_valid_nll, Some(lowest));
+    let best = crate::best_dir(dir.path());
+    let state = read_state(&best).unwrap();
+    assert_eq!((state.step, state.valid_nll), (lowest.0, Some(lowest.1)));
+    // best/ holds that step's parameters, loadable without its optimizer file.
+    assert!(!best.join("optimizer.mpk").exists());
+    load_chorus::<B>(&best, &Default::default()).unwrap();
+    assert_eq!(summary.model, best);
+}
+
+/// Trains with a checkpoint after every step until step 3 or 4 turns something non-finite; checks
+/// that the error says what, and that the last checkpoint written before it is the latest, is
+/// complete and loads.
+fn assert_stops_with_last_good_intact(
+    what: &str,
+    model: Chorus<AD>,
+    manifest: ModelManifest,
+    train: &[Encoded],
+    valid: &[Encoded],
+    eval_every: u64,
+    hook: Option<&crate::run::GradientHook>,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let optim = OptimConfig {
+        checkpoint_every: 1,
+        eval_every,
+        keep_last: 10,
+        ..optim(6)
+    };
+    let err = fit_with(
+        model,
+        manifest,
+        train,
+        valid,
+        &optim,
+        4,
+        dir.path(),
+        false,
+        hook,
+    )
+    .unwrap_err();
+    let message = err.to_string();
+    let TrainError::NonFinite {
+        step, last_good, ..
+    } = &err
+    else {
+        panic!("{what}: expected NonFinite, got {message}");
+    };
+    assert!(message.contains(what), "{message}");
+    let last_good = last_good.as_ref().expect("a checkpoint was written before");
+    assert_eq!(*last_good, latest_checkpoint(dir.path()).unwrap());
+    let state = read_state(last_good).unwrap();
+    assert_eq!(state.step, 3, "{what}: {message} (failed at step {step})");
+    load_chorus::<B>(last_good, &Default::default()).unwrap();
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "{what}: partial files {leftovers:?}");
+}
+
+/// A K = 1 model without z whose untied base has a NaN embedding row for token `VOCAB` (an id no
+/// synthetic row uses): rows that read it give a NaN loss, all others train normally.
+fn nan_row_model() -> (Chorus<AD>, ModelManifest) {
+    let no_z = ChorusConfig {
+        d_latent: 0,
+        ..ChorusConfig::default()
+    };
+    let device = Default::default();
+    let mut config = llama(VOCAB + 1);
+    if let LmConfig::Llama(l) = &mut config {
+        l.tie_embeddings = false;
+    }
+    let mut base = config.init::<AD>(&device).unwrap();
+    if let Lm::Llama(l) = &mut base {
+        let w = l.embed_tokens.weight.val();
+        let [vocab, d] = w.dims();
+        let mut values = w.into_data().to_vec::<f32>().unwrap();
+        values[VOCAB * d..].fill(f32::NAN);
+        l.embed_tokens.weight = burn::module::Param::from_tensor(Tensor::from_data(
+            TensorData::new(values, [vocab, d]),
+            &device,
+        ));
+    }
+    let manifest = ModelManifest {
+        base: config,
+        assistants: Vec::new(),
+        chorus: no_z.clone(),
+        sources: Vec::new(),
+    };
+    (
+        Chorus::new(no_z, base, Vec::new(), &device).unwrap(),
+        manifest,
+    )
+}
+
+#[test]
+fn every_non_finite_branch_stops_and_keeps_the_last_good_checkpoint() {
+    let _rng = rng_lock();
+    let train = synthetic(16, 0);
+    assert!(
+        train
+            .iter()
+            .flat_map(|e| &e.tokens)
+            .all(|&t| t < VOCAB as u32)
+    );
+    // The loss: a row of step 3's batch reads the NaN embedding.
+    let (model, manifest) = nan_row_model();
+    let lengths: Vec<usize> = train.iter().map(Encoded::input_len).collect();
+    let step_3 = &epoch_batches(&lengths, 4, OptimConfig::default().seed, 0)[3];
+    let mut poisoned = train.clone();
+    poisoned[step_3[0]].tokens[2] = VOCAB as u32;
+    assert_stops_with_last_good_intact("loss", model, manifest, &poisoned, &[], 0, None);
+    // The gradient: step 3's embedding gradient multiplied by +∞.
+    let (model, manifest) = joint(
+        ChorusConfig {
+            d_latent: 0,
+            ..ChorusConfig::default()
+        },
+        0,
+    );
+    let embedding = match &model.base {
+        Lm::Llama(m) => m.embed_tokens.weight.id,
+        Lm::Gpt2(_) => unreachable!("a llama base"),
+    };
+    let infinite = move |step: u64, grads: &mut burn::optim::GradientsParams| {
+        if step == 3 {
+            let g = grads.remove::<B, 2>(embedding).unwrap();
+            grads.register::<B, 2>(embedding, g.mul_scalar(f32::INFINITY));
+        }
+    };
+    assert_stops_with_last_good_intact(
+        "gradient norm",
+        model,
+        manifest,
+        &train,
+        &[],
+        0,
+        Some(&infinite),
+    );
+    // The validation NLL: the first validation (after step 4) reads the NaN embedding, which
+    // no training row does.
+    let (model, manifest) = nan_row_model();
+    let mut valid = synthetic(4, 300);
+    valid[0].tokens[2] = VOCAB as u32;
+    assert_stops_with_last_good_intact("validation NLL", model, manifest, &train, &valid, 4, None);
 }

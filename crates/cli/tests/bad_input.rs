@@ -1,0 +1,427 @@
+//! Bad input at every door: the `chorus` binary, run on missing, malformed and truncated files,
+//! bad configs and unwritable outputs, must exit non-zero with one line naming the file and the
+//! problem — no panic, no backtrace, nothing already written lost. docs/reliability.md lists the
+//! cases.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use burn::backend::NdArray;
+use chorus_lm::{LlamaConfig, LmConfig, Tokenizer};
+
+type B = NdArray<f32>;
+
+/// Runs `chorus ARGS` with an empty corpus cache and returns (exit code, stderr).
+fn chorus(cache: &Path, args: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_chorus"))
+        .args(args)
+        .env("CHORUS_CACHE", cache)
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .expect("the chorus binary runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Asserts that `chorus ARGS` fails with exit code 1 and exactly one line `error: …` on stderr
+/// that contains every string of `says`.
+#[track_caller]
+fn fails(cache: &Path, args: &[&str], says: &[&str]) {
+    let (code, stderr) = chorus(cache, args);
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    let error_lines: Vec<&&str> = lines.iter().filter(|l| l.starts_with("error:")).collect();
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("backtrace"),
+        "chorus {args:?} panicked:\n{stderr}"
+    );
+    assert_eq!(code, 1, "chorus {args:?} exited {code}:\n{stderr}");
+    assert_eq!(
+        error_lines.len(),
+        1,
+        "chorus {args:?}: not one error line:\n{stderr}"
+    );
+    let line = error_lines[0];
+    // `cargo test -p chorus-cli --test bad_input -- --nocapture` prints the table of
+    // docs/reliability.md.
+    println!("| `chorus {}` | {line} |", args.join(" "));
+    for s in says {
+        assert!(
+            line.contains(s),
+            "chorus {args:?}: {line:?} does not say {s:?}"
+        );
+    }
+}
+
+/// A tiny tokenizer (`tokenizer.json`) and llama LM (`lm/`, with its tokenizer) in `dir`.
+struct Fixture {
+    dir: tempfile::TempDir,
+    cache: PathBuf,
+    vocab: usize,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let texts = ["the cat sat on the mat.", "a dog ran to the log!"];
+        let tok =
+            Tokenizer::train_bpe(texts.iter().cycle().take(40), 280, &["<|endoftext|>"]).unwrap();
+        tok.save(dir.path().join("tokenizer.json")).unwrap();
+        let vocab = tok.vocab_size();
+        let lm = llama(vocab).init::<B>(&Default::default()).unwrap();
+        lm.save(dir.path().join("lm")).unwrap();
+        tok.save(dir.path().join("lm/tokenizer.json")).unwrap();
+        let cache = dir.path().join("empty-cache");
+        std::fs::create_dir(&cache).unwrap();
+        Self { dir, cache, vocab }
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+
+    fn write(&self, name: &str, contents: impl AsRef<[u8]>) -> String {
+        let p = self.dir.path().join(name);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent).unwrap();
+        }
+        std::fs::write(&p, contents).unwrap();
+        p.display().to_string()
+    }
+
+    fn fails(&self, args: &[&str], says: &[&str]) {
+        fails(&self.cache, args, says)
+    }
+
+    /// A pre-training config for the fixture's LM shape.
+    fn pretrain_toml(&self, extra: &str) -> String {
+        format!(
+            "tokenizer = {:?}\n{extra}\n[model]\nfamily = \"llama\"\nvocab_size = {}\nd_model = 16\nn_layers = 1\nn_heads = 2\nn_kv_heads = 1\nd_ff = 32\nmax_seq_len = 32\n",
+            self.path("tokenizer.json"),
+            self.vocab
+        )
+    }
+}
+
+fn llama(vocab: usize) -> LmConfig {
+    LmConfig::Llama(LlamaConfig {
+        vocab_size: vocab,
+        d_model: 16,
+        n_layers: 1,
+        n_heads: 2,
+        n_kv_heads: 1,
+        d_ff: 32,
+        rope_theta: 10_000.0,
+        norm_eps: 1e-5,
+        tie_embeddings: true,
+        max_seq_len: 32,
+    })
+}
+
+#[test]
+fn missing_files_name_themselves() {
+    let f = Fixture::new();
+    let nowhere = f.path("nowhere");
+    f.fails(&["inspect", &nowhere], &["nowhere"]);
+    f.fails(
+        &["pretrain", "--config", &nowhere, "--out", &f.path("o")],
+        &["nowhere"],
+    );
+    f.fails(
+        &["train", "--config", &nowhere, "--out", &f.path("o")],
+        &["nowhere"],
+    );
+    f.fails(
+        &["score", "--config", &nowhere, "--out", &f.path("o")],
+        &["nowhere"],
+    );
+    f.fails(&["eval", "--model", &nowhere], &["nowhere"]);
+    f.fails(&["generate", "--model", &nowhere, "hi"], &["nowhere"]);
+    f.fails(&["calibrate", "--model", &nowhere], &["nowhere"]);
+    f.fails(&["embed", "--encoder", &nowhere, "hi"], &["nowhere"]);
+    f.fails(
+        &[
+            "check-reference",
+            "--gguf",
+            &nowhere,
+            "--reference",
+            &nowhere,
+        ],
+        &["nowhere"],
+    );
+    f.fails(&["data", "stats", "--tokenizer", &nowhere], &["nowhere"]);
+    // A text file to evaluate on that is not there.
+    f.fails(
+        &["eval", "--model", &f.path("lm"), "--text-file", &nowhere],
+        &["nowhere"],
+    );
+}
+
+#[test]
+fn malformed_and_truncated_model_files_are_named() {
+    let f = Fixture::new();
+    // GGUF: not one, and cut inside the header.
+    let junk = f.write("junk.gguf", b"this is not a gguf file at all");
+    f.fails(&["inspect", &junk], &["junk.gguf"]);
+    let cut = f.write("cut.gguf", b"GGUF\x03\x00\x00\x00\x05");
+    f.fails(&["inspect", &cut], &["cut.gguf"]);
+    // safetensors: truncated, and a garbage header.
+    let lm = f.dir.path().join("lm");
+    let weights = std::fs::read(lm.join("model.safetensors")).unwrap();
+    std::fs::create_dir(f.dir.path().join("cut-lm")).unwrap();
+    std::fs::copy(
+        lm.join("config.json"),
+        f.dir.path().join("cut-lm/config.json"),
+    )
+    .unwrap();
+    f.write("cut-lm/model.safetensors", &weights[..weights.len() / 2]);
+    f.fails(&["inspect", &f.path("cut-lm")], &["model.safetensors"]);
+    f.write(
+        "cut-lm/model.safetensors",
+        b"\xff\xff\xff\xff\xff\xff\xff\x7fgarbage",
+    );
+    f.fails(&["inspect", &f.path("cut-lm")], &["model.safetensors"]);
+    // config.json: malformed, and a valid JSON with an out-of-range value.
+    f.write("cut-lm/model.safetensors", &weights);
+    f.write(
+        "cut-lm/config.json",
+        b"{\"family\": \"llama\", \"vocab_size\": ",
+    );
+    f.fails(&["inspect", &f.path("cut-lm")], &["config.json"]);
+    // tokenizer.json: truncated, next to a model being evaluated.
+    std::fs::copy(
+        lm.join("config.json"),
+        f.dir.path().join("cut-lm/config.json"),
+    )
+    .unwrap();
+    let tok = std::fs::read(lm.join("tokenizer.json")).unwrap();
+    f.write("cut-lm/tokenizer.json", &tok[..tok.len() / 3]);
+    f.fails(
+        &[
+            "eval",
+            "--model",
+            &f.path("cut-lm"),
+            "--text-file",
+            &f.path("tokenizer.json"),
+        ],
+        &["tokenizer.json"],
+    );
+    f.fails(
+        &[
+            "data",
+            "stats",
+            "--tokenizer",
+            &f.path("cut-lm/tokenizer.json"),
+        ],
+        &["tokenizer.json"],
+    );
+}
+
+#[test]
+fn bad_configs_name_the_file_and_the_key() {
+    let f = Fixture::new();
+    let out = f.path("out");
+    let run = |toml: &str, sets: &[&str], says: &[&str]| {
+        let config = f.write("bad.toml", toml);
+        let mut args = vec![
+            "pretrain",
+            "--config",
+            config.as_str(),
+            "--out",
+            out.as_str(),
+        ];
+        for s in sets {
+            args.extend(["--set", s]);
+        }
+        f.fails(&args, says);
+    };
+    // Malformed and truncated TOML.
+    run("tokenizer = \"x\n[model", &[], &["bad.toml"]);
+    // Unknown keys, wrong types, out-of-range values, in the file and through --set.
+    run(
+        &f.pretrain_toml("[train]\nlrr = 1e-3"),
+        &[],
+        &["bad.toml", "lrr"],
+    );
+    run(
+        &f.pretrain_toml("[train]\nsteps = \"many\""),
+        &[],
+        &["bad.toml", "steps"],
+    );
+    run(&f.pretrain_toml(""), &["train.lr=-1"], &["train.lr = -1"]);
+    run(
+        &f.pretrain_toml(""),
+        &["data.batch_size=0"],
+        &["batch_size"],
+    );
+    run(&f.pretrain_toml(""), &["train.steps"], &["key.path=value"]);
+    // A vocabulary that is not the tokenizer's.
+    run(
+        &f.pretrain_toml(""),
+        &["model.vocab_size=7"],
+        &["model.vocab_size", "7"],
+    );
+    // An empty corpus cache.
+    run(&f.pretrain_toml(""), &[], &["chorus data fetch"]);
+    assert!(!Path::new(&out).join("checkpoints").exists());
+}
+
+#[test]
+fn mismatched_tokenizers_are_refused() {
+    let f = Fixture::new();
+    // The same vocabulary and merges with a lower-casing normaliser.
+    let text = std::fs::read_to_string(f.dir.path().join("tokenizer.json")).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    json["normalizer"] = serde_json::json!({"type": "Lowercase"});
+    std::fs::create_dir(f.dir.path().join("other")).unwrap();
+    for file in ["config.json", "model.safetensors"] {
+        std::fs::copy(
+            f.dir.path().join("lm").join(file),
+            f.dir.path().join("other").join(file),
+        )
+        .unwrap();
+    }
+    f.write("other/tokenizer.json", json.to_string());
+    let text_file = f.write("passages.txt", "The cat sat.\n\nA dog ran.\n");
+    f.fails(
+        &[
+            "eval",
+            "--model",
+            &f.path("lm"),
+            "--model",
+            &f.path("other"),
+            "--text-file",
+            &text_file,
+        ],
+        &["other/tokenizer.json", "normalizer"],
+    );
+    let config = f.write(
+        "joint.toml",
+        format!(
+            "tokenizer = {:?}\nbase = {:?}\nassistants = [{:?}]\n",
+            f.path("tokenizer.json"),
+            f.path("lm"),
+            f.path("other")
+        ),
+    );
+    f.fails(
+        &["train", "--config", &config, "--out", &f.path("out")],
+        &["other/tokenizer.json", "normalizer"],
+    );
+}
+
+#[test]
+fn unwritable_outputs_and_empty_inputs_are_clear() {
+    let f = Fixture::new();
+    let text_file = f.write(
+        "passages.txt",
+        "The cat sat on the mat. A dog ran to the log. ".repeat(4),
+    );
+    // An output directory under a regular file cannot be created (root ignores permission bits,
+    // so a read-only directory is simulated by a file in the way).
+    let blocker = f.write("blocker", "a file");
+    let config = f.write("pre.toml", f.pretrain_toml(""));
+    f.fails(
+        &[
+            "pretrain",
+            "--config",
+            &config,
+            "--out",
+            &format!("{blocker}/out"),
+        ],
+        &["blocker"],
+    );
+    f.fails(
+        &[
+            "data",
+            "tokenizer",
+            "--vocab-size",
+            "300",
+            "--out",
+            &format!("{blocker}/t.json"),
+        ],
+        &["blocker"],
+    );
+    // A full disk: /dev/full refuses every write.
+    if Path::new("/dev/full").exists() {
+        f.fails(
+            &[
+                "eval",
+                "--model",
+                &f.path("lm"),
+                "--text-file",
+                &text_file,
+                "--json",
+                "/dev/full",
+            ],
+            &["/dev/full"],
+        );
+    }
+    // An empty text file to evaluate on.
+    let empty = f.write("empty.txt", "\n\n  \n");
+    f.fails(
+        &["eval", "--model", &f.path("lm"), "--text-file", &empty],
+        &["empty.txt"],
+    );
+    // A joint checkpoint whose state.json is cut short.
+    f.write("joint/chorus.json", "{}");
+    f.write("joint/state.json", "{\"step\": 3, \"tot");
+    for cmd in ["generate", "calibrate"] {
+        f.fails(&[cmd, "--model", &f.path("joint")], &["state.json"]);
+    }
+    f.fails(&["eval", "--model", &f.path("joint")], &["state.json"]);
+    f.fails(&["inspect", &f.path("joint")], &["state.json"]);
+}
+
+#[test]
+fn flags_that_cannot_apply_are_refused_and_max_examples_applies_to_text_files() {
+    let f = Fixture::new();
+    // 60 sentences: 15 passages of four.
+    let passages: String = (0..60)
+        .map(|i| format!("Sentence {i}: the cat sat on the mat.\n\n"))
+        .collect();
+    let text_file = f.write("many.txt", passages);
+    let (code, stderr) = chorus(
+        &f.cache,
+        &[
+            "eval",
+            "--model",
+            &f.path("lm"),
+            "--text-file",
+            &text_file,
+            "--split",
+            "valid",
+        ],
+    );
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("--split"), "{stderr}");
+    let out = Command::new(env!("CARGO_BIN_EXE_chorus"))
+        .args([
+            "eval",
+            "--model",
+            &f.path("lm"),
+            "--text-file",
+            &text_file,
+            "--max-examples",
+            "10",
+            "--json",
+            &f.path("eval.json"),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(f.path("eval.json")).unwrap()).unwrap();
+    let rows = report["rows"].as_array().unwrap();
+    let examples: u64 = rows.iter().map(|r| r["examples"].as_u64().unwrap()).sum();
+    assert_eq!(examples, 10, "{report}");
+    assert!(
+        report["data"].as_str().unwrap().contains("first 10 of 15"),
+        "{report}"
+    );
+}
