@@ -5,6 +5,8 @@
 //! model and its ablations, evaluate everything on the test split and print the comparison table.
 //! Independent steps run two at a time (burn's CPU backend mostly uses one core per process).
 
+mod crash;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Instant;
@@ -41,6 +43,20 @@ enum Task {
     },
     /// Download and verify the corpora into $CHORUS_CACHE (default ~/.cache/chorus).
     FetchData,
+    /// Train a small joint model, SIGKILL `chorus train` at random moments (some inside checkpoint
+    /// writes), resume after each, and check that the final parameters and metrics equal an
+    /// uninterrupted run's bit for bit.
+    CrashTest {
+        /// Where the runs go.
+        #[arg(long, default_value = "out/crash-test")]
+        out: PathBuf,
+        /// How many times to kill.
+        #[arg(long, default_value_t = 20)]
+        kills: usize,
+        /// Seed of the kill times.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
 }
 
 fn main() -> Result<()> {
@@ -49,6 +65,11 @@ fn main() -> Result<()> {
         Task::FetchData => {
             let chorus = build(Preset::Cpu)?;
             run_now(&chorus, &["data", "fetch"])
+        }
+        Task::CrashTest { out, kills, seed } => {
+            let report = crash::crash_test(&out, kills, seed)?;
+            println!("{report}");
+            Ok(())
         }
     }
 }

@@ -1,5 +1,6 @@
 //! The joint model `Chorus<B>` and its ELBO forward pass.
 
+use burn::module::{ModuleMapper, Param, ParamId};
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use chorus_elbo::{
@@ -175,7 +176,27 @@ impl<B: Backend> Chorus<B> {
             selector,
             encoder: None,
             config,
-        })
+        }
+        .number_parameters())
+    }
+
+    /// Gives every parameter the id of its place in module order (0, 1, …) instead of a random
+    /// one. burn serialises parameter ids, so without this two runs that compute the same
+    /// parameters would still write different checkpoint bytes, and a checksum could not show
+    /// that a resumed run equals an uninterrupted one.
+    fn number_parameters(self) -> Self {
+        struct Numbering(u64);
+        impl<B: Backend> ModuleMapper<B> for Numbering {
+            fn map_float<const D: usize>(
+                &mut self,
+                param: Param<Tensor<B, D>>,
+            ) -> Param<Tensor<B, D>> {
+                let (_, value, mapper) = param.consume();
+                self.0 += 1;
+                Param::from_mapped_value(ParamId::from(self.0 - 1), value, mapper)
+            }
+        }
+        self.map(&mut Numbering(0))
     }
 
     /// Reads the posterior's features from a separate, frozen BERT encoder (e.g. MiniLM) instead
@@ -198,7 +219,7 @@ impl<B: Backend> Chorus<B> {
         self.posterior = Some(head.init(device)?);
         self.encoder = Some(encoder.no_grad());
         self.config.encoder = EncoderKind::Bert;
-        Ok(self)
+        Ok(self.number_parameters())
     }
 
     /// K, the number of models.

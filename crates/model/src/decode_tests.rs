@@ -432,3 +432,22 @@ fn bad_decoding_input_is_a_clear_error() {
         WriterStrategy::Threshold { eta: 0.25 }
     );
 }
+
+#[test]
+fn truncation_keeps_the_top_k_and_the_smallest_nucleus() {
+    let p = [0.15, 0.5, 0.05, 0.3];
+    let kept = |top_k, top_p| {
+        let mut q = p.to_vec();
+        truncate_probs(&mut q, top_k, top_p);
+        q
+    };
+    // Nucleus: the smallest set of the most likely tokens whose mass reaches top_p.
+    assert_eq!(kept(0, 0.8), vec![0.0, 0.5, 0.0, 0.3]);
+    assert_eq!(kept(0, 0.81), vec![0.15, 0.5, 0.0, 0.3]);
+    assert_eq!(kept(0, 0.1), vec![0.0, 0.5, 0.0, 0.0]);
+    assert_eq!(kept(0, 1.0), p.to_vec());
+    // Top-k, and both at once (the stricter wins).
+    assert_eq!(kept(2, 1.0), vec![0.0, 0.5, 0.0, 0.3]);
+    assert_eq!(kept(3, 0.6), vec![0.0, 0.5, 0.0, 0.3]);
+    assert_eq!(kept(1, 0.99), vec![0.0, 0.5, 0.0, 0.0]);
+}

@@ -59,6 +59,9 @@ pub struct CheckpointState {
     pub valid_nll: Option<f64>,
     /// Lowest validation NLL per token so far, and its step.
     pub best: Option<(u64, f64)>,
+    /// The metric sums since the last logged row.
+    #[serde(default)]
+    pub window: crate::MetricWindow,
     /// sha256 of every other file in the directory.
     pub files: BTreeMap<String, String>,
 }
@@ -198,6 +201,17 @@ where
         std::fs::remove_dir_all(old).map_err(|e| TrainError::io(old, e))?;
     }
     Ok(dest)
+}
+
+/// Puts `best/` back if a run was killed between moving the old one aside and renaming the new
+/// one into place (see [`update_best`]).
+pub(crate) fn recover_best(out: &Path) -> Result<(), TrainError> {
+    let old = checkpoints_dir(out).join(".old-best");
+    let best = best_dir(out);
+    if old.is_dir() && !best.exists() {
+        std::fs::rename(&old, &best).map_err(|e| TrainError::io(&best, e))?;
+    }
+    Ok(())
 }
 
 /// Copies checkpoint `src` to `<out>/checkpoints/best` (via a temp copy and renames).

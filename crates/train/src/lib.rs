@@ -38,7 +38,7 @@ pub use config::{
 pub use eval::{
     EvalReport, EvalRow, TOKEN_CONVENTION, evaluate_chorus, evaluate_lm, text_file_examples,
 };
-pub use run::{TrainSummary, pretrain, score, train};
+pub use run::{MetricWindow, TrainSummary, pretrain, score, train};
 pub use schedule::learning_rate;
 pub use scores::{ScoreCache, score_assistants};
 

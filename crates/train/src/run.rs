@@ -373,46 +373,27 @@ const CSV_COLUMNS: [&str; 11] = [
 ];
 
 impl Metrics {
-    /// Opens the files, dropping rows past `keep_until` (a resumed run rewrites what followed
-    /// its checkpoint).
+    /// Opens the files, keeping the rows up to step `keep_until` (a resumed run rewrites what
+    /// followed its checkpoint). A line torn by a kill is dropped; the CSV is rebuilt from the
+    /// JSONL; both are replaced atomically, so a kill here loses nothing.
     fn open(out: &Path, keep_until: u64) -> Result<Self, TrainError> {
         let m = Self {
             jsonl: out.join("metrics.jsonl"),
             csv: out.join("metrics.csv"),
         };
-        let keep = |line: &str, step: Option<u64>| {
-            step.is_none_or(|s| s <= keep_until) && !line.is_empty()
-        };
-        if let Ok(text) = std::fs::read_to_string(&m.jsonl) {
-            let lines: Vec<&str> = text
-                .lines()
-                .filter(|l| {
-                    let step = serde_json::from_str::<serde_json::Value>(l)
-                        .ok()
-                        .and_then(|v| v["step"].as_u64());
-                    keep(l, step)
-                })
-                .collect();
-            std::fs::write(
-                &m.jsonl,
-                lines.iter().map(|l| format!("{l}\n")).collect::<String>(),
-            )
-            .map_err(|e| TrainError::io(&m.jsonl, e))?;
-        }
-        let csv_text = std::fs::read_to_string(&m.csv).unwrap_or_default();
-        let mut lines: Vec<String> = vec![CSV_COLUMNS.join(",")];
-        lines.extend(
-            csv_text
-                .lines()
-                .skip(1)
-                .filter(|l| keep(l, l.split(',').next().and_then(|s| s.parse().ok())))
-                .map(str::to_string),
-        );
-        std::fs::write(
-            &m.csv,
-            lines.iter().map(|l| format!("{l}\n")).collect::<String>(),
-        )
-        .map_err(|e| TrainError::io(&m.csv, e))?;
+        let rows: Vec<serde_json::Value> = std::fs::read_to_string(&m.jsonl)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|row| row["step"].as_u64().is_some_and(|s| s <= keep_until))
+            .collect();
+        let jsonl: String = rows.iter().map(|r| format!("{r}\n")).collect();
+        let csv: String = std::iter::once(CSV_COLUMNS.join(","))
+            .chain(rows.iter().map(csv_line))
+            .map(|l| l + "\n")
+            .collect();
+        write_atomically(&m.jsonl, &jsonl)?;
+        write_atomically(&m.csv, &csv)?;
         Ok(m)
     }
 
@@ -426,16 +407,28 @@ impl Metrics {
             writeln!(f, "{line}").map_err(|e| TrainError::io(path, e))
         };
         append(&self.jsonl, row.to_string())?;
-        let cells: Vec<String> = CSV_COLUMNS
-            .iter()
-            .map(|c| match &row[*c] {
-                serde_json::Value::Null => String::new(),
-                serde_json::Value::String(s) => s.clone(),
-                v => v.to_string(),
-            })
-            .collect();
-        append(&self.csv, cells.join(","))
+        append(&self.csv, csv_line(row))
     }
+}
+
+/// A metrics row as a CSV line of [`CSV_COLUMNS`].
+fn csv_line(row: &serde_json::Value) -> String {
+    CSV_COLUMNS
+        .iter()
+        .map(|c| match &row[*c] {
+            serde_json::Value::Null => String::new(),
+            serde_json::Value::String(s) => s.clone(),
+            v => v.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Writes `text` to `path` through a temporary file and a rename.
+fn write_atomically(path: &Path, text: &str) -> Result<(), TrainError> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).map_err(|e| TrainError::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| TrainError::io(path, e))
 }
 
 /// The per-step seed: a fixed mix of the run's seed and the step.
@@ -444,17 +437,30 @@ fn step_seed(seed: u64, step: u64) -> u64 {
     splitmix(&mut s)
 }
 
-#[derive(Default)]
-struct Window {
-    loss: f64,
-    log_px: f64,
-    kl: f64,
-    rows: usize,
-    tokens: usize,
-    deferral: f64,
-    beta: f64,
-    grad_norm: f64,
-    steps: u64,
+/// The sums behind the next metrics row. Saved with each checkpoint, so that a resumed run logs
+/// the same rows as an uninterrupted one (only `tokens_per_s`, a wall-clock rate, differs).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize)]
+pub struct MetricWindow {
+    /// Σ loss over micro-batches.
+    pub loss: f64,
+    /// Σ log p(x | z, c) over rows.
+    pub log_px: f64,
+    /// Σ KL over rows.
+    pub kl: f64,
+    /// Rows seen.
+    pub rows: usize,
+    /// Target tokens seen.
+    pub tokens: usize,
+    /// Σ posterior deferral over target tokens.
+    pub deferral: f64,
+    /// β at the last step.
+    pub beta: f64,
+    /// Σ gradient norm over steps.
+    pub grad_norm: f64,
+    /// Optimiser steps in the window.
+    pub steps: u64,
+    /// When this process started filling it (not saved).
+    #[serde(skip)]
     started: Option<Instant>,
 }
 
@@ -477,7 +483,9 @@ pub(crate) fn run_loop<B: AutodiffBackend>(
         .init::<B, Chorus<B>>();
     let (mut step, mut best, mut tokens_seen) = (0u64, None::<(u64, f64)>, 0u64);
     let mut last_good = None;
+    let mut resumed_window = None;
     if l.resume {
+        crate::checkpoint::recover_best(l.out)?;
         let dir = latest_checkpoint(l.out).ok_or_else(|| TrainError::Checkpoint {
             path: crate::checkpoint::checkpoints_dir(l.out),
             reason: "--resume: no checkpoint to resume from".into(),
@@ -503,6 +511,7 @@ pub(crate) fn run_loop<B: AutodiffBackend>(
         optimizer = load_optimizer(&dir, optimizer, device)?;
         model = loaded;
         (step, best, tokens_seen) = (state.step, state.best, state.tokens_seen);
+        resumed_window = Some(state.window);
         last_good = Some(dir);
     }
     let first_step = step;
@@ -525,7 +534,7 @@ pub(crate) fn run_loop<B: AutodiffBackend>(
             l.out.display()
         ),
     );
-    let mut window = Window::default();
+    let mut window = resumed_window.unwrap_or_default();
     let accum = cfg.accumulation as u64;
     let mut last_checkpoint = last_good.clone().unwrap_or_default();
     while step < cfg.steps {
@@ -644,7 +653,7 @@ pub(crate) fn run_loop<B: AutodiffBackend>(
             if bar.is_hidden() {
                 eprintln!("step {step}/{}: {msg}", cfg.steps);
             }
-            window = Window::default();
+            window = MetricWindow::default();
         }
 
         let validate = last || (cfg.eval_every > 0 && step % cfg.eval_every == 0);
@@ -708,6 +717,7 @@ pub(crate) fn run_loop<B: AutodiffBackend>(
                 tokens_seen,
                 valid_nll,
                 best,
+                window: window.clone(),
                 files: Default::default(),
             };
             let dir = save_checkpoint(

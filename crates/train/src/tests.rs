@@ -374,8 +374,23 @@ fn resume_is_bit_identical_to_an_uninterrupted_run() {
     assert_eq!(steps, vec![3, 6]);
     let final_dir = latest_checkpoint(dir.path()).unwrap();
     let uninterrupted = parameters(&final_dir);
-    // "Crash" after step 3: the later checkpoint never happened.
+    let uninterrupted_bytes = std::fs::read(final_dir.join("model.mpk")).unwrap();
+    let without_rate = |rows: Vec<serde_json::Value>| -> Vec<serde_json::Value> {
+        rows.into_iter()
+            .map(|mut r| {
+                r.as_object_mut().unwrap().remove("tokens_per_s");
+                r
+            })
+            .collect()
+    };
+    let uninterrupted_rows = without_rate(metric_rows(dir.path()));
+    // "Crash" after step 3: the later checkpoint never happened, and the kill tore a metrics line.
     std::fs::remove_dir_all(&final_dir).unwrap();
+    let mut jsonl = std::fs::OpenOptions::new()
+        .append(true)
+        .open(dir.path().join("metrics.jsonl"))
+        .unwrap();
+    std::io::Write::write_all(&mut jsonl, b"{\"step\": 4, \"kind\": \"tr").unwrap();
     // A fresh model from another random init resumes from step 3: only the checkpoint can make
     // it end where the uninterrupted run ended.
     let (fresh, _) = joint_seeded(config, 1, 99);
@@ -390,13 +405,19 @@ fn resume_is_bit_identical_to_an_uninterrupted_run() {
     assert!(resumed == uninterrupted, "parameters differ after resume");
     // And the run did move: step 3's parameters are different.
     assert!(parameters(&dir.path().join("checkpoints/step-00000003")) != resumed);
-    // The metrics were rewritten, not duplicated.
-    let steps: Vec<u64> = metric_rows(dir.path())
+    // Parameter ids are numbered, not random: the checkpoint is the same file, byte for byte.
+    assert!(std::fs::read(resumed_dir.join("model.mpk")).unwrap() == uninterrupted_bytes);
+    // The metrics were rewritten, not duplicated, the torn line is gone, and the rows (whose
+    // windows span the crash) equal the uninterrupted run's but for the wall-clock rate.
+    assert_eq!(without_rate(metric_rows(dir.path())), uninterrupted_rows);
+    let steps: Vec<u64> = uninterrupted_rows
         .iter()
         .filter(|r| r["kind"] == "train")
         .map(|r| r["step"].as_u64().unwrap())
         .collect();
     assert_eq!(steps, vec![5, 6]);
+    let csv = std::fs::read_to_string(dir.path().join("metrics.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 1 + uninterrupted_rows.len());
 }
 
 #[test]

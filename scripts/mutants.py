@@ -1,0 +1,214 @@
+#!/usr/bin/env python3
+"""Deliberately broken builds: apply each mutation, run the tests that guard it, expect a failure.
+
+    python3 scripts/mutants.py            # every mutation (≈ 1–2 min each on 2 cores)
+    python3 scripts/mutants.py resume     # those whose name contains "resume"
+
+Each mutation is (name, file, original text, broken text, cargo test arguments). The script
+restores every file afterwards (also on Ctrl-C) and prints a table for docs/reliability.md; it
+exits non-zero if a mutation survives (its tests still pass) or no longer applies.
+"""
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+MUTANTS = [
+    (
+        "resume ignores the checkpoint's parameters",
+        "crates/train/src/run.rs",
+        "        model = loaded;\n",
+        "        let _ = loaded;\n",
+        ["-p", "chorus-train", "--lib", "resume_is_bit_identical"],
+    ),
+    (
+        "resume restarts from step 0",
+        "crates/train/src/run.rs",
+        "(step, best, tokens_seen) = (state.step, state.best, state.tokens_seen);",
+        "(step, best, tokens_seen) = (0, state.best, state.tokens_seen);",
+        ["-p", "chorus-train", "--lib", "resume_is_bit_identical"],
+    ),
+    (
+        "metric sums restart with the process",
+        "crates/train/src/run.rs",
+        "    let mut window = resumed_window.unwrap_or_default();",
+        "    let mut window = MetricWindow::default();\n    let _ = resumed_window;",
+        ["-p", "chorus-train", "--lib", "resume_is_bit_identical"],
+    ),
+    (
+        "a torn metrics line is kept",
+        "crates/train/src/run.rs",
+        "            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())",
+        "            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap_or(serde_json::json!({\"step\": 0})))",
+        ["-p", "chorus-train", "--lib", "resume_is_bit_identical"],
+    ),
+    (
+        "random parameter ids (checkpoint bytes differ between equal runs)",
+        "crates/model/src/chorus.rs",
+        "        }\n        .number_parameters())",
+        "        })",
+        ["-p", "chorus-train", "--lib", "resume_is_bit_identical"],
+    ),
+    (
+        "accumulated losses not divided by the number of micro-batches",
+        "crates/train/src/run.rs",
+        "let grads = loss.div_scalar(accum as f64).backward();",
+        "let grads = loss.backward();",
+        ["-p", "chorus-train", "--lib", "accumulating_two_batches"],
+    ),
+    (
+        "clipping scales by max_norm / ‖g‖²",
+        "crates/train/src/grads.rs",
+        "scale(module, grads, max_norm / (norm + 1e-6));",
+        "scale(module, grads, max_norm / (norm * norm + 1e-6));",
+        ["-p", "chorus-train", "--lib", "clipping_scales"],
+    ),
+    (
+        "keep_last keeps one checkpoint too many",
+        "crates/train/src/checkpoint.rs",
+        "all.len().saturating_sub(keep_last)",
+        "all.len().saturating_sub(keep_last + 1)",
+        ["-p", "chorus-train", "--lib", "keep_last_prunes"],
+    ),
+    (
+        "best/ follows the latest validation, not the lowest",
+        "crates/train/src/run.rs",
+        "let is_best = valid_nll.is_some_and(|v| best.is_none_or(|(_, b)| v < b));",
+        "let is_best = valid_nll.is_some();",
+        ["-p", "chorus-train", "--lib", "keep_last_prunes"],
+    ),
+    (
+        "no check of the gradient norm",
+        "crates/train/src/run.rs",
+        "        if !norm.is_finite() {\n",
+        "        if false && !norm.is_finite() {\n",
+        ["-p", "chorus-train", "--lib", "every_non_finite_branch"],
+    ),
+    (
+        "no check of the validation NLL",
+        "crates/train/src/run.rs",
+        "            if !nll.is_finite() {\n",
+        "            if false && !nll.is_finite() {\n",
+        ["-p", "chorus-train", "--lib", "every_non_finite_branch"],
+    ),
+    (
+        "score cache rows shifted by one example",
+        "crates/train/src/batch.rs",
+        "            let values = scores.example(id)?;",
+        "            let values = scores.example(id ^ 1)?;",
+        ["-p", "chorus-train", "--lib", "training_on_the_score_cache"],
+    ),
+    (
+        "selector reads a negated hidden state",
+        "crates/model/src/chorus.rs",
+        "            Some(selector) => selector.forward(base.hidden),",
+        "            Some(selector) => selector.forward(base.hidden.neg()),",
+        ["-p", "chorus-model", "--lib", "without_z_k2_is_co_llm"],
+    ),
+    (
+        "no gradient through the base LM's logits",
+        "crates/model/src/chorus.rs",
+        "let mut log_p = vec![token_log_probs(base.logits, targets.clone())];",
+        "let mut log_p = vec![token_log_probs(base.logits.detach(), targets.clone())];",
+        ["-p", "chorus-model", "--lib", "elbo_gradients_match_finite_differences"],
+    ),
+    (
+        "no gradient through memory keys",
+        "crates/lm-adapters/src/lib.rs",
+        "let keys = split(key.forward(z.clone()));",
+        "let keys = split(key.forward(z.clone()).detach());",
+        ["-p", "chorus-model", "--lib", "elbo_gradients_match_finite_differences"],
+    ),
+    (
+        "free bits pass gradient through clamped dimensions (straight-through)",
+        "crates/elbo/src/objective.rs",
+        "        kl.clamp_min(lambda)\n",
+        "        kl.clone().detach().clamp_min(lambda) + kl.clone() - kl.detach()\n",
+        ["-p", "chorus-model", "--lib", "with_free_bits"],
+    ),
+    (
+        "lazy catch-up decodes assistants without z",
+        "crates/model/src/decode.rs",
+        "        let (logits, _) = self.step_model(j, tokens, z, cache)?;",
+        "        let (logits, _) = self.step_model(j, tokens, z.filter(|_| false), cache)?;",
+        ["-p", "chorus-model", "--lib", "cached_decoding_equals_full_recomputation"],
+    ),
+    (
+        "a stopped row keeps being sampled",
+        "crates/model/src/decode.rs",
+        "                if config.eos == Some(token) || !keep_going {",
+        "                if config.eos == Some(token) && !keep_going {",
+        ["-p", "chorus-model", "--lib", "cached_decoding_equals_full_recomputation"],
+    ),
+    (
+        "top-p keeps one token too few",
+        "crates/model/src/decode.rs",
+        "(kept < top_p * total || rank == 0)",
+        "(kept + p[i] < top_p * total || rank == 0)",
+        ["-p", "chorus-model", "--lib", "truncation_keeps_the_top_k_and_the_smallest_nucleus"],
+    ),
+    (
+        "tokenizer identity ignores the pre-tokenizer",
+        "crates/lm/src/tokenizer.rs",
+        '            "pre_tokenizer",\n',
+        "",
+        ["-p", "chorus-lm", "--lib", "tokenizers_of_one_chorus_must_match"],
+    ),
+    (
+        "tokenizer identity ignores the normaliser",
+        "crates/lm/src/tokenizer.rs",
+        '            "normalizer",\n',
+        "",
+        ["-p", "chorus-train", "--lib", "vocab_mismatch_and_missing_corpus"],
+    ),
+    (
+        "eval ignores --max-examples for text files",
+        "crates/cli/src/train.rs",
+        "                Some(n) if n > 0 && n < total => {",
+        "                Some(n) if false && n > 0 && n < total => {",
+        ["-p", "chorus-cli", "--test", "bad_input", "flags_that_cannot_apply"],
+    ),
+]
+
+
+def run(name, file, original, broken, args):
+    path = ROOT / file
+    text = path.read_text()
+    if text.count(original) != 1:
+        return "does not apply"
+    path.write_text(text.replace(original, broken))
+    try:
+        started = time.time()
+        result = subprocess.run(
+            ["cargo", "test", *args[:-1], "--", args[-1]],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
+        took = time.time() - started
+        if result.returncode == 0:
+            return f"SURVIVED ({took:.0f} s)"
+        if "error[" in result.stderr and "could not compile" in result.stderr:
+            return "does not compile"
+        return f"caught ({took:.0f} s)"
+    finally:
+        path.write_text(text)
+
+
+def main():
+    only = sys.argv[1] if len(sys.argv) > 1 else ""
+    bad = 0
+    print("| mutation | file | test | result |\n|---|---|---|---|")
+    for name, file, original, broken, args in MUTANTS:
+        if only not in name:
+            continue
+        outcome = run(name, file, original, broken, args)
+        bad += not outcome.startswith("caught")
+        print(f"| {name} | `{file}` | `{args[-1]}` | {outcome} |", flush=True)
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()
