@@ -199,28 +199,60 @@ pub fn crash_test(out: &Path, kills: usize, seed: u64) -> Result<String> {
     let total = started.elapsed().as_secs_f64();
     let startup = first_checkpoint.unwrap_or(total / 2.0);
     let per_step = (total - startup) / (steps - 1) as f64;
+    if kills as u64 >= steps {
+        bail!(
+            "--kills {kills} needs fewer kills than the run's {steps} steps (each kill waits for one)"
+        );
+    }
     eprintln!(
         "xtask: crash-test: {total:.1} s ({startup:.1} s to the first checkpoint, {per_step:.2} s/step)"
     );
 
-    // The crashed run: start (or resume), SIGKILL after a random delay, repeat.
+    // The crashed run: start (or resume), SIGKILL, repeat. A kill waits for progress (a newer
+    // checkpoint than the run started from), then either strikes while the next checkpoint is
+    // being written (a `.tmp-` entry exists; one kill in three) or after a random share of a step.
     let mut rng = Rng(seed.max(1));
     let log = crashed.join("train.log");
-    let (mut during_write, mut before_first, mut finished_early) = (0, 0, 0);
+    let (mut during_write, mut before_first, mut finished_early, mut resumes) = (0, 0, 0, 0);
     let mut lines = Vec::new();
+    let latest = |run: &Path| {
+        (1..=steps)
+            .rev()
+            .find(|s| checkpoint(run, *s).join("state.json").is_file())
+    };
     for kill in 1..=kills {
         let resume = has_checkpoint(&crashed);
-        // Up to the start-up plus a share of the remaining steps, so the kills spread over the run.
-        let delay = 0.5 * startup + rng.uniform() * (0.5 * startup + 3.0 * per_step);
+        resumes += resume as usize;
+        let from = latest(&crashed).unwrap_or(0);
+        let in_write = rng.uniform() < 1.0 / 3.0;
+        let extra = rng.uniform() * per_step;
         let mut child = train(&crashed, resume, &log)?;
-        std::thread::sleep(Duration::from_secs_f64(delay));
-        let finished = child.try_wait()?.is_some();
+        let t0 = Instant::now();
+        let mut progressed = None;
+        let finished = loop {
+            if child.try_wait()?.is_some() {
+                break true;
+            }
+            if progressed.is_none() && latest(&crashed).unwrap_or(0) > from {
+                progressed = Some(Instant::now());
+            }
+            if let Some(at) = progressed {
+                let strike = if in_write {
+                    in_checkpoint_write(&crashed)
+                } else {
+                    at.elapsed().as_secs_f64() >= extra
+                };
+                if strike {
+                    break false;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        let delay = t0.elapsed().as_secs_f64();
         child.kill().ok(); // SIGKILL
         child.wait()?;
         let writing = in_checkpoint_write(&crashed);
-        let latest = (1..=steps)
-            .rev()
-            .find(|s| checkpoint(&crashed, *s).join("state.json").is_file());
+        let latest = latest(&crashed);
         during_write += writing as usize;
         before_first += latest.is_none() as usize;
         finished_early += finished as usize;
@@ -238,6 +270,7 @@ pub fn crash_test(out: &Path, kills: usize, seed: u64) -> Result<String> {
         ));
     }
     eprintln!("xtask: crash-test: {kills} kills done; resuming to the end");
+    resumes += has_checkpoint(&crashed) as usize;
     let status = train(&crashed, has_checkpoint(&crashed), &log)?.wait()?;
     if !status.success() {
         bail!("the final resume failed; log: {}", log.display());
@@ -262,7 +295,7 @@ pub fn crash_test(out: &Path, kills: usize, seed: u64) -> Result<String> {
          - metrics.jsonl rows identical (all {} rows, `tokens_per_s` excepted): {same_metrics}\n\
          - verdict: {}\n\n\
          | kill | after | run | latest checkpoint after the kill | note |\n|---|---|---|---|---|\n{}\n",
-        kills + 1 - before_first.min(1),
+        resumes,
         ref_rows.len(),
         if identical { "IDENTICAL" } else { "DIFFERENT" },
         lines.join("\n")

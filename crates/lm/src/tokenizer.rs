@@ -35,10 +35,22 @@ impl Tokenizer {
                 reason: "no such file".into(),
             });
         }
-        let mut inner = tokenizers::Tokenizer::from_file(path).map_err(|e| LmError::Tokenizer {
+        let text = std::fs::read_to_string(path).map_err(|e| LmError::Tokenizer {
             path: source.clone(),
             reason: e.to_string(),
         })?;
+        // Syntax first: tokenizers 0.23 panics (`expect("Helper")`) on a syntax error inside the
+        // decoder instead of returning an error.
+        serde_json::from_str::<serde::de::IgnoredAny>(&text).map_err(|e| LmError::Tokenizer {
+            path: source.clone(),
+            reason: format!("not JSON: {e}"),
+        })?;
+        let mut inner: tokenizers::Tokenizer =
+            text.parse()
+                .map_err(|e: tokenizers::Error| LmError::Tokenizer {
+                    path: source.clone(),
+                    reason: e.to_string(),
+                })?;
         // chorus pads and truncates its own batches (MiniLM's file pads every text to 128).
         inner.with_padding(None);
         inner

@@ -105,6 +105,48 @@ impl ChorusConfig {
             .map_err(|e| ModelError::InvalidConfig(e.to_string()))
     }
 
+    /// A lower bound on the parameters of a chorus of these models under this config: the LMs'
+    /// ([`chorus_lm::LmConfig::min_parameters`]), the posterior head `d_model · 2 d_latent` and
+    /// each adapter's memory keys and values `2 · d_latent · slots · n_layers · kv_dim` and
+    /// embedding offset `d_latent · d_model`. `None` past `u64`. Lets a loader refuse a manifest
+    /// that describes more weights than its file holds, before allocating them.
+    pub fn min_parameters(
+        &self,
+        base: &chorus_lm::LmConfig,
+        assistants: &[chorus_lm::LmConfig],
+    ) -> Option<u64> {
+        let z = self.d_latent as u64;
+        let adapter = |c: &chorus_lm::LmConfig| -> Option<u64> {
+            let d = c.dims();
+            let memory = z
+                .checked_mul(self.memory_slots as u64)?
+                .checked_mul(d.n_layers as u64)?
+                .checked_mul(d.kv_dim() as u64)?
+                .checked_mul(2)?;
+            let offset = if self.embedding_offset {
+                z.checked_mul(d.d_model as u64)?
+            } else {
+                0
+            };
+            memory.checked_add(offset)
+        };
+        let mut total = base
+            .min_parameters()?
+            .checked_add(adapter(base)?)?
+            .checked_add(
+                (base.dims().d_model as u64)
+                    .checked_mul(z)?
+                    .checked_mul(2)?,
+            )?;
+        for a in assistants {
+            total = total.checked_add(a.min_parameters()?)?;
+            if self.assistant_adapters {
+                total = total.checked_add(adapter(a)?)?;
+            }
+        }
+        Some(total)
+    }
+
     /// Whether the continuous latent is on.
     pub fn has_z(&self) -> bool {
         self.d_latent > 0

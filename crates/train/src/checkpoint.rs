@@ -268,6 +268,23 @@ pub fn load_chorus<B: Backend>(
     let manifest: ModelManifest = serde_json::from_str(&text)
         .map_err(|e| bad(&path, format!("not a chorus manifest: {e}")))?;
     let tokenizer = Tokenizer::from_file(dir.join(TOKENIZER))?;
+    // Before allocating: the configs must not describe more f32 weights than model.mpk can hold.
+    let model_path = dir.join("model.mpk");
+    let model_bytes = std::fs::metadata(&model_path)
+        .map_err(|e| TrainError::io(&model_path, e))?
+        .len();
+    let described = manifest
+        .chorus
+        .min_parameters(&manifest.base, &manifest.assistants);
+    if described.is_none_or(|n| n > model_bytes / 4) {
+        return Err(bad(
+            &path,
+            format!(
+                "describes models of at least {} parameters but model.mpk has {model_bytes} bytes",
+                described.map_or("2^64".into(), |n| n.to_string())
+            ),
+        ));
+    }
     let base = manifest.base.init::<B>(device)?;
     let assistants = manifest
         .assistants

@@ -111,4 +111,6 @@ impl TrainError {
 }
 
 #[cfg(test)]
+mod fuzz_tests;
+#[cfg(test)]
 mod tests;

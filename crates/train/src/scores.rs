@@ -78,17 +78,37 @@ impl ScoreCache {
         // SAFETY: the file is only ever written to a temporary name and renamed into place, so no
         // writer modifies it while it is mapped.
         let data = unsafe { Mmap::map(&file) }.map_err(|e| TrainError::io(&data_path, e))?;
-        let expected: u64 = index
+        // Every example's span must lie inside the data file (checked arithmetic: the index may
+        // be corrupt).
+        if index.n_assistants == 0 || index.offsets.len() != index.lengths.len() {
+            return Err(bad(format!(
+                "{INDEX} is corrupt: {} assistants, {} offsets for {} examples",
+                index.n_assistants,
+                index.offsets.len(),
+                index.lengths.len()
+            )));
+        }
+        let values = |l: usize| (l as u64).checked_mul(index.n_assistants as u64);
+        let expected = index
             .lengths
             .iter()
-            .map(|&l| (l * index.n_assistants) as u64)
-            .sum();
-        if data.len() as u64 != expected * 4 {
+            .try_fold(0u64, |sum, &l| sum.checked_add(values(l)?))
+            .and_then(|v| v.checked_mul(4));
+        if expected != Some(data.len() as u64) {
             return Err(bad(format!(
                 "{DATA} has {} bytes, the index describes {} (truncated?)",
                 data.len(),
-                expected * 4
+                expected.map_or("more than 2^64".into(), |b| b.to_string())
             )));
+        }
+        let total = data.len() as u64 / 4;
+        for (i, (&offset, &len)) in index.offsets.iter().zip(&index.lengths).enumerate() {
+            let end = values(len).and_then(|v| v.checked_add(offset));
+            if end.is_none_or(|end| end > total) {
+                return Err(bad(format!(
+                    "{INDEX} is corrupt: example {i} (offset {offset}, {len} positions) lies outside {DATA}"
+                )));
+            }
         }
         Ok(Self {
             dir: dir.to_path_buf(),
