@@ -16,6 +16,7 @@ def main():
     ap.add_argument("fixture")
     ap.add_argument("--top", type=int, default=20)
     ap.add_argument("--greedy", type=int, default=8)
+    ap.add_argument("--source", help="what produced FULL.json (kept in the fixture)")
     args = ap.parse_args()
     with open(args.full) as f:
         full = json.load(f)
@@ -32,7 +33,7 @@ def main():
             }
         )
     fixture = {
-        "source": full.get("source", args.full),
+        "source": args.source or full.get("source", args.full),
         "prompts": prompts,
         "tokenizer": full["tokenizer"],
     }

@@ -164,6 +164,35 @@ MUTANTS = [
         ["-p", "chorus-train", "--lib", "vocab_mismatch_and_missing_corpus"],
     ),
     (
+        "evaluation's deferral counts the base's share",
+        "crates/train/src/eval.rs",
+        "deferred += ((r0.neg().add_scalar(1.0)) * batch.target_mask.clone())",
+        "deferred += (r0 * batch.target_mask.clone())",
+        ["-p", "chorus-train", "--lib", "evaluation_matches_a_joint_model"],
+    ),
+    (
+        "evaluation's NLL divided by examples, not tokens",
+        "crates/train/src/eval.rs",
+        "let nll = -log_p / tokens.max(1) as f64;",
+        "let nll = -log_p / examples.max(1) as f64;",
+        ["-p", "chorus-train", "--lib", "evaluation_matches_a_joint_model"],
+    ),
+    (
+        "GGUF Q/K rows left in llama.cpp's permuted order",
+        "crates/lm/src/import.rs",
+        "            values = unpermute_rows(&values, heads, shape[0], shape[1]);",
+        "            let _ = heads;",
+        ["-p", "chorus-cli", "--test", "smollm2_reference", "smollm2_matches"],
+    ),
+    (
+        "smollm pre-tokenizer does not split digits",
+        "crates/lm/src/tokenizer.rs",
+        "Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into()",
+        "Sequence::new(vec![byte_level.into()]).into()",
+        # (SmolLM2's own vocabulary has no multi-digit tokens, so its fixture cannot tell.)
+        ["-p", "chorus-lm", "--lib", "gguf_tokenizer_keeps_control_tokens_digits"],
+    ),
+    (
         "eval ignores --max-examples for text files",
         "crates/cli/src/train.rs",
         "                Some(n) if n > 0 && n < total => {",

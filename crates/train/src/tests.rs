@@ -375,6 +375,21 @@ fn resume_is_bit_identical_to_an_uninterrupted_run() {
     let final_dir = latest_checkpoint(dir.path()).unwrap();
     let uninterrupted = parameters(&final_dir);
     let uninterrupted_bytes = std::fs::read(final_dir.join("model.mpk")).unwrap();
+    // A second uninterrupted run writes the same bytes: parameter ids are numbered, not random.
+    let again = tempfile::tempdir().unwrap();
+    let (model, _) = joint(config.clone(), 1);
+    fit(
+        model,
+        manifest.clone(),
+        &train,
+        &valid,
+        &optim,
+        again.path(),
+        false,
+    )
+    .unwrap();
+    let again_final = latest_checkpoint(again.path()).unwrap();
+    assert!(std::fs::read(again_final.join("model.mpk")).unwrap() == uninterrupted_bytes);
     let without_rate = |rows: Vec<serde_json::Value>| -> Vec<serde_json::Value> {
         rows.into_iter()
             .map(|mut r| {
@@ -405,7 +420,7 @@ fn resume_is_bit_identical_to_an_uninterrupted_run() {
     assert!(resumed == uninterrupted, "parameters differ after resume");
     // And the run did move: step 3's parameters are different.
     assert!(parameters(&dir.path().join("checkpoints/step-00000003")) != resumed);
-    // Parameter ids are numbered, not random: the checkpoint is the same file, byte for byte.
+    // The resumed checkpoint is the same file, byte for byte.
     assert!(std::fs::read(resumed_dir.join("model.mpk")).unwrap() == uninterrupted_bytes);
     // The metrics were rewritten, not duplicated, the torn line is gone, and the rows (whose
     // windows span the crash) equal the uninterrupted run's but for the wall-clock rate.
@@ -1100,4 +1115,122 @@ fn every_non_finite_branch_stops_and_keeps_the_last_good_checkpoint() {
     let mut valid = synthetic(4, 300);
     valid[0].tokens[2] = VOCAB as u32;
     assert_stops_with_last_good_intact("validation NLL", model, manifest, &train, &valid, 4, None);
+}
+
+/// Every float parameter of `module` set to zero.
+fn zeroed<M: burn::module::Module<B>>(module: M) -> M {
+    struct Zero;
+    impl burn::module::ModuleMapper<B> for Zero {
+        fn map_float<const D: usize>(
+            &mut self,
+            param: burn::module::Param<Tensor<B, D>>,
+        ) -> burn::module::Param<Tensor<B, D>> {
+            param.map(|t| t.zeros_like())
+        }
+    }
+    module.map(&mut Zero)
+}
+
+#[test]
+fn evaluation_matches_a_joint_model_whose_likelihood_is_known_in_closed_form() {
+    let _rng = rng_lock();
+    let device = Default::default();
+    // The base: a llama with every weight zero. Its final RMSNorm outputs 0, so its logits are 0
+    // and P_base(x) = 1/V at every position.
+    let base = zeroed(llama(VOCAB).init::<B>(&device).unwrap());
+    // The assistant: a gpt2 with every weight zero but the final LayerNorm's bias β and an untied
+    // output matrix W: it reads nothing and predicts q = softmax(β W) at every position.
+    let gpt2 = LmConfig::Gpt2(chorus_lm::Gpt2Config {
+        vocab_size: VOCAB,
+        d_model: 8,
+        n_layers: 1,
+        n_heads: 2,
+        d_ff: 16,
+        max_seq_len: 64,
+        norm_eps: 1e-5,
+        tie_embeddings: false,
+    });
+    let mut assistant = zeroed(gpt2.init::<B>(&device).unwrap());
+    let beta: Vec<f32> = (0..8).map(|i| 0.3 * i as f32 - 1.0).collect();
+    let w: Vec<f32> = (0..8 * VOCAB)
+        .map(|i| ((i * 37 % 23) as f32 - 11.0) / 7.0)
+        .collect();
+    if let Lm::Gpt2(g) = &mut assistant {
+        g.ln_f.beta = Some(burn::module::Param::from_tensor(Tensor::from_data(
+            TensorData::new(beta.clone(), [8]),
+            &device,
+        )));
+        g.lm_head.as_mut().unwrap().weight = burn::module::Param::from_tensor(Tensor::from_data(
+            TensorData::new(w.clone(), [8, VOCAB]),
+            &device,
+        ));
+    }
+    let logits: Vec<f64> = (0..VOCAB)
+        .map(|v| {
+            (0..8)
+                .map(|d| f64::from(beta[d]) * f64::from(w[d * VOCAB + v]))
+                .sum()
+        })
+        .collect();
+    let norm: f64 = logits.iter().map(|l| l.exp()).sum();
+    let q: Vec<f64> = logits.iter().map(|l| l.exp() / norm).collect();
+    // The selector: zero weights and bias (0.4, −0.7), so π is the same at every position.
+    let config = ChorusConfig {
+        d_latent: 0,
+        ..ChorusConfig::default()
+    };
+    let mut model = Chorus::new(config, base, vec![assistant], &device).unwrap();
+    model.selector.as_mut().unwrap().proj.bias = Some(burn::module::Param::from_tensor(
+        Tensor::from_data([0.4f32, -0.7], &device),
+    ));
+    let z = (0.4f64).exp() + (-0.7f64).exp();
+    let pi = [(0.4f64).exp() / z, (-0.7f64).exp() / z];
+
+    let data = synthetic(10, 0);
+    let rows = crate::evaluate_chorus(&model, "closed form", &data, None, 3, 4, &device).unwrap();
+    assert_eq!(rows.len(), 2, "two tasks");
+    for row in &rows {
+        // By hand: −Σ_t log(π_0 / V + π_1 q[x_t]) over the scored tokens, and the posterior share
+        // of the assistant, π_1 q / (π_0 / V + π_1 q), averaged over them.
+        let (mut nll, mut deferral, mut tokens, mut examples) = (0.0, 0.0, 0, 0);
+        for e in data.iter().filter(|e| e.task.to_string() == row.task) {
+            let batch = TokenBatch::new(&[e]);
+            for t in 0..batch.seq {
+                if batch.target_mask[t] > 0.0 {
+                    let x = batch.targets[t] as usize;
+                    let p = pi[0] / VOCAB as f64 + pi[1] * q[x];
+                    nll -= p.ln();
+                    deferral += pi[1] * q[x] / p;
+                    tokens += 1;
+                }
+            }
+            examples += 1;
+        }
+        assert_eq!(
+            (row.examples, row.tokens),
+            (examples, tokens),
+            "{}",
+            row.task
+        );
+        let want = nll / tokens as f64;
+        assert!(
+            (row.nll - want).abs() < 1e-5,
+            "{}: NLL {} vs {want}",
+            row.task,
+            row.nll
+        );
+        assert!(
+            (row.ppl - want.exp()).abs() < 1e-4 * want.exp(),
+            "{}: PPL",
+            row.task
+        );
+        let want = deferral / tokens as f64;
+        let got = row.deferral.unwrap();
+        assert!(
+            (got - want).abs() < 1e-5,
+            "{}: deferral {got} vs {want}",
+            row.task
+        );
+        assert!(row.kl.is_none() && row.mi.is_none() && row.active_units.is_none());
+    }
 }
