@@ -178,6 +178,20 @@ MUTANTS = [
         ["-p", "chorus-train", "--lib", "evaluation_matches_a_joint_model"],
     ),
     (
+        "calibration without the always-defer candidate",
+        "crates/train/src/calibrate.rs",
+        "    let (nll, deferral) = score(0.0);",
+        "    let (nll, deferral) = score(1.0);",
+        ["-p", "chorus-train", "--lib", "calibration_finds_the_known_optimum"],
+    ),
+    (
+        "calibration keeps the worst candidate",
+        "crates/train/src/calibrate.rs",
+        "        .min_by(|a, b| a.nll.total_cmp(&b.nll))",
+        "        .max_by(|a, b| a.nll.total_cmp(&b.nll))",
+        ["-p", "chorus-train", "--lib", "calibration_finds_the_known_optimum"],
+    ),
+    (
         "GGUF Q/K rows left in llama.cpp's permuted order",
         "crates/lm/src/import.rs",
         "            values = unpermute_rows(&values, heads, shape[0], shape[1]);",

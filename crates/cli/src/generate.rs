@@ -478,8 +478,11 @@ pub fn calibrate<B: Backend>(
     for c in &calibration.candidates {
         println!(
             "| {} | {:.4} | {:.4} | {:.1} % |{}",
-            c.quantile
-                .map_or("never defer".into(), |q| format!("{q:.2}")),
+            match c.quantile {
+                Some(q) => format!("{q:.2}"),
+                None if c.eta == 0.0 => "always defer".into(),
+                None => "never defer".into(),
+            },
             c.eta,
             c.nll,
             100.0 * c.deferral,

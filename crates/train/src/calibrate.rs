@@ -1,6 +1,8 @@
 //! η calibration for Co-LLM's threshold rule (DESIGN §4): on validation text, with z at the prior
 //! mean (as decoding uses it), collect `π* = max_{j≥1} π_j` at every target token; candidate η are
-//! quantiles of π*; each is scored by the NLL of *hard* routing — token t scored by the assistant
+//! quantiles of π*, plus η = 0 (always defer) and η = 1 (never): the quantiles alone cannot
+//! defer the tokens at the smallest π*, so when π* barely varies they could not express "always
+//! defer"; each is scored by the NLL of *hard* routing — token t scored by the assistant
 //! `j* = argmax_{j≥1} π_j` when `π* > η`, else by the base — and the lowest wins. The result is
 //! stored next to the checkpoint as `decoding.json` and is `chorus generate`'s default η.
 
@@ -18,7 +20,8 @@ pub const DECODING_FILE: &str = "decoding.json";
 /// One candidate η.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EtaCandidate {
-    /// The quantile of π* it came from (`None` for η = 1, never defer).
+    /// The quantile of π* it came from (`None` for the extremes η = 0, always defer, and η = 1,
+    /// never defer).
     pub quantile: Option<f64>,
     /// η.
     pub eta: f64,
@@ -135,7 +138,14 @@ pub fn calibrate_eta<B: Backend>(
             deferred as f64 / tokens.len() as f64,
         )
     };
-    let mut candidates: Vec<EtaCandidate> =
+    let (nll, deferral) = score(0.0);
+    let mut candidates = vec![EtaCandidate {
+        quantile: None,
+        eta: 0.0,
+        nll,
+        deferral,
+    }];
+    candidates.extend(
         [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99]
             .into_iter()
             .map(|q| {
@@ -147,8 +157,8 @@ pub fn calibrate_eta<B: Backend>(
                     nll,
                     deferral,
                 }
-            })
-            .collect();
+            }),
+    );
     let (nll, deferral) = score(1.0);
     candidates.push(EtaCandidate {
         quantile: None,

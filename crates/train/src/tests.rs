@@ -1131,15 +1131,15 @@ fn zeroed<M: burn::module::Module<B>>(module: M) -> M {
     module.map(&mut Zero)
 }
 
-#[test]
-fn evaluation_matches_a_joint_model_whose_likelihood_is_known_in_closed_form() {
-    let _rng = rng_lock();
+/// A K = 2 joint model without z whose likelihood is known in closed form: the base is a llama
+/// with every weight zero (its final RMSNorm outputs 0, so P_base(x) = 1/V at every position); the
+/// assistant a gpt2 with every weight zero but the final LayerNorm's bias e_0 and an untied output
+/// matrix whose first row is `assistant_logits` (it reads nothing and predicts
+/// q = softmax(assistant_logits) everywhere); the selector has zero weights and bias `selector_bias`,
+/// so π is the same at every position.
+fn closed_form_model(assistant_logits: &[f32], selector_bias: [f32; 2]) -> Chorus<B> {
     let device = Default::default();
-    // The base: a llama with every weight zero. Its final RMSNorm outputs 0, so its logits are 0
-    // and P_base(x) = 1/V at every position.
     let base = zeroed(llama(VOCAB).init::<B>(&device).unwrap());
-    // The assistant: a gpt2 with every weight zero but the final LayerNorm's bias β and an untied
-    // output matrix W: it reads nothing and predicts q = softmax(β W) at every position.
     let gpt2 = LmConfig::Gpt2(chorus_lm::Gpt2Config {
         vocab_size: VOCAB,
         d_model: 8,
@@ -1151,41 +1151,56 @@ fn evaluation_matches_a_joint_model_whose_likelihood_is_known_in_closed_form() {
         tie_embeddings: false,
     });
     let mut assistant = zeroed(gpt2.init::<B>(&device).unwrap());
-    let beta: Vec<f32> = (0..8).map(|i| 0.3 * i as f32 - 1.0).collect();
-    let w: Vec<f32> = (0..8 * VOCAB)
-        .map(|i| ((i * 37 % 23) as f32 - 11.0) / 7.0)
-        .collect();
+    let mut beta = vec![0.0f32; 8];
+    beta[0] = 1.0;
+    let mut w = vec![0.0f32; 8 * VOCAB];
+    w[..VOCAB].copy_from_slice(assistant_logits);
     if let Lm::Gpt2(g) = &mut assistant {
         g.ln_f.beta = Some(burn::module::Param::from_tensor(Tensor::from_data(
-            TensorData::new(beta.clone(), [8]),
+            TensorData::new(beta, [8]),
             &device,
         )));
         g.lm_head.as_mut().unwrap().weight = burn::module::Param::from_tensor(Tensor::from_data(
-            TensorData::new(w.clone(), [8, VOCAB]),
+            TensorData::new(w, [8, VOCAB]),
             &device,
         ));
     }
-    let logits: Vec<f64> = (0..VOCAB)
-        .map(|v| {
-            (0..8)
-                .map(|d| f64::from(beta[d]) * f64::from(w[d * VOCAB + v]))
-                .sum()
-        })
-        .collect();
-    let norm: f64 = logits.iter().map(|l| l.exp()).sum();
-    let q: Vec<f64> = logits.iter().map(|l| l.exp() / norm).collect();
-    // The selector: zero weights and bias (0.4, −0.7), so π is the same at every position.
     let config = ChorusConfig {
         d_latent: 0,
         ..ChorusConfig::default()
     };
     let mut model = Chorus::new(config, base, vec![assistant], &device).unwrap();
     model.selector.as_mut().unwrap().proj.bias = Some(burn::module::Param::from_tensor(
-        Tensor::from_data([0.4f32, -0.7], &device),
+        Tensor::from_data(selector_bias, &device),
     ));
-    let z = (0.4f64).exp() + (-0.7f64).exp();
-    let pi = [(0.4f64).exp() / z, (-0.7f64).exp() / z];
+    model
+}
 
+/// softmax of `logits` in f64.
+fn softmax64(logits: &[f32]) -> Vec<f64> {
+    let norm: f64 = logits.iter().map(|&l| f64::from(l).exp()).sum();
+    logits.iter().map(|&l| f64::from(l).exp() / norm).collect()
+}
+
+/// The scored target tokens of `e`.
+fn scored_targets(e: &Encoded) -> Vec<usize> {
+    let batch = TokenBatch::new(&[e]);
+    (0..batch.seq)
+        .filter(|&t| batch.target_mask[t] > 0.0)
+        .map(|t| batch.targets[t] as usize)
+        .collect()
+}
+
+#[test]
+fn evaluation_matches_a_joint_model_whose_likelihood_is_known_in_closed_form() {
+    let _rng = rng_lock();
+    let device = Default::default();
+    let logits: Vec<f32> = (0..VOCAB)
+        .map(|v| ((v * 37 % 23) as f32 - 11.0) / 5.0)
+        .collect();
+    let q = softmax64(&logits);
+    let model = closed_form_model(&logits, [0.4, -0.7]);
+    let pi = softmax64(&[0.4, -0.7]);
     let data = synthetic(10, 0);
     let rows = crate::evaluate_chorus(&model, "closed form", &data, None, 3, 4, &device).unwrap();
     assert_eq!(rows.len(), 2, "two tasks");
@@ -1194,15 +1209,11 @@ fn evaluation_matches_a_joint_model_whose_likelihood_is_known_in_closed_form() {
         // of the assistant, π_1 q / (π_0 / V + π_1 q), averaged over them.
         let (mut nll, mut deferral, mut tokens, mut examples) = (0.0, 0.0, 0, 0);
         for e in data.iter().filter(|e| e.task.to_string() == row.task) {
-            let batch = TokenBatch::new(&[e]);
-            for t in 0..batch.seq {
-                if batch.target_mask[t] > 0.0 {
-                    let x = batch.targets[t] as usize;
-                    let p = pi[0] / VOCAB as f64 + pi[1] * q[x];
-                    nll -= p.ln();
-                    deferral += pi[1] * q[x] / p;
-                    tokens += 1;
-                }
+            for x in scored_targets(e) {
+                let p = pi[0] / VOCAB as f64 + pi[1] * q[x];
+                nll -= p.ln();
+                deferral += pi[1] * q[x] / p;
+                tokens += 1;
             }
             examples += 1;
         }
@@ -1232,5 +1243,45 @@ fn evaluation_matches_a_joint_model_whose_likelihood_is_known_in_closed_form() {
             row.task
         );
         assert!(row.kl.is_none() && row.mi.is_none() && row.active_units.is_none());
+    }
+}
+
+#[test]
+fn calibration_finds_the_known_optimum_of_hard_routing() {
+    let _rng = rng_lock();
+    let device = Default::default();
+    let data = synthetic(12, 0);
+    let targets: Vec<usize> = data.iter().flat_map(scored_targets).collect();
+    // An assistant that predicts the targets' own unigram distribution beats the uniform base on
+    // every scored token on average (Gibbs); one that bets on token 0 (EOS, rare in targets) loses.
+    let mut counts = [1.0f32; VOCAB];
+    for &x in &targets {
+        counts[x] += 1.0;
+    }
+    let unigram: Vec<f32> = counts.iter().map(|c| c.ln()).collect();
+    let mut eos_only = vec![-4.0f32; VOCAB];
+    eos_only[0] = 6.0;
+    let uniform_nll = (VOCAB as f64).ln();
+    for (logits, assistant_wins) in [(unigram, true), (eos_only, false)] {
+        let q = softmax64(&logits);
+        let assistant_nll = -targets.iter().map(|&x| q[x].ln()).sum::<f64>() / targets.len() as f64;
+        assert_eq!(assistant_nll < uniform_nll, assistant_wins);
+        // π(assistant) = 0.25 at every token: hard routing defers all tokens or none, and the
+        // best of the two is known. π* is the same everywhere, so only η < 0.25 defers.
+        let model = closed_form_model(&logits, [0.0, -(3.0f32).ln()]);
+        let c = crate::calibrate_eta(&model, &data, 4, &device).unwrap();
+        assert_eq!(c.tokens, targets.len());
+        let chosen = c.candidates.iter().find(|k| k.eta == c.eta).unwrap();
+        let (want_nll, want_deferral) = if assistant_wins {
+            (assistant_nll, 1.0)
+        } else {
+            (uniform_nll, 0.0)
+        };
+        assert!(
+            (chosen.nll - want_nll).abs() < 1e-5,
+            "{chosen:?} vs {want_nll}"
+        );
+        assert_eq!(chosen.deferral, want_deferral, "{c:?}");
+        assert!(c.candidates.iter().all(|k| k.nll >= chosen.nll));
     }
 }
