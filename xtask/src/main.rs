@@ -5,6 +5,7 @@
 //! model and its ablations, evaluate everything on the test split and print the comparison table.
 //! Independent steps run two at a time (burn's CPU backend mostly uses one core per process).
 
+mod bench;
 mod crash;
 
 use std::path::{Path, PathBuf};
@@ -43,6 +44,13 @@ enum Task {
     },
     /// Download and verify the corpora into $CHORUS_CACHE (default ~/.cache/chorus).
     FetchData,
+    /// Run chorus and its peers (PyTorch twin, llama.cpp) back to back on the same work and write
+    /// the table into docs/performance.md.
+    Bench {
+        /// Where raw outputs go.
+        #[arg(long, default_value = "out/bench")]
+        out: PathBuf,
+    },
     /// Train a small joint model, SIGKILL `chorus train` at random moments (some inside checkpoint
     /// writes), resume after each, and check that the final parameters and metrics equal an
     /// uninterrupted run's bit for bit.
@@ -66,6 +74,7 @@ fn main() -> Result<()> {
             let chorus = build(Preset::Cpu)?;
             run_now(&chorus, &["data", "fetch"])
         }
+        Task::Bench { out } => bench::bench(&out),
         Task::CrashTest { out, kills, seed } => {
             let report = crash::crash_test(&out, kills, seed)?;
             println!("{report}");

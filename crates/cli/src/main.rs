@@ -1,5 +1,6 @@
 //! `chorus`: train, evaluate and inspect collaborative language models.
 
+mod bench;
 mod data;
 mod device;
 mod embed;
@@ -268,6 +269,24 @@ enum Command {
         #[arg(long)]
         report_only: bool,
     },
+    /// Time one LM's training step (forward, cross-entropy, backward, AdamW) on random tokens and
+    /// print tokens/s as JSON, for `cargo xtask bench` to compare with its PyTorch twin.
+    ///
+    /// Example: chorus bench-step --shape small --batch 8 --seq 128 --steps 5
+    BenchStep {
+        /// Model shape.
+        #[arg(long, value_enum, default_value_t = bench::Shape::Small)]
+        shape: bench::Shape,
+        /// Rows per batch.
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        /// Tokens per row.
+        #[arg(long, default_value_t = 128)]
+        seq: usize,
+        /// Timed steps (after one warm-up step).
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+    },
 }
 
 fn parse_split(s: &str) -> Result<Split, String> {
@@ -450,6 +469,14 @@ fn run(cli: Cli) -> Result<()> {
             cli.device,
             |B, device| embed::run::<B>(&encoder, &texts, &device)
         ),
+        Command::BenchStep {
+            shape,
+            batch,
+            seq,
+            steps,
+        } => with_backend!(cli.device, |B, device| bench::run::<B>(
+            shape, batch, seq, steps, &device
+        )),
         Command::CheckReference {
             gguf,
             reference,

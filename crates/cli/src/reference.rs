@@ -75,7 +75,7 @@ struct Report {
 }
 
 /// Peak resident memory of this process in MB (Linux `VmHWM`), 0 where unknown.
-fn peak_rss_mb() -> f64 {
+pub fn peak_rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {

