@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::{Preset, build, run_now};
+use crate::{Preset, build, corpora_and_tokenizer, run_now};
 
 /// xorshift64*: seeded kill times, so a campaign can be repeated.
 struct Rng(u64);
@@ -79,21 +79,8 @@ pub fn crash_test(out: &Path, kills: usize, seed: u64) -> Result<String> {
     let chorus = build(Preset::Cpu)?;
     std::fs::create_dir_all(out)?;
     let p = |rel: &str| out.join(rel).display().to_string();
-    run_now(&chorus, &["data", "fetch"])?;
     let vocab = 1024;
-    if !out.join("tokenizer.json").is_file() {
-        run_now(
-            &chorus,
-            &[
-                "data",
-                "tokenizer",
-                "--vocab-size",
-                &vocab.to_string(),
-                "--out",
-                &p("tokenizer.json"),
-            ],
-        )?;
-    }
+    corpora_and_tokenizer(&chorus, out, vocab)?;
     let tokenizer = format!("tokenizer={:?}", p("tokenizer.json"));
     let small = [
         format!("model.vocab_size={vocab}"),

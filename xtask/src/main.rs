@@ -116,6 +116,20 @@ fn build(preset: Preset) -> Result<PathBuf> {
     Ok(target.join(profile).join("chorus"))
 }
 
+/// Fetches the corpora and trains `<out>/tokenizer.json` with `vocab` tokens unless it is there.
+fn corpora_and_tokenizer(chorus: &Path, out: &Path, vocab: usize) -> Result<()> {
+    run_now(chorus, &["data", "fetch"])?;
+    let path = out.join("tokenizer.json");
+    if !path.is_file() {
+        let (vocab, path) = (vocab.to_string(), path.display().to_string());
+        run_now(
+            chorus,
+            &["data", "tokenizer", "--vocab-size", &vocab, "--out", &path],
+        )?;
+    }
+    Ok(())
+}
+
 fn run_now(chorus: &Path, args: &[&str]) -> Result<()> {
     let status = Command::new(chorus)
         .args(args)
@@ -263,20 +277,7 @@ fn train(out: &Path, preset: Preset) -> Result<()> {
     };
 
     eprintln!("xtask: 1/5 corpora and tokenizer");
-    run_now(&chorus, &["data", "fetch"])?;
-    if !out.join("tokenizer.json").is_file() {
-        run_now(
-            &chorus,
-            &[
-                "data",
-                "tokenizer",
-                "--vocab-size",
-                "4096",
-                "--out",
-                &p("tokenizer.json"),
-            ],
-        )?;
-    }
+    corpora_and_tokenizer(&chorus, out, 4096)?;
 
     eprintln!("xtask: 2/5 pre-training the base and two experts");
     run_lanes(

@@ -748,20 +748,28 @@ fn vocab_mismatch_and_missing_corpus_are_clear_errors() {
         .unwrap()
         .save(dir.path().join("assistant"))
         .unwrap();
-    let t = write(
-        dir.path(),
-        "joint.toml",
-        &format!(
-            "tokenizer = {:?}\nbase = {:?}\nassistants = [{:?}]\n",
-            dir.path().join("tokenizer.json"),
-            dir.path().join("base"),
-            dir.path().join("assistant"),
-        ),
-    );
-    let config: TrainConfig = load_config(Some(&t), &[]).unwrap();
-    let err = crate::train::<AD>(&config, &dir.path().join("out2"), false, &device)
-        .unwrap_err()
-        .to_string();
+    // `chorus train` with the shared tokenizer, the base and these assistants: its error.
+    let train_error = |assistants: &[&str]| -> String {
+        let list: Vec<String> = assistants
+            .iter()
+            .map(|a| format!("{:?}", dir.path().join(a)))
+            .collect();
+        let t = write(
+            dir.path(),
+            "joint.toml",
+            &format!(
+                "tokenizer = {:?}\nbase = {:?}\nassistants = [{}]\n",
+                dir.path().join("tokenizer.json"),
+                dir.path().join("base"),
+                list.join(", "),
+            ),
+        );
+        let config: TrainConfig = load_config(Some(&t), &[]).unwrap();
+        crate::train::<AD>(&config, &dir.path().join("out2"), false, &device)
+            .unwrap_err()
+            .to_string()
+    };
+    let err = train_error(&["assistant"]);
     assert!(err.contains("vocabular"), "{err}");
     // A base whose own tokenizer.json has the same vocabulary and merges but a normaliser of
     // its own: refused before training, naming both files and the part that differs.
@@ -772,24 +780,12 @@ fn vocab_mismatch_and_missing_corpus_are_clear_errors() {
     lowercasing["normalizer"] = serde_json::json!({"type": "Lowercase"});
     let own = dir.path().join("base/tokenizer.json");
     std::fs::write(&own, lowercasing.to_string()).unwrap();
-    let t = write(
-        dir.path(),
-        "joint2.toml",
-        &format!(
-            "tokenizer = {:?}\nbase = {:?}\n",
-            dir.path().join("tokenizer.json"),
-            dir.path().join("base"),
-        ),
-    );
-    let config: TrainConfig = load_config(Some(&t), &[]).unwrap();
-    let err = crate::train::<AD>(&config, &dir.path().join("out3"), false, &device)
-        .unwrap_err()
-        .to_string();
+    let err = train_error(&[]);
     assert!(
         err.contains("normalizer differs") && err.contains("base/tokenizer.json"),
         "{err}"
     );
-    assert!(!dir.path().join("out3/checkpoints").exists());
+    assert!(!dir.path().join("out2/checkpoints").exists());
 }
 
 /// Guards the workspace's burn-ndarray feature choice: with its `simd` feature, f32 `recip` (used
