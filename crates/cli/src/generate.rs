@@ -169,10 +169,32 @@ fn token_texts(tokenizer: &Tokenizer, d: &Decoded, eos: u32) -> Result<Vec<Strin
     Ok(texts)
 }
 
+/// A joint checkpoint (a directory with chorus.json), or a single LM in any format chorus reads (a
+/// GGUF file, a Hugging Face directory, a chorus LM directory) as a chorus of one model without z.
+/// Returns the model, its members' sources and the tokenizer.
+fn load_model<B: Backend>(
+    path: &Path,
+    device: &B::Device,
+) -> Result<(Chorus<B>, Vec<String>, Tokenizer)> {
+    if path.join("chorus.json").is_file() || path.join("state.json").is_file() {
+        let (model, manifest, tokenizer, _) = load_chorus::<B>(path, device)?;
+        return Ok((model, manifest.sources, tokenizer));
+    }
+    let lm = chorus_lm::Lm::<B>::open(path, device)?;
+    let tokenizer = Tokenizer::open(path)
+        .with_context(|| format!("{}: no tokenizer with the model", path.display()))?;
+    let single = chorus_model::ChorusConfig {
+        d_latent: 0,
+        ..Default::default()
+    };
+    let model = Chorus::new(single, lm, Vec::new(), device)?;
+    Ok((model, vec![path.display().to_string()], tokenizer))
+}
+
 pub fn generate<B: Backend>(args: GenerateArgs<'_>, device: &B::Device) -> Result<()> {
-    let (model, manifest, tokenizer, _) = load_chorus::<B>(args.model, device)?;
+    let (model, sources, tokenizer) = load_model::<B>(args.model, device)?;
     let k = model.n_models();
-    let names = model_names(&manifest.sources, k);
+    let names = model_names(&sources, k);
     let calibration = EtaCalibration::load(args.model)?;
     let strategy: WriterStrategy = match args.strategy {
         Some("threshold") => WriterStrategy::Threshold {

@@ -166,7 +166,8 @@ enum Command {
     ///
     /// Example: chorus generate --model out/joint/checkpoints/best "Once upon a time" --html story.html
     Generate {
-        /// A joint checkpoint directory (e.g. out/joint/checkpoints/best).
+        /// A joint checkpoint directory (e.g. out/joint/checkpoints/best), or a single LM: a
+        /// .gguf file, a Hugging Face directory or a chorus LM directory (with its tokenizer).
         #[arg(long)]
         model: PathBuf,
         /// The prompt (a story opening, a dialogue history, or nothing); `-` reads stdin.

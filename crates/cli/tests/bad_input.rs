@@ -425,3 +425,33 @@ fn flags_that_cannot_apply_are_refused_and_max_examples_applies_to_text_files() 
         "{report}"
     );
 }
+
+#[test]
+fn a_single_lm_in_any_format_generates() {
+    let f = Fixture::new();
+    let out = Command::new(env!("CARGO_BIN_EXE_chorus"))
+        .args([
+            "generate",
+            "--model",
+            &f.path("lm"),
+            "the cat",
+            "--max-tokens",
+            "5",
+            "--temperature",
+            "0",
+            "--json",
+            &f.path("out.json"),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(f.path("out.json")).unwrap()).unwrap();
+    let tokens = report["samples"][0]["tokens"].as_array().unwrap();
+    assert_eq!(tokens.len(), 5, "{report}");
+    assert!(tokens.iter().all(|t| t["writer"] == 0), "{report}");
+}
