@@ -52,8 +52,25 @@ impl<B: Backend> Lm<B> {
     pub fn load(dir: impl AsRef<Path>, device: &B::Device) -> Result<Self, LmError> {
         let dir = dir.as_ref();
         let config = LmConfig::load(dir.join(CONFIG_FILE))?;
+        // Before allocating: the config must not describe far more f32 weights than the file
+        // holds (a corrupt config would otherwise allocate without bound; a near miss is left to
+        // the exact per-tensor checks, which name the tensor).
+        let weights = dir.join(WEIGHTS_FILE);
+        let bytes = std::fs::metadata(&weights)
+            .map_err(|e| LmError::io(&weights, e))?
+            .len();
+        let described = config.min_parameters();
+        if described.is_none_or(|n| n.saturating_mul(4) > bytes.saturating_mul(2) + (1 << 20)) {
+            return Err(LmError::Weights {
+                path: weights,
+                reason: format!(
+                    "{CONFIG_FILE} describes at least {} parameters, far more than its {bytes} bytes hold",
+                    described.map_or("2^64".into(), |n| n.to_string())
+                ),
+            });
+        }
         let mut model = config.init::<B>(device)?;
-        model.load_weights(dir.join(WEIGHTS_FILE))?;
+        model.load_weights(weights)?;
         Ok(model)
     }
 

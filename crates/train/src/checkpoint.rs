@@ -268,7 +268,8 @@ pub fn load_chorus<B: Backend>(
     let manifest: ModelManifest = serde_json::from_str(&text)
         .map_err(|e| bad(&path, format!("not a chorus manifest: {e}")))?;
     let tokenizer = Tokenizer::from_file(dir.join(TOKENIZER))?;
-    // Before allocating: the configs must not describe more f32 weights than model.mpk can hold.
+    // Before allocating: the configs must not describe far more f32 weights than model.mpk can
+    // hold (a corrupt manifest would otherwise allocate without bound).
     let model_path = dir.join("model.mpk");
     let model_bytes = std::fs::metadata(&model_path)
         .map_err(|e| TrainError::io(&model_path, e))?
@@ -276,7 +277,7 @@ pub fn load_chorus<B: Backend>(
     let described = manifest
         .chorus
         .min_parameters(&manifest.base, &manifest.assistants);
-    if described.is_none_or(|n| n > model_bytes / 4) {
+    if described.is_none_or(|n| n.saturating_mul(4) > model_bytes.saturating_mul(2) + (1 << 20)) {
         return Err(bad(
             &path,
             format!(
@@ -295,7 +296,26 @@ pub fn load_chorus<B: Backend>(
     let record = recorder()
         .load(dir.join(MODEL), device)
         .map_err(|e| bad(&dir.join("model.mpk"), format!("cannot load: {e}")))?;
-    Ok((skeleton.load_record(record), manifest, tokenizer, state))
+    // burn asserts (panics) when a record's structure differs from the module's, e.g. a
+    // chorus.json edited after the fact with its hash forged; make that an error naming the files.
+    let model = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        skeleton.load_record(record)
+    }))
+    .map_err(|panic| {
+        let what = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("the record does not fit the model");
+        bad(
+            &dir.join("model.mpk"),
+            format!(
+                "does not fit the models described by {MANIFEST}: {}",
+                what.lines().next().unwrap_or(what).trim()
+            ),
+        )
+    })?;
+    Ok((model, manifest, tokenizer, state))
 }
 
 /// Loads the optimiser state of a checkpoint into `optimizer`.
