@@ -455,3 +455,79 @@ fn a_single_lm_in_any_format_generates() {
     assert_eq!(tokens.len(), 5, "{report}");
     assert!(tokens.iter().all(|t| t["writer"] == 0), "{report}");
 }
+
+/// The corpus cache `chorus data fetch` fills (`.ci/run` fetches it), if it is there.
+fn real_cache() -> Option<PathBuf> {
+    let cache = std::env::var_os("CHORUS_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/chorus")))?;
+    let ready = ["brown", "chitchat", "sotu"]
+        .iter()
+        .all(|c| cache.join("corpora").join(c).join(".unpacked").is_file());
+    if ready {
+        Some(cache)
+    } else {
+        eprintln!(
+            "skipped: the corpora are not in {} (run `chorus data fetch`)",
+            cache.display()
+        );
+        None
+    }
+}
+
+#[test]
+fn a_corrupt_or_half_written_score_cache_is_named_and_never_used() {
+    let Some(cache) = real_cache() else { return };
+    let f = Fixture::new();
+    // A second model to score: the fixture's LM under another name.
+    std::fs::create_dir(f.dir.path().join("assistant")).unwrap();
+    for file in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(
+            f.dir.path().join("lm").join(file),
+            f.dir.path().join("assistant").join(file),
+        )
+        .unwrap();
+    }
+    let config = f.write(
+        "joint.toml",
+        format!(
+            "tokenizer = {:?}\nbase = {:?}\nassistants = [{:?}]\nscores = {:?}\n\
+             [chorus]\nd_latent = 0\nassistant_adapters = false\n\
+             [data]\nmax_seq_len = 32\nbatch_size = 4\nmax_train_examples = 4\nvalid_examples = 4\n\
+             [train]\nsteps = 1\nselector_init_steps = 0\n",
+            f.path("tokenizer.json"),
+            f.path("lm"),
+            f.path("assistant"),
+            f.path("scores"),
+        ),
+    );
+    let (code, stderr) = chorus(
+        &cache,
+        &["score", "--config", &config, "--out", &f.path("scores")],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let train = [
+        "train",
+        "--config",
+        config.as_str(),
+        "--out",
+        &f.path("out"),
+    ];
+    // Truncated values.
+    let values = f.dir.path().join("scores/train/scores.f32");
+    let bytes = std::fs::read(&values).unwrap();
+    std::fs::write(&values, &bytes[..bytes.len() - 8]).unwrap();
+    fails(&cache, &train, &["score cache", "scores.f32", "truncated"]);
+    // Half-written: the values are there, the index (written last) is not.
+    std::fs::write(&values, &bytes).unwrap();
+    std::fs::remove_file(f.dir.path().join("scores/train/scores.json")).unwrap();
+    fails(
+        &cache,
+        &train,
+        &["score cache", "no scores.json", "incomplete"],
+    );
+    assert!(
+        !f.dir.path().join("out/checkpoints").exists(),
+        "a run started on a broken cache"
+    );
+}

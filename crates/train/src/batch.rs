@@ -223,7 +223,7 @@ impl TokenBatch {
             let values = scores.example(id)?;
             let len = values.len() / k;
             if len > self.seq {
-                return Err(TrainError::Checkpoint {
+                return Err(TrainError::ScoreCache {
                     path: scores.path().to_path_buf(),
                     reason: format!(
                         "example {id} has {len} scored positions, batch has {}",

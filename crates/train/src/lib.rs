@@ -71,6 +71,15 @@ pub enum TrainError {
         /// What is wrong.
         reason: String,
     },
+    /// A score cache (`chorus score`'s output) that is missing, incomplete, corrupt or for other
+    /// data.
+    #[error("score cache {path}: {reason}")]
+    ScoreCache {
+        /// The cache directory.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// A NaN or infinite loss or gradient: training stopped before the bad update.
     #[error(
         "non-finite {what} at step {step}: training stopped before applying it; {}",

@@ -58,11 +58,17 @@ pub fn fingerprint(examples: &[Encoded], assistants: &[String]) -> String {
 impl ScoreCache {
     /// Opens a cache and checks it was computed for exactly these examples and assistants.
     pub fn open(dir: &Path, expected_fingerprint: &str) -> Result<Self, TrainError> {
-        let bad = |reason: String| TrainError::Checkpoint {
+        let bad = |reason: String| TrainError::ScoreCache {
             path: dir.to_path_buf(),
             reason,
         };
         let index_path = dir.join(INDEX);
+        if !index_path.is_file() {
+            // The index is written last: without it the cache is incomplete (or was never made).
+            return Err(bad(format!(
+                "no {INDEX}: the cache is incomplete or was never written; run `chorus score`"
+            )));
+        }
         let text =
             std::fs::read_to_string(&index_path).map_err(|e| TrainError::io(&index_path, e))?;
         let index: Index = serde_json::from_str(&text)
@@ -131,7 +137,7 @@ impl ScoreCache {
     pub fn example(&self, id: usize) -> Result<Vec<f32>, TrainError> {
         let (Some(&offset), Some(&len)) = (self.index.offsets.get(id), self.index.lengths.get(id))
         else {
-            return Err(TrainError::Checkpoint {
+            return Err(TrainError::ScoreCache {
                 path: self.dir.clone(),
                 reason: format!(
                     "no example {id} (the cache holds {})",
