@@ -446,16 +446,20 @@ fn run(cli: Cli) -> Result<()> {
             max_examples,
             config,
         } => {
-            let data = match config.config {
-                Some(path) => Some(
+            // The [data] table of a train config, or the defaults; `--set data.…` applies to
+            // either (it used to be ignored without --config).
+            let data = Some(match config.config {
+                Some(path) => {
                     chorus_train::load_config::<chorus_train::TrainConfig>(
                         Some(&path),
                         &config.sets,
                     )?
-                    .data,
-                ),
-                None => None,
-            };
+                    .data
+                }
+                None => {
+                    chorus_train::load_config::<chorus_train::DataSection>(None, &config.sets)?.data
+                }
+            });
             with_backend!(cli.device, |B, device| generate::calibrate::<B>(
                 &model,
                 max_examples,

@@ -337,6 +337,15 @@ impl Validate for TrainConfig {
         if self.scores.is_some() && self.chorus.has_z() && self.chorus.assistant_adapters {
             return Err("scores (cached assistant log-probs) need chorus.assistant_adapters = false: adapted assistants depend on z".into());
         }
+        if let chorus_elbo::KlSchedule::Cyclical { total_steps, .. }
+        | chorus_elbo::KlSchedule::ZeroThenLinear { total_steps, .. } = self.chorus.kl_schedule
+            && total_steps != self.train.steps
+        {
+            return Err(format!(
+                "chorus.kl_schedule.total_steps = {total_steps} but train.steps = {}: the β cycles must span the run (set both)",
+                self.train.steps
+            ));
+        }
         if self.chorus.encoder != chorus_model::EncoderKind::BaseLm {
             return Err(
                 "chorus.encoder = bert is not supported by `chorus train` yet (use base_lm)".into(),

@@ -673,6 +673,16 @@ fn bad_configs_are_clear_errors() {
         &[],
     );
     assert!(e.contains("ratio"), "{e}");
+    let e = load(
+        &format!(
+            "{base}[train]\nsteps = 100\n[chorus.kl_schedule]\nkind = \"cyclical\"\ntotal_steps = 10\nn_cycles = 2\nratio = 0.5\n"
+        ),
+        &[],
+    );
+    assert!(
+        e.contains("total_steps = 10") && e.contains("train.steps = 100"),
+        "{e}"
+    );
     let e = load(base, &["data.batch_size=0"]);
     assert!(e.contains("batch_size"), "{e}");
     let e = load(base, &["train.steps"]);
