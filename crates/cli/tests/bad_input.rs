@@ -266,7 +266,13 @@ fn bad_configs_name_the_file_and_the_key() {
     run(&f.pretrain_toml(""), &[], &["chorus data fetch"]);
     // `calibrate --set` without --config applies to the data defaults (it used to be ignored).
     f.fails(
-        &["calibrate", "--model", &f.path("lm"), "--set", "data.batch_size=0"],
+        &[
+            "calibrate",
+            "--model",
+            &f.path("lm"),
+            "--set",
+            "data.batch_size=0",
+        ],
         &["data.batch_size"],
     );
     assert!(!Path::new(&out).join("checkpoints").exists());

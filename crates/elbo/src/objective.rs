@@ -34,8 +34,6 @@ pub struct ElboTerms<B: Backend> {
     pub beta: f64,
     /// Scalar: `mean_batch(−reconstruction + β · kl_free_bits)`, the loss to minimise.
     pub loss: Tensor<B, 1>,
-    /// Number of target tokens in the batch (for per-token reporting).
-    pub n_tokens: usize,
 }
 
 /// Assembles the ELBO terms.
@@ -48,7 +46,6 @@ pub fn elbo_terms<B: Backend>(
     kl: Tensor<B, 2>,
     beta: f64,
     free_bits: f64,
-    n_tokens: usize,
 ) -> ElboTerms<B> {
     let reconstruction = log_px.mean_dim(0).squeeze_dim::<1>(0);
     let kl_fb = kl_free_bits(kl.clone(), free_bits);
@@ -60,7 +57,6 @@ pub fn elbo_terms<B: Backend>(
         kl_free_bits: kl_fb,
         beta,
         loss,
-        n_tokens,
     }
 }
 

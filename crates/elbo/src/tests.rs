@@ -157,13 +157,12 @@ fn elbo_terms_are_sequence_sums_with_beta() {
     let device = Default::default();
     let log_px = Tensor::<F64, 2>::from_data([[-10.0, -20.0], [-12.0, -22.0]], &device); // [S=2, B=2]
     let kl = Tensor::<F64, 2>::from_data([[0.1, 0.5], [1.0, 2.0]], &device);
-    let terms = elbo_terms(log_px, kl, 0.5, 0.2, 7);
+    let terms = elbo_terms(log_px, kl, 0.5, 0.2);
     assert_eq!(to_vec(terms.reconstruction), vec![-11.0, -21.0]);
     assert!((to_vec(terms.kl.clone())[0] - 0.6).abs() < 1e-12);
     assert!((to_vec(terms.kl_free_bits)[0] - 0.7).abs() < 1e-12); // max(0.2, 0.1) + 0.5
     // loss = mean(11 + 0.5·0.7, 21 + 0.5·3.0)
     assert!((to_vec(terms.loss)[0] - (11.35 + 22.5) / 2.0).abs() < 1e-12);
-    assert_eq!(terms.n_tokens, 7);
 }
 
 /// A 1-D linear-Gaussian model where log p(x) is known: z ~ N(0,1), x | z ~ N(z, σ²), so

@@ -465,15 +465,8 @@ impl<B: Backend> Chorus<B> {
             log_pi,
             log_p,
         } = self.log_px(batch, z)?;
-        let n_tokens = batch
-            .target_mask
-            .clone()
-            .sum()
-            .into_scalar()
-            .elem::<f64>()
-            .round() as usize;
         let beta = self.config.kl_schedule.beta(step);
-        let terms = elbo_terms(log_px, kl, beta, self.config.free_bits, n_tokens);
+        let terms = elbo_terms(log_px, kl, beta, self.config.free_bits);
         let first = |t: Tensor<B, 3>| t.narrow(0, 0, n_rows);
         let log_pi = first(log_pi);
         let router = router_posterior(log_pi.clone(), first(log_p));

@@ -39,7 +39,7 @@
 //!     encoder_tokens: None,
 //! };
 //! let out = chorus.forward_elbo(&batch, 0)?;
-//! assert_eq!(out.terms.n_tokens, 3);
+//! assert_eq!(out.terms.loss.dims(), [1]);
 //! assert_eq!(out.router.dims(), [1, 4, 2]);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
