@@ -192,6 +192,13 @@ MUTANTS = [
         ["-p", "chorus-train", "--lib", "calibration_finds_the_known_optimum"],
     ),
     (
+        "an interrupted download is kept (pip takes it as downloaded)",
+        "crates/data/src/fetch.rs",
+        "        std::fs::remove_file(&path).map_err(|e| DataError::io(&path, e))?;\n",
+        "",
+        ["-p", "chorus-data", "--lib", "an_interrupted_download"],
+    ),
+    (
         "GGUF Q/K rows left in llama.cpp's permuted order",
         "crates/lm/src/import.rs",
         "            values = unpermute_rows(&values, heads, shape[0], shape[1]);",

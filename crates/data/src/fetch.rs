@@ -253,6 +253,53 @@ mod tests {
         );
     }
 
+    /// A fake `pip` first on PATH that, like the real one, leaves an existing file alone ("File
+    /// was already downloaded") and otherwise writes `content` as `abc.whl`.
+    fn fake_pip(dir: &Path, content: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        let bin = dir.join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        let pip = bin.join("pip");
+        std::fs::write(
+            &pip,
+            format!("#!/bin/sh\n[ -f abc.whl ] || printf '{content}' > abc.whl\n"),
+        )
+        .unwrap();
+        std::fs::set_permissions(&pip, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let path = std::env::var("PATH").unwrap_or_default();
+        // SAFETY: only this test spawns `pip`; the other tests run no client found via PATH.
+        unsafe { std::env::set_var("PATH", format!("{}:{path}", bin.display())) };
+    }
+
+    #[test]
+    fn an_interrupted_download_is_fetched_again_and_a_bad_one_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let package = Package {
+            registry: Registry::Pypi,
+            spec: "abc==1",
+            file: "abc.whl",
+            sha256: "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad",
+        };
+        std::fs::create_dir_all(dir.path().join("downloads")).unwrap();
+        let cached = dir.path().join("downloads/abc.whl");
+        // A download cut short: removed and fetched again.
+        std::fs::write(&cached, "ab").unwrap();
+        fake_pip(dir.path(), "abc");
+        assert_eq!(fetch(&package, dir.path()).unwrap(), cached);
+        assert_eq!(std::fs::read_to_string(&cached).unwrap(), "abc");
+        // What arrives does not match the pinned hash: an error, and the file is gone.
+        let other = Package {
+            sha256: "0000000000000000000000000000000000000000000000000000000000000000",
+            ..package
+        };
+        let err = fetch(&other, dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("abc==1") && err.contains("does not match"),
+            "{err}"
+        );
+        assert!(!cached.exists());
+    }
+
     #[test]
     fn wheels_and_npm_packs_unpack_and_other_files_are_refused() {
         let dir = tempfile::tempdir().unwrap();
