@@ -94,6 +94,16 @@ impl Fixture {
         fails(&self.cache, args, says)
     }
 
+    /// Runs `chorus ARGS --json <dir>/JSON`, requires success and returns what it wrote there.
+    fn succeeds(&self, args: &[&str], json: &str) -> serde_json::Value {
+        let path = self.path(json);
+        let mut args = args.to_vec();
+        args.extend(["--json", path.as_str()]);
+        let (code, stderr) = chorus(&self.cache, &args);
+        assert_eq!(code, 0, "chorus {args:?}:\n{stderr}");
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+    }
+
     /// A pre-training config for the fixture's LM shape.
     fn pretrain_toml(&self, extra: &str) -> String {
         format!(
@@ -407,8 +417,8 @@ fn flags_that_cannot_apply_are_refused_and_max_examples_applies_to_text_files() 
     );
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("--split"), "{stderr}");
-    let out = Command::new(env!("CARGO_BIN_EXE_chorus"))
-        .args([
+    let report = f.succeeds(
+        &[
             "eval",
             "--model",
             &f.path("lm"),
@@ -416,18 +426,9 @@ fn flags_that_cannot_apply_are_refused_and_max_examples_applies_to_text_files() 
             &text_file,
             "--max-examples",
             "10",
-            "--json",
-            &f.path("eval.json"),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
+        "eval.json",
     );
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(f.path("eval.json")).unwrap()).unwrap();
     let rows = report["rows"].as_array().unwrap();
     let examples: u64 = rows.iter().map(|r| r["examples"].as_u64().unwrap()).sum();
     assert_eq!(examples, 10, "{report}");
@@ -440,8 +441,8 @@ fn flags_that_cannot_apply_are_refused_and_max_examples_applies_to_text_files() 
 #[test]
 fn a_single_lm_in_any_format_generates() {
     let f = Fixture::new();
-    let out = Command::new(env!("CARGO_BIN_EXE_chorus"))
-        .args([
+    let report = f.succeeds(
+        &[
             "generate",
             "--model",
             &f.path("lm"),
@@ -450,18 +451,9 @@ fn a_single_lm_in_any_format_generates() {
             "5",
             "--temperature",
             "0",
-            "--json",
-            &f.path("out.json"),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
+        "out.json",
     );
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(f.path("out.json")).unwrap()).unwrap();
     let tokens = report["samples"][0]["tokens"].as_array().unwrap();
     assert_eq!(tokens.len(), 5, "{report}");
     assert!(tokens.iter().all(|t| t["writer"] == 0), "{report}");
