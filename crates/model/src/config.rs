@@ -117,6 +117,9 @@ impl ChorusConfig {
     ) -> Option<u64> {
         let z = self.d_latent as u64;
         let adapter = |c: &chorus_lm::LmConfig| -> Option<u64> {
+            if c.validate().is_err() {
+                return None; // its dims (head_dim = d_model / n_heads) are not defined
+            }
             let d = c.dims();
             let memory = z
                 .checked_mul(self.memory_slots as u64)?

@@ -268,7 +268,12 @@ pub fn load_chorus<B: Backend>(
     let manifest: ModelManifest = serde_json::from_str(&text)
         .map_err(|e| bad(&path, format!("not a chorus manifest: {e}")))?;
     let tokenizer = Tokenizer::from_file(dir.join(TOKENIZER))?;
-    // Before allocating: the configs must not describe far more f32 weights than model.mpk can
+    // Every config valid (the size bound below reads their dims)…
+    manifest.chorus.validate()?;
+    for config in std::iter::once(&manifest.base).chain(&manifest.assistants) {
+        config.validate()?;
+    }
+    // …and, before allocating: the configs must not describe far more f32 weights than model.mpk can
     // hold (a corrupt manifest would otherwise allocate without bound).
     let model_path = dir.join("model.mpk");
     let model_bytes = std::fs::metadata(&model_path)
