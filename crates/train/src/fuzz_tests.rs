@@ -4,7 +4,8 @@
 //! input — never panic, hang or allocate without bound.
 //!
 //! Each target runs 2 s in `cargo test`; the long run is
-//! `CHORUS_FUZZ_SECS=600 cargo test -p chorus-train --lib fuzz_ -- --nocapture --test-threads 1`.
+//! `CHORUS_FUZZ_SECS=600 cargo test -p chorus-train --lib fuzz_ -- --nocapture --test-threads 1`
+//! (`CHORUS_FUZZ_ONLY=chorus.json,model.mpk` runs only those targets).
 //! A panicking input is saved under the system temp dir and named in the failure.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -99,8 +100,14 @@ fn mutate(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
     b
 }
 
-/// Runs `target` on mutations of `seeds` for CHORUS_FUZZ_SECS (default 2) seconds.
+/// Runs `target` on mutations of `seeds` for CHORUS_FUZZ_SECS (default 2) seconds; with
+/// CHORUS_FUZZ_ONLY set, only targets whose name contains one of its comma-separated words.
 fn fuzz(name: &str, seeds: &[Vec<u8>], mut target: impl FnMut(&[u8])) {
+    if let Ok(only) = std::env::var("CHORUS_FUZZ_ONLY")
+        && !only.split(',').any(|w| name.contains(w.trim()))
+    {
+        return;
+    }
     let secs: u64 = std::env::var("CHORUS_FUZZ_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
