@@ -52,6 +52,13 @@ MUTANTS = [
         ["-p", "chorus-train", "--lib", "resume_is_bit_identical"],
     ),
     (
+        "JSON floats parsed without float_roundtrip (one ulp off after resume)",
+        "Cargo.toml",
+        'serde_json = { version = "1", features = ["float_roundtrip"] }',
+        'serde_json = { version = "1" }',
+        ["-p", "chorus-train", "--lib", "checkpoint_state_round_trips"],
+    ),
+    (
         "accumulated losses not divided by the number of micro-batches",
         "crates/train/src/run.rs",
         "let grads = loss.div_scalar(accum as f64).backward();",

@@ -1291,3 +1291,34 @@ fn calibration_finds_the_known_optimum_of_hard_routing() {
         assert!(c.candidates.iter().all(|k| k.nll >= chosen.nll));
     }
 }
+
+/// Metric sums and validation NLLs go through state.json on resume: f64 → JSON → f64 must be
+/// exact (serde_json's default float parser can be one ulp off; the workspace enables its
+/// `float_roundtrip` feature).
+#[test]
+fn checkpoint_state_round_trips_floats_exactly() {
+    // Seen one ulp off without `float_roundtrip`, in `cargo xtask crash-test`'s metrics.
+    let awkward = [
+        0.011493308935314417,
+        0.1 + 0.2,
+        1.0 / 3.0,
+        6.923605363921257,
+        194.14421677155485,
+        2.2250738585072014e-308,
+        9007199254740993.0,
+    ];
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let random = (0..2000).map(|_| {
+        rng = rng
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        f64::from_bits((rng >> 2) | 0x3000_0000_0000_0000) // normal values of many magnitudes
+    });
+    for value in awkward.into_iter().chain(random) {
+        let mut window = crate::MetricWindow::default();
+        window.kl = value;
+        let text = serde_json::to_string(&window).unwrap();
+        let back: crate::MetricWindow = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.kl.to_bits(), value.to_bits(), "{value:e} → {text}");
+    }
+}
