@@ -5,7 +5,8 @@
 //! cross-entropy, backward, AdamW) at the small and the SmolLM2-135M shape against the PyTorch twin
 //! (`benches/twin/train_step.py`); SmolLM2-135M prefill and single-stream greedy decode against
 //! llama.cpp (llama-cpp-python). Peers live in a virtualenv under $CHORUS_CACHE/venv, installed on
-//! first use from PyPI.
+//! first use from PyPI. Run it on an idle machine: the table says "no other load" unless
+//! `CHORUS_BENCH_NOTE` says otherwise.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -232,11 +233,7 @@ pub fn bench(out: &Path) -> Result<()> {
          <!-- bench:end -->",
         date.trim(),
         machine(),
-        if std::env::var_os("CHORUS_BENCH_NOTE").is_some() {
-            std::env::var("CHORUS_BENCH_NOTE").unwrap_or_default()
-        } else {
-            "no other load".into()
-        },
+        std::env::var("CHORUS_BENCH_NOTE").unwrap_or_else(|_| "no other load".into()),
         rows.join("\n"),
         f(&ceilings, "gemm_n"),
     );

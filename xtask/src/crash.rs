@@ -21,19 +21,10 @@ impl Rng {
     }
 }
 
-fn sha256(path: &Path) -> Result<String> {
-    let out = Command::new("sha256sum")
-        .arg(path)
-        .output()
-        .context("running sha256sum")?;
-    if !out.status.success() {
-        bail!("sha256sum {} failed", path.display());
-    }
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_string())
+/// Whether two files hold the same bytes.
+fn same_bytes(a: &Path, b: &Path) -> Result<bool> {
+    let read = |p: &Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+    Ok(read(a)? == read(b)?)
 }
 
 /// Metric rows without the wall-clock throughput (the one column that depends on the machine's
@@ -266,10 +257,12 @@ pub fn crash_test(out: &Path, kills: usize, seed: u64) -> Result<String> {
     // Compare the end states.
     let final_ref = checkpoint(&reference, steps);
     let final_crashed = checkpoint(&crashed, steps);
-    let same_model =
-        sha256(&final_ref.join("model.mpk"))? == sha256(&final_crashed.join("model.mpk"))?;
-    let same_best = sha256(&reference.join("checkpoints/best/model.mpk"))?
-        == sha256(&crashed.join("checkpoints/best/model.mpk"))?;
+    let same_model = same_bytes(
+        &final_ref.join("model.mpk"),
+        &final_crashed.join("model.mpk"),
+    )?;
+    let best = |run: &Path| run.join("checkpoints/best/model.mpk");
+    let same_best = same_bytes(&best(&reference), &best(&crashed))?;
     let (ref_rows, crashed_rows) = (metric_rows(&reference)?, metric_rows(&crashed)?);
     let same_metrics = ref_rows == crashed_rows;
     let identical = same_model && same_best && same_metrics;

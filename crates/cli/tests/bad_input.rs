@@ -461,9 +461,7 @@ fn a_single_lm_in_any_format_generates() {
 
 /// The corpus cache `chorus data fetch` fills (`.ci/run` fetches it), if it is there.
 fn real_cache() -> Option<PathBuf> {
-    let cache = std::env::var_os("CHORUS_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/chorus")))?;
+    let cache = chorus_data::fetch::cache_dir();
     let ready = ["brown", "chitchat", "sotu"]
         .iter()
         .all(|c| cache.join("corpora").join(c).join(".unpacked").is_file());

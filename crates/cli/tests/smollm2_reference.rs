@@ -9,10 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn gguf() -> Option<PathBuf> {
-    let cache = std::env::var_os("CHORUS_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/chorus")))?;
-    let path = chorus_data::smollm2_gguf(&cache);
+    let path = chorus_data::smollm2_gguf(&chorus_data::fetch::cache_dir());
     if path.is_file() {
         Some(path)
     } else {
