@@ -4,7 +4,19 @@ attention, SwiGLU, tied embeddings, no biases), the same shapes, random tokens, 
 every position, AdamW (lr 1e-4, weight decay 0.1); one warm-up step, then `--steps` timed steps.
 Prints one JSON line like chorus's.
 
+With `--joint cached|live` the step is the joint model's ELBO instead (chorus-model's
+`Chorus::forward_elbo` with the default `ChorusConfig`): a base and two frozen assistants of the
+shape; an unconditioned base pass gives q(z|x,c) (mean-pooled hidden states → linear → μ, log σ²)
+and p(z|c) (the context's pooled states → linear); one z = μ + σ ε per row; each model reads z
+through its adapter (one memory slot per layer, read by a parallel attention branch, and an
+embedding offset); the selector's log π over the conditioned base's hidden states; the exact
+mixture log-likelihood logsumexp_j(log π_j + log P_j) over the text's tokens; loss
+mean(−log p(x|z,c) + KL(q‖p)). `cached`: the assistants' log-probs are given (Co-LLM's scoring
+step) and they have no adapters; `live`: they run, conditioned on z. Context: the first quarter of
+each row.
+
 usage: train_step.py --shape small|smollm2 [--batch 8] [--seq 128] [--steps 5] [--threads 2]
+                     [--joint cached|live] [--device cpu|cuda] [--dtype f32|bf16]
 """
 import argparse
 import json
@@ -53,7 +65,7 @@ class Block(torch.nn.Module):
         self.up_proj = torch.nn.Linear(d, d_ff, bias=False)
         self.down_proj = torch.nn.Linear(d_ff, d, bias=False)
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, memory=None):
         b, t, d = x.shape
         h = self.input_layernorm(x)
         q = self.q_proj(h).view(b, t, self.heads, self.head_dim).transpose(1, 2)
@@ -64,6 +76,11 @@ class Block(torch.nn.Module):
         k = k.repeat_interleave(group, dim=1)
         v = v.repeat_interleave(group, dim=1)
         a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if memory is not None:
+            # memory slots: a parallel attention branch with its own softmax (chorus-lm attention.rs)
+            mk, mv = (m.view(b, -1, self.kv_heads, self.head_dim).transpose(1, 2)
+                      .repeat_interleave(group, dim=1) for m in memory)
+            a = a + F.scaled_dot_product_attention(q, mk, mv)
         x = x + self.o_proj(a.transpose(1, 2).reshape(b, t, d))
         h = self.post_attention_layernorm(x)
         return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
@@ -77,16 +94,86 @@ class Llama(torch.nn.Module):
         self.norm = RMSNorm(d)
         self.head_dim = d // heads
 
-    def forward(self, tokens):
+    def forward(self, tokens, offset=None, memory=None):
+        """Logits; with `hidden=True` in `forward_hidden`, also the final hidden states."""
+        return self.forward_hidden(tokens, offset, memory)[1]
+
+    def forward_hidden(self, tokens, offset=None, memory=None):
         t = tokens.shape[1]
-        inv = 1.0 / (10000.0 ** (torch.arange(0, self.head_dim, 2).float() / self.head_dim))
-        angles = torch.outer(torch.arange(t).float(), inv)
-        cos = torch.cat((angles.cos(), angles.cos()), dim=-1)
-        sin = torch.cat((angles.sin(), angles.sin()), dim=-1)
+        dev = tokens.device
+        inv = 1.0 / (10000.0 ** (torch.arange(0, self.head_dim, 2, device=dev).float() / self.head_dim))
+        angles = torch.outer(torch.arange(t, device=dev).float(), inv)
+        cos = torch.cat((angles.cos(), angles.cos()), dim=-1).to(self.norm.weight.dtype)
+        sin = torch.cat((angles.sin(), angles.sin()), dim=-1).to(self.norm.weight.dtype)
         x = self.embed_tokens(tokens)
-        for layer in self.layers:
-            x = layer(x, cos, sin)
-        return self.norm(x) @ self.embed_tokens.weight.T  # tied output
+        if offset is not None:
+            x = x + offset[:, None, :]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, None if memory is None else (memory[0][i], memory[1][i]))
+        h = self.norm(x)
+        return h, h @ self.embed_tokens.weight.T  # tied output
+
+
+class ZAdapter(torch.nn.Module):
+    """One memory slot per layer (keys and values from z) and an embedding offset."""
+
+    def __init__(self, d_latent, d, layers, kv_dim):
+        super().__init__()
+        self.layers, self.kv_dim = layers, kv_dim
+        self.memory_key = torch.nn.Linear(d_latent, layers * kv_dim, bias=False)
+        self.memory_value = torch.nn.Linear(d_latent, layers * kv_dim, bias=False)
+        self.embedding = torch.nn.Linear(d_latent, d, bias=False)
+
+    def forward(self, z):
+        b = z.shape[0]
+        split = lambda t: t.view(b, 1, self.layers, self.kv_dim).unbind(2)  # per layer [b, 1, kv]
+        return self.embedding(z), (split(self.memory_key(z)), split(self.memory_value(z)))
+
+
+def masked_mean(h, mask):
+    return (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1.0)
+
+
+class Joint(torch.nn.Module):
+    def __init__(self, shape, live, d_latent=32):
+        super().__init__()
+        vocab, d, layers, heads, kv_heads, d_ff = shape
+        kv_dim = kv_heads * (d // heads)
+        self.base = Llama(*shape)
+        self.assistants = torch.nn.ModuleList(Llama(*shape) for _ in range(2))
+        self.assistants.requires_grad_(False)
+        self.base_adapter = ZAdapter(d_latent, d, layers, kv_dim)
+        self.assistant_adapters = torch.nn.ModuleList(
+            ZAdapter(d_latent, d, layers, kv_dim) for _ in range(2 if live else 0))
+        self.posterior = torch.nn.Linear(d, 2 * d_latent)
+        self.prior = torch.nn.Linear(d, 2 * d_latent)
+        self.selector = torch.nn.Linear(d, 3)
+        self.d_latent = d_latent
+
+    def loss(self, tokens, targets, context, text, cached):
+        def token_log_probs(logits):
+            return logits.float().log_softmax(-1).gather(-1, targets[..., None])[..., 0]
+
+        h0, _ = self.base.forward_hidden(tokens)  # unconditioned pass (logits computed, as in chorus)
+        ones = torch.ones_like(context)
+        q = self.posterior(masked_mean(h0, ones)).float()
+        p = self.prior(masked_mean(h0, context)).float()
+        (mq, lq), (mp, lp) = q.chunk(2, -1), p.chunk(2, -1)
+        z = mq + (0.5 * lq).exp() * torch.randn_like(mq)
+        kl = 0.5 * ((lq - lp).exp() + (mq - mp).pow(2) * (-lp).exp() - 1.0 + lp - lq)
+        zc = z.to(h0.dtype)
+        offset, memory = self.base_adapter(zc)
+        h, logits = self.base.forward_hidden(tokens, offset, memory)
+        log_p = [token_log_probs(logits)]
+        if cached is not None:
+            log_p += list(cached.unbind(-1))
+        else:
+            for lm, adapter in zip(self.assistants, self.assistant_adapters):
+                offset, memory = adapter(zc)
+                log_p.append(token_log_probs(lm(tokens, offset, memory)))
+        log_pi = self.selector(h).float().log_softmax(-1)
+        ll = (torch.logsumexp(log_pi + torch.stack(log_p, -1), -1) * text).sum(1)
+        return (-ll + kl.sum(1)).mean()
 
 
 def main():
@@ -96,18 +183,33 @@ def main():
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--joint", choices=["cached", "live"])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    dev = torch.device(args.device)
+    dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     vocab, *rest = SHAPES[args.shape]
-    model = Llama(vocab, *rest)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
-    data = torch.randint(0, vocab, (args.batch, args.seq + 1))
-    inputs, targets = data[:, :-1], data[:, 1:].reshape(-1)
+    b, t = args.batch, args.seq
+    data = torch.randint(0, vocab, (b, t + 1), device=dev)
+    inputs, targets = data[:, :-1], data[:, 1:]
+    if args.joint:
+        model = Joint(SHAPES[args.shape], live=args.joint == "live").to(dev, dtype)
+        position = torch.arange(t, device=dev)[None, :].expand(b, t)
+        context = (position < t // 4).float()
+        text = (position >= t // 4 - 1).float()
+        cached = (torch.rand(b, t, 2, device=dev) * -10.0) if args.joint == "cached" else None
+        loss_fn = lambda: model.loss(inputs, targets, context, text, cached)
+    else:
+        model = Llama(vocab, *rest).to(dev, dtype)
+        loss_fn = lambda: F.cross_entropy(model(inputs).reshape(-1, vocab).float(), targets.reshape(-1))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
+                            weight_decay=0.1)
 
     def step():
-        logits = model(inputs).reshape(-1, vocab)
-        loss = F.cross_entropy(logits, targets)
+        loss = loss_fn()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -117,9 +219,13 @@ def main():
     t0 = time.perf_counter()
     for _ in range(args.steps):
         step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
     seconds = (time.perf_counter() - t0) / args.steps
+    where = f"{args.threads} threads" if dev.type == "cpu" else torch.cuda.get_device_name(dev)
     print(json.dumps({
-        "system": f"pytorch {torch.__version__} eager f32, {args.threads} threads",
+        "system": f"pytorch {torch.__version__} eager {args.dtype}, {where}",
+        "joint": args.joint,
         "shape": args.shape,
         "batch": args.batch,
         "seq": args.seq,

@@ -50,24 +50,55 @@ fn json_line(text: &str, what: &str) -> Result<Value> {
         .with_context(|| format!("{what} printed no JSON line"))
 }
 
-/// A virtualenv with numpy, gguf, llama-cpp-python and torch 2.9.0.
-fn peers_venv() -> Result<PathBuf> {
+/// The virtualenv of the peers, `$CHORUS_CACHE/venv`, created if missing.
+fn venv() -> Result<PathBuf> {
     let venv = cache_dir().join("venv");
-    let python = venv.join("bin/python");
-    if !python.is_file() {
+    if !venv.join("bin/python").is_file() {
         run("python3", &["-m", "venv", &venv.display().to_string()], &[])?;
     }
-    let has = |module: &str| {
-        Command::new(&python)
-            .args(["-c", &format!("import {module}")])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
+    Ok(venv)
+}
+
+fn python_has(python: &Path, module: &str) -> bool {
+    Command::new(python)
+        .args(["-c", &format!("import {module}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// PyTorch 2.9.0 — the version burn-tch 0.21's torch-sys 0.22 is built against — in the venv.
+fn ensure_torch(venv: &Path) -> Result<()> {
+    let python = venv.join("bin/python");
+    let version = Command::new(&python)
+        .args(["-c", "import torch; print(torch.__version__.split('+')[0])"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    if version.as_deref() != Some(TORCH_VERSION) {
+        eprintln!(
+            "xtask: installing torch=={TORCH_VERSION} from PyPI into {} (≈ 3 GB with its CUDA \
+             libraries, once)",
+            venv.display()
+        );
+        let pip = venv.join("bin/pip").display().to_string();
+        run(&pip, &["install", &format!("torch=={TORCH_VERSION}")], &[])?;
+    }
+    Ok(())
+}
+
+/// The PyTorch version torch-sys 0.22.0 (under burn-tch 0.21.0) expects.
+const TORCH_VERSION: &str = "2.9.0";
+
+/// A virtualenv with numpy, gguf, llama-cpp-python and torch 2.9.0.
+fn peers_venv() -> Result<PathBuf> {
+    let venv = venv()?;
+    let python = venv.join("bin/python");
     let pip = venv.join("bin/pip").display().to_string();
-    if !has("numpy") || !has("gguf") {
+    if !python_has(&python, "numpy") || !python_has(&python, "gguf") {
         run(&pip, &["install", "numpy", "gguf"], &[])?;
     }
-    if !has("llama_cpp") {
+    if !python_has(&python, "llama_cpp") {
         eprintln!("xtask: building llama-cpp-python (≈ 15 min on 2 cores, once)");
         // The default native build detects AMX on these machines and crashes in its first decode.
         run(
@@ -79,13 +110,62 @@ fn peers_venv() -> Result<PathBuf> {
             )],
         )?;
     }
-    if !has("torch") {
-        eprintln!(
-            "xtask: installing torch==2.9.0 from PyPI (≈ 3 GB with its CUDA libraries, once)"
-        );
-        run(&pip, &["install", "torch==2.9.0"], &[])?;
-    }
+    ensure_torch(&venv)?;
     Ok(python)
+}
+
+/// `cargo xtask setup-torch`: PyTorch 2.9.0 in `$CHORUS_CACHE/venv`, then `chorus` built with the
+/// `tch` feature into `target/tch` (its own target directory, so the default build stays as it
+/// is) against that PyTorch's libtorch, whose directory build.rs puts in the binary's rpath. Ends
+/// with one LibTorch training step as a smoke test. Returns the binary.
+pub fn setup_torch() -> Result<PathBuf> {
+    let venv = venv()?;
+    ensure_torch(&venv)?;
+    let root = workspace_root();
+    let target = root.join("target/tch");
+    let path = format!(
+        "{}:{}",
+        venv.join("bin").display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    eprintln!(
+        "xtask: building chorus with the LibTorch backend into {}",
+        target.display()
+    );
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(&root)
+        .args(["build", "-p", "chorus-cli", "--features", "tch"])
+        .env("CARGO_TARGET_DIR", &target)
+        // torch-sys asks `python` (inside a virtualenv) where libtorch and its headers are.
+        .env("LIBTORCH_USE_PYTORCH", "1")
+        .env("VIRTUAL_ENV", &venv)
+        .env("PATH", path)
+        .status()
+        .context("running cargo build --features tch")?;
+    if !status.success() {
+        bail!("cargo build -p chorus-cli --features tch failed");
+    }
+    let chorus = target.join("debug/chorus");
+    output(
+        Command::new(&chorus).args([
+            "--device",
+            "tch",
+            "bench-step",
+            "--batch",
+            "1",
+            "--seq",
+            "8",
+            "--steps",
+            "1",
+        ]),
+        "chorus --device tch bench-step (smoke test)",
+    )?;
+    eprintln!(
+        "xtask: {} runs on LibTorch: `{} --device tch …`",
+        chorus.display(),
+        chorus.display()
+    );
+    Ok(chorus)
 }
 
 fn run(program: &str, args: &[&str], env: &[(&str, &str)]) -> Result<()> {

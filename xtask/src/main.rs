@@ -51,6 +51,9 @@ enum Task {
         #[arg(long, default_value = "out/bench")]
         out: PathBuf,
     },
+    /// Install PyTorch 2.9.0 into $CHORUS_CACHE/venv and build `target/tch/debug/chorus` with the
+    /// LibTorch backend (`--device tch`).
+    SetupTorch,
     /// Train a small joint model, SIGKILL `chorus train` at random moments (some inside checkpoint
     /// writes), resume after each, and check that the final parameters and metrics equal an
     /// uninterrupted run's bit for bit.
@@ -75,6 +78,7 @@ fn main() -> Result<()> {
             run_now(&chorus, &["data", "fetch"])
         }
         Task::Bench { out } => bench::bench(&out),
+        Task::SetupTorch => bench::setup_torch().map(|_| ()),
         Task::CrashTest { out, kills, seed } => {
             let report = crash::crash_test(&out, kills, seed)?;
             println!("{report}");

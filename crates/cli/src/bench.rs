@@ -1,6 +1,7 @@
-//! `chorus bench-step`: tokens/s of one LM's training step (forward, cross-entropy, backward,
-//! AdamW) at a fixed shape, for `cargo xtask bench` to set beside its PyTorch twin
-//! (`benches/twin/train_step.py`, same shapes, loss and optimiser).
+//! `chorus bench-step`: tokens/s of one training step (forward, loss, backward, AdamW) at a fixed
+//! shape — one LM's cross-entropy, or with `--joint` the joint model's ELBO — for `cargo xtask
+//! bench` to set beside its PyTorch twin (`benches/twin/train_step.py`, same shapes, loss and
+//! optimiser).
 
 use std::time::Instant;
 
@@ -11,6 +12,7 @@ use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use chorus_lm::{LlamaConfig, Lm, LmConfig, LmInput};
+use chorus_model::{Chorus, ChorusBatch, ChorusConfig};
 use clap::ValueEnum;
 use serde::Serialize;
 
@@ -44,9 +46,21 @@ impl Shape {
     }
 }
 
+/// Which joint-model step `--joint` measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Joint {
+    /// Base + 2 frozen assistants whose log-probs are given (Co-LLM's scoring step); no assistant
+    /// adapters.
+    Cached,
+    /// Base + 2 frozen assistants run in the step, each reading z through its adapter.
+    Live,
+}
+
 #[derive(Debug, Serialize)]
 struct Report {
     system: &'static str,
+    joint: Option<Joint>,
     shape: String,
     batch: usize,
     seq: usize,
@@ -56,50 +70,31 @@ struct Report {
     peak_rss_mb: f64,
 }
 
+type A<B> = Autodiff<B>;
+
 /// Runs one warm-up step and `steps` timed steps; prints a JSON line.
 pub fn run<B: Backend>(
     shape: Shape,
+    joint: Option<Joint>,
     batch: usize,
     seq: usize,
     steps: usize,
     device: &B::Device,
 ) -> Result<()> {
-    type A<B> = Autodiff<B>;
-    let config = shape.config(seq);
-    let vocab = config.vocab_size;
     A::<B>::seed(device, 0);
-    let mut model: Lm<A<B>> = LmConfig::Llama(config).init(device)?;
-    let mut optimizer = AdamWConfig::new()
-        .with_weight_decay(0.1)
-        .init::<A<B>, Lm<A<B>>>();
-    let loss_fn = CrossEntropyLossConfig::new().init(device);
     let data = Tensor::<A<B>, 2>::random(
         [batch, seq + 1],
-        Distribution::Uniform(0.0, vocab as f64),
+        Distribution::Uniform(0.0, shape.config(seq).vocab_size as f64),
         device,
     )
     .int();
-    let inputs = data.clone().narrow(1, 0, seq);
-    let targets = data.narrow(1, 1, seq).reshape([batch * seq]);
-    let mut step = |model: Lm<A<B>>| -> Result<Lm<A<B>>> {
-        let logits = model
-            .forward(LmInput::new(inputs.clone()), None)?
-            .logits
-            .reshape([batch * seq, vocab]);
-        let loss = loss_fn.forward(logits, targets.clone());
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
-        Ok(optimizer.step(1e-4, model, grads))
+    let seconds = match joint {
+        None => time_lm_steps::<B>(shape, data, steps, device)?,
+        Some(joint) => time_joint_steps::<B>(shape, joint, data, steps, device)?,
     };
-    model = step(model)?; // warm-up (allocations, lazy initialisation)
-    let started = Instant::now();
-    for _ in 0..steps {
-        model = step(model)?;
-    }
-    // Wait for the device before stopping the clock.
-    let _ = B::sync(device);
-    let seconds = started.elapsed().as_secs_f64() / steps.max(1) as f64;
     let report = Report {
         system: "chorus",
+        joint,
         shape: format!("{shape:?}").to_lowercase(),
         batch,
         seq,
@@ -110,4 +105,106 @@ pub fn run<B: Backend>(
     };
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
+}
+
+/// Seconds per step of one LM's training step: cross-entropy over every position, AdamW.
+fn time_lm_steps<B: Backend>(
+    shape: Shape,
+    data: Tensor<A<B>, 2, Int>,
+    steps: usize,
+    device: &B::Device,
+) -> Result<f64> {
+    let [batch, seq] = data.dims();
+    let seq = seq - 1;
+    let config = shape.config(seq);
+    let vocab = config.vocab_size;
+    let model: Lm<A<B>> = LmConfig::Llama(config).init(device)?;
+    let optimizer = AdamWConfig::new()
+        .with_weight_decay(0.1)
+        .init::<A<B>, Lm<A<B>>>();
+    let loss_fn = CrossEntropyLossConfig::new().init(device);
+    let inputs = data.clone().narrow(1, 0, seq);
+    let targets = data.narrow(1, 1, seq).reshape([batch * seq]);
+    time_steps(model, optimizer, steps, device, |model| {
+        let logits = model
+            .forward(LmInput::new(inputs.clone()), None)?
+            .logits
+            .reshape([batch * seq, vocab]);
+        Ok(loss_fn.forward(logits, targets.clone()))
+    })
+}
+
+/// Seconds per step of the joint ELBO (`Chorus::forward_elbo`, default `ChorusConfig`: z of 32
+/// dims, conditional prior, one memory slot and an embedding offset per model) over a base and two
+/// frozen assistants of the shape; the first quarter of each row is context.
+fn time_joint_steps<B: Backend>(
+    shape: Shape,
+    joint: Joint,
+    data: Tensor<A<B>, 2, Int>,
+    steps: usize,
+    device: &B::Device,
+) -> Result<f64> {
+    let [batch, seq] = data.dims();
+    let seq = seq - 1;
+    let lm = LmConfig::Llama(shape.config(seq));
+    let config = ChorusConfig {
+        assistant_adapters: joint == Joint::Live,
+        ..ChorusConfig::default()
+    };
+    let assistants = vec![lm.init(device)?, lm.init(device)?];
+    let model = Chorus::new(config, lm.init(device)?, assistants, device)?;
+    let optimizer = AdamWConfig::new()
+        .with_weight_decay(0.1)
+        .init::<A<B>, Chorus<A<B>>>();
+    let position = Tensor::<A<B>, 1, Int>::arange(0..seq as i64, device)
+        .float()
+        .unsqueeze_dim::<2>(0)
+        .repeat_dim(0, batch);
+    let context = seq / 4;
+    let chorus_batch = ChorusBatch {
+        tokens: data.clone().narrow(1, 0, seq),
+        targets: data.narrow(1, 1, seq),
+        target_mask: position
+            .clone()
+            .greater_equal_elem((context - 1) as f64)
+            .float(),
+        context_mask: position.lower_elem(context as f64).float(),
+        padding: Tensor::from_data(
+            TensorData::new(vec![false; batch * seq], [batch, seq]),
+            device,
+        ),
+        assistant_log_probs: (joint == Joint::Cached)
+            .then(|| Tensor::random([batch, seq, 2], Distribution::Uniform(-10.0, 0.0), device)),
+        encoder_tokens: None,
+    };
+    time_steps(model, optimizer, steps, device, |model| {
+        Ok(model.forward_elbo(&chorus_batch, 0)?.terms.loss)
+    })
+}
+
+/// One warm-up step (allocations, lazy initialisation), then `steps` timed steps of
+/// `loss → backward → AdamW (lr 1e-4)`; seconds per timed step.
+fn time_steps<B: Backend, M, O>(
+    mut model: M,
+    mut optimizer: O,
+    steps: usize,
+    device: &B::Device,
+    loss: impl Fn(&M) -> Result<Tensor<A<B>, 1>>,
+) -> Result<f64>
+where
+    M: burn::module::AutodiffModule<A<B>>,
+    O: Optimizer<M, A<B>>,
+{
+    let mut step = |model: M| -> Result<M> {
+        let grads = GradientsParams::from_grads(loss(&model)?.backward(), &model);
+        Ok(optimizer.step(1e-4, model, grads))
+    };
+    model = step(model)?;
+    let started = Instant::now();
+    for _ in 0..steps {
+        model = step(model)?;
+    }
+    // Wait for the device before stopping the clock.
+    let _ = B::sync(device);
+    Ok(started.elapsed().as_secs_f64() / steps.max(1) as f64)
 }

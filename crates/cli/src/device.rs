@@ -3,7 +3,8 @@
 use std::fmt;
 use std::str::FromStr;
 
-/// A compute device as written on the command line: `cpu`, `wgpu`, `cuda` or `cuda:N`.
+/// A compute device as written on the command line: `cpu`, `wgpu`, `cuda`, `cuda:N`, `tch` or
+/// `tch:cuda:N`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DeviceSpec {
     /// The ndarray CPU backend (feature `ndarray`, the default; `openblas` adds OpenBLAS GEMM).
@@ -13,24 +14,30 @@ pub enum DeviceSpec {
     Wgpu,
     /// CUDA device N (feature `cuda`).
     Cuda(usize),
+    /// LibTorch on the CPU (feature `tch`).
+    TchCpu,
+    /// LibTorch on CUDA device N (feature `tch`).
+    TchCuda(usize),
 }
 
 /// Why a `--device` value cannot be used.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DeviceError {
     /// Not one of the known spellings.
-    #[error("unknown device `{0}`: expected cpu, wgpu, cuda or cuda:N")]
+    #[error("unknown device `{0}`: expected cpu, wgpu, cuda, cuda:N, tch or tch:cuda:N")]
     Unknown(String),
     /// A known backend whose cargo feature was off at build time.
     #[error(
         "device `{device}` needs the `{feature}` backend, which this binary was built without: \
-         rebuild with `cargo build -p chorus-cli --release --features {feature}`"
+         {rebuild}"
     )]
     NotCompiled {
         /// The device as written.
         device: String,
         /// The cargo feature that provides it.
         feature: &'static str,
+        /// The command that builds a binary with it.
+        rebuild: String,
     },
 }
 
@@ -42,11 +49,15 @@ impl FromStr for DeviceSpec {
             "cpu" | "ndarray" => Ok(Self::Cpu),
             "wgpu" => Ok(Self::Wgpu),
             "cuda" => Ok(Self::Cuda(0)),
-            other => other
-                .strip_prefix("cuda:")
-                .and_then(|n| n.parse().ok())
-                .map(Self::Cuda)
-                .ok_or_else(|| DeviceError::Unknown(s.to_string())),
+            "tch" | "tch:cpu" => Ok(Self::TchCpu),
+            "tch:cuda" => Ok(Self::TchCuda(0)),
+            other => {
+                let index = |prefix: &str| other.strip_prefix(prefix).and_then(|n| n.parse().ok());
+                index("cuda:")
+                    .map(Self::Cuda)
+                    .or_else(|| index("tch:cuda:").map(Self::TchCuda))
+                    .ok_or_else(|| DeviceError::Unknown(s.to_string()))
+            }
         }
     }
 }
@@ -57,6 +68,8 @@ impl fmt::Display for DeviceSpec {
             Self::Cpu => write!(f, "cpu"),
             Self::Wgpu => write!(f, "wgpu"),
             Self::Cuda(n) => write!(f, "cuda:{n}"),
+            Self::TchCpu => write!(f, "tch"),
+            Self::TchCuda(n) => write!(f, "tch:cuda:{n}"),
         }
     }
 }
@@ -68,6 +81,7 @@ impl DeviceSpec {
             Self::Cpu => "ndarray",
             Self::Wgpu => "wgpu",
             Self::Cuda(_) => "cuda",
+            Self::TchCpu | Self::TchCuda(_) => "tch",
         }
     }
 
@@ -77,6 +91,7 @@ impl DeviceSpec {
             Self::Cpu => cfg!(feature = "ndarray"),
             Self::Wgpu => cfg!(feature = "wgpu"),
             Self::Cuda(_) => cfg!(feature = "cuda"),
+            Self::TchCpu | Self::TchCuda(_) => cfg!(feature = "tch"),
         }
     }
 
@@ -88,6 +103,15 @@ impl DeviceSpec {
             Err(DeviceError::NotCompiled {
                 device: self.to_string(),
                 feature: self.feature(),
+                rebuild: match self.feature() {
+                    // torch-sys must find PyTorch 2.9.0 at build time.
+                    "tch" => "run `cargo xtask setup-torch` (installs PyTorch 2.9.0 and builds \
+                              target/tch/debug/chorus with it)"
+                        .into(),
+                    feature => format!(
+                        "rebuild with `cargo build -p chorus-cli --release --features {feature}`"
+                    ),
+                },
             })
         }
     }
@@ -130,6 +154,21 @@ macro_rules! with_backend {
                 #[cfg(not(feature = "cuda"))]
                 unreachable!("checked above")
             }
+            $crate::device::DeviceSpec::TchCpu | $crate::device::DeviceSpec::TchCuda(_) => {
+                #[cfg(feature = "tch")]
+                {
+                    type $B = burn::backend::LibTorch;
+                    let $device = match spec {
+                        $crate::device::DeviceSpec::TchCuda(index) => {
+                            burn::backend::libtorch::LibTorchDevice::Cuda(index)
+                        }
+                        _ => burn::backend::libtorch::LibTorchDevice::Cpu,
+                    };
+                    $body
+                }
+                #[cfg(not(feature = "tch"))]
+                unreachable!("checked above")
+            }
         }
     }};
 }
@@ -144,7 +183,9 @@ mod tests {
         assert_eq!("WGPU".parse(), Ok(DeviceSpec::Wgpu));
         assert_eq!("cuda".parse(), Ok(DeviceSpec::Cuda(0)));
         assert_eq!("cuda:3".parse(), Ok(DeviceSpec::Cuda(3)));
-        for bad in ["gpu", "cuda:", "cuda:x", ""] {
+        assert_eq!("tch".parse(), Ok(DeviceSpec::TchCpu));
+        assert_eq!("tch:cuda:1".parse(), Ok(DeviceSpec::TchCuda(1)));
+        for bad in ["gpu", "cuda:", "cuda:x", "tch:cuda:x", ""] {
             assert!(
                 matches!(bad.parse::<DeviceSpec>(), Err(DeviceError::Unknown(_))),
                 "{bad}"
@@ -154,15 +195,21 @@ mod tests {
 
     #[test]
     fn a_backend_that_was_not_compiled_says_which_feature_to_enable() {
-        for spec in [DeviceSpec::Cpu, DeviceSpec::Wgpu, DeviceSpec::Cuda(1)] {
+        for spec in [
+            DeviceSpec::Cpu,
+            DeviceSpec::Wgpu,
+            DeviceSpec::Cuda(1),
+            DeviceSpec::TchCpu,
+        ] {
             match spec.check() {
                 Ok(_) => assert!(spec.is_compiled()),
                 Err(err) => {
                     assert!(!spec.is_compiled());
-                    assert!(
-                        err.to_string()
-                            .contains(&format!("--features {}", spec.feature()))
-                    );
+                    let hint = match spec.feature() {
+                        "tch" => "cargo xtask setup-torch".to_string(),
+                        feature => format!("--features {feature}"),
+                    };
+                    assert!(err.to_string().contains(&hint), "{err}");
                 }
             }
         }

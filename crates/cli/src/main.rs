@@ -21,7 +21,8 @@ use crate::device::DeviceSpec;
 #[derive(Debug, Parser)]
 #[command(version, about, long_about = None)]
 struct Cli {
-    /// Compute device: cpu, wgpu, cuda or cuda:N (the backend must be compiled in).
+    /// Compute device: cpu, wgpu, cuda, cuda:N, tch or tch:cuda:N (the backend must be compiled
+    /// in).
     #[arg(long, global = true, default_value = "cpu")]
     device: DeviceSpec,
     #[command(subcommand)]
@@ -278,6 +279,9 @@ enum Command {
         /// Model shape.
         #[arg(long, value_enum, default_value_t = bench::Shape::Small)]
         shape: bench::Shape,
+        /// Time the joint model's ELBO step (base + 2 assistants of the shape) instead of one LM.
+        #[arg(long, value_enum)]
+        joint: Option<bench::Joint>,
         /// Rows per batch.
         #[arg(long, default_value_t = 8)]
         batch: usize,
@@ -476,11 +480,12 @@ fn run(cli: Cli) -> Result<()> {
         ),
         Command::BenchStep {
             shape,
+            joint,
             batch,
             seq,
             steps,
         } => with_backend!(cli.device, |B, device| bench::run::<B>(
-            shape, batch, seq, steps, &device
+            shape, joint, batch, seq, steps, &device
         )),
         Command::CheckReference {
             gguf,

@@ -26,6 +26,21 @@ pub(crate) fn matmul<E: NdArrayElement>(
     let num_r_batches = shape_rhs.num_elements() / r_mat_size;
     let num_out_batches = out_shape.num_elements() / out_mat_size;
 
+    // chorus: one right-hand matrix shared by every left batch (every `Linear`, whose weight is
+    // broadcast as [1, .., 1, k, n]): fold the left batches into rows, so the weight is packed
+    // once for one large GEMM instead of once per batch. Exact: each output element is the same
+    // dot product, accumulated in the same order by the same kernel.
+    if num_r_batches == 1
+        && num_l_batches > 1
+        && num_out_batches == num_l_batches
+        && lhs.is_standard_layout()
+    {
+        let rows = num_l_batches * m;
+        let lhs = NdArrayOps::reshape(lhs, Shape::new([1, rows, k]));
+        let rhs = NdArrayOps::reshape(rhs, Shape::new([1, k, n]));
+        return NdArrayOps::reshape(matmul(lhs, rhs), out_shape);
+    }
+
     let lhs_array = NdArrayOps::reshape(lhs, Shape::new([num_l_batches, m, k]));
     let rhs_array = NdArrayOps::reshape(rhs, Shape::new([num_r_batches, k, n]));
 
@@ -53,6 +68,11 @@ pub(crate) fn matmul<E: NdArrayElement>(
                     .get()
                     .slice_mut(s!(out_batch, .., ..));
 
+                // chorus: a few rows (decoding) read the right-hand matrix once, without the
+                // GEMM's packing of all of it.
+                if m <= SMALL_M_ROWS && small_m_matmul(&lhs_slice, &rhs_slice, &mut out_slice) {
+                    return;
+                }
                 ndarray::linalg::general_mat_mul(
                     alpha,
                     &lhs_slice,
@@ -67,6 +87,98 @@ pub(crate) fn matmul<E: NdArrayElement>(
     });
 
     NdArrayOps::reshape(out, out_shape)
+}
+
+/// chorus: left operands with at most this many rows go through [`small_m_matmul`].
+const SMALL_M_ROWS: usize = 4;
+
+/// chorus: `out = lhs · rhs` for a left operand of a few rows, reading `rhs` once in its own
+/// layout — row-major (`out[i, :] += lhs[i, p] · rhs[p, :]`, contiguous row updates) or
+/// column-major, e.g. a transposed weight (`out[i, j] = ⟨lhs[i, :], rhs[:, j]⟩`, contiguous dot
+/// products) — in column blocks spread over threads. Returns false, leaving `out` alone, for any
+/// other layout. Each element is summed in a fixed order, whatever the thread count.
+///
+/// # Shapes
+/// - lhs `[m, k]`, rhs `[k, n]`, out `[m, n]`, m ≤ [`SMALL_M_ROWS`]
+fn small_m_matmul<E: NdArrayElement>(
+    lhs: &ndarray::ArrayView2<'_, E>,
+    rhs: &ndarray::ArrayView2<'_, E>,
+    out: &mut ndarray::ArrayViewMut2<'_, E>,
+) -> bool {
+    let (m, k) = lhs.dim();
+    let n = rhs.dim().1;
+    let rhs_strides = rhs.strides();
+    let row_major = rhs_strides[1] == 1 && rhs_strides[0] == n as isize;
+    let col_major = rhs_strides[0] == 1 && rhs_strides[1] == k as isize;
+    let (Some(rhs_data), true) = (rhs.as_slice_memory_order(), row_major || col_major) else {
+        return false;
+    };
+    if k == 0 || n == 0 {
+        return false;
+    }
+    let lhs_rows: Vec<Vec<E>> = (0..m).map(|i| lhs.row(i).to_vec()).collect();
+    // Columns per block: ≈ 64k weights each, a multiple of 16.
+    let block = ((1usize << 16) / k).clamp(16, n.max(16)).next_multiple_of(16);
+    // Block-major result: block b holds rows 0..m of columns b·block.., `width` wide.
+    let mut result = vec![E::zero(); m * n];
+    let work = |(b, chunk): (usize, &mut [E])| {
+        let start = b * block;
+        let width = chunk.len() / m;
+        for (x, y) in lhs_rows.iter().zip(chunk.chunks_exact_mut(width)) {
+            if row_major {
+                for (p, &a) in x.iter().enumerate() {
+                    let w = &rhs_data[p * n + start..p * n + start + width];
+                    for (y, &w) in y.iter_mut().zip(w) {
+                        *y = *y + a * w;
+                    }
+                }
+            } else {
+                for (j, y) in (start..start + width).zip(y.iter_mut()) {
+                    *y = dot(x, &rhs_data[j * k..(j + 1) * k]);
+                }
+            }
+        }
+    };
+    #[cfg(feature = "multi-threads")]
+    {
+        use rayon::prelude::*;
+        if m * k * n >= 1 << 15 {
+            result
+                .par_chunks_mut(m * block)
+                .enumerate()
+                .for_each(work);
+        } else {
+            result.chunks_mut(m * block).enumerate().for_each(work);
+        }
+    }
+    #[cfg(not(feature = "multi-threads"))]
+    result.chunks_mut(m * block).enumerate().for_each(work);
+    for (b, chunk) in result.chunks(m * block).enumerate() {
+        let width = chunk.len() / m;
+        for (i, row) in chunk.chunks_exact(width).enumerate() {
+            for (c, &v) in row.iter().enumerate() {
+                out[(i, b * block + c)] = v;
+            }
+        }
+    }
+    true
+}
+
+/// chorus: `⟨x, w⟩` with 8 independent partial sums (vectorisable without reassociation flags).
+fn dot<E: NdArrayElement>(x: &[E], w: &[E]) -> E {
+    let mut acc = [E::zero(); 8];
+    let (xc, wc) = (x.chunks_exact(8), w.chunks_exact(8));
+    let (xr, wr) = (xc.remainder(), wc.remainder());
+    for (x, w) in xc.zip(wc) {
+        for l in 0..8 {
+            acc[l] = acc[l] + x[l] * w[l];
+        }
+    }
+    let mut sum = E::zero();
+    for (&x, &w) in xr.iter().zip(wr) {
+        sum = sum + x * w;
+    }
+    acc.iter().fold(E::zero(), |s, &a| s + a) + sum
 }
 
 #[derive(Debug, PartialEq)]
