@@ -87,8 +87,9 @@ class Block(torch.nn.Module):
 
 
 class Llama(torch.nn.Module):
-    def __init__(self, vocab, d, layers, heads, kv_heads, d_ff):
+    def __init__(self, vocab, d, layers, heads, kv_heads, d_ff, theta=10000.0):
         super().__init__()
+        self.theta = theta
         self.embed_tokens = torch.nn.Embedding(vocab, d)
         self.layers = torch.nn.ModuleList(Block(d, heads, kv_heads, d_ff) for _ in range(layers))
         self.norm = RMSNorm(d)
@@ -101,7 +102,7 @@ class Llama(torch.nn.Module):
     def forward_hidden(self, tokens, offset=None, memory=None):
         t = tokens.shape[1]
         dev = tokens.device
-        inv = 1.0 / (10000.0 ** (torch.arange(0, self.head_dim, 2, device=dev).float() / self.head_dim))
+        inv = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, device=dev).float() / self.head_dim))
         angles = torch.outer(torch.arange(t, device=dev).float(), inv)
         cos = torch.cat((angles.cos(), angles.cos()), dim=-1).to(self.norm.weight.dtype)
         sin = torch.cat((angles.sin(), angles.sin()), dim=-1).to(self.norm.weight.dtype)

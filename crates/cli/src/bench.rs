@@ -208,3 +208,68 @@ where
     let _ = B::sync(device);
     Ok(started.elapsed().as_secs_f64() / steps.max(1) as f64)
 }
+
+/// The token at row `r`, position `t` of the scoring workload: a fixed pattern that
+/// `benches/twin/score.py` reproduces, so chorus and its peers score the same ids.
+pub fn score_token(r: usize, t: usize, vocab: usize) -> u32 {
+    ((r * 7919 + t * 104_729 + 13) % vocab) as u32
+}
+
+#[derive(Debug, Serialize)]
+struct ScoreReport {
+    system: &'static str,
+    batch: usize,
+    seq: usize,
+    repeats: usize,
+    seconds: f64,
+    tokens_per_s: f64,
+    nll_per_token: f64,
+    peak_rss_mb: f64,
+}
+
+/// `chorus bench-score`: scores `batch` rows of `seq + 1` tokens ([`score_token`]) with a GGUF
+/// model — one batched forward and `log_softmax` + gather of the given next tokens, the work of
+/// `chorus score` and `chorus eval` — `repeats` times after one warm-up; prints a JSON line with
+/// the scored tokens/s and the mean NLL (equal across peers up to rounding: a check that they do
+/// the same work).
+pub fn score<B: Backend>(
+    gguf: &std::path::Path,
+    batch: usize,
+    seq: usize,
+    repeats: usize,
+    device: &B::Device,
+) -> Result<()> {
+    let file = chorus_lm::GgufFile::open(gguf)?;
+    let model = Lm::<B>::from_gguf(&file, device)?;
+    let vocab = model.dims().vocab_size;
+    let ids: Vec<i64> = (0..batch)
+        .flat_map(|r| (0..=seq).map(move |t| i64::from(score_token(r, t, vocab))))
+        .collect();
+    let rows = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [batch, seq + 1]), device);
+    let (inputs, targets) = (rows.clone().narrow(1, 0, seq), rows.narrow(1, 1, seq));
+    let pass = || -> Result<f64> {
+        let logits = model.forward(LmInput::new(inputs.clone()), None)?.logits;
+        let log_probs = burn::tensor::activation::log_softmax(logits, 2)
+            .gather(2, targets.clone().unsqueeze_dim::<3>(2));
+        Ok(-log_probs.sum().into_scalar().elem::<f64>())
+    };
+    pass()?; // warm-up
+    let started = Instant::now();
+    let mut nll = 0.0;
+    for _ in 0..repeats.max(1) {
+        nll = pass()?;
+    }
+    let seconds = started.elapsed().as_secs_f64() / repeats.max(1) as f64;
+    let report = ScoreReport {
+        system: "chorus",
+        batch,
+        seq,
+        repeats,
+        seconds,
+        tokens_per_s: (batch * seq) as f64 / seconds,
+        nll_per_token: nll / (batch * seq) as f64,
+        peak_rss_mb: crate::reference::peak_rss_mb(),
+    };
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}

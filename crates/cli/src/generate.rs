@@ -40,7 +40,7 @@ pub enum Color {
 }
 
 pub struct GenerateArgs<'a> {
-    pub model: &'a Path,
+    pub model: ModelSource<'a>,
     pub prompt: Option<&'a str>,
     pub prompt_file: Option<&'a Path>,
     pub strategy: Option<&'a str>,
@@ -169,6 +169,55 @@ fn token_texts(tokenizer: &Tokenizer, d: &Decoded, eos: u32) -> Result<Vec<Strin
     Ok(texts)
 }
 
+/// What `chorus generate` decodes with.
+#[derive(Debug, Clone, Copy)]
+pub enum ModelSource<'a> {
+    /// `--model`: a joint checkpoint or a single LM.
+    One(&'a Path),
+    /// `--base A --assistant B …`: LMs that share a tokenizer, composed without training.
+    Composition {
+        /// The base.
+        base: &'a Path,
+        /// The assistants, in order (models 1, 2, …).
+        assistants: &'a [PathBuf],
+    },
+}
+
+/// LMs in any format chorus reads, composed without training ([`Chorus::compose`]) after checking
+/// that every assistant's tokenizer is the base's. Returns the model, its members' sources and the
+/// tokenizer.
+fn load_composition<B: Backend>(
+    base: &Path,
+    assistants: &[PathBuf],
+    device: &B::Device,
+) -> Result<(Chorus<B>, Vec<String>, Tokenizer)> {
+    let open = |path: &Path| -> Result<(chorus_lm::Lm<B>, Tokenizer)> {
+        let lm = chorus_lm::Lm::<B>::open(path, device)?;
+        let tokenizer = Tokenizer::open(path)
+            .with_context(|| format!("{}: no tokenizer with the model", path.display()))?;
+        Ok((lm, tokenizer))
+    };
+    let (base_lm, tokenizer) = open(base)?;
+    let mut lms = Vec::with_capacity(assistants.len());
+    for path in assistants {
+        let (lm, other) = open(path)?;
+        tokenizer.check_same(&other).with_context(|| {
+            format!(
+                "assistant {} does not share the base's tokenizer ({})",
+                path.display(),
+                base.display()
+            )
+        })?;
+        lms.push(lm);
+    }
+    let model = Chorus::compose(base_lm, lms, device)?;
+    let sources = std::iter::once(base)
+        .chain(assistants.iter().map(PathBuf::as_path))
+        .map(|p| p.display().to_string())
+        .collect();
+    Ok((model, sources, tokenizer))
+}
+
 /// A joint checkpoint (a directory with chorus.json), or a single LM in any format chorus reads (a
 /// GGUF file, a Hugging Face directory, a chorus LM directory) as a chorus of one model without z.
 /// Returns the model, its members' sources and the tokenizer.
@@ -192,26 +241,36 @@ fn load_model<B: Backend>(
 }
 
 pub fn generate<B: Backend>(args: GenerateArgs<'_>, device: &B::Device) -> Result<()> {
-    let (model, sources, tokenizer) = load_model::<B>(args.model, device)?;
+    let (model, sources, tokenizer, calibration) = match args.model {
+        ModelSource::One(path) => {
+            let (model, sources, tokenizer) = load_model::<B>(path, device)?;
+            (model, sources, tokenizer, EtaCalibration::load(path)?)
+        }
+        ModelSource::Composition { base, assistants } => {
+            let (model, sources, tokenizer) = load_composition::<B>(base, assistants, device)?;
+            (model, sources, tokenizer, None)
+        }
+    };
     let k = model.n_models();
     let names = model_names(&sources, k);
-    let calibration = EtaCalibration::load(args.model)?;
     let strategy: WriterStrategy = match args.strategy {
         Some("threshold") => WriterStrategy::Threshold {
             eta: calibration.as_ref().map_or(0.5, |c| c.eta),
         },
         Some(s) => s.parse().map_err(anyhow::Error::msg)?,
         None if k == 1 => WriterStrategy::Greedy,
+        None if model.selector.is_none() => WriterStrategy::Confidence { tau: 0.5 },
         None => WriterStrategy::Threshold {
             eta: calibration.as_ref().map_or(0.5, |c| c.eta),
         },
     };
-    if let (WriterStrategy::Threshold { eta }, None) = (strategy, &calibration)
+    if let (WriterStrategy::Threshold { eta }, None, ModelSource::One(path)) =
+        (strategy, &calibration, args.model)
         && k > 1
     {
         eprintln!(
             "note: no decoding.json in {} (run `chorus calibrate`): using η = {eta}",
-            args.model.display()
+            path.display()
         );
     }
     let eos = tokenizer

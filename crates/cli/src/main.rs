@@ -169,14 +169,23 @@ enum Command {
     Generate {
         /// A joint checkpoint directory (e.g. out/joint/checkpoints/best), or a single LM: a
         /// .gguf file, a Hugging Face directory or a chorus LM directory (with its tokenizer).
-        #[arg(long)]
-        model: PathBuf,
+        #[arg(long, required_unless_present = "base", conflicts_with = "base")]
+        model: Option<PathBuf>,
+        /// Compose LMs without training: the base (any format `--model` takes) …
+        #[arg(long, requires = "assistants")]
+        base: Option<PathBuf>,
+        /// … and an assistant sharing its tokenizer (repeatable). Decoded with
+        /// `--strategy confidence:τ` (default τ = 0.5): the base defers when its top-1
+        /// probability is below τ.
+        #[arg(long = "assistant", requires = "base")]
+        assistants: Vec<PathBuf>,
         /// The prompt (a story opening, a dialogue history, or nothing); `-` reads stdin.
         prompt: Option<String>,
         /// Read the prompt from this file.
         #[arg(long)]
         prompt_file: Option<PathBuf>,
-        /// Writer choice: sample, greedy, threshold[:η] (default; η from `chorus calibrate`) or mixture.
+        /// Writer choice: sample, greedy, threshold[:η] (default; η from `chorus calibrate`),
+        /// mixture, or confidence[:τ] (the default for `--base/--assistant`).
         #[arg(long)]
         strategy: Option<String>,
         /// Where z comes from.
@@ -292,6 +301,22 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         steps: usize,
     },
+    /// Time scoring (a batched forward and the log-probs of given tokens) of a GGUF model; prints
+    /// a JSON line for `cargo xtask bench`.
+    BenchScore {
+        /// The model.
+        #[arg(long)]
+        gguf: PathBuf,
+        /// Rows per batch.
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        /// Scored tokens per row.
+        #[arg(long, default_value_t = 128)]
+        seq: usize,
+        /// Timed passes (after one warm-up pass).
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+    },
 }
 
 fn parse_split(s: &str) -> Result<Split, String> {
@@ -405,6 +430,8 @@ fn run(cli: Cli) -> Result<()> {
         )),
         Command::Generate {
             model,
+            base,
+            assistants,
             prompt,
             prompt_file,
             strategy,
@@ -424,7 +451,14 @@ fn run(cli: Cli) -> Result<()> {
             assistant_update,
         } => with_backend!(cli.device, |B, device| generate::generate::<B>(
             generate::GenerateArgs {
-                model: &model,
+                model: match (&model, &base) {
+                    (Some(model), _) => generate::ModelSource::One(model),
+                    (None, Some(base)) => generate::ModelSource::Composition {
+                        base,
+                        assistants: &assistants,
+                    },
+                    (None, None) => unreachable!("clap requires --model or --base"),
+                },
                 prompt: prompt.as_deref(),
                 prompt_file: prompt_file.as_deref(),
                 strategy: strategy.as_deref(),
@@ -486,6 +520,14 @@ fn run(cli: Cli) -> Result<()> {
             steps,
         } => with_backend!(cli.device, |B, device| bench::run::<B>(
             shape, joint, batch, seq, steps, &device
+        )),
+        Command::BenchScore {
+            gguf,
+            batch,
+            seq,
+            repeats,
+        } => with_backend!(cli.device, |B, device| bench::score::<B>(
+            &gguf, batch, seq, repeats, &device
         )),
         Command::CheckReference {
             gguf,

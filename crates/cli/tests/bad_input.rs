@@ -330,6 +330,17 @@ fn mismatched_tokenizers_are_refused() {
         &["train", "--config", &config, "--out", &f.path("out")],
         &["other/tokenizer.json", "normalizer"],
     );
+    f.fails(
+        &[
+            "generate",
+            "--base",
+            &f.path("lm"),
+            "--assistant",
+            &f.path("other"),
+            "the cat",
+        ],
+        &["other", "does not share the base's tokenizer", "normalizer"],
+    );
 }
 
 #[test]
@@ -457,6 +468,51 @@ fn a_single_lm_in_any_format_generates() {
     let tokens = report["samples"][0]["tokens"].as_array().unwrap();
     assert_eq!(tokens.len(), 5, "{report}");
     assert!(tokens.iter().all(|t| t["writer"] == 0), "{report}");
+}
+
+#[test]
+fn lms_compose_without_training_under_the_confidence_rule() {
+    let f = Fixture::new();
+    let run = |strategy: &str| {
+        let report = f.succeeds(
+            &[
+                "generate",
+                "--base",
+                &f.path("lm"),
+                "--assistant",
+                &f.path("lm"),
+                "--strategy",
+                strategy,
+                "the cat",
+                "--max-tokens",
+                "6",
+                "--temperature",
+                "0",
+            ],
+            "out.json",
+        );
+        let tokens = report["samples"][0]["tokens"].as_array().unwrap().clone();
+        assert_eq!(tokens.len(), 6, "{report}");
+        tokens
+    };
+    // τ = 0: the base never defers; τ = 1: it always does (its top-1 probability is < 1).
+    assert!(run("confidence:0").iter().all(|t| t["writer"] == 0));
+    assert!(run("confidence:1").iter().all(|t| t["writer"] == 1));
+    f.fails(
+        &[
+            "generate",
+            "--base",
+            &f.path("lm"),
+            "--assistant",
+            &f.path("lm"),
+            "--strategy",
+            "greedy",
+            "the cat",
+            "--max-tokens",
+            "4",
+        ],
+        &["use confidence:τ"],
+    );
 }
 
 /// The corpus cache `chorus data fetch` fills (`.ci/run` fetches it), if it is there.

@@ -174,15 +174,32 @@ pub(crate) fn add_offset<B: Backend>(
     }
 }
 
-/// Output logits through a tied embedding matrix `[vocab, d_model]`: `h Eᵀ`, computed as `(E hᵀ)ᵀ`
-/// so that only the small `h` is transposed (a transposed `E` is copied by some backends on every
-/// call: 113 MB per token for SmolLM2).
+/// Up to this many positions (decoding steps), [`tied_logits`] multiplies by the transposed
+/// embedding directly: chorus's burn-ndarray reads a few rows' product from the matrix's own
+/// layout without packing (vendor/burn-ndarray/CHORUS.md).
+const FEW_ROWS: usize = 8;
+
+/// Output logits through a tied embedding matrix `[vocab, d_model]`: `h Eᵀ`. For more than
+/// [`FEW_ROWS`] positions it is computed as `(E hᵀ)ᵀ` so that only the small `h` is transposed (a
+/// transposed `E` is copied by some backends on every call: 113 MB per token for SmolLM2).
+///
+/// # Shapes
+/// - hidden: `[batch, seq, d_model]`, embedding: `[vocab, d_model]`
+/// - output: `[batch, seq, vocab]`
 pub(crate) fn tied_logits<B: Backend>(
     hidden: Tensor<B, 3>,
     embedding: Tensor<B, 2>,
 ) -> Tensor<B, 3> {
     let [batch, seq, d_model] = hidden.dims();
     let [vocab, _] = embedding.dims();
+    if batch * seq <= FEW_ROWS {
+        // h · Eᵀ: the ndarray backend multiplies a few rows by the transposed view in place.
+        return hidden
+            .reshape([batch * seq, d_model])
+            .matmul(embedding.transpose())
+            .reshape([batch, seq, vocab]);
+    }
+    // (E · hᵀ)ᵀ: E in its own layout, so no backend copies Eᵀ to pack it.
     let hidden_t = hidden.reshape([batch * seq, d_model]).transpose(); // [d_model, batch·seq]
     embedding
         .matmul(hidden_t) // [vocab, batch·seq]

@@ -100,6 +100,38 @@ fn cached_decoding_equals_full_forward() {
     }
 }
 
+/// The cache's buffers start at prefill + 64 positions and double when full: decoding 150
+/// positions one at a time crosses two growths and still equals the full forward.
+#[test]
+fn cached_decoding_across_buffer_growth_equals_full_forward() {
+    let LmConfig::Llama(mut config) = tiny_llama(4, 2) else {
+        unreachable!()
+    };
+    config.max_seq_len = 160;
+    let model = LmConfig::Llama(config).init::<B>(&device()).unwrap();
+    let ids: Vec<i64> = (0..2 * 150).map(|i| (i * 7 + 3) % 50).collect();
+    let all = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [2, 150]), &device());
+    let full = model.forward(LmInput::new(all.clone()), None).unwrap();
+    let mut cache = model.new_cache();
+    let mut logits = vec![
+        model
+            .forward(LmInput::new(all.clone().narrow(1, 0, 3)), Some(&mut cache))
+            .unwrap()
+            .logits,
+    ];
+    for t in 3..150 {
+        let step = model
+            .forward(LmInput::new(all.clone().narrow(1, t, 1)), Some(&mut cache))
+            .unwrap();
+        logits.push(step.logits);
+    }
+    assert_eq!(cache.len(), 150);
+    let capacity = cache.layers[0].key.as_ref().unwrap().dims()[2];
+    assert!(capacity >= 150, "{capacity}"); // 67 → 136 → 274
+    let diff = max_abs_diff(full.logits, Tensor::cat(logits, 1));
+    assert!(diff < 1e-4, "|Δ| = {diff}");
+}
+
 #[test]
 fn changing_a_token_never_changes_earlier_logits() {
     for (name, config) in families() {
@@ -438,4 +470,45 @@ fn broken_checkpoints_are_errors_naming_file_and_tensor() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("nowhere"), "{err}");
+}
+
+/// chorus's burn-ndarray multiplies up to 8 rows without GEMM packing, reading the right-hand
+/// matrix in its own layout (row-major, or a transposed view), and folds the batches of a
+/// broadcast weight into one GEMM (vendor/burn-ndarray/CHORUS.md): every such product equals the
+/// same rows of a many-row product to f32 rounding (sums of up to 96 unit-variance products).
+#[test]
+fn few_row_and_folded_matmuls_equal_the_general_product() {
+    let d = device();
+    for (m, k, n) in [
+        (1, 64, 10),
+        (1, 96, 700),
+        (3, 40, 2000),
+        (8, 5, 300),
+        (2, 1, 7),
+    ] {
+        let x = Tensor::<B, 2>::random([12, k], Distribution::Normal(0.0, 1.0), &d);
+        for transposed in [false, true] {
+            let w = if transposed {
+                Tensor::<B, 2>::random([n, k], Distribution::Normal(0.0, 1.0), &d).transpose()
+            } else {
+                Tensor::<B, 2>::random([k, n], Distribution::Normal(0.0, 1.0), &d)
+            };
+            // 12 rows go through the general GEMM.
+            let general = x.clone().matmul(w.clone()).narrow(0, 0, m);
+            let few = x.clone().narrow(0, 0, m).matmul(w.clone());
+            let what = format!("{m}×{k}·{k}×{n}, transposed {transposed}");
+            let diff = max_abs_diff(general.clone(), few);
+            assert!(diff < 1e-4, "{what}: |Δ| = {diff}");
+            // [2, m, k] · [1, k, n]: batches of a broadcast weight.
+            let batched = x
+                .clone()
+                .narrow(0, 0, m)
+                .unsqueeze_dim::<3>(0)
+                .repeat_dim(0, 2);
+            let folded = batched.matmul(w.clone().unsqueeze_dim::<3>(0));
+            let second = folded.narrow(0, 1, 1).squeeze_dim::<2>(0);
+            let diff = max_abs_diff(general, second);
+            assert!(diff < 1e-4, "{what}, batched: |Δ| = {diff}");
+        }
+    }
 }

@@ -180,6 +180,23 @@ impl<B: Backend> Chorus<B> {
         .number_parameters())
     }
 
+    /// A training-free composition of LMs that share a tokenizer: no z, no selector, so only the
+    /// rules that need no π decode it ([`crate::WriterStrategy::Confidence`]). Rejects models whose
+    /// vocabularies differ (the caller checks that the tokenizers are the same).
+    pub fn compose(
+        base: Lm<B>,
+        assistants: Vec<Lm<B>>,
+        device: &B::Device,
+    ) -> Result<Self, ModelError> {
+        let config = ChorusConfig {
+            d_latent: 0,
+            ..ChorusConfig::default()
+        };
+        let mut model = Self::new(config, base, assistants, device)?;
+        model.selector = None;
+        Ok(model)
+    }
+
     /// Gives every parameter the id of its place in module order (0, 1, …) instead of a random
     /// one. burn serialises parameter ids, so without this two runs that compute the same
     /// parameters would still write different checkpoint bytes, and a checksum could not show

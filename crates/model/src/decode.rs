@@ -5,7 +5,10 @@
 //! - *sample*: writer j ~ π; *greedy*: j = argmax π;
 //! - *threshold* (Co-LLM): j* = argmax_{j≥1} π_j writes when π_{j*} > η, else the base;
 //! - *mixture*: the token is drawn from Σ_j π_j P_j (its provenance is the model with the largest
-//!   responsibility π_j P_j(token) / Σ_k π_k P_k(token)).
+//!   responsibility π_j P_j(token) / Σ_k π_k P_k(token));
+//! - *confidence* (needs no selector, so it also drives training-free compositions, see
+//!   [`Chorus::compose`]): the base writes unless its top-1 probability max_v P_0(v) falls below τ;
+//!   then the assistant with the highest top-1 probability writes (Nudging's rule).
 //!
 //! The writer's distribution is tempered (`P^{1/T}`, renormalised), cut to its top-k and to the
 //! smallest top-p set, and sampled with a seeded generator; temperature 0 takes the argmax. For the
@@ -33,25 +36,52 @@ pub enum WriterStrategy {
     },
     /// Σ_j π_j P_j.
     Mixture,
+    /// The base writes while its top-1 probability is ≥ τ, else the most confident assistant.
+    Confidence {
+        /// τ ∈ [0, 1]: 0 never defers, 1 always defers.
+        tau: f64,
+    },
+}
+
+impl WriterStrategy {
+    /// Whether the rule reads the selector's π (all but [`WriterStrategy::Confidence`]).
+    pub fn needs_selector(&self) -> bool {
+        !matches!(self, Self::Confidence { .. })
+    }
 }
 
 impl FromStr for WriterStrategy {
     type Err = String;
 
-    /// `sample`, `greedy`, `mixture`, `threshold` (η = 0.5) or `threshold:η`.
+    /// `sample`, `greedy`, `mixture`, `threshold` (η = 0.5), `threshold:η`, `confidence`
+    /// (τ = 0.5) or `confidence:τ`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let unit = |name: &str, value: &str| match value.parse::<f64>() {
+            Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+            _ => Err(format!("`{s}`: {name} must be a number in [0, 1]")),
+        };
         match s {
             "sample" => Ok(Self::Sample),
             "greedy" => Ok(Self::Greedy),
             "mixture" => Ok(Self::Mixture),
             "threshold" => Ok(Self::Threshold { eta: 0.5 }),
-            other => match other.strip_prefix("threshold:").map(str::parse::<f64>) {
-                Some(Ok(eta)) if (0.0..=1.0).contains(&eta) => Ok(Self::Threshold { eta }),
-                Some(_) => Err(format!("`{other}`: η must be a number in [0, 1]")),
-                None => Err(format!(
-                    "unknown strategy `{other}`: expected sample, greedy, threshold[:η] or mixture"
-                )),
-            },
+            "confidence" => Ok(Self::Confidence { tau: 0.5 }),
+            other => {
+                if let Some(eta) = other.strip_prefix("threshold:") {
+                    Ok(Self::Threshold {
+                        eta: unit("η", eta)?,
+                    })
+                } else if let Some(tau) = other.strip_prefix("confidence:") {
+                    Ok(Self::Confidence {
+                        tau: unit("τ", tau)?,
+                    })
+                } else {
+                    Err(format!(
+                        "unknown strategy `{other}`: expected sample, greedy, threshold[:η], \
+                         mixture or confidence[:τ]"
+                    ))
+                }
+            }
         }
     }
 }
@@ -114,12 +144,15 @@ impl DecodeConfig {
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return bad(format!("top_p {} must be in (0, 1]", self.top_p));
         }
-        if let WriterStrategy::Threshold { eta } = self.strategy
-            && !(0.0..=1.0).contains(&eta)
-        {
-            return bad(format!("η = {eta} must be in [0, 1]"));
+        match self.strategy {
+            WriterStrategy::Threshold { eta } if !(0.0..=1.0).contains(&eta) => {
+                bad(format!("η = {eta} must be in [0, 1]"))
+            }
+            WriterStrategy::Confidence { tau } if !(0.0..=1.0).contains(&tau) => {
+                bad(format!("τ = {tau} must be in [0, 1]"))
+            }
+            _ => Ok(()),
         }
-        Ok(())
     }
 }
 
@@ -130,7 +163,8 @@ pub struct Decoded {
     pub tokens: Vec<u32>,
     /// The model that wrote each token (0 = base).
     pub writers: Vec<usize>,
-    /// π over the K models at each token.
+    /// π over the K models at each token: the selector's, or, for a composition without one,
+    /// the rule's choice as one-hot.
     pub pi: Vec<Vec<f32>>,
 }
 
@@ -188,6 +222,12 @@ pub(crate) fn argmax(values: &[f64]) -> usize {
             if v > best.1 { (i, v) } else { best }
         })
         .0
+}
+
+/// `max_v softmax(logits)_v`, the top-1 probability at temperature 1.
+pub fn top1_prob(logits: &[f32]) -> f64 {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l)) as f64;
+    1.0 / logits.iter().map(|&l| (l as f64 - max).exp()).sum::<f64>()
 }
 
 /// softmax(logits / T) in f64 (T = 0: one-hot argmax).
@@ -364,6 +404,13 @@ impl<B: Backend> Chorus<B> {
                 config.max_new_tokens
             )));
         }
+        if self.selector.is_none() && k > 1 && config.strategy.needs_selector() {
+            return Err(ModelError::InvalidConfig(format!(
+                "{:?} reads the selector's π, which a composition of {k} models without training \
+                 does not have: use confidence:τ",
+                config.strategy
+            )));
+        }
         if self.config.has_z() != z.is_some() {
             return Err(ModelError::InvalidBatch(if z.is_some() {
                 "z given to a model without z".into()
@@ -427,24 +474,50 @@ impl<B: Backend> Chorus<B> {
                         .map(<[f64]>::to_vec)
                         .collect()
                 }
-                None => vec![vec![1.0]; rows],
+                // A composition: no π; the confidence rule decides alone.
+                None => vec![vec![1.0 / k as f64; k]; rows],
             };
+            // The confidence rule compares assistants' top-1 probabilities when there are several.
+            let deferring: Vec<bool> = match config.strategy {
+                WriterStrategy::Confidence { tau } if k > 1 => base_logits
+                    .iter()
+                    .zip(&done)
+                    .map(|(l, &d)| !d && top1_prob(l) < tau)
+                    .collect(),
+                _ => vec![false; rows],
+            };
+            if k > 2 && deferring.iter().any(|&d| d) {
+                for j in 1..k {
+                    self.catch_up(j, &mut states[j - 1], &history, z.as_ref(), config, device)?;
+                }
+            }
             // Who writes, per row (the mixture needs everyone).
-            let writers: Vec<Option<usize>> = pi
-                .iter()
-                .map(|p| match config.strategy {
+            let mut writers = Vec::with_capacity(rows);
+            for (r, p) in pi.iter().enumerate() {
+                writers.push(match config.strategy {
                     WriterStrategy::Sample => Some(rng.categorical(p)),
                     WriterStrategy::Greedy => Some(argmax(p)),
+                    WriterStrategy::Threshold { .. } | WriterStrategy::Confidence { .. }
+                        if k == 1 =>
+                    {
+                        Some(0)
+                    }
                     WriterStrategy::Threshold { eta } => {
-                        if k == 1 {
-                            return Some(0);
-                        }
                         let j = 1 + argmax(&p[1..]);
                         Some(if p[j] > eta { j } else { 0 })
                     }
                     WriterStrategy::Mixture => None,
-                })
-                .collect();
+                    WriterStrategy::Confidence { .. } if !deferring[r] => Some(0),
+                    WriterStrategy::Confidence { .. } if k == 2 => Some(1),
+                    WriterStrategy::Confidence { .. } => {
+                        let confidence: Vec<f64> = states
+                            .iter()
+                            .map(|s| top1_prob(&s.logits.as_ref().expect("caught up")[r]))
+                            .collect();
+                        Some(1 + argmax(&confidence))
+                    }
+                });
+            }
             for j in 1..k {
                 let needed = writers
                     .iter()
@@ -494,7 +567,10 @@ impl<B: Backend> Chorus<B> {
                 let keep_going = on_token(r, token, writer);
                 out[r].tokens.push(token);
                 out[r].writers.push(writer);
-                out[r].pi.push(pi[r].iter().map(|&p| p as f32).collect());
+                out[r].pi.push(match self.selector {
+                    Some(_) => pi[r].iter().map(|&p| p as f32).collect(),
+                    None => (0..k).map(|j| f32::from(u8::from(j == writer))).collect(),
+                });
                 if config.eos == Some(token) || !keep_going {
                     done[r] = true;
                 }

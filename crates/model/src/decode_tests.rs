@@ -104,13 +104,10 @@ fn reference(
                 .map(<[f64]>::to_vec)
                 .collect()
         };
-        let pi = last(
-            m.selector
-                .as_ref()
-                .unwrap()
-                .forward(outs[0].hidden.clone())
-                .exp(),
-        );
+        let pi = match &m.selector {
+            Some(selector) => last(selector.forward(outs[0].hidden.clone()).exp()),
+            None => vec![vec![1.0 / k as f64; k]; rows],
+        };
         let logits: Vec<Vec<Vec<f32>>> = outs
             .iter()
             .map(|o| {
@@ -122,7 +119,8 @@ fn reference(
             .collect();
         let writers: Vec<Option<usize>> = pi
             .iter()
-            .map(|p| match config.strategy {
+            .enumerate()
+            .map(|(r, p)| match config.strategy {
                 WriterStrategy::Sample => Some(rng.categorical(p)),
                 WriterStrategy::Greedy => Some(argmax(p)),
                 WriterStrategy::Threshold { eta } => {
@@ -130,6 +128,18 @@ fn reference(
                     Some(if p[j] > eta { j } else { 0 })
                 }
                 WriterStrategy::Mixture => None,
+                // The base's top-1 probability against τ; else the most confident assistant.
+                WriterStrategy::Confidence { tau } => {
+                    let top1 = |j: usize| {
+                        let probs = tempered_probs(&logits[j][r], 1.0);
+                        probs.into_iter().fold(0.0, f64::max)
+                    };
+                    Some(if top1(0) >= tau {
+                        0
+                    } else {
+                        1 + argmax(&(1..k).map(top1).collect::<Vec<_>>())
+                    })
+                }
             })
             .collect();
         for r in 0..rows {
@@ -159,7 +169,12 @@ fn reference(
             });
             out[r].tokens.push(token as u32);
             out[r].writers.push(writer);
-            out[r].pi.push(pi[r].iter().map(|&p| p as f32).collect());
+            out[r].pi.push(match m.selector {
+                Some(_) => pi[r].iter().map(|&p| p as f32).collect(),
+                None => (0..k)
+                    .map(|j| if j == writer { 1.0 } else { 0.0 })
+                    .collect(),
+            });
             seqs[r].push(token as u32);
             if config.eos == Some(token as u32) || stop(r, out[r].tokens.len()) {
                 done[r] = true;
@@ -242,6 +257,75 @@ fn cached_decoding_equals_full_recomputation_for_every_strategy_and_update_mode(
     }
     // The cases are not vacuous: assistants wrote tokens, EOS and the stop rule ended rows.
     assert!(deferred > 0 && eos_seen);
+}
+
+#[test]
+fn a_composition_with_the_confidence_rule_equals_full_recomputation() {
+    let _rng = seeded(14);
+    let device = Default::default();
+    let prompt = [0u32, 5, 9, 3];
+    let rows = 3;
+    let (mut by_base, mut by_assistants, mut by_second) = (0, 0, 0);
+    for n_assistants in [1, 2] {
+        let trained = model(n_assistants, 0);
+        let m = Chorus::compose(trained.base.clone(), trained.assistants.clone(), &device).unwrap();
+        assert!(m.selector.is_none() && !m.config.has_z());
+        // The untrained models' top-1 probabilities are small: τ near them splits the writers.
+        for (tau, temperature) in [(0.06, 0.0), (0.08, 0.9), (0.0, 0.0), (1.0, 0.0)] {
+            let config = DecodeConfig {
+                strategy: WriterStrategy::Confidence { tau },
+                temperature,
+                max_new_tokens: 12,
+                seed: 5,
+                ..DecodeConfig::default()
+            };
+            let want = reference(&m, &prompt, rows, None, &config, |_, _| false);
+            for assistants in [
+                AssistantUpdate::Eager,
+                AssistantUpdate::Lazy,
+                AssistantUpdate::Reencode,
+            ] {
+                let config = DecodeConfig {
+                    assistants,
+                    ..config.clone()
+                };
+                let got = m
+                    .generate(&prompt, rows, None, &config, &device, |_, _, _| true)
+                    .unwrap();
+                assert_eq!(got, want, "{config:?}");
+            }
+            let writers: Vec<usize> = want.iter().flat_map(|d| d.writers.clone()).collect();
+            match tau {
+                0.0 => assert!(writers.iter().all(|&w| w == 0)),
+                1.0 => assert!(writers.iter().all(|&w| w != 0)),
+                _ => {
+                    by_base += writers.iter().filter(|&&w| w == 0).count();
+                    by_assistants += writers.iter().filter(|&&w| w != 0).count();
+                    by_second += writers.iter().filter(|&&w| w == 2).count();
+                }
+            }
+        }
+        // Rules that read π are refused.
+        let err = m
+            .generate(
+                &prompt,
+                1,
+                None,
+                &DecodeConfig {
+                    max_new_tokens: 4,
+                    ..DecodeConfig::default()
+                },
+                &device,
+                |_, _, _| true,
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains("use confidence:τ"), "{err}");
+    }
+    // Not vacuous: both the base and the assistants wrote, and with two assistants the second too.
+    assert!(
+        by_base > 0 && by_assistants > 0 && by_second > 0,
+        "{by_base} {by_assistants} {by_second}"
+    );
 }
 
 #[test]

@@ -26,6 +26,28 @@ pub(crate) fn matmul<E: NdArrayElement>(
     let num_r_batches = shape_rhs.num_elements() / r_mat_size;
     let num_out_batches = out_shape.num_elements() / out_mat_size;
 
+    // chorus: a few rows in all against one right-hand matrix (decoding: every `Linear`, and a
+    // tied output layer's transposed embedding): multiply the operands' own views, so a
+    // transposed matrix is neither copied by a reshape nor packed.
+    if num_r_batches == 1 && num_l_batches * m <= SMALL_M_ROWS && lhs.is_standard_layout() {
+        let rows = num_l_batches * m;
+        let mut rhs_view = rhs.view();
+        while rhs_view.ndim() > 2 {
+            rhs_view = rhs_view.index_axis_move(ndarray::Axis(0), 0);
+        }
+        let rhs_view = rhs_view
+            .into_dimensionality::<ndarray::Ix2>()
+            .expect("two axes left");
+        let lhs_view = lhs
+            .view()
+            .into_shape_with_order((rows, k))
+            .expect("standard layout");
+        let mut out = ndarray::Array2::<E>::zeros((rows, n));
+        if small_m_matmul(&lhs_view, &rhs_view, &mut out.view_mut()) {
+            return NdArrayOps::reshape(out.into_shared().into_dyn(), out_shape);
+        }
+    }
+
     // chorus: one right-hand matrix shared by every left batch (every `Linear`, whose weight is
     // broadcast as [1, .., 1, k, n]): fold the left batches into rows, so the weight is packed
     // once for one large GEMM instead of once per batch. Exact: each output element is the same
@@ -90,7 +112,7 @@ pub(crate) fn matmul<E: NdArrayElement>(
 }
 
 /// chorus: left operands with at most this many rows go through [`small_m_matmul`].
-const SMALL_M_ROWS: usize = 4;
+const SMALL_M_ROWS: usize = 8;
 
 /// chorus: `out = lhs · rhs` for a left operand of a few rows, reading `rhs` once in its own
 /// layout — row-major (`out[i, :] += lhs[i, p] · rhs[p, :]`, contiguous row updates) or
@@ -121,23 +143,24 @@ fn small_m_matmul<E: NdArrayElement>(
     let block = ((1usize << 16) / k).clamp(16, n.max(16)).next_multiple_of(16);
     // Block-major result: block b holds rows 0..m of columns b·block.., `width` wide.
     let mut result = vec![E::zero(); m * n];
+    let avx2 = has_avx2();
     let work = |(b, chunk): (usize, &mut [E])| {
-        let start = b * block;
-        let width = chunk.len() / m;
-        for (x, y) in lhs_rows.iter().zip(chunk.chunks_exact_mut(width)) {
-            if row_major {
-                for (p, &a) in x.iter().enumerate() {
-                    let w = &rhs_data[p * n + start..p * n + start + width];
-                    for (y, &w) in y.iter_mut().zip(w) {
-                        *y = *y + a * w;
-                    }
-                }
-            } else {
-                for (j, y) in (start..start + width).zip(y.iter_mut()) {
-                    *y = dot(x, &rhs_data[j * k..(j + 1) * k]);
-                }
-            }
+        let block = Block {
+            lhs_rows: &lhs_rows,
+            rhs: rhs_data,
+            row_major,
+            n,
+            k,
+            start: b * block,
+        };
+        #[cfg(all(target_arch = "x86_64", feature = "std"))]
+        if avx2 {
+            // SAFETY: the CPU has AVX2 and FMA (checked at run time).
+            unsafe { block.run_avx2(chunk) };
+            return;
         }
+        let _ = avx2;
+        block.run(chunk);
     };
     #[cfg(feature = "multi-threads")]
     {
@@ -164,7 +187,58 @@ fn small_m_matmul<E: NdArrayElement>(
     true
 }
 
+/// chorus: whether [`Block::run_avx2`] may run.
+fn has_avx2() -> bool {
+    #[cfg(all(target_arch = "x86_64", feature = "std"))]
+    {
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(all(target_arch = "x86_64", feature = "std")))]
+    false
+}
+
+/// chorus: one column block of [`small_m_matmul`].
+struct Block<'a, E> {
+    lhs_rows: &'a [Vec<E>],
+    rhs: &'a [E],
+    row_major: bool,
+    n: usize,
+    k: usize,
+    start: usize,
+}
+
+impl<E: NdArrayElement> Block<'_, E> {
+    /// Fills `chunk` (rows 0..m of this block's columns, row after row).
+    #[inline(always)]
+    fn run(&self, chunk: &mut [E]) {
+        let (n, k, start) = (self.n, self.k, self.start);
+        let width = chunk.len() / self.lhs_rows.len();
+        for (x, y) in self.lhs_rows.iter().zip(chunk.chunks_exact_mut(width)) {
+            if self.row_major {
+                for (p, &a) in x.iter().enumerate() {
+                    let w = &self.rhs[p * n + start..p * n + start + width];
+                    for (y, &w) in y.iter_mut().zip(w) {
+                        *y = *y + a * w;
+                    }
+                }
+            } else {
+                for (j, y) in (start..start + width).zip(y.iter_mut()) {
+                    *y = dot(x, &self.rhs[j * k..(j + 1) * k]);
+                }
+            }
+        }
+    }
+
+    /// [`Block::run`] compiled for AVX2 (8 lanes instead of SSE2's 4; same order of sums).
+    #[cfg(all(target_arch = "x86_64", feature = "std"))]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn run_avx2(&self, chunk: &mut [E]) {
+        self.run(chunk)
+    }
+}
+
 /// chorus: `⟨x, w⟩` with 8 independent partial sums (vectorisable without reassociation flags).
+#[inline(always)]
 fn dot<E: NdArrayElement>(x: &[E], w: &[E]) -> E {
     let mut acc = [E::zero(); 8];
     let (xc, wc) = (x.chunks_exact(8), w.chunks_exact(8));
