@@ -87,7 +87,7 @@ fn elbo_step(c: &mut Criterion) {
     group.sample_size(10);
     group.bench_function("llama128x4_gpt2_96x3_z32_b8x64_fwd_bwd", |b| {
         b.iter(|| {
-            let out = model.forward_elbo(&batch, 0).expect("valid batch");
+            let out = model.forward_elbo(&batch, 1.0).expect("valid batch");
             std::hint::black_box(out.terms.loss.backward());
         })
     });

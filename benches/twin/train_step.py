@@ -16,7 +16,7 @@ step) and they have no adapters; `live`: they run, conditioned on z. Context: th
 each row.
 
 usage: train_step.py --shape small|smollm2 [--batch 8] [--seq 128] [--steps 5] [--threads 2]
-                     [--joint cached|live] [--device cpu|cuda] [--dtype f32|bf16]
+                     [--joint cached|live] [--device cpu|cuda] [--dtype f32|tf32|bf16]
 """
 import argparse
 import json
@@ -186,12 +186,14 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--joint", choices=["cached", "live"])
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
+    ap.add_argument("--dtype", choices=["f32", "tf32", "bf16"], default="f32",
+                    help="tf32: f32 weights, TF32 matmuls (CUDA)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dev = torch.device(args.device)
-    dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    dtype = {"f32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    torch.backends.cuda.matmul.allow_tf32 = args.dtype == "tf32"
     vocab, *rest = SHAPES[args.shape]
     b, t = args.batch, args.seq
     data = torch.randint(0, vocab, (b, t + 1), device=dev)

@@ -215,7 +215,10 @@ fn measure(cmd: &mut Command, what: &str) -> Result<Value> {
 
 /// A table row: chorus on each backend against one peer, ratios to the peer.
 fn row(work: &str, ours: &[(&str, &Value)], peer: &Value, unit_key: &str) -> String {
-    let cell = |v: &Value| format!("{:.1} tok/s, {:.0} MB", f(v, unit_key), f(v, "peak_rss_mb"));
+    let cell = |v: &Value| match f(v, "peak_rss_mb") {
+        rss if rss.is_finite() => format!("{:.1} tok/s, {rss:.0} MB", f(v, unit_key)),
+        _ => format!("{:.1} tok/s", f(v, unit_key)),
+    };
     let theirs = f(peer, unit_key);
     let ours_cells: Vec<String> = ours
         .iter()
@@ -332,7 +335,10 @@ pub fn bench(out: &Path) -> Result<()> {
             &format!("score.py --peer {peer}"),
         )?;
         rows.push(row(
-            "SmolLM2-135M scoring, 8 × 128 tokens (batched forward + log-probs of given tokens)",
+            &format!(
+                "SmolLM2-135M scoring, 8 × 128 tokens (batched forward + log-probs of given tokens), against {}",
+                if peer == "torch" { "PyTorch" } else { "llama.cpp" }
+            ),
             &ours,
             &theirs,
             "tokens_per_s",

@@ -178,7 +178,10 @@ fn time_joint_steps<B: Backend>(
         encoder_tokens: None,
     };
     time_steps(model, optimizer, steps, device, |model| {
-        Ok(model.forward_elbo(&chorus_batch, 0)?.terms.loss)
+        Ok(model
+            .forward_elbo(&chorus_batch, model.config.kl_schedule.beta(0))?
+            .terms
+            .loss)
     })
 }
 

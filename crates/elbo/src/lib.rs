@@ -6,6 +6,8 @@
 //!   the per-token writer, with padding masks; [`logsumexp`] is the stable primitive.
 //! - [`kl_free_bits`], [`KlSchedule`] (β as a pure function of the step) and [`elbo_terms`] assemble
 //!   the loss; [`iw_log_likelihood`], [`mutual_information`] and [`active_units`] evaluate it.
+//! - [`pseudo_label_loss`] (Co-LLM's selector initialisation) and [`posterior_deferral`] are the
+//!   writer's side.
 //!
 //! ```
 //! use burn::backend::NdArray;
@@ -24,12 +26,14 @@
 
 mod mixture;
 mod objective;
+mod routing;
 mod schedule;
 
 pub use mixture::{MixtureLikelihood, logsumexp, mixture_log_likelihood, token_log_probs};
 pub use objective::{
     ElboTerms, active_units, elbo_terms, iw_log_likelihood, kl_free_bits, mutual_information,
 };
+pub use routing::{posterior_deferral, pseudo_label_loss};
 pub use schedule::KlSchedule;
 
 /// Errors of `chorus-elbo`.

@@ -236,3 +236,70 @@ fn mutual_information_and_active_units() {
     assert!(mi > 2.0 && mi < (64f64).ln() + 0.5, "{mi}");
     assert_eq!(active_units(informative.mean, 0.01), 1);
 }
+
+/// Labels by hand: t0 the base is best; t1 an assistant ties the base (the base keeps it); t2 the
+/// second assistant is best; t3 is masked. Two classes occur among n = 3 tokens: w_0 = 3/(2·2),
+/// w_2 = 3/(2·1); loss = −(w_0 log π_0(t0) + w_0 log π_0(t1) + w_2 log π_2(t2)) / (2 w_0 + w_2).
+#[test]
+fn pseudo_label_loss_matches_hand_labels_and_only_trains_the_selector() {
+    type A = Autodiff<F64>;
+    let device = Default::default();
+    let log_p = Tensor::<A, 3>::from_data(
+        [[
+            [-1.0, -2.0, -3.0],
+            [-2.0, -2.0, -3.0],
+            [-3.0, -2.0, -1.0],
+            [-5.0, -1.0, -1.0],
+        ]],
+        &device,
+    )
+    .require_grad();
+    let log_pi = Tensor::<A, 3>::from_data(
+        [[
+            [-0.1, -2.0, -3.0],
+            [-0.5, -1.0, -2.0],
+            [-1.2, -0.9, -0.7],
+            [-9.0, -9.0, -9.0],
+        ]],
+        &device,
+    )
+    .require_grad();
+    let mask = Tensor::<A, 2>::from_data([[1.0, 1.0, 1.0, 0.0]], &device);
+    let (loss, share) = pseudo_label_loss(log_pi.clone(), log_p.clone(), mask);
+    let (w0, w2) = (0.75, 1.5);
+    let expected = -(w0 * -0.1 + w0 * -0.5 + w2 * -0.7) / (2.0 * w0 + w2);
+    assert!((loss.clone().into_scalar() - expected).abs() < 1e-12);
+    assert!((share - 1.0 / 3.0).abs() < 1e-12);
+    let grads = loss.backward();
+    let g = log_pi
+        .grad(&grads)
+        .unwrap()
+        .into_data()
+        .to_vec::<f64>()
+        .unwrap();
+    let mut want = vec![0.0; 12];
+    want[0] = -w0 / 3.0; // t0, base
+    want[3] = -w0 / 3.0; // t1, base
+    want[8] = -w2 / 3.0; // t2, second assistant
+    for (a, b) in g.iter().zip(&want) {
+        assert!((a - b).abs() < 1e-12, "{g:?}");
+    }
+    assert!(log_p.grad(&grads).is_none(), "log P must be a constant");
+}
+
+#[test]
+fn posterior_deferral_sums_one_minus_the_base_share_over_scored_tokens() {
+    let device = Default::default();
+    let router = Tensor::<F64, 3>::from_data(
+        [[
+            [0.7, 0.2, 0.1],
+            [0.1, 0.5, 0.4],
+            [0.5, 0.25, 0.25],
+            [0.0, 1.0, 0.0],
+        ]],
+        &device,
+    );
+    let mask = Tensor::<F64, 2>::from_data([[1.0, 1.0, 1.0, 0.0]], &device);
+    let got = posterior_deferral(router, mask).into_scalar();
+    assert!((got - (0.3 + 0.9 + 0.5)).abs() < 1e-12);
+}

@@ -4,7 +4,8 @@ use burn::module::{ModuleMapper, Param, ParamId};
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use chorus_elbo::{
-    ElboTerms, elbo_terms, iw_log_likelihood, mixture_log_likelihood, token_log_probs,
+    ElboTerms, elbo_terms, iw_log_likelihood, mixture_log_likelihood, pseudo_label_loss,
+    token_log_probs,
 };
 use chorus_latent::{
     DiagonalGaussian, GaussianHead, GaussianHeadConfig, Prior, Selector, SelectorConfig,
@@ -429,12 +430,13 @@ impl<B: Backend> Chorus<B> {
         })
     }
 
-    /// The ELBO terms at global step `step` (which sets β), sampling `config.n_samples` z per row
-    /// from the backend's RNG.
+    /// The ELBO terms with KL weight `beta` (the training loop's schedule at its step,
+    /// `config.kl_schedule.beta(step)`), sampling `config.n_samples` z per row from the backend's
+    /// RNG.
     pub fn forward_elbo(
         &self,
         batch: &ChorusBatch<B>,
-        step: u64,
+        beta: f64,
     ) -> Result<ChorusOutput<B>, ModelError> {
         let [n_rows, _] = batch.tokens.dims();
         let eps = self.config.has_z().then(|| {
@@ -444,7 +446,7 @@ impl<B: Backend> Chorus<B> {
                 &batch.tokens.device(),
             )
         });
-        self.forward_elbo_with_noise(batch, step, eps)
+        self.forward_elbo_with_noise(batch, beta, eps)
     }
 
     /// [`Chorus::forward_elbo`] with given standard-normal noise `eps` `[n_samples, batch, d_latent]`
@@ -452,7 +454,7 @@ impl<B: Backend> Chorus<B> {
     pub fn forward_elbo_with_noise(
         &self,
         batch: &ChorusBatch<B>,
-        step: u64,
+        beta: f64,
         eps: Option<Tensor<B, 3>>,
     ) -> Result<ChorusOutput<B>, ModelError> {
         let [n_rows, _] = batch.tokens.dims();
@@ -482,7 +484,6 @@ impl<B: Backend> Chorus<B> {
             log_pi,
             log_p,
         } = self.log_px(batch, z)?;
-        let beta = self.config.kl_schedule.beta(step);
         let terms = elbo_terms(log_px, kl, beta, self.config.free_bits);
         let first = |t: Tensor<B, 3>| t.narrow(0, 0, n_rows);
         let log_pi = first(log_pi);
@@ -522,12 +523,10 @@ impl<B: Backend> Chorus<B> {
         }
     }
 
-    /// Co-LLM's selector initialisation (DESIGN §2): label target t with the assistant
-    /// `j* = argmax_{j≥1} log P_j(x_t)` when it beats the base (`log P_{j*} > log P_0`), else with
-    /// the base, and return the class-balanced cross-entropy
-    /// `−Σ_t m_t w_{y_t} log π(y_t) / Σ_t m_t w_{y_t}` with `w_c = n / (n_classes · n_c)` over the
-    /// batch's scored tokens. Only the selector receives gradients (models run without z, the
-    /// base's hidden states are detached). Also returns the share of tokens labelled to assistants.
+    /// Co-LLM's selector initialisation ([`pseudo_label_loss`], DESIGN §2) on a batch: the models
+    /// run without z (cached assistant log-probs are used when the batch has them) and only the
+    /// selector receives gradients (the base's hidden states are detached). Also returns the share
+    /// of tokens labelled to assistants.
     pub fn selector_pseudo_label_loss(
         &self,
         batch: &ChorusBatch<B>,
@@ -554,31 +553,9 @@ impl<B: Backend> Chorus<B> {
             ),
         }
         .detach();
-        let best = assistants.clone().max_dim(2).squeeze_dim::<2>(2);
-        let best_j = assistants.argmax(2).squeeze_dim::<2>(2).add_scalar(1);
-        let labels = best_j.mask_fill(best.lower_equal(lp0), 0); // [B, T]
-        let mask = batch.target_mask.clone();
-        let n = mask.clone().sum().into_scalar().elem::<f64>();
-        let mut weights = mask.zeros_like();
-        let mut counts = Vec::with_capacity(k);
-        for c in 0..k {
-            let is_c = labels.clone().equal_elem(c as i64).float() * mask.clone();
-            counts.push((is_c.clone(), is_c.sum().into_scalar().elem::<f64>()));
-        }
-        let present = counts.iter().filter(|(_, n_c)| *n_c > 0.0).count().max(1) as f64;
-        for (is_c, n_c) in &counts {
-            if *n_c > 0.0 {
-                weights = weights + is_c.clone().mul_scalar(n / (present * n_c));
-            }
-        }
+        let log_p = Tensor::cat(vec![lp0.unsqueeze_dim::<3>(2), assistants], 2);
         let log_pi = selector.forward(base.hidden.detach()); // [B, T, K]
-        let picked = log_pi
-            .gather(2, labels.unsqueeze_dim::<3>(2))
-            .squeeze_dim::<2>(2);
-        let total = weights.clone().sum().clamp_min(1e-12);
-        let loss = (picked * weights).sum().neg() / total;
-        let assistant_share = if n > 0.0 { 1.0 - counts[0].1 / n } else { 0.0 };
-        Ok((loss, assistant_share))
+        Ok(pseudo_label_loss(log_pi, log_p, batch.target_mask.clone()))
     }
 
     /// `log π(j)` and `log P_j(targets[t])` per position, `[batch, seq, K]` each, with a given z

@@ -38,7 +38,8 @@
 //!     assistant_log_probs: None,
 //!     encoder_tokens: None,
 //! };
-//! let out = chorus.forward_elbo(&batch, 0)?;
+//! let beta = chorus.config.kl_schedule.beta(0); // the KL weight at step 0
+//! let out = chorus.forward_elbo(&batch, beta)?;
 //! assert_eq!(out.terms.loss.dims(), [1]);
 //! assert_eq!(out.router.dims(), [1, 4, 2]);
 //! # Ok::<(), Box<dyn std::error::Error>>(())

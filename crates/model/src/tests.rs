@@ -168,7 +168,7 @@ fn check_finite_differences(free_bits: bool) {
     let eps = Tensor::<AD, 3>::random([2, 2, 4], Distribution::Normal(0.0, 1.0), &device);
     let loss = |m: &Chorus<AD>| {
         scalar(
-            m.forward_elbo_with_noise(&batch, 0, Some(eps.clone()))
+            m.forward_elbo_with_noise(&batch, m.config.kl_schedule.beta(0), Some(eps.clone()))
                 .unwrap()
                 .terms
                 .loss,
@@ -242,7 +242,7 @@ fn check_finite_differences(free_bits: bool) {
         ),
     ];
     let out = model
-        .forward_elbo_with_noise(&batch, 0, Some(eps.clone()))
+        .forward_elbo_with_noise(&batch, model.config.kl_schedule.beta(0), Some(eps.clone()))
         .unwrap();
     let grads = out.terms.loss.backward();
     for (name, param, [i, j]) in checks {
@@ -327,7 +327,13 @@ fn iw_bound_is_above_the_elbo_and_rises_with_samples() {
     let mean_over =
         |reps: usize, f: &dyn Fn() -> f64| (0..reps).map(|_| f()).sum::<f64>() / reps as f64;
     let elbo = mean_over(400, &|| {
-        -scalar(model.forward_elbo(&batch, 0).unwrap().terms.loss) * 2.0
+        -scalar(
+            model
+                .forward_elbo(&batch, model.config.kl_schedule.beta(0))
+                .unwrap()
+                .terms
+                .loss,
+        ) * 2.0
     });
     let iw = |s: usize, reps: usize| {
         mean_over(reps, &|| {
@@ -361,7 +367,7 @@ fn cached_assistant_log_probs_give_the_same_loss_as_live_assistants() {
     let eps = Tensor::<F64, 3>::random([3, 2, 4], Distribution::Normal(0.0, 1.0), &device);
     let live = scalar(
         model
-            .forward_elbo_with_noise(&batch, 0, Some(eps.clone()))
+            .forward_elbo_with_noise(&batch, model.config.kl_schedule.beta(0), Some(eps.clone()))
             .unwrap()
             .terms
             .loss,
@@ -369,7 +375,7 @@ fn cached_assistant_log_probs_give_the_same_loss_as_live_assistants() {
     batch.assistant_log_probs = Some(model.assistant_log_probs(&batch).unwrap());
     let cached = scalar(
         model
-            .forward_elbo_with_noise(&batch, 0, Some(eps))
+            .forward_elbo_with_noise(&batch, model.config.kl_schedule.beta(0), Some(eps))
             .unwrap()
             .terms
             .loss,
@@ -391,7 +397,13 @@ fn without_z_k2_is_co_llm_and_k1_is_the_plain_lm() {
     };
     // K = 1, no z: loss = Σ_t −log P_base(x_t), averaged over rows.
     let lm_only = chorus::<F64>(no_z.clone(), 0);
-    let loss = scalar(lm_only.forward_elbo(&batch, 0).unwrap().terms.loss);
+    let loss = scalar(
+        lm_only
+            .forward_elbo(&batch, lm_only.config.kl_schedule.beta(0))
+            .unwrap()
+            .terms
+            .loss,
+    );
     let logits = lm_only
         .base
         .forward(
@@ -416,7 +428,9 @@ fn without_z_k2_is_co_llm_and_k1_is_the_plain_lm() {
             .val()
             .random_like(Distribution::Normal(0.0, 1.0)),
     );
-    let out = co_llm.forward_elbo(&batch, 0).unwrap();
+    let out = co_llm
+        .forward_elbo(&batch, co_llm.config.kl_schedule.beta(0))
+        .unwrap();
     let input = || LmInput::new(batch.tokens.clone()).with_padding(batch.padding.clone());
     let base = co_llm.base.forward(input(), None).unwrap();
     let asst = co_llm.assistants[0].forward(input(), None).unwrap().logits;
@@ -510,7 +524,7 @@ fn frozen_assistants_get_no_gradient_while_their_adapters_train() {
     let batch = batch::<AD>();
     let eps = Tensor::<AD, 3>::random([1, 2, 4], Distribution::Normal(0.0, 1.0), &device);
     let loss = model
-        .forward_elbo_with_noise(&batch, 0, Some(eps))
+        .forward_elbo_with_noise(&batch, model.config.kl_schedule.beta(0), Some(eps))
         .unwrap()
         .terms
         .loss;
@@ -608,7 +622,10 @@ fn the_posterior_can_read_a_separate_bert_encoder() {
     assert_eq!(model.config.encoder, crate::EncoderKind::Bert);
     let mut batch = batch::<AD>();
     // Without encoder tokens the batch is refused.
-    let err = model.forward_elbo(&batch, 0).unwrap_err().to_string();
+    let err = model
+        .forward_elbo(&batch, model.config.kl_schedule.beta(0))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("encoder"), "{err}");
     let tokens = |ids: [[i64; 5]; 2]| Tensor::<AD, 2, Int>::from_data(ids, &device);
     let padding =
@@ -616,7 +633,7 @@ fn the_posterior_can_read_a_separate_bert_encoder() {
     batch.encoder_tokens = Some((tokens([[1, 7, 3, 9, 0], [1, 4, 4, 2, 8]]), padding.clone()));
     let eps = Tensor::<AD, 3>::random([1, 2, 4], Distribution::Normal(0.0, 1.0), &device);
     let out = model
-        .forward_elbo_with_noise(&batch, 0, Some(eps.clone()))
+        .forward_elbo_with_noise(&batch, model.config.kl_schedule.beta(0), Some(eps.clone()))
         .unwrap();
     let grads = out.terms.loss.backward();
     let head = &model.posterior.as_ref().unwrap().proj;
@@ -633,7 +650,7 @@ fn the_posterior_can_read_a_separate_bert_encoder() {
     let q1 = out.posterior.unwrap().mean;
     batch.encoder_tokens = Some((tokens([[1, 8, 8, 8, 0], [1, 4, 4, 2, 8]]), padding));
     let q2 = model
-        .forward_elbo_with_noise(&batch, 0, Some(eps))
+        .forward_elbo_with_noise(&batch, model.config.kl_schedule.beta(0), Some(eps))
         .unwrap()
         .posterior
         .unwrap()

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use burn::prelude::*;
 use chorus_data::{Example, Split, Task};
-use chorus_elbo::{active_units, mutual_information, token_log_probs};
+use chorus_elbo::{active_units, mutual_information, posterior_deferral, token_log_probs};
 use chorus_latent::DiagonalGaussian;
 use chorus_lm::{Lm, LmInput};
 use chorus_model::{Chorus, ChorusBatch};
@@ -193,10 +193,9 @@ pub fn evaluate_chorus<B: Backend>(
                 log_vars.push(l.posterior.log_var);
             }
             if model.n_models() > 1 {
-                let out = model.forward_elbo_with_noise(&batch, 0, eps)?;
-                let r0 = out.router.narrow(2, 0, 1).squeeze_dim::<2>(2);
-                deferred += ((r0.neg().add_scalar(1.0)) * batch.target_mask.clone())
-                    .sum()
+                // β does not enter the router posterior.
+                let out = model.forward_elbo_with_noise(&batch, 1.0, eps)?;
+                deferred += posterior_deferral(out.router, batch.target_mask.clone())
                     .into_scalar()
                     .elem::<f64>();
             }

@@ -9,6 +9,7 @@ use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer}
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use chorus_data::Split;
+use chorus_elbo::posterior_deferral;
 use chorus_lm::{Lm, Tokenizer};
 use chorus_model::{Chorus, ChorusConfig};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -565,13 +566,12 @@ pub(crate) fn run_loop<B: AutodiffBackend>(
                 window.deferral += share * host.n_targets() as f64;
                 loss
             } else {
-                let out = model.forward_elbo(&batch, step)?;
-                let mask = batch.target_mask.clone();
-                let r0 = out.router.narrow(2, 0, 1).squeeze_dim::<2>(2);
-                window.deferral += (r0.neg().add_scalar(1.0) * mask)
-                    .sum()
-                    .into_scalar()
-                    .elem::<f64>();
+                let beta = model.config.kl_schedule.beta(step);
+                let out = model.forward_elbo(&batch, beta)?;
+                window.deferral +=
+                    posterior_deferral(out.router.clone(), batch.target_mask.clone())
+                        .into_scalar()
+                        .elem::<f64>();
                 window.log_px += out.terms.reconstruction.sum().into_scalar().elem::<f64>();
                 window.kl += out.terms.kl.sum().into_scalar().elem::<f64>();
                 window.beta = out.terms.beta;

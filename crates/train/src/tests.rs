@@ -550,7 +550,11 @@ fn training_on_the_score_cache_equals_live_assistants_with_several_z_samples() {
     );
     let loss = |batch: TokenBatch| {
         let out = model
-            .forward_elbo_with_noise(&batch.to_device::<AD>(&device), 0, Some(eps.clone()))
+            .forward_elbo_with_noise(
+                &batch.to_device::<AD>(&device),
+                model.config.kl_schedule.beta(0),
+                Some(eps.clone()),
+            )
             .unwrap();
         (
             out.terms.loss.into_scalar(),
@@ -816,7 +820,11 @@ fn gradients_are_bitwise_reproducible() {
     let grads: Vec<Vec<f32>> = (0..3)
         .map(|_| {
             AD::seed(&device, 1);
-            let loss = model.forward_elbo(&batch, 0).unwrap().terms.loss;
+            let loss = model
+                .forward_elbo(&batch, model.config.kl_schedule.beta(0))
+                .unwrap()
+                .terms
+                .loss;
             let g = burn::optim::GradientsParams::from_grads(loss.backward(), &model);
             g.get::<B, 2>(embedding.id)
                 .unwrap()
@@ -895,7 +903,11 @@ fn clipping_scales_every_gradient_by_max_norm_over_the_global_norm() {
     // The same gradients each call (the z noise is reseeded).
     let fresh_grads = || {
         AD::seed(&device, 5);
-        let loss = model.forward_elbo(&batch, 0).unwrap().terms.loss;
+        let loss = model
+            .forward_elbo(&batch, model.config.kl_schedule.beta(0))
+            .unwrap()
+            .terms
+            .loss;
         burn::optim::GradientsParams::from_grads(loss.backward(), &model)
     };
     let grads = fresh_grads();

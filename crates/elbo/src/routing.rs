@@ -1,0 +1,62 @@
+//! The writer's side of the objective: Co-LLM's pseudo-label loss for the selector, and the
+//! posterior deferral rate.
+
+use burn::prelude::*;
+
+/// Co-LLM's selector initialisation (DESIGN §2): label target t with the assistant
+/// `y_t = argmax_{j≥1} log P_j(x_t)` when it beats the base (`log P_{y_t} > log P_0(x_t)`), else with
+/// the base (0), and return the class-balanced cross-entropy
+/// `−Σ_t m_t w_{y_t} log π(y_t) / Σ_t m_t w_{y_t}`, `w_c = n / (n_present · n_c)` over the n masked
+/// tokens (n_c of them labelled c, n_present the classes that occur), with the share of masked
+/// tokens labelled to assistants.
+///
+/// # Shapes
+/// - log_pi: `[batch, seq, K]`, the selector's log π (gradients flow into it)
+/// - log_p: `[batch, seq, K]`, `log P_j(x_t)` with the base at j = 0 (treated as constants)
+/// - mask: `[batch, seq]`, 1.0 on scored targets
+/// - output: the loss `[1]` and the assistants' share of labels
+pub fn pseudo_label_loss<B: Backend>(
+    log_pi: Tensor<B, 3>,
+    log_p: Tensor<B, 3>,
+    mask: Tensor<B, 2>,
+) -> (Tensor<B, 1>, f64) {
+    let [_, _, k] = log_p.dims();
+    let log_p = log_p.detach();
+    let lp0 = log_p.clone().narrow(2, 0, 1).squeeze_dim::<2>(2);
+    let assistants = log_p.narrow(2, 1, k - 1);
+    let best = assistants.clone().max_dim(2).squeeze_dim::<2>(2);
+    let best_j = assistants.argmax(2).squeeze_dim::<2>(2).add_scalar(1);
+    let labels = best_j.mask_fill(best.lower_equal(lp0), 0); // [B, T]
+    let n = mask.clone().sum().into_scalar().elem::<f64>();
+    let mut weights = mask.zeros_like();
+    let mut counts = Vec::with_capacity(k);
+    for c in 0..k {
+        let is_c = labels.clone().equal_elem(c as i64).float() * mask.clone();
+        counts.push((is_c.clone(), is_c.sum().into_scalar().elem::<f64>()));
+    }
+    let present = counts.iter().filter(|(_, n_c)| *n_c > 0.0).count().max(1) as f64;
+    for (is_c, n_c) in &counts {
+        if *n_c > 0.0 {
+            weights = weights + is_c.clone().mul_scalar(n / (present * n_c));
+        }
+    }
+    let picked = log_pi
+        .gather(2, labels.unsqueeze_dim::<3>(2))
+        .squeeze_dim::<2>(2);
+    let total = weights.clone().sum().clamp_min(1e-12);
+    let loss = (picked * weights).sum().neg() / total;
+    let assistant_share = if n > 0.0 { 1.0 - counts[0].1 / n } else { 0.0 };
+    (loss, assistant_share)
+}
+
+/// Posterior deferral summed over scored tokens: `Σ_t m_t (1 − r_t(0))`, r the exact router
+/// posterior (`chorus_latent::router_posterior`), so that dividing by `Σ_t m_t` gives the share of
+/// tokens the posterior assigns to assistants.
+///
+/// # Shapes
+/// - router: `[batch, seq, K]`, rows summing to 1; mask: `[batch, seq]`
+/// - output: `[1]`
+pub fn posterior_deferral<B: Backend>(router: Tensor<B, 3>, mask: Tensor<B, 2>) -> Tensor<B, 1> {
+    let base = router.narrow(2, 0, 1).squeeze_dim::<2>(2);
+    (base.neg().add_scalar(1.0) * mask).sum()
+}
