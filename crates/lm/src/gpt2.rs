@@ -9,7 +9,9 @@ use burn::tensor::activation::gelu_approximate;
 
 use crate::attention::{Attention, AttentionConfig, LayerMemory};
 use crate::cache::{KvCache, LayerCache};
-use crate::model::{LmInput, LmOutput, add_offset, init_normal, prepare_step, tied_logits};
+use crate::model::{
+    LmInput, LmOutput, add_offset, init_normal, logit_positions, prepare_step, tied_logits,
+};
 use crate::{Gpt2Config, LmConfig, LmDims, LmError};
 
 /// GELU MLP: `c_proj(gelu_tanh(c_fc(x)))`.
@@ -121,6 +123,7 @@ impl<B: Backend> Gpt2<B> {
         mut cache: Option<&mut KvCache<B>>,
     ) -> Result<LmOutput<B>, LmError> {
         let step = prepare_step(&self.dims(), &input, cache.as_deref_mut())?;
+        let last_only = input.last_logits_only;
         let [batch, seq] = input.tokens.dims();
         let device = input.tokens.device();
         let positions =
@@ -149,8 +152,8 @@ impl<B: Backend> Gpt2<B> {
         }
         let hidden = self.ln_f.forward(x);
         let logits = match &self.lm_head {
-            Some(head) => head.forward(hidden.clone()),
-            None => tied_logits(hidden.clone(), self.wte.weight.val()),
+            Some(head) => head.forward(logit_positions(&hidden, last_only)),
+            None => tied_logits(logit_positions(&hidden, last_only), self.wte.weight.val()),
         };
         Ok(LmOutput { logits, hidden })
     }

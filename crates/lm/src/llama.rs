@@ -9,7 +9,9 @@ use burn::tensor::activation::silu;
 
 use crate::attention::{Attention, AttentionConfig, LayerMemory};
 use crate::cache::{KvCache, LayerCache};
-use crate::model::{LmInput, LmOutput, add_offset, init_normal, prepare_step, tied_logits};
+use crate::model::{
+    LmInput, LmOutput, add_offset, init_normal, logit_positions, prepare_step, tied_logits,
+};
 use crate::norm::RmsNorm;
 use crate::rope::Rope;
 use crate::{LlamaConfig, LmConfig, LmDims, LmError};
@@ -120,6 +122,7 @@ impl<B: Backend> Llama<B> {
         mut cache: Option<&mut KvCache<B>>,
     ) -> Result<LmOutput<B>, LmError> {
         let step = prepare_step(&self.dims(), &input, cache.as_deref_mut())?;
+        let last_only = input.last_logits_only;
         let [_, seq] = input.tokens.dims();
         let rope = Rope {
             head_dim: self.config.d_model / self.config.n_heads,
@@ -146,8 +149,11 @@ impl<B: Backend> Llama<B> {
         }
         let hidden = self.norm.forward(x);
         let logits = match &self.lm_head {
-            Some(head) => head.forward(hidden.clone()),
-            None => tied_logits(hidden.clone(), self.embed_tokens.weight.val()),
+            Some(head) => head.forward(logit_positions(&hidden, last_only)),
+            None => tied_logits(
+                logit_positions(&hidden, last_only),
+                self.embed_tokens.weight.val(),
+            ),
         };
         Ok(LmOutput { logits, hidden })
     }

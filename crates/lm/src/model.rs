@@ -21,6 +21,9 @@ pub struct LmInput<B: Backend> {
     pub memory: Option<Vec<LayerMemory<B>>>,
     /// `[batch, d_model]`, added to every input embedding (conditioning on z).
     pub embedding_offset: Option<Tensor<B, 2>>,
+    /// Compute logits at the last position only (decoding: prefill and catch-up need no more),
+    /// skipping the output layer for the others.
+    pub last_logits_only: bool,
 }
 
 impl<B: Backend> LmInput<B> {
@@ -31,7 +34,14 @@ impl<B: Backend> LmInput<B> {
             padding: None,
             memory: None,
             embedding_offset: None,
+            last_logits_only: false,
         }
+    }
+
+    /// Logits at the last position only: [`LmOutput::logits`] is then `[batch, 1, vocab]`.
+    pub fn with_last_logits_only(mut self) -> Self {
+        self.last_logits_only = true;
+        self
     }
 
     /// Marks padding positions (true = padding).
@@ -56,7 +66,8 @@ impl<B: Backend> LmInput<B> {
 /// What one forward pass returns.
 #[derive(Debug, Clone)]
 pub struct LmOutput<B: Backend> {
-    /// `[batch, seq, vocab_size]` next-token logits.
+    /// `[batch, seq, vocab_size]` next-token logits (`[batch, 1, vocab_size]`, the last position's,
+    /// with [`LmInput::last_logits_only`]).
     pub logits: Tensor<B, 3>,
     /// `[batch, seq, d_model]` final hidden states (after the last norm, as the LM head sees them).
     pub hidden: Tensor<B, 3>,
@@ -178,6 +189,20 @@ pub(crate) fn add_offset<B: Backend>(
 /// embedding directly: chorus's burn-ndarray reads a few rows' product from the matrix's own
 /// layout without packing (vendor/burn-ndarray/CHORUS.md).
 const FEW_ROWS: usize = 8;
+
+/// The hidden states the output layer reads: all positions, or the last one with
+/// [`LmInput::last_logits_only`].
+///
+/// # Shapes
+/// - hidden: `[batch, seq, d_model]`; output: `[batch, seq or 1, d_model]`
+pub(crate) fn logit_positions<B: Backend>(hidden: &Tensor<B, 3>, last_only: bool) -> Tensor<B, 3> {
+    let seq = hidden.dims()[1];
+    if last_only && seq > 1 {
+        hidden.clone().narrow(1, seq - 1, 1)
+    } else {
+        hidden.clone()
+    }
+}
 
 /// Output logits through a tied embedding matrix `[vocab, d_model]`: `h Eᵀ`. For more than
 /// [`FEW_ROWS`] positions it is computed as `(E hᵀ)ᵀ` so that only the small `h` is transposed (a

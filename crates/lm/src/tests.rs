@@ -133,6 +133,22 @@ fn cached_decoding_across_buffer_growth_equals_full_forward() {
 }
 
 #[test]
+fn last_logits_only_is_the_last_position_of_the_full_logits() {
+    let ids: &[&[i64]] = &[&[3, 14, 15, 9, 2], &[8, 9, 7, 9, 3]];
+    for (name, config) in families() {
+        let model = config.init::<B>(&device()).unwrap();
+        let full = model.forward(LmInput::new(tokens(ids)), None).unwrap();
+        let last = model
+            .forward(LmInput::new(tokens(ids)).with_last_logits_only(), None)
+            .unwrap();
+        assert_eq!(last.logits.dims(), [2, 1, 50], "{name}");
+        assert_eq!(last.hidden.dims(), full.hidden.dims(), "{name}");
+        let diff = max_abs_diff(full.logits.narrow(1, 4, 1), last.logits);
+        assert!(diff < 1e-5, "{name}: |Δ| = {diff}");
+    }
+}
+
+#[test]
 fn changing_a_token_never_changes_earlier_logits() {
     for (name, config) in families() {
         let model = config.init::<B>(&device()).unwrap();

@@ -353,7 +353,7 @@ impl<B: Backend> Chorus<B> {
             j => (&self.assistants[j - 1], self.assistant_adapters.get(j - 1)),
         };
         let [rows, n] = tokens.dims();
-        let input = LmInput::new(tokens);
+        let input = LmInput::new(tokens).with_last_logits_only();
         let input = match (adapter, z) {
             (Some(adapter), Some(z)) => adapter.condition(input, z.clone()),
             _ => input,
@@ -362,7 +362,6 @@ impl<B: Backend> Chorus<B> {
         let vocab = out.logits.dims()[2];
         let last = out
             .logits
-            .narrow(1, n - 1, 1)
             .reshape([rows, vocab])
             .into_data()
             .convert::<f32>()
