@@ -186,7 +186,7 @@ pub enum ModelSource<'a> {
 /// LMs in any format chorus reads, composed without training ([`Chorus::compose`]) after checking
 /// that every assistant's tokenizer is the base's. Returns the model, its members' sources and the
 /// tokenizer.
-fn load_composition<B: Backend>(
+pub(crate) fn load_composition<B: Backend>(
     base: &Path,
     assistants: &[PathBuf],
     device: &B::Device,

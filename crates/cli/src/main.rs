@@ -137,8 +137,13 @@ enum Command {
     Eval {
         /// NAME=PATH or PATH: a joint checkpoint directory (with chorus.json) or an LM (chorus
         /// directory, Hugging Face directory or .gguf). Repeat to compare models in one table.
-        #[arg(long = "model", required = true)]
+        #[arg(long = "model", required_unless_present = "compositions")]
         models: Vec<String>,
+        /// `[NAME=]BASE+ASSISTANT[+…][@τ]`: LMs sharing a tokenizer composed without training,
+        /// scored under the confidence rule (the base writes while its top-1 probability is ≥ τ,
+        /// default 0.5), as `generate --base --assistant` decodes them. Repeatable.
+        #[arg(long = "composition")]
+        compositions: Vec<String>,
         /// Data settings (the [data] table of a train config; optional).
         #[command(flatten)]
         config: ConfigArgs,
@@ -407,6 +412,7 @@ fn run(cli: Cli) -> Result<()> {
         )),
         Command::Eval {
             models,
+            compositions,
             config,
             split,
             text_file,
@@ -417,6 +423,7 @@ fn run(cli: Cli) -> Result<()> {
         } => with_backend!(cli.device, |B, device| train::eval::<B>(
             train::EvalArgs {
                 models: &models,
+                compositions: &compositions,
                 config: config.config.as_deref(),
                 sets: &config.sets,
                 split,

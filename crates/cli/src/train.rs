@@ -9,8 +9,8 @@ use chorus_data::{Split, Task, fetch::cache_dir, load_examples};
 use chorus_lm::{Lm, Tokenizer};
 use chorus_train::{
     DataConfig, DataSection, EvalReport, PretrainConfig, TOKEN_CONVENTION, TrainConfig,
-    encode_examples, evaluate_chorus, evaluate_lm, load_chorus, load_config, load_task_examples,
-    text_file_examples,
+    encode_examples, evaluate_chorus, evaluate_composition, evaluate_lm, load_chorus, load_config,
+    load_task_examples, text_file_examples,
 };
 
 /// `chorus data tokenizer`: a byte-level BPE trained on the training split of the three tasks.
@@ -98,6 +98,8 @@ fn save_config<T: serde::Serialize>(out: &Path, config: &T) -> Result<()> {
 /// What `chorus eval` was asked to evaluate.
 pub struct EvalArgs<'a> {
     pub models: &'a [String],
+    /// `[NAME=]BASE+ASSISTANT[+…][@τ]` specs.
+    pub compositions: &'a [String],
     pub config: Option<&'a Path>,
     pub sets: &'a [String],
     pub split: Split,
@@ -112,6 +114,34 @@ pub struct EvalArgs<'a> {
 enum Loaded<B: Backend> {
     Joint(Box<chorus_model::Chorus<B>>),
     Single(Box<Lm<B>>),
+    /// A training-free composition and its confidence threshold τ.
+    Composition(Box<chorus_model::Chorus<B>>, f64),
+}
+
+/// `[NAME=]BASE+ASSISTANT[+ASSISTANT…][@τ]` → name, member paths, τ (default 0.5).
+fn parse_composition(spec: &str) -> Result<(String, Vec<PathBuf>, f64)> {
+    let (name, rest) = match spec.split_once('=') {
+        Some((name, rest)) if !name.is_empty() => (name.to_string(), rest),
+        _ => (spec.to_string(), spec),
+    };
+    let (members, tau) = match rest.rsplit_once('@') {
+        Some((members, tau)) => {
+            let tau: f64 = tau
+                .parse()
+                .ok()
+                .filter(|t| (0.0..=1.0).contains(t))
+                .with_context(|| {
+                    format!("--composition {spec}: τ after `@` must be a number in [0, 1]")
+                })?;
+            (members, tau)
+        }
+        None => (rest, 0.5),
+    };
+    let paths: Vec<PathBuf> = members.split('+').map(PathBuf::from).collect();
+    if paths.len() < 2 || paths.iter().any(|p| p.as_os_str().is_empty()) {
+        bail!("--composition {spec}: expected BASE+ASSISTANT[+ASSISTANT…][@τ]");
+    }
+    Ok((name, paths, tau))
 }
 
 /// `NAME=PATH` or `PATH` (then the name is the path).
@@ -123,8 +153,8 @@ fn parse_model(spec: &str) -> (String, PathBuf) {
 }
 
 pub fn eval<B: Backend>(args: EvalArgs<'_>, device: &B::Device) -> Result<()> {
-    if args.models.is_empty() {
-        bail!("give at least one --model (a joint checkpoint directory or an LM)");
+    if args.models.is_empty() && args.compositions.is_empty() {
+        bail!("give at least one --model (a joint checkpoint directory or an LM) or --composition");
     }
     let data: DataConfig = match args.config {
         Some(_) => load_config::<TrainConfig>(args.config, args.sets)?.data,
@@ -154,6 +184,20 @@ pub fn eval<B: Backend>(args: EvalArgs<'_>, device: &B::Device) -> Result<()> {
         }
         loaded.push((name, model));
     }
+    for spec in args.compositions {
+        let (name, paths, tau) = parse_composition(spec)?;
+        let (model, _, tok) =
+            crate::generate::load_composition::<B>(&paths[0], &paths[1..], device)?;
+        eprintln!(
+            "{name}: composition of {} models, confidence:{tau}",
+            model.n_models()
+        );
+        match &tokenizer {
+            None => tokenizer = Some(tok),
+            Some(first) => first.check_same(&tok)?,
+        }
+        loaded.push((name, Loaded::Composition(Box::new(model), tau)));
+    }
     let tokenizer = tokenizer.expect("at least one model");
     let (examples, what) = match args.text_file {
         Some(file) => {
@@ -182,7 +226,7 @@ pub fn eval<B: Backend>(args: EvalArgs<'_>, device: &B::Device) -> Result<()> {
     let context = loaded
         .iter()
         .flat_map(|(_, m)| match m {
-            Loaded::Joint(m) => std::iter::once(&m.base)
+            Loaded::Joint(m) | Loaded::Composition(m, _) => std::iter::once(&m.base)
                 .chain(&m.assistants)
                 .map(|lm| lm.dims().max_seq_len)
                 .collect::<Vec<_>>(),
@@ -226,6 +270,14 @@ pub fn eval<B: Backend>(args: EvalArgs<'_>, device: &B::Device) -> Result<()> {
             Loaded::Single(lm) => {
                 rows.extend(evaluate_lm(lm, name, &encoded, data.batch_size, device)?)
             }
+            Loaded::Composition(m, tau) => rows.extend(evaluate_composition(
+                m.as_ref(),
+                *tau,
+                name,
+                &encoded,
+                data.batch_size,
+                device,
+            )?),
         }
     }
     let report = EvalReport {

@@ -515,6 +515,70 @@ fn lms_compose_without_training_under_the_confidence_rule() {
     );
 }
 
+/// `eval --composition` scores each target token with the model the confidence rule picks: τ = 0
+/// gives exactly the base's NLL, τ = 1 exactly the assistant's, with deferral 0 and 1.
+#[test]
+fn compositions_evaluate_under_the_confidence_rule() {
+    let f = Fixture::new();
+    let other = llama(f.vocab).init::<B>(&Default::default()).unwrap();
+    other.save(f.dir.path().join("lm2")).unwrap();
+    std::fs::copy(
+        f.dir.path().join("tokenizer.json"),
+        f.dir.path().join("lm2/tokenizer.json"),
+    )
+    .unwrap();
+    let text_file = f.write(
+        "passages.txt",
+        "The cat sat on the mat. A dog ran to the log. ".repeat(6),
+    );
+    let (lm, lm2) = (f.path("lm"), f.path("lm2"));
+    let (never, always) = (
+        format!("never={lm}+{lm2}@0"),
+        format!("always={lm}+{lm2}@1"),
+    );
+    let report = f.succeeds(
+        &[
+            "eval",
+            "--model",
+            &format!("base={lm}"),
+            "--model",
+            &format!("assistant={lm2}"),
+            "--composition",
+            &never,
+            "--composition",
+            &always,
+            "--text-file",
+            &text_file,
+        ],
+        "eval.json",
+    );
+    let row = |name: &str| {
+        report["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["model"] == name)
+            .unwrap_or_else(|| panic!("no row {name}: {report}"))
+            .clone()
+    };
+    let nll = |name: &str| row(name)["nll"].as_f64().unwrap();
+    assert!((nll("never") - nll("base")).abs() < 1e-9, "{report}");
+    assert!((nll("always") - nll("assistant")).abs() < 1e-9, "{report}");
+    assert!((nll("base") - nll("assistant")).abs() > 1e-3, "{report}");
+    assert_eq!(row("never")["deferral"], 0.0);
+    assert_eq!(row("always")["deferral"], 1.0);
+    f.fails(
+        &[
+            "eval",
+            "--composition",
+            &format!("{lm}@2"),
+            "--text-file",
+            &text_file,
+        ],
+        &["τ after `@` must be a number in [0, 1]"],
+    );
+}
+
 /// The corpus cache `chorus data fetch` fills (`.ci/run` fetches it), if it is there.
 fn real_cache() -> Option<PathBuf> {
     let cache = chorus_data::fetch::cache_dir();

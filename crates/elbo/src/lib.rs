@@ -33,7 +33,7 @@ pub use mixture::{MixtureLikelihood, logsumexp, mixture_log_likelihood, token_lo
 pub use objective::{
     ElboTerms, active_units, elbo_terms, iw_log_likelihood, kl_free_bits, mutual_information,
 };
-pub use routing::{posterior_deferral, pseudo_label_loss};
+pub use routing::{confidence_routing, posterior_deferral, pseudo_label_loss, top1_probability};
 pub use schedule::KlSchedule;
 
 /// Errors of `chorus-elbo`.

@@ -60,3 +60,42 @@ pub fn posterior_deferral<B: Backend>(router: Tensor<B, 3>, mask: Tensor<B, 2>) 
     let base = router.narrow(2, 0, 1).squeeze_dim::<2>(2);
     (base.neg().add_scalar(1.0) * mask).sum()
 }
+
+/// `max_v softmax(logits)_v = exp(max_v l_v − logsumexp_v l_v)`, each position's top-1
+/// probability.
+///
+/// # Shapes
+/// - logits: `[batch, seq, vocab]`; output: `[batch, seq]`
+pub fn top1_probability<B: Backend>(logits: Tensor<B, 3>) -> Tensor<B, 2> {
+    let max = logits.clone().max_dim(2);
+    (max - crate::logsumexp(logits, 2))
+        .exp()
+        .squeeze_dim::<2>(2)
+}
+
+/// The confidence rule of training-free compositions (docs/decoding.md), teacher-forced: token t
+/// is written by the base (model 0) when its top-1 probability is at least τ, else by the
+/// assistant with the highest top-1 probability (the first on ties); returns each token's
+/// `log P_{w_t}(x_t)` and its writer `w_t`.
+///
+/// # Shapes
+/// - top1, log_p: `[batch, seq, K]` (K ≥ 2), model 0 the base
+/// - output: `[batch, seq]` each
+pub fn confidence_routing<B: Backend>(
+    top1: Tensor<B, 3>,
+    log_p: Tensor<B, 3>,
+    tau: f64,
+) -> (Tensor<B, 2>, Tensor<B, 2, Int>) {
+    let [_, _, k] = top1.dims();
+    let base = top1.clone().narrow(2, 0, 1).squeeze_dim::<2>(2);
+    let best_assistant = top1
+        .narrow(2, 1, k - 1)
+        .argmax(2)
+        .squeeze_dim::<2>(2)
+        .add_scalar(1);
+    let writer = best_assistant.mask_fill(base.greater_equal_elem(tau), 0);
+    let log_p = log_p
+        .gather(2, writer.clone().unsqueeze_dim::<3>(2))
+        .squeeze_dim::<2>(2);
+    (log_p, writer)
+}

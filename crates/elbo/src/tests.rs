@@ -303,3 +303,36 @@ fn posterior_deferral_sums_one_minus_the_base_share_over_scored_tokens() {
     let got = posterior_deferral(router, mask).into_scalar();
     assert!((got - (0.3 + 0.9 + 0.5)).abs() < 1e-12);
 }
+
+/// Top-1 probabilities by hand (softmax of (ln 3, ln 1) is (3/4, 1/4)); the confidence rule at
+/// τ = 0.5: t0 the base is confident, t1 it is not and the second assistant is the more
+/// confident, t2 it is not and the assistants tie (the first writes).
+#[test]
+fn confidence_routing_follows_the_rule_by_hand() {
+    let device = Default::default();
+    let logits = Tensor::<F64, 3>::from_data([[[3f64.ln(), 0.0], [0.0, 0.0]]], &device);
+    let top1 = top1_probability(logits)
+        .into_data()
+        .to_vec::<f64>()
+        .unwrap();
+    assert!((top1[0] - 0.75).abs() < 1e-12 && (top1[1] - 0.5).abs() < 1e-12);
+    let top1 = Tensor::<F64, 3>::from_data(
+        [[[0.6, 0.9, 0.2], [0.4, 0.3, 0.8], [0.1, 0.7, 0.7]]],
+        &device,
+    );
+    let log_p = Tensor::<F64, 3>::from_data(
+        [[[-1.0, -2.0, -3.0], [-4.0, -5.0, -6.0], [-7.0, -8.0, -9.0]]],
+        &device,
+    );
+    let (lp, writer) = confidence_routing(top1.clone(), log_p.clone(), 0.5);
+    assert_eq!(writer.into_data().to_vec::<i64>().unwrap(), vec![0, 2, 1]);
+    assert_eq!(
+        lp.into_data().to_vec::<f64>().unwrap(),
+        vec![-1.0, -6.0, -8.0]
+    );
+    // τ = 0 never defers; τ = 1 always does.
+    let (_, never) = confidence_routing(top1.clone(), log_p.clone(), 0.0);
+    assert_eq!(never.into_data().to_vec::<i64>().unwrap(), vec![0, 0, 0]);
+    let (_, always) = confidence_routing(top1, log_p, 1.0);
+    assert_eq!(always.into_data().to_vec::<i64>().unwrap(), vec![1, 2, 1]);
+}

@@ -53,7 +53,7 @@ pub use chorus::{Chorus, ChorusBatch, ChorusOutput, LatentDistributions};
 pub use config::{ChorusConfig, EncoderKind};
 pub use decode::{
     AssistantUpdate, DecodeConfig, Decoded, WriterStrategy, mixture_probs, tempered_probs,
-    truncate_probs,
+    top1_prob, truncate_probs,
 };
 
 /// Errors of `chorus-model`.

@@ -9,7 +9,10 @@ use std::path::Path;
 
 use burn::prelude::*;
 use chorus_data::{Example, Split, Task};
-use chorus_elbo::{active_units, mutual_information, posterior_deferral, token_log_probs};
+use chorus_elbo::{
+    active_units, confidence_routing, mutual_information, posterior_deferral, token_log_probs,
+    top1_probability,
+};
 use chorus_latent::DiagonalGaussian;
 use chorus_lm::{Lm, LmInput};
 use chorus_model::{Chorus, ChorusBatch};
@@ -42,7 +45,8 @@ pub struct EvalRow {
     pub mi: Option<f64>,
     /// Active units: dimensions with Var_x E_q[z_d] > 0.01 (z models).
     pub active_units: Option<usize>,
-    /// Posterior deferral rate: mean over target tokens of 1 − r_t(base), with z = E_q[z] (K ≥ 2).
+    /// Posterior deferral rate: mean over target tokens of 1 − r_t(base), with z = E_q[z] (K ≥ 2);
+    /// for a composition, the share of target tokens its rule gives to assistants.
     pub deferral: Option<f64>,
 }
 
@@ -217,6 +221,47 @@ pub fn evaluate_chorus<B: Backend>(
             deferral: (model.n_models() > 1).then(|| deferred / tokens.max(1) as f64),
             ..EvalRow::new(name, task, ids.len(), tokens, log_p)
         });
+    }
+    Ok(rows)
+}
+
+/// Exact NLL/PPL per task of a training-free composition ([`Chorus::compose`]) under the
+/// confidence rule with threshold `tau`, teacher-forced
+/// ([`chorus_elbo::confidence_routing`]: each target token is scored by the model the rule would
+/// have let write it), and the share of target tokens the rule defers to assistants.
+pub fn evaluate_composition<B: Backend>(
+    model: &Chorus<B>,
+    tau: f64,
+    name: &str,
+    data: &[Encoded],
+    batch_size: usize,
+    device: &B::Device,
+) -> Result<Vec<EvalRow>, TrainError> {
+    let mut rows = Vec::new();
+    for (task, ids) in by_task(data) {
+        let (mut log_p, mut tokens, mut deferred) = (0.0, 0usize, 0.0);
+        for chunk in ids.chunks(batch_size.max(1)) {
+            let (batch, n) = batch_of::<B>(data, chunk, None, device)?;
+            tokens += n;
+            let (mut top1, mut lp) = (Vec::new(), Vec::new());
+            for j in 0..model.n_models() {
+                let input = LmInput::new(batch.tokens.clone()).with_padding(batch.padding.clone());
+                let logits = model.model_forward(j, input, None)?.logits;
+                top1.push(top1_probability(logits.clone()));
+                lp.push(token_log_probs(logits, batch.targets.clone()));
+            }
+            let (routed, writer) =
+                confidence_routing(Tensor::stack(top1, 2), Tensor::stack(lp, 2), tau);
+            let mask = batch.target_mask.clone();
+            log_p += (routed * mask.clone()).sum().into_scalar().elem::<f64>();
+            deferred += (writer.greater_elem(0).float() * mask)
+                .sum()
+                .into_scalar()
+                .elem::<f64>();
+        }
+        let mut row = EvalRow::new(name, task, ids.len(), tokens, log_p);
+        row.deferral = Some(deferred / tokens.max(1) as f64);
+        rows.push(row);
     }
     Ok(rows)
 }

@@ -36,7 +36,8 @@ pub use config::{
     DataConfig, DataSection, OptimConfig, PretrainConfig, TrainConfig, Validate, load_config,
 };
 pub use eval::{
-    EvalReport, EvalRow, TOKEN_CONVENTION, evaluate_chorus, evaluate_lm, text_file_examples,
+    EvalReport, EvalRow, TOKEN_CONVENTION, evaluate_chorus, evaluate_composition, evaluate_lm,
+    text_file_examples,
 };
 pub use run::{MetricWindow, TrainSummary, pretrain, score, train};
 pub use schedule::learning_rate;
