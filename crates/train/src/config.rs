@@ -204,21 +204,71 @@ impl Default for OptimConfig {
     }
 }
 
+/// Why a config is refused: the key, its value and what it must be (or what it contradicts).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// One value outside its range.
+    #[error("{key} = {value} must be {expected}")]
+    OutOfRange {
+        /// The dotted key, e.g. `train.lr`.
+        key: &'static str,
+        /// The value as given.
+        value: String,
+        /// What it must be.
+        expected: &'static str,
+    },
+    /// A value that contradicts another setting.
+    #[error("{key} = {value}: {reason}")]
+    Conflict {
+        /// The dotted key.
+        key: &'static str,
+        /// The value as given.
+        value: String,
+        /// What it contradicts.
+        reason: String,
+    },
+    /// The `[model]` table (an LM config).
+    #[error("model: {0}")]
+    Model(#[from] chorus_lm::LmError),
+    /// The `[chorus]` table (the joint model's config).
+    #[error(transparent)]
+    Chorus(#[from] chorus_model::ModelError),
+}
+
+/// `Err(OutOfRange)` unless `ok`.
+fn check(
+    ok: bool,
+    key: &'static str,
+    value: impl std::fmt::Display,
+    expected: &'static str,
+) -> Result<(), ConfigError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::OutOfRange {
+            key,
+            value: value.to_string(),
+            expected,
+        })
+    }
+}
+
 impl DataConfig {
     /// Checks ranges.
-    pub fn validate(&self) -> Result<(), String> {
-        if self.tasks.is_empty() {
-            return Err("data.tasks is empty".into());
-        }
-        if self.max_seq_len < 4 {
-            return Err(format!(
-                "data.max_seq_len = {} must be ≥ 4",
-                self.max_seq_len
-            ));
-        }
-        if self.batch_size == 0 {
-            return Err("data.batch_size must be ≥ 1".into());
-        }
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check(!self.tasks.is_empty(), "data.tasks", "[]", "non-empty")?;
+        check(
+            self.max_seq_len >= 4,
+            "data.max_seq_len",
+            self.max_seq_len,
+            "≥ 4",
+        )?;
+        check(
+            self.batch_size > 0,
+            "data.batch_size",
+            self.batch_size,
+            "≥ 1",
+        )?;
         Ok(())
     }
 
@@ -232,58 +282,64 @@ impl DataConfig {
 
 impl OptimConfig {
     /// Checks ranges.
-    pub fn validate(&self) -> Result<(), String> {
-        let finite_pos = |name: &str, v: f64| {
-            if v.is_finite() && v > 0.0 {
-                Ok(())
-            } else {
-                Err(format!("train.{name} = {v} must be finite and > 0"))
-            }
-        };
-        finite_pos("lr", self.lr)?;
-        if self.steps == 0 {
-            return Err("train.steps must be ≥ 1".into());
-        }
-        if !(0.0..=1.0).contains(&self.min_lr_ratio) {
-            return Err(format!(
-                "train.min_lr_ratio = {} must be in [0, 1]",
-                self.min_lr_ratio
-            ));
-        }
-        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
-            return Err(format!(
-                "train.weight_decay = {} must be ≥ 0",
-                self.weight_decay
-            ));
-        }
-        for (name, b) in [("beta1", self.beta1), ("beta2", self.beta2)] {
-            if !(0.0..1.0).contains(&b) {
-                return Err(format!("train.{name} = {b} must be in [0, 1)"));
-            }
-        }
-        if !(self.grad_clip.is_finite() && self.grad_clip >= 0.0) {
-            return Err(format!(
-                "train.grad_clip = {} must be ≥ 0 (0 disables)",
-                self.grad_clip
-            ));
-        }
-        if self.accumulation == 0 {
-            return Err("train.accumulation must be ≥ 1".into());
-        }
-        if self.iw_samples == 0 {
-            return Err("train.iw_samples must be ≥ 1".into());
-        }
-        if self.log_every == 0 {
-            return Err("train.log_every must be ≥ 1".into());
-        }
-        if self.keep_last == 0 {
-            return Err("train.keep_last must be ≥ 1".into());
-        }
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check(
+            self.lr.is_finite() && self.lr > 0.0,
+            "train.lr",
+            self.lr,
+            "finite and > 0",
+        )?;
+        check(self.steps > 0, "train.steps", self.steps, "≥ 1")?;
+        check(
+            (0.0..=1.0).contains(&self.min_lr_ratio),
+            "train.min_lr_ratio",
+            self.min_lr_ratio,
+            "in [0, 1]",
+        )?;
+        check(
+            self.weight_decay.is_finite() && self.weight_decay >= 0.0,
+            "train.weight_decay",
+            self.weight_decay,
+            "≥ 0",
+        )?;
+        check(
+            (0.0..1.0).contains(&self.beta1),
+            "train.beta1",
+            self.beta1,
+            "in [0, 1)",
+        )?;
+        check(
+            (0.0..1.0).contains(&self.beta2),
+            "train.beta2",
+            self.beta2,
+            "in [0, 1)",
+        )?;
+        check(
+            self.grad_clip.is_finite() && self.grad_clip >= 0.0,
+            "train.grad_clip",
+            self.grad_clip,
+            "≥ 0 (0 disables)",
+        )?;
+        check(
+            self.accumulation > 0,
+            "train.accumulation",
+            self.accumulation,
+            "≥ 1",
+        )?;
+        check(
+            self.iw_samples > 0,
+            "train.iw_samples",
+            self.iw_samples,
+            "≥ 1",
+        )?;
+        check(self.log_every > 0, "train.log_every", self.log_every, "≥ 1")?;
+        check(self.keep_last > 0, "train.keep_last", self.keep_last, "≥ 1")?;
         if self.selector_init_steps >= self.steps {
-            return Err(format!(
-                "train.selector_init_steps = {} leaves no ELBO steps of train.steps = {}",
-                self.selector_init_steps, self.steps
-            ));
+            return Err(ConfigError::Conflict {
+                key: "train.selector_init_steps",
+                value: self.selector_init_steps.to_string(),
+                reason: format!("leaves no ELBO steps of train.steps = {}", self.steps),
+            });
         }
         Ok(())
     }
@@ -302,53 +358,85 @@ pub struct DataSection {
 /// A config that can check itself.
 pub trait Validate {
     /// Every range and combination that can be checked without loading models.
-    fn validate(&self) -> Result<(), String>;
+    fn validate(&self) -> Result<(), ConfigError>;
 }
 
 impl Validate for DataSection {
-    fn validate(&self) -> Result<(), String> {
+    fn validate(&self) -> Result<(), ConfigError> {
         self.data.validate()
     }
 }
 
 impl Validate for PretrainConfig {
-    fn validate(&self) -> Result<(), String> {
-        self.model.validate().map_err(|e| format!("model: {e}"))?;
+    fn validate(&self) -> Result<(), ConfigError> {
+        self.model.validate()?;
         self.data.validate()?;
         self.train.validate()?;
         if self.train.selector_init_steps > 0 {
-            return Err("train.selector_init_steps needs assistants (pretrain has none)".into());
+            return Err(ConfigError::Conflict {
+                key: "train.selector_init_steps",
+                value: self.train.selector_init_steps.to_string(),
+                reason: "needs assistants (pretrain has none)".into(),
+            });
         }
         Ok(())
     }
 }
 
 impl Validate for TrainConfig {
-    fn validate(&self) -> Result<(), String> {
-        self.chorus.validate().map_err(|e| e.to_string())?;
+    fn validate(&self) -> Result<(), ConfigError> {
+        self.chorus.validate()?;
         self.data.validate()?;
         self.train.validate()?;
+        let conflict = |key, value: String, reason: &str| {
+            Err(ConfigError::Conflict {
+                key,
+                value,
+                reason: reason.to_string(),
+            })
+        };
         if self.train.selector_init_steps > 0 && self.assistants.is_empty() {
-            return Err("train.selector_init_steps needs at least one assistant".into());
+            return conflict(
+                "train.selector_init_steps",
+                self.train.selector_init_steps.to_string(),
+                "needs at least one assistant",
+            );
         }
-        if self.scores.is_some() && self.assistants.is_empty() {
-            return Err("scores are assistant log-probs, but there are no assistants".into());
-        }
-        if self.scores.is_some() && self.chorus.has_z() && self.chorus.assistant_adapters {
-            return Err("scores (cached assistant log-probs) need chorus.assistant_adapters = false: adapted assistants depend on z".into());
+        if let Some(scores) = &self.scores {
+            if self.assistants.is_empty() {
+                return conflict(
+                    "scores",
+                    scores.display().to_string(),
+                    "scores are assistant log-probs, but there are no assistants",
+                );
+            }
+            if self.chorus.has_z() && self.chorus.assistant_adapters {
+                return conflict(
+                    "scores",
+                    scores.display().to_string(),
+                    "cached assistant log-probs need chorus.assistant_adapters = false: adapted \
+                     assistants depend on z",
+                );
+            }
         }
         if let chorus_elbo::KlSchedule::Cyclical { total_steps, .. }
         | chorus_elbo::KlSchedule::ZeroThenLinear { total_steps, .. } = self.chorus.kl_schedule
             && total_steps != self.train.steps
         {
-            return Err(format!(
-                "chorus.kl_schedule.total_steps = {total_steps} but train.steps = {}: the β cycles must span the run (set both)",
-                self.train.steps
-            ));
+            return conflict(
+                "chorus.kl_schedule.total_steps",
+                total_steps.to_string(),
+                &format!(
+                    "but train.steps = {}: the β cycles must span the run (set both)",
+                    self.train.steps
+                ),
+            );
         }
         if self.chorus.encoder != chorus_model::EncoderKind::BaseLm {
-            return Err(
-                "chorus.encoder = bert is not supported by `chorus train` yet (use base_lm)".into(),
+            return conflict(
+                "chorus.encoder",
+                "bert".into(),
+                "not supported by `chorus train` yet (use base_lm)",
             );
         }
         Ok(())
@@ -383,7 +471,7 @@ pub fn load_config<T: DeserializeOwned + Validate>(
     let config: T = toml::Value::Table(table)
         .try_into()
         .map_err(|e: toml::de::Error| err(e.to_string()))?;
-    config.validate().map_err(err)?;
+    config.validate().map_err(|e| err(e.to_string()))?;
     Ok(config)
 }
 

@@ -33,7 +33,8 @@ pub use checkpoint::{
     read_state,
 };
 pub use config::{
-    DataConfig, DataSection, OptimConfig, PretrainConfig, TrainConfig, Validate, load_config,
+    ConfigError, DataConfig, DataSection, OptimConfig, PretrainConfig, TrainConfig, Validate,
+    load_config,
 };
 pub use eval::{
     EvalReport, EvalRow, TOKEN_CONVENTION, evaluate_chorus, evaluate_composition, evaluate_lm,

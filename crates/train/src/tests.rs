@@ -1334,3 +1334,30 @@ fn checkpoint_state_round_trips_floats_exactly() {
         assert_eq!(back.kl.to_bits(), value.to_bits(), "{value:e} → {text}");
     }
 }
+
+/// Validation errors are typed: the variant names the key and carries the value as given.
+#[test]
+fn config_errors_name_the_key_and_the_value() {
+    let optim = crate::OptimConfig {
+        lr: -1.0,
+        ..Default::default()
+    };
+    match optim.validate() {
+        Err(crate::ConfigError::OutOfRange { key, value, .. }) => {
+            assert_eq!((key, value.as_str()), ("train.lr", "-1"));
+        }
+        other => panic!("{other:?}"),
+    }
+    let optim = crate::OptimConfig {
+        steps: 5,
+        selector_init_steps: 5,
+        ..Default::default()
+    };
+    match optim.validate() {
+        Err(crate::ConfigError::Conflict { key, value, reason }) => {
+            assert_eq!((key, value.as_str()), ("train.selector_init_steps", "5"));
+            assert!(reason.contains("train.steps = 5"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
