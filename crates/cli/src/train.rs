@@ -51,7 +51,13 @@ pub fn pretrain<B: Backend>(
 ) -> Result<()> {
     let config: PretrainConfig = load_config(config, sets)?;
     save_config(out, &config)?;
-    let summary = chorus_train::pretrain::<Autodiff<B>>(&config, out, resume, device)?;
+    let summary = chorus_train::pretrain::<Autodiff<B>>(
+        &config,
+        out,
+        resume,
+        device,
+        &mut crate::progress::Bar::default(),
+    )?;
     println!("pretrained {summary}");
     Ok(())
 }
@@ -63,7 +69,8 @@ pub fn score<B: Backend>(
     device: &B::Device,
 ) -> Result<()> {
     let config: TrainConfig = load_config(config, sets)?;
-    let (n_train, n_valid) = chorus_train::score::<B>(&config, out, device)?;
+    let (n_train, n_valid) =
+        chorus_train::score::<B>(&config, out, device, &mut crate::progress::Bar::default())?;
     println!(
         "scored {} assistants on {n_train} train and {n_valid} valid examples: {}",
         config.assistants.len(),
@@ -81,7 +88,13 @@ pub fn train<B: Backend>(
 ) -> Result<()> {
     let config: TrainConfig = load_config(config, sets)?;
     save_config(out, &config)?;
-    let summary = chorus_train::train::<Autodiff<B>>(&config, out, resume, device)?;
+    let summary = chorus_train::train::<Autodiff<B>>(
+        &config,
+        out,
+        resume,
+        device,
+        &mut crate::progress::Bar::default(),
+    )?;
     println!("trained {summary}");
     Ok(())
 }

@@ -8,10 +8,11 @@
 //!
 //! ```no_run
 //! use burn::backend::{Autodiff, NdArray};
-//! use chorus_train::{TrainConfig, load_config, train};
+//! use chorus_train::{Silent, TrainConfig, load_config, train};
 //!
 //! let config: TrainConfig = load_config(Some("configs/joint.toml".as_ref()), &["train.steps=10".into()])?;
-//! let summary = train::<Autodiff<NdArray>>(&config, "out/joint".as_ref(), false, &Default::default())?;
+//! let out = "out/joint".as_ref();
+//! let summary = train::<Autodiff<NdArray>>(&config, out, false, &Default::default(), &mut Silent)?;
 //! println!("best valid NLL/token {:?}", summary.best_valid_nll);
 //! # Ok::<(), chorus_train::TrainError>(())
 //! ```
@@ -22,6 +23,7 @@ mod checkpoint;
 mod config;
 mod eval;
 mod grads;
+mod progress;
 mod run;
 mod schedule;
 mod scores;
@@ -40,6 +42,7 @@ pub use eval::{
     EvalReport, EvalRow, TOKEN_CONVENTION, evaluate_chorus, evaluate_composition, evaluate_lm,
     text_file_examples,
 };
+pub use progress::{Progress, Silent};
 pub use run::{MetricWindow, TrainSummary, pretrain, score, train};
 pub use schedule::learning_rate;
 pub use scores::{ScoreCache, score_assistants};

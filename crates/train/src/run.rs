@@ -12,7 +12,6 @@ use chorus_data::Split;
 use chorus_elbo::posterior_deferral;
 use chorus_lm::{Lm, Tokenizer};
 use chorus_model::{Chorus, ChorusConfig};
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
 use crate::batch::splitmix;
@@ -21,6 +20,7 @@ use crate::checkpoint::{
     save_checkpoint, update_best,
 };
 use crate::grads::clip_global_norm;
+use crate::progress::Progress;
 use crate::scores::fingerprint;
 use crate::{
     DataConfig, Encoded, OptimConfig, PretrainConfig, ScoreCache, TokenBatch, TrainConfig,
@@ -97,6 +97,7 @@ pub fn pretrain<B: AutodiffBackend>(
     out: &Path,
     resume: bool,
     device: &B::Device,
+    progress: &mut dyn Progress,
 ) -> Result<TrainSummary, TrainError> {
     let tokenizer = Tokenizer::open(&config.tokenizer)?;
     let vocab = config.model.dims().vocab_size;
@@ -137,6 +138,7 @@ pub fn pretrain<B: AutodiffBackend>(
             out,
             resume,
             gradient_hook: None,
+            progress,
         },
         model,
         device,
@@ -238,6 +240,7 @@ pub fn score<B: Backend>(
     config: &TrainConfig,
     dir: &Path,
     device: &B::Device,
+    progress: &mut dyn Progress,
 ) -> Result<(usize, usize), TrainError> {
     if config.assistants.is_empty() {
         return Err(TrainError::Config {
@@ -249,17 +252,18 @@ pub fn score<B: Backend>(
     let (train, valid) = prepare_data(&config.data, &tokenizer)?;
     let (fp_train, fp_valid) = score_fingerprints(config, &train, &valid)?;
     for (name, data, fp) in [("train", &train, &fp_train), ("valid", &valid, &fp_valid)] {
-        let bar = progress_bar(data.len() as u64, &format!("scoring {name}"));
-        crate::score_assistants(
+        progress.begin(&format!("scoring {name}"), data.len() as u64, 0);
+        let scored = crate::score_assistants(
             &assistants,
             data,
             fp,
             config.data.batch_size * 4,
             &dir.join(name),
             device,
-            |done| bar.set_position(done.min(data.len()) as u64),
-        )?;
-        bar.finish_and_clear();
+            |done| progress.update(done.min(data.len()) as u64, ""),
+        );
+        progress.end(scored.is_ok());
+        scored?;
     }
     Ok((train.len(), valid.len()))
 }
@@ -270,6 +274,7 @@ pub fn train<B: AutodiffBackend>(
     out: &Path,
     resume: bool,
     device: &B::Device,
+    progress: &mut dyn Progress,
 ) -> Result<TrainSummary, TrainError> {
     B::seed(device, config.train.seed);
     let (tokenizer, base, assistants) = open_models::<B>(config, device)?;
@@ -307,6 +312,7 @@ pub fn train<B: AutodiffBackend>(
             out,
             resume,
             gradient_hook: None,
+            progress,
         },
         model,
         device,
@@ -330,27 +336,8 @@ pub(crate) struct Loop<'a> {
     /// Called on each step's accumulated gradients before they are checked and clipped (tests
     /// inject non-finite gradients through it).
     pub(crate) gradient_hook: Option<&'a GradientHook>,
-}
-
-fn progress_bar(len: u64, prefix: &str) -> ProgressBar {
-    let bar = ProgressBar::new(len);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{prefix} [{elapsed_precise}] {wide_bar} {pos}/{len} ETA {eta} {msg}",
-        )
-        .expect("valid template"),
-    );
-    bar.set_prefix(prefix.to_string());
-    bar
-}
-
-/// Prints a line above the bar, or to stderr when the bar is hidden (not a terminal).
-fn say(bar: &ProgressBar, line: &str) {
-    if bar.is_hidden() {
-        eprintln!("{line}");
-    } else {
-        bar.println(line);
-    }
+    /// Where progress goes.
+    pub(crate) progress: &'a mut dyn Progress,
 }
 
 /// Appends metric rows to `<out>/metrics.jsonl` and `<out>/metrics.csv`.
@@ -520,10 +507,9 @@ pub(crate) fn run_loop<B: AutodiffBackend>(
     let lengths: Vec<usize> = l.train.iter().map(Encoded::input_len).collect();
     let mut epoch_cache: Option<(u64, Vec<Vec<usize>>)> = None;
     let n_batches = lengths.len().div_ceil(l.batch_size) as u64;
-    let bar = progress_bar(cfg.steps, "train");
-    bar.set_position(step);
-    say(
-        &bar,
+    let progress = l.progress;
+    progress.begin("train", cfg.steps, step);
+    progress.line(
         &format!(
             "training {} parameters ({} trainable) on {} examples ({} batches of {}), {} valid examples; out {}",
             model.num_params(),
@@ -579,7 +565,7 @@ pub(crate) fn run_loop<B: AutodiffBackend>(
             };
             let value = loss.clone().into_scalar().elem::<f64>();
             if !value.is_finite() {
-                bar.abandon();
+                progress.end(false);
                 return Err(TrainError::NonFinite {
                     step,
                     what: format!("loss ({value})"),
@@ -599,7 +585,7 @@ pub(crate) fn run_loop<B: AutodiffBackend>(
         }
         let norm = clip_global_norm(&model, &mut grads, cfg.grad_clip);
         if !norm.is_finite() {
-            bar.abandon();
+            progress.end(false);
             return Err(TrainError::NonFinite {
                 step,
                 what: format!("gradient norm ({norm})"),
@@ -611,7 +597,7 @@ pub(crate) fn run_loop<B: AutodiffBackend>(
         tokens_seen += step_tokens as u64;
         window.grad_norm += norm;
         window.steps += 1;
-        bar.set_position(step);
+        progress.update(step, "");
 
         let last = step == cfg.steps;
         if step % cfg.log_every == 0 || last {
@@ -649,10 +635,7 @@ pub(crate) fn run_loop<B: AutodiffBackend>(
                     window.tokens as f64 / secs.max(1e-9)
                 )
             };
-            bar.set_message(msg.clone());
-            if bar.is_hidden() {
-                eprintln!("step {step}/{}: {msg}", cfg.steps);
-            }
+            progress.update(step, &msg);
             window = MetricWindow::default();
         }
 
@@ -673,7 +656,7 @@ pub(crate) fn run_loop<B: AutodiffBackend>(
             let nll =
                 rows.iter().map(|r| r.nll * r.tokens as f64).sum::<f64>() / tokens.max(1) as f64;
             if !nll.is_finite() {
-                bar.abandon();
+                progress.end(false);
                 return Err(TrainError::NonFinite {
                     step,
                     what: format!("validation NLL ({nll})"),
@@ -685,19 +668,16 @@ pub(crate) fn run_loop<B: AutodiffBackend>(
                 .iter()
                 .map(|r| format!("{} {:.3}", r.task, r.nll))
                 .collect();
-            say(
-                &bar,
-                &format!(
-                    "step {step}: valid NLL/token {nll:.4} (PPL {:.2}; {}){}",
-                    nll.exp(),
-                    per_task.join(", "),
-                    match best {
-                        Some((_, b)) if nll < b => " — new best",
-                        None => " — new best",
-                        _ => "",
-                    }
-                ),
-            );
+            progress.line(&format!(
+                "step {step}: valid NLL/token {nll:.4} (PPL {:.2}; {}){}",
+                nll.exp(),
+                per_task.join(", "),
+                match best {
+                    Some((_, b)) if nll < b => " — new best",
+                    None => " — new best",
+                    _ => "",
+                }
+            ));
             metrics.write(&serde_json::json!({
                 "step": step,
                 "kind": "valid",
@@ -736,7 +716,7 @@ pub(crate) fn run_loop<B: AutodiffBackend>(
             last_checkpoint = dir;
         }
     }
-    bar.finish();
+    progress.end(true);
     let best_dir = crate::best_dir(l.out);
     let model_dir = if best_dir.is_dir() {
         best_dir

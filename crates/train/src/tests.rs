@@ -163,6 +163,7 @@ fn fit_with(
             out,
             resume,
             gradient_hook,
+            progress: &mut crate::Silent,
         },
         model,
         &Default::default(),
@@ -727,9 +728,15 @@ fn vocab_mismatch_and_missing_corpus_are_clear_errors() {
         ),
     );
     let config: PretrainConfig = load_config(Some(&p), &[]).unwrap();
-    let err = crate::pretrain::<AD>(&config, &dir.path().join("out"), false, &device)
-        .unwrap_err()
-        .to_string();
+    let err = crate::pretrain::<AD>(
+        &config,
+        &dir.path().join("out"),
+        false,
+        &device,
+        &mut crate::Silent,
+    )
+    .unwrap_err()
+    .to_string();
     assert!(
         err.contains("model.vocab_size") && err.contains("100"),
         "{err}"
@@ -747,9 +754,15 @@ fn vocab_mismatch_and_missing_corpus_are_clear_errors() {
         ],
     )
     .unwrap();
-    let err = crate::pretrain::<AD>(&config, &dir.path().join("out"), false, &device)
-        .unwrap_err()
-        .to_string();
+    let err = crate::pretrain::<AD>(
+        &config,
+        &dir.path().join("out"),
+        false,
+        &device,
+        &mut crate::Silent,
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("chorus data fetch"), "{err}");
     // A base and an assistant with different vocabularies.
     llama(vocab)
@@ -779,9 +792,15 @@ fn vocab_mismatch_and_missing_corpus_are_clear_errors() {
             ),
         );
         let config: TrainConfig = load_config(Some(&t), &[]).unwrap();
-        crate::train::<AD>(&config, &dir.path().join("out2"), false, &device)
-            .unwrap_err()
-            .to_string()
+        crate::train::<AD>(
+            &config,
+            &dir.path().join("out2"),
+            false,
+            &device,
+            &mut crate::Silent,
+        )
+        .unwrap_err()
+        .to_string()
     };
     let err = train_error(&["assistant"]);
     assert!(err.contains("vocabular"), "{err}");
