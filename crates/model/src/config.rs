@@ -87,22 +87,27 @@ impl Default for ChorusConfig {
 impl ChorusConfig {
     /// Checks ranges and combinations.
     pub fn validate(&self) -> Result<(), ModelError> {
-        let bad = |msg: String| Err(ModelError::InvalidConfig(msg));
         if !(self.free_bits.is_finite() && self.free_bits >= 0.0) {
-            return bad(format!(
-                "free_bits = {} must be finite and ≥ 0",
-                self.free_bits
-            ));
+            return Err(ModelError::OutOfRange {
+                key: "free_bits",
+                value: self.free_bits.to_string(),
+                expected: "finite and ≥ 0",
+            });
         }
         if self.n_samples == 0 {
-            return bad("n_samples must be ≥ 1".into());
+            return Err(ModelError::OutOfRange {
+                key: "n_samples",
+                value: "0".into(),
+                expected: "≥ 1",
+            });
         }
         if self.d_latent > 0 && self.memory_slots == 0 && !self.embedding_offset {
-            return bad("with d_latent > 0, models need memory_slots > 0 or embedding_offset = true to read z".into());
+            return Err(ModelError::InvalidConfig(
+                "with d_latent > 0, models need memory_slots > 0 or embedding_offset = true to read z"
+                    .into(),
+            ));
         }
-        self.kl_schedule
-            .validate()
-            .map_err(|e| ModelError::InvalidConfig(e.to_string()))
+        Ok(self.kl_schedule.validate()?)
     }
 
     /// A lower bound on the parameters of a chorus of these models under this config: the LMs'

@@ -137,19 +137,25 @@ impl Default for DecodeConfig {
 impl DecodeConfig {
     /// Checks ranges.
     pub fn validate(&self) -> Result<(), ModelError> {
-        let bad = |m: String| Err(ModelError::InvalidConfig(m));
+        let out_of_range = |key, value: f64, expected| {
+            Err(ModelError::OutOfRange {
+                key,
+                value: value.to_string(),
+                expected,
+            })
+        };
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
-            return bad(format!("temperature {} must be ≥ 0", self.temperature));
+            return out_of_range("temperature", self.temperature, "finite and ≥ 0");
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return bad(format!("top_p {} must be in (0, 1]", self.top_p));
+            return out_of_range("top_p", self.top_p, "in (0, 1]");
         }
         match self.strategy {
             WriterStrategy::Threshold { eta } if !(0.0..=1.0).contains(&eta) => {
-                bad(format!("η = {eta} must be in [0, 1]"))
+                out_of_range("η", eta, "in [0, 1]")
             }
             WriterStrategy::Confidence { tau } if !(0.0..=1.0).contains(&tau) => {
-                bad(format!("τ = {tau} must be in [0, 1]"))
+                out_of_range("τ", tau, "in [0, 1]")
             }
             _ => Ok(()),
         }

@@ -59,7 +59,20 @@ pub use decode::{
 /// Errors of `chorus-model`.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
-    /// A config value out of range or an impossible combination.
+    /// One config value outside its range.
+    #[error("invalid config: {key} = {value} must be {expected}")]
+    OutOfRange {
+        /// The key, e.g. `free_bits` or `top_p`.
+        key: &'static str,
+        /// The value as given.
+        value: String,
+        /// What it must be.
+        expected: &'static str,
+    },
+    /// The KL schedule (its own checks, in chorus-elbo).
+    #[error("invalid chorus config: kl_schedule: {0}")]
+    KlSchedule(#[from] chorus_elbo::ElboError),
+    /// An impossible combination of settings, or a model that cannot do what was asked.
     #[error("invalid chorus config: {0}")]
     InvalidConfig(String),
     /// Models that do not share a vocabulary.

@@ -479,7 +479,7 @@ fn bad_configs_are_rejected() {
     let _rng = seeded(37);
     for (bad, says) in [
         (r#"{"free_bits": -1.0}"#, "free_bits = -1"),
-        (r#"{"n_samples": 0}"#, "n_samples must be ≥ 1"),
+        (r#"{"n_samples": 0}"#, "n_samples = 0 must be ≥ 1"),
         (
             r#"{"memory_slots": 0, "embedding_offset": false}"#,
             "memory_slots > 0 or embedding_offset",
@@ -493,6 +493,14 @@ fn bad_configs_are_rejected() {
         let err = config.validate().unwrap_err().to_string();
         assert!(err.contains(says), "{bad}: {err}");
     }
+    let config: ChorusConfig = serde_json::from_str(r#"{"free_bits": -1.0}"#).unwrap();
+    assert!(
+        matches!(
+            config.validate(),
+            Err(ModelError::OutOfRange { key: "free_bits", ref value, .. }) if value == "-1"
+        ),
+        "the error names the key and the value"
+    );
     let err = serde_json::from_str::<ChorusConfig>(r#"{"d_latnet": 3}"#)
         .unwrap_err()
         .to_string();
