@@ -227,6 +227,48 @@ MUTANTS = [
         "                Some(n) if false && n > 0 && n < total => {",
         ["-p", "chorus-cli", "--test", "bad_input", "flags_that_cannot_apply"],
     ),
+    (
+        "few-row matmul adds a stray term (row-major weights)",
+        "vendor/burn-ndarray/src/ops/matmul.rs",
+        "                        *y = *y + a * w;",
+        "                        *y = *y + a * w + a;",
+        ["-p", "chorus-lm", "--lib", "few_row_and_folded_matmuls"],
+    ),
+    (
+        "few-row matmul drops the last product (transposed weights)",
+        "vendor/burn-ndarray/src/ops/matmul.rs",
+        "                    *y = dot(x, &self.rhs[j * k..(j + 1) * k]);",
+        "                    *y = dot(x, &self.rhs[j * k..(j + 1) * k - 1]);",
+        ["-p", "chorus-lm", "--lib", "few_row_and_folded_matmuls"],
+    ),
+    (
+        "a growing KV cache forgets the past",
+        "crates/lm/src/cache.rs",
+        "                        Some(old) if start > 0 => grown.slice_assign(",
+        "                        Some(old) if start > usize::MAX / 2 => grown.slice_assign(",
+        ["-p", "chorus-lm", "--lib", "cached_decoding_across_buffer_growth"],
+    ),
+    (
+        "the confidence rule always defers to the first assistant",
+        "crates/model/src/decode.rs",
+        "                        Some(1 + argmax(&confidence))",
+        "                        Some(1 + 0 * argmax(&confidence))",
+        ["-p", "chorus-model", "--lib", "a_composition_with_the_confidence_rule"],
+    ),
+    (
+        "pseudo-labels give ties to the assistant",
+        "crates/elbo/src/routing.rs",
+        "best_j.mask_fill(best.lower_equal(lp0), 0)",
+        "best_j.mask_fill(best.lower(lp0), 0)",
+        ["-p", "chorus-elbo", "--lib", "pseudo_label_loss_matches"],
+    ),
+    (
+        "posterior deferral reads model 1's share",
+        "crates/elbo/src/routing.rs",
+        "    let base = router.narrow(2, 0, 1).squeeze_dim::<2>(2);",
+        "    let base = router.narrow(2, 1, 1).squeeze_dim::<2>(2);",
+        ["-p", "chorus-elbo", "--lib", "posterior_deferral_sums"],
+    ),
 ]
 
 
