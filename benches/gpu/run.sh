@@ -22,7 +22,8 @@ for shape_args in "--shape small --batch 32 --seq 512" "--shape smollm2 --batch 
                   "--shape small --batch 32 --seq 512 --joint live"; do
   start=$(date +%s.%N)
   run "$chorus" --device cuda bench-step $shape_args --steps 1   # autotunes
-  echo "{\"autotune_and_first_call_s\": $(echo "$(date +%s.%N) - $start" | bc), \"args\": \"$shape_args\"}" | tee -a "$log"
+  first=$(python3 -c "print(round($(date +%s.%N) - $start, 1))")
+  echo "{\"autotune_and_first_call_s\": $first, \"args\": \"$shape_args\"}" | tee -a "$log"
   run "$chorus" --device cuda bench-step $shape_args --steps 10
   for dtype in f32 tf32 bf16; do run $twin $shape_args --steps 10 --dtype $dtype; done
 done
