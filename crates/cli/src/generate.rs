@@ -183,6 +183,18 @@ pub enum ModelSource<'a> {
     },
 }
 
+/// One LM in any format chorus reads (GGUF file, Hugging Face directory, chorus LM directory) and
+/// the tokenizer that comes with it.
+pub(crate) fn open_lm<B: Backend>(
+    path: &Path,
+    device: &B::Device,
+) -> Result<(chorus_lm::Lm<B>, Tokenizer)> {
+    let lm = chorus_lm::Lm::<B>::open(path, device)?;
+    let tokenizer = Tokenizer::open(path)
+        .with_context(|| format!("{}: no tokenizer next to the model", path.display()))?;
+    Ok((lm, tokenizer))
+}
+
 /// LMs in any format chorus reads, composed without training ([`Chorus::compose`]) after checking
 /// that every assistant's tokenizer is the base's. Returns the model, its members' sources and the
 /// tokenizer.
@@ -191,16 +203,10 @@ pub(crate) fn load_composition<B: Backend>(
     assistants: &[PathBuf],
     device: &B::Device,
 ) -> Result<(Chorus<B>, Vec<String>, Tokenizer)> {
-    let open = |path: &Path| -> Result<(chorus_lm::Lm<B>, Tokenizer)> {
-        let lm = chorus_lm::Lm::<B>::open(path, device)?;
-        let tokenizer = Tokenizer::open(path)
-            .with_context(|| format!("{}: no tokenizer with the model", path.display()))?;
-        Ok((lm, tokenizer))
-    };
-    let (base_lm, tokenizer) = open(base)?;
+    let (base_lm, tokenizer) = open_lm::<B>(base, device)?;
     let mut lms = Vec::with_capacity(assistants.len());
     for path in assistants {
-        let (lm, other) = open(path)?;
+        let (lm, other) = open_lm::<B>(path, device)?;
         tokenizer.check_same(&other).with_context(|| {
             format!(
                 "assistant {} does not share the base's tokenizer ({})",
@@ -229,9 +235,7 @@ fn load_model<B: Backend>(
         let (model, manifest, tokenizer, _) = load_chorus::<B>(path, device)?;
         return Ok((model, manifest.sources, tokenizer));
     }
-    let lm = chorus_lm::Lm::<B>::open(path, device)?;
-    let tokenizer = Tokenizer::open(path)
-        .with_context(|| format!("{}: no tokenizer with the model", path.display()))?;
+    let (lm, tokenizer) = open_lm::<B>(path, device)?;
     let single = chorus_model::ChorusConfig {
         d_latent: 0,
         ..Default::default()

@@ -186,9 +186,7 @@ pub fn eval<B: Backend>(args: EvalArgs<'_>, device: &B::Device) -> Result<()> {
             );
             (Loaded::Joint(Box::new(model)), tok)
         } else {
-            let lm = Lm::<B>::open(&path, device)?;
-            let tok = Tokenizer::open(&path)
-                .with_context(|| format!("{}: no tokenizer next to the model", path.display()))?;
+            let (lm, tok) = crate::generate::open_lm::<B>(&path, device)?;
             (Loaded::Single(Box::new(lm)), tok)
         };
         match &tokenizer {
