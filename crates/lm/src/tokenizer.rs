@@ -22,6 +22,8 @@ pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     source: String,
     chat_template: Option<String>,
+    /// The beginning-of-sequence id a GGUF names (`tokenizer.ggml.bos_token_id`).
+    bos: Option<u32>,
 }
 
 impl Tokenizer {
@@ -63,6 +65,7 @@ impl Tokenizer {
             inner,
             source,
             chat_template: None,
+            bos: None,
         })
     }
 
@@ -109,6 +112,7 @@ impl Tokenizer {
             inner,
             source,
             chat_template: None,
+            bos: None,
         })
     }
 
@@ -182,10 +186,16 @@ impl Tokenizer {
             .get_str("tokenizer.chat_template")
             .ok()
             .map(str::to_string);
+        let bos = g
+            .get_uint("tokenizer.ggml.bos_token_id")
+            .ok()
+            .and_then(|id| u32::try_from(id).ok())
+            .filter(|&id| (id as usize) < tokens.len());
         Ok(Self {
             inner,
             source,
             chat_template,
+            bos,
         })
     }
 
@@ -243,7 +253,13 @@ impl Tokenizer {
             inner,
             source,
             chat_template: None,
+            bos: None,
         })
+    }
+
+    /// The beginning-of-sequence id the model file names (GGUF only), if any.
+    pub fn bos_id(&self) -> Option<u32> {
+        self.bos
     }
 
     /// The Jinja chat template that came with the model, if any.

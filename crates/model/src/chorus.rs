@@ -11,10 +11,10 @@ use chorus_latent::{
     DiagonalGaussian, GaussianHead, GaussianHeadConfig, Prior, Selector, SelectorConfig,
     masked_mean_pool, router_posterior,
 };
-use chorus_lm::{Bert, Lm, LmInput, LmOutput};
+use chorus_lm::{Bert, Lm, LmInput};
 use chorus_lm_adapters::{ZAdapter, ZAdapterConfig};
 
-use crate::{ChorusConfig, EncoderKind, ModelError};
+use crate::{Assistant, ChorusConfig, EncoderKind, LocalLm, ModelError, ScoreRows};
 
 /// One training or evaluation batch: `c` then `x` in one row, teacher-forced.
 ///
@@ -39,6 +39,17 @@ pub struct ChorusBatch<B: Backend> {
     /// With a separate encoder ([`EncoderKind::Bert`]): `[batch, enc_seq]` its tokenization of
     /// (c, x) and `[batch, enc_seq]` its padding mask (true = padding).
     pub encoder_tokens: Option<(Tensor<B, 2, Int>, Tensor<B, 2, Bool>)>,
+}
+
+impl<B: Backend> ChorusBatch<B> {
+    /// The rows without the masks, for an [`Assistant`] to score.
+    pub fn score_rows(&self) -> ScoreRows<B> {
+        ScoreRows {
+            tokens: self.tokens.clone(),
+            targets: self.targets.clone(),
+            padding: self.padding.clone(),
+        }
+    }
 }
 
 /// What [`Chorus::forward_elbo`] returns.
@@ -245,23 +256,21 @@ impl<B: Backend> Chorus<B> {
         1 + self.assistants.len()
     }
 
-    /// Runs model `j` (0 = base) on `input`, conditioned on z `[batch, d_latent]` through its
-    /// adapter when it has one.
-    pub fn model_forward(
-        &self,
-        j: usize,
-        input: LmInput<B>,
-        z: Option<Tensor<B, 2>>,
-    ) -> Result<LmOutput<B>, ModelError> {
-        let (model, adapter) = match j {
-            0 => (&self.base, self.base_adapter.as_ref()),
-            j => (&self.assistants[j - 1], self.assistant_adapters.get(j - 1)),
-        };
-        let input = match (adapter, z) {
-            (Some(adapter), Some(z)) => adapter.condition(input, z),
-            _ => input,
-        };
-        Ok(model.forward(input, None)?)
+    /// Model `j` (0 = base) with its z-adapter, as an [`Assistant`] that scores and decodes.
+    ///
+    /// # Panics
+    /// When `j ≥ K` ([`Chorus::n_models`]).
+    pub fn member(&self, j: usize) -> LocalLm<'_, B> {
+        match j {
+            0 => LocalLm {
+                lm: &self.base,
+                adapter: self.base_adapter.as_ref(),
+            },
+            j => LocalLm {
+                lm: &self.assistants[j - 1],
+                adapter: self.assistant_adapters.get(j - 1),
+            },
+        }
     }
 
     /// q(z | x, c) and p(z | c) for a batch (`None` without z), from one unconditioned base pass:
@@ -371,7 +380,7 @@ impl<B: Backend> Chorus<B> {
         };
         let input = || LmInput::new(tokens.clone()).with_padding(padding.clone());
 
-        let base = self.model_forward(0, input(), flat_z.clone())?;
+        let base = self.member(0).forward(input(), flat_z.clone(), None)?;
         let mut log_p = vec![token_log_probs(base.logits, targets.clone())];
         match &batch.assistant_log_probs {
             Some(cached) => {
@@ -401,15 +410,14 @@ impl<B: Backend> Chorus<B> {
                 for j in 1..self.n_models() {
                     let lp = if self.assistant_adapters.is_empty() {
                         // Independent of z: run once on the batch and repeat over samples.
-                        let plain =
-                            LmInput::new(batch.tokens.clone()).with_padding(batch.padding.clone());
-                        let logits = self.model_forward(j, plain, None)?.logits;
-                        repeat2(token_log_probs(logits, batch.targets.clone()))
+                        repeat2(self.member(j).token_log_probs(&batch.score_rows(), None)?)
                     } else {
-                        token_log_probs(
-                            self.model_forward(j, input(), flat_z.clone())?.logits,
-                            targets.clone(),
-                        )
+                        let rows = ScoreRows {
+                            tokens: tokens.clone(),
+                            targets: targets.clone(),
+                            padding: padding.clone(),
+                        };
+                        self.member(j).token_log_probs(&rows, flat_z.clone())?
                     };
                     log_p.push(lp);
                 }
@@ -537,17 +545,14 @@ impl<B: Backend> Chorus<B> {
             ));
         };
         let k = self.n_models();
-        let plain = || LmInput::new(batch.tokens.clone()).with_padding(batch.padding.clone());
-        let base = self.base.forward(plain(), None)?;
+        let plain = LmInput::new(batch.tokens.clone()).with_padding(batch.padding.clone());
+        let base = self.base.forward(plain, None)?;
         let lp0 = token_log_probs(base.logits, batch.targets.clone()).detach();
         let assistants = match &batch.assistant_log_probs {
             Some(cached) => cached.clone(),
             None => Tensor::stack::<3>(
                 (1..k)
-                    .map(|j| {
-                        let logits = self.model_forward(j, plain(), None)?.logits;
-                        Ok(token_log_probs(logits, batch.targets.clone()))
-                    })
+                    .map(|j| self.member(j).token_log_probs(&batch.score_rows(), None))
                     .collect::<Result<Vec<_>, ModelError>>()?,
                 2,
             ),
@@ -579,11 +584,7 @@ impl<B: Backend> Chorus<B> {
             ));
         }
         let columns = (1..self.n_models())
-            .map(|j| {
-                let input = LmInput::new(batch.tokens.clone()).with_padding(batch.padding.clone());
-                let logits = self.model_forward(j, input, None)?.logits;
-                Ok(token_log_probs(logits, batch.targets.clone()))
-            })
+            .map(|j| self.member(j).token_log_probs(&batch.score_rows(), None))
             .collect::<Result<Vec<_>, ModelError>>()?;
         Ok(Tensor::stack::<3>(columns, 2).detach())
     }

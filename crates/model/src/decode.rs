@@ -16,11 +16,9 @@
 
 use std::str::FromStr;
 
+use crate::{Assistant, AssistantDecoder, Chorus, ChorusBatch, LocalLm, ModelError};
 use burn::prelude::*;
 use chorus_latent::DiagonalGaussian;
-use chorus_lm::{KvCache, LmInput};
-
-use crate::{Chorus, ChorusBatch, ModelError};
 
 /// How the writer of each token is chosen.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -277,15 +275,6 @@ pub fn mixture_probs(pi: &[f64], per_model: &[Vec<f64>]) -> Vec<f64> {
         .collect()
 }
 
-/// One model's running state during decoding.
-struct ModelState<B: Backend> {
-    cache: KvCache<B>,
-    /// Tokens emitted but not yet consumed (lazy assistants).
-    pending: Vec<Vec<u32>>,
-    /// `[rows, vocab]` next-token logits after everything consumed so far.
-    logits: Option<Vec<Vec<f32>>>,
-}
-
 impl<B: Backend> Chorus<B> {
     /// p(z | c) for prompts `[rows, len]` whose positions `1..` are context (position 0 is the
     /// leading EOS, as in training). `None` without z.
@@ -345,39 +334,6 @@ impl<B: Backend> Chorus<B> {
         Ok(self.latent_distributions(&batch)?.map(|l| l.posterior))
     }
 
-    /// Runs model `j` on `tokens` `[rows, n]` through its cache (conditioned on z through its
-    /// adapter) and returns the last position's logits per row, plus the base's last hidden state.
-    fn step_model(
-        &self,
-        j: usize,
-        tokens: Tensor<B, 2, Int>,
-        z: Option<&Tensor<B, 2>>,
-        cache: Option<&mut KvCache<B>>,
-    ) -> Result<(Vec<Vec<f32>>, Tensor<B, 2>), ModelError> {
-        let (model, adapter) = match j {
-            0 => (&self.base, self.base_adapter.as_ref()),
-            j => (&self.assistants[j - 1], self.assistant_adapters.get(j - 1)),
-        };
-        let [rows, n] = tokens.dims();
-        let input = LmInput::new(tokens).with_last_logits_only();
-        let input = match (adapter, z) {
-            (Some(adapter), Some(z)) => adapter.condition(input, z.clone()),
-            _ => input,
-        };
-        let out = model.forward(input, cache)?;
-        let vocab = out.logits.dims()[2];
-        let last = out
-            .logits
-            .reshape([rows, vocab])
-            .into_data()
-            .convert::<f32>()
-            .to_vec::<f32>()
-            .map_err(|e| ModelError::InvalidBatch(format!("{e:?}")))?;
-        let d = out.hidden.dims()[2];
-        let hidden = out.hidden.narrow(1, n - 1, 1).reshape([rows, d]);
-        Ok((last.chunks(vocab).map(<[f32]>::to_vec).collect(), hidden))
-    }
-
     /// Generates up to `config.max_new_tokens` after `prompt` for `rows` rows at once (the same
     /// prompt, e.g. several samples; `z` is `[rows, d_latent]`, `None` without z). `prompt` should
     /// start with the EOS token, as training rows do. `on_token(row, token, writer)` is called as
@@ -389,12 +345,52 @@ impl<B: Backend> Chorus<B> {
         z: Option<Tensor<B, 2>>,
         config: &DecodeConfig,
         device: &B::Device,
+        on_token: impl FnMut(usize, u32, usize) -> bool,
+    ) -> Result<Vec<Decoded>, ModelError> {
+        self.generate_with(&[], prompt, rows, z, config, device, on_token)
+    }
+
+    /// [`Chorus::generate`] with further assistants after the chorus's own (models K, K + 1, …),
+    /// e.g. [`RemoteAssistant`](crate::RemoteAssistant)s. Only a composition without a selector
+    /// takes them (a selector was trained for its K models).
+    #[allow(clippy::too_many_arguments)]
+    pub fn generate_with(
+        &self,
+        extra: &[&dyn Assistant<B>],
+        prompt: &[u32],
+        rows: usize,
+        z: Option<Tensor<B, 2>>,
+        config: &DecodeConfig,
+        device: &B::Device,
         mut on_token: impl FnMut(usize, u32, usize) -> bool,
     ) -> Result<Vec<Decoded>, ModelError> {
         config.validate()?;
-        let k = self.n_models();
+        let members: Vec<LocalLm<'_, B>> = (1..self.n_models()).map(|j| self.member(j)).collect();
+        let assistants: Vec<&dyn Assistant<B>> = members
+            .iter()
+            .map(|m| m as &dyn Assistant<B>)
+            .chain(extra.iter().copied())
+            .collect();
+        let k = 1 + assistants.len();
+        if !extra.is_empty() && self.selector.is_some() {
+            return Err(ModelError::InvalidConfig(format!(
+                "the selector was trained for {} models: further assistants join only a \
+                 composition without one",
+                self.n_models()
+            )));
+        }
+        let vocab = self.base.dims().vocab_size;
+        for (i, a) in assistants.iter().enumerate() {
+            if a.vocab_size() != vocab {
+                return Err(ModelError::VocabMismatch {
+                    base: vocab,
+                    assistant: i + 1,
+                    vocab: a.vocab_size(),
+                });
+            }
+        }
         let max_len = std::iter::once(self.base.dims().max_seq_len)
-            .chain(self.assistants.iter().map(|a| a.dims().max_seq_len))
+            .chain(assistants.iter().map(|a| a.max_seq_len()))
             .min()
             .unwrap_or(0);
         if prompt.is_empty() {
@@ -432,24 +428,22 @@ impl<B: Backend> Chorus<B> {
         let prompt_rows: Vec<Vec<u32>> = vec![prompt.to_vec(); rows];
         let mut rng = Rng(config.seed);
 
-        // Prefill: the base (and eager assistants) read the prompt.
+        // Prefill: the base reads the prompt; the assistants when they are first needed (eager
+        // ones at once).
+        let base = self.member(0);
         let mut base_cache = self.base.new_cache();
-        let (mut base_logits, mut hidden) = self.step_model(
-            0,
+        let (mut base_logits, mut hidden) = base.step(
             tokens_tensor(&prompt_rows),
-            z.as_ref(),
+            z.clone(),
             Some(&mut base_cache),
         )?;
-        let mut states: Vec<ModelState<B>> = self
-            .assistants
+        let mut decoders: Vec<Box<dyn AssistantDecoder + '_>> = assistants
             .iter()
-            .map(|a| ModelState {
-                cache: a.new_cache(),
-                pending: prompt_rows.clone(),
-                logits: None,
-            })
+            .map(|a| a.decoder(rows, z.clone(), config.assistants, device))
             .collect();
-        let mut history = prompt_rows.clone();
+        for d in &mut decoders {
+            d.push(&prompt_rows);
+        }
         let mut out: Vec<Decoded> = (0..rows)
             .map(|_| Decoded {
                 tokens: Vec::new(),
@@ -460,11 +454,6 @@ impl<B: Backend> Chorus<B> {
         let mut done = vec![false; rows];
 
         for _ in 0..config.max_new_tokens {
-            if config.assistants == AssistantUpdate::Eager {
-                for j in 1..k {
-                    self.catch_up(j, &mut states[j - 1], &history, z.as_ref(), config, device)?;
-                }
-            }
             let pi: Vec<Vec<f64>> = match &self.selector {
                 Some(selector) => {
                     let log_pi = selector.forward(hidden.clone().unsqueeze_dim::<3>(1));
@@ -482,7 +471,6 @@ impl<B: Backend> Chorus<B> {
                 // A composition: no π; the confidence rule decides alone.
                 None => vec![vec![1.0 / k as f64; k]; rows],
             };
-            // The confidence rule compares assistants' top-1 probabilities when there are several.
             let deferring: Vec<bool> = match config.strategy {
                 WriterStrategy::Confidence { tau } if k > 1 => base_logits
                     .iter()
@@ -491,15 +479,12 @@ impl<B: Backend> Chorus<B> {
                     .collect(),
                 _ => vec![false; rows],
             };
-            if k > 2 && deferring.iter().any(|&d| d) {
-                for j in 1..k {
-                    self.catch_up(j, &mut states[j - 1], &history, z.as_ref(), config, device)?;
-                }
-            }
-            // Who writes, per row (the mixture needs everyone).
-            let mut writers = Vec::with_capacity(rows);
-            for (r, p) in pi.iter().enumerate() {
-                writers.push(match config.strategy {
+            // Who writes, per row, where π alone decides (`None`: the mixture, or the confidence
+            // rule among several assistants, which compares their top-1 probabilities).
+            let mut writers: Vec<Option<usize>> = pi
+                .iter()
+                .enumerate()
+                .map(|(r, p)| match config.strategy {
                     WriterStrategy::Sample => Some(rng.categorical(p)),
                     WriterStrategy::Greedy => Some(argmax(p)),
                     WriterStrategy::Threshold { .. } | WriterStrategy::Confidence { .. }
@@ -514,22 +499,37 @@ impl<B: Backend> Chorus<B> {
                     WriterStrategy::Mixture => None,
                     WriterStrategy::Confidence { .. } if !deferring[r] => Some(0),
                     WriterStrategy::Confidence { .. } if k == 2 => Some(1),
-                    WriterStrategy::Confidence { .. } => {
-                        let confidence: Vec<f64> = states
+                    WriterStrategy::Confidence { .. } => None,
+                })
+                .collect();
+            // The assistants whose logits this step reads: every one when eager, else the writers.
+            let needed: Vec<bool> = (1..k)
+                .map(|j| {
+                    config.assistants == AssistantUpdate::Eager
+                        || writers
                             .iter()
-                            .map(|s| top1_prob(&s.logits.as_ref().expect("caught up")[r]))
-                            .collect();
-                        Some(1 + argmax(&confidence))
-                    }
-                });
+                            .zip(&done)
+                            .any(|(w, d)| !d && (w.is_none() || *w == Some(j)))
+                })
+                .collect();
+            let mut current: Vec<Option<&[Vec<f32>]>> = Vec::with_capacity(k - 1);
+            for (d, &need) in decoders.iter_mut().zip(&needed) {
+                current.push(if need { Some(d.next_logits()?) } else { None });
             }
-            for j in 1..k {
-                let needed = writers
-                    .iter()
-                    .zip(&done)
-                    .any(|(w, d)| !d && (w.is_none() || *w == Some(j)));
-                if needed {
-                    self.catch_up(j, &mut states[j - 1], &history, z.as_ref(), config, device)?;
+            let logits_of = |j: usize, r: usize| -> &[f32] {
+                if j == 0 {
+                    &base_logits[r]
+                } else {
+                    &current[j - 1].expect("fetched for the writers")[r]
+                }
+            };
+            if let WriterStrategy::Confidence { .. } = config.strategy {
+                for (r, w) in writers.iter_mut().enumerate() {
+                    if w.is_none() {
+                        let confidence: Vec<f64> =
+                            (1..k).map(|j| top1_prob(logits_of(j, r))).collect();
+                        *w = Some(1 + argmax(&confidence));
+                    }
                 }
             }
             let mut next = Vec::with_capacity(rows);
@@ -538,18 +538,11 @@ impl<B: Backend> Chorus<B> {
                     next.push(config.eos.unwrap_or(0));
                     continue;
                 }
-                let logits_of = |j: usize| -> &Vec<f32> {
-                    if j == 0 {
-                        &base_logits[r]
-                    } else {
-                        &states[j - 1].logits.as_ref().expect("caught up")[r]
-                    }
-                };
                 let (mut probs, writer_of) = match writers[r] {
-                    Some(j) => (tempered_probs(logits_of(j), config.temperature), None),
+                    Some(j) => (tempered_probs(logits_of(j, r), config.temperature), None),
                     None => {
                         let per_model: Vec<Vec<f64>> = (0..k)
-                            .map(|j| tempered_probs(logits_of(j), config.temperature))
+                            .map(|j| tempered_probs(logits_of(j, r), config.temperature))
                             .collect();
                         (mixture_probs(&pi[r], &per_model), Some(per_model))
                     }
@@ -584,18 +577,12 @@ impl<B: Backend> Chorus<B> {
             if done.iter().all(|d| *d) {
                 break;
             }
-            for (h, &t) in history.iter_mut().zip(&next) {
-                h.push(t);
-            }
-            for s in &mut states {
-                for (p, &t) in s.pending.iter_mut().zip(&next) {
-                    p.push(t);
-                }
-                s.logits = None;
-            }
             let column: Vec<Vec<u32>> = next.iter().map(|&t| vec![t]).collect();
+            for d in &mut decoders {
+                d.push(&column);
+            }
             (base_logits, hidden) =
-                self.step_model(0, tokens_tensor(&column), z.as_ref(), Some(&mut base_cache))?;
+                base.step(tokens_tensor(&column), z.clone(), Some(&mut base_cache))?;
         }
         Ok(out)
     }
@@ -623,7 +610,8 @@ impl<B: Backend> Chorus<B> {
                 self.assistants[j - 1].new_cache()
             };
             let (logits, hidden) =
-                self.step_model(j, tokens.clone(), z.as_ref(), Some(&mut cache))?;
+                self.member(j)
+                    .step(tokens.clone(), z.clone(), Some(&mut cache))?;
             per_model.push(tempered_probs(&logits[0], temperature));
             if j == 0 {
                 base_hidden = Some(hidden);
@@ -640,35 +628,5 @@ impl<B: Backend> Chorus<B> {
             _ => vec![1.0],
         };
         Ok((pi, per_model))
-    }
-
-    /// Brings assistant `j` up to date with `history` (its pending tokens, or the whole prefix
-    /// when re-encoding) and stores its next-token logits.
-    fn catch_up(
-        &self,
-        j: usize,
-        state: &mut ModelState<B>,
-        history: &[Vec<u32>],
-        z: Option<&Tensor<B, 2>>,
-        config: &DecodeConfig,
-        device: &B::Device,
-    ) -> Result<(), ModelError> {
-        if state.logits.is_some() {
-            return Ok(());
-        }
-        let rows = history.len();
-        let (source, cache) = match config.assistants {
-            AssistantUpdate::Reencode => (history, None),
-            _ => (state.pending.as_slice(), Some(&mut state.cache)),
-        };
-        let n = source[0].len();
-        let flat: Vec<i64> = source.iter().flatten().map(|&t| t as i64).collect();
-        let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(flat, [rows, n]), device);
-        let (logits, _) = self.step_model(j, tokens, z, cache)?;
-        state.logits = Some(logits);
-        for p in &mut state.pending {
-            p.clear();
-        }
-        Ok(())
     }
 }

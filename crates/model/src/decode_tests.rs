@@ -88,7 +88,8 @@ fn reference(
         let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(flat, [rows, len]), &device);
         let outs: Vec<_> = (0..k)
             .map(|j| {
-                m.model_forward(j, LmInput::new(tokens.clone()), z.clone())
+                m.member(j)
+                    .forward(LmInput::new(tokens.clone()), z.clone(), None)
                     .unwrap()
             })
             .collect();
@@ -395,7 +396,7 @@ fn mixture_distribution_is_the_pi_weighted_sum_of_the_models() {
         ))
     };
     let outs: Vec<_> = (0..3)
-        .map(|j| m.model_forward(j, input(), z.clone()).unwrap())
+        .map(|j| m.member(j).forward(input(), z.clone(), None).unwrap())
         .collect();
     let last = |t: Tensor<B, 3>| {
         t.narrow(1, 4, 1)

@@ -45,16 +45,20 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod assistant;
 mod chorus;
 mod config;
 mod decode;
+mod remote;
 
+pub use assistant::{Assistant, AssistantDecoder, LocalLm, ScoreRows};
 pub use chorus::{Chorus, ChorusBatch, ChorusOutput, LatentDistributions};
 pub use config::{ChorusConfig, EncoderKind};
 pub use decode::{
     AssistantUpdate, DecodeConfig, Decoded, WriterStrategy, mixture_probs, tempered_probs,
     top1_prob, truncate_probs,
 };
+pub use remote::{RemoteAssistant, RemoteSettings, TOKENIZER_PROBE};
 
 /// Errors of `chorus-model`.
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +94,14 @@ pub enum ModelError {
     /// A batch that does not fit the model.
     #[error("invalid batch: {0}")]
     InvalidBatch(String),
+    /// An assistant server that is unreachable, answers badly, or tokenizes differently.
+    #[error("assistant server {url}: {reason}")]
+    Remote {
+        /// The server's base URL.
+        url: String,
+        /// What went wrong.
+        reason: String,
+    },
     /// From a language model.
     #[error(transparent)]
     Lm(#[from] chorus_lm::LmError),

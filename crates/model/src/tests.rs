@@ -295,7 +295,8 @@ fn zero_initialised_adapters_leave_every_model_unchanged() {
     for (j, lm) in bare.into_iter().enumerate() {
         let input = || LmInput::new(batch.tokens.clone()).with_padding(batch.padding.clone());
         let conditioned = model
-            .model_forward(j, input(), Some(z.clone()))
+            .member(j)
+            .forward(input(), Some(z.clone()), None)
             .unwrap()
             .logits;
         let plain = lm.forward(input(), None).unwrap().logits;
