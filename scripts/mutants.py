@@ -17,6 +17,34 @@ ROOT = Path(__file__).resolve().parent.parent
 
 MUTANTS = [
     (
+        "remote scores read one echoed log-prob too late",
+        "crates/model/src/remote.rs",
+        "let first = 1;",
+        "let first = 2;",
+        ["-p", "chorus-train", "--test", "remote_scores", "healthy"],
+    ),
+    (
+        "a half-written score cache is started over instead of continued",
+        "crates/train/src/scores.rs",
+        ".filter(|p| p.fingerprint == fingerprint && p.n_assistants == k)",
+        ".filter(|_| false)",
+        ["-p", "chorus-train", "--test", "remote_scores", "failures"],
+    ),
+    (
+        "the remote tokenizer probe is skipped",
+        "crates/model/src/remote.rs",
+        "        if served != local {",
+        "        if false && served != local {",
+        ["-p", "chorus-train", "--test", "remote_scores", "tokenizes_differently"],
+    ),
+    (
+        "remote requests are not retried",
+        "crates/model/src/remote.rs",
+        "        for attempt in 0..=self.settings.retries {",
+        "        for attempt in 0..1 {",
+        ["-p", "chorus-train", "--test", "remote_scores", "retried"],
+    ),
+    (
         "resume ignores the checkpoint's parameters",
         "crates/train/src/run.rs",
         "        model = loaded;\n",

@@ -9,7 +9,10 @@ use burn::prelude::*;
 use burn::tensor::Distribution;
 use chorus_data::{Split, fetch::cache_dir, load_examples};
 use chorus_lm::Tokenizer;
-use chorus_model::{AssistantUpdate, Chorus, DecodeConfig, Decoded, WriterStrategy};
+use chorus_model::{
+    Assistant, AssistantUpdate, Chorus, DecodeConfig, Decoded, RemoteAssistant, RemoteSettings,
+    WriterStrategy,
+};
 use chorus_train::{
     DataConfig, EtaCalibration, calibrate_eta, encode_examples, load_chorus, load_task_examples,
 };
@@ -195,6 +198,12 @@ pub(crate) fn open_lm<B: Backend>(
     Ok((lm, tokenizer))
 }
 
+/// Whether an assistant argument names a server rather than a file.
+pub(crate) fn is_url(path: &Path) -> bool {
+    path.to_str()
+        .is_some_and(|p| p.starts_with("http://") || p.starts_with("https://"))
+}
+
 /// LMs in any format chorus reads, composed without training ([`Chorus::compose`]) after checking
 /// that every assistant's tokenizer is the base's. Returns the model, its members' sources and the
 /// tokenizer.
@@ -203,6 +212,12 @@ pub(crate) fn load_composition<B: Backend>(
     assistants: &[PathBuf],
     device: &B::Device,
 ) -> Result<(Chorus<B>, Vec<String>, Tokenizer)> {
+    if let Some(url) = assistants.iter().find(|p| is_url(p)) {
+        anyhow::bail!(
+            "{}: remote assistants take part in `chorus generate` and `chorus score` only",
+            url.display()
+        );
+    }
     let (base_lm, tokenizer) = open_lm::<B>(base, device)?;
     let mut lms = Vec::with_capacity(assistants.len());
     for path in assistants {
@@ -245,17 +260,29 @@ fn load_model<B: Backend>(
 }
 
 pub fn generate<B: Backend>(args: GenerateArgs<'_>, device: &B::Device) -> Result<()> {
+    let mut remotes = Vec::new();
     let (model, sources, tokenizer, calibration) = match args.model {
         ModelSource::One(path) => {
             let (model, sources, tokenizer) = load_model::<B>(path, device)?;
             (model, sources, tokenizer, EtaCalibration::load(path)?)
         }
         ModelSource::Composition { base, assistants } => {
-            let (model, sources, tokenizer) = load_composition::<B>(base, assistants, device)?;
+            // Local assistants join the chorus; servers follow them as models K, K + 1, ….
+            let (remote_urls, local): (Vec<PathBuf>, Vec<PathBuf>) =
+                assistants.iter().cloned().partition(|p| is_url(p));
+            let (model, mut sources, tokenizer) = load_composition::<B>(base, &local, device)?;
+            for url in &remote_urls {
+                let url = url.display().to_string();
+                let remote = RemoteAssistant::connect(&url, &tokenizer, RemoteSettings::default())?;
+                sources.push(url);
+                remotes.push(remote);
+            }
             (model, sources, tokenizer, None)
         }
     };
-    let k = model.n_models();
+    let remote_refs: Vec<&dyn Assistant<B>> =
+        remotes.iter().map(|r| r as &dyn Assistant<B>).collect();
+    let k = model.n_models() + remotes.len();
     let names = model_names(&sources, k);
     let strategy: WriterStrategy = match args.strategy {
         Some("threshold") => WriterStrategy::Threshold {
@@ -374,28 +401,36 @@ pub fn generate<B: Backend>(args: GenerateArgs<'_>, device: &B::Device) -> Resul
     let mut so_far: Vec<Vec<u32>> = vec![Vec::new(); rows];
     let mut printed: Vec<usize> = vec![0; rows];
     let started = Instant::now();
-    let decoded = model.generate(&prompt, rows, z, &config, device, |r, token, writer| {
-        if token == eos {
-            return false;
-        }
-        so_far[r].push(token);
-        let text = tokenizer.decode(&so_far[r]).unwrap_or_default();
-        let stop_at = args.stop.iter().filter_map(|s| text.find(s.as_str())).min();
-        if stream {
-            let end = stop_at.unwrap_or(text.len());
-            if let Some(piece) = text.get(printed[r]..end) {
-                let (on, off) = if color && writer > 0 {
-                    (ANSI[writer % ANSI.len()], "\x1b[0m")
-                } else {
-                    ("", "")
-                };
-                let _ = write!(stdout, "{on}{piece}{off}");
-                let _ = stdout.flush();
-                printed[r] = end;
+    let decoded = model.generate_with(
+        &remote_refs,
+        &prompt,
+        rows,
+        z,
+        &config,
+        device,
+        |r, token, writer| {
+            if token == eos {
+                return false;
             }
-        }
-        stop_at.is_none()
-    })?;
+            so_far[r].push(token);
+            let text = tokenizer.decode(&so_far[r]).unwrap_or_default();
+            let stop_at = args.stop.iter().filter_map(|s| text.find(s.as_str())).min();
+            if stream {
+                let end = stop_at.unwrap_or(text.len());
+                if let Some(piece) = text.get(printed[r]..end) {
+                    let (on, off) = if color && writer > 0 {
+                        (ANSI[writer % ANSI.len()], "\x1b[0m")
+                    } else {
+                        ("", "")
+                    };
+                    let _ = write!(stdout, "{on}{piece}{off}");
+                    let _ = stdout.flush();
+                    printed[r] = end;
+                }
+            }
+            stop_at.is_none()
+        },
+    )?;
     let seconds = started.elapsed().as_secs_f64();
     if stream {
         writeln!(stdout)?;

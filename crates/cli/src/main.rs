@@ -116,6 +116,13 @@ enum Command {
         /// Output directory.
         #[arg(long)]
         out: PathBuf,
+        /// Score with the assistant behind this OpenAI-compatible completions server instead of
+        /// the config's assistants (repeatable, in order). A run that stops (the server fails)
+        /// continues where it stopped when rerun.
+        ///
+        /// Example: chorus score --config configs/joint.toml --out out/scores --remote http://127.0.0.1:8080
+        #[arg(long = "remote")]
+        remotes: Vec<String>,
     },
     /// Train the joint model (base + assistants + z + selector) by maximising the ELBO.
     /// Writes checkpoints (keep-last-N + best), metrics.jsonl/.csv and summary.json.
@@ -180,9 +187,10 @@ enum Command {
         /// Compose LMs without training: the base (any format `--model` takes) …
         #[arg(long, requires = "assistants")]
         base: Option<PathBuf>,
-        /// … and an assistant sharing its tokenizer (repeatable). Decoded with
-        /// `--strategy confidence:τ` (default τ = 0.5): the base defers when its top-1
-        /// probability is below τ.
+        /// … and an assistant sharing its tokenizer (repeatable): a model file, or the URL of an
+        /// OpenAI-compatible completions server (`http://127.0.0.1:8080`, llama.cpp's or vLLM's;
+        /// its tokenizer is checked against the base's). Decoded with `--strategy confidence:τ`
+        /// (default τ = 0.5): the base defers when its top-1 probability is below τ.
         #[arg(long = "assistant", requires = "base")]
         assistants: Vec<PathBuf>,
         /// The prompt (a story opening, a dialogue history, or nothing); `-` reads stdin.
@@ -394,10 +402,15 @@ fn run(cli: Cli) -> Result<()> {
             resume,
             &device
         )),
-        Command::Score { config, out } => with_backend!(cli.device, |B, device| train::score::<B>(
+        Command::Score {
+            config,
+            out,
+            remotes,
+        } => with_backend!(cli.device, |B, device| train::score::<B>(
             config.config.as_deref(),
             &config.sets,
             &out,
+            &remotes,
             &device
         )),
         Command::Train {

@@ -66,14 +66,24 @@ pub fn score<B: Backend>(
     config: Option<&Path>,
     sets: &[String],
     out: &Path,
+    remotes: &[String],
     device: &B::Device,
 ) -> Result<()> {
     let config: TrainConfig = load_config(config, sets)?;
-    let (n_train, n_valid) =
-        chorus_train::score::<B>(&config, out, device, &mut crate::progress::Bar::default())?;
+    let (n_train, n_valid) = chorus_train::score::<B>(
+        &config,
+        remotes,
+        out,
+        device,
+        &mut crate::progress::Bar::default(),
+    )?;
     println!(
         "scored {} assistants on {n_train} train and {n_valid} valid examples: {}",
-        config.assistants.len(),
+        if remotes.is_empty() {
+            config.assistants.len()
+        } else {
+            remotes.len()
+        },
         out.display()
     );
     Ok(())

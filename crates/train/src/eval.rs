@@ -15,7 +15,7 @@ use chorus_elbo::{
 };
 use chorus_latent::DiagonalGaussian;
 use chorus_lm::{Lm, LmInput};
-use chorus_model::{Chorus, ChorusBatch};
+use chorus_model::{Assistant, Chorus, ChorusBatch, LocalLm};
 use serde::{Deserialize, Serialize};
 
 use crate::{Encoded, ScoreCache, TokenBatch, TrainError};
@@ -246,7 +246,7 @@ pub fn evaluate_composition<B: Backend>(
             let (mut top1, mut lp) = (Vec::new(), Vec::new());
             for j in 0..model.n_models() {
                 let input = LmInput::new(batch.tokens.clone()).with_padding(batch.padding.clone());
-                let logits = model.model_forward(j, input, None)?.logits;
+                let logits = model.member(j).forward(input, None, None)?.logits;
                 top1.push(top1_probability(logits.clone()));
                 lp.push(token_log_probs(logits, batch.targets.clone()));
             }
@@ -280,9 +280,8 @@ pub fn evaluate_lm<B: Backend>(
         for chunk in ids.chunks(batch_size.max(1)) {
             let (batch, n) = batch_of::<B>(data, chunk, None, device)?;
             tokens += n;
-            let input = LmInput::new(batch.tokens.clone()).with_padding(batch.padding.clone());
-            let logits = lm.forward(input, None)?.logits;
-            let lp = token_log_probs(logits, batch.targets.clone()) * batch.target_mask.clone();
+            let lp = LocalLm::new(lm).token_log_probs(&batch.score_rows(), None)?
+                * batch.target_mask.clone();
             log_p += lp.sum().into_scalar().elem::<f64>();
         }
         rows.push(EvalRow::new(name, task, ids.len(), tokens, log_p));

@@ -231,7 +231,7 @@ fn fuzz_score_cache() {
         .collect();
     let fp = crate::scores::fingerprint(&data, &["a".into()]);
     crate::score_assistants(
-        std::slice::from_ref(&lm),
+        &[&chorus_model::LocalLm::new(&lm) as &dyn chorus_model::Assistant<B>],
         &data,
         &fp,
         2,

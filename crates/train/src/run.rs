@@ -11,7 +11,7 @@ use burn::tensor::backend::AutodiffBackend;
 use chorus_data::Split;
 use chorus_elbo::posterior_deferral;
 use chorus_lm::{Lm, Tokenizer};
-use chorus_model::{Chorus, ChorusConfig};
+use chorus_model::{Assistant, Chorus, ChorusConfig, LocalLm, RemoteAssistant, RemoteSettings};
 use serde::Serialize;
 
 use crate::batch::splitmix;
@@ -235,28 +235,56 @@ pub(crate) fn score_fingerprints(
 }
 
 /// `chorus score`: the assistants' log-probs of the train and valid examples of `config`, written
-/// to `<dir>/train` and `<dir>/valid`.
+/// to `<dir>/train` and `<dir>/valid`; with `remotes`, those of the assistants behind these
+/// OpenAI-compatible servers instead of the config's (each checked to tokenize like
+/// `config.tokenizer`). Rerun after a failure, it continues where it stopped.
 pub fn score<B: Backend>(
     config: &TrainConfig,
+    remotes: &[String],
     dir: &Path,
     device: &B::Device,
     progress: &mut dyn Progress,
 ) -> Result<(usize, usize), TrainError> {
-    if config.assistants.is_empty() {
+    if config.assistants.is_empty() && remotes.is_empty() {
         return Err(TrainError::Config {
             file: "assistants".into(),
             reason: "there are no assistants to score".into(),
         });
     }
-    let (tokenizer, _, assistants) = open_models::<B>(config, device)?;
+    let (tokenizer, locals, remotes, ids) = if remotes.is_empty() {
+        let (tokenizer, _, assistants) = open_models::<B>(config, device)?;
+        let ids = config
+            .assistants
+            .iter()
+            .map(|p| model_identity(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        (tokenizer, assistants, Vec::new(), ids)
+    } else {
+        let tokenizer = Tokenizer::open(&config.tokenizer)?;
+        let remotes = remotes
+            .iter()
+            .map(|url| RemoteAssistant::connect(url, &tokenizer, RemoteSettings::default()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let ids = remotes
+            .iter()
+            .map(|r| format!("remote {}", Assistant::<B>::describe(r)))
+            .collect();
+        (tokenizer, Vec::new(), remotes, ids)
+    };
+    let members: Vec<LocalLm<'_, B>> = locals.iter().map(LocalLm::new).collect();
+    let assistants: Vec<&dyn Assistant<B>> = members
+        .iter()
+        .map(|m| m as &dyn Assistant<B>)
+        .chain(remotes.iter().map(|r| r as &dyn Assistant<B>))
+        .collect();
     let (train, valid) = prepare_data(&config.data, &tokenizer)?;
-    let (fp_train, fp_valid) = score_fingerprints(config, &train, &valid)?;
-    for (name, data, fp) in [("train", &train, &fp_train), ("valid", &valid, &fp_valid)] {
+    for (name, data) in [("train", &train), ("valid", &valid)] {
+        let fp = fingerprint(data, &ids);
         progress.begin(&format!("scoring {name}"), data.len() as u64, 0);
         let scored = crate::score_assistants(
             &assistants,
             data,
-            fp,
+            &fp,
             config.data.batch_size * 4,
             &dir.join(name),
             device,

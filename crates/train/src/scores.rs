@@ -5,12 +5,11 @@
 //! position, then assistant). The fingerprint is checked on open, so a cache never silently serves
 //! other data or other models.
 
-use std::io::Write;
+use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use burn::prelude::*;
-use chorus_elbo::token_log_probs;
-use chorus_lm::{Lm, LmInput};
+use chorus_model::{Assistant, ScoreRows};
 use memmap2::Mmap;
 use serde::{Deserialize, Serialize};
 
@@ -19,6 +18,9 @@ use crate::{Encoded, TokenBatch, TrainError};
 
 const INDEX: &str = "scores.json";
 const DATA: &str = "scores.f32";
+/// A cache being written: the examples scored so far and their values.
+const PARTIAL: &str = "scores.partial.json";
+const DATA_PARTIAL: &str = "scores.f32.partial";
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Index {
@@ -65,9 +67,13 @@ impl ScoreCache {
         let index_path = dir.join(INDEX);
         if !index_path.is_file() {
             // The index is written last: without it the cache is incomplete (or was never made).
-            return Err(bad(format!(
-                "no {INDEX}: the cache is incomplete or was never written; run `chorus score`"
-            )));
+            return Err(bad(match read_partial(&dir.join(PARTIAL)) {
+                Some(partial) => format!(
+                    "incomplete: scoring stopped after {} examples; rerun `chorus score` to complete it",
+                    partial.lengths.len()
+                ),
+                None => format!("no {INDEX}: the cache was never written; run `chorus score`"),
+            }));
         }
         let text =
             std::fs::read_to_string(&index_path).map_err(|e| TrainError::io(&index_path, e))?;
@@ -155,9 +161,14 @@ impl ScoreCache {
 }
 
 /// Runs each assistant once over `examples` (batches of `batch_size`) and writes their log-probs of
-/// every next token to `dir` (atomically: temp files, then rename).
+/// every next token to `dir`. Resumable: after each batch the scored examples are synced to
+/// `scores.f32.partial` and listed in `scores.partial.json`, so a run that stops (a server that
+/// fails, an interrupt) continues where it stopped when rerun with the same examples and
+/// assistants; the cache becomes readable ([`ScoreCache::open`]) only when complete. A complete
+/// cache for the same fingerprint is left as it is.
+#[allow(clippy::too_many_arguments)]
 pub fn score_assistants<B: Backend>(
-    assistants: &[Lm<B>],
+    assistants: &[&dyn Assistant<B>],
     examples: &[Encoded],
     fingerprint: &str,
     batch_size: usize,
@@ -167,22 +178,50 @@ pub fn score_assistants<B: Backend>(
 ) -> Result<(), TrainError> {
     std::fs::create_dir_all(dir).map_err(|e| TrainError::io(dir, e))?;
     let k = assistants.len();
-    let data_tmp = dir.join(format!("{DATA}.tmp"));
-    let mut out = std::io::BufWriter::new(
-        std::fs::File::create(&data_tmp).map_err(|e| TrainError::io(&data_tmp, e))?,
-    );
-    let mut offsets = Vec::with_capacity(examples.len());
-    let mut lengths = Vec::with_capacity(examples.len());
-    let mut offset = 0u64;
-    for (b, chunk) in examples.chunks(batch_size.max(1)).enumerate() {
+    if ScoreCache::open(dir, fingerprint).is_ok_and(|c| c.n_assistants() == k) {
+        progress(examples.len());
+        return Ok(());
+    }
+    let partial_path = dir.join(PARTIAL);
+    let data_partial = dir.join(DATA_PARTIAL);
+    let mut index = read_partial(&partial_path)
+        .filter(|p| p.fingerprint == fingerprint && p.n_assistants == k)
+        .unwrap_or(Index {
+            n_assistants: k,
+            fingerprint: fingerprint.to_string(),
+            offsets: Vec::new(),
+            lengths: Vec::new(),
+        });
+    let mut offset: u64 = index
+        .offsets
+        .last()
+        .zip(index.lengths.last())
+        .map_or(0, |(&o, &l)| o + (l * k) as u64);
+    // Keep exactly the listed examples' values: a tail written after the last listing goes.
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .open(&data_partial)
+        .map_err(|e| TrainError::io(&data_partial, e))?;
+    file.set_len(offset * 4)
+        .map_err(|e| TrainError::io(&data_partial, e))?;
+    file.seek(SeekFrom::End(0))
+        .map_err(|e| TrainError::io(&data_partial, e))?;
+    let start = index.lengths.len().min(examples.len());
+    progress(start);
+    for chunk in examples[start..].chunks(batch_size.max(1)) {
         let refs: Vec<&Encoded> = chunk.iter().collect();
         let batch = TokenBatch::new(&refs).to_device::<B>(device);
+        let rows = ScoreRows {
+            tokens: batch.tokens.clone(),
+            targets: batch.targets.clone(),
+            padding: batch.padding.clone(),
+        };
         let columns: Vec<Vec<f32>> = assistants
             .iter()
-            .map(|lm| {
-                let input = LmInput::new(batch.tokens.clone()).with_padding(batch.padding.clone());
-                let logits = lm.forward(input, None)?.logits;
-                let lp = token_log_probs(logits, batch.targets.clone());
+            .map(|a| {
+                let lp = a.token_log_probs(&rows, None)?;
                 Ok(lp
                     .into_data()
                     .convert::<f32>()
@@ -191,37 +230,49 @@ pub fn score_assistants<B: Backend>(
             })
             .collect::<Result<_, TrainError>>()?;
         let seq = batch.tokens.dims()[1];
+        let mut bytes = Vec::new();
         for (r, e) in chunk.iter().enumerate() {
             let len = e.input_len();
             for t in 0..len {
                 for column in &columns {
-                    out.write_all(&column[r * seq + t].to_le_bytes())
-                        .map_err(|e| TrainError::io(&data_tmp, e))?;
+                    bytes.extend_from_slice(&column[r * seq + t].to_le_bytes());
                 }
             }
-            offsets.push(offset);
-            lengths.push(len);
+            index.offsets.push(offset);
+            index.lengths.push(len);
             offset += (len * k) as u64;
         }
-        progress((b + 1) * batch_size.max(1));
+        file.write_all(&bytes)
+            .and_then(|()| file.sync_data())
+            .map_err(|e| TrainError::io(&data_partial, e))?;
+        // The listing follows the data it describes.
+        write_atomically(
+            &partial_path,
+            &serde_json::to_string(&index).expect("serializes"),
+        )?;
+        progress(index.lengths.len());
     }
-    out.flush().map_err(|e| TrainError::io(&data_tmp, e))?;
-    drop(out);
-    let index = Index {
-        n_assistants: k,
-        fingerprint: fingerprint.to_string(),
-        offsets,
-        lengths,
-    };
-    let index_tmp = dir.join(format!("{INDEX}.tmp"));
-    std::fs::write(
-        &index_tmp,
-        serde_json::to_string(&index).expect("serializes"),
-    )
-    .map_err(|e| TrainError::io(&index_tmp, e))?;
-    // Data first: an index is only ever next to the data it describes.
+    drop(file);
+    // Complete: the data under its final name first, then the index that makes it readable.
     let _ = std::fs::remove_file(dir.join(INDEX));
-    std::fs::rename(&data_tmp, dir.join(DATA)).map_err(|e| TrainError::io(dir.join(DATA), e))?;
-    std::fs::rename(&index_tmp, dir.join(INDEX)).map_err(|e| TrainError::io(dir.join(INDEX), e))?;
+    std::fs::rename(&data_partial, dir.join(DATA))
+        .map_err(|e| TrainError::io(dir.join(DATA), e))?;
+    write_atomically(
+        &dir.join(INDEX),
+        &serde_json::to_string(&index).expect("serializes"),
+    )?;
+    std::fs::remove_file(&partial_path).map_err(|e| TrainError::io(&partial_path, e))?;
     Ok(())
+}
+
+/// The listing of a half-written cache, if there is a readable one.
+fn read_partial(path: &Path) -> Option<Index> {
+    serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
+}
+
+/// Writes `text` to a temporary name and renames it into place.
+fn write_atomically(path: &Path, text: &str) -> Result<(), TrainError> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).map_err(|e| TrainError::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| TrainError::io(path, e))
 }

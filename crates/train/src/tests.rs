@@ -8,7 +8,7 @@ use burn::module::AutodiffModule;
 use burn::prelude::*;
 use chorus_data::{Example, Split, Task};
 use chorus_lm::{LlamaConfig, Lm, LmConfig, Tokenizer};
-use chorus_model::{Chorus, ChorusConfig};
+use chorus_model::{Assistant, Chorus, ChorusConfig, LocalLm};
 
 use crate::checkpoint::ModelManifest;
 use crate::run::{Loop, run_loop};
@@ -529,16 +529,9 @@ fn training_on_the_score_cache_equals_live_assistants_with_several_z_samples() {
     // `TokenBatch::with_scores` fills a batch of examples in an order other than the cache's.
     let inner = model.valid();
     let fp = crate::scores::fingerprint(&data, &["a".into(), "b".into()]);
-    score_assistants(
-        &inner.assistants,
-        &data,
-        &fp,
-        4,
-        dir.path(),
-        &device,
-        |_| {},
-    )
-    .unwrap();
+    let members: Vec<LocalLm<B>> = inner.assistants.iter().map(LocalLm::new).collect();
+    let members: Vec<&dyn Assistant<B>> = members.iter().map(|m| m as &dyn Assistant<B>).collect();
+    score_assistants(&members, &data, &fp, 4, dir.path(), &device, |_| {}).unwrap();
     let cache = ScoreCache::open(dir.path(), &fp).unwrap();
     let ids = [7usize, 2, 5, 0];
     let refs: Vec<&Encoded> = ids.iter().map(|&i| &data[i]).collect();
@@ -588,7 +581,7 @@ fn score_cache_round_trips_and_rejects_other_data() {
     let lm = llama(VOCAB).init::<B>(&device).unwrap();
     let fp = crate::scores::fingerprint(&data, &["a".into()]);
     score_assistants(
-        std::slice::from_ref(&lm),
+        &[&LocalLm::new(&lm) as &dyn Assistant<B>],
         &data,
         &fp,
         3,

@@ -1,0 +1,294 @@
+//! Scoring with a remote assistant against a fake OpenAI-compatible server on 127.0.0.1 (real TCP,
+//! real HTTP) that answers well, drops connections, answers too slowly, returns malformed JSON or
+//! tokenizes differently: every failure is one clear error naming the server, the score cache is
+//! never readable half-written, and a rerun completes it to exactly the bytes of an uninterrupted
+//! run.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use burn::backend::NdArray;
+use chorus_lm::Tokenizer;
+use chorus_model::{Assistant, RemoteAssistant, RemoteSettings};
+use chorus_train::{Encoded, ScoreCache, score_assistants};
+use serde_json::{Value, json};
+
+type B = NdArray;
+
+/// How the fake server answers `/v1/completions` requests from the `fail_from`-th on.
+#[derive(Clone, Copy, PartialEq)]
+enum Failure {
+    None,
+    /// Closes the connection without answering.
+    Drop,
+    /// Answers after 2 s.
+    Slow,
+    /// Answers 200 with a body that is not JSON.
+    Malformed,
+    /// Drops only the `fail_from`-th request (a transient fault).
+    DropOnce,
+}
+
+struct FakeServer {
+    url: String,
+    completions: Arc<AtomicUsize>,
+}
+
+/// The log-prob the fake server gives token `id` at prompt position `i` (exactly representable).
+fn fake_log_prob(id: u32, i: usize) -> f64 {
+    -0.25 * ((id as usize * 7 + i) % 40) as f64 - 0.125
+}
+
+fn answer(stream: &mut TcpStream, status: &str, body: &str) {
+    let _ = write!(
+        stream,
+        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+}
+
+/// A server with llama-cpp-python's OpenAI behaviour minus its BOS quirk (it serves `/tokenize`,
+/// as vLLM does): tokenizes with `tokenizer` (`shift` added to every id to fake another
+/// tokenizer) and scores every prompt token with [`fake_log_prob`].
+fn fake_server(tokenizer: Tokenizer, failure: Failure, fail_from: usize, shift: u32) -> FakeServer {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let completions = Arc::new(AtomicUsize::new(0));
+    let count = completions.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            if reader.read_line(&mut line).is_err() {
+                continue;
+            }
+            let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
+            let mut length = 0;
+            loop {
+                let mut header = String::new();
+                if reader.read_line(&mut header).is_err() || header.trim().is_empty() {
+                    break;
+                }
+                if let Some(v) = header.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0; length];
+            let _ = reader.read_exact(&mut body);
+            let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            match path.as_str() {
+                "/v1/models" => answer(&mut stream, "200 OK", r#"{"data":[{"id":"fake"}]}"#),
+                "/tokenize" => {
+                    let ids: Vec<u32> = tokenizer
+                        .encode(request["prompt"].as_str().unwrap_or(""))
+                        .unwrap()
+                        .into_iter()
+                        .map(|t| t + shift)
+                        .collect();
+                    answer(&mut stream, "200 OK", &json!({ "tokens": ids }).to_string());
+                }
+                "/v1/completions" => {
+                    let n = count.fetch_add(1, Ordering::SeqCst);
+                    let failing = match failure {
+                        Failure::DropOnce => n == fail_from,
+                        f => f != Failure::None && n >= fail_from,
+                    };
+                    if failing {
+                        match failure {
+                            Failure::Drop | Failure::DropOnce => drop(stream),
+                            Failure::Slow => {
+                                std::thread::sleep(Duration::from_secs(2));
+                                answer(&mut stream, "200 OK", "{}");
+                            }
+                            Failure::Malformed => {
+                                answer(&mut stream, "200 OK", r#"{"choices": [{"logprobs": "#)
+                            }
+                            Failure::None => unreachable!(),
+                        }
+                        continue;
+                    }
+                    let ids = tokenizer
+                        .encode(request["prompt"].as_str().unwrap_or(""))
+                        .unwrap();
+                    let mut lps: Vec<Value> = vec![Value::Null];
+                    lps.extend(
+                        ids.iter()
+                            .enumerate()
+                            .skip(1)
+                            .map(|(i, &t)| json!(fake_log_prob(t, i))),
+                    );
+                    lps.push(json!(-1.0)); // the generated token
+                    let body =
+                        json!({"choices": [{"text": "", "logprobs": {"token_logprobs": lps}}]});
+                    answer(&mut stream, "200 OK", &body.to_string());
+                }
+                _ => answer(&mut stream, "404 Not Found", r#"{"detail":"Not Found"}"#),
+            }
+        }
+    });
+    FakeServer { url, completions }
+}
+
+fn tokenizer() -> Tokenizer {
+    let texts = [
+        "the cat sat on the mat.",
+        "a dog ran to the log!",
+        "what did the cat see?",
+    ];
+    Tokenizer::train_bpe(texts.iter().cycle().take(60), 300, &["<|endoftext|>"]).unwrap()
+}
+
+fn examples(tokenizer: &Tokenizer) -> Vec<Encoded> {
+    let eos = tokenizer.token_to_id("<|endoftext|>").unwrap();
+    [
+        "the cat sat.",
+        "a dog ran to the mat!",
+        "what did the dog see?",
+        "the log.",
+        "a cat ran.",
+        "what did the cat sit on?",
+        "the dog sat on the log.",
+    ]
+    .iter()
+    .map(|text| {
+        let mut tokens = vec![eos];
+        tokens.extend(tokenizer.encode(text).unwrap());
+        tokens.push(eos);
+        Encoded {
+            task: chorus_data::Task::Story,
+            tokens,
+            context_len: 1,
+        }
+    })
+    .collect()
+}
+
+fn settings() -> RemoteSettings {
+    RemoteSettings {
+        timeout: Duration::from_millis(500),
+        retries: 1,
+        backoff: Duration::from_millis(10),
+        concurrency: 2,
+        ..RemoteSettings::default()
+    }
+}
+
+/// Scores `data` with the assistant behind `url`, batches of 2.
+fn score(url: &str, tokenizer: &Tokenizer, data: &[Encoded], dir: &Path) -> Result<(), String> {
+    let remote = RemoteAssistant::connect(url, tokenizer, settings()).map_err(|e| e.to_string())?;
+    let device = Default::default();
+    score_assistants::<B>(
+        &[&remote as &dyn Assistant<B>],
+        data,
+        "fp",
+        2,
+        dir,
+        &device,
+        |_| {},
+    )
+    .map_err(|e| e.to_string())
+}
+
+#[test]
+fn a_healthy_server_scores_every_target_token() {
+    let tok = tokenizer();
+    let data = examples(&tok);
+    let server = fake_server(tok.clone(), Failure::None, 0, 0);
+    let dir = tempfile::tempdir().unwrap();
+    score(&server.url, &tok, &data, dir.path()).unwrap();
+    let cache = ScoreCache::open(dir.path(), "fp").unwrap();
+    for (i, e) in data.iter().enumerate() {
+        // Target t is row token t + 1, scored at the server's prompt position t + 1.
+        let expected: Vec<f32> = (0..e.input_len())
+            .map(|t| fake_log_prob(e.tokens[t + 1], t + 1) as f32)
+            .collect();
+        assert_eq!(cache.example(i).unwrap(), expected, "example {i}");
+    }
+    assert_eq!(server.completions.load(Ordering::SeqCst), data.len());
+}
+
+#[test]
+fn failures_give_one_clear_error_and_a_cache_that_completes_on_rerun() {
+    let tok = tokenizer();
+    let data = examples(&tok);
+    let reference = tempfile::tempdir().unwrap();
+    let healthy = fake_server(tok.clone(), Failure::None, 0, 0);
+    score(&healthy.url, &tok, &data, reference.path()).unwrap();
+    let expected = std::fs::read(reference.path().join("scores.f32")).unwrap();
+
+    for (failure, what) in [
+        (Failure::Drop, "no answer after 2 attempts"),
+        (Failure::Slow, "no answer after 2 attempts"),
+        (Failure::Malformed, "not JSON"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        // Fails from the 3rd request on: the first batch (2 rows) is written, the second is not.
+        let bad = fake_server(tok.clone(), failure, 2, 0);
+        let error = score(&bad.url, &tok, &data, dir.path()).unwrap_err();
+        assert!(
+            error.contains(&bad.url) && error.contains(what),
+            "one clear error naming the server: {error}"
+        );
+        let open = ScoreCache::open(dir.path(), "fp").unwrap_err().to_string();
+        assert!(
+            open.contains("incomplete: scoring stopped after 2 examples"),
+            "{open}"
+        );
+        // Rerun against a working server: it continues after the 2 scored examples.
+        let good = fake_server(tok.clone(), Failure::None, 0, 0);
+        score(&good.url, &tok, &data, dir.path()).unwrap();
+        assert_eq!(good.completions.load(Ordering::SeqCst), data.len() - 2);
+        assert_eq!(
+            std::fs::read(dir.path().join("scores.f32")).unwrap(),
+            expected
+        );
+        assert!(!dir.path().join("scores.partial.json").exists());
+        ScoreCache::open(dir.path(), "fp").unwrap();
+    }
+}
+
+#[test]
+fn a_dropped_connection_is_retried() {
+    let tok = tokenizer();
+    let data = examples(&tok);
+    let server = fake_server(tok.clone(), Failure::DropOnce, 3, 0);
+    let dir = tempfile::tempdir().unwrap();
+    score(&server.url, &tok, &data, dir.path()).unwrap();
+    assert_eq!(server.completions.load(Ordering::SeqCst), data.len() + 1);
+    ScoreCache::open(dir.path(), "fp").unwrap();
+}
+
+#[test]
+fn a_server_that_tokenizes_differently_is_refused() {
+    let tok = tokenizer();
+    let server = fake_server(tok.clone(), Failure::None, 0, 1);
+    let error = RemoteAssistant::connect(&server.url, &tok, settings()).unwrap_err();
+    let message = error.to_string();
+    assert!(
+        message.contains(&server.url) && message.contains("tokenizes differently"),
+        "{message}"
+    );
+}
+
+#[test]
+fn an_unreachable_server_is_named() {
+    let tok = tokenizer();
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port(); // bound, then closed: nothing listens
+    let url = format!("http://127.0.0.1:{port}");
+    let message = RemoteAssistant::connect(&url, &tok, settings())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        message.contains(&url) && message.contains("no answer after 2 attempts"),
+        "{message}"
+    );
+}
