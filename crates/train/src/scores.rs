@@ -72,7 +72,9 @@ impl ScoreCache {
                     "incomplete: scoring stopped after {} examples; rerun `chorus score` to complete it",
                     partial.lengths.len()
                 ),
-                None => format!("no {INDEX}: the cache was never written; run `chorus score`"),
+                None => format!(
+                    "no {INDEX}: the cache is incomplete or was never written; run `chorus score`"
+                ),
             }));
         }
         let text =
