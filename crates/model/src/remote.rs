@@ -283,6 +283,9 @@ impl RemoteAssistant {
 
     /// `log P(row[t + 1] | row[..=t])` for t in `0..row.len() − 1`.
     pub fn score_row(&self, row: &[u32]) -> Result<Vec<f32>, ModelError> {
+        if row.len() < 2 {
+            return Ok(Vec::new()); // nothing to score (an all-padding row)
+        }
         let ids = self.request_ids(row)?;
         if ids.len() + 1 > self.settings.max_seq_len {
             return Err(self.error(format!(
