@@ -17,6 +17,20 @@ ROOT = Path(__file__).resolve().parent.parent
 
 MUTANTS = [
     (
+        "interpolated z weighs the references the wrong way round",
+        "crates/model/src/decode.rs",
+        "posterior_mean(from)?.mul_scalar(1.0 - alpha)",
+        "posterior_mean(from)?.mul_scalar(alpha)",
+        ["-p", "chorus-model", "--lib", "decoding_z_comes_from"],
+    ),
+    (
+        "a saved model's checksums are not checked on load",
+        "crates/model/src/saved.rs",
+        "            if &actual != expected {",
+        "            if false && &actual != expected {",
+        ["-p", "chorus-model", "--lib", "a_saved_model_loads"],
+    ),
+    (
         "remote scores read one echoed log-prob too late",
         "crates/model/src/remote.rs",
         "let first = 1;",
@@ -47,8 +61,8 @@ MUTANTS = [
     (
         "resume ignores the checkpoint's parameters",
         "crates/train/src/run.rs",
-        "        model = loaded;\n",
-        "        let _ = loaded;\n",
+        "        model = loaded.model;\n",
+        "        let _ = loaded.model;\n",
         ["-p", "chorus-train", "--lib", "resume_is_bit_identical"],
     ),
     (
@@ -165,9 +179,9 @@ MUTANTS = [
     ),
     (
         "lazy catch-up decodes assistants without z",
-        "crates/model/src/decode.rs",
-        "        let (logits, _) = self.step_model(j, tokens, z, cache)?;",
-        "        let (logits, _) = self.step_model(j, tokens, z.filter(|_| false), cache)?;",
+        "crates/model/src/assistant.rs",
+        "            let (logits, _) = self.model.step(tokens, self.z.clone(), cache)?;",
+        "            let (logits, _) = self.model.step(tokens, None, cache)?;",
         ["-p", "chorus-model", "--lib", "cached_decoding_equals_full_recomputation"],
     ),
     (
@@ -200,9 +214,9 @@ MUTANTS = [
     ),
     (
         "evaluation's deferral counts the base's share",
-        "crates/train/src/eval.rs",
-        "deferred += ((r0.neg().add_scalar(1.0)) * batch.target_mask.clone())",
-        "deferred += (r0 * batch.target_mask.clone())",
+        "crates/elbo/src/routing.rs",
+        "    (base.neg().add_scalar(1.0) * mask).sum()",
+        "    (base * mask).sum()",
         ["-p", "chorus-train", "--lib", "evaluation_matches_a_joint_model"],
     ),
     (
@@ -214,16 +228,16 @@ MUTANTS = [
     ),
     (
         "calibration without the always-defer candidate",
-        "crates/train/src/calibrate.rs",
-        "    let (nll, deferral) = score(0.0);",
-        "    let (nll, deferral) = score(1.0);",
+        "crates/model/src/calibrate.rs",
+        "        let (nll, deferral) = score(0.0);",
+        "        let (nll, deferral) = score(1.0);",
         ["-p", "chorus-train", "--lib", "calibration_finds_the_known_optimum"],
     ),
     (
         "calibration keeps the worst candidate",
-        "crates/train/src/calibrate.rs",
-        "        .min_by(|a, b| a.nll.total_cmp(&b.nll))",
-        "        .max_by(|a, b| a.nll.total_cmp(&b.nll))",
+        "crates/model/src/calibrate.rs",
+        "            .min_by(|a, b| a.nll.total_cmp(&b.nll))",
+        "            .max_by(|a, b| a.nll.total_cmp(&b.nll))",
         ["-p", "chorus-train", "--lib", "calibration_finds_the_known_optimum"],
     ),
     (
@@ -279,8 +293,8 @@ MUTANTS = [
     (
         "the confidence rule always defers to the first assistant",
         "crates/model/src/decode.rs",
-        "                        Some(1 + argmax(&confidence))",
-        "                        Some(1 + 0 * argmax(&confidence))",
+        "*w = Some(1 + argmax(&confidence));",
+        "*w = Some(1 + 0 * argmax(&confidence));",
         ["-p", "chorus-model", "--lib", "a_composition_with_the_confidence_rule"],
     ),
     (

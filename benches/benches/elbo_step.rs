@@ -78,7 +78,6 @@ fn elbo_step(c: &mut Criterion) {
             &device,
         ),
         assistant_log_probs: None,
-        encoder_tokens: None,
     };
     let text_tokens = (BATCH * (SEQ - CONTEXT + 1)) as u64;
 

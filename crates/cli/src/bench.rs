@@ -175,7 +175,6 @@ fn time_joint_steps<B: Backend>(
         ),
         assistant_log_probs: (joint == Joint::Cached)
             .then(|| Tensor::random([batch, seq, 2], Distribution::Uniform(-10.0, 0.0), device)),
-        encoder_tokens: None,
     };
     time_steps(model, optimizer, steps, device, |model| {
         Ok(model

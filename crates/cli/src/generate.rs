@@ -6,21 +6,16 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use burn::prelude::*;
-use burn::tensor::Distribution;
-use chorus_data::{Split, fetch::cache_dir, load_examples};
 use chorus_lm::Tokenizer;
 use chorus_model::{
-    Assistant, AssistantUpdate, Chorus, DecodeConfig, Decoded, RemoteAssistant, RemoteSettings,
-    WriterStrategy,
-};
-use chorus_train::{
-    DataConfig, EtaCalibration, calibrate_eta, encode_examples, load_chorus, load_task_examples,
+    Assistant, AssistantUpdate, Chorus, DecodeConfig, Decoded, EtaCalibration, RemoteAssistant,
+    RemoteSettings, WriterStrategy, ZSource,
 };
 use serde::Serialize;
 
-/// Where z comes from.
+/// Where z comes from (`--z`; [`ZSource`] with the references and seed filled in).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum ZSource {
+pub enum ZChoice {
     /// A sample of the prior p(z | c).
     Prior,
     /// The prior's mean.
@@ -47,7 +42,7 @@ pub struct GenerateArgs<'a> {
     pub prompt: Option<&'a str>,
     pub prompt_file: Option<&'a Path>,
     pub strategy: Option<&'a str>,
-    pub z: ZSource,
+    pub z: ZChoice,
     pub references: &'a [String],
     pub alpha: f64,
     pub temperature: f64,
@@ -246,9 +241,9 @@ fn load_model<B: Backend>(
     path: &Path,
     device: &B::Device,
 ) -> Result<(Chorus<B>, Vec<String>, Tokenizer)> {
-    if path.join("chorus.json").is_file() || path.join("state.json").is_file() {
-        let (model, manifest, tokenizer, _) = load_chorus::<B>(path, device)?;
-        return Ok((model, manifest.sources, tokenizer));
+    if path.join(chorus_model::MANIFEST_FILE).is_file() || path.join("state.json").is_file() {
+        let saved = Chorus::<B>::load(path, device)?;
+        return Ok((saved.model, saved.manifest.sources, saved.tokenizer));
     }
     let (lm, tokenizer) = open_lm::<B>(path, device)?;
     let single = chorus_model::ChorusConfig {
@@ -311,62 +306,45 @@ pub fn generate<B: Backend>(args: GenerateArgs<'_>, device: &B::Device) -> Resul
     let mut prompt = vec![eos];
     prompt.extend(tokenizer.encode(&prompt_text)?);
     let rows = args.samples.max(1);
-    let d_latent = model.config.d_latent;
-    let z_description;
-    let z = if !model.config.has_z() {
-        z_description = "none (the model has no z)".to_string();
-        None
+    let encode_reference = |text: &str| -> Result<Vec<u32>> {
+        let mut ids = tokenizer.encode(text)?;
+        ids.push(eos);
+        Ok(ids)
+    };
+    let references = args
+        .references
+        .iter()
+        .map(|r| encode_reference(r))
+        .collect::<Result<Vec<_>>>()?;
+    let (source, z_description) = match (args.z, references.as_slice()) {
+        (ZChoice::Prior, _) => (
+            ZSource::PriorSample { seed: args.seed },
+            "prior sample".into(),
+        ),
+        (ZChoice::PriorMean, _) => (ZSource::PriorMean, "prior mean".into()),
+        (ZChoice::Posterior, [reference]) => (
+            ZSource::Posterior { reference },
+            format!("posterior mean of {:?}", args.references[0]),
+        ),
+        (ZChoice::Posterior, _) => bail!("--z posterior needs exactly one --reference TEXT"),
+        (ZChoice::Interpolate, [from, to]) => (
+            ZSource::Interpolate {
+                from,
+                to,
+                alpha: args.alpha,
+            },
+            format!(
+                "(1 − {0}) · q({1:?}) + {0} · q({2:?})",
+                args.alpha, args.references[0], args.references[1]
+            ),
+        ),
+        (ZChoice::Interpolate, _) => bail!("--z interpolate needs two --reference TEXT"),
+    };
+    let z = model.decoding_z(&source, &prompt, rows, device)?;
+    let z_description = if z.is_some() {
+        z_description
     } else {
-        let posterior_mean = |text: &str| -> Result<Tensor<B, 1>> {
-            let mut ids = tokenizer.encode(text)?;
-            ids.push(eos);
-            let q = model
-                .posterior_for_text(&prompt, &ids, device)?
-                .expect("the model has z");
-            Ok(q.mean.reshape([d_latent]))
-        };
-        let rows_of = |v: Tensor<B, 1>| v.unsqueeze_dim::<2>(0).repeat_dim(0, rows);
-        Some(match args.z {
-            ZSource::Prior | ZSource::PriorMean => {
-                let tokens = Tensor::<B, 2, Int>::from_data(
-                    TensorData::new(
-                        prompt.iter().map(|&t| t as i64).collect::<Vec<_>>(),
-                        [1, prompt.len()],
-                    ),
-                    device,
-                )
-                .repeat_dim(0, rows);
-                let p = model.prior_for_prompt(tokens)?.expect("the model has z");
-                if args.z == ZSource::PriorMean {
-                    z_description = "prior mean".into();
-                    p.mean
-                } else {
-                    z_description = "prior sample".into();
-                    B::seed(device, args.seed);
-                    let eps = Tensor::random(p.mean.dims(), Distribution::Normal(0.0, 1.0), device);
-                    p.std() * eps + p.mean
-                }
-            }
-            ZSource::Posterior => {
-                let [reference] = args.references else {
-                    bail!("--z posterior needs exactly one --reference TEXT");
-                };
-                z_description = format!("posterior mean of {reference:?}");
-                rows_of(posterior_mean(reference)?)
-            }
-            ZSource::Interpolate => {
-                let [a, b] = args.references else {
-                    bail!("--z interpolate needs two --reference TEXT");
-                };
-                if !(0.0..=1.0).contains(&args.alpha) {
-                    bail!("--alpha {} must be in [0, 1]", args.alpha);
-                }
-                z_description = format!("(1 − {0}) · q({a:?}) + {0} · q({b:?})", args.alpha);
-                let za = posterior_mean(a)?;
-                let zb = posterior_mean(b)?;
-                rows_of(za.mul_scalar(1.0 - args.alpha) + zb.mul_scalar(args.alpha))
-            }
-        })
+        "none (the model has no z)".to_string()
     };
     let config = DecodeConfig {
         strategy,
@@ -577,48 +555,4 @@ h1{font:600 1.3rem system-ui,sans-serif}.meta{font:13px system-ui,sans-serif;col
         100.0 * report.deferral_rate
     ));
     s
-}
-
-/// `chorus calibrate`: η for the threshold rule on the validation split, saved next to the model.
-pub fn calibrate<B: Backend>(
-    model_dir: &Path,
-    max_examples: usize,
-    data: Option<DataConfig>,
-    device: &B::Device,
-) -> Result<()> {
-    let (model, _, tokenizer, _): (Chorus<B>, _, _, _) = load_chorus::<B>(model_dir, device)?;
-    let data = data.unwrap_or_default();
-    let all = load_examples(&data.cache.clone().unwrap_or_else(cache_dir))?;
-    let examples = load_task_examples(&all, &data, Split::Valid, max_examples)?;
-    let encoded = encode_examples(&examples, &tokenizer, &data.eos_token, data.max_seq_len)?;
-    let calibration = calibrate_eta(&model, &encoded, data.batch_size, device)?;
-    println!(
-        "| quantile of π* | η | valid NLL/token (hard routing) | deferral |\n|---|---|---|---|"
-    );
-    for c in &calibration.candidates {
-        println!(
-            "| {} | {:.4} | {:.4} | {:.1} % |{}",
-            match c.quantile {
-                Some(q) => format!("{q:.2}"),
-                None if c.eta == 0.0 => "always defer".into(),
-                None => "never defer".into(),
-            },
-            c.eta,
-            c.nll,
-            100.0 * c.deferral,
-            if c.eta == calibration.eta {
-                " ← chosen"
-            } else {
-                ""
-            }
-        );
-    }
-    calibration.save(model_dir)?;
-    println!(
-        "η = {:.4} on {} validation tokens; saved to {}",
-        calibration.eta,
-        calibration.tokens,
-        model_dir.join(chorus_train::DECODING_FILE).display()
-    );
-    Ok(())
 }

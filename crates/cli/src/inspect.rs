@@ -53,7 +53,12 @@ pub fn run<B: Backend>(path: &Path, device: &B::Device) -> Result<()> {
 
 /// A joint-model checkpoint: its models, the chorus switches, parameter counts and training state.
 fn joint<B: Backend>(path: &Path, device: &B::Device) -> Result<()> {
-    let (model, manifest, tokenizer, state) = chorus_train::load_chorus::<B>(path, device)?;
+    let (saved, state) = chorus_train::load_chorus::<B>(path, device)?;
+    let chorus_model::SavedChorus {
+        model,
+        manifest,
+        tokenizer,
+    } = saved;
     println!("{:<14}{} (chorus joint checkpoint)", "path", path.display());
     let roles = std::iter::once(("base", &model.base))
         .chain(model.assistants.iter().map(|a| ("assistant", a)));
@@ -96,7 +101,7 @@ fn joint<B: Backend>(path: &Path, device: &B::Device) -> Result<()> {
     if let Some(nll) = state.valid_nll {
         println!("{:<14}valid NLL/token {nll:.4} at this step", "validation");
     }
-    match chorus_train::EtaCalibration::load(path)? {
+    match chorus_model::EtaCalibration::load(path)? {
         Some(c) => println!(
             "{:<14}η = {:.4} (calibrated on {} validation tokens)",
             "decoding", c.eta, c.tokens

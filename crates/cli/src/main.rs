@@ -1,6 +1,7 @@
 //! `chorus`: train, evaluate and inspect collaborative language models.
 
 mod bench;
+mod calibrate;
 mod data;
 mod device;
 mod embed;
@@ -203,8 +204,8 @@ enum Command {
         #[arg(long)]
         strategy: Option<String>,
         /// Where z comes from.
-        #[arg(long, value_enum, default_value_t = generate::ZSource::Prior)]
-        z: generate::ZSource,
+        #[arg(long, value_enum, default_value_t = generate::ZChoice::Prior)]
+        z: generate::ZChoice,
         /// Reference text(s) for `--z posterior` (one) or `--z interpolate` (two).
         #[arg(long = "reference")]
         references: Vec<String>,
@@ -519,7 +520,7 @@ fn run(cli: Cli) -> Result<()> {
                     chorus_train::load_config::<chorus_train::DataSection>(None, &config.sets)?.data
                 }
             });
-            with_backend!(cli.device, |B, device| generate::calibrate::<B>(
+            with_backend!(cli.device, |B, device| calibrate::run::<B>(
                 &model,
                 max_examples,
                 data.clone(),

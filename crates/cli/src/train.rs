@@ -188,13 +188,13 @@ pub fn eval<B: Backend>(args: EvalArgs<'_>, device: &B::Device) -> Result<()> {
     for spec in args.models {
         let (name, path) = parse_model(spec);
         let (model, tok) = if path.join("chorus.json").is_file() {
-            let (model, _, tok, state) = load_chorus::<B>(&path, device)?;
+            let (saved, state) = load_chorus::<B>(&path, device)?;
             eprintln!(
                 "{name}: joint model, K = {}, step {}",
-                model.n_models(),
+                saved.model.n_models(),
                 state.step
             );
-            (Loaded::Joint(Box::new(model)), tok)
+            (Loaded::Joint(Box::new(saved.model)), saved.tokenizer)
         } else {
             let (lm, tok) = crate::generate::open_lm::<B>(&path, device)?;
             (Loaded::Single(Box::new(lm)), tok)

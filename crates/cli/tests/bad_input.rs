@@ -396,11 +396,15 @@ fn unwritable_outputs_and_empty_inputs_are_clear() {
         &["eval", "--model", &f.path("lm"), "--text-file", &empty],
         &["empty.txt"],
     );
-    // A joint checkpoint whose state.json is cut short.
+    // A joint checkpoint whose manifest is empty and whose state.json is cut short: inference
+    // reads the model (chorus.json), evaluation and inspection the training state too.
     f.write("joint/chorus.json", "{}");
     f.write("joint/state.json", "{\"step\": 3, \"tot");
     for cmd in ["generate", "calibrate"] {
-        f.fails(&[cmd, "--model", &f.path("joint")], &["state.json"]);
+        f.fails(
+            &[cmd, "--model", &f.path("joint")],
+            &["chorus.json", "not a chorus manifest"],
+        );
     }
     f.fails(&["eval", "--model", &f.path("joint")], &["state.json"]);
     f.fails(&["inspect", &f.path("joint")], &["state.json"]);

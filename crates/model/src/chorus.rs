@@ -11,10 +11,10 @@ use chorus_latent::{
     DiagonalGaussian, GaussianHead, GaussianHeadConfig, Prior, Selector, SelectorConfig,
     masked_mean_pool, router_posterior,
 };
-use chorus_lm::{Bert, Lm, LmInput};
+use chorus_lm::{Lm, LmInput};
 use chorus_lm_adapters::{ZAdapter, ZAdapterConfig};
 
-use crate::{Assistant, ChorusConfig, EncoderKind, LocalLm, ModelError, ScoreRows};
+use crate::{Assistant, ChorusConfig, LocalLm, ModelError, ScoreRows};
 
 /// One training or evaluation batch: `c` then `x` in one row, teacher-forced.
 ///
@@ -36,9 +36,6 @@ pub struct ChorusBatch<B: Backend> {
     /// `[batch, seq, n_assistants]`: precomputed `log P_j(targets[t])` of frozen assistants without
     /// adapters (Co-LLM's scoring step). When present, the assistants are not run.
     pub assistant_log_probs: Option<Tensor<B, 3>>,
-    /// With a separate encoder ([`EncoderKind::Bert`]): `[batch, enc_seq]` its tokenization of
-    /// (c, x) and `[batch, enc_seq]` its padding mask (true = padding).
-    pub encoder_tokens: Option<(Tensor<B, 2, Int>, Tensor<B, 2, Bool>)>,
 }
 
 impl<B: Backend> ChorusBatch<B> {
@@ -101,8 +98,6 @@ pub struct Chorus<B: Backend> {
     pub prior: Option<Prior<B>>,
     /// π(j | ·) over K models (`None` when K = 1).
     pub selector: Option<Selector<B>>,
-    /// A separate encoder for the posterior (`None`: the base's hidden states). Frozen.
-    pub encoder: Option<Bert<B>>,
     /// The switches.
     #[module(skip)]
     pub config: ChorusConfig,
@@ -186,7 +181,6 @@ impl<B: Backend> Chorus<B> {
             posterior,
             prior,
             selector,
-            encoder: None,
             config,
         }
         .number_parameters())
@@ -228,29 +222,6 @@ impl<B: Backend> Chorus<B> {
         self.map(&mut Numbering(0))
     }
 
-    /// Reads the posterior's features from a separate, frozen BERT encoder (e.g. MiniLM) instead
-    /// of the base: the posterior head is re-created for the encoder's width and batches must carry
-    /// [`ChorusBatch::encoder_tokens`].
-    pub fn with_encoder(
-        mut self,
-        encoder: Bert<B>,
-        device: &B::Device,
-    ) -> Result<Self, ModelError> {
-        if !self.config.has_z() {
-            return Err(ModelError::InvalidConfig(
-                "an encoder needs z (d_latent > 0)".into(),
-            ));
-        }
-        let head = GaussianHeadConfig {
-            d_hidden: encoder.d_model,
-            d_latent: self.config.d_latent,
-        };
-        self.posterior = Some(head.init(device)?);
-        self.encoder = Some(encoder.no_grad());
-        self.config.encoder = EncoderKind::Bert;
-        Ok(self.number_parameters())
-    }
-
     /// K, the number of models.
     pub fn n_models(&self) -> usize {
         1 + self.assistants.len()
@@ -284,41 +255,11 @@ impl<B: Backend> Chorus<B> {
         };
         let [n_rows, _] = batch.tokens.dims();
         let device = batch.tokens.device();
-        // The base's unconditioned hidden states feed the posterior (unless a separate encoder
-        // does) and the conditional prior; with an encoder and N(0, I) they are not needed.
-        let hidden = if self.encoder.is_none() || prior.head.is_some() {
-            let input = LmInput::new(batch.tokens.clone()).with_padding(batch.padding.clone());
-            Some(self.base.forward(input, None)?.hidden)
-        } else {
-            None
-        };
-        let features = match (&self.encoder, &batch.encoder_tokens) {
-            (None, _) if self.config.encoder == EncoderKind::Bert => {
-                return Err(ModelError::InvalidConfig(
-                    "encoder = bert but no encoder is attached: call Chorus::with_encoder".into(),
-                ));
-            }
-            (None, _) => masked_mean_pool(
-                hidden.clone().expect("computed without an encoder"),
-                batch.padding.clone().bool_not().float(),
-            ),
-            (Some(encoder), Some((tokens, padding))) => {
-                if tokens.dims()[0] != n_rows || padding.dims() != tokens.dims() {
-                    return Err(ModelError::InvalidBatch(format!(
-                        "encoder tokens {:?} and padding {:?} for a batch of {n_rows}",
-                        tokens.dims(),
-                        padding.dims()
-                    )));
-                }
-                let encoded = encoder.forward(tokens.clone(), Some(padding.clone()))?;
-                masked_mean_pool(encoded, padding.clone().bool_not().float())
-            }
-            (Some(_), None) => {
-                return Err(ModelError::InvalidBatch(
-                    "the posterior reads a separate encoder: the batch needs encoder_tokens".into(),
-                ));
-            }
-        };
+        // The base's unconditioned hidden states feed both the posterior (pooled over every
+        // non-padding position) and the conditional prior (pooled over the context).
+        let input = LmInput::new(batch.tokens.clone()).with_padding(batch.padding.clone());
+        let hidden = self.base.forward(input, None)?.hidden;
+        let features = masked_mean_pool(hidden.clone(), batch.padding.clone().bool_not().float());
         let q = posterior.forward(features);
         let context_present = batch
             .context_mask
@@ -327,12 +268,10 @@ impl<B: Backend> Chorus<B> {
             .squeeze_dim::<1>(1)
             .greater_elem(0.0)
             .float();
-        let context = hidden.map(|h| {
-            (
-                masked_mean_pool(h, batch.context_mask.clone()),
-                context_present,
-            )
-        });
+        let context = Some((
+            masked_mean_pool(hidden, batch.context_mask.clone()),
+            context_present,
+        ));
         let p = prior.forward(n_rows, context, &device);
         Ok(Some(LatentDistributions {
             posterior: q,

@@ -6,17 +6,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::ModelError;
 
-/// Where the posterior q(z | x, c) reads its features from.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum EncoderKind {
-    /// The base LM's own final hidden states over (c, x), run without z, mean-pooled.
-    BaseLm,
-    /// A separate BERT encoder (e.g. MiniLM) attached with [`crate::Chorus::with_encoder`], reading
-    /// its own tokenization of (c, x) from [`crate::ChorusBatch::encoder_tokens`], mean-pooled.
-    Bert,
-}
-
 /// Every switch of the joint model. The ablations are settings of the same code path:
 /// `d_latent = 0` is Co-LLM (no z), no assistants is an Optimus-style VAE (K = 1), both is plain LM
 /// fine-tuning.
@@ -26,9 +15,6 @@ pub struct ChorusConfig {
     /// Dimension of z; 0 turns the continuous latent off. Default 32.
     #[serde(default = "default_d_latent")]
     pub d_latent: usize,
-    /// The posterior's features. Default `base_lm`.
-    #[serde(default = "default_encoder")]
-    pub encoder: EncoderKind,
     /// The prior p(z | c). Default conditional.
     #[serde(default = "default_prior")]
     pub prior: PriorConfig,
@@ -58,9 +44,6 @@ pub struct ChorusConfig {
 
 fn default_d_latent() -> usize {
     32
-}
-fn default_encoder() -> EncoderKind {
-    EncoderKind::BaseLm
 }
 fn default_prior() -> PriorConfig {
     PriorConfig::Conditional

@@ -18,6 +18,7 @@ use std::str::FromStr;
 
 use crate::{Assistant, AssistantDecoder, Chorus, ChorusBatch, LocalLm, ModelError};
 use burn::prelude::*;
+use burn::tensor::Distribution;
 use chorus_latent::DiagonalGaussian;
 
 /// How the writer of each token is chosen.
@@ -275,6 +276,32 @@ pub fn mixture_probs(pi: &[f64], per_model: &[Vec<f64>]) -> Vec<f64> {
         .collect()
 }
 
+/// Where decoding's z comes from ([`Chorus::decoding_z`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ZSource<'a> {
+    /// A sample `μ + σ ⊙ ε` of the prior p(z | c), ε from the backend seeded with `seed`.
+    PriorSample {
+        /// The seed of ε.
+        seed: u64,
+    },
+    /// The prior's mean.
+    PriorMean,
+    /// The posterior mean of q(z | x = reference, c) (reconstruction).
+    Posterior {
+        /// Token ids of x, ending with EOS.
+        reference: &'a [u32],
+    },
+    /// `(1 − α) · E q(z | from, c) + α · E q(z | to, c)`.
+    Interpolate {
+        /// Token ids of the first reference, ending with EOS.
+        from: &'a [u32],
+        /// Token ids of the second reference, ending with EOS.
+        to: &'a [u32],
+        /// α in [0, 1].
+        alpha: f64,
+    },
+}
+
 impl<B: Backend> Chorus<B> {
     /// p(z | c) for prompts `[rows, len]` whose positions `1..` are context (position 0 is the
     /// leading EOS, as in training). `None` without z.
@@ -293,7 +320,6 @@ impl<B: Backend> Chorus<B> {
             context_mask,
             padding: Tensor::<B, 2, Int>::zeros([rows, len], &device).bool(),
             assistant_log_probs: None,
-            encoder_tokens: None,
         };
         Ok(self.latent_distributions(&batch)?.map(|l| l.prior))
     }
@@ -329,9 +355,58 @@ impl<B: Backend> Chorus<B> {
             ),
             padding: Tensor::<B, 2, Int>::zeros([1, n], device).bool(),
             assistant_log_probs: None,
-            encoder_tokens: None,
         };
         Ok(self.latent_distributions(&batch)?.map(|l| l.posterior))
+    }
+
+    /// z `[rows, d_latent]` for decoding after `prompt` (token ids starting with EOS, as
+    /// [`Chorus::generate`] takes them), from `source`; `None` when the model has no z.
+    /// References are token ids ending with EOS, as training's x.
+    pub fn decoding_z(
+        &self,
+        source: &ZSource<'_>,
+        prompt: &[u32],
+        rows: usize,
+        device: &B::Device,
+    ) -> Result<Option<Tensor<B, 2>>, ModelError> {
+        if !self.config.has_z() {
+            return Ok(None);
+        }
+        let d_latent = self.config.d_latent;
+        let posterior_mean = |text: &[u32]| -> Result<Tensor<B, 2>, ModelError> {
+            let q = self
+                .posterior_for_text(prompt, text, device)?
+                .expect("the model has z");
+            Ok(q.mean.reshape([1, d_latent]).repeat_dim(0, rows))
+        };
+        let prior = || -> Result<DiagonalGaussian<B>, ModelError> {
+            let ids = prompt.iter().map(|&t| i64::from(t)).collect::<Vec<_>>();
+            let tokens =
+                Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, prompt.len()]), device)
+                    .repeat_dim(0, rows);
+            Ok(self.prior_for_prompt(tokens)?.expect("the model has z"))
+        };
+        Ok(Some(match *source {
+            ZSource::PriorMean => prior()?.mean,
+            ZSource::PriorSample { seed } => {
+                let p = prior()?;
+                B::seed(device, seed);
+                let eps = Tensor::random(p.mean.dims(), Distribution::Normal(0.0, 1.0), device);
+                p.std() * eps + p.mean
+            }
+            ZSource::Posterior { reference } => posterior_mean(reference)?,
+            ZSource::Interpolate { from, to, alpha } => {
+                if !(0.0..=1.0).contains(&alpha) {
+                    return Err(ModelError::OutOfRange {
+                        key: "alpha",
+                        value: alpha.to_string(),
+                        expected: "in [0, 1]",
+                    });
+                }
+                posterior_mean(from)?.mul_scalar(1.0 - alpha)
+                    + posterior_mean(to)?.mul_scalar(alpha)
+            }
+        }))
     }
 
     /// Generates up to `config.max_new_tokens` after `prompt` for `rows` rows at once (the same

@@ -10,8 +10,8 @@ use chorus_lm::LmInput;
 use crate::decode::{Rng, argmax};
 use crate::tests::{chorus, seeded};
 use crate::{
-    AssistantUpdate, Chorus, ChorusConfig, DecodeConfig, Decoded, WriterStrategy, mixture_probs,
-    tempered_probs, truncate_probs,
+    AssistantUpdate, Chorus, ChorusConfig, DecodeConfig, Decoded, WriterStrategy, ZSource,
+    mixture_probs, tempered_probs, truncate_probs,
 };
 
 type B = burn::backend::NdArray<f64>;
@@ -535,4 +535,96 @@ fn truncation_keeps_the_top_k_and_the_smallest_nucleus() {
     assert_eq!(kept(2, 1.0), vec![0.0, 0.5, 0.0, 0.3]);
     assert_eq!(kept(3, 0.6), vec![0.0, 0.5, 0.0, 0.3]);
     assert_eq!(kept(1, 0.99), vec![0.0, 0.5, 0.0, 0.0]);
+}
+
+#[test]
+fn decoding_z_comes_from_the_source_it_names() {
+    let _rng = seeded(47);
+    let device = Default::default();
+    let m = model(1, 3);
+    let prompt = [0u32, 4, 5];
+    let (a, b) = ([6u32, 7, 0], [9u32, 3, 3, 0]);
+    let rows = 2;
+    let z = |source: ZSource<'_>| {
+        m.decoding_z(&source, &prompt, rows, &device)
+            .unwrap()
+            .unwrap()
+    };
+    let host = |t: Tensor<B, 2>| t.into_data().to_vec::<f64>().unwrap();
+    let posterior = |x: &[u32]| -> Vec<f64> {
+        let mean = m
+            .posterior_for_text(&prompt, x, &device)
+            .unwrap()
+            .unwrap()
+            .mean;
+        host(mean.repeat_dim(0, rows))
+    };
+    let close = |got: Vec<f64>, want: Vec<f64>, what: &str| {
+        assert_eq!(got.len(), want.len(), "{what}");
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() < 1e-12, "{what}: {got:?} vs {want:?}");
+        }
+    };
+    // The prior's mean, for every row.
+    let ids = Tensor::<B, 2, Int>::from_data([[0, 4, 5], [0, 4, 5]], &device);
+    let prior = m.prior_for_prompt(ids).unwrap().unwrap();
+    close(
+        host(z(ZSource::PriorMean)),
+        host(prior.mean.clone()),
+        "prior mean",
+    );
+    // A prior sample: μ + σ ε, the same for the same seed, another for another seed.
+    let s1 = host(z(ZSource::PriorSample { seed: 5 }));
+    close(
+        host(z(ZSource::PriorSample { seed: 5 })),
+        s1.clone(),
+        "same seed",
+    );
+    assert!(
+        host(z(ZSource::PriorSample { seed: 6 })) != s1,
+        "another seed"
+    );
+    assert!(s1 != host(prior.mean), "a sample is not the mean");
+    // Posterior means and the straight line between them.
+    close(
+        host(z(ZSource::Posterior { reference: &a })),
+        posterior(&a),
+        "posterior",
+    );
+    let line = |alpha: f64| {
+        host(z(ZSource::Interpolate {
+            from: &a,
+            to: &b,
+            alpha,
+        }))
+    };
+    close(line(0.0), posterior(&a), "α = 0");
+    close(line(1.0), posterior(&b), "α = 1");
+    let mid: Vec<f64> = posterior(&a)
+        .iter()
+        .zip(posterior(&b))
+        .map(|(x, y)| 0.75 * x + 0.25 * y)
+        .collect();
+    close(line(0.25), mid, "α = 0.25");
+    let err = m
+        .decoding_z(
+            &ZSource::Interpolate {
+                from: &a,
+                to: &b,
+                alpha: 1.5,
+            },
+            &prompt,
+            rows,
+            &device,
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("alpha") && err.contains("1.5"), "{err}");
+    // A model without z has none.
+    let no_z = model(1, 0);
+    assert!(
+        no_z.decoding_z(&ZSource::PriorMean, &prompt, rows, &device)
+            .unwrap()
+            .is_none()
+    );
 }

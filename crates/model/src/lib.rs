@@ -36,7 +36,6 @@
 //!     context_mask: Tensor::from_data([[1.0, 1.0, 0.0, 0.0]], &device), // c = 1 2
 //!     padding: Tensor::from_data([[false; 4]], &device),
 //!     assistant_log_probs: None,
-//!     encoder_tokens: None,
 //! };
 //! let beta = chorus.config.kl_schedule.beta(0); // the KL weight at step 0
 //! let out = chorus.forward_elbo(&batch, beta)?;
@@ -46,19 +45,25 @@
 //! ```
 
 mod assistant;
+mod calibrate;
 mod chorus;
 mod config;
 mod decode;
 mod remote;
+mod saved;
 
 pub use assistant::{Assistant, AssistantDecoder, LocalLm, ScoreRows};
+pub use calibrate::{DECODING_FILE, EtaCalibration, EtaCandidate};
 pub use chorus::{Chorus, ChorusBatch, ChorusOutput, LatentDistributions};
-pub use config::{ChorusConfig, EncoderKind};
+pub use config::ChorusConfig;
 pub use decode::{
-    AssistantUpdate, DecodeConfig, Decoded, WriterStrategy, mixture_probs, tempered_probs,
+    AssistantUpdate, DecodeConfig, Decoded, WriterStrategy, ZSource, mixture_probs, tempered_probs,
     top1_prob, truncate_probs,
 };
 pub use remote::{RemoteAssistant, RemoteSettings, TOKENIZER_PROBE};
+pub use saved::{
+    ChorusManifest, MANIFEST_FILE, SavedChorus, TOKENIZER_FILE, WEIGHTS_FILE, sha256_file,
+};
 
 /// Errors of `chorus-model`.
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +96,14 @@ pub enum ModelError {
         /// The assistant's vocabulary size.
         vocab: usize,
     },
+    /// An operation the model cannot do (e.g. η calibration without a selector).
+    #[error("{operation}: {reason}")]
+    Unsupported {
+        /// What was asked.
+        operation: &'static str,
+        /// Why the model cannot.
+        reason: String,
+    },
     /// A batch that does not fit the model.
     #[error("invalid batch: {0}")]
     InvalidBatch(String),
@@ -102,6 +115,22 @@ pub enum ModelError {
         /// What went wrong.
         reason: String,
     },
+    /// A saved model directory that is missing, incomplete or corrupt.
+    #[error("checkpoint {path}: {reason}")]
+    Checkpoint {
+        /// The directory or file.
+        path: std::path::PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Reading or writing a file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
     /// From a language model.
     #[error(transparent)]
     Lm(#[from] chorus_lm::LmError),
@@ -111,6 +140,15 @@ pub enum ModelError {
     /// From an adapter.
     #[error(transparent)]
     Adapter(#[from] chorus_lm_adapters::AdapterError),
+}
+
+impl ModelError {
+    pub(crate) fn io(path: &std::path::Path, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -268,7 +268,6 @@ impl TokenBatch {
                     device,
                 )
             }),
-            encoder_tokens: None,
         }
     }
 }

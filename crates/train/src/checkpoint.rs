@@ -1,9 +1,8 @@
 //! Training checkpoints: self-contained directories written atomically.
 //!
-//! `<out>/checkpoints/step-00000100/` holds `chorus.json` (the architecture: every model's config
-//! and the chorus switches), `tokenizer.json`, `model.mpk` (all parameters, with their ids),
-//! `optimizer.mpk` (AdamW moments) and `state.json` (step, validation history, the sha256 of every
-//! other file). Everything is written under `.tmp-…` and the directory is renamed into place, so a
+//! `<out>/checkpoints/step-00000100/` is a saved joint model ([`Chorus::save`]: `chorus.json`,
+//! `tokenizer.json`, `model.mpk`) plus `optimizer.mpk` (AdamW moments) and `state.json` (step,
+//! validation history, the sha256 of every other file). Everything is written under `.tmp-…` and the directory is renamed into place, so a
 //! crash mid-write leaves the previous checkpoints untouched; `state.json` checksums catch files
 //! damaged afterwards. The random state is a pure function of (seed, step): each step re-seeds the
 //! backend with both, and the data order is derived from them, so (step, seed) is the whole RNG
@@ -12,37 +11,20 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use burn::module::Module;
 use burn::optim::Optimizer;
 use burn::prelude::*;
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
 use burn::tensor::backend::AutodiffBackend;
-use chorus_lm::{LmConfig, Tokenizer};
-use chorus_model::{Chorus, ChorusConfig};
+use chorus_lm::Tokenizer;
+use chorus_model::{Chorus, MANIFEST_FILE, SavedChorus, TOKENIZER_FILE, WEIGHTS_FILE, sha256_file};
 use serde::{Deserialize, Serialize};
 
 use crate::TrainError;
 
-const MANIFEST: &str = "chorus.json";
-const TOKENIZER: &str = "tokenizer.json";
-const MODEL: &str = "model";
 const OPTIMIZER: &str = "optimizer";
+const OPTIMIZER_FILE: &str = "optimizer.mpk";
 const STATE: &str = "state.json";
 const CHECKPOINTS: &str = "checkpoints";
-
-/// The architecture of a saved joint model: enough to rebuild its skeleton before loading weights.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ModelManifest {
-    /// The base's config.
-    pub base: LmConfig,
-    /// Each assistant's config.
-    pub assistants: Vec<LmConfig>,
-    /// The chorus switches.
-    pub chorus: ChorusConfig,
-    /// Where each model came from (for messages and `inspect`).
-    #[serde(default)]
-    pub sources: Vec<String>,
-}
 
 /// `state.json`: the loop's position and history.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -122,8 +104,7 @@ pub fn read_state(dir: &Path) -> Result<CheckpointState, TrainError> {
         .map_err(|e| bad(&path, format!("not a checkpoint state: {e}")))?;
     for (file, expected) in &state.files {
         let p = dir.join(file);
-        let actual = chorus_data::fetch::sha256_file(&p)
-            .map_err(|e| bad(&p, format!("missing or unreadable: {e}")))?;
+        let actual = sha256_file(&p).map_err(|e| bad(&p, format!("missing or unreadable: {e}")))?;
         if &actual != expected {
             return Err(bad(
                 &p,
@@ -136,21 +117,6 @@ pub fn read_state(dir: &Path) -> Result<CheckpointState, TrainError> {
     Ok(state)
 }
 
-pub(crate) fn write_manifest(
-    dir: &Path,
-    manifest: &ModelManifest,
-    tokenizer: &Tokenizer,
-) -> Result<(), TrainError> {
-    let path = dir.join(MANIFEST);
-    std::fs::write(
-        &path,
-        serde_json::to_string_pretty(manifest).expect("serializes"),
-    )
-    .map_err(|e| TrainError::io(&path, e))?;
-    tokenizer.save(dir.join(TOKENIZER))?;
-    Ok(())
-}
-
 /// Writes a checkpoint of `model` and `optimizer` at `state.step` atomically, then keeps only the
 /// `keep_last` newest `step-*` directories. Returns the new directory.
 #[allow(clippy::too_many_arguments)]
@@ -158,7 +124,7 @@ pub(crate) fn save_checkpoint<B, O>(
     out: &Path,
     model: &Chorus<B>,
     optimizer: &O,
-    manifest: &ModelManifest,
+    sources: &[String],
     tokenizer: &Tokenizer,
     mut state: CheckpointState,
     keep_last: usize,
@@ -175,15 +141,12 @@ where
         std::fs::remove_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
     }
     std::fs::create_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
-    write_manifest(&tmp, manifest, tokenizer)?;
-    recorder()
-        .record(model.clone().into_record(), tmp.join(MODEL))
-        .map_err(|e| bad(&tmp, format!("writing the model: {e}")))?;
+    model.save(&tmp, tokenizer, sources)?;
     recorder()
         .record(optimizer.to_record(), tmp.join(OPTIMIZER))
         .map_err(|e| bad(&tmp, format!("writing the optimizer: {e}")))?;
-    for file in [MANIFEST, TOKENIZER, "model.mpk", "optimizer.mpk"] {
-        let sha = chorus_data::fetch::sha256_file(&tmp.join(file))?;
+    for file in [MANIFEST_FILE, TOKENIZER_FILE, WEIGHTS_FILE, OPTIMIZER_FILE] {
+        let sha = sha256_file(&tmp.join(file))?;
         state.files.insert(file.to_string(), sha);
     }
     let state_path = tmp.join(STATE);
@@ -229,7 +192,7 @@ pub(crate) fn update_best(out: &Path, src: &Path) -> Result<(), TrainError> {
     for entry in std::fs::read_dir(src).map_err(|e| TrainError::io(src, e))? {
         let entry = entry.map_err(|e| TrainError::io(src, e))?;
         // The optimizer is not needed to use the best model; skip it to halve the copy.
-        if entry.file_name() == "optimizer.mpk" {
+        if entry.file_name() == OPTIMIZER_FILE {
             continue;
         }
         let to = tmp.join(entry.file_name());
@@ -241,7 +204,7 @@ pub(crate) fn update_best(out: &Path, src: &Path) -> Result<(), TrainError> {
         &std::fs::read_to_string(&state_path).map_err(|e| TrainError::io(&state_path, e))?,
     )
     .map_err(|e| bad(&state_path, e.to_string()))?;
-    state.files.remove("optimizer.mpk");
+    state.files.remove(OPTIMIZER_FILE);
     std::fs::write(
         &state_path,
         serde_json::to_string_pretty(&state).expect("serializes"),
@@ -257,70 +220,14 @@ pub(crate) fn update_best(out: &Path, src: &Path) -> Result<(), TrainError> {
     Ok(())
 }
 
-/// Rebuilds a joint model from a checkpoint (or `best/`) directory after verifying its files.
+/// Rebuilds a joint model from a checkpoint (or `best/`) directory after verifying every file
+/// against `state.json` ([`read_state`], then [`Chorus::load`]).
 pub fn load_chorus<B: Backend>(
     dir: &Path,
     device: &B::Device,
-) -> Result<(Chorus<B>, ModelManifest, Tokenizer, CheckpointState), TrainError> {
+) -> Result<(SavedChorus<B>, CheckpointState), TrainError> {
     let state = read_state(dir)?;
-    let path = dir.join(MANIFEST);
-    let text = std::fs::read_to_string(&path).map_err(|e| TrainError::io(&path, e))?;
-    let manifest: ModelManifest = serde_json::from_str(&text)
-        .map_err(|e| bad(&path, format!("not a chorus manifest: {e}")))?;
-    let tokenizer = Tokenizer::from_file(dir.join(TOKENIZER))?;
-    // Every config valid (the size bound below reads their dims)…
-    manifest.chorus.validate()?;
-    for config in std::iter::once(&manifest.base).chain(&manifest.assistants) {
-        config.validate()?;
-    }
-    // …and, before allocating: the configs must not describe far more f32 weights than model.mpk can
-    // hold (a corrupt manifest would otherwise allocate without bound).
-    let model_path = dir.join("model.mpk");
-    let model_bytes = std::fs::metadata(&model_path)
-        .map_err(|e| TrainError::io(&model_path, e))?
-        .len();
-    let described = manifest
-        .chorus
-        .min_parameters(&manifest.base, &manifest.assistants);
-    if described.is_none_or(|n| n.saturating_mul(4) > model_bytes.saturating_mul(2) + (1 << 20)) {
-        return Err(bad(
-            &path,
-            format!(
-                "describes models of at least {} parameters but model.mpk has {model_bytes} bytes",
-                described.map_or("2^64".into(), |n| n.to_string())
-            ),
-        ));
-    }
-    let base = manifest.base.init::<B>(device)?;
-    let assistants = manifest
-        .assistants
-        .iter()
-        .map(|c| c.init::<B>(device))
-        .collect::<Result<Vec<_>, _>>()?;
-    let skeleton = Chorus::new(manifest.chorus.clone(), base, assistants, device)?;
-    let record = recorder()
-        .load(dir.join(MODEL), device)
-        .map_err(|e| bad(&dir.join("model.mpk"), format!("cannot load: {e}")))?;
-    // burn asserts (panics) when a record's structure differs from the module's, e.g. a
-    // chorus.json edited after the fact with its hash forged; make that an error naming the files.
-    let model = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        skeleton.load_record(record)
-    }))
-    .map_err(|panic| {
-        let what = panic
-            .downcast_ref::<String>()
-            .map(String::as_str)
-            .or_else(|| panic.downcast_ref::<&str>().copied())
-            .unwrap_or("the record does not fit the model");
-        bad(
-            &dir.join("model.mpk"),
-            format!(
-                "does not fit the models described by {MANIFEST}: {}",
-                what.lines().next().unwrap_or(what).trim()
-            ),
-        )
-    })?;
-    Ok((model, manifest, tokenizer, state))
+    Ok((Chorus::load(dir, device)?, state))
 }
 
 /// Loads the optimiser state of a checkpoint into `optimizer`.
@@ -335,6 +242,6 @@ where
 {
     let record = recorder()
         .load(dir.join(OPTIMIZER), device)
-        .map_err(|e| bad(&dir.join("optimizer.mpk"), format!("cannot load: {e}")))?;
+        .map_err(|e| bad(&dir.join(OPTIMIZER_FILE), format!("cannot load: {e}")))?;
     Ok(optimizer.load_record(record))
 }

@@ -432,13 +432,6 @@ impl Validate for TrainConfig {
                 ),
             );
         }
-        if self.chorus.encoder != chorus_model::EncoderKind::BaseLm {
-            return conflict(
-                "chorus.encoder",
-                "bert".into(),
-                "not supported by `chorus train` yet (use base_lm)",
-            );
-        }
         Ok(())
     }
 }

@@ -17,7 +17,7 @@ use burn::optim::AdamWConfig;
 use chorus_lm::{LlamaConfig, Lm, LmConfig, Tokenizer};
 use chorus_model::{Chorus, ChorusConfig};
 
-use crate::checkpoint::{CheckpointState, ModelManifest, save_checkpoint};
+use crate::checkpoint::{CheckpointState, save_checkpoint};
 use crate::{Encoded, ScoreCache, TrainConfig, load_chorus, load_config, read_state};
 
 type B = NdArray<f32>;
@@ -272,12 +272,7 @@ fn fuzz_checkpoints() {
     let assistant = tiny_llama(20).init::<AD>(&device).unwrap();
     let model = Chorus::new(config.clone(), base, vec![assistant], &device).unwrap();
     let optimizer = AdamWConfig::new().init::<AD, Chorus<AD>>();
-    let manifest = ModelManifest {
-        base: tiny_llama(20),
-        assistants: vec![tiny_llama(20)],
-        chorus: config,
-        sources: Vec::new(),
-    };
+    let sources = Vec::<String>::new();
     let state = CheckpointState {
         step: 1,
         total_steps: 2,
@@ -292,7 +287,7 @@ fn fuzz_checkpoints() {
         dir.path(),
         &model,
         &optimizer,
-        &manifest,
+        &sources,
         &tokenizer(),
         state,
         1,

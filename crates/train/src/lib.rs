@@ -18,7 +18,6 @@
 //! ```
 
 mod batch;
-mod calibrate;
 mod checkpoint;
 mod config;
 mod eval;
@@ -29,10 +28,8 @@ mod schedule;
 mod scores;
 
 pub use batch::{Encoded, TokenBatch, encode_examples, epoch_batches, load_task_examples};
-pub use calibrate::{DECODING_FILE, EtaCalibration, EtaCandidate, calibrate_eta};
 pub use checkpoint::{
-    CheckpointState, ModelManifest, best_dir, latest_checkpoint, list_checkpoints, load_chorus,
-    read_state,
+    CheckpointState, best_dir, latest_checkpoint, list_checkpoints, load_chorus, read_state,
 };
 pub use config::{
     ConfigError, DataConfig, DataSection, OptimConfig, PretrainConfig, TrainConfig, Validate,

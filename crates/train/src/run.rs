@@ -16,8 +16,7 @@ use serde::Serialize;
 
 use crate::batch::splitmix;
 use crate::checkpoint::{
-    CheckpointState, ModelManifest, latest_checkpoint, load_chorus, load_optimizer,
-    save_checkpoint, update_best,
+    CheckpointState, latest_checkpoint, load_chorus, load_optimizer, save_checkpoint, update_best,
 };
 use crate::grads::clip_global_norm;
 use crate::progress::Progress;
@@ -118,16 +117,11 @@ pub fn pretrain<B: AutodiffBackend>(
         d_latent: 0,
         ..ChorusConfig::default()
     };
-    let manifest = ModelManifest {
-        base: config.model.clone(),
-        assistants: Vec::new(),
-        chorus: chorus_config.clone(),
-        sources: vec!["scratch".into()],
-    };
+    let sources = vec!["scratch".to_string()];
     let model = Chorus::new(chorus_config, base, Vec::new(), device)?;
     let summary = run_loop(
         Loop {
-            manifest,
+            sources,
             tokenizer: &tokenizer,
             train: &train,
             valid: &valid,
@@ -144,9 +138,9 @@ pub fn pretrain<B: AutodiffBackend>(
         device,
     )?;
     // Export the best base as a plain LM checkpoint.
-    let (best, _, _, _) = load_chorus::<B::InnerBackend>(&summary.model, device)?;
+    let (best, _) = load_chorus::<B::InnerBackend>(&summary.model, device)?;
     let export = out.join("lm");
-    best.base.save(&export)?;
+    best.model.base.save(&export)?;
     tokenizer.save(export.join("tokenizer.json"))?;
     Ok(TrainSummary {
         model: export,
@@ -317,19 +311,14 @@ pub fn train<B: AutodiffBackend>(
         }
         None => (None, None),
     };
-    let manifest = ModelManifest {
-        base: base.config(),
-        assistants: assistants.iter().map(|a| a.config()).collect(),
-        chorus: config.chorus.clone(),
-        sources: std::iter::once(&config.base)
-            .chain(&config.assistants)
-            .map(|p| p.display().to_string())
-            .collect(),
-    };
+    let sources = std::iter::once(&config.base)
+        .chain(&config.assistants)
+        .map(|p| p.display().to_string())
+        .collect();
     let model = Chorus::new(config.chorus.clone(), base, assistants, device)?;
     run_loop(
         Loop {
-            manifest,
+            sources,
             tokenizer: &tokenizer,
             train: &train,
             valid: &valid,
@@ -351,7 +340,8 @@ pub fn train<B: AutodiffBackend>(
 pub(crate) type GradientHook = dyn Fn(u64, &mut GradientsParams);
 
 pub(crate) struct Loop<'a> {
-    pub(crate) manifest: ModelManifest,
+    /// Where each model came from, saved in the checkpoints' manifests.
+    pub(crate) sources: Vec<String>,
     pub(crate) tokenizer: &'a Tokenizer,
     pub(crate) train: &'a [Encoded],
     pub(crate) valid: &'a [Encoded],
@@ -506,8 +496,18 @@ pub(crate) fn run_loop<B: AutodiffBackend>(
             path: crate::checkpoint::checkpoints_dir(l.out),
             reason: "--resume: no checkpoint to resume from".into(),
         })?;
-        let (loaded, manifest, _, state) = load_chorus::<B>(&dir, device)?;
-        if manifest != l.manifest {
+        let (loaded, state) = load_chorus::<B>(&dir, device)?;
+        let m = &loaded.manifest;
+        let same_models = m.base == model.base.config()
+            && m.assistants
+                == model
+                    .assistants
+                    .iter()
+                    .map(|a| a.config())
+                    .collect::<Vec<_>>()
+            && m.chorus == model.config
+            && m.sources == l.sources;
+        if !same_models {
             return Err(TrainError::Checkpoint {
                 path: dir,
                 reason:
@@ -525,7 +525,7 @@ pub(crate) fn run_loop<B: AutodiffBackend>(
             });
         }
         optimizer = load_optimizer(&dir, optimizer, device)?;
-        model = loaded;
+        model = loaded.model;
         (step, best, tokens_seen) = (state.step, state.best, state.tokens_seen);
         resumed_window = Some(state.window);
         last_good = Some(dir);
@@ -732,7 +732,7 @@ pub(crate) fn run_loop<B: AutodiffBackend>(
                 l.out,
                 &model,
                 &optimizer,
-                &l.manifest,
+                &l.sources,
                 l.tokenizer,
                 state,
                 cfg.keep_last,

@@ -10,7 +10,6 @@ use chorus_data::{Example, Split, Task};
 use chorus_lm::{LlamaConfig, Lm, LmConfig, Tokenizer};
 use chorus_model::{Assistant, Chorus, ChorusConfig, LocalLm};
 
-use crate::checkpoint::ModelManifest;
 use crate::run::{Loop, run_loop};
 use crate::{
     Encoded, OptimConfig, PretrainConfig, ScoreCache, TokenBatch, TrainConfig, TrainError,
@@ -89,31 +88,22 @@ fn optim(steps: u64) -> OptimConfig {
     }
 }
 
-fn joint(config: ChorusConfig, n_assistants: usize) -> (Chorus<AD>, ModelManifest) {
+fn joint(config: ChorusConfig, n_assistants: usize) -> (Chorus<AD>, Vec<String>) {
     joint_seeded(config, n_assistants, 7)
 }
 
 /// A joint model initialised from `seed` (callers hold [`rng_lock`]).
-fn joint_seeded(
-    config: ChorusConfig,
-    n_assistants: usize,
-    seed: u64,
-) -> (Chorus<AD>, ModelManifest) {
+fn joint_seeded(config: ChorusConfig, n_assistants: usize, seed: u64) -> (Chorus<AD>, Vec<String>) {
     let device = Default::default();
     AD::seed(&device, seed);
     let base = llama(VOCAB).init::<AD>(&device).unwrap();
     let assistants: Vec<Lm<AD>> = (0..n_assistants)
         .map(|_| llama(VOCAB).init::<AD>(&device).unwrap())
         .collect();
-    let manifest = ModelManifest {
-        base: llama(VOCAB),
-        assistants: vec![llama(VOCAB); n_assistants],
-        chorus: config.clone(),
-        sources: Vec::new(),
-    };
+    let sources = Vec::<String>::new();
     (
         Chorus::new(config, base, assistants, &device).unwrap(),
-        manifest,
+        sources,
     )
 }
 
@@ -127,20 +117,20 @@ fn z_config() -> ChorusConfig {
 #[allow(clippy::too_many_arguments)]
 fn fit(
     model: Chorus<AD>,
-    manifest: ModelManifest,
+    sources: Vec<String>,
     train: &[Encoded],
     valid: &[Encoded],
     optim: &OptimConfig,
     out: &Path,
     resume: bool,
 ) -> Result<crate::TrainSummary, TrainError> {
-    fit_with(model, manifest, train, valid, optim, 4, out, resume, None)
+    fit_with(model, sources, train, valid, optim, 4, out, resume, None)
 }
 
 #[allow(clippy::too_many_arguments)]
 fn fit_with(
     model: Chorus<AD>,
-    manifest: ModelManifest,
+    sources: Vec<String>,
     train: &[Encoded],
     valid: &[Encoded],
     optim: &OptimConfig,
@@ -152,7 +142,7 @@ fn fit_with(
     let tok = tokenizer();
     run_loop(
         Loop {
-            manifest,
+            sources,
             tokenizer: &tok,
             train,
             valid,
@@ -179,7 +169,8 @@ fn parameters(dir: &Path) -> Vec<f32> {
                 .extend(param.val().into_data().to_vec::<f32>().unwrap());
         }
     }
-    let (model, ..) = load_chorus::<B>(dir, &Default::default()).unwrap();
+    let (saved, _) = load_chorus::<B>(dir, &Default::default()).unwrap();
+    let model = saved.model;
     let mut c = Collect(Vec::new());
     burn::module::Module::visit(&model, &mut c);
     c.0
@@ -314,7 +305,7 @@ fn the_loop_drives_the_loss_down_on_a_synthetic_task() {
     let dir = tempfile::tempdir().unwrap();
     let train = synthetic(64, 0);
     let valid = synthetic(8, 1000);
-    let (model, manifest) = joint(
+    let (model, sources) = joint(
         ChorusConfig {
             d_latent: 0,
             ..ChorusConfig::default()
@@ -323,7 +314,7 @@ fn the_loop_drives_the_loss_down_on_a_synthetic_task() {
     );
     let summary = fit(
         model,
-        manifest,
+        sources,
         &train,
         &valid,
         &optim(60),
@@ -360,10 +351,10 @@ fn resume_is_bit_identical_to_an_uninterrupted_run() {
         ..optim(6)
     };
     let config = z_config();
-    let (model, manifest) = joint(config.clone(), 1);
+    let (model, sources) = joint(config.clone(), 1);
     fit(
         model,
-        manifest.clone(),
+        sources.clone(),
         &train,
         &valid,
         &optim,
@@ -381,7 +372,7 @@ fn resume_is_bit_identical_to_an_uninterrupted_run() {
     let (model, _) = joint(config.clone(), 1);
     fit(
         model,
-        manifest.clone(),
+        sources.clone(),
         &train,
         &valid,
         &optim,
@@ -410,7 +401,7 @@ fn resume_is_bit_identical_to_an_uninterrupted_run() {
     // A fresh model from another random init resumes from step 3: only the checkpoint can make
     // it end where the uninterrupted run ended.
     let (fresh, _) = joint_seeded(config, 1, 99);
-    let summary = fit(fresh, manifest, &train, &valid, &optim, dir.path(), true).unwrap();
+    let summary = fit(fresh, sources, &train, &valid, &optim, dir.path(), true).unwrap();
     assert_eq!((summary.steps, summary.steps_run), (6, 3));
     let resumed_dir = latest_checkpoint(dir.path()).unwrap();
     // Bitwise equal parameters after 3 more steps also means the AdamW moments, the data order,
@@ -446,8 +437,8 @@ fn interrupted_or_truncated_checkpoints_never_replace_the_last_good_one() {
         checkpoint_every: 2,
         ..optim(2)
     };
-    let (model, manifest) = joint(z_config(), 1);
-    fit(model, manifest, &train, &valid, &optim, dir.path(), false).unwrap();
+    let (model, sources) = joint(z_config(), 1);
+    fit(model, sources, &train, &valid, &optim, dir.path(), false).unwrap();
     let good = latest_checkpoint(dir.path()).unwrap();
     // Killed between the temp write and the rename: a partial temp directory is left behind.
     let partial = dir.path().join("checkpoints/.tmp-step-00000004");
@@ -491,14 +482,14 @@ fn divergence_stops_training_and_keeps_the_last_good_checkpoint() {
         keep_last: 10,
         ..optim(20)
     };
-    let (model, manifest) = joint(
+    let (model, sources) = joint(
         ChorusConfig {
             d_latent: 0,
             ..ChorusConfig::default()
         },
         0,
     );
-    let err = fit(model, manifest, &train, &[], &optim, dir.path(), false).unwrap_err();
+    let err = fit(model, sources, &train, &[], &optim, dir.path(), false).unwrap_err();
     let TrainError::NonFinite {
         step, last_good, ..
     } = &err
@@ -870,10 +861,10 @@ fn accumulating_two_batches_equals_one_batch_of_twice_the_size() {
             grad_clip: 0.0,
             ..optim(2)
         };
-        let (model, manifest) = joint(no_z.clone(), 1);
+        let (model, sources) = joint(no_z.clone(), 1);
         fit_with(
             model,
-            manifest,
+            sources,
             &train,
             &[],
             &optim,
@@ -978,8 +969,8 @@ fn keep_last_prunes_old_checkpoints_and_best_holds_the_lowest_validation_nll() {
         lr: 3e-2,
         ..optim(6)
     };
-    let (model, manifest) = joint(z_config(), 1);
-    let summary = fit(model, manifest, &train, &valid, &optim, dir.path(), false).unwrap();
+    let (model, sources) = joint(z_config(), 1);
+    let summary = fit(model, sources, &train, &valid, &optim, dir.path(), false).unwrap();
     let steps: Vec<u64> = list_checkpoints(dir.path()).iter().map(|c| c.0).collect();
     assert_eq!(steps, vec![5, 6], "keep_last = 2");
     let valid_rows: Vec<(u64, f64)> = metric_rows(dir.path())
@@ -1014,7 +1005,7 @@ fn keep_last_prunes_old_checkpoints_and_best_holds_the_lowest_validation_nll() {
 fn assert_stops_with_last_good_intact(
     what: &str,
     model: Chorus<AD>,
-    manifest: ModelManifest,
+    sources: Vec<String>,
     train: &[Encoded],
     valid: &[Encoded],
     eval_every: u64,
@@ -1029,7 +1020,7 @@ fn assert_stops_with_last_good_intact(
     };
     let err = fit_with(
         model,
-        manifest,
+        sources,
         train,
         valid,
         &optim,
@@ -1062,7 +1053,7 @@ fn assert_stops_with_last_good_intact(
 
 /// A K = 1 model without z whose untied base has a NaN embedding row for token `VOCAB` (an id no
 /// synthetic row uses): rows that read it give a NaN loss, all others train normally.
-fn nan_row_model() -> (Chorus<AD>, ModelManifest) {
+fn nan_row_model() -> (Chorus<AD>, Vec<String>) {
     let no_z = ChorusConfig {
         d_latent: 0,
         ..ChorusConfig::default()
@@ -1083,15 +1074,10 @@ fn nan_row_model() -> (Chorus<AD>, ModelManifest) {
             &device,
         ));
     }
-    let manifest = ModelManifest {
-        base: config,
-        assistants: Vec::new(),
-        chorus: no_z.clone(),
-        sources: Vec::new(),
-    };
+    let sources = Vec::<String>::new();
     (
         Chorus::new(no_z, base, Vec::new(), &device).unwrap(),
-        manifest,
+        sources,
     )
 }
 
@@ -1106,14 +1092,14 @@ fn every_non_finite_branch_stops_and_keeps_the_last_good_checkpoint() {
             .all(|&t| t < VOCAB as u32)
     );
     // The loss: a row of step 3's batch reads the NaN embedding.
-    let (model, manifest) = nan_row_model();
+    let (model, sources) = nan_row_model();
     let lengths: Vec<usize> = train.iter().map(Encoded::input_len).collect();
     let step_3 = &epoch_batches(&lengths, 4, OptimConfig::default().seed, 0)[3];
     let mut poisoned = train.clone();
     poisoned[step_3[0]].tokens[2] = VOCAB as u32;
-    assert_stops_with_last_good_intact("loss", model, manifest, &poisoned, &[], 0, None);
+    assert_stops_with_last_good_intact("loss", model, sources, &poisoned, &[], 0, None);
     // The gradient: step 3's embedding gradient multiplied by +∞.
-    let (model, manifest) = joint(
+    let (model, sources) = joint(
         ChorusConfig {
             d_latent: 0,
             ..ChorusConfig::default()
@@ -1133,7 +1119,7 @@ fn every_non_finite_branch_stops_and_keeps_the_last_good_checkpoint() {
     assert_stops_with_last_good_intact(
         "gradient norm",
         model,
-        manifest,
+        sources,
         &train,
         &[],
         0,
@@ -1141,10 +1127,10 @@ fn every_non_finite_branch_stops_and_keeps_the_last_good_checkpoint() {
     );
     // The validation NLL: the first validation (after step 4) reads the NaN embedding, which
     // no training row does.
-    let (model, manifest) = nan_row_model();
+    let (model, sources) = nan_row_model();
     let mut valid = synthetic(4, 300);
     valid[0].tokens[2] = VOCAB as u32;
-    assert_stops_with_last_good_intact("validation NLL", model, manifest, &train, &valid, 4, None);
+    assert_stops_with_last_good_intact("validation NLL", model, sources, &train, &valid, 4, None);
 }
 
 /// Every float parameter of `module` set to zero.
@@ -1299,7 +1285,11 @@ fn calibration_finds_the_known_optimum_of_hard_routing() {
         // π(assistant) = 0.25 at every token: hard routing defers all tokens or none, and the
         // best of the two is known. π* is the same everywhere, so only η < 0.25 defers.
         let model = closed_form_model(&logits, [0.0, -(3.0f32).ln()]);
-        let c = crate::calibrate_eta(&model, &data, 4, &device).unwrap();
+        let batches = data.chunks(4).map(|chunk| {
+            let rows: Vec<&Encoded> = chunk.iter().collect();
+            TokenBatch::new(&rows).to_device(&device)
+        });
+        let c = model.calibrate_eta(batches).unwrap();
         assert_eq!(c.tokens, targets.len());
         let chosen = c.candidates.iter().find(|k| k.eta == c.eta).unwrap();
         let (want_nll, want_deferral) = if assistant_wins {
