@@ -17,6 +17,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 MUTANTS = [
     (
+        "a loaded model keeps its fresh initialisation",
+        "crates/model/src/saved.rs",
+        "            skeleton.load_record(record)",
+        "            {\n                let _loaded = skeleton.clone().load_record(record);\n                skeleton\n            }",
+        ["-p", "chorus-model", "--lib", "a_saved_model_loads"],
+    ),
+    (
         "interpolated z weighs the references the wrong way round",
         "crates/model/src/decode.rs",
         "posterior_mean(from)?.mul_scalar(1.0 - alpha)",
@@ -60,28 +67,28 @@ MUTANTS = [
     ),
     (
         "resume ignores the checkpoint's parameters",
-        "crates/train/src/run.rs",
-        "        model = loaded.model;\n",
-        "        let _ = loaded.model;\n",
+        "crates/train/src/checkpoint.rs",
+        "        model: loaded.model,\n",
+        "        model: fresh.clone(),\n",
         ["-p", "chorus-train", "--lib", "resume_is_bit_identical"],
     ),
     (
         "resume restarts from step 0",
         "crates/train/src/run.rs",
-        "(step, best, tokens_seen) = (state.step, state.best, state.tokens_seen);",
-        "(step, best, tokens_seen) = (0, state.best, state.tokens_seen);",
+        "(state.step, state.best, state.tokens_seen, state.window)",
+        "(0, state.best, state.tokens_seen, state.window)",
         ["-p", "chorus-train", "--lib", "resume_is_bit_identical"],
     ),
     (
         "metric sums restart with the process",
         "crates/train/src/run.rs",
-        "    let mut window = resumed_window.unwrap_or_default();",
-        "    let mut window = MetricWindow::default();\n    let _ = resumed_window;",
+        "(state.step, state.best, state.tokens_seen, state.window)",
+        "(state.step, state.best, state.tokens_seen, MetricWindow::default())",
         ["-p", "chorus-train", "--lib", "resume_is_bit_identical"],
     ),
     (
         "a torn metrics line is kept",
-        "crates/train/src/run.rs",
+        "crates/train/src/metrics.rs",
         "            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())",
         "            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap_or(serde_json::json!({\"step\": 0})))",
         ["-p", "chorus-train", "--lib", "resume_is_bit_identical"],
@@ -102,8 +109,8 @@ MUTANTS = [
     ),
     (
         "accumulated losses not divided by the number of micro-batches",
-        "crates/train/src/run.rs",
-        "let grads = loss.div_scalar(accum as f64).backward();",
+        "crates/train/src/step.rs",
+        "let grads = loss.div_scalar(n_micro).backward();",
         "let grads = loss.backward();",
         ["-p", "chorus-train", "--lib", "accumulating_two_batches"],
     ),
@@ -130,9 +137,9 @@ MUTANTS = [
     ),
     (
         "no check of the gradient norm",
-        "crates/train/src/run.rs",
-        "        if !norm.is_finite() {\n",
-        "        if false && !norm.is_finite() {\n",
+        "crates/train/src/step.rs",
+        "    if !norm.is_finite() {\n",
+        "    if false && !norm.is_finite() {\n",
         ["-p", "chorus-train", "--lib", "every_non_finite_branch"],
     ),
     (

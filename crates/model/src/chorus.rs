@@ -378,7 +378,7 @@ impl<B: Backend> Chorus<B> {
     }
 
     /// The ELBO terms with KL weight `beta` (the training loop's schedule at its step,
-    /// `config.kl_schedule.beta(step)`), sampling `config.n_samples` z per row from the backend's
+    /// `train.kl_schedule.beta(step)` in chorus-train), sampling `config.n_samples` z per row from the backend's
     /// RNG.
     pub fn forward_elbo(
         &self,

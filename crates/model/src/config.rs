@@ -1,6 +1,5 @@
 //! [`ChorusConfig`]: every switch of the joint model, validated before allocation.
 
-use chorus_elbo::KlSchedule;
 use chorus_latent::PriorConfig;
 use serde::{Deserialize, Serialize};
 
@@ -34,9 +33,6 @@ pub struct ChorusConfig {
     /// Free bits λ per dimension (0 disables). Default 0.
     #[serde(default)]
     pub free_bits: f64,
-    /// β over steps. Default constant 1.
-    #[serde(default = "default_schedule")]
-    pub kl_schedule: KlSchedule,
     /// z samples per sequence in the training estimate. Default 1.
     #[serde(default = "default_samples")]
     pub n_samples: usize,
@@ -53,9 +49,6 @@ fn default_memory_slots() -> usize {
 }
 fn default_true() -> bool {
     true
-}
-fn default_schedule() -> KlSchedule {
-    KlSchedule::Constant { beta: 1.0 }
 }
 fn default_samples() -> usize {
     1
@@ -90,7 +83,7 @@ impl ChorusConfig {
                     .into(),
             ));
         }
-        Ok(self.kl_schedule.validate()?)
+        Ok(())
     }
 
     /// A lower bound on the parameters of a chorus of these models under this config: the LMs'

@@ -37,7 +37,7 @@
 //!     padding: Tensor::from_data([[false; 4]], &device),
 //!     assistant_log_probs: None,
 //! };
-//! let beta = chorus.config.kl_schedule.beta(0); // the KL weight at step 0
+//! let beta = 1.0; // the KL weight (training anneals it: chorus-train's `train.kl_schedule`)
 //! let out = chorus.forward_elbo(&batch, beta)?;
 //! assert_eq!(out.terms.loss.dims(), [1]);
 //! assert_eq!(out.router.dims(), [1, 4, 2]);
@@ -78,9 +78,6 @@ pub enum ModelError {
         /// What it must be.
         expected: &'static str,
     },
-    /// The KL schedule (its own checks, in chorus-elbo).
-    #[error("invalid chorus config: kl_schedule: {0}")]
-    KlSchedule(#[from] chorus_elbo::ElboError),
     /// An impossible combination of settings, or a model that cannot do what was asked.
     #[error("invalid chorus config: {0}")]
     InvalidConfig(String),

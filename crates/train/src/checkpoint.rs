@@ -168,7 +168,7 @@ where
 
 /// Puts `best/` back if a run was killed between moving the old one aside and renaming the new
 /// one into place (see [`update_best`]).
-pub(crate) fn recover_best(out: &Path) -> Result<(), TrainError> {
+fn recover_best(out: &Path) -> Result<(), TrainError> {
     let old = checkpoints_dir(out).join(".old-best");
     let best = best_dir(out);
     if old.is_dir() && !best.exists() {
@@ -230,12 +230,73 @@ pub fn load_chorus<B: Backend>(
     Ok((Chorus::load(dir, device)?, state))
 }
 
-/// Loads the optimiser state of a checkpoint into `optimizer`.
-pub(crate) fn load_optimizer<B, O>(
-    dir: &Path,
+/// Where a resumed run continues.
+pub(crate) struct Resumed<B: AutodiffBackend, O> {
+    /// The checkpoint's model.
+    pub(crate) model: Chorus<B>,
+    /// The checkpoint's optimiser.
+    pub(crate) optimizer: O,
+    /// The loop's position and history.
+    pub(crate) state: CheckpointState,
+    /// The checkpoint it came from.
+    pub(crate) dir: PathBuf,
+}
+
+/// Loads the newest checkpoint under `out` for `--resume` after checking that it was written for
+/// the same models (`fresh`'s configs and `sources`) and the same seed.
+pub(crate) fn resume<B, O>(
+    out: &Path,
+    sources: &[String],
+    fresh: &Chorus<B>,
     optimizer: O,
+    seed: u64,
     device: &B::Device,
-) -> Result<O, TrainError>
+) -> Result<Resumed<B, O>, TrainError>
+where
+    B: AutodiffBackend,
+    O: Optimizer<Chorus<B>, B>,
+{
+    recover_best(out)?;
+    let dir = latest_checkpoint(out).ok_or_else(|| TrainError::Checkpoint {
+        path: checkpoints_dir(out),
+        reason: "--resume: no checkpoint to resume from".into(),
+    })?;
+    let (loaded, state) = load_chorus::<B>(&dir, device)?;
+    let m = &loaded.manifest;
+    let same_models = m.base == fresh.base.config()
+        && m.assistants
+            == fresh
+                .assistants
+                .iter()
+                .map(|a| a.config())
+                .collect::<Vec<_>>()
+        && m.chorus == fresh.config
+        && m.sources == sources;
+    if !same_models {
+        return Err(bad(
+            &dir,
+            "--resume: the checkpoint's models or chorus settings differ from the config",
+        ));
+    }
+    if state.seed != seed {
+        return Err(bad(
+            &dir,
+            format!(
+                "--resume: written with seed {} but the config says {seed} (resuming would not be exact)",
+                state.seed
+            ),
+        ));
+    }
+    Ok(Resumed {
+        optimizer: load_optimizer(&dir, optimizer, device)?,
+        model: loaded.model,
+        state,
+        dir,
+    })
+}
+
+/// Loads the optimiser state of a checkpoint into `optimizer`.
+fn load_optimizer<B, O>(dir: &Path, optimizer: O, device: &B::Device) -> Result<O, TrainError>
 where
     B: AutodiffBackend,
     O: Optimizer<Chorus<B>, B>,

@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use chorus_data::Task;
+use chorus_elbo::KlSchedule;
 use chorus_lm::LmConfig;
 use chorus_model::ChorusConfig;
 use serde::de::DeserializeOwned;
@@ -63,6 +64,9 @@ pub struct OptimConfig {
     /// AdamW β₂. Default 0.99.
     #[serde(default = "default_beta2")]
     pub beta2: f64,
+    /// AdamW ε (added to the root of the second moment). Default 1e-8.
+    #[serde(default = "default_epsilon")]
+    pub epsilon: f64,
     /// Clip the global gradient norm to this (0 disables). Default 1.0.
     #[serde(default = "default_grad_clip")]
     pub grad_clip: f64,
@@ -91,6 +95,10 @@ pub struct OptimConfig {
     /// ELBO (0 skips it). Default 0.
     #[serde(default)]
     pub selector_init_steps: u64,
+    /// The KL weight β by global step (annealing). Schedules with `total_steps` must span the
+    /// run: `total_steps = steps`. Default constant 1.
+    #[serde(default = "default_kl_schedule")]
+    pub kl_schedule: KlSchedule,
 }
 
 /// `chorus pretrain`: one LM from scratch.
@@ -170,6 +178,9 @@ fn default_beta1() -> f64 {
 fn default_beta2() -> f64 {
     0.99
 }
+fn default_epsilon() -> f64 {
+    1e-8
+}
 fn default_grad_clip() -> f64 {
     1.0
 }
@@ -190,6 +201,9 @@ fn default_checkpoint_every() -> u64 {
 }
 fn default_keep_last() -> usize {
     2
+}
+fn default_kl_schedule() -> KlSchedule {
+    KlSchedule::Constant { beta: 1.0 }
 }
 
 impl Default for DataConfig {
@@ -233,6 +247,9 @@ pub enum ConfigError {
     /// The `[chorus]` table (the joint model's config).
     #[error(transparent)]
     Chorus(#[from] chorus_model::ModelError),
+    /// `train.kl_schedule` (its own checks, in chorus-elbo).
+    #[error("train.kl_schedule: {0}")]
+    KlSchedule(#[from] chorus_elbo::ElboError),
 }
 
 /// `Err(OutOfRange)` unless `ok`.
@@ -315,6 +332,12 @@ impl OptimConfig {
             "in [0, 1)",
         )?;
         check(
+            self.epsilon.is_finite() && self.epsilon > 0.0,
+            "train.epsilon",
+            self.epsilon,
+            "finite and > 0",
+        )?;
+        check(
             self.grad_clip.is_finite() && self.grad_clip >= 0.0,
             "train.grad_clip",
             self.grad_clip,
@@ -339,6 +362,20 @@ impl OptimConfig {
                 key: "train.selector_init_steps",
                 value: self.selector_init_steps.to_string(),
                 reason: format!("leaves no ELBO steps of train.steps = {}", self.steps),
+            });
+        }
+        self.kl_schedule.validate()?;
+        if let KlSchedule::Cyclical { total_steps, .. }
+        | KlSchedule::ZeroThenLinear { total_steps, .. } = self.kl_schedule
+            && total_steps != self.steps
+        {
+            return Err(ConfigError::Conflict {
+                key: "train.kl_schedule.total_steps",
+                value: total_steps.to_string(),
+                reason: format!(
+                    "but train.steps = {}: the β cycles must span the run (set both)",
+                    self.steps
+                ),
             });
         }
         Ok(())
@@ -418,19 +455,6 @@ impl Validate for TrainConfig {
                      assistants depend on z",
                 );
             }
-        }
-        if let chorus_elbo::KlSchedule::Cyclical { total_steps, .. }
-        | chorus_elbo::KlSchedule::ZeroThenLinear { total_steps, .. } = self.chorus.kl_schedule
-            && total_steps != self.train.steps
-        {
-            return conflict(
-                "chorus.kl_schedule.total_steps",
-                total_steps.to_string(),
-                &format!(
-                    "but train.steps = {}: the β cycles must span the run (set both)",
-                    self.train.steps
-                ),
-            );
         }
         Ok(())
     }

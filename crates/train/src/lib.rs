@@ -22,10 +22,12 @@ mod checkpoint;
 mod config;
 mod eval;
 mod grads;
+mod metrics;
 mod progress;
 mod run;
 mod schedule;
 mod scores;
+mod step;
 
 pub use batch::{Encoded, TokenBatch, encode_examples, epoch_batches, load_task_examples};
 pub use checkpoint::{
@@ -39,8 +41,9 @@ pub use eval::{
     EvalReport, EvalRow, TOKEN_CONVENTION, evaluate_chorus, evaluate_composition, evaluate_lm,
     text_file_examples,
 };
+pub use metrics::MetricWindow;
 pub use progress::{Progress, Silent};
-pub use run::{MetricWindow, TrainSummary, pretrain, score, train};
+pub use run::{TrainSummary, pretrain, score, train};
 pub use schedule::learning_rate;
 pub use scores::{ScoreCache, score_assistants};
 
@@ -113,6 +116,19 @@ pub enum TrainError {
 }
 
 impl TrainError {
+    /// A [`TrainError::NonFinite`] with the newest intact checkpoint filled in; other errors as
+    /// they are.
+    pub(crate) fn with_last_good(self, dir: Option<PathBuf>) -> Self {
+        match self {
+            Self::NonFinite { step, what, .. } => Self::NonFinite {
+                step,
+                what,
+                last_good: dir,
+            },
+            other => other,
+        }
+    }
+
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Self::Io {
             path: path.into(),

@@ -1,26 +1,23 @@
 //! `pretrain` and `train`: the optimisation loop shared by both.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::module::AutodiffModule;
-use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::optim::AdamWConfig;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use chorus_data::Split;
-use chorus_elbo::posterior_deferral;
 use chorus_lm::{Lm, Tokenizer};
 use chorus_model::{Assistant, Chorus, ChorusConfig, LocalLm, RemoteAssistant, RemoteSettings};
 use serde::Serialize;
 
 use crate::batch::splitmix;
-use crate::checkpoint::{
-    CheckpointState, latest_checkpoint, load_chorus, load_optimizer, save_checkpoint, update_best,
-};
-use crate::grads::clip_global_norm;
+use crate::checkpoint::{CheckpointState, load_chorus, resume, save_checkpoint, update_best};
+use crate::metrics::{MetricWindow, Metrics};
 use crate::progress::Progress;
 use crate::scores::fingerprint;
+use crate::step::{GradientHook, Objective, StepSettings, optimiser_step};
 use crate::{
     DataConfig, Encoded, OptimConfig, PretrainConfig, ScoreCache, TokenBatch, TrainConfig,
     TrainError, encode_examples, epoch_batches, evaluate_chorus, learning_rate, load_task_examples,
@@ -336,9 +333,6 @@ pub fn train<B: AutodiffBackend>(
     )
 }
 
-/// Sees (and may change) each step's accumulated gradients: `(step, gradients)`.
-pub(crate) type GradientHook = dyn Fn(u64, &mut GradientsParams);
-
 pub(crate) struct Loop<'a> {
     /// Where each model came from, saved in the checkpoints' manifests.
     pub(crate) sources: Vec<String>,
@@ -358,118 +352,15 @@ pub(crate) struct Loop<'a> {
     pub(crate) progress: &'a mut dyn Progress,
 }
 
-/// Appends metric rows to `<out>/metrics.jsonl` and `<out>/metrics.csv`.
-struct Metrics {
-    jsonl: PathBuf,
-    csv: PathBuf,
-}
-
-const CSV_COLUMNS: [&str; 11] = [
-    "step",
-    "kind",
-    "lr",
-    "loss",
-    "nll_per_token",
-    "kl",
-    "beta",
-    "deferral",
-    "grad_norm",
-    "tokens_per_s",
-    "valid_nll",
-];
-
-impl Metrics {
-    /// Opens the files, keeping the rows up to step `keep_until` (a resumed run rewrites what
-    /// followed its checkpoint). A line torn by a kill is dropped; the CSV is rebuilt from the
-    /// JSONL; both are replaced atomically, so a kill here loses nothing.
-    fn open(out: &Path, keep_until: u64) -> Result<Self, TrainError> {
-        let m = Self {
-            jsonl: out.join("metrics.jsonl"),
-            csv: out.join("metrics.csv"),
-        };
-        let rows: Vec<serde_json::Value> = std::fs::read_to_string(&m.jsonl)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|row| row["step"].as_u64().is_some_and(|s| s <= keep_until))
-            .collect();
-        let jsonl: String = rows.iter().map(|r| format!("{r}\n")).collect();
-        let csv: String = std::iter::once(CSV_COLUMNS.join(","))
-            .chain(rows.iter().map(csv_line))
-            .map(|l| l + "\n")
-            .collect();
-        write_atomically(&m.jsonl, &jsonl)?;
-        write_atomically(&m.csv, &csv)?;
-        Ok(m)
-    }
-
-    fn write(&self, row: &serde_json::Value) -> Result<(), TrainError> {
-        let append = |path: &Path, line: String| -> Result<(), TrainError> {
-            let mut f = std::fs::OpenOptions::new()
-                .append(true)
-                .create(true)
-                .open(path)
-                .map_err(|e| TrainError::io(path, e))?;
-            writeln!(f, "{line}").map_err(|e| TrainError::io(path, e))
-        };
-        append(&self.jsonl, row.to_string())?;
-        append(&self.csv, csv_line(row))
-    }
-}
-
-/// A metrics row as a CSV line of [`CSV_COLUMNS`].
-fn csv_line(row: &serde_json::Value) -> String {
-    CSV_COLUMNS
-        .iter()
-        .map(|c| match &row[*c] {
-            serde_json::Value::Null => String::new(),
-            serde_json::Value::String(s) => s.clone(),
-            v => v.to_string(),
-        })
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
-/// Writes `text` to `path` through a temporary file and a rename.
-fn write_atomically(path: &Path, text: &str) -> Result<(), TrainError> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).map_err(|e| TrainError::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| TrainError::io(path, e))
-}
-
 /// The per-step seed: a fixed mix of the run's seed and the step.
 fn step_seed(seed: u64, step: u64) -> u64 {
     let mut s = seed ^ step.wrapping_mul(0x9e37_79b9_7f4a_7c15);
     splitmix(&mut s)
 }
 
-/// The sums behind the next metrics row. Saved with each checkpoint, so that a resumed run logs
-/// the same rows as an uninterrupted one (only `tokens_per_s`, a wall-clock rate, differs).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize)]
-pub struct MetricWindow {
-    /// Σ loss over micro-batches.
-    pub loss: f64,
-    /// Σ log p(x | z, c) over rows.
-    pub log_px: f64,
-    /// Σ KL over rows.
-    pub kl: f64,
-    /// Rows seen.
-    pub rows: usize,
-    /// Target tokens seen.
-    pub tokens: usize,
-    /// Σ posterior deferral over target tokens.
-    pub deferral: f64,
-    /// β at the last step.
-    pub beta: f64,
-    /// Σ gradient norm over steps.
-    pub grad_norm: f64,
-    /// Optimiser steps in the window.
-    pub steps: u64,
-    /// When this process started filling it (not saved).
-    #[serde(skip)]
-    started: Option<Instant>,
-}
-
+/// The loop: resume (if asked), then per step the micro-batches of the epoch's order, one
+/// [`optimiser_step`], the metrics row every `log_every` steps, validation every `eval_every`,
+/// and a checkpoint every `checkpoint_every` (and at a new best and at the end).
 pub(crate) fn run_loop<B: AutodiffBackend>(
     l: Loop<'_>,
     mut model: Chorus<B>,
@@ -484,51 +375,19 @@ pub(crate) fn run_loop<B: AutodiffBackend>(
     let mut optimizer = AdamWConfig::new()
         .with_beta_1(cfg.beta1 as f32)
         .with_beta_2(cfg.beta2 as f32)
-        .with_epsilon(1e-8)
+        .with_epsilon(cfg.epsilon as f32)
         .with_weight_decay(cfg.weight_decay as f32)
         .init::<B, Chorus<B>>();
     let (mut step, mut best, mut tokens_seen) = (0u64, None::<(u64, f64)>, 0u64);
+    let mut window = MetricWindow::default();
     let mut last_good = None;
-    let mut resumed_window = None;
     if l.resume {
-        crate::checkpoint::recover_best(l.out)?;
-        let dir = latest_checkpoint(l.out).ok_or_else(|| TrainError::Checkpoint {
-            path: crate::checkpoint::checkpoints_dir(l.out),
-            reason: "--resume: no checkpoint to resume from".into(),
-        })?;
-        let (loaded, state) = load_chorus::<B>(&dir, device)?;
-        let m = &loaded.manifest;
-        let same_models = m.base == model.base.config()
-            && m.assistants
-                == model
-                    .assistants
-                    .iter()
-                    .map(|a| a.config())
-                    .collect::<Vec<_>>()
-            && m.chorus == model.config
-            && m.sources == l.sources;
-        if !same_models {
-            return Err(TrainError::Checkpoint {
-                path: dir,
-                reason:
-                    "--resume: the checkpoint's models or chorus settings differ from the config"
-                        .into(),
-            });
-        }
-        if state.seed != cfg.seed {
-            return Err(TrainError::Checkpoint {
-                path: dir,
-                reason: format!(
-                    "--resume: written with seed {} but the config says {} (resuming would not be exact)",
-                    state.seed, cfg.seed
-                ),
-            });
-        }
-        optimizer = load_optimizer(&dir, optimizer, device)?;
-        model = loaded.model;
-        (step, best, tokens_seen) = (state.step, state.best, state.tokens_seen);
-        resumed_window = Some(state.window);
-        last_good = Some(dir);
+        let resumed = resume(l.out, &l.sources, &model, optimizer, cfg.seed, device)?;
+        (model, optimizer) = (resumed.model, resumed.optimizer);
+        let state = resumed.state;
+        (step, best, tokens_seen, window) =
+            (state.step, state.best, state.tokens_seen, state.window);
+        last_good = Some(resumed.dir);
     }
     let first_step = step;
     let metrics = Metrics::open(l.out, step)?;
@@ -549,130 +408,75 @@ pub(crate) fn run_loop<B: AutodiffBackend>(
             l.out.display()
         ),
     );
-    let mut window = resumed_window.unwrap_or_default();
     let accum = cfg.accumulation as u64;
     let mut last_checkpoint = last_good.clone().unwrap_or_default();
     while step < cfg.steps {
         window.started.get_or_insert_with(Instant::now);
         B::seed(device, step_seed(cfg.seed, step));
-        let lr = learning_rate(cfg, step);
         let selector_phase = step < cfg.selector_init_steps;
-        let mut accumulator = GradientsAccumulator::<Chorus<B>>::new();
-        let mut step_tokens = 0usize;
-        for a in 0..accum {
-            let m = step * accum + a;
+        let settings = StepSettings {
+            step,
+            lr: learning_rate(cfg, step),
+            grad_clip: cfg.grad_clip,
+            objective: if selector_phase {
+                Objective::SelectorInit
+            } else {
+                Objective::Elbo {
+                    beta: cfg.kl_schedule.beta(step),
+                }
+            },
+            gradient_hook: l.gradient_hook,
+        };
+        // Micro-batch m of the run is batch m mod n of epoch m div n (each epoch its own order).
+        let mut micro_batches = Vec::with_capacity(cfg.accumulation);
+        for m in step * accum..(step + 1) * accum {
             let (epoch, index) = (m / n_batches, (m % n_batches) as usize);
             if epoch_cache.as_ref().is_none_or(|(e, _)| *e != epoch) {
-                epoch_cache = Some((
-                    epoch,
-                    epoch_batches(&lengths, l.batch_size, cfg.seed, epoch),
-                ));
+                let order = epoch_batches(&lengths, l.batch_size, cfg.seed, epoch);
+                epoch_cache = Some((epoch, order));
             }
             let ids = &epoch_cache.as_ref().expect("just set").1[index];
-            let refs: Vec<&Encoded> = ids.iter().map(|&i| &l.train[i]).collect();
-            let mut host = TokenBatch::new(&refs);
+            let rows: Vec<&Encoded> = ids.iter().map(|&i| &l.train[i]).collect();
+            let mut host = TokenBatch::new(&rows);
             if let Some(scores) = l.train_scores {
                 host = host.with_scores(scores, ids)?;
             }
-            let batch = host.to_device::<B>(device);
-            let loss = if selector_phase {
-                let (loss, share) = model.selector_pseudo_label_loss(&batch)?;
-                window.deferral += share * host.n_targets() as f64;
-                loss
-            } else {
-                let beta = model.config.kl_schedule.beta(step);
-                let out = model.forward_elbo(&batch, beta)?;
-                window.deferral +=
-                    posterior_deferral(out.router.clone(), batch.target_mask.clone())
-                        .into_scalar()
-                        .elem::<f64>();
-                window.log_px += out.terms.reconstruction.sum().into_scalar().elem::<f64>();
-                window.kl += out.terms.kl.sum().into_scalar().elem::<f64>();
-                window.beta = out.terms.beta;
-                out.terms.loss
-            };
-            let value = loss.clone().into_scalar().elem::<f64>();
-            if !value.is_finite() {
+            micro_batches.push(host);
+        }
+        model = match optimiser_step(
+            model,
+            &mut optimizer,
+            &micro_batches,
+            &settings,
+            &mut window,
+            device,
+        ) {
+            Ok(model) => model,
+            Err(e) => {
                 progress.end(false);
-                return Err(TrainError::NonFinite {
-                    step,
-                    what: format!("loss ({value})"),
-                    last_good,
-                });
+                return Err(e.with_last_good(last_good));
             }
-            window.loss += value;
-            window.rows += host.rows;
-            window.tokens += host.n_targets();
-            step_tokens += host.n_targets();
-            let grads = loss.div_scalar(accum as f64).backward();
-            accumulator.accumulate(&model, GradientsParams::from_grads(grads, &model));
-        }
-        let mut grads = accumulator.grads();
-        if let Some(hook) = l.gradient_hook {
-            hook(step, &mut grads);
-        }
-        let norm = clip_global_norm(&model, &mut grads, cfg.grad_clip);
-        if !norm.is_finite() {
-            progress.end(false);
-            return Err(TrainError::NonFinite {
-                step,
-                what: format!("gradient norm ({norm})"),
-                last_good,
-            });
-        }
-        model = optimizer.step(lr, model, grads);
+        };
         step += 1;
-        tokens_seen += step_tokens as u64;
-        window.grad_norm += norm;
-        window.steps += 1;
+        tokens_seen += micro_batches
+            .iter()
+            .map(|b| b.n_targets() as u64)
+            .sum::<u64>();
         progress.update(step, "");
 
         let last = step == cfg.steps;
         if step % cfg.log_every == 0 || last {
-            let secs = window.started.map_or(0.0, |t| t.elapsed().as_secs_f64());
-            let tokens = window.tokens.max(1) as f64;
-            let batches = (window.steps * accum) as f64;
-            let row = serde_json::json!({
-                "step": step,
-                "kind": if selector_phase { "selector_init" } else { "train" },
-                "lr": lr,
-                "loss": window.loss / batches,
-                "nll_per_token": (!selector_phase).then(|| -window.log_px / tokens),
-                "kl": (!selector_phase).then(|| window.kl / window.rows.max(1) as f64),
-                "beta": (!selector_phase).then_some(window.beta),
-                "deferral": window.deferral / tokens,
-                "grad_norm": window.grad_norm / window.steps as f64,
-                "tokens_per_s": window.tokens as f64 / secs.max(1e-9),
-            });
+            let (row, line) = window.row(step, settings.lr, selector_phase, accum);
             metrics.write(&row)?;
-            let msg = if selector_phase {
-                format!(
-                    "selector-init loss {:.3} | pseudo-labels to assistants {:.1}% | {:.0} tok/s",
-                    window.loss / batches,
-                    100.0 * window.deferral / tokens,
-                    window.tokens as f64 / secs.max(1e-9)
-                )
-            } else {
-                format!(
-                    "loss {:.3} | nll/tok {:.3} | KL {:.2} | β {:.2} | defer {:.1}% | {:.0} tok/s",
-                    window.loss / batches,
-                    -window.log_px / tokens,
-                    window.kl / window.rows.max(1) as f64,
-                    window.beta,
-                    100.0 * window.deferral / tokens,
-                    window.tokens as f64 / secs.max(1e-9)
-                )
-            };
-            progress.update(step, &msg);
+            progress.update(step, &line);
             window = MetricWindow::default();
         }
 
         let validate = last || (cfg.eval_every > 0 && step % cfg.eval_every == 0);
         let mut valid_nll = None;
         if validate && !l.valid.is_empty() {
-            let inner = model.valid();
             let rows = evaluate_chorus(
-                &inner,
+                &model.valid(),
                 "valid",
                 l.valid,
                 l.valid_scores,
@@ -696,15 +500,12 @@ pub(crate) fn run_loop<B: AutodiffBackend>(
                 .iter()
                 .map(|r| format!("{} {:.3}", r.task, r.nll))
                 .collect();
+            let new_best = best.is_none_or(|(_, b)| nll < b);
             progress.line(&format!(
                 "step {step}: valid NLL/token {nll:.4} (PPL {:.2}; {}){}",
                 nll.exp(),
                 per_task.join(", "),
-                match best {
-                    Some((_, b)) if nll < b => " — new best",
-                    None => " — new best",
-                    _ => "",
-                }
+                if new_best { " — new best" } else { "" }
             ));
             metrics.write(&serde_json::json!({
                 "step": step,

@@ -137,7 +137,7 @@ fn fit_with(
     batch_size: usize,
     out: &Path,
     resume: bool,
-    gradient_hook: Option<&crate::run::GradientHook>,
+    gradient_hook: Option<&crate::step::GradientHook>,
 ) -> Result<crate::TrainSummary, TrainError> {
     let tok = tokenizer();
     run_loop(
@@ -535,11 +535,7 @@ fn training_on_the_score_cache_equals_live_assistants_with_several_z_samples() {
     );
     let loss = |batch: TokenBatch| {
         let out = model
-            .forward_elbo_with_noise(
-                &batch.to_device::<AD>(&device),
-                model.config.kl_schedule.beta(0),
-                Some(eps.clone()),
-            )
+            .forward_elbo_with_noise(&batch.to_device::<AD>(&device), 1.0, Some(eps.clone()))
             .unwrap();
         (
             out.terms.loss.into_scalar(),
@@ -651,20 +647,20 @@ fn bad_configs_are_clear_errors() {
     let e = load(base, &["train.lr=-1"]);
     assert!(e.contains("train.lr = -1"), "{e}");
     let e = load(
-        &format!("{base}[chorus.kl_schedule]\nkind = \"constant\"\nbeta = -0.5\n"),
+        &format!("{base}[train.kl_schedule]\nkind = \"constant\"\nbeta = -0.5\n"),
         &[],
     );
     assert!(e.contains("beta = -0.5"), "{e}");
     let e = load(
         &format!(
-            "{base}[chorus.kl_schedule]\nkind = \"cyclical\"\ntotal_steps = 10\nn_cycles = 2\nratio = 1.5\n"
+            "{base}[train.kl_schedule]\nkind = \"cyclical\"\ntotal_steps = 10\nn_cycles = 2\nratio = 1.5\n"
         ),
         &[],
     );
     assert!(e.contains("ratio"), "{e}");
     let e = load(
         &format!(
-            "{base}[train]\nsteps = 100\n[chorus.kl_schedule]\nkind = \"cyclical\"\ntotal_steps = 10\nn_cycles = 2\nratio = 0.5\n"
+            "{base}[train]\nsteps = 100\n[train.kl_schedule]\nkind = \"cyclical\"\ntotal_steps = 10\nn_cycles = 2\nratio = 0.5\n"
         ),
         &[],
     );
@@ -672,6 +668,8 @@ fn bad_configs_are_clear_errors() {
         e.contains("total_steps = 10") && e.contains("train.steps = 100"),
         "{e}"
     );
+    let e = load(base, &["train.epsilon=0"]);
+    assert!(e.contains("train.epsilon = 0"), "{e}");
     let e = load(base, &["data.batch_size=0"]);
     assert!(e.contains("batch_size"), "{e}");
     let e = load(base, &["train.steps"]);
@@ -823,11 +821,7 @@ fn gradients_are_bitwise_reproducible() {
     let grads: Vec<Vec<f32>> = (0..3)
         .map(|_| {
             AD::seed(&device, 1);
-            let loss = model
-                .forward_elbo(&batch, model.config.kl_schedule.beta(0))
-                .unwrap()
-                .terms
-                .loss;
+            let loss = model.forward_elbo(&batch, 1.0).unwrap().terms.loss;
             let g = burn::optim::GradientsParams::from_grads(loss.backward(), &model);
             g.get::<B, 2>(embedding.id)
                 .unwrap()
@@ -906,11 +900,7 @@ fn clipping_scales_every_gradient_by_max_norm_over_the_global_norm() {
     // The same gradients each call (the z noise is reseeded).
     let fresh_grads = || {
         AD::seed(&device, 5);
-        let loss = model
-            .forward_elbo(&batch, model.config.kl_schedule.beta(0))
-            .unwrap()
-            .terms
-            .loss;
+        let loss = model.forward_elbo(&batch, 1.0).unwrap().terms.loss;
         burn::optim::GradientsParams::from_grads(loss.backward(), &model)
     };
     let grads = fresh_grads();
@@ -1009,7 +999,7 @@ fn assert_stops_with_last_good_intact(
     train: &[Encoded],
     valid: &[Encoded],
     eval_every: u64,
-    hook: Option<&crate::run::GradientHook>,
+    hook: Option<&crate::step::GradientHook>,
 ) {
     let dir = tempfile::tempdir().unwrap();
     let optim = OptimConfig {
@@ -1329,8 +1319,10 @@ fn checkpoint_state_round_trips_floats_exactly() {
         f64::from_bits((rng >> 2) | 0x3000_0000_0000_0000) // normal values of many magnitudes
     });
     for value in awkward.into_iter().chain(random) {
-        let mut window = crate::MetricWindow::default();
-        window.kl = value;
+        let window = crate::MetricWindow {
+            kl: value,
+            ..Default::default()
+        };
         let text = serde_json::to_string(&window).unwrap();
         let back: crate::MetricWindow = serde_json::from_str(&text).unwrap();
         assert_eq!(back.kl.to_bits(), value.to_bits(), "{value:e} → {text}");
