@@ -22,6 +22,7 @@ pub mod brown;
 pub mod chitchat;
 mod corpora;
 pub mod fetch;
+pub mod rng;
 pub mod sotu;
 mod split;
 pub mod tasks;

@@ -39,9 +39,16 @@ pub use schedule::KlSchedule;
 /// Errors of `chorus-elbo`.
 #[derive(Debug, thiserror::Error)]
 pub enum ElboError {
-    /// A KL schedule with out-of-range values.
-    #[error("invalid KL schedule: {0}")]
-    InvalidSchedule(String),
+    /// A KL schedule value out of range.
+    #[error("invalid KL schedule: {key} = {value} must be {expected}")]
+    OutOfRange {
+        /// The schedule's key, e.g. `cyclical.ratio`.
+        key: &'static str,
+        /// The value as given.
+        value: String,
+        /// What it must be.
+        expected: &'static str,
+    },
 }
 
 #[cfg(test)]

@@ -47,23 +47,34 @@ impl KlSchedule {
     /// Checks ranges: β ∈ [0, ∞) finite, ratios in [0, 1] (R > 0), `ratio_zero + ratio_increase ≤ 1`,
     /// at least one cycle and one step.
     pub fn validate(&self) -> Result<(), ElboError> {
-        let bad = |what: String| Err(ElboError::InvalidSchedule(what));
+        let bad = |key, value: String, expected| {
+            Err(ElboError::OutOfRange {
+                key,
+                value,
+                expected,
+            })
+        };
+        let cycles = |kind, n_cycles: u32, total_steps: u64| {
+            bad(
+                kind,
+                format!("{n_cycles} cycles over total_steps = {total_steps}"),
+                "1 ≤ n_cycles ≤ total_steps",
+            )
+        };
         match *self {
             KlSchedule::Constant { beta } if !(beta.is_finite() && beta >= 0.0) => {
-                bad(format!("constant beta = {beta} must be finite and ≥ 0"))
+                bad("constant.beta", beta.to_string(), "finite and ≥ 0")
             }
-            KlSchedule::Linear { warmup_steps: 0 } => bad("linear warmup_steps must be > 0".into()),
+            KlSchedule::Linear { warmup_steps: 0 } => bad("linear.warmup_steps", "0".into(), "> 0"),
             KlSchedule::Cyclical {
                 total_steps,
                 n_cycles,
                 ratio,
             } => {
                 if total_steps == 0 || n_cycles == 0 || u64::from(n_cycles) > total_steps {
-                    bad(format!(
-                        "cyclical needs 1 ≤ n_cycles ≤ total_steps, got {n_cycles} cycles over {total_steps} steps"
-                    ))
+                    cycles("cyclical.n_cycles", n_cycles, total_steps)
                 } else if !(ratio > 0.0 && ratio <= 1.0) {
-                    bad(format!("cyclical ratio = {ratio} must be in (0, 1]"))
+                    bad("cyclical.ratio", ratio.to_string(), "in (0, 1]")
                 } else {
                     Ok(())
                 }
@@ -75,16 +86,16 @@ impl KlSchedule {
                 ratio_increase,
             } => {
                 if total_steps == 0 || n_cycles == 0 || u64::from(n_cycles) > total_steps {
-                    bad(format!(
-                        "zero_then_linear needs 1 ≤ n_cycles ≤ total_steps, got {n_cycles} cycles over {total_steps} steps"
-                    ))
+                    cycles("zero_then_linear.n_cycles", n_cycles, total_steps)
                 } else if !((0.0..=1.0).contains(&ratio_zero)
                     && ratio_increase > 0.0
                     && ratio_zero + ratio_increase <= 1.0 + 1e-12)
                 {
-                    bad(format!(
-                        "zero_then_linear ratios must satisfy 0 ≤ ratio_zero, 0 < ratio_increase, sum ≤ 1; got {ratio_zero} + {ratio_increase}"
-                    ))
+                    bad(
+                        "zero_then_linear.ratio_zero + ratio_increase",
+                        format!("{ratio_zero} + {ratio_increase}"),
+                        "0 ≤ ratio_zero, 0 < ratio_increase, sum ≤ 1",
+                    )
                 } else {
                     Ok(())
                 }

@@ -33,11 +33,15 @@ pub struct GaussianHeadConfig {
 impl GaussianHeadConfig {
     /// Validates and allocates. μ and log σ² start near zero (a near-standard Gaussian).
     pub fn init<B: Backend>(&self, device: &B::Device) -> Result<GaussianHead<B>, LatentError> {
-        if self.d_hidden == 0 || self.d_latent == 0 {
-            return Err(LatentError::InvalidConfig(format!(
-                "Gaussian head needs d_hidden > 0 and d_latent > 0, got {} and {}",
-                self.d_hidden, self.d_latent
-            )));
+        for (key, value) in [("d_hidden", self.d_hidden), ("d_latent", self.d_latent)] {
+            if value == 0 {
+                return Err(LatentError::OutOfRange {
+                    component: "gaussian_head",
+                    key,
+                    value,
+                    expected: "> 0",
+                });
+            }
         }
         let proj = LinearConfig::new(self.d_hidden, 2 * self.d_latent)
             .with_initializer(burn::nn::Initializer::Normal {
@@ -178,7 +182,7 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(
-            err.contains("d_hidden > 0") && err.contains("got 0 and 2"),
+            err.contains("gaussian_head.d_hidden = 0 must be > 0"),
             "{err}"
         );
     }

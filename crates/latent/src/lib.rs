@@ -32,9 +32,18 @@ pub use selector::{Selector, SelectorConfig, router_posterior};
 /// Errors of `chorus-latent`.
 #[derive(Debug, thiserror::Error)]
 pub enum LatentError {
-    /// A configuration value is out of range.
-    #[error("invalid latent config: {0}")]
-    InvalidConfig(String),
+    /// A configuration value out of range.
+    #[error("invalid latent config: {component}.{key} = {value} must be {expected}")]
+    OutOfRange {
+        /// The component, e.g. `selector`.
+        component: &'static str,
+        /// The key, e.g. `n_models`.
+        key: &'static str,
+        /// The value as given.
+        value: usize,
+        /// What it must be.
+        expected: &'static str,
+    },
 }
 
 /// The backend the unit tests run on.

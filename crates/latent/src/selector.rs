@@ -19,11 +19,15 @@ impl SelectorConfig {
     /// Validates and allocates. Weights start at zero and the bias at `[b, 0, …, 0]` with
     /// `b = ln(9 (K−1))`, so that π(base) = 0.9 everywhere before training.
     pub fn init<B: Backend>(&self, device: &B::Device) -> Result<Selector<B>, LatentError> {
-        if self.d_hidden == 0 || self.n_models == 0 {
-            return Err(LatentError::InvalidConfig(format!(
-                "selector needs d_hidden > 0 and at least one model, got {} and {}",
-                self.d_hidden, self.n_models
-            )));
+        for (key, value) in [("d_hidden", self.d_hidden), ("n_models", self.n_models)] {
+            if value == 0 {
+                return Err(LatentError::OutOfRange {
+                    component: "selector",
+                    key,
+                    value,
+                    expected: "> 0",
+                });
+            }
         }
         let mut proj = LinearConfig::new(self.d_hidden, self.n_models)
             .with_initializer(burn::nn::Initializer::Zeros)

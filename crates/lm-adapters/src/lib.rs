@@ -40,9 +40,14 @@ use serde::{Deserialize, Serialize};
 /// Errors of `chorus-lm-adapters`.
 #[derive(Debug, thiserror::Error)]
 pub enum AdapterError {
-    /// A configuration value is out of range.
-    #[error("invalid adapter config: {0}")]
-    InvalidConfig(String),
+    /// `d_latent = 0`: there is no z to read.
+    #[error("invalid adapter config: d_latent = 0 must be > 0")]
+    NoLatent,
+    /// `memory_slots = 0` and `embedding = false`: the adapter would have no way to read z.
+    #[error(
+        "invalid adapter config: memory_slots = 0 with embedding = false leaves no way to read z"
+    )]
+    NoReader,
 }
 
 /// How one model reads z.
@@ -65,12 +70,10 @@ impl ZAdapterConfig {
         device: &B::Device,
     ) -> Result<ZAdapter<B>, AdapterError> {
         if self.d_latent == 0 {
-            return Err(AdapterError::InvalidConfig("d_latent must be > 0".into()));
+            return Err(AdapterError::NoLatent);
         }
         if self.memory_slots == 0 && !self.embedding {
-            return Err(AdapterError::InvalidConfig(
-                "an adapter needs memory_slots > 0 or embedding = true".into(),
-            ));
+            return Err(AdapterError::NoReader);
         }
         let memory_width = self.memory_slots * dims.n_layers * dims.kv_dim();
         let linear = |d_out, initializer| {
@@ -250,9 +253,9 @@ mod tests {
         ] {
             let err = cfg.init::<B>(&dims, &device).unwrap_err().to_string();
             let says = if cfg.d_latent == 0 {
-                "d_latent must be > 0"
+                "d_latent = 0 must be > 0"
             } else {
-                "memory_slots > 0 or embedding"
+                "memory_slots = 0 with embedding = false"
             };
             assert!(err.contains(says), "{cfg:?}: {err}");
         }

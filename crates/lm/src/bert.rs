@@ -218,10 +218,13 @@ impl<B: Backend> Bert<B> {
     ) -> Result<Tensor<B, 3>, LmError> {
         let [batch, seq] = tokens.dims();
         if seq == 0 || seq > self.max_positions {
-            return Err(LmError::InvalidInput(format!(
-                "{seq} tokens for an encoder of {} positions",
-                self.max_positions
-            )));
+            return Err(LmError::InvalidInput {
+                input: "tokens",
+                reason: format!(
+                    "{seq} tokens for an encoder of {} positions",
+                    self.max_positions
+                ),
+            });
         }
         let device = tokens.device();
         let positions = Tensor::<B, 1, Int>::arange(0..seq as i64, &device)

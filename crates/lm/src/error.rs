@@ -11,9 +11,14 @@ pub enum LmError {
         /// What is wrong with it.
         reason: String,
     },
-    /// An input tensor does not fit the model (sequence too long, wrong batch size, ...).
-    #[error("invalid model input: {0}")]
-    InvalidInput(String),
+    /// An input that does not fit the model (sequence too long, wrong batch size, ...).
+    #[error("invalid model input: {input}: {reason}")]
+    InvalidInput {
+        /// The input, e.g. `tokens` or `padding`.
+        input: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// Reading or writing a file failed.
     #[error("{path}: {source}")]
     Io {

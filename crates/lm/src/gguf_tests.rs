@@ -2,6 +2,7 @@
 //! round trips, malformed files, and a mutation fuzzer over the reader.
 
 use burn::prelude::*;
+use chorus_data::rng::SplitMix64;
 
 use crate::gguf_writer::{Store, Writer};
 use crate::tests::{tiny_gpt2, tiny_llama};
@@ -386,19 +387,6 @@ fn tokenizers_of_one_chorus_must_match() {
     Tokenizer::from_file(&path).unwrap().check_same(&a).unwrap();
 }
 
-/// xorshift64*: a tiny deterministic generator for the fuzzer.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
 
 /// Mutates a valid GGUF (bit flips, boundary values over length and count fields, truncation,
 /// insertion, splicing) and requires the reader to return Ok or Err — never panic — and every
@@ -431,31 +419,31 @@ fn gguf_reader_survives_random_mutations() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(3);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
-    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    let mut rng = SplitMix64(0x9E37_79B9_7F4A_7C15);
     let (mut runs, mut accepted) = (0u64, 0u64);
     while std::time::Instant::now() < deadline {
-        let mut bytes = seeds[rng.below(seeds.len())].clone();
-        for _ in 0..1 + rng.below(4) {
+        let mut bytes = seeds[rng.index(seeds.len())].clone();
+        for _ in 0..1 + rng.index(4) {
             let len = bytes.len();
-            match rng.below(6) {
-                0 => bytes[rng.below(len)] ^= 1 << rng.below(8),
+            match rng.index(6) {
+                0 => bytes[rng.index(len)] ^= 1 << rng.index(8),
                 1 if len >= 8 => {
-                    let at = rng.below(len - 7);
-                    let v = [0u64, u64::MAX, u32::MAX as u64, 1 << 40, 0x7f, 31][rng.below(6)];
+                    let at = rng.index(len - 7);
+                    let v = [0u64, u64::MAX, u32::MAX as u64, 1 << 40, 0x7f, 31][rng.index(6)];
                     bytes[at..at + 8].copy_from_slice(&v.to_le_bytes());
                 }
-                2 => bytes.truncate(rng.below(len)),
+                2 => bytes.truncate(rng.index(len)),
                 3 => {
-                    let at = rng.below(len);
-                    bytes.insert(at, rng.next() as u8);
+                    let at = rng.index(len);
+                    bytes.insert(at, rng.next_u64() as u8);
                 }
                 4 => {
-                    let (a, b) = (rng.below(len), rng.below(len));
-                    let n = rng.below(64).min(len - a.max(b));
+                    let (a, b) = (rng.index(len), rng.index(len));
+                    let n = rng.index(64).min(len - a.max(b));
                     let chunk = bytes[a..a + n].to_vec();
                     bytes[b..b + n].copy_from_slice(&chunk);
                 }
-                _ => bytes[rng.below(len)] = [0, 0xff, 0x80, 0x7f][rng.below(4)],
+                _ => bytes[rng.index(len)] = [0, 0xff, 0x80, 0x7f][rng.index(4)],
             }
             if bytes.is_empty() {
                 break;

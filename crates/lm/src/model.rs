@@ -90,51 +90,69 @@ pub(crate) fn prepare_step<B: Backend>(
     let [batch, seq] = input.tokens.dims();
     let device = input.tokens.device();
     if seq == 0 {
-        return Err(LmError::InvalidInput("empty token sequence".into()));
+        return Err(LmError::InvalidInput {
+            input: "tokens",
+            reason: "an empty sequence".into(),
+        });
     }
     let start = cache.as_ref().map_or(0, |c| c.len);
     if start + seq > dims.max_seq_len {
-        return Err(LmError::InvalidInput(format!(
-            "{} positions ({} cached + {seq} new) exceed the context window of {}",
-            start + seq,
-            start,
-            dims.max_seq_len
-        )));
+        return Err(LmError::InvalidInput {
+            input: "tokens",
+            reason: format!(
+                "{} positions ({} cached + {seq} new) exceed the context window of {}",
+                start + seq,
+                start,
+                dims.max_seq_len
+            ),
+        });
     }
     if let Some(padding) = &input.padding
         && padding.dims() != [batch, seq]
     {
-        return Err(LmError::InvalidInput(format!(
-            "padding mask is {:?}, tokens are [{batch}, {seq}]",
-            padding.dims()
-        )));
+        return Err(LmError::InvalidInput {
+            input: "padding",
+            reason: format!(
+                "padding mask is {:?}, tokens are [{batch}, {seq}]",
+                padding.dims()
+            ),
+        });
     }
     if let Some(offset) = &input.embedding_offset
         && offset.dims() != [batch, dims.d_model]
     {
-        return Err(LmError::InvalidInput(format!(
-            "embedding offset is {:?}, expected [{batch}, {}]",
-            offset.dims(),
-            dims.d_model
-        )));
+        return Err(LmError::InvalidInput {
+            input: "embedding offset",
+            reason: format!(
+                "embedding offset is {:?}, expected [{batch}, {}]",
+                offset.dims(),
+                dims.d_model
+            ),
+        });
     }
     if let Some(memory) = &input.memory {
         if memory.len() != dims.n_layers {
-            return Err(LmError::InvalidInput(format!(
-                "{} memory layers for a model with {} layers",
-                memory.len(),
-                dims.n_layers
-            )));
+            return Err(LmError::InvalidInput {
+                input: "memory",
+                reason: format!(
+                    "{} memory layers for a model with {} layers",
+                    memory.len(),
+                    dims.n_layers
+                ),
+            });
         }
         let n_slots = memory[0].key.dims()[1];
         for (layer, m) in memory.iter().enumerate() {
             let expected = [batch, n_slots, dims.kv_dim()];
             if m.key.dims() != expected || m.value.dims() != expected {
-                return Err(LmError::InvalidInput(format!(
-                    "memory of layer {layer}: key {:?}, value {:?}, expected {expected:?}",
-                    m.key.dims(),
-                    m.value.dims()
-                )));
+                return Err(LmError::InvalidInput {
+                    input: "memory",
+                    reason: format!(
+                        "memory of layer {layer}: key {:?}, value {:?}, expected {expected:?}",
+                        m.key.dims(),
+                        m.value.dims()
+                    ),
+                });
             }
         }
     }
@@ -150,10 +168,10 @@ pub(crate) fn prepare_step<B: Backend>(
             if let Some(past) = &cache.padding
                 && past.dims()[0] != batch
             {
-                return Err(LmError::InvalidInput(format!(
-                    "batch of {batch} for a cache holding {}",
-                    past.dims()[0]
-                )));
+                return Err(LmError::InvalidInput {
+                    input: "cache",
+                    reason: format!("batch of {batch} for a cache holding {}", past.dims()[0]),
+                });
             }
             let padding = match (cache.padding.take(), input.padding.clone()) {
                 (None, None) => None,

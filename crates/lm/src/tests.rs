@@ -284,7 +284,7 @@ fn bad_inputs_are_errors() {
             None,
         )
         .unwrap_err();
-    assert!(matches!(err, LmError::InvalidInput(_)), "{err}");
+    assert!(matches!(err, LmError::InvalidInput { .. }), "{err}");
 }
 
 #[test]

@@ -123,7 +123,10 @@ impl<'a, B: Backend> LocalLm<'a, B> {
             .into_data()
             .convert::<f32>()
             .to_vec::<f32>()
-            .map_err(|e| ModelError::InvalidBatch(format!("{e:?}")))?;
+            .map_err(|e| ModelError::HostRead {
+                tensor: "logits",
+                reason: format!("{e:?}"),
+            })?;
         let d = out.hidden.dims()[2];
         let hidden = out.hidden.narrow(1, n - 1, 1).reshape([rows, d]);
         Ok((last.chunks(vocab).map(<[f32]>::to_vec).collect(), hidden))
@@ -208,9 +211,10 @@ impl<B: Backend> AssistantDecoder for LocalDecoder<'_, B> {
             };
             let (rows, n) = (source.len(), source[0].len());
             if n == 0 {
-                return Err(ModelError::InvalidBatch(
-                    "an assistant was asked for logits before reading any token".into(),
-                ));
+                return Err(ModelError::InvalidInput {
+                    input: "tokens",
+                    reason: "an assistant was asked for logits before reading any token".into(),
+                });
             }
             let flat: Vec<i64> = source.iter().flatten().map(|&t| t as i64).collect();
             let tokens =

@@ -325,15 +325,19 @@ impl<B: Backend> Chorus<B> {
             Some(cached) => {
                 let dims = cached.dims();
                 if dims != [n_rows, seq, self.assistants.len()] {
-                    return Err(ModelError::InvalidBatch(format!(
-                        "assistant_log_probs is {dims:?}, expected [{n_rows}, {seq}, {}]",
-                        self.assistants.len()
-                    )));
+                    return Err(ModelError::BatchShape {
+                        tensor: "assistant_log_probs",
+                        dims: dims.to_vec(),
+                        expected: vec![n_rows, seq, self.assistants.len()],
+                    });
                 }
                 if !self.assistant_adapters.is_empty() {
-                    return Err(ModelError::InvalidBatch(
-                        "cached assistant log-probs need assistant_adapters = false (adapted assistants depend on z)".into(),
-                    ));
+                    return Err(ModelError::Unsupported {
+                        operation: "cached assistant log-probs",
+                        reason:
+                            "they need assistant_adapters = false (adapted assistants depend on z)"
+                                .into(),
+                    });
                 }
                 let cached = if n_samples == 1 {
                     cached.clone()
@@ -421,9 +425,10 @@ impl<B: Backend> Chorus<B> {
             }
             (None, _) => (None, Tensor::zeros([n_rows, 1], &device), None),
             (Some(_), None) => {
-                return Err(ModelError::InvalidBatch(
-                    "z is on but no noise was given".into(),
-                ));
+                return Err(ModelError::InvalidInput {
+                    input: "noise",
+                    reason: "the model has z but no noise was given".into(),
+                });
             }
         };
         let SampleLikelihood {
@@ -479,9 +484,10 @@ impl<B: Backend> Chorus<B> {
         batch: &ChorusBatch<B>,
     ) -> Result<(Tensor<B, 1>, f64), ModelError> {
         let Some(selector) = &self.selector else {
-            return Err(ModelError::InvalidConfig(
-                "selector initialisation needs assistants (K ≥ 2)".into(),
-            ));
+            return Err(ModelError::Unsupported {
+                operation: "selector initialisation",
+                reason: "the model has no selector: it needs assistants (K ≥ 2)".into(),
+            });
         };
         let k = self.n_models();
         let plain = LmInput::new(batch.tokens.clone()).with_padding(batch.padding.clone());
@@ -517,10 +523,10 @@ impl<B: Backend> Chorus<B> {
     /// [`ChorusBatch::assistant_log_probs`]. Only for assistants that do not read z.
     pub fn assistant_log_probs(&self, batch: &ChorusBatch<B>) -> Result<Tensor<B, 3>, ModelError> {
         if !self.assistant_adapters.is_empty() {
-            return Err(ModelError::InvalidBatch(
-                "assistants with z-adapters cannot be scored once: their log-probs depend on z"
-                    .into(),
-            ));
+            return Err(ModelError::Unsupported {
+                operation: "scoring the assistants once",
+                reason: "assistants with z-adapters have log-probs that depend on z".into(),
+            });
         }
         let columns = (1..self.n_models())
             .map(|j| self.member(j).token_log_probs(&batch.score_rows(), None))

@@ -78,10 +78,12 @@ impl ChorusConfig {
             });
         }
         if self.d_latent > 0 && self.memory_slots == 0 && !self.embedding_offset {
-            return Err(ModelError::InvalidConfig(
-                "with d_latent > 0, models need memory_slots > 0 or embedding_offset = true to read z"
-                    .into(),
-            ));
+            return Err(ModelError::Conflict {
+                key: "memory_slots",
+                value: "0".into(),
+                reason: "with d_latent > 0 and embedding_offset = false, no model could read z: \
+                         set memory_slots > 0 or embedding_offset = true",
+            });
         }
         Ok(())
     }

@@ -19,6 +19,7 @@ use std::str::FromStr;
 use crate::{Assistant, AssistantDecoder, Chorus, ChorusBatch, LocalLm, ModelError};
 use burn::prelude::*;
 use burn::tensor::Distribution;
+use chorus_data::rng::SplitMix64;
 use chorus_latent::DiagonalGaussian;
 
 /// How the writer of each token is chosen.
@@ -192,31 +193,17 @@ impl Decoded {
     }
 }
 
-/// SplitMix64 uniform numbers in [0, 1): portable and seedable.
-#[derive(Debug, Clone)]
-pub(crate) struct Rng(pub(crate) u64);
-
-impl Rng {
-    fn uniform(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    /// An index drawn from unnormalised non-negative weights.
-    pub(crate) fn categorical(&mut self, weights: &[f64]) -> usize {
-        let total: f64 = weights.iter().sum();
-        let mut u = self.uniform() * total;
-        for (i, w) in weights.iter().enumerate() {
-            if u < *w {
-                return i;
-            }
-            u -= w;
+/// An index drawn from unnormalised non-negative weights: the first i with `u · Σw < Σ_{j≤i} w_j`.
+pub(crate) fn categorical(rng: &mut SplitMix64, weights: &[f64]) -> usize {
+    let total: f64 = weights.iter().sum();
+    let mut u = rng.uniform() * total;
+    for (i, w) in weights.iter().enumerate() {
+        if u < *w {
+            return i;
         }
-        weights.iter().rposition(|w| *w > 0.0).unwrap_or(0)
+        u -= w;
     }
+    weights.iter().rposition(|w| *w > 0.0).unwrap_or(0)
 }
 
 pub(crate) fn argmax(values: &[f64]) -> usize {
@@ -334,9 +321,10 @@ impl<B: Backend> Chorus<B> {
     ) -> Result<Option<DiagonalGaussian<B>>, ModelError> {
         let row: Vec<u32> = prompt.iter().chain(text).copied().collect();
         if row.len() < 2 {
-            return Err(ModelError::InvalidBatch(
-                "the reference text is empty".into(),
-            ));
+            return Err(ModelError::InvalidInput {
+                input: "reference",
+                reason: "the reference text is empty".into(),
+            });
         }
         let n = row.len() - 1;
         let ints = |v: Vec<i64>| Tensor::<B, 2, Int>::from_data(TensorData::new(v, [1, n]), device);
@@ -448,11 +436,14 @@ impl<B: Backend> Chorus<B> {
             .collect();
         let k = 1 + assistants.len();
         if !extra.is_empty() && self.selector.is_some() {
-            return Err(ModelError::InvalidConfig(format!(
-                "the selector was trained for {} models: further assistants join only a \
-                 composition without one",
-                self.n_models()
-            )));
+            return Err(ModelError::Unsupported {
+                operation: "further assistants",
+                reason: format!(
+                    "the selector was trained for {} models: further assistants join only a \
+                     composition without one",
+                    self.n_models()
+                ),
+            });
         }
         let vocab = self.base.dims().vocab_size;
         for (i, a) in assistants.iter().enumerate() {
@@ -469,30 +460,40 @@ impl<B: Backend> Chorus<B> {
             .min()
             .unwrap_or(0);
         if prompt.is_empty() {
-            return Err(ModelError::InvalidBatch(
-                "empty prompt: start it with the EOS token".into(),
-            ));
+            return Err(ModelError::InvalidInput {
+                input: "prompt",
+                reason: "empty: start it with the EOS token".into(),
+            });
         }
         if prompt.len() + config.max_new_tokens > max_len {
-            return Err(ModelError::InvalidBatch(format!(
-                "{} prompt tokens + {} new tokens exceed the context window of {max_len}: shorten the prompt or lower max_new_tokens",
-                prompt.len(),
-                config.max_new_tokens
-            )));
+            return Err(ModelError::InvalidInput {
+                input: "prompt",
+                reason: format!(
+                    "{} prompt tokens + {} new tokens exceed the context window of {max_len}: shorten the prompt or lower max_new_tokens",
+                    prompt.len(),
+                    config.max_new_tokens
+                ),
+            });
         }
         if self.selector.is_none() && k > 1 && config.strategy.needs_selector() {
-            return Err(ModelError::InvalidConfig(format!(
-                "{:?} reads the selector's π, which a composition of {k} models without training \
-                 does not have: use confidence:τ",
-                config.strategy
-            )));
+            return Err(ModelError::Unsupported {
+                operation: "decoding",
+                reason: format!(
+                    "{:?} reads the selector's π, which a composition of {k} models without \
+                     training does not have: use confidence:τ",
+                    config.strategy
+                ),
+            });
         }
         if self.config.has_z() != z.is_some() {
-            return Err(ModelError::InvalidBatch(if z.is_some() {
-                "z given to a model without z".into()
-            } else {
-                "this model reads z: pass one (prior sample, prior mean or posterior)".into()
-            }));
+            return Err(ModelError::InvalidInput {
+                input: "z",
+                reason: if z.is_some() {
+                    "given to a model without z".into()
+                } else {
+                    "this model reads z: pass one (prior sample, prior mean or posterior)".into()
+                },
+            });
         }
         let rows = rows.max(1);
         let tokens_tensor = |rows_tokens: &[Vec<u32>]| {
@@ -501,7 +502,7 @@ impl<B: Backend> Chorus<B> {
             Tensor::<B, 2, Int>::from_data(TensorData::new(flat, [rows_tokens.len(), n]), device)
         };
         let prompt_rows: Vec<Vec<u32>> = vec![prompt.to_vec(); rows];
-        let mut rng = Rng(config.seed);
+        let mut rng = SplitMix64(config.seed);
 
         // Prefill: the base reads the prompt; the assistants when they are first needed (eager
         // ones at once).
@@ -538,7 +539,10 @@ impl<B: Backend> Chorus<B> {
                         .into_data()
                         .convert::<f64>()
                         .to_vec::<f64>()
-                        .map_err(|e| ModelError::InvalidBatch(format!("{e:?}")))?
+                        .map_err(|e| ModelError::HostRead {
+                            tensor: "π",
+                            reason: format!("{e:?}"),
+                        })?
                         .chunks(k)
                         .map(<[f64]>::to_vec)
                         .collect()
@@ -560,7 +564,7 @@ impl<B: Backend> Chorus<B> {
                 .iter()
                 .enumerate()
                 .map(|(r, p)| match config.strategy {
-                    WriterStrategy::Sample => Some(rng.categorical(p)),
+                    WriterStrategy::Sample => Some(categorical(&mut rng, p)),
                     WriterStrategy::Greedy => Some(argmax(p)),
                     WriterStrategy::Threshold { .. } | WriterStrategy::Confidence { .. }
                         if k == 1 =>
@@ -626,7 +630,7 @@ impl<B: Backend> Chorus<B> {
                 let token = if config.temperature == 0.0 {
                     argmax(&probs)
                 } else {
-                    rng.categorical(&probs)
+                    categorical(&mut rng, &probs)
                 } as u32;
                 let writer = match (writers[r], writer_of) {
                     (Some(j), _) => j,
@@ -699,7 +703,10 @@ impl<B: Backend> Chorus<B> {
                 .into_data()
                 .convert::<f64>()
                 .to_vec::<f64>()
-                .map_err(|e| ModelError::InvalidBatch(format!("{e:?}")))?,
+                .map_err(|e| ModelError::HostRead {
+                    tensor: "π",
+                    reason: format!("{e:?}"),
+                })?,
             _ => vec![1.0],
         };
         Ok((pi, per_model))

@@ -7,7 +7,8 @@ use burn::tensor::Distribution;
 use burn::tensor::activation::softmax;
 use chorus_lm::LmInput;
 
-use crate::decode::{Rng, argmax};
+use crate::decode::{argmax, categorical};
+use chorus_data::rng::SplitMix64;
 use crate::tests::{chorus, seeded};
 use crate::{
     AssistantUpdate, Chorus, ChorusConfig, DecodeConfig, Decoded, WriterStrategy, ZSource,
@@ -71,7 +72,7 @@ fn reference(
 ) -> Vec<Decoded> {
     let device = Default::default();
     let k = m.n_models();
-    let mut rng = Rng(config.seed);
+    let mut rng = SplitMix64(config.seed);
     let mut seqs = vec![prompt.to_vec(); rows];
     let mut out = vec![
         Decoded {
@@ -122,7 +123,7 @@ fn reference(
             .iter()
             .enumerate()
             .map(|(r, p)| match config.strategy {
-                WriterStrategy::Sample => Some(rng.categorical(p)),
+                WriterStrategy::Sample => Some(categorical(&mut rng, p)),
                 WriterStrategy::Greedy => Some(argmax(p)),
                 WriterStrategy::Threshold { eta } => {
                     let j = 1 + argmax(&p[1..]);
@@ -159,7 +160,7 @@ fn reference(
             let token = if config.temperature == 0.0 {
                 argmax(&probs)
             } else {
-                rng.categorical(&probs)
+                categorical(&mut rng, &probs)
             };
             let writer = writers[r].unwrap_or_else(|| {
                 argmax(
@@ -494,7 +495,7 @@ fn bad_decoding_input_is_a_clear_error() {
     let err = m
         .generate(&[], 1, z.clone(), &config, &device, |_, _, _| true)
         .unwrap_err();
-    assert!(err.to_string().contains("empty prompt"), "{err}");
+    assert!(err.to_string().contains("prompt: empty"), "{err}");
     let long: Vec<u32> = (0..30).collect();
     let err = m
         .generate(&long, 1, z.clone(), &config, &device, |_, _, _| true)

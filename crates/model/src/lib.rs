@@ -78,9 +78,16 @@ pub enum ModelError {
         /// What it must be.
         expected: &'static str,
     },
-    /// An impossible combination of settings, or a model that cannot do what was asked.
-    #[error("invalid chorus config: {0}")]
-    InvalidConfig(String),
+    /// A config value that contradicts another setting.
+    #[error("invalid config: {key} = {value}: {reason}")]
+    Conflict {
+        /// The key, e.g. `memory_slots`.
+        key: &'static str,
+        /// The value as given.
+        value: String,
+        /// What it contradicts.
+        reason: &'static str,
+    },
     /// Models that do not share a vocabulary.
     #[error(
         "model {assistant} has a vocabulary of {vocab} tokens but the base has {base}: all models of a chorus must share one tokenizer"
@@ -101,9 +108,33 @@ pub enum ModelError {
         /// Why the model cannot.
         reason: String,
     },
-    /// A batch that does not fit the model.
-    #[error("invalid batch: {0}")]
-    InvalidBatch(String),
+    /// A tensor of a batch whose shape does not fit the model.
+    #[error("batch: {tensor} is {dims:?}, expected {expected:?}")]
+    BatchShape {
+        /// The tensor, e.g. `assistant_log_probs`.
+        tensor: &'static str,
+        /// Its dims.
+        dims: Vec<usize>,
+        /// The dims the model needs.
+        expected: Vec<usize>,
+    },
+    /// An input of a call that the model cannot use (an empty prompt, a prompt past the context
+    /// window, z given to a model without z, …).
+    #[error("{input}: {reason}")]
+    InvalidInput {
+        /// The input, e.g. `prompt` or `z`.
+        input: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Tensor data that could not be read back to the host as the expected element type.
+    #[error("reading {tensor} to the host: {reason}")]
+    HostRead {
+        /// The tensor.
+        tensor: &'static str,
+        /// burn's error.
+        reason: String,
+    },
     /// An assistant server that is unreachable, answers badly, or tokenizes differently.
     #[error("assistant server {url}: {reason}")]
     Remote {

@@ -435,7 +435,10 @@ impl<B: Backend> Assistant<B> for RemoteAssistant {
             t.into_data()
                 .convert::<i64>()
                 .to_vec::<i64>()
-                .map_err(|e| ModelError::InvalidBatch(format!("{e:?}")))
+                .map_err(|e| ModelError::HostRead {
+                    tensor: "score rows",
+                    reason: format!("{e:?}"),
+                })
         };
         let (tokens, targets) = (host(rows.tokens.clone())?, host(rows.targets.clone())?);
         let padding = rows
@@ -443,7 +446,10 @@ impl<B: Backend> Assistant<B> for RemoteAssistant {
             .clone()
             .into_data()
             .to_vec::<bool>()
-            .map_err(|e| ModelError::InvalidBatch(format!("{e:?}")))?;
+            .map_err(|e| ModelError::HostRead {
+                tensor: "padding",
+                reason: format!("{e:?}"),
+            })?;
         let requests: Vec<Vec<u32>> = (0..batch)
             .map(|b| {
                 let len = (0..seq).take_while(|&t| !padding[b * seq + t]).count();

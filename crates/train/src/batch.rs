@@ -6,6 +6,7 @@
 //! leading EOS when the context is empty). The leading EOS marks the start of a text, as in GPT-2.
 
 use burn::prelude::*;
+use chorus_data::rng::{SplitMix64, stable_hash};
 use chorus_data::{Example, Split, Task};
 use chorus_lm::Tokenizer;
 use chorus_model::ChorusBatch;
@@ -35,26 +36,10 @@ impl Encoded {
     }
 }
 
-/// SplitMix64: a tiny, fixed, portable generator for data order.
-pub(crate) fn splitmix(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-/// A stable 64-bit hash of a string (FNV-1a, then mixed).
-pub(crate) fn hash_str(s: &str) -> u64 {
-    let mut h = s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
-    });
-    splitmix(&mut h)
-}
-
-fn shuffle<T>(items: &mut [T], state: &mut u64) {
+/// Fisher–Yates.
+fn shuffle<T>(items: &mut [T], rng: &mut SplitMix64) {
     for i in (1..items.len()).rev() {
-        let j = (splitmix(state) % (i as u64 + 1)) as usize;
+        let j = rng.index(i + 1);
         items.swap(i, j);
     }
 }
@@ -74,12 +59,13 @@ pub fn load_task_examples(
             .iter()
             .filter(|e| e.task == *task && e.split == split)
             .enumerate()
-            .map(|(i, e)| (hash_str(&format!("{}#{i}", e.document)), e))
+            .map(|(i, e)| (stable_hash(&format!("{}#{i}", e.document)), e))
             .collect();
         if chosen.is_empty() {
-            return Err(TrainError::EmptyData(format!(
-                "task {task} has no {split:?} examples (is the corpus fetched? run `chorus data fetch`)"
-            )));
+            return Err(TrainError::EmptyData {
+                data: format!("task {task}, {split:?} split"),
+                reason: "no examples (is the corpus fetched? run `chorus data fetch`)".into(),
+            });
         }
         if limit > 0 && chosen.len() > limit {
             chosen.sort_by_key(|(h, _)| *h);
@@ -148,16 +134,16 @@ pub fn epoch_batches(
     seed: u64,
     epoch: u64,
 ) -> Vec<Vec<usize>> {
-    let mut state = seed ^ epoch.wrapping_mul(0xd1b5_4a32_d192_ed03);
+    let mut rng = SplitMix64(seed ^ epoch.wrapping_mul(0xd1b5_4a32_d192_ed03));
     let mut order: Vec<usize> = (0..lengths.len()).collect();
-    shuffle(&mut order, &mut state);
+    shuffle(&mut order, &mut rng);
     let mut batches: Vec<Vec<usize>> = Vec::new();
     for window in order.chunks(batch_size * 50) {
         let mut window = window.to_vec();
         window.sort_by_key(|&i| lengths[i]);
         batches.extend(window.chunks(batch_size).map(<[usize]>::to_vec));
     }
-    shuffle(&mut batches, &mut state);
+    shuffle(&mut batches, &mut rng);
     batches
 }
 

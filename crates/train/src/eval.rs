@@ -129,10 +129,13 @@ pub fn text_file_examples(path: &Path) -> Result<Vec<Example>, TrainError> {
         })
         .collect();
     if examples.is_empty() {
-        return Err(TrainError::EmptyData(format!(
-            "{name}: fewer than {} sentences",
-            chorus_data::tasks::OPEN_PASSAGE_SENTENCES
-        )));
+        return Err(TrainError::EmptyData {
+            data: name.to_string(),
+            reason: format!(
+                "fewer than {} sentences",
+                chorus_data::tasks::OPEN_PASSAGE_SENTENCES
+            ),
+        });
     }
     Ok(examples)
 }

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use burn::backend::{Autodiff, NdArray};
 use burn::optim::AdamWConfig;
+use chorus_data::rng::SplitMix64;
 use chorus_lm::{LlamaConfig, Lm, LmConfig, Tokenizer};
 use chorus_model::{Chorus, ChorusConfig};
 
@@ -23,41 +24,26 @@ use crate::{Encoded, ScoreCache, TrainConfig, load_chorus, load_config, read_sta
 type B = NdArray<f32>;
 type AD = Autodiff<B>;
 
-/// xorshift64*.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
 
 /// One to four edits: bit flips, boundary integers (binary and decimal), truncation, insertion,
 /// deletion and duplication of a span.
-fn mutate(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
+fn mutate(rng: &mut SplitMix64, seed: &[u8]) -> Vec<u8> {
     let mut b = seed.to_vec();
-    for _ in 0..1 + rng.below(4) {
+    for _ in 0..1 + rng.index(4) {
         let len = b.len().max(1);
-        match rng.below(8) {
+        match rng.index(8) {
             0 if !b.is_empty() => {
-                let at = rng.below(b.len());
-                b[at] ^= 1 << rng.below(8);
+                let at = rng.index(b.len());
+                b[at] ^= 1 << rng.index(8);
             }
             1 if b.len() >= 8 => {
-                let at = rng.below(b.len() - 7);
-                let v = [0u64, u64::MAX, u32::MAX as u64, 1 << 40, 0x7f, 1 << 31][rng.below(6)];
+                let at = rng.index(b.len() - 7);
+                let v = [0u64, u64::MAX, u32::MAX as u64, 1 << 40, 0x7f, 1 << 31][rng.index(6)];
                 b[at..at + 8].copy_from_slice(&v.to_le_bytes());
             }
-            2 => b.truncate(rng.below(len)),
+            2 => b.truncate(rng.index(len)),
             3 => {
-                let at = rng.below(len);
+                let at = rng.index(len);
                 let text = [
                     "-1",
                     "1e309",
@@ -67,33 +53,33 @@ fn mutate(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
                     "[",
                     "{",
                     "\0",
-                ][rng.below(8)];
+                ][rng.index(8)];
                 b.splice(at.min(b.len())..at.min(b.len()), text.bytes());
             }
             4 if !b.is_empty() => {
-                let at = rng.below(b.len());
-                let n = rng.below(16).min(b.len() - at);
+                let at = rng.index(b.len());
+                let n = rng.index(16).min(b.len() - at);
                 b.drain(at..at + n);
             }
             5 if !b.is_empty() => {
-                let at = rng.below(b.len());
-                let n = rng.below(64).min(b.len() - at);
+                let at = rng.index(b.len());
+                let n = rng.index(64).min(b.len() - at);
                 let span: Vec<u8> = b[at..at + n].to_vec();
-                let to = rng.below(b.len());
+                let to = rng.index(b.len());
                 b.splice(to..to, span);
             }
             6 if !b.is_empty() => {
                 // A digit run replaced by a huge number (counts, lengths, shapes in text formats).
                 if let Some(at) = (0..b.len())
-                    .map(|i| (i + rng.below(b.len())) % b.len())
+                    .map(|i| (i + rng.index(b.len())) % b.len())
                     .find(|&i| b[i].is_ascii_digit())
                 {
                     b.splice(at..at + 1, *b"99999999999");
                 }
             }
             _ => {
-                let at = rng.below(len);
-                b.insert(at.min(b.len()), rng.next() as u8);
+                let at = rng.index(len);
+                b.insert(at.min(b.len()), rng.next_u64() as u8);
             }
         }
     }
@@ -113,12 +99,12 @@ fn fuzz(name: &str, seeds: &[Vec<u8>], mut target: impl FnMut(&[u8])) {
         .and_then(|s| s.parse().ok())
         .unwrap_or(2);
     let deadline = Instant::now() + Duration::from_secs(secs);
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ name.len() as u64);
+    let mut rng = SplitMix64(0x9e37_79b9_7f4a_7c15 ^ name.len() as u64);
     let mut runs = 0u64;
     let quiet = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
     while Instant::now() < deadline {
-        let seed = &seeds[rng.below(seeds.len())];
+        let seed = &seeds[rng.index(seeds.len())];
         let input = mutate(&mut rng, seed);
         runs += 1;
         if catch_unwind(AssertUnwindSafe(|| target(&input))).is_err() {

@@ -102,8 +102,13 @@ pub enum TrainError {
         last_good: Option<PathBuf>,
     },
     /// A dataset with nothing to train or evaluate on.
-    #[error("empty dataset: {0}")]
-    EmptyData(String),
+    #[error("empty dataset: {data}: {reason}")]
+    EmptyData {
+        /// Which data (a task and split, a file).
+        data: String,
+        /// What is missing, and what would fix it.
+        reason: String,
+    },
     /// From the corpora.
     #[error(transparent)]
     Data(#[from] chorus_data::DataError),

@@ -12,7 +12,6 @@ use chorus_lm::{Lm, Tokenizer};
 use chorus_model::{Assistant, Chorus, ChorusConfig, LocalLm, RemoteAssistant, RemoteSettings};
 use serde::Serialize;
 
-use crate::batch::splitmix;
 use crate::checkpoint::{CheckpointState, load_chorus, resume, save_checkpoint, update_best};
 use crate::metrics::{MetricWindow, Metrics};
 use crate::progress::Progress;
@@ -354,8 +353,7 @@ pub(crate) struct Loop<'a> {
 
 /// The per-step seed: a fixed mix of the run's seed and the step.
 fn step_seed(seed: u64, step: u64) -> u64 {
-    let mut s = seed ^ step.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    splitmix(&mut s)
+    chorus_data::rng::SplitMix64(seed ^ step.wrapping_mul(0x9e37_79b9_7f4a_7c15)).next_u64()
 }
 
 /// The loop: resume (if asked), then per step the micro-batches of the epoch's order, one
@@ -369,7 +367,10 @@ pub(crate) fn run_loop<B: AutodiffBackend>(
     let started = Instant::now();
     let cfg = l.optim;
     if l.train.is_empty() {
-        return Err(TrainError::EmptyData("no training examples".into()));
+        return Err(TrainError::EmptyData {
+            data: "training examples".into(),
+            reason: "none after tokenisation".into(),
+        });
     }
     std::fs::create_dir_all(l.out).map_err(|e| TrainError::io(l.out, e))?;
     let mut optimizer = AdamWConfig::new()

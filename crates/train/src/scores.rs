@@ -13,7 +13,7 @@ use chorus_model::{Assistant, ScoreRows};
 use memmap2::Mmap;
 use serde::{Deserialize, Serialize};
 
-use crate::batch::hash_str;
+use chorus_data::rng::stable_hash;
 use crate::{Encoded, TokenBatch, TrainError};
 
 const INDEX: &str = "scores.json";
@@ -47,12 +47,12 @@ pub fn fingerprint(examples: &[Encoded], assistants: &[String]) -> String {
         text.push_str(a);
         text.push('\n');
     }
-    let mut h = hash_str(&text);
+    let mut h = stable_hash(&text);
     for e in examples {
         for &t in &e.tokens {
-            h = hash_str(&format!("{h:x}:{t}"));
+            h = stable_hash(&format!("{h:x}:{t}"));
         }
-        h = hash_str(&format!("{h:x}|{}", e.context_len));
+        h = stable_hash(&format!("{h:x}|{}", e.context_len));
     }
     format!("{h:016x}-{}", examples.len())
 }
