@@ -17,6 +17,20 @@ ROOT = Path(__file__).resolve().parent.parent
 
 MUTANTS = [
     (
+        "GPT-2's fused c_attn split into the wrong thirds",
+        "crates/lm/src/names.rs",
+        "                    .flat_map(|row| &row[part * width..(part + 1) * width])",
+        "                    .flat_map(|row| &row[(2 - part) * width..(3 - part) * width])",
+        ["-p", "chorus-lm", "--lib", "hugging_face_round_trip"],
+    ),
+    (
+        "GGUF Q/K rows not un-permuted",
+        "crates/lm/src/names.rs",
+        "        Ok(unpermute_rows(&values, n, *rows, *cols))",
+        "        Ok(unpermute_rows(&values, 1, *rows, *cols))",
+        ["-p", "chorus-lm", "--lib", "a_llama_written_as_gguf"],
+    ),
+    (
         "a loaded model keeps its fresh initialisation",
         "crates/model/src/saved.rs",
         "            skeleton.load_record(record)",
@@ -256,9 +270,9 @@ MUTANTS = [
     ),
     (
         "GGUF Q/K rows left in llama.cpp's permuted order",
-        "crates/lm/src/import.rs",
-        "            values = unpermute_rows(&values, heads, shape[0], shape[1]);",
-        "            let _ = heads;",
+        "crates/lm/src/names.rs",
+        "        let Layout::RopeLinear { kv } = self else {",
+        "        let Layout::RopeLinear { kv } = Layout::Same else {",
         ["-p", "chorus-cli", "--test", "smollm2_reference", "smollm2_matches"],
     ),
     (

@@ -94,7 +94,7 @@ fn llama_to_gguf(model: &Lm<B>, store: Store) -> Writer {
             GgufValue::Float(c.norm_eps),
         )
         .meta("llama.vocab_size", GgufValue::Uint(c.vocab_size as u64));
-    for (name, shape, values) in crate::to_hf_tensors(model) {
+    for (name, shape, values) in crate::to_hf_tensors(model).unwrap() {
         let gguf_name = name
             .replace("model.embed_tokens.weight", "token_embd.weight")
             .replace("model.norm.weight", "output_norm.weight")
@@ -386,7 +386,6 @@ fn tokenizers_of_one_chorus_must_match() {
     }
     Tokenizer::from_file(&path).unwrap().check_same(&a).unwrap();
 }
-
 
 /// Mutates a valid GGUF (bit flips, boundary values over length and count fields, truncation,
 /// insertion, splicing) and requires the reader to return Ok or Err — never panic — and every

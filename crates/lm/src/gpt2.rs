@@ -12,7 +12,110 @@ use crate::cache::{KvCache, LayerCache};
 use crate::model::{
     LmInput, LmOutput, add_offset, init_normal, logit_positions, prepare_step, tied_logits,
 };
+use crate::names::{Layout, WeightName};
 use crate::{Gpt2Config, LmConfig, LmDims, LmError};
+
+/// Where each parameter of a [`Gpt2`] lives in Hugging Face's `GPT2LMHeadModel` checkpoints (read by
+/// `crate::names`: HF import and export; llama.cpp's GGUF GPT-2 is not loaded). Hugging Face's
+/// linear layers here are Conv1D, already `[in, out]` as burn's, and q, k, v share one fused
+/// `c_attn`.
+pub(crate) const GPT2_NAMES: &[WeightName] = &[
+    // chorus path, Hugging Face name, layout.
+    name("wte.weight", "transformer.wte.weight", Layout::Same),
+    name("wpe.weight", "transformer.wpe.weight", Layout::Same),
+    name("ln_f.gamma", "transformer.ln_f.weight", Layout::Same),
+    name("ln_f.beta", "transformer.ln_f.bias", Layout::Same),
+    name("lm_head.weight", "lm_head.weight", Layout::Linear),
+    name(
+        "h.{i}.ln_1.gamma",
+        "transformer.h.{i}.ln_1.weight",
+        Layout::Same,
+    ),
+    name(
+        "h.{i}.ln_1.beta",
+        "transformer.h.{i}.ln_1.bias",
+        Layout::Same,
+    ),
+    name(
+        "h.{i}.ln_2.gamma",
+        "transformer.h.{i}.ln_2.weight",
+        Layout::Same,
+    ),
+    name(
+        "h.{i}.ln_2.beta",
+        "transformer.h.{i}.ln_2.bias",
+        Layout::Same,
+    ),
+    name(
+        "h.{i}.attn.q_proj.weight",
+        "transformer.h.{i}.attn.c_attn.weight",
+        Layout::FusedQkv { part: 0 },
+    ),
+    name(
+        "h.{i}.attn.k_proj.weight",
+        "transformer.h.{i}.attn.c_attn.weight",
+        Layout::FusedQkv { part: 1 },
+    ),
+    name(
+        "h.{i}.attn.v_proj.weight",
+        "transformer.h.{i}.attn.c_attn.weight",
+        Layout::FusedQkv { part: 2 },
+    ),
+    name(
+        "h.{i}.attn.q_proj.bias",
+        "transformer.h.{i}.attn.c_attn.bias",
+        Layout::FusedQkv { part: 0 },
+    ),
+    name(
+        "h.{i}.attn.k_proj.bias",
+        "transformer.h.{i}.attn.c_attn.bias",
+        Layout::FusedQkv { part: 1 },
+    ),
+    name(
+        "h.{i}.attn.v_proj.bias",
+        "transformer.h.{i}.attn.c_attn.bias",
+        Layout::FusedQkv { part: 2 },
+    ),
+    name(
+        "h.{i}.attn.o_proj.weight",
+        "transformer.h.{i}.attn.c_proj.weight",
+        Layout::Same,
+    ),
+    name(
+        "h.{i}.attn.o_proj.bias",
+        "transformer.h.{i}.attn.c_proj.bias",
+        Layout::Same,
+    ),
+    name(
+        "h.{i}.mlp.c_fc.weight",
+        "transformer.h.{i}.mlp.c_fc.weight",
+        Layout::Same,
+    ),
+    name(
+        "h.{i}.mlp.c_fc.bias",
+        "transformer.h.{i}.mlp.c_fc.bias",
+        Layout::Same,
+    ),
+    name(
+        "h.{i}.mlp.c_proj.weight",
+        "transformer.h.{i}.mlp.c_proj.weight",
+        Layout::Same,
+    ),
+    name(
+        "h.{i}.mlp.c_proj.bias",
+        "transformer.h.{i}.mlp.c_proj.bias",
+        Layout::Same,
+    ),
+];
+
+const fn name(chorus: &'static str, hf: &'static str, layout: Layout) -> WeightName {
+    WeightName {
+        chorus,
+        hf,
+        gguf: None,
+        layout,
+    }
+}
 
 /// GELU MLP: `c_proj(gelu_tanh(c_fc(x)))`.
 #[derive(Module, Debug)]

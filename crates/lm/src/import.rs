@@ -3,22 +3,22 @@
 //! Hugging Face layout.
 //!
 //! Both importers go through [`NamedTensors`]: f32 tensors under Hugging Face names, linear weights
-//! as `[out, in]`. One table per family ([`llama_from_hf`], [`gpt2_from_hf`]) maps those names onto
-//! chorus's modules, reporting missing, misshapen and unused tensors by name.
+//! as `[out, in]`. One declarative table per family (`LLAMA_NAMES` in llama.rs, `GPT2_NAMES` in
+//! gpt2.rs, read through `names.rs`) maps those names onto chorus's modules for import, export and
+//! GGUF loading, reporting missing, misshapen and unused tensors by name.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use burn::module::Param;
-use burn::nn::{Embedding, LayerNorm, Linear};
+use burn::nn::Linear;
 use burn::prelude::*;
 use serde_json::{Value, json};
 
-use crate::attention::Attention;
 use crate::gguf::GgufFile;
-use crate::gpt2::{Gpt2, Gpt2Block, Gpt2Mlp};
-use crate::llama::{Llama, LlamaBlock, SwiGlu};
-use crate::norm::RmsNorm;
+use crate::gpt2::{GPT2_NAMES, Gpt2};
+use crate::llama::{LLAMA_NAMES, Llama};
+use crate::names::{Heads, NamedTensor, export_hf, hf_name_of_gguf, import_hf, transpose};
 use crate::{Gpt2Config, LlamaConfig, Lm, LmConfig, LmError};
 
 /// f32 tensors by (Hugging Face) name, each with its row-major shape, taken one by one.
@@ -26,6 +26,8 @@ use crate::{Gpt2Config, LlamaConfig, Lm, LmConfig, LmError};
 pub struct NamedTensors {
     source: PathBuf,
     tensors: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    /// Names read with [`NamedTensors::get`] (a fused tensor is read once per part).
+    used: BTreeSet<String>,
 }
 
 impl NamedTensors {
@@ -34,6 +36,7 @@ impl NamedTensors {
         Self {
             source: source.into(),
             tensors: BTreeMap::new(),
+            used: BTreeSet::new(),
         }
     }
 
@@ -49,9 +52,16 @@ impl NamedTensors {
 
     /// Removes and returns `name`, which must have exactly `shape`.
     pub fn take(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>, LmError> {
+        self.get(name, shape)?;
+        self.used.remove(name);
+        Ok(self.tensors.remove(name).expect("just found").1)
+    }
+
+    /// Reads `name`, which must have exactly `shape`, and marks it used.
+    pub fn get(&mut self, name: &str, shape: &[usize]) -> Result<&[f32], LmError> {
         let (found, values) = self
             .tensors
-            .remove(name)
+            .get(name)
             .ok_or_else(|| LmError::MissingTensor {
                 path: self.source.clone(),
                 tensor: name.to_string(),
@@ -63,6 +73,7 @@ impl NamedTensors {
                 reason: format!("shape {found:?} in the file, the config needs {shape:?}"),
             });
         }
+        self.used.insert(name.to_string());
         Ok(values)
     }
 
@@ -82,6 +93,7 @@ impl NamedTensors {
         Self {
             source: self.source,
             tensors,
+            used: self.used,
         }
     }
 
@@ -90,9 +102,10 @@ impl NamedTensors {
         self.tensors.remove(name);
     }
 
-    /// Fails on the first tensor nobody took.
+    /// Fails on the first tensor nobody took or read.
     pub fn finish(self) -> Result<(), LmError> {
-        match self.tensors.into_keys().next() {
+        let used = self.used;
+        match self.tensors.into_keys().find(|name| !used.contains(name)) {
             None => Ok(()),
             Some(tensor) => Err(LmError::UnexpectedTensor {
                 path: self.source,
@@ -111,17 +124,6 @@ fn tensor<B: Backend, const D: usize>(
         TensorData::new(values, shape).convert::<B::FloatElem>(),
         device,
     )
-}
-
-/// `[rows, cols]` row-major → `[cols, rows]` row-major.
-fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut out = vec![0.0; values.len()];
-    for r in 0..rows {
-        for c in 0..cols {
-            out[c * rows + r] = values[r * cols + c];
-        }
-    }
-    out
 }
 
 /// A linear layer from a PyTorch `[out, in]` weight (burn stores `[in, out]`).
@@ -153,365 +155,40 @@ pub(crate) fn linear<B: Backend>(
     })
 }
 
-fn embedding<B: Backend>(
-    t: &mut NamedTensors,
-    name: &str,
-    n: usize,
-    d: usize,
-    device: &B::Device,
-) -> Result<Embedding<B>, LmError> {
-    let weight = t.take(name, &[n, d])?;
-    Ok(Embedding {
-        weight: Param::from_tensor(tensor(weight, [n, d], device)),
-    })
-}
-
-/// Builds a llama model from tensors named as Hugging Face's `LlamaForCausalLM` writes them.
+/// Builds a llama model from tensors named as Hugging Face's `LlamaForCausalLM` writes them
+/// ([`LLAMA_NAMES`](crate::llama::LLAMA_NAMES)); every tensor must be used.
 pub fn llama_from_hf<B: Backend>(
     c: &LlamaConfig,
     t: &mut NamedTensors,
     device: &B::Device,
 ) -> Result<Llama<B>, LmError> {
     LmConfig::Llama(c.clone()).validate()?;
-    let head_dim = c.d_model / c.n_heads;
-    let kv_dim = c.n_kv_heads * head_dim;
-    let norm = |t: &mut NamedTensors, name: &str| -> Result<RmsNorm<B>, LmError> {
-        let weight = t.take(name, &[c.d_model])?;
-        Ok(RmsNorm {
-            weight: Param::from_tensor(tensor(weight, [c.d_model], device)),
-            eps: c.norm_eps,
-        })
-    };
-    let mut layers = Vec::with_capacity(c.n_layers);
-    for i in 0..c.n_layers {
-        let p = format!("model.layers.{i}");
-        layers.push(LlamaBlock {
-            input_layernorm: norm(t, &format!("{p}.input_layernorm.weight"))?,
-            self_attn: Attention {
-                q_proj: linear(
-                    t,
-                    &format!("{p}.self_attn.q_proj"),
-                    c.d_model,
-                    c.d_model,
-                    false,
-                    device,
-                )?,
-                k_proj: linear(
-                    t,
-                    &format!("{p}.self_attn.k_proj"),
-                    c.d_model,
-                    kv_dim,
-                    false,
-                    device,
-                )?,
-                v_proj: linear(
-                    t,
-                    &format!("{p}.self_attn.v_proj"),
-                    c.d_model,
-                    kv_dim,
-                    false,
-                    device,
-                )?,
-                o_proj: linear(
-                    t,
-                    &format!("{p}.self_attn.o_proj"),
-                    c.d_model,
-                    c.d_model,
-                    false,
-                    device,
-                )?,
-                n_heads: c.n_heads,
-                n_kv_heads: c.n_kv_heads,
-                head_dim,
-            },
-            post_attention_layernorm: norm(t, &format!("{p}.post_attention_layernorm.weight"))?,
-            mlp: SwiGlu {
-                gate_proj: linear(
-                    t,
-                    &format!("{p}.mlp.gate_proj"),
-                    c.d_model,
-                    c.d_ff,
-                    false,
-                    device,
-                )?,
-                up_proj: linear(
-                    t,
-                    &format!("{p}.mlp.up_proj"),
-                    c.d_model,
-                    c.d_ff,
-                    false,
-                    device,
-                )?,
-                down_proj: linear(
-                    t,
-                    &format!("{p}.mlp.down_proj"),
-                    c.d_ff,
-                    c.d_model,
-                    false,
-                    device,
-                )?,
-            },
-        });
-    }
-    let embed_tokens = embedding(
-        t,
-        "model.embed_tokens.weight",
-        c.vocab_size,
-        c.d_model,
-        device,
-    )?;
-    let norm = norm(t, "model.norm.weight")?;
-    let lm_head = if c.tie_embeddings {
-        None
-    } else {
-        Some(linear(
-            t,
-            "lm_head",
-            c.d_model,
-            c.vocab_size,
-            false,
-            device,
-        )?)
-    };
-    Ok(Llama {
-        embed_tokens,
-        layers,
-        norm,
-        lm_head,
-        config: c.clone(),
-    })
+    import_hf(Llama::new(c, device), LLAMA_NAMES, &[], t)
 }
 
 /// Builds a GPT-2 model from tensors named as Hugging Face's `GPT2LMHeadModel` writes them
-/// (`transformer.h.N.attn.c_attn` is a Conv1D `[in, 3·out]`, split here into q/k/v).
+/// ([`GPT2_NAMES`](crate::gpt2::GPT2_NAMES): `c_attn`, a Conv1D `[in, 3·out]`, is split into q/k/v).
+/// A tied model accepts and drops the copy of `wte` that checkpoints often carry as `lm_head`.
 pub fn gpt2_from_hf<B: Backend>(
     c: &Gpt2Config,
     t: &mut NamedTensors,
     device: &B::Device,
 ) -> Result<Gpt2<B>, LmError> {
     LmConfig::Gpt2(c.clone()).validate()?;
-    let d = c.d_model;
-    // Conv1D weights are already [in, out], burn's layout.
-    let conv1d = |t: &mut NamedTensors,
-                  name: &str,
-                  d_in: usize,
-                  d_out: usize|
-     -> Result<Linear<B>, LmError> {
-        let weight = t.take(&format!("{name}.weight"), &[d_in, d_out])?;
-        let bias = t.take(&format!("{name}.bias"), &[d_out])?;
-        Ok(Linear {
-            weight: Param::from_tensor(tensor(weight, [d_in, d_out], device)),
-            bias: Some(Param::from_tensor(tensor(bias, [d_out], device))),
-        })
-    };
-    let layer_norm = |t: &mut NamedTensors, name: &str| -> Result<LayerNorm<B>, LmError> {
-        let mut norm = burn::nn::LayerNormConfig::new(d)
-            .with_epsilon(c.norm_eps)
-            .init(device);
-        norm.gamma = Param::from_tensor(tensor(
-            t.take(&format!("{name}.weight"), &[d])?,
-            [d],
-            device,
-        ));
-        norm.beta = Some(Param::from_tensor(tensor(
-            t.take(&format!("{name}.bias"), &[d])?,
-            [d],
-            device,
-        )));
-        Ok(norm)
-    };
-    let mut h = Vec::with_capacity(c.n_layers);
-    for i in 0..c.n_layers {
-        let p = format!("transformer.h.{i}");
-        let fused = conv1d(t, &format!("{p}.attn.c_attn"), d, 3 * d)?;
-        let split = |k: usize| -> Linear<B> {
-            Linear {
-                weight: Param::from_tensor(fused.weight.val().narrow(1, k * d, d)),
-                bias: fused
-                    .bias
-                    .as_ref()
-                    .map(|b| Param::from_tensor(b.val().narrow(0, k * d, d))),
-            }
-        };
-        h.push(Gpt2Block {
-            ln_1: layer_norm(t, &format!("{p}.ln_1"))?,
-            attn: Attention {
-                q_proj: split(0),
-                k_proj: split(1),
-                v_proj: split(2),
-                o_proj: conv1d(t, &format!("{p}.attn.c_proj"), d, d)?,
-                n_heads: c.n_heads,
-                n_kv_heads: c.n_heads,
-                head_dim: d / c.n_heads,
-            },
-            ln_2: layer_norm(t, &format!("{p}.ln_2"))?,
-            mlp: Gpt2Mlp {
-                c_fc: conv1d(t, &format!("{p}.mlp.c_fc"), d, c.d_ff)?,
-                c_proj: conv1d(t, &format!("{p}.mlp.c_proj"), c.d_ff, d)?,
-            },
-        });
-    }
-    let wte = embedding(t, "transformer.wte.weight", c.vocab_size, d, device)?;
-    let wpe = embedding(t, "transformer.wpe.weight", c.max_seq_len, d, device)?;
-    let ln_f = layer_norm(t, "transformer.ln_f")?;
-    // Tied checkpoints often still carry lm_head.weight (a copy of wte): accept and drop it.
-    let lm_head = if c.tie_embeddings {
-        if t.contains("lm_head.weight") {
-            t.take("lm_head.weight", &[c.vocab_size, d])?;
-        }
-        None
+    let droppable: &[&str] = if c.tie_embeddings {
+        &["lm_head.weight"]
     } else {
-        Some(linear(t, "lm_head", d, c.vocab_size, false, device)?)
+        &[]
     };
-    Ok(Gpt2 {
-        wte,
-        wpe,
-        h,
-        ln_f,
-        lm_head,
-        config: c.clone(),
-    })
-}
-
-fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
-    t.into_data()
-        .convert::<f32>()
-        .to_vec::<f32>()
-        .expect("converted to f32")
+    import_hf(Gpt2::new(c, device), GPT2_NAMES, droppable, t)
 }
 
 /// The model's tensors under Hugging Face names and layouts (the inverse of the importers).
-pub fn to_hf_tensors<B: Backend>(model: &Lm<B>) -> Vec<(String, Vec<usize>, Vec<f32>)> {
-    let mut out = Vec::new();
-    let push_linear_t =
-        |out: &mut Vec<(String, Vec<usize>, Vec<f32>)>, name: String, l: &Linear<B>| {
-            let [d_in, d_out] = l.weight.dims();
-            out.push((
-                format!("{name}.weight"),
-                vec![d_out, d_in],
-                transpose(&values(l.weight.val()), d_in, d_out),
-            ));
-            if let Some(b) = &l.bias {
-                out.push((format!("{name}.bias"), vec![d_out], values(b.val())));
-            }
-        };
+pub fn to_hf_tensors<B: Backend>(model: &Lm<B>) -> Result<Vec<NamedTensor>, LmError> {
     match model {
-        Lm::Llama(m) => {
-            let c = &m.config;
-            out.push((
-                "model.embed_tokens.weight".into(),
-                vec![c.vocab_size, c.d_model],
-                values(m.embed_tokens.weight.val()),
-            ));
-            for (i, l) in m.layers.iter().enumerate() {
-                let p = format!("model.layers.{i}");
-                out.push((
-                    format!("{p}.input_layernorm.weight"),
-                    vec![c.d_model],
-                    values(l.input_layernorm.weight.val()),
-                ));
-                out.push((
-                    format!("{p}.post_attention_layernorm.weight"),
-                    vec![c.d_model],
-                    values(l.post_attention_layernorm.weight.val()),
-                ));
-                push_linear_t(
-                    &mut out,
-                    format!("{p}.self_attn.q_proj"),
-                    &l.self_attn.q_proj,
-                );
-                push_linear_t(
-                    &mut out,
-                    format!("{p}.self_attn.k_proj"),
-                    &l.self_attn.k_proj,
-                );
-                push_linear_t(
-                    &mut out,
-                    format!("{p}.self_attn.v_proj"),
-                    &l.self_attn.v_proj,
-                );
-                push_linear_t(
-                    &mut out,
-                    format!("{p}.self_attn.o_proj"),
-                    &l.self_attn.o_proj,
-                );
-                push_linear_t(&mut out, format!("{p}.mlp.gate_proj"), &l.mlp.gate_proj);
-                push_linear_t(&mut out, format!("{p}.mlp.up_proj"), &l.mlp.up_proj);
-                push_linear_t(&mut out, format!("{p}.mlp.down_proj"), &l.mlp.down_proj);
-            }
-            out.push((
-                "model.norm.weight".into(),
-                vec![c.d_model],
-                values(m.norm.weight.val()),
-            ));
-            if let Some(head) = &m.lm_head {
-                push_linear_t(&mut out, "lm_head".into(), head);
-            }
-        }
-        Lm::Gpt2(m) => {
-            let c = &m.config;
-            let d = c.d_model;
-            let conv1d =
-                |out: &mut Vec<(String, Vec<usize>, Vec<f32>)>, name: String, l: &Linear<B>| {
-                    let [d_in, d_out] = l.weight.dims();
-                    out.push((
-                        format!("{name}.weight"),
-                        vec![d_in, d_out],
-                        values(l.weight.val()),
-                    ));
-                    let bias = l.bias.as_ref().expect("gpt2 linears have biases");
-                    out.push((format!("{name}.bias"), vec![d_out], values(bias.val())));
-                };
-            let layer_norm =
-                |out: &mut Vec<(String, Vec<usize>, Vec<f32>)>, name: String, n: &LayerNorm<B>| {
-                    out.push((format!("{name}.weight"), vec![d], values(n.gamma.val())));
-                    let beta = n.beta.as_ref().expect("gpt2 norms have biases");
-                    out.push((format!("{name}.bias"), vec![d], values(beta.val())));
-                };
-            out.push((
-                "transformer.wte.weight".into(),
-                vec![c.vocab_size, d],
-                values(m.wte.weight.val()),
-            ));
-            out.push((
-                "transformer.wpe.weight".into(),
-                vec![c.max_seq_len, d],
-                values(m.wpe.weight.val()),
-            ));
-            for (i, b) in m.h.iter().enumerate() {
-                let p = format!("transformer.h.{i}");
-                layer_norm(&mut out, format!("{p}.ln_1"), &b.ln_1);
-                layer_norm(&mut out, format!("{p}.ln_2"), &b.ln_2);
-                let a = &b.attn;
-                let fused = Linear {
-                    weight: Param::from_tensor(Tensor::cat(
-                        vec![
-                            a.q_proj.weight.val(),
-                            a.k_proj.weight.val(),
-                            a.v_proj.weight.val(),
-                        ],
-                        1,
-                    )),
-                    bias: Some(Param::from_tensor(Tensor::cat(
-                        [&a.q_proj, &a.k_proj, &a.v_proj]
-                            .iter()
-                            .map(|l| l.bias.as_ref().expect("gpt2 linears have biases").val())
-                            .collect(),
-                        0,
-                    ))),
-                };
-                conv1d(&mut out, format!("{p}.attn.c_attn"), &fused);
-                conv1d(&mut out, format!("{p}.attn.c_proj"), &a.o_proj);
-                conv1d(&mut out, format!("{p}.mlp.c_fc"), &b.mlp.c_fc);
-                conv1d(&mut out, format!("{p}.mlp.c_proj"), &b.mlp.c_proj);
-            }
-            layer_norm(&mut out, "transformer.ln_f".into(), &m.ln_f);
-            if let Some(head) = &m.lm_head {
-                push_linear_t(&mut out, "lm_head".into(), head);
-            }
-        }
+        Lm::Llama(m) => export_hf(m, LLAMA_NAMES),
+        Lm::Gpt2(m) => export_hf(m, GPT2_NAMES),
     }
-    out
 }
 
 /// Hugging Face `config.json` for a chorus config.
@@ -718,7 +395,7 @@ impl<B: Backend> Lm<B> {
         crate::checkpoint::write_atomic(&dir.join("config.json"), |tmp| {
             std::fs::write(tmp, &config).map_err(|e| LmError::io(tmp, e))
         })?;
-        let tensors = to_hf_tensors(self);
+        let tensors = to_hf_tensors(self)?;
         let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
             .into_iter()
             .map(|(name, shape, values)| {
@@ -790,76 +467,22 @@ pub fn llama_config_from_gguf(g: &GgufFile) -> Result<LlamaConfig, LmError> {
     Ok(config)
 }
 
-/// llama.cpp stores each head's Q/K rows interleaved (pairs (i, i + head_dim/2) adjacent); Hugging
-/// Face keeps the two halves apart. Row `h·hd + 2i + half` of the GGUF tensor is row
-/// `h·hd + half·hd/2 + i` in Hugging Face's.
-fn unpermute_rows(values: &[f32], n_heads: usize, rows: usize, cols: usize) -> Vec<f32> {
-    let head_dim = rows / n_heads;
-    let half = head_dim / 2;
-    let mut out = vec![0.0; values.len()];
-    for h in 0..n_heads {
-        for i in 0..half {
-            for part in 0..2 {
-                let src = h * head_dim + 2 * i + part;
-                let dst = h * head_dim + part * half + i;
-                out[dst * cols..(dst + 1) * cols]
-                    .copy_from_slice(&values[src * cols..(src + 1) * cols]);
-            }
-        }
-    }
-    out
-}
-
-/// Dequantises every tensor of a llama GGUF under its Hugging Face name and layout.
+/// Dequantises every tensor of a llama GGUF under its Hugging Face name and layout
+/// ([`LLAMA_NAMES`](crate::llama::LLAMA_NAMES)).
 fn gguf_to_hf(g: &GgufFile, c: &LlamaConfig) -> Result<NamedTensors, LmError> {
+    let heads = Heads {
+        n_heads: c.n_heads,
+        n_kv_heads: c.n_kv_heads,
+    };
     let mut out = NamedTensors::new(g.path());
     for info in &g.tensors {
-        let hf_name = hf_name_of_gguf(&info.name)
+        let (hf_name, layout) = hf_name_of_gguf(LLAMA_NAMES, &info.name)
             .ok_or_else(|| g.error(format!("tensor `{}` has no llama counterpart", info.name)))?;
-        let (shape, mut values) = g.tensor_f32(info)?;
-        if shape.len() == 2
-            && (info.name.ends_with("attn_q.weight") || info.name.ends_with("attn_k.weight"))
-        {
-            let heads = if info.name.ends_with("attn_q.weight") {
-                c.n_heads
-            } else {
-                c.n_kv_heads
-            };
-            if shape[0] % (2 * heads) != 0 {
-                return Err(g.error(format!(
-                    "tensor `{}`: {} rows do not split into {heads} heads",
-                    info.name, shape[0]
-                )));
-            }
-            values = unpermute_rows(&values, heads, shape[0], shape[1]);
-        }
+        let (shape, values) = g.tensor_f32(info)?;
+        let values = layout
+            .hf_values_from_gguf(values, &shape, heads)
+            .map_err(|reason| g.error(format!("tensor `{}`: {reason}", info.name)))?;
         out.insert(hf_name, shape, values);
     }
     Ok(out)
-}
-
-/// `blk.N.attn_q.weight` → `model.layers.N.self_attn.q_proj.weight`, and so on.
-fn hf_name_of_gguf(name: &str) -> Option<String> {
-    match name {
-        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
-        "output_norm.weight" => return Some("model.norm.weight".into()),
-        "output.weight" => return Some("lm_head.weight".into()),
-        _ => {}
-    }
-    let rest = name.strip_prefix("blk.")?;
-    let (layer, tensor) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let hf = match tensor {
-        "attn_norm.weight" => "input_layernorm.weight",
-        "ffn_norm.weight" => "post_attention_layernorm.weight",
-        "attn_q.weight" => "self_attn.q_proj.weight",
-        "attn_k.weight" => "self_attn.k_proj.weight",
-        "attn_v.weight" => "self_attn.v_proj.weight",
-        "attn_output.weight" => "self_attn.o_proj.weight",
-        "ffn_gate.weight" => "mlp.gate_proj.weight",
-        "ffn_up.weight" => "mlp.up_proj.weight",
-        "ffn_down.weight" => "mlp.down_proj.weight",
-        _ => return None,
-    };
-    Some(format!("model.layers.{layer}.{hf}"))
 }

@@ -39,6 +39,7 @@ mod gpt2;
 mod import;
 mod llama;
 mod model;
+mod names;
 mod norm;
 mod rope;
 mod tokenizer;
@@ -57,6 +58,7 @@ pub use import::{
 };
 pub use llama::{Llama, LlamaBlock, SwiGlu};
 pub use model::{Lm, LmInput, LmOutput};
+pub use names::NamedTensor;
 pub use norm::RmsNorm;
 pub use rope::{Rope, RopeTables};
 pub use tokenizer::Tokenizer;

@@ -12,9 +12,103 @@ use crate::cache::{KvCache, LayerCache};
 use crate::model::{
     LmInput, LmOutput, add_offset, init_normal, logit_positions, prepare_step, tied_logits,
 };
+use crate::names::{Layout, WeightName};
 use crate::norm::RmsNorm;
 use crate::rope::Rope;
 use crate::{LlamaConfig, LmConfig, LmDims, LmError};
+
+/// Where each parameter of a [`Llama`] lives in Hugging Face's `LlamaForCausalLM` checkpoints and
+/// in llama.cpp's GGUF files (read by `crate::names`: HF import and export, GGUF loading).
+pub(crate) const LLAMA_NAMES: &[WeightName] = &[
+    // chorus path, Hugging Face name, GGUF name, layout.
+    name(
+        "embed_tokens.weight",
+        "model.embed_tokens.weight",
+        "token_embd.weight",
+        Layout::Same,
+    ),
+    name(
+        "norm.weight",
+        "model.norm.weight",
+        "output_norm.weight",
+        Layout::Same,
+    ),
+    name(
+        "lm_head.weight",
+        "lm_head.weight",
+        "output.weight",
+        Layout::Linear,
+    ),
+    name(
+        "layers.{i}.input_layernorm.weight",
+        "model.layers.{i}.input_layernorm.weight",
+        "blk.{i}.attn_norm.weight",
+        Layout::Same,
+    ),
+    name(
+        "layers.{i}.post_attention_layernorm.weight",
+        "model.layers.{i}.post_attention_layernorm.weight",
+        "blk.{i}.ffn_norm.weight",
+        Layout::Same,
+    ),
+    // llama.cpp interleaves each head's Q and K rows for its RoPE; chorus rotates halves as HF.
+    name(
+        "layers.{i}.self_attn.q_proj.weight",
+        "model.layers.{i}.self_attn.q_proj.weight",
+        "blk.{i}.attn_q.weight",
+        Layout::RopeLinear { kv: false },
+    ),
+    name(
+        "layers.{i}.self_attn.k_proj.weight",
+        "model.layers.{i}.self_attn.k_proj.weight",
+        "blk.{i}.attn_k.weight",
+        Layout::RopeLinear { kv: true },
+    ),
+    name(
+        "layers.{i}.self_attn.v_proj.weight",
+        "model.layers.{i}.self_attn.v_proj.weight",
+        "blk.{i}.attn_v.weight",
+        Layout::Linear,
+    ),
+    name(
+        "layers.{i}.self_attn.o_proj.weight",
+        "model.layers.{i}.self_attn.o_proj.weight",
+        "blk.{i}.attn_output.weight",
+        Layout::Linear,
+    ),
+    name(
+        "layers.{i}.mlp.gate_proj.weight",
+        "model.layers.{i}.mlp.gate_proj.weight",
+        "blk.{i}.ffn_gate.weight",
+        Layout::Linear,
+    ),
+    name(
+        "layers.{i}.mlp.up_proj.weight",
+        "model.layers.{i}.mlp.up_proj.weight",
+        "blk.{i}.ffn_up.weight",
+        Layout::Linear,
+    ),
+    name(
+        "layers.{i}.mlp.down_proj.weight",
+        "model.layers.{i}.mlp.down_proj.weight",
+        "blk.{i}.ffn_down.weight",
+        Layout::Linear,
+    ),
+];
+
+const fn name(
+    chorus: &'static str,
+    hf: &'static str,
+    gguf: &'static str,
+    layout: Layout,
+) -> WeightName {
+    WeightName {
+        chorus,
+        hf,
+        gguf: Some(gguf),
+        layout,
+    }
+}
 
 /// SwiGLU feed-forward: `down(silu(gate(x)) ⊙ up(x))`.
 #[derive(Module, Debug)]

@@ -8,12 +8,12 @@ use burn::tensor::activation::softmax;
 use chorus_lm::LmInput;
 
 use crate::decode::{argmax, categorical};
-use chorus_data::rng::SplitMix64;
 use crate::tests::{chorus, seeded};
 use crate::{
     AssistantUpdate, Chorus, ChorusConfig, DecodeConfig, Decoded, WriterStrategy, ZSource,
     mixture_probs, tempered_probs, truncate_probs,
 };
+use chorus_data::rng::SplitMix64;
 
 type B = burn::backend::NdArray<f64>;
 

@@ -24,7 +24,6 @@ use crate::{Encoded, ScoreCache, TrainConfig, load_chorus, load_config, read_sta
 type B = NdArray<f32>;
 type AD = Autodiff<B>;
 
-
 /// One to four edits: bit flips, boundary integers (binary and decimal), truncation, insertion,
 /// deletion and duplication of a span.
 fn mutate(rng: &mut SplitMix64, seed: &[u8]) -> Vec<u8> {

@@ -13,8 +13,8 @@ use chorus_model::{Assistant, ScoreRows};
 use memmap2::Mmap;
 use serde::{Deserialize, Serialize};
 
-use chorus_data::rng::stable_hash;
 use crate::{Encoded, TokenBatch, TrainError};
+use chorus_data::rng::stable_hash;
 
 const INDEX: &str = "scores.json";
 const DATA: &str = "scores.f32";
