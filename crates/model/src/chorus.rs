@@ -49,6 +49,17 @@ impl<B: Backend> ChorusBatch<B> {
     }
 }
 
+/// What [`Chorus::evaluate_batch`] returns.
+#[derive(Debug, Clone)]
+pub struct BatchEvaluation<B: Backend> {
+    /// `[batch]` importance-weighted `log p̂(x | c)` (exact without z).
+    pub iw_log_likelihood: Tensor<B, 1>,
+    /// q(z | x, c) and p(z | c) (`None` without z).
+    pub latent: Option<LatentDistributions<B>>,
+    /// `[batch, seq, K]` the router posterior at z = E q (`None` when K = 1).
+    pub router: Option<Tensor<B, 3>>,
+}
+
 /// What [`Chorus::forward_elbo`] returns.
 #[derive(Debug, Clone)]
 pub struct ChorusOutput<B: Backend> {
@@ -458,21 +469,64 @@ impl<B: Backend> Chorus<B> {
         batch: &ChorusBatch<B>,
         n_samples: usize,
     ) -> Result<Tensor<B, 1>, ModelError> {
-        match self.latent_distributions(batch)? {
-            None => Ok(self.log_px(batch, None)?.log_px.squeeze_dim::<1>(0)),
+        let latent = self.latent_distributions(batch)?;
+        Ok(self.iw_given(batch, latent.as_ref(), n_samples)?.0)
+    }
+
+    /// [`Chorus::iw_log_likelihood`] with q and p already computed; also returns the sample terms
+    /// when there is no z (then they are the exact, z-free terms).
+    fn iw_given(
+        &self,
+        batch: &ChorusBatch<B>,
+        latent: Option<&LatentDistributions<B>>,
+        n_samples: usize,
+    ) -> Result<(Tensor<B, 1>, Option<SampleLikelihood<B>>), ModelError> {
+        match latent {
+            None => {
+                let terms = self.log_px(batch, None)?;
+                Ok((terms.log_px.clone().squeeze_dim::<1>(0), Some(terms)))
+            }
             Some(LatentDistributions {
                 posterior: q,
                 prior: p,
             }) => {
                 let z = q.sample(n_samples.max(1));
                 let log_px = self.log_px(batch, Some(z.clone()))?.log_px;
-                Ok(iw_log_likelihood(
-                    log_px,
-                    p.log_prob(z.clone()),
-                    q.log_prob(z),
-                ))
+                let iw = iw_log_likelihood(log_px, p.log_prob(z.clone()), q.log_prob(z));
+                Ok((iw, None))
             }
         }
+    }
+
+    /// What evaluation reads from one batch, with the base's unconditioned pass (q and p) run
+    /// once: the importance-weighted bound with `iw_samples` z from q ([`Chorus::iw_log_likelihood`]),
+    /// q and p, and with K ≥ 2 the router posterior r_t(j) at z = E q (exact without z).
+    pub fn evaluate_batch(
+        &self,
+        batch: &ChorusBatch<B>,
+        iw_samples: usize,
+    ) -> Result<BatchEvaluation<B>, ModelError> {
+        let latent = self.latent_distributions(batch)?;
+        let (iw, z_free_terms) = self.iw_given(batch, latent.as_ref(), iw_samples)?;
+        let router = if self.n_models() > 1 {
+            let terms = match z_free_terms {
+                Some(terms) => terms,
+                None => {
+                    let mean = latent
+                        .as_ref()
+                        .map(|l| l.posterior.mean.clone().unsqueeze_dim(0));
+                    self.log_px(batch, mean)?
+                }
+            };
+            Some(router_posterior(terms.log_pi, terms.log_p))
+        } else {
+            None
+        };
+        Ok(BatchEvaluation {
+            iw_log_likelihood: iw,
+            latent,
+            router,
+        })
     }
 
     /// Co-LLM's selector initialisation ([`pseudo_label_loss`], DESIGN §2) on a batch: the models

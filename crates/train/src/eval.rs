@@ -189,20 +189,15 @@ pub fn evaluate_chorus<B: Backend>(
         for chunk in ids.chunks(batch_size.max(1)) {
             let (batch, n) = batch_of::<B>(data, chunk, scores, device)?;
             tokens += n;
-            log_p += scalar(model.iw_log_likelihood(&batch, iw_samples)?);
-            let latent = model.latent_distributions(&batch)?;
-            let eps = latent
-                .as_ref()
-                .map(|l| l.posterior.mean.zeros_like().unsqueeze_dim(0));
-            if let Some(l) = latent {
+            let evaluation = model.evaluate_batch(&batch, iw_samples)?;
+            log_p += scalar(evaluation.iw_log_likelihood);
+            if let Some(l) = evaluation.latent {
                 kl += l.posterior.kl(&l.prior).sum().into_scalar().elem::<f64>();
                 means.push(l.posterior.mean);
                 log_vars.push(l.posterior.log_var);
             }
-            if model.n_models() > 1 {
-                // β does not enter the router posterior.
-                let out = model.forward_elbo_with_noise(&batch, 1.0, eps)?;
-                deferred += posterior_deferral(out.router, batch.target_mask.clone())
+            if let Some(router) = evaluation.router {
+                deferred += posterior_deferral(router, batch.target_mask.clone())
                     .into_scalar()
                     .elem::<f64>();
             }
