@@ -17,6 +17,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 MUTANTS = [
     (
+        "a remote assistant's log-probs taken from a local model instead of its server",
+        "crates/model/src/chorus.rs",
+        ".chain(remotes.iter().map(|r| r.token_log_probs(&rows, None)))",
+        ".chain(remotes.iter().map(|_| self.member(1).token_log_probs(&rows, None)))",
+        ["-p", "chorus-model", "--lib", "a_remote_assistant_stands_in"],
+    ),
+    (
         "GPT-2's fused c_attn split into the wrong thirds",
         "crates/lm/src/names.rs",
         "                    .flat_map(|row| &row[part * width..(part + 1) * width])",

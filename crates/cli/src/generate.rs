@@ -195,8 +195,29 @@ pub(crate) fn open_lm<B: Backend>(
 
 /// Whether an assistant argument names a server rather than a file.
 pub(crate) fn is_url(path: &Path) -> bool {
-    path.to_str()
-        .is_some_and(|p| p.starts_with("http://") || p.starts_with("https://"))
+    path.to_str().is_some_and(chorus_model::is_server_url)
+}
+
+/// Connects a saved joint model's remote assistants: the last `remote_assistants` of the sources
+/// its manifest lists, each checked to tokenize like `tokenizer`.
+pub(crate) fn connect_remotes<B: Backend>(
+    model: &Chorus<B>,
+    sources: &[String],
+    tokenizer: &Tokenizer,
+) -> Result<Vec<RemoteAssistant>> {
+    let n = model.config.remote_assistants;
+    let urls = &sources[sources.len().saturating_sub(n)..];
+    if urls.len() != n || !urls.iter().all(|u| chorus_model::is_server_url(u)) {
+        bail!(
+            "the model has {n} remote assistants but its manifest names {urls:?} as the last sources"
+        );
+    }
+    urls.iter()
+        .map(|url| {
+            RemoteAssistant::connect(url, tokenizer, RemoteSettings::default())
+                .with_context(|| format!("connecting the model's remote assistant {url}"))
+        })
+        .collect()
 }
 
 /// LMs in any format chorus reads, composed without training ([`Chorus::compose`]) after checking
@@ -259,6 +280,7 @@ pub fn generate<B: Backend>(args: GenerateArgs<'_>, device: &B::Device) -> Resul
     let (model, sources, tokenizer, calibration) = match args.model {
         ModelSource::One(path) => {
             let (model, sources, tokenizer) = load_model::<B>(path, device)?;
+            remotes = connect_remotes(&model, &sources, &tokenizer)?;
             (model, sources, tokenizer, EtaCalibration::load(path)?)
         }
         ModelSource::Composition { base, assistants } => {
@@ -277,7 +299,7 @@ pub fn generate<B: Backend>(args: GenerateArgs<'_>, device: &B::Device) -> Resul
     };
     let remote_refs: Vec<&dyn Assistant<B>> =
         remotes.iter().map(|r| r as &dyn Assistant<B>).collect();
-    let k = model.n_models() + remotes.len();
+    let k = model.n_local() + remotes.len();
     let names = model_names(&sources, k);
     let strategy: WriterStrategy = match args.strategy {
         Some("threshold") => WriterStrategy::Threshold {

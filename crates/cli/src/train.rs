@@ -7,10 +7,11 @@ use burn::backend::Autodiff;
 use burn::prelude::*;
 use chorus_data::{Split, Task, fetch::cache_dir, load_examples};
 use chorus_lm::{Lm, Tokenizer};
+use chorus_model::{Assistant, LocalLm, RemoteAssistant};
 use chorus_train::{
-    DataConfig, DataSection, EvalReport, PretrainConfig, TOKEN_CONVENTION, TrainConfig,
-    encode_examples, evaluate_chorus, evaluate_composition, evaluate_lm, load_chorus, load_config,
-    load_task_examples, text_file_examples,
+    AssistantScores, DataConfig, DataSection, EvalReport, PretrainConfig, TOKEN_CONVENTION,
+    TrainConfig, encode_examples, evaluate_chorus, evaluate_composition, evaluate_lm, load_chorus,
+    load_config, load_task_examples, text_file_examples,
 };
 
 /// `chorus data tokenizer`: a byte-level BPE trained on the training split of the three tasks.
@@ -135,7 +136,8 @@ pub struct EvalArgs<'a> {
 }
 
 enum Loaded<B: Backend> {
-    Joint(Box<chorus_model::Chorus<B>>),
+    /// A joint model and the servers of its remote assistants.
+    Joint(Box<chorus_model::Chorus<B>>, Vec<RemoteAssistant>),
     Single(Box<Lm<B>>),
     /// A training-free composition and its confidence threshold τ.
     Composition(Box<chorus_model::Chorus<B>>, f64),
@@ -194,7 +196,15 @@ pub fn eval<B: Backend>(args: EvalArgs<'_>, device: &B::Device) -> Result<()> {
                 saved.model.n_models(),
                 state.step
             );
-            (Loaded::Joint(Box::new(saved.model)), saved.tokenizer)
+            let remotes = crate::generate::connect_remotes(
+                &saved.model,
+                &saved.manifest.sources,
+                &saved.tokenizer,
+            )?;
+            (
+                Loaded::Joint(Box::new(saved.model), remotes),
+                saved.tokenizer,
+            )
         } else {
             let (lm, tok) = crate::generate::open_lm::<B>(&path, device)?;
             (Loaded::Single(Box::new(lm)), tok)
@@ -247,7 +257,7 @@ pub fn eval<B: Backend>(args: EvalArgs<'_>, device: &B::Device) -> Result<()> {
     let context = loaded
         .iter()
         .flat_map(|(_, m)| match m {
-            Loaded::Joint(m) | Loaded::Composition(m, _) => std::iter::once(&m.base)
+            Loaded::Joint(m, _) | Loaded::Composition(m, _) => std::iter::once(&m.base)
                 .chain(&m.assistants)
                 .map(|lm| lm.dims().max_seq_len)
                 .collect::<Vec<_>>(),
@@ -259,28 +269,39 @@ pub fn eval<B: Backend>(args: EvalArgs<'_>, device: &B::Device) -> Result<()> {
     for (name, model) in &loaded {
         eprintln!("evaluating {name} on {} examples ({what})", encoded.len());
         match model {
-            Loaded::Joint(m) => {
+            Loaded::Joint(m, remotes) => {
+                let servers: Vec<&dyn Assistant<B>> =
+                    remotes.iter().map(|r| r as &dyn Assistant<B>).collect();
+                let assistants = if servers.is_empty() {
+                    AssistantScores::Local
+                } else {
+                    AssistantScores::Servers(&servers)
+                };
                 rows.extend(evaluate_chorus(
                     m.as_ref(),
                     name,
                     &encoded,
-                    None,
+                    assistants,
                     args.iw_samples,
                     data.batch_size,
                     device,
                 )?);
                 if args.members {
-                    rows.extend(evaluate_lm(
-                        &m.base,
-                        &format!("{name}: base without z"),
-                        &encoded,
-                        data.batch_size,
-                        device,
-                    )?);
-                    for (j, a) in m.assistants.iter().enumerate() {
+                    let locals: Vec<LocalLm<'_, B>> =
+                        (0..m.n_local()).map(|j| m.member(j)).collect();
+                    let members = locals
+                        .iter()
+                        .map(|l| l as &dyn Assistant<B>)
+                        .chain(remotes.iter().map(|r| r as &dyn Assistant<B>));
+                    for (j, member) in members.enumerate() {
+                        let role = if j == 0 {
+                            "base without z".to_string()
+                        } else {
+                            format!("assistant {j}")
+                        };
                         rows.extend(evaluate_lm(
-                            a,
-                            &format!("{name}: assistant {}", j + 1),
+                            member,
+                            &format!("{name}: {role}"),
                             &encoded,
                             data.batch_size,
                             device,
@@ -288,9 +309,13 @@ pub fn eval<B: Backend>(args: EvalArgs<'_>, device: &B::Device) -> Result<()> {
                     }
                 }
             }
-            Loaded::Single(lm) => {
-                rows.extend(evaluate_lm(lm, name, &encoded, data.batch_size, device)?)
-            }
+            Loaded::Single(lm) => rows.extend(evaluate_lm(
+                &LocalLm::new(lm),
+                name,
+                &encoded,
+                data.batch_size,
+                device,
+            )?),
             Loaded::Composition(m, tau) => rows.extend(evaluate_composition(
                 m.as_ref(),
                 *tau,

@@ -174,7 +174,7 @@ impl<B: Backend> Chorus<B> {
         } else {
             (None, Vec::new(), None, None)
         };
-        let n_models = 1 + assistants.len();
+        let n_models = 1 + assistants.len() + config.remote_assistants;
         let selector = (n_models > 1)
             .then(|| {
                 SelectorConfig {
@@ -233,15 +233,20 @@ impl<B: Backend> Chorus<B> {
         self.map(&mut Numbering(0))
     }
 
-    /// K, the number of models.
+    /// K, the number of models (local and remote).
     pub fn n_models(&self) -> usize {
+        1 + self.assistants.len() + self.config.remote_assistants
+    }
+
+    /// The models held in memory: the base and the local assistants, models `0 .. n_local`.
+    pub fn n_local(&self) -> usize {
         1 + self.assistants.len()
     }
 
     /// Model `j` (0 = base) with its z-adapter, as an [`Assistant`] that scores and decodes.
     ///
     /// # Panics
-    /// When `j ≥ K` ([`Chorus::n_models`]).
+    /// When `j` is not a local model (`j ≥` [`Chorus::n_local`]).
     pub fn member(&self, j: usize) -> LocalLm<'_, B> {
         match j {
             0 => LocalLm {
@@ -335,11 +340,12 @@ impl<B: Backend> Chorus<B> {
         match &batch.assistant_log_probs {
             Some(cached) => {
                 let dims = cached.dims();
-                if dims != [n_rows, seq, self.assistants.len()] {
+                let n_assistants = self.n_models() - 1;
+                if dims != [n_rows, seq, n_assistants] {
                     return Err(ModelError::BatchShape {
                         tensor: "assistant_log_probs",
                         dims: dims.to_vec(),
-                        expected: vec![n_rows, seq, self.assistants.len()],
+                        expected: vec![n_rows, seq, n_assistants],
                     });
                 }
                 if !self.assistant_adapters.is_empty() {
@@ -356,11 +362,11 @@ impl<B: Backend> Chorus<B> {
                     cached.clone().repeat_dim(0, n_samples)
                 };
                 log_p.extend(
-                    (0..self.assistants.len())
-                        .map(|j| cached.clone().narrow(2, j, 1).squeeze_dim::<2>(2)),
+                    (0..n_assistants).map(|j| cached.clone().narrow(2, j, 1).squeeze_dim::<2>(2)),
                 );
             }
             None => {
+                self.check_all_local()?;
                 for j in 1..self.n_models() {
                     let lp = if self.assistant_adapters.is_empty() {
                         // Independent of z: run once on the batch and repeat over samples.
@@ -543,18 +549,12 @@ impl<B: Backend> Chorus<B> {
                 reason: "the model has no selector: it needs assistants (K ≥ 2)".into(),
             });
         };
-        let k = self.n_models();
         let plain = LmInput::new(batch.tokens.clone()).with_padding(batch.padding.clone());
         let base = self.base.forward(plain, None)?;
         let lp0 = token_log_probs(base.logits, batch.targets.clone()).detach();
         let assistants = match &batch.assistant_log_probs {
             Some(cached) => cached.clone(),
-            None => Tensor::stack::<3>(
-                (1..k)
-                    .map(|j| self.member(j).token_log_probs(&batch.score_rows(), None))
-                    .collect::<Result<Vec<_>, ModelError>>()?,
-                2,
-            ),
+            None => self.local_assistant_log_probs(batch)?,
         }
         .detach();
         let log_p = Tensor::cat(vec![lp0.unsqueeze_dim::<3>(2), assistants], 2);
@@ -582,9 +582,71 @@ impl<B: Backend> Chorus<B> {
                 reason: "assistants with z-adapters have log-probs that depend on z".into(),
             });
         }
+        Ok(self.local_assistant_log_probs(batch)?.detach())
+    }
+
+    /// `batch` with [`ChorusBatch::assistant_log_probs`] filled in `[batch, seq, K − 1]`: the local
+    /// assistants run here, the remote ones asked of `remotes` (this model's remote assistants, in
+    /// order). For evaluating or calibrating a model with remote assistants on text that no score
+    /// cache covers. Only for assistants that do not read z.
+    pub fn with_assistant_log_probs(
+        &self,
+        mut batch: ChorusBatch<B>,
+        remotes: &[&dyn Assistant<B>],
+    ) -> Result<ChorusBatch<B>, ModelError> {
+        if remotes.len() != self.config.remote_assistants {
+            return Err(ModelError::InvalidInput {
+                input: "remote assistants",
+                reason: format!(
+                    "the model has {} remote assistants but {} servers were given",
+                    self.config.remote_assistants,
+                    remotes.len()
+                ),
+            });
+        }
+        if !self.assistant_adapters.is_empty() {
+            return Err(ModelError::Unsupported {
+                operation: "scoring the assistants once",
+                reason: "assistants with z-adapters have log-probs that depend on z".into(),
+            });
+        }
+        let rows = batch.score_rows();
+        let columns = (1..self.n_local())
+            .map(|j| self.member(j).token_log_probs(&rows, None))
+            .chain(remotes.iter().map(|r| r.token_log_probs(&rows, None)))
+            .collect::<Result<Vec<_>, ModelError>>()?;
+        if !columns.is_empty() {
+            batch.assistant_log_probs = Some(Tensor::stack::<3>(columns, 2).detach());
+        }
+        Ok(batch)
+    }
+
+    /// `[batch, seq, K − 1]` z-free log-probs of every assistant, run here: all must be local.
+    fn local_assistant_log_probs(
+        &self,
+        batch: &ChorusBatch<B>,
+    ) -> Result<Tensor<B, 3>, ModelError> {
+        self.check_all_local()?;
         let columns = (1..self.n_models())
             .map(|j| self.member(j).token_log_probs(&batch.score_rows(), None))
             .collect::<Result<Vec<_>, ModelError>>()?;
-        Ok(Tensor::stack::<3>(columns, 2).detach())
+        Ok(Tensor::stack::<3>(columns, 2))
+    }
+
+    /// An error unless every model is held in memory (remote assistants are known to a batch
+    /// only through its cached log-probs).
+    pub(crate) fn check_all_local(&self) -> Result<(), ModelError> {
+        if self.config.remote_assistants == 0 {
+            return Ok(());
+        }
+        Err(ModelError::InvalidInput {
+            input: "assistant_log_probs",
+            reason: format!(
+                "models {}..{} are served remotely: batches need their cached log-probs \
+                 (`chorus score`)",
+                self.n_local(),
+                self.n_models() - 1
+            ),
+        })
     }
 }

@@ -33,6 +33,12 @@ pub struct ChorusConfig {
     /// Free bits λ per dimension (0 disables). Default 0.
     #[serde(default)]
     pub free_bits: f64,
+    /// Assistants served by an OpenAI-compatible server rather than held in memory: models
+    /// `K − remote_assistants .. K − 1`, after the local ones. Batches carry their cached
+    /// log-probs (`chorus score`); decoding asks the server for their tokens. `chorus train` sets
+    /// it from the URLs among its assistants. Default 0.
+    #[serde(default)]
+    pub remote_assistants: usize,
     /// z samples per sequence in the training estimate. Default 1.
     #[serde(default = "default_samples")]
     pub n_samples: usize,
@@ -83,6 +89,13 @@ impl ChorusConfig {
                 value: "0".into(),
                 reason: "with d_latent > 0 and embedding_offset = false, no model could read z: \
                          set memory_slots > 0 or embedding_offset = true",
+            });
+        }
+        if self.remote_assistants > 0 && self.d_latent > 0 && self.assistant_adapters {
+            return Err(ModelError::Conflict {
+                key: "remote_assistants",
+                value: self.remote_assistants.to_string(),
+                reason: "a server cannot read z: set assistant_adapters = false (or d_latent = 0)",
             });
         }
         Ok(())

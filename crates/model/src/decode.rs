@@ -428,20 +428,23 @@ impl<B: Backend> Chorus<B> {
         mut on_token: impl FnMut(usize, u32, usize) -> bool,
     ) -> Result<Vec<Decoded>, ModelError> {
         config.validate()?;
-        let members: Vec<LocalLm<'_, B>> = (1..self.n_models()).map(|j| self.member(j)).collect();
+        let members: Vec<LocalLm<'_, B>> = (1..self.n_local()).map(|j| self.member(j)).collect();
         let assistants: Vec<&dyn Assistant<B>> = members
             .iter()
             .map(|m| m as &dyn Assistant<B>)
             .chain(extra.iter().copied())
             .collect();
         let k = 1 + assistants.len();
-        if !extra.is_empty() && self.selector.is_some() {
+        if self.selector.is_some() && extra.len() != self.config.remote_assistants {
             return Err(ModelError::Unsupported {
-                operation: "further assistants",
+                operation: "decoding",
                 reason: format!(
-                    "the selector was trained for {} models: further assistants join only a \
-                     composition without one",
-                    self.n_models()
+                    "the selector was trained for {} models, {} of them remote, but {} servers \
+                     were given: a trained chorus decodes with exactly its remote assistants \
+                     (further ones join only a composition without a selector)",
+                    self.n_models(),
+                    self.config.remote_assistants,
+                    extra.len()
                 ),
             });
         }
@@ -675,6 +678,7 @@ impl<B: Backend> Chorus<B> {
         temperature: f64,
         device: &B::Device,
     ) -> Result<(Vec<f64>, Vec<Vec<f64>>), ModelError> {
+        self.check_all_local()?;
         let n = prompt.len();
         let tokens = Tensor::<B, 2, Int>::from_data(
             TensorData::new(prompt.iter().map(|&t| t as i64).collect::<Vec<_>>(), [1, n]),

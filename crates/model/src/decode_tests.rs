@@ -10,8 +10,8 @@ use chorus_lm::LmInput;
 use crate::decode::{argmax, categorical};
 use crate::tests::{chorus, seeded};
 use crate::{
-    AssistantUpdate, Chorus, ChorusConfig, DecodeConfig, Decoded, WriterStrategy, ZSource,
-    mixture_probs, tempered_probs, truncate_probs,
+    Assistant, AssistantUpdate, Chorus, ChorusConfig, DecodeConfig, Decoded, LocalLm,
+    WriterStrategy, ZSource, mixture_probs, tempered_probs, truncate_probs,
 };
 use chorus_data::rng::SplitMix64;
 
@@ -628,4 +628,99 @@ fn decoding_z_comes_from_the_source_it_names() {
             .unwrap()
             .is_none()
     );
+}
+
+/// A chorus whose last assistant is remote behaves exactly like the same chorus holding that
+/// assistant in memory: the same ELBO from its cached log-probs, the same IW bound with its
+/// log-probs asked of the "server" (here the same LM behind the `Assistant` interface), the same
+/// tokens and writers when it decodes as an extra assistant; and without its log-probs or its
+/// server the model refuses clearly.
+#[test]
+fn a_remote_assistant_stands_in_exactly_for_the_same_model_held_locally() {
+    let _rng = seeded(53);
+    let device = Default::default();
+    let config = ChorusConfig {
+        d_latent: 3,
+        assistant_adapters: false,
+        ..ChorusConfig::default()
+    };
+    let full: Chorus<B> = chorus(config, 2);
+    let mut remote = full.clone();
+    let served = remote.assistants.pop().unwrap();
+    remote.config.remote_assistants = 1;
+    assert_eq!(remote.n_models(), 3);
+    assert_eq!(remote.n_local(), 2);
+    let server = LocalLm::new(&served);
+    let servers: [&dyn Assistant<B>; 1] = [&server];
+
+    let batch = crate::tests::batch::<B>();
+    let eps = Tensor::<B, 3>::random([1, 2, 3], Distribution::Normal(0.0, 1.0), &device);
+    let want = full
+        .forward_elbo_with_noise(&batch, 0.5, Some(eps.clone()))
+        .unwrap();
+    let err = remote
+        .forward_elbo_with_noise(&batch, 0.5, Some(eps.clone()))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("served remotely"), "{err}");
+    let mut cached = batch.clone();
+    cached.assistant_log_probs = Some(full.assistant_log_probs(&batch).unwrap());
+    let got = remote
+        .forward_elbo_with_noise(&cached, 0.5, Some(eps))
+        .unwrap();
+    let loss = |o: &crate::ChorusOutput<B>| o.terms.loss.clone().into_scalar();
+    assert!(
+        (loss(&got) - loss(&want)).abs() < 1e-12,
+        "{} vs {}",
+        loss(&got),
+        loss(&want)
+    );
+
+    // Log-probs asked of the server give the same bound as running the model here.
+    let filled = remote
+        .with_assistant_log_probs(batch.clone(), &servers)
+        .unwrap();
+    B::seed(&device, 3);
+    let want_iw = full.iw_log_likelihood(&batch, 4).unwrap().into_data();
+    B::seed(&device, 3);
+    let got_iw = remote.iw_log_likelihood(&filled, 4).unwrap().into_data();
+    got_iw.assert_approx_eq::<f64>(&want_iw, burn::tensor::Tolerance::absolute(1e-12));
+    assert!(remote.with_assistant_log_probs(batch, &[]).is_err());
+
+    // Decoding with the server as the remote assistant: the same tokens and writers.
+    let decode = DecodeConfig {
+        strategy: WriterStrategy::Sample,
+        max_new_tokens: 8,
+        seed: 11,
+        ..DecodeConfig::default()
+    };
+    let z = z_for(&full, 2);
+    let prompt = [0u32, 4, 9];
+    let a = full
+        .generate(&prompt, 2, z.clone(), &decode, &device, |_, _, _| true)
+        .unwrap();
+    let b = remote
+        .generate_with(
+            &servers,
+            &prompt,
+            2,
+            z.clone(),
+            &decode,
+            &device,
+            |_, _, _| true,
+        )
+        .unwrap();
+    for (a, b) in a.iter().zip(&b) {
+        assert_eq!(a.tokens, b.tokens);
+        assert_eq!(a.writers, b.writers);
+    }
+    assert!(
+        a.iter().any(|d| d.writers.contains(&2)),
+        "the remote model writes some tokens"
+    );
+    let err = remote
+        .generate_with(&[], &prompt, 2, z, &decode, &device, |_, _, _| true)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("1 of them remote, but 0 servers"), "{err}");
 }

@@ -60,7 +60,7 @@ pub use decode::{
     AssistantUpdate, DecodeConfig, Decoded, WriterStrategy, ZSource, mixture_probs, tempered_probs,
     top1_prob, truncate_probs,
 };
-pub use remote::{RemoteAssistant, RemoteSettings, TOKENIZER_PROBE};
+pub use remote::{RemoteAssistant, RemoteSettings, TOKENIZER_PROBE, is_server_url};
 pub use saved::{
     ChorusManifest, MANIFEST_FILE, SavedChorus, TOKENIZER_FILE, WEIGHTS_FILE, sha256_file,
 };

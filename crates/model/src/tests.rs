@@ -55,7 +55,7 @@ pub(crate) fn chorus<B: Backend>(config: ChorusConfig, n_assistants: usize) -> C
 }
 
 /// Two rows of 6 positions: row 0 has 2 context tokens; row 1 has no context and one padding slot.
-fn batch<B: Backend>() -> ChorusBatch<B> {
+pub(crate) fn batch<B: Backend>() -> ChorusBatch<B> {
     let device = Default::default();
     let seq: [[i64; 7]; 2] = [[3, 7, 1, 4, 1, 5, 2], [9, 2, 6, 5, 3, 2, 0]];
     let tokens: Vec<i64> = seq.iter().flat_map(|r| r[..6].to_vec()).collect();

@@ -125,7 +125,9 @@ pub struct TrainConfig {
     pub tokenizer: PathBuf,
     /// The base model (chorus checkpoint, Hugging Face directory or `.gguf`).
     pub base: PathBuf,
-    /// The assistants (same formats). Empty: K = 1.
+    /// The assistants (same formats), or OpenAI-compatible servers (`http://…`) after the local
+    /// ones: a server's assistant trains from its cached log-probs (`scores`, written by `chorus
+    /// score`) and must be up to check them. Empty: K = 1.
     #[serde(default)]
     pub assistants: Vec<PathBuf>,
     /// Assistant log-probs written by `chorus score` (only with `chorus.assistant_adapters = false`).
@@ -422,6 +424,14 @@ impl Validate for PretrainConfig {
 
 impl Validate for TrainConfig {
     fn validate(&self) -> Result<(), ConfigError> {
+        if self.chorus.remote_assistants != 0 {
+            return Err(ConfigError::Conflict {
+                key: "chorus.remote_assistants",
+                value: self.chorus.remote_assistants.to_string(),
+                reason: "set by `chorus train` from the servers among `assistants`, not by hand"
+                    .into(),
+            });
+        }
         self.chorus.validate()?;
         self.data.validate()?;
         self.train.validate()?;
@@ -438,6 +448,24 @@ impl Validate for TrainConfig {
                 self.train.selector_init_steps.to_string(),
                 "needs at least one assistant",
             );
+        }
+        let is_server = |p: &PathBuf| p.to_str().is_some_and(chorus_model::is_server_url);
+        if let Some(first) = self.assistants.iter().position(is_server) {
+            if let Some(local) = self.assistants[first..].iter().find(|p| !is_server(p)) {
+                return conflict(
+                    "assistants",
+                    local.display().to_string(),
+                    "local assistants come before servers (models are numbered local first)",
+                );
+            }
+            if self.scores.is_none() {
+                return conflict(
+                    "assistants",
+                    self.assistants[first].display().to_string(),
+                    "an assistant behind a server trains from its cached log-probs: write them \
+                     with `chorus score` and set `scores`",
+                );
+            }
         }
         if let Some(scores) = &self.scores {
             if self.assistants.is_empty() {

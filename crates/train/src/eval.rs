@@ -14,8 +14,8 @@ use chorus_elbo::{
     top1_probability,
 };
 use chorus_latent::DiagonalGaussian;
-use chorus_lm::{Lm, LmInput};
-use chorus_model::{Assistant, Chorus, ChorusBatch, LocalLm};
+use chorus_lm::LmInput;
+use chorus_model::{Assistant, Chorus, ChorusBatch};
 use serde::{Deserialize, Serialize};
 
 use crate::{Encoded, ScoreCache, TokenBatch, TrainError};
@@ -167,6 +167,17 @@ fn batch_of<B: Backend>(
     Ok((batch.to_device(device), n))
 }
 
+/// Where a joint model's evaluation gets the log-probs of assistants it does not run itself.
+#[derive(Clone, Copy)]
+pub enum AssistantScores<'a, B: Backend> {
+    /// Every assistant is local (and runs), or none is needed.
+    Local,
+    /// A score cache covering the examples (`chorus score`).
+    Cache(&'a ScoreCache),
+    /// The model's remote assistants, asked batch by batch.
+    Servers(&'a [&'a dyn Assistant<B>]),
+}
+
 fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
     t.sum().into_scalar().elem::<f64>()
 }
@@ -177,7 +188,7 @@ pub fn evaluate_chorus<B: Backend>(
     model: &Chorus<B>,
     name: &str,
     data: &[Encoded],
-    scores: Option<&ScoreCache>,
+    assistants: AssistantScores<'_, B>,
     iw_samples: usize,
     batch_size: usize,
     device: &B::Device,
@@ -187,7 +198,14 @@ pub fn evaluate_chorus<B: Backend>(
         let (mut log_p, mut tokens, mut kl) = (0.0, 0usize, 0.0);
         let (mut deferred, mut means, mut log_vars) = (0.0, Vec::new(), Vec::new());
         for chunk in ids.chunks(batch_size.max(1)) {
-            let (batch, n) = batch_of::<B>(data, chunk, scores, device)?;
+            let cache = match assistants {
+                AssistantScores::Cache(cache) => Some(cache),
+                _ => None,
+            };
+            let (mut batch, n) = batch_of::<B>(data, chunk, cache, device)?;
+            if let AssistantScores::Servers(remotes) = assistants {
+                batch = model.with_assistant_log_probs(batch, remotes)?;
+            }
             tokens += n;
             let evaluation = model.evaluate_batch(&batch, iw_samples)?;
             log_p += scalar(evaluation.iw_log_likelihood);
@@ -264,9 +282,9 @@ pub fn evaluate_composition<B: Backend>(
     Ok(rows)
 }
 
-/// Exact NLL/PPL per task of one LM on its own.
+/// Exact NLL/PPL per task of one LM on its own: held in memory ([`LocalLm`]) or behind a server.
 pub fn evaluate_lm<B: Backend>(
-    lm: &Lm<B>,
+    lm: &dyn Assistant<B>,
     name: &str,
     data: &[Encoded],
     batch_size: usize,
@@ -278,8 +296,7 @@ pub fn evaluate_lm<B: Backend>(
         for chunk in ids.chunks(batch_size.max(1)) {
             let (batch, n) = batch_of::<B>(data, chunk, None, device)?;
             tokens += n;
-            let lp = LocalLm::new(lm).token_log_probs(&batch.score_rows(), None)?
-                * batch.target_mask.clone();
+            let lp = lm.token_log_probs(&batch.score_rows(), None)? * batch.target_mask.clone();
             log_p += lp.sum().into_scalar().elem::<f64>();
         }
         rows.push(EvalRow::new(name, task, ids.len(), tokens, log_p));

@@ -18,8 +18,9 @@ use crate::progress::Progress;
 use crate::scores::fingerprint;
 use crate::step::{GradientHook, Objective, StepSettings, optimiser_step};
 use crate::{
-    DataConfig, Encoded, OptimConfig, PretrainConfig, ScoreCache, TokenBatch, TrainConfig,
-    TrainError, encode_examples, epoch_batches, evaluate_chorus, learning_rate, load_task_examples,
+    AssistantScores, DataConfig, Encoded, OptimConfig, PretrainConfig, ScoreCache, TokenBatch,
+    TrainConfig, TrainError, encode_examples, epoch_batches, evaluate_chorus, learning_rate,
+    load_task_examples,
 };
 
 /// What a finished run reports.
@@ -159,8 +160,20 @@ fn model_identity(path: &Path) -> Result<String, TrainError> {
     Ok(chorus_data::fetch::sha256_file(&weights)?)
 }
 
-/// The shared tokenizer, the base and the assistants of a train config.
-type Models<B> = (Tokenizer, Lm<B>, Vec<Lm<B>>);
+/// A train config's models: the shared tokenizer, the base, the local assistants and the
+/// assistants behind servers (connected, their tokenization checked).
+pub(crate) struct Models<B: Backend> {
+    pub(crate) tokenizer: Tokenizer,
+    pub(crate) base: Lm<B>,
+    pub(crate) assistants: Vec<Lm<B>>,
+    pub(crate) remotes: Vec<RemoteAssistant>,
+    /// What a score cache records of each assistant ([`assistant_identities`]).
+    pub(crate) identities: Vec<String>,
+}
+
+fn is_server(path: &Path) -> bool {
+    path.to_str().is_some_and(chorus_model::is_server_url)
+}
 
 /// The models of a train config, with every tokenizer found next to them checked against the
 /// shared one.
@@ -187,15 +200,16 @@ pub(crate) fn open_models<B: Backend>(
         Ok(lm)
     };
     let base = open(&config.base, "base")?;
-    let assistants = config
-        .assistants
+    let (servers, locals): (Vec<&PathBuf>, Vec<&PathBuf>) =
+        config.assistants.iter().partition(|p| is_server(p));
+    let assistants = locals
         .iter()
         .enumerate()
         .map(|(i, p)| open(p, &format!("assistant {}", i + 1)))
         .collect::<Result<Vec<_>, _>>()?;
     // Before any data is read: every model must share the base's vocabulary.
     let vocab = base.dims().vocab_size;
-    for (a, path) in assistants.iter().zip(&config.assistants) {
+    for (a, path) in assistants.iter().zip(&locals) {
         if a.dims().vocab_size != vocab {
             return Err(TrainError::Config {
                 file: format!("assistant {}", path.display()),
@@ -207,21 +221,40 @@ pub(crate) fn open_models<B: Backend>(
             });
         }
     }
-    Ok((tokenizer, base, assistants))
+    let remotes = servers
+        .iter()
+        .map(|url| {
+            let url = url.display().to_string();
+            RemoteAssistant::connect(&url, &tokenizer, RemoteSettings::default())
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let local: Vec<PathBuf> = locals.into_iter().cloned().collect();
+    let identities = assistant_identities::<B>(&local, &remotes)?;
+    Ok(Models {
+        tokenizer,
+        base,
+        assistants,
+        remotes,
+        identities,
+    })
 }
 
-/// Fingerprints of (train, valid) for score caches of `config`.
-pub(crate) fn score_fingerprints(
-    config: &TrainConfig,
-    train: &[Encoded],
-    valid: &[Encoded],
-) -> Result<(String, String), TrainError> {
-    let ids = config
-        .assistants
+/// What a score cache records of each assistant: the sha256 of a local model's weights, the URL
+/// and served model of a remote one.
+fn assistant_identities<B: Backend>(
+    local: &[PathBuf],
+    remotes: &[RemoteAssistant],
+) -> Result<Vec<String>, TrainError> {
+    let mut ids = local
         .iter()
         .map(|p| model_identity(p))
         .collect::<Result<Vec<_>, _>>()?;
-    Ok((fingerprint(train, &ids), fingerprint(valid, &ids)))
+    ids.extend(
+        remotes
+            .iter()
+            .map(|r| format!("remote {}", Assistant::<B>::describe(r))),
+    );
+    Ok(ids)
 }
 
 /// `chorus score`: the assistants' log-probs of the train and valid examples of `config`, written
@@ -242,23 +275,20 @@ pub fn score<B: Backend>(
         });
     }
     let (tokenizer, locals, remotes, ids) = if remotes.is_empty() {
-        let (tokenizer, _, assistants) = open_models::<B>(config, device)?;
-        let ids = config
-            .assistants
-            .iter()
-            .map(|p| model_identity(p))
-            .collect::<Result<Vec<_>, _>>()?;
-        (tokenizer, assistants, Vec::new(), ids)
+        let models = open_models::<B>(config, device)?;
+        (
+            models.tokenizer,
+            models.assistants,
+            models.remotes,
+            models.identities,
+        )
     } else {
         let tokenizer = Tokenizer::open(&config.tokenizer)?;
         let remotes = remotes
             .iter()
             .map(|url| RemoteAssistant::connect(url, &tokenizer, RemoteSettings::default()))
             .collect::<Result<Vec<_>, _>>()?;
-        let ids = remotes
-            .iter()
-            .map(|r| format!("remote {}", Assistant::<B>::describe(r)))
-            .collect();
+        let ids = assistant_identities::<B>(&[], &remotes)?;
         (tokenizer, Vec::new(), remotes, ids)
     };
     let members: Vec<LocalLm<'_, B>> = locals.iter().map(LocalLm::new).collect();
@@ -295,11 +325,20 @@ pub fn train<B: AutodiffBackend>(
     progress: &mut dyn Progress,
 ) -> Result<TrainSummary, TrainError> {
     B::seed(device, config.train.seed);
-    let (tokenizer, base, assistants) = open_models::<B>(config, device)?;
+    let Models {
+        tokenizer,
+        base,
+        assistants,
+        remotes,
+        identities,
+    } = open_models::<B>(config, device)?;
     let (train, valid) = prepare_data(&config.data, &tokenizer)?;
     let (train_scores, valid_scores) = match &config.scores {
         Some(dir) => {
-            let (fp_train, fp_valid) = score_fingerprints(config, &train, &valid)?;
+            let (fp_train, fp_valid) = (
+                fingerprint(&train, &identities),
+                fingerprint(&valid, &identities),
+            );
             (
                 Some(ScoreCache::open(&dir.join("train"), &fp_train)?),
                 Some(ScoreCache::open(&dir.join("valid"), &fp_valid)?),
@@ -311,7 +350,11 @@ pub fn train<B: AutodiffBackend>(
         .chain(&config.assistants)
         .map(|p| p.display().to_string())
         .collect();
-    let model = Chorus::new(config.chorus.clone(), base, assistants, device)?;
+    let chorus = ChorusConfig {
+        remote_assistants: remotes.len(),
+        ..config.chorus.clone()
+    };
+    let model = Chorus::new(chorus, base, assistants, device)?;
     run_loop(
         Loop {
             sources,
@@ -480,7 +523,8 @@ pub(crate) fn run_loop<B: AutodiffBackend>(
                 &model.valid(),
                 "valid",
                 l.valid,
-                l.valid_scores,
+                l.valid_scores
+                    .map_or(AssistantScores::Local, AssistantScores::Cache),
                 cfg.iw_samples,
                 l.batch_size,
                 device,

@@ -668,6 +668,27 @@ fn bad_configs_are_clear_errors() {
         e.contains("total_steps = 10") && e.contains("train.steps = 100"),
         "{e}"
     );
+    // Assistants behind servers: after the local ones, trained from a score cache, and
+    // `chorus.remote_assistants` is derived from them.
+    let e = load(base, &["assistants=[\"http://127.0.0.1:8080\"]"]);
+    assert!(
+        e.contains("http://127.0.0.1:8080") && e.contains("chorus score"),
+        "{e}"
+    );
+    let e = load(
+        base,
+        &[
+            "assistants=[\"http://127.0.0.1:8080\", \"out/expert\"]",
+            "scores=\"s\"",
+            "chorus.assistant_adapters=false",
+        ],
+    );
+    assert!(
+        e.contains("out/expert") && e.contains("local assistants come before"),
+        "{e}"
+    );
+    let e = load(base, &["chorus.remote_assistants=1"]);
+    assert!(e.contains("chorus.remote_assistants = 1"), "{e}");
     let e = load(base, &["train.epsilon=0"]);
     assert!(e.contains("train.epsilon = 0"), "{e}");
     let e = load(base, &["data.batch_size=0"]);
@@ -1208,7 +1229,16 @@ fn evaluation_matches_a_joint_model_whose_likelihood_is_known_in_closed_form() {
     let model = closed_form_model(&logits, [0.4, -0.7]);
     let pi = softmax64(&[0.4, -0.7]);
     let data = synthetic(10, 0);
-    let rows = crate::evaluate_chorus(&model, "closed form", &data, None, 3, 4, &device).unwrap();
+    let rows = crate::evaluate_chorus(
+        &model,
+        "closed form",
+        &data,
+        crate::AssistantScores::Local,
+        3,
+        4,
+        &device,
+    )
+    .unwrap();
     assert_eq!(rows.len(), 2, "two tasks");
     for row in &rows {
         // By hand: −Σ_t log(π_0 / V + π_1 q[x_t]) over the scored tokens, and the posterior share
