@@ -2,7 +2,9 @@
 //! 127.0.0.1 serving the SmolLM2 GGUF, started and stopped by the test. Its scores must equal
 //! chorus's local scores of the same GGUF to the tolerance docs/models.md explains (llama.cpp
 //! rounds activations to 8 bits in its Q4_1 kernels: |Δlogit| up to ≈ 0.9), and it must write the
-//! tokens routed to it in `chorus generate`.
+//! tokens routed to it in `chorus generate`; and a joint model must train with it as a remote
+//! assistant (its log-probs cached by `chorus score`), then generate, evaluate and calibrate with
+//! the server standing in for it.
 //!
 //! Needs the GGUF (`chorus data fetch --models`) and a Python with `llama_cpp.server`
 //! (`$CHORUS_PYTHON`, else `$CHORUS_CACHE/venv/bin/python`; `.ci/run` installs it there); without
@@ -182,4 +184,131 @@ fn llama_cpp_server_scores_like_chorus_and_writes_routed_tokens() {
         stderr.contains("written by assistants: 100.0 %"),
         "every token deferred to the server: {stderr}"
     );
+}
+
+/// Runs the `chorus` binary, failing the test with its output unless it succeeds; returns stdout
+/// and stderr.
+fn chorus(args: &[&str]) -> (String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_chorus"))
+        .args(args)
+        .output()
+        .expect("chorus runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "chorus {args:?}\n{stdout}\n{stderr}");
+    (stdout, stderr)
+}
+
+#[test]
+fn a_joint_model_trains_with_the_server_as_its_remote_assistant() {
+    let Some((_server, url, gguf)) = start_server() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name).display().to_string();
+    let vocab = Tokenizer::open(&gguf).unwrap().vocab_size();
+    // A tiny base on SmolLM2's tokenizer, and a joint config whose one assistant is the server.
+    let data = "[data]\ntasks = [\"story\"]\nmax_seq_len = 48\nbatch_size = 4\n\
+                max_train_examples = 8\nvalid_examples = 4\n";
+    let base = format!(
+        "tokenizer = \"{}\"\n[model]\nfamily = \"llama\"\nvocab_size = {vocab}\nd_model = 16\n\
+         n_layers = 1\nn_heads = 2\nn_kv_heads = 1\nd_ff = 32\nmax_seq_len = 64\n{data}\
+         [train]\nsteps = 2\nwarmup_steps = 1\niw_samples = 1\n",
+        gguf.display()
+    );
+    std::fs::write(path("base.toml"), base).unwrap();
+    chorus(&[
+        "pretrain",
+        "--config",
+        &path("base.toml"),
+        "--out",
+        &path("base"),
+    ]);
+    let joint = format!(
+        "tokenizer = \"{}\"\nbase = \"{}\"\nassistants = [\"{url}\"]\nscores = \"{}\"\n\
+         [chorus]\nd_latent = 4\nassistant_adapters = false\n{data}\
+         [train]\nsteps = 3\nwarmup_steps = 1\neval_every = 3\niw_samples = 2\n",
+        gguf.display(),
+        path("base/lm"),
+        path("scores")
+    );
+    std::fs::write(path("joint.toml"), joint).unwrap();
+    // Training before the scores exist is refused, naming the cache.
+    let refused = Command::new(env!("CARGO_BIN_EXE_chorus"))
+        .args([
+            "train",
+            "--config",
+            &path("joint.toml"),
+            "--out",
+            &path("joint"),
+        ])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("scores"));
+    chorus(&[
+        "score",
+        "--config",
+        &path("joint.toml"),
+        "--out",
+        &path("scores"),
+    ]);
+    let (_, stderr) = chorus(&[
+        "train",
+        "--config",
+        &path("joint.toml"),
+        "--out",
+        &path("joint"),
+    ]);
+    println!("{stderr}");
+    let model = path("joint/checkpoints/best");
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(format!("{model}/chorus.json")).unwrap())
+            .unwrap();
+    assert_eq!(manifest["chorus"]["remote_assistants"], 1);
+    assert_eq!(manifest["sources"][1], url.as_str());
+    // η = 0 defers every token the selector offers: the server writes them all.
+    let (_, stderr) = chorus(&[
+        "generate",
+        "--model",
+        &model,
+        "--strategy",
+        "threshold:0",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "4",
+        "--color",
+        "never",
+        "Once upon a time",
+    ]);
+    assert!(
+        stderr.contains("written by assistants: 100.0 %"),
+        "the remote assistant writes every token at η = 0: {stderr}"
+    );
+    // Evaluation and calibration ask the server for the assistant's log-probs.
+    let (table, _) = chorus(&[
+        "eval",
+        "--model",
+        &model,
+        "--config",
+        &path("joint.toml"),
+        "--split",
+        "valid",
+        "--max-examples",
+        "2",
+        "--members",
+    ]);
+    println!("{table}");
+    assert!(table.contains("assistant 1"), "{table}");
+    let (out, _) = chorus(&[
+        "calibrate",
+        "--model",
+        &model,
+        "--config",
+        &path("joint.toml"),
+        "--max-examples",
+        "2",
+    ]);
+    assert!(out.contains("← chosen"), "{out}");
 }

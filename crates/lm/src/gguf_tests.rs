@@ -333,6 +333,27 @@ fn gguf_tokenizer_keeps_control_tokens_digits_and_template() {
     assert!(err.to_string().contains("mystery"), "{err}");
 }
 
+/// The GGUF's BOS survives saving as tokenizer.json (in `tokenizer_config.json` beside it, as
+/// Hugging Face writes it): llama.cpp's server needs it to align log-probs. A `bos_token` that is
+/// not in the vocabulary is an error naming the file.
+#[test]
+fn a_saved_gguf_tokenizer_keeps_its_bos() {
+    let mut w = tokenizer_gguf("smollm");
+    w.meta("tokenizer.ggml.bos_token_id", GgufValue::Uint(1));
+    let gguf = Tokenizer::from_gguf(&parse(&w).unwrap()).unwrap();
+    assert_eq!(gguf.bos_id(), Some(1));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tokenizer.json");
+    gguf.save(&path).unwrap();
+    let back = Tokenizer::open(dir.path()).unwrap();
+    assert_eq!(back.bos_id(), Some(1));
+    back.check_same(&gguf).unwrap();
+    let config = dir.path().join(crate::TOKENIZER_CONFIG);
+    std::fs::write(&config, r#"{"bos_token": {"content": "<s>"}}"#).unwrap();
+    let err = Tokenizer::open(dir.path()).unwrap_err().to_string();
+    assert!(err.contains("tokenizer_config.json") && err.contains("<s>"), "{err}");
+}
+
 #[test]
 fn tokenizers_of_one_chorus_must_match() {
     let a = Tokenizer::from_gguf(&parse(&tokenizer_gguf("gpt2")).unwrap()).unwrap();

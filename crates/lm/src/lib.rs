@@ -61,7 +61,7 @@ pub use model::{Lm, LmInput, LmOutput};
 pub use names::NamedTensor;
 pub use norm::RmsNorm;
 pub use rope::{Rope, RopeTables};
-pub use tokenizer::Tokenizer;
+pub use tokenizer::{TOKENIZER_CONFIG, Tokenizer};
 
 #[cfg(test)]
 mod gguf_tests;

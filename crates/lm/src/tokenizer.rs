@@ -16,6 +16,10 @@ const GGUF_TOKEN_CONTROL: i64 = 3;
 /// llama.cpp's token type for user-defined added tokens.
 const GGUF_TOKEN_USER_DEFINED: i64 = 4;
 
+/// The Hugging Face file beside `tokenizer.json` that names the special tokens (chorus reads and
+/// writes its `bos_token`).
+pub const TOKENIZER_CONFIG: &str = "tokenizer_config.json";
+
 /// A text ⇄ token-id mapping shared by every model of a chorus.
 #[derive(Debug, Clone)]
 pub struct Tokenizer {
@@ -61,12 +65,40 @@ impl Tokenizer {
                 path: source.clone(),
                 reason: e.to_string(),
             })?;
-        Ok(Self {
+        let mut tokenizer = Self {
             inner,
             source,
             chat_template: None,
             bos: None,
-        })
+        };
+        tokenizer.bos = tokenizer.bos_from_config(&path.with_file_name(TOKENIZER_CONFIG))?;
+        Ok(tokenizer)
+    }
+
+    /// The BOS named by `bos_token` in a Hugging Face `tokenizer_config.json` (a string or
+    /// `{"content": …}`), if the file is there and names one.
+    fn bos_from_config(&self, config: &Path) -> Result<Option<u32>, LmError> {
+        if !config.is_file() {
+            return Ok(None);
+        }
+        let bad = |reason: String| LmError::Tokenizer {
+            path: config.display().to_string(),
+            reason,
+        };
+        let text = std::fs::read_to_string(config).map_err(|e| bad(e.to_string()))?;
+        let value: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
+        let token = match &value["bos_token"] {
+            serde_json::Value::String(s) => s.as_str(),
+            serde_json::Value::Object(o) => match o.get("content") {
+                Some(serde_json::Value::String(s)) => s.as_str(),
+                _ => return Err(bad("bos_token has no string `content`".into())),
+            },
+            _ => return Ok(None),
+        };
+        self.token_to_id(token)
+            .map(Some)
+            .ok_or_else(|| bad(format!("bos_token {token:?} is not in the vocabulary")))
     }
 
     /// Opens a `tokenizer.json`, the tokenizer inside a `.gguf` file, or the `tokenizer.json` of a
@@ -380,14 +412,31 @@ impl Tokenizer {
     }
 
     /// Writes a `tokenizer.json`.
+    ///
+    /// A tokenizer that names a BOS (a GGUF's does) also writes `tokenizer_config.json` beside
+    /// it with `bos_token`, as Hugging Face does, and [`Tokenizer::from_file`] reads it back:
+    /// llama.cpp's server needs the BOS to align its log-probs.
     pub fn save(&self, path: impl AsRef<Path>) -> Result<(), LmError> {
         let path = path.as_ref();
+        let error = |path: &Path, reason: String| LmError::Tokenizer {
+            path: path.display().to_string(),
+            reason,
+        };
         self.inner
             .save(path, false)
-            .map_err(|e| LmError::Tokenizer {
-                path: path.display().to_string(),
-                reason: e.to_string(),
-            })
+            .map_err(|e| error(path, e.to_string()))?;
+        if let Some(bos) = self.bos {
+            let config = path.with_file_name(TOKENIZER_CONFIG);
+            let token = self
+                .inner
+                .id_to_token(bos)
+                .ok_or_else(|| error(&config, format!("BOS id {bos} is not in the vocabulary")))?;
+            let text = serde_json::json!({ "bos_token": token }).to_string();
+            let tmp = config.with_extension("json.tmp");
+            std::fs::write(&tmp, text).map_err(|e| error(&tmp, e.to_string()))?;
+            std::fs::rename(&tmp, &config).map_err(|e| error(&config, e.to_string()))?;
+        }
+        Ok(())
     }
 
     fn error(&self, reason: String) -> LmError {

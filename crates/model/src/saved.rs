@@ -2,7 +2,8 @@
 //!
 //! - `chorus.json` ([`ChorusManifest`]): every model's config, the chorus switches, where each model
 //!   came from, and the sha256 of the two files below;
-//! - `tokenizer.json`: the tokenizer all models share;
+//! - `tokenizer.json`: the tokenizer all models share (and `tokenizer_config.json` naming its BOS,
+//!   when it has one);
 //! - `model.mpk`: every parameter, with its id (burn's named MessagePack record, full precision).
 //!
 //! [`Chorus::save`] writes the weights and the tokenizer first and the manifest last, each to a
@@ -20,7 +21,7 @@ use std::path::{Path, PathBuf};
 use burn::module::Module;
 use burn::prelude::*;
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
-use chorus_lm::{LmConfig, Tokenizer};
+use chorus_lm::{LmConfig, TOKENIZER_CONFIG, Tokenizer};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -118,8 +119,10 @@ impl<B: Backend> Chorus<B> {
         let tokenizer_path = dir.join(TOKENIZER_FILE);
         write_then_rename(&tokenizer_path, |tmp| Ok(tokenizer.save(tmp)?))?;
         let mut files = BTreeMap::new();
-        for file in [TOKENIZER_FILE, WEIGHTS_FILE] {
-            files.insert(file.to_string(), sha256_file(&dir.join(file))?);
+        for file in [TOKENIZER_FILE, WEIGHTS_FILE, TOKENIZER_CONFIG] {
+            if file != TOKENIZER_CONFIG || dir.join(file).is_file() {
+                files.insert(file.to_string(), sha256_file(&dir.join(file))?);
+            }
         }
         let manifest = ChorusManifest {
             base: self.base.config(),

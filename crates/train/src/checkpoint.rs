@@ -15,7 +15,7 @@ use burn::optim::Optimizer;
 use burn::prelude::*;
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
 use burn::tensor::backend::AutodiffBackend;
-use chorus_lm::Tokenizer;
+use chorus_lm::{TOKENIZER_CONFIG, Tokenizer};
 use chorus_model::{Chorus, MANIFEST_FILE, SavedChorus, TOKENIZER_FILE, WEIGHTS_FILE, sha256_file};
 use serde::{Deserialize, Serialize};
 
@@ -145,7 +145,16 @@ where
     recorder()
         .record(optimizer.to_record(), tmp.join(OPTIMIZER))
         .map_err(|e| bad(&tmp, format!("writing the optimizer: {e}")))?;
-    for file in [MANIFEST_FILE, TOKENIZER_FILE, WEIGHTS_FILE, OPTIMIZER_FILE] {
+    for file in [
+        MANIFEST_FILE,
+        TOKENIZER_FILE,
+        WEIGHTS_FILE,
+        OPTIMIZER_FILE,
+        TOKENIZER_CONFIG,
+    ] {
+        if file == TOKENIZER_CONFIG && !tmp.join(file).is_file() {
+            continue;
+        }
         let sha = sha256_file(&tmp.join(file))?;
         state.files.insert(file.to_string(), sha);
     }
