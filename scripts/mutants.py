@@ -361,7 +361,11 @@ def run(name, file, original, broken, args):
             return f"SURVIVED ({took:.0f} s)"
         if "error[" in result.stderr and "could not compile" in result.stderr:
             return "does not compile"
-        return f"caught ({took:.0f} s)"
+        # Only a failing test counts: a build that dies for another reason (a full disk, a
+        # linker crash) says nothing about the mutation.
+        if "test result: FAILED" in result.stdout + result.stderr:
+            return f"caught ({took:.0f} s)"
+        return f"NO TEST RAN (exit {result.returncode}): {result.stderr.strip().splitlines()[-1:]}"
     finally:
         path.write_text(text)
 
