@@ -351,7 +351,10 @@ fn a_saved_gguf_tokenizer_keeps_its_bos() {
     let config = dir.path().join(crate::TOKENIZER_CONFIG);
     std::fs::write(&config, r#"{"bos_token": {"content": "<s>"}}"#).unwrap();
     let err = Tokenizer::open(dir.path()).unwrap_err().to_string();
-    assert!(err.contains("tokenizer_config.json") && err.contains("<s>"), "{err}");
+    assert!(
+        err.contains("tokenizer_config.json") && err.contains("<s>"),
+        "{err}"
+    );
 }
 
 #[test]
