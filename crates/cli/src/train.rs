@@ -9,9 +9,9 @@ use chorus_data::{Split, Task, fetch::cache_dir, load_examples};
 use chorus_lm::{Lm, Tokenizer};
 use chorus_model::{Assistant, LocalLm, RemoteAssistant};
 use chorus_train::{
-    AssistantScores, DataConfig, DataSection, EvalReport, PretrainConfig, TOKEN_CONVENTION,
-    TrainConfig, encode_examples, evaluate_chorus, evaluate_composition, evaluate_lm, load_chorus,
-    load_config, load_task_examples, text_file_examples,
+    AssistantScores, DataConfig, DataSection, EvalReport, EvalSet, PretrainConfig,
+    TOKEN_CONVENTION, TrainConfig, encode_examples, evaluate_chorus, evaluate_composition,
+    evaluate_lm, load_chorus, load_config, load_task_examples, text_file_examples,
 };
 
 /// `chorus data tokenizer`: a byte-level BPE trained on the training split of the three tasks.
@@ -266,8 +266,14 @@ pub fn eval<B: Backend>(args: EvalArgs<'_>, device: &B::Device) -> Result<()> {
         .fold(data.max_seq_len, usize::min);
     let encoded = encode_examples(&examples, &tokenizer, &data.eos_token, context)?;
     let mut rows = Vec::new();
+    let mut bar = crate::progress::Bar::default();
     for (name, model) in &loaded {
         eprintln!("evaluating {name} on {} examples ({what})", encoded.len());
+        let set = EvalSet {
+            data: &encoded,
+            batch_size: data.batch_size,
+            device,
+        };
         match model {
             Loaded::Joint(m, remotes) => {
                 let servers: Vec<&dyn Assistant<B>> =
@@ -280,11 +286,10 @@ pub fn eval<B: Backend>(args: EvalArgs<'_>, device: &B::Device) -> Result<()> {
                 rows.extend(evaluate_chorus(
                     m.as_ref(),
                     name,
-                    &encoded,
+                    &set,
                     assistants,
                     args.iw_samples,
-                    data.batch_size,
-                    device,
+                    &mut bar,
                 )?);
                 if args.members {
                     let locals: Vec<LocalLm<'_, B>> =
@@ -299,30 +304,20 @@ pub fn eval<B: Backend>(args: EvalArgs<'_>, device: &B::Device) -> Result<()> {
                         } else {
                             format!("assistant {j}")
                         };
-                        rows.extend(evaluate_lm(
-                            member,
-                            &format!("{name}: {role}"),
-                            &encoded,
-                            data.batch_size,
-                            device,
-                        )?);
+                        let member_name = format!("{name}: {role}");
+                        rows.extend(evaluate_lm(member, &member_name, &set, &mut bar)?);
                     }
                 }
             }
-            Loaded::Single(lm) => rows.extend(evaluate_lm(
-                &LocalLm::new(lm),
-                name,
-                &encoded,
-                data.batch_size,
-                device,
-            )?),
+            Loaded::Single(lm) => {
+                rows.extend(evaluate_lm(&LocalLm::new(lm), name, &set, &mut bar)?)
+            }
             Loaded::Composition(m, tau) => rows.extend(evaluate_composition(
                 m.as_ref(),
                 *tau,
                 name,
-                &encoded,
-                data.batch_size,
-                device,
+                &set,
+                &mut bar,
             )?),
         }
     }

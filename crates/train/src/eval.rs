@@ -18,7 +18,7 @@ use chorus_lm::LmInput;
 use chorus_model::{Assistant, Chorus, ChorusBatch};
 use serde::{Deserialize, Serialize};
 
-use crate::{Encoded, ScoreCache, TokenBatch, TrainError};
+use crate::{Encoded, Progress, ScoreCache, TokenBatch, TrainError};
 
 /// The token convention of every reported number.
 pub const TOKEN_CONVENTION: &str =
@@ -178,6 +178,77 @@ pub enum AssistantScores<'a, B: Backend> {
     Servers(&'a [&'a dyn Assistant<B>]),
 }
 
+/// The examples an evaluation reads, the rows per batch and the device.
+pub struct EvalSet<'a, B: Backend> {
+    /// The examples.
+    pub data: &'a [Encoded],
+    /// Rows per batch.
+    pub batch_size: usize,
+    /// Where the batches go.
+    pub device: &'a B::Device,
+}
+
+impl<B: Backend> EvalSet<'_, B> {
+    /// Runs `each(task, example indices)` on every batch of every task, each task's examples
+    /// sorted by length (less padding), telling `progress` the examples done (phase
+    /// `evaluating <name>`).
+    fn for_each_batch(
+        &self,
+        name: &str,
+        progress: &mut dyn Progress,
+        mut each: impl FnMut(Task, &[usize]) -> Result<(), TrainError>,
+    ) -> Result<(), TrainError> {
+        progress.begin(&format!("evaluating {name}"), self.data.len() as u64, 0);
+        let mut done = 0;
+        for (task, ids) in by_task(self.data) {
+            for chunk in ids.chunks(self.batch_size.max(1)) {
+                if let Err(e) = each(task, chunk) {
+                    progress.end(false);
+                    return Err(e);
+                }
+                done += chunk.len();
+                progress.update(done as u64, "");
+            }
+        }
+        progress.end(true);
+        Ok(())
+    }
+}
+
+/// Per-task sums of a joint model's evaluation.
+struct ChorusSums<B: Backend> {
+    examples: usize,
+    tokens: usize,
+    log_p: f64,
+    kl: f64,
+    deferred: f64,
+    means: Vec<Tensor<B, 2>>,
+    log_vars: Vec<Tensor<B, 2>>,
+}
+
+impl<B: Backend> Default for ChorusSums<B> {
+    fn default() -> Self {
+        Self {
+            examples: 0,
+            tokens: 0,
+            log_p: 0.0,
+            kl: 0.0,
+            deferred: 0.0,
+            means: Vec::new(),
+            log_vars: Vec::new(),
+        }
+    }
+}
+
+/// Per-task sums of a single LM's or a composition's evaluation.
+#[derive(Default)]
+struct Sums {
+    examples: usize,
+    tokens: usize,
+    log_p: f64,
+    deferred: f64,
+}
+
 fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
     t.sum().into_scalar().elem::<f64>()
 }
@@ -187,57 +258,60 @@ fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
 pub fn evaluate_chorus<B: Backend>(
     model: &Chorus<B>,
     name: &str,
-    data: &[Encoded],
+    set: &EvalSet<'_, B>,
     assistants: AssistantScores<'_, B>,
     iw_samples: usize,
-    batch_size: usize,
-    device: &B::Device,
+    progress: &mut dyn Progress,
 ) -> Result<Vec<EvalRow>, TrainError> {
-    let mut rows = Vec::new();
-    for (task, ids) in by_task(data) {
-        let (mut log_p, mut tokens, mut kl) = (0.0, 0usize, 0.0);
-        let (mut deferred, mut means, mut log_vars) = (0.0, Vec::new(), Vec::new());
-        for chunk in ids.chunks(batch_size.max(1)) {
-            let cache = match assistants {
-                AssistantScores::Cache(cache) => Some(cache),
-                _ => None,
-            };
-            let (mut batch, n) = batch_of::<B>(data, chunk, cache, device)?;
-            if let AssistantScores::Servers(remotes) = assistants {
-                batch = model.with_assistant_log_probs(batch, remotes)?;
-            }
-            tokens += n;
-            let evaluation = model.evaluate_batch(&batch, iw_samples)?;
-            log_p += scalar(evaluation.iw_log_likelihood);
-            if let Some(l) = evaluation.latent {
-                kl += l.posterior.kl(&l.prior).sum().into_scalar().elem::<f64>();
-                means.push(l.posterior.mean);
-                log_vars.push(l.posterior.log_var);
-            }
-            if let Some(router) = evaluation.router {
-                deferred += posterior_deferral(router, batch.target_mask.clone())
-                    .into_scalar()
-                    .elem::<f64>();
-            }
-        }
-        let (mi, au) = if means.is_empty() {
-            (None, None)
-        } else {
-            let q = DiagonalGaussian {
-                mean: Tensor::cat(means, 0),
-                log_var: Tensor::cat(log_vars, 0),
-            };
-            let au = active_units(q.mean.clone(), 0.01);
-            (Some(mutual_information(&q)), Some(au))
+    let mut sums: BTreeMap<Task, ChorusSums<B>> = BTreeMap::new();
+    set.for_each_batch(name, progress, |task, chunk| {
+        let cache = match assistants {
+            AssistantScores::Cache(cache) => Some(cache),
+            _ => None,
         };
-        rows.push(EvalRow {
-            kl: model.config.has_z().then(|| kl / ids.len() as f64),
-            mi,
-            active_units: au,
-            deferral: (model.n_models() > 1).then(|| deferred / tokens.max(1) as f64),
-            ..EvalRow::new(name, task, ids.len(), tokens, log_p)
-        });
-    }
+        let (mut batch, n) = batch_of::<B>(set.data, chunk, cache, set.device)?;
+        if let AssistantScores::Servers(remotes) = assistants {
+            batch = model.with_assistant_log_probs(batch, remotes)?;
+        }
+        let s = sums.entry(task).or_default();
+        s.examples += chunk.len();
+        s.tokens += n;
+        let evaluation = model.evaluate_batch(&batch, iw_samples)?;
+        s.log_p += scalar(evaluation.iw_log_likelihood);
+        if let Some(l) = evaluation.latent {
+            s.kl += l.posterior.kl(&l.prior).sum().into_scalar().elem::<f64>();
+            s.means.push(l.posterior.mean);
+            s.log_vars.push(l.posterior.log_var);
+        }
+        if let Some(router) = evaluation.router {
+            s.deferred += posterior_deferral(router, batch.target_mask.clone())
+                .into_scalar()
+                .elem::<f64>();
+        }
+        Ok(())
+    })?;
+    let rows = sums
+        .into_iter()
+        .map(|(task, s)| {
+            let (mi, au) = if s.means.is_empty() {
+                (None, None)
+            } else {
+                let q = DiagonalGaussian {
+                    mean: Tensor::cat(s.means, 0),
+                    log_var: Tensor::cat(s.log_vars, 0),
+                };
+                let au = active_units(q.mean.clone(), 0.01);
+                (Some(mutual_information(&q)), Some(au))
+            };
+            EvalRow {
+                kl: model.config.has_z().then(|| s.kl / s.examples as f64),
+                mi,
+                active_units: au,
+                deferral: (model.n_models() > 1).then(|| s.deferred / s.tokens.max(1) as f64),
+                ..EvalRow::new(name, task, s.examples, s.tokens, s.log_p)
+            }
+        })
+        .collect();
     Ok(rows)
 }
 
@@ -249,57 +323,60 @@ pub fn evaluate_composition<B: Backend>(
     model: &Chorus<B>,
     tau: f64,
     name: &str,
-    data: &[Encoded],
-    batch_size: usize,
-    device: &B::Device,
+    set: &EvalSet<'_, B>,
+    progress: &mut dyn Progress,
 ) -> Result<Vec<EvalRow>, TrainError> {
-    let mut rows = Vec::new();
-    for (task, ids) in by_task(data) {
-        let (mut log_p, mut tokens, mut deferred) = (0.0, 0usize, 0.0);
-        for chunk in ids.chunks(batch_size.max(1)) {
-            let (batch, n) = batch_of::<B>(data, chunk, None, device)?;
-            tokens += n;
-            let (mut top1, mut lp) = (Vec::new(), Vec::new());
-            for j in 0..model.n_models() {
-                let input = LmInput::new(batch.tokens.clone()).with_padding(batch.padding.clone());
-                let logits = model.member(j).forward(input, None, None)?.logits;
-                top1.push(top1_probability(logits.clone()));
-                lp.push(token_log_probs(logits, batch.targets.clone()));
-            }
-            let (routed, writer) =
-                confidence_routing(Tensor::stack(top1, 2), Tensor::stack(lp, 2), tau);
-            let mask = batch.target_mask.clone();
-            log_p += (routed * mask.clone()).sum().into_scalar().elem::<f64>();
-            deferred += (writer.greater_elem(0).float() * mask)
-                .sum()
-                .into_scalar()
-                .elem::<f64>();
+    let mut sums: BTreeMap<Task, Sums> = BTreeMap::new();
+    set.for_each_batch(name, progress, |task, chunk| {
+        let (batch, n) = batch_of::<B>(set.data, chunk, None, set.device)?;
+        let (mut top1, mut lp) = (Vec::new(), Vec::new());
+        for j in 0..model.n_models() {
+            let input = LmInput::new(batch.tokens.clone()).with_padding(batch.padding.clone());
+            let logits = model.member(j).forward(input, None, None)?.logits;
+            top1.push(top1_probability(logits.clone()));
+            lp.push(token_log_probs(logits, batch.targets.clone()));
         }
-        let mut row = EvalRow::new(name, task, ids.len(), tokens, log_p);
-        row.deferral = Some(deferred / tokens.max(1) as f64);
-        rows.push(row);
-    }
-    Ok(rows)
+        let (routed, writer) =
+            confidence_routing(Tensor::stack(top1, 2), Tensor::stack(lp, 2), tau);
+        let mask = batch.target_mask.clone();
+        let s = sums.entry(task).or_default();
+        s.examples += chunk.len();
+        s.tokens += n;
+        s.log_p += (routed * mask.clone()).sum().into_scalar().elem::<f64>();
+        s.deferred += (writer.greater_elem(0).float() * mask)
+            .sum()
+            .into_scalar()
+            .elem::<f64>();
+        Ok(())
+    })?;
+    Ok(sums
+        .into_iter()
+        .map(|(task, s)| EvalRow {
+            deferral: Some(s.deferred / s.tokens.max(1) as f64),
+            ..EvalRow::new(name, task, s.examples, s.tokens, s.log_p)
+        })
+        .collect())
 }
 
 /// Exact NLL/PPL per task of one LM on its own: held in memory ([`LocalLm`]) or behind a server.
 pub fn evaluate_lm<B: Backend>(
     lm: &dyn Assistant<B>,
     name: &str,
-    data: &[Encoded],
-    batch_size: usize,
-    device: &B::Device,
+    set: &EvalSet<'_, B>,
+    progress: &mut dyn Progress,
 ) -> Result<Vec<EvalRow>, TrainError> {
-    let mut rows = Vec::new();
-    for (task, ids) in by_task(data) {
-        let (mut log_p, mut tokens) = (0.0, 0usize);
-        for chunk in ids.chunks(batch_size.max(1)) {
-            let (batch, n) = batch_of::<B>(data, chunk, None, device)?;
-            tokens += n;
-            let lp = lm.token_log_probs(&batch.score_rows(), None)? * batch.target_mask.clone();
-            log_p += lp.sum().into_scalar().elem::<f64>();
-        }
-        rows.push(EvalRow::new(name, task, ids.len(), tokens, log_p));
-    }
-    Ok(rows)
+    let mut sums: BTreeMap<Task, Sums> = BTreeMap::new();
+    set.for_each_batch(name, progress, |task, chunk| {
+        let (batch, n) = batch_of::<B>(set.data, chunk, None, set.device)?;
+        let lp = lm.token_log_probs(&batch.score_rows(), None)? * batch.target_mask.clone();
+        let s = sums.entry(task).or_default();
+        s.examples += chunk.len();
+        s.tokens += n;
+        s.log_p += lp.sum().into_scalar().elem::<f64>();
+        Ok(())
+    })?;
+    Ok(sums
+        .into_iter()
+        .map(|(task, s)| EvalRow::new(name, task, s.examples, s.tokens, s.log_p))
+        .collect())
 }

@@ -18,9 +18,9 @@ use crate::progress::Progress;
 use crate::scores::fingerprint;
 use crate::step::{GradientHook, Objective, StepSettings, optimiser_step};
 use crate::{
-    AssistantScores, DataConfig, Encoded, OptimConfig, PretrainConfig, ScoreCache, TokenBatch,
-    TrainConfig, TrainError, encode_examples, epoch_batches, evaluate_chorus, learning_rate,
-    load_task_examples,
+    AssistantScores, DataConfig, Encoded, EvalSet, OptimConfig, PretrainConfig, ScoreCache, Silent,
+    TokenBatch, TrainConfig, TrainError, encode_examples, epoch_batches, evaluate_chorus,
+    learning_rate, load_task_examples,
 };
 
 /// What a finished run reports.
@@ -519,15 +519,20 @@ pub(crate) fn run_loop<B: AutodiffBackend>(
         let validate = last || (cfg.eval_every > 0 && step % cfg.eval_every == 0);
         let mut valid_nll = None;
         if validate && !l.valid.is_empty() {
+            let set = EvalSet {
+                data: l.valid,
+                batch_size: l.batch_size,
+                device,
+            };
+            // The run's own bar stays; validation reports through its lines below.
             let rows = evaluate_chorus(
                 &model.valid(),
                 "valid",
-                l.valid,
+                &set,
                 l.valid_scores
                     .map_or(AssistantScores::Local, AssistantScores::Cache),
                 cfg.iw_samples,
-                l.batch_size,
-                device,
+                &mut Silent,
             )?;
             let tokens: usize = rows.iter().map(|r| r.tokens).sum();
             let nll =

@@ -1229,17 +1229,41 @@ fn evaluation_matches_a_joint_model_whose_likelihood_is_known_in_closed_form() {
     let model = closed_form_model(&logits, [0.4, -0.7]);
     let pi = softmax64(&[0.4, -0.7]);
     let data = synthetic(10, 0);
+    let set = crate::EvalSet {
+        data: &data,
+        batch_size: 4,
+        device: &device,
+    };
+    /// Records what evaluation reports.
+    #[derive(Default)]
+    struct Recorder(Vec<String>);
+    impl crate::Progress for Recorder {
+        fn begin(&mut self, phase: &str, total: u64, done: u64) {
+            self.0.push(format!("begin {phase} {total} {done}"));
+        }
+        fn update(&mut self, done: u64, _status: &str) {
+            self.0.push(format!("update {done}"));
+        }
+        fn end(&mut self, completed: bool) {
+            self.0.push(format!("end {completed}"));
+        }
+    }
+    let mut recorder = Recorder::default();
     let rows = crate::evaluate_chorus(
         &model,
         "closed form",
-        &data,
+        &set,
         crate::AssistantScores::Local,
         3,
-        4,
-        &device,
+        &mut recorder,
     )
     .unwrap();
     assert_eq!(rows.len(), 2, "two tasks");
+    // Progress in examples: one phase, counted up to every example, ended as completed.
+    let calls = &recorder.0;
+    assert_eq!(calls.first().unwrap(), "begin evaluating closed form 10 0");
+    assert_eq!(calls[calls.len() - 2], "update 10");
+    assert_eq!(calls.last().unwrap(), "end true");
     for row in &rows {
         // By hand: −Σ_t log(π_0 / V + π_1 q[x_t]) over the scored tokens, and the posterior share
         // of the assistant, π_1 q / (π_0 / V + π_1 q), averaged over them.
