@@ -143,8 +143,18 @@ impl<B: Backend> Chorus<B> {
     pub fn load(dir: &Path, device: &B::Device) -> Result<SavedChorus<B>, ModelError> {
         let path = dir.join(MANIFEST_FILE);
         let text = std::fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
-        let manifest: ChorusManifest = serde_json::from_str(&text)
-            .map_err(|e| bad(&path, format!("not a chorus manifest: {e}")))?;
+        let manifest: ChorusManifest = serde_json::from_str(&text).map_err(|e| {
+            let e = e.to_string();
+            // Keys that chorus.json held before the KL schedule moved to the train config and the
+            // separate posterior encoder was removed (2026-11-28).
+            let hint = if e.contains("`kl_schedule`") || e.contains("`encoder`") {
+                ": written by an older chorus (delete `chorus.kl_schedule` — it is \
+                 `train.kl_schedule` now — and `chorus.encoder` from it, or retrain)"
+            } else {
+                ""
+            };
+            bad(&path, format!("not a chorus manifest: {e}{hint}"))
+        })?;
         for (file, expected) in &manifest.files {
             let p = dir.join(file);
             let actual = sha256_file(&p)?;

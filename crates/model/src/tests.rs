@@ -601,8 +601,19 @@ fn a_saved_model_loads_to_the_same_parameters_and_damage_is_named() {
         assert!(err.contains(file) && err.contains("sha256"), "{err}");
         std::fs::write(&path, &good).unwrap();
     }
-    // A manifest that describes other models than the weights: an error naming both files.
+    // A manifest of an older chorus (the KL schedule lived in it): an error that says what to do.
     let manifest_path = dir.path().join(crate::MANIFEST_FILE);
+    let mut old = serde_json::to_value(&written).unwrap();
+    old["chorus"]["kl_schedule"] = serde_json::json!({"kind": "constant", "beta": 1.0});
+    std::fs::write(&manifest_path, old.to_string()).unwrap();
+    let err = Chorus::<F64>::load(dir.path(), &device)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("train.kl_schedule") && err.contains("older chorus"),
+        "{err}"
+    );
+    // A manifest that describes other models than the weights: an error naming both files.
     let mut other = written.clone();
     other.assistants.swap(0, 1);
     std::fs::write(&manifest_path, serde_json::to_string(&other).unwrap()).unwrap();
