@@ -17,6 +17,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 MUTANTS = [
     (
+        "bits per byte computed in nats",
+        "crates/train/src/eval.rs",
+        "bits_per_byte: -log_p / (std::f64::consts::LN_2 * s.bytes.max(1) as f64),",
+        "bits_per_byte: -log_p / (s.bytes.max(1) as f64),",
+        ["-p", "chorus-train", "--lib", "evaluation_matches_a_joint_model"],
+    ),
+    (
         "a remote assistant's log-probs taken from a local model instead of its server",
         "crates/model/src/chorus.rs",
         ".chain(remotes.iter().map(|r| r.token_log_probs(&rows, None)))",

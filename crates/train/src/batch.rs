@@ -22,6 +22,9 @@ pub struct Encoded {
     pub tokens: Vec<u32>,
     /// m, the number of context tokens (after truncation).
     pub context_len: usize,
+    /// UTF-8 bytes of the scored target text: x without its closing EOS, or the part of x kept
+    /// when it was truncated (for bits per byte, a scale shared by every tokenizer).
+    pub target_bytes: usize,
 }
 
 impl Encoded {
@@ -113,6 +116,11 @@ pub fn encode_examples(
                 let keep_x = lx.min(budget - min_c);
                 (lc.min(budget - keep_x), keep_x)
             };
+            let target_bytes = if keep_x == lx {
+                e.target.len()
+            } else {
+                tokenizer.decode(&target[..keep_x])?.len()
+            };
             let mut tokens = Vec::with_capacity(1 + keep_c + keep_x);
             tokens.push(eos);
             tokens.extend_from_slice(&context[lc - keep_c..]);
@@ -121,6 +129,7 @@ pub fn encode_examples(
                 task: e.task,
                 tokens,
                 context_len: keep_c,
+                target_bytes,
             })
         })
         .collect()

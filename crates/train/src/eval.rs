@@ -39,6 +39,13 @@ pub struct EvalRow {
     pub nll: f64,
     /// exp(nll).
     pub ppl: f64,
+    /// UTF-8 bytes of the scored target text (closing EOS excluded).
+    #[serde(default)]
+    pub bytes: usize,
+    /// Bits per byte: −log₂ p̂ of all scored targets (closing EOS included) over `bytes`, a scale
+    /// on which models with different tokenizers compare.
+    #[serde(default)]
+    pub bits_per_byte: f64,
     /// Mean Σ_d KL(q ‖ p) per example, nats (z models).
     pub kl: Option<f64>,
     /// I_q(x; z), He et al. 2019 estimator, nats (z models).
@@ -53,15 +60,18 @@ pub struct EvalRow {
 impl EvalRow {
     /// A row with the NLL (and so PPL) of `tokens` target tokens; the latent and routing columns
     /// start empty.
-    fn new(model: &str, task: Task, examples: usize, tokens: usize, log_p: f64) -> Self {
-        let nll = -log_p / tokens.max(1) as f64;
+    fn new(model: &str, task: Task, s: &Sums) -> Self {
+        let log_p = s.log_p;
+        let nll = -log_p / s.tokens.max(1) as f64;
         Self {
             model: model.to_string(),
             task: task.name().to_string(),
-            examples,
-            tokens,
+            examples: s.examples,
+            tokens: s.tokens,
             nll,
             ppl: nll.exp(),
+            bytes: s.bytes,
+            bits_per_byte: -log_p / (std::f64::consts::LN_2 * s.bytes.max(1) as f64),
             kl: None,
             mi: None,
             active_units: None,
@@ -88,19 +98,20 @@ impl EvalReport {
     pub fn table(&self) -> String {
         let opt = |v: Option<f64>| v.map_or("–".to_string(), |v| format!("{v:.3}"));
         let mut s = String::from(
-            "| task | model | examples | tokens | NLL/token | PPL | KL | MI | AU | deferral |\n|---|---|---|---|---|---|---|---|---|---|\n",
+            "| task | model | examples | tokens | NLL/token | PPL | bits/byte | KL | MI | AU | deferral |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
         );
         let mut rows = self.rows.clone();
         rows.sort_by(|a, b| a.task.cmp(&b.task));
         for r in &rows {
             s.push_str(&format!(
-                "| {} | {} | {} | {} | {:.4} | {:.2} | {} | {} | {} | {} |\n",
+                "| {} | {} | {} | {} | {:.4} | {:.2} | {:.4} | {} | {} | {} | {} |\n",
                 r.task,
                 r.model,
                 r.examples,
                 r.tokens,
                 r.nll,
                 r.ppl,
+                r.bits_per_byte,
                 opt(r.kl),
                 opt(r.mi),
                 r.active_units.map_or("–".to_string(), |a| a.to_string()),
@@ -215,13 +226,29 @@ impl<B: Backend> EvalSet<'_, B> {
     }
 }
 
-/// Per-task sums of a joint model's evaluation.
-struct ChorusSums<B: Backend> {
+/// Per-task sums of an evaluation.
+#[derive(Default)]
+struct Sums {
     examples: usize,
     tokens: usize,
+    bytes: usize,
     log_p: f64,
-    kl: f64,
     deferred: f64,
+}
+
+impl Sums {
+    /// Counts the examples `ids` of `data` with their `n` target tokens.
+    fn count(&mut self, data: &[Encoded], ids: &[usize], n: usize) {
+        self.examples += ids.len();
+        self.tokens += n;
+        self.bytes += ids.iter().map(|&i| data[i].target_bytes).sum::<usize>();
+    }
+}
+
+/// Per-task sums of a joint model's evaluation: [`Sums`] and the latent's.
+struct ChorusSums<B: Backend> {
+    sums: Sums,
+    kl: f64,
     means: Vec<Tensor<B, 2>>,
     log_vars: Vec<Tensor<B, 2>>,
 }
@@ -229,24 +256,12 @@ struct ChorusSums<B: Backend> {
 impl<B: Backend> Default for ChorusSums<B> {
     fn default() -> Self {
         Self {
-            examples: 0,
-            tokens: 0,
-            log_p: 0.0,
+            sums: Sums::default(),
             kl: 0.0,
-            deferred: 0.0,
             means: Vec::new(),
             log_vars: Vec::new(),
         }
     }
-}
-
-/// Per-task sums of a single LM's or a composition's evaluation.
-#[derive(Default)]
-struct Sums {
-    examples: usize,
-    tokens: usize,
-    log_p: f64,
-    deferred: f64,
 }
 
 fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
@@ -274,17 +289,16 @@ pub fn evaluate_chorus<B: Backend>(
             batch = model.with_assistant_log_probs(batch, remotes)?;
         }
         let s = sums.entry(task).or_default();
-        s.examples += chunk.len();
-        s.tokens += n;
+        s.sums.count(set.data, chunk, n);
         let evaluation = model.evaluate_batch(&batch, iw_samples)?;
-        s.log_p += scalar(evaluation.iw_log_likelihood);
+        s.sums.log_p += scalar(evaluation.iw_log_likelihood);
         if let Some(l) = evaluation.latent {
             s.kl += l.posterior.kl(&l.prior).sum().into_scalar().elem::<f64>();
             s.means.push(l.posterior.mean);
             s.log_vars.push(l.posterior.log_var);
         }
         if let Some(router) = evaluation.router {
-            s.deferred += posterior_deferral(router, batch.target_mask.clone())
+            s.sums.deferred += posterior_deferral(router, batch.target_mask.clone())
                 .into_scalar()
                 .elem::<f64>();
         }
@@ -304,11 +318,12 @@ pub fn evaluate_chorus<B: Backend>(
                 (Some(mutual_information(&q)), Some(au))
             };
             EvalRow {
-                kl: model.config.has_z().then(|| s.kl / s.examples as f64),
+                kl: model.config.has_z().then(|| s.kl / s.sums.examples as f64),
                 mi,
                 active_units: au,
-                deferral: (model.n_models() > 1).then(|| s.deferred / s.tokens.max(1) as f64),
-                ..EvalRow::new(name, task, s.examples, s.tokens, s.log_p)
+                deferral: (model.n_models() > 1)
+                    .then(|| s.sums.deferred / s.sums.tokens.max(1) as f64),
+                ..EvalRow::new(name, task, &s.sums)
             }
         })
         .collect();
@@ -340,8 +355,7 @@ pub fn evaluate_composition<B: Backend>(
             confidence_routing(Tensor::stack(top1, 2), Tensor::stack(lp, 2), tau);
         let mask = batch.target_mask.clone();
         let s = sums.entry(task).or_default();
-        s.examples += chunk.len();
-        s.tokens += n;
+        s.count(set.data, chunk, n);
         s.log_p += (routed * mask.clone()).sum().into_scalar().elem::<f64>();
         s.deferred += (writer.greater_elem(0).float() * mask)
             .sum()
@@ -353,7 +367,7 @@ pub fn evaluate_composition<B: Backend>(
         .into_iter()
         .map(|(task, s)| EvalRow {
             deferral: Some(s.deferred / s.tokens.max(1) as f64),
-            ..EvalRow::new(name, task, s.examples, s.tokens, s.log_p)
+            ..EvalRow::new(name, task, &s)
         })
         .collect())
 }
@@ -370,13 +384,12 @@ pub fn evaluate_lm<B: Backend>(
         let (batch, n) = batch_of::<B>(set.data, chunk, None, set.device)?;
         let lp = lm.token_log_probs(&batch.score_rows(), None)? * batch.target_mask.clone();
         let s = sums.entry(task).or_default();
-        s.examples += chunk.len();
-        s.tokens += n;
+        s.count(set.data, chunk, n);
         s.log_p += lp.sum().into_scalar().elem::<f64>();
         Ok(())
     })?;
     Ok(sums
         .into_iter()
-        .map(|(task, s)| EvalRow::new(name, task, s.examples, s.tokens, s.log_p))
+        .map(|(task, s)| EvalRow::new(name, task, &s))
         .collect())
 }

@@ -212,6 +212,7 @@ fn fuzz_score_cache() {
             task: chorus_data::Task::Story,
             tokens: (0..4 + i).map(|t| (t % 19) as u32).collect(),
             context_len: 1,
+            target_bytes: 8,
         })
         .collect();
     let fp = crate::scores::fingerprint(&data, &["a".into()]);

@@ -70,6 +70,7 @@ fn synthetic(n: usize, offset: usize) -> Vec<Encoded> {
                 task: [Task::Story, Task::Dialogue][i % 2],
                 tokens,
                 context_len: 2,
+                target_bytes: 3 * len,
             }
         })
         .collect()
@@ -262,6 +263,17 @@ fn long_rows_are_truncated_within_the_budget() {
     assert_eq!(e.context_len, 16 / 4);
     let eos = tok.token_to_id("<|endoftext|>").unwrap();
     assert_ne!(*e.tokens.last().unwrap(), eos, "a cut target loses its EOS");
+    // The cut target's bytes are those of the text its kept tokens decode to.
+    let kept = &e.tokens[1 + e.context_len..];
+    assert_eq!(e.target_bytes, tok.decode(kept).unwrap().len());
+    assert!(e.target_bytes > 0 && e.target_bytes < examples[0].target.len());
+    let short = vec![Example {
+        target: "the cat.".into(),
+        context: String::new(),
+        ..examples[0].clone()
+    }];
+    let whole = &encode_examples(&short, &tok, "<|endoftext|>", 16).unwrap()[0];
+    assert_eq!(whole.target_bytes, "the cat.".len());
     let err = encode_examples(&examples, &tok, "<eos>", 16)
         .unwrap_err()
         .to_string();
@@ -1267,7 +1279,7 @@ fn evaluation_matches_a_joint_model_whose_likelihood_is_known_in_closed_form() {
     for row in &rows {
         // By hand: −Σ_t log(π_0 / V + π_1 q[x_t]) over the scored tokens, and the posterior share
         // of the assistant, π_1 q / (π_0 / V + π_1 q), averaged over them.
-        let (mut nll, mut deferral, mut tokens, mut examples) = (0.0, 0.0, 0, 0);
+        let (mut nll, mut deferral, mut tokens, mut examples, mut bytes) = (0.0, 0.0, 0, 0, 0);
         for e in data.iter().filter(|e| e.task.to_string() == row.task) {
             for x in scored_targets(e) {
                 let p = pi[0] / VOCAB as f64 + pi[1] * q[x];
@@ -1276,7 +1288,17 @@ fn evaluation_matches_a_joint_model_whose_likelihood_is_known_in_closed_form() {
                 tokens += 1;
             }
             examples += 1;
+            bytes += e.target_bytes;
         }
+        // Bits per byte: the same total in bits over the target text's bytes.
+        let want = nll / (std::f64::consts::LN_2 * bytes as f64);
+        assert_eq!(row.bytes, bytes, "{}", row.task);
+        assert!(
+            (row.bits_per_byte - want).abs() < 1e-5,
+            "{}: bits/byte {} vs {want}",
+            row.task,
+            row.bits_per_byte
+        );
         assert_eq!(
             (row.examples, row.tokens),
             (examples, tokens),

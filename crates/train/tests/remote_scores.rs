@@ -163,6 +163,7 @@ fn examples(tokenizer: &Tokenizer) -> Vec<Encoded> {
             task: chorus_data::Task::Story,
             tokens,
             context_len: 1,
+            target_bytes: text.len(),
         }
     })
     .collect()
