@@ -17,6 +17,20 @@ ROOT = Path(__file__).resolve().parent.parent
 
 MUTANTS = [
     (
+        "chorus eval pairs the first model with itself",
+        "crates/train/src/eval.rs",
+        "paired.push(paired_difference(first, other, resamples, seed)?);",
+        "paired.push(paired_difference(first, first, resamples, seed + 0 * other.examples as u64)?);",
+        ["-p", "chorus-cli", "--test", "bad_input", "flags_that_cannot_apply"],
+    ),
+    (
+        "the paired bootstrap does not resample",
+        "crates/train/src/eval.rs",
+        ".map(|_| ratio(&mut (0..n).map(|_| &pairs[rng.index(n)])))",
+        ".map(|_| ratio(&mut pairs.iter().take(n + 0 * rng.index(1))))",
+        ["-p", "chorus-train", "--lib", "paired_bootstrap_intervals"],
+    ),
+    (
         "bits per byte computed in nats",
         "crates/train/src/eval.rs",
         "bits_per_byte: -log_p / (std::f64::consts::LN_2 * s.bytes.max(1) as f64),",
@@ -257,8 +271,8 @@ MUTANTS = [
     (
         "evaluation's NLL divided by examples, not tokens",
         "crates/train/src/eval.rs",
-        "let nll = -log_p / tokens.max(1) as f64;",
-        "let nll = -log_p / examples.max(1) as f64;",
+        "let nll = -log_p / s.tokens.max(1) as f64;",
+        "let nll = -log_p / s.examples.max(1) as f64;",
         ["-p", "chorus-train", "--lib", "evaluation_matches_a_joint_model"],
     ),
     (

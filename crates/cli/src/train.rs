@@ -321,13 +321,12 @@ pub fn eval<B: Backend>(args: EvalArgs<'_>, device: &B::Device) -> Result<()> {
             )?),
         }
     }
-    let report = EvalReport {
-        data: what,
-        iw_samples: args.iw_samples,
-        token_convention: TOKEN_CONVENTION.to_string(),
-        rows,
-    };
+    // Rows of one task come in model order, each scoring the same examples.
+    let report = EvalReport::new(what, args.iw_samples, rows, 1000, 0)?;
     println!("{}", report.table());
+    if !report.paired.is_empty() {
+        println!("{}", report.paired_table());
+    }
     println!(
         "NLL: nats {TOKEN_CONVENTION}; joint models: importance-weighted bound with {} samples of z ~ q.",
         args.iw_samples

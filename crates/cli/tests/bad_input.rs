@@ -450,7 +450,40 @@ fn flags_that_cannot_apply_are_refused_and_max_examples_applies_to_text_files() 
     assert!(
         report["data"].as_str().unwrap().contains("first 10 of 15"),
         "{report}"
+    ); // Two models on the same passages: rows with bits per byte, and the first compared with the
+    // second example by example (the same LM twice: Δ = 0 with a zero-width interval).
+    let report = f.succeeds(
+        &[
+            "eval",
+            "--model",
+            &format!("a={}", f.path("lm")),
+            "--model",
+            &format!("b={}", f.path("lm")),
+            "--text-file",
+            &text_file,
+            "--max-examples",
+            "6",
+        ],
+        "eval.json",
     );
+    let row = &report["rows"][0];
+    let (nll, tokens, bytes) = (
+        row["nll"].as_f64().unwrap(),
+        row["tokens"].as_f64().unwrap(),
+        row["bytes"].as_f64().unwrap(),
+    );
+    let bpb = row["bits_per_byte"].as_f64().unwrap();
+    assert!(
+        (bpb - nll * tokens / (bytes * std::f64::consts::LN_2)).abs() < 1e-9,
+        "{row}"
+    );
+    let paired = report["paired"].as_array().unwrap();
+    assert_eq!(paired.len(), 1, "{report}");
+    assert_eq!(paired[0]["model"], "a");
+    assert_eq!(paired[0]["baseline"], "b");
+    assert_eq!(paired[0]["examples"], 6);
+    assert_eq!(paired[0]["nll_difference"], 0.0);
+    assert_eq!(paired[0]["interval"], serde_json::json!([0.0, 0.0]));
 }
 
 #[test]

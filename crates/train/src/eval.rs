@@ -55,6 +55,9 @@ pub struct EvalRow {
     /// Posterior deferral rate: mean over target tokens of 1 − r_t(base), with z = E_q[z] (K ≥ 2);
     /// for a composition, the share of target tokens its rule gives to assistants.
     pub deferral: Option<f64>,
+    /// Every example's score, in evaluation order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub per_example: Vec<ExampleScore>,
 }
 
 impl EvalRow {
@@ -76,6 +79,7 @@ impl EvalRow {
             mi: None,
             active_units: None,
             deferral: None,
+            per_example: s.per_example.clone(),
         }
     }
 }
@@ -91,9 +95,68 @@ pub struct EvalReport {
     pub token_convention: String,
     /// One row per (model, task).
     pub rows: Vec<EvalRow>,
+    /// Per task, the first model against each other one ([`paired_difference`]).
+    #[serde(default)]
+    pub paired: Vec<PairedDifference>,
 }
 
 impl EvalReport {
+    /// A report of `rows`, with the first model of each task compared to every other one on the
+    /// same examples (`resamples` bootstrap resamples, seeded by `seed`).
+    pub fn new(
+        data: String,
+        iw_samples: usize,
+        rows: Vec<EvalRow>,
+        resamples: usize,
+        seed: u64,
+    ) -> Result<Self, TrainError> {
+        let mut paired = Vec::new();
+        let mut tasks: Vec<&str> = rows.iter().map(|r| r.task.as_str()).collect();
+        tasks.sort();
+        tasks.dedup();
+        for task in tasks {
+            let of_task: Vec<&EvalRow> = rows.iter().filter(|r| r.task == task).collect();
+            if let Some((first, others)) = of_task.split_first() {
+                for other in others {
+                    paired.push(paired_difference(first, other, resamples, seed)?);
+                }
+            }
+        }
+        Ok(Self {
+            data,
+            iw_samples,
+            token_convention: TOKEN_CONVENTION.to_string(),
+            rows,
+            paired,
+        })
+    }
+
+    /// The paired comparisons as a Markdown table (empty without them).
+    pub fn paired_table(&self) -> String {
+        let Some(first) = self.paired.first() else {
+            return String::new();
+        };
+        let mut s = format!(
+            "Paired, per example (Δ = NLL/token of the first model − the other's; 95 % percentile \
+             bootstrap interval over examples, {} resamples):\n\n\
+             | task | model | against | examples | Δ NLL/token | 95 % interval |\n|---|---|---|---|---|---|\n",
+            first.resamples
+        );
+        for d in &self.paired {
+            s.push_str(&format!(
+                "| {} | {} | {} | {} | {:+.4} | [{:+.4}, {:+.4}] |\n",
+                d.task,
+                d.model,
+                d.baseline,
+                d.examples,
+                d.nll_difference,
+                d.interval.0,
+                d.interval.1
+            ));
+        }
+        s
+    }
+
     /// The rows as a Markdown table.
     pub fn table(&self) -> String {
         let opt = |v: Option<f64>| v.map_or("–".to_string(), |v| format!("{v:.3}"));
@@ -121,6 +184,85 @@ impl EvalReport {
         }
         s
     }
+}
+
+/// A paired comparison of two models on the same examples of one task: the difference in NLL per
+/// target token, `Δ = Σ_i (nll_a,i − nll_b,i) / Σ_i tokens_i` (negative: `model` is better), with a
+/// percentile bootstrap interval over examples.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PairedDifference {
+    /// The task.
+    pub task: String,
+    /// Model a.
+    pub model: String,
+    /// Model b, the baseline.
+    pub baseline: String,
+    /// Examples paired.
+    pub examples: usize,
+    /// Δ on all examples, nats per token.
+    pub nll_difference: f64,
+    /// The 2.5 % and 97.5 % quantiles of Δ over `resamples` resamplings of the examples with
+    /// replacement.
+    pub interval: (f64, f64),
+    /// Bootstrap resamples.
+    pub resamples: usize,
+}
+
+/// Compares `a` with the baseline `b` example by example ([`PairedDifference`]); the resampling is
+/// seeded by `seed`. Both rows must score the same examples of the same task, with the same tokens.
+pub fn paired_difference(
+    a: &EvalRow,
+    b: &EvalRow,
+    resamples: usize,
+    seed: u64,
+) -> Result<PairedDifference, TrainError> {
+    let mismatch = |reason: String| TrainError::EmptyData {
+        data: format!("{} vs {} on {}", a.model, b.model, a.task),
+        reason,
+    };
+    if a.task != b.task || a.per_example.len() != b.per_example.len() || a.per_example.is_empty() {
+        return Err(mismatch(format!(
+            "not the same examples: {} of {} against {} of {}",
+            a.per_example.len(),
+            a.task,
+            b.per_example.len(),
+            b.task
+        )));
+    }
+    let by_index: BTreeMap<usize, &ExampleScore> =
+        b.per_example.iter().map(|e| (e.index, e)).collect();
+    // Per example: (nll_a − nll_b, tokens).
+    let pairs: Vec<(f64, f64)> = a
+        .per_example
+        .iter()
+        .map(|x| match by_index.get(&x.index) {
+            Some(y) if y.tokens == x.tokens => Ok((y.log_p - x.log_p, x.tokens as f64)),
+            _ => Err(mismatch(format!(
+                "example {} is not scored alike by both",
+                x.index
+            ))),
+        })
+        .collect::<Result<_, _>>()?;
+    let ratio = |sample: &mut dyn Iterator<Item = &(f64, f64)>| {
+        let (d, t) = sample.fold((0.0, 0.0), |(d, t), (dd, tt)| (d + dd, t + tt));
+        d / t.max(1.0)
+    };
+    let n = pairs.len();
+    let mut rng = chorus_data::rng::SplitMix64(seed);
+    let mut deltas: Vec<f64> = (0..resamples.max(1))
+        .map(|_| ratio(&mut (0..n).map(|_| &pairs[rng.index(n)])))
+        .collect();
+    deltas.sort_by(f64::total_cmp);
+    let quantile = |q: f64| deltas[((q * (deltas.len() - 1) as f64).round()) as usize];
+    Ok(PairedDifference {
+        task: a.task.clone(),
+        model: a.model.clone(),
+        baseline: b.model.clone(),
+        examples: n,
+        nll_difference: ratio(&mut pairs.iter()),
+        interval: (quantile(0.025), quantile(0.975)),
+        resamples: resamples.max(1),
+    })
 }
 
 /// Open-ended examples from a plain-text file: its sentences in passages of four, alternately with
@@ -168,14 +310,13 @@ fn batch_of<B: Backend>(
     ids: &[usize],
     scores: Option<&ScoreCache>,
     device: &B::Device,
-) -> Result<(ChorusBatch<B>, usize), TrainError> {
+) -> Result<ChorusBatch<B>, TrainError> {
     let refs: Vec<&Encoded> = ids.iter().map(|&i| &data[i]).collect();
     let mut batch = TokenBatch::new(&refs);
     if let Some(scores) = scores {
         batch = batch.with_scores(scores, ids)?;
     }
-    let n = batch.n_targets();
-    Ok((batch.to_device(device), n))
+    Ok(batch.to_device(device))
 }
 
 /// Where a joint model's evaluation gets the log-probs of assistants it does not run itself.
@@ -234,15 +375,41 @@ struct Sums {
     bytes: usize,
     log_p: f64,
     deferred: f64,
+    per_example: Vec<ExampleScore>,
 }
 
 impl Sums {
-    /// Counts the examples `ids` of `data` with their `n` target tokens.
-    fn count(&mut self, data: &[Encoded], ids: &[usize], n: usize) {
-        self.examples += ids.len();
-        self.tokens += n;
-        self.bytes += ids.iter().map(|&i| data[i].target_bytes).sum::<usize>();
+    /// Adds the examples `ids` of `data`, with `log_p` `[ids.len()]` each one's log-likelihood.
+    fn add<B: Backend>(&mut self, data: &[Encoded], ids: &[usize], log_p: Tensor<B, 1>) {
+        let log_p = log_p
+            .into_data()
+            .convert::<f64>()
+            .to_vec::<f64>()
+            .expect("f64 data");
+        for (&index, log_p) in ids.iter().zip(log_p) {
+            let e = &data[index];
+            self.examples += 1;
+            self.tokens += e.n_targets();
+            self.bytes += e.target_bytes;
+            self.log_p += log_p;
+            self.per_example.push(ExampleScore {
+                index,
+                tokens: e.n_targets(),
+                log_p,
+            });
+        }
     }
+}
+
+/// One example's score in an [`EvalRow`], for paired comparisons ([`paired_difference`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExampleScore {
+    /// The example's index in the evaluated data.
+    pub index: usize,
+    /// Its target tokens.
+    pub tokens: usize,
+    /// log p̂(x | c), nats.
+    pub log_p: f64,
 }
 
 /// Per-task sums of a joint model's evaluation: [`Sums`] and the latent's.
@@ -264,10 +431,6 @@ impl<B: Backend> Default for ChorusSums<B> {
     }
 }
 
-fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
-    t.sum().into_scalar().elem::<f64>()
-}
-
 /// Evaluates a joint model per task: IW-NLL with `iw_samples` z from q, and, when z is on, KL, MI and
 /// AU; with K ≥ 2, the posterior deferral rate.
 pub fn evaluate_chorus<B: Backend>(
@@ -284,14 +447,13 @@ pub fn evaluate_chorus<B: Backend>(
             AssistantScores::Cache(cache) => Some(cache),
             _ => None,
         };
-        let (mut batch, n) = batch_of::<B>(set.data, chunk, cache, set.device)?;
+        let mut batch = batch_of::<B>(set.data, chunk, cache, set.device)?;
         if let AssistantScores::Servers(remotes) = assistants {
             batch = model.with_assistant_log_probs(batch, remotes)?;
         }
         let s = sums.entry(task).or_default();
-        s.sums.count(set.data, chunk, n);
         let evaluation = model.evaluate_batch(&batch, iw_samples)?;
-        s.sums.log_p += scalar(evaluation.iw_log_likelihood);
+        s.sums.add(set.data, chunk, evaluation.iw_log_likelihood);
         if let Some(l) = evaluation.latent {
             s.kl += l.posterior.kl(&l.prior).sum().into_scalar().elem::<f64>();
             s.means.push(l.posterior.mean);
@@ -343,7 +505,7 @@ pub fn evaluate_composition<B: Backend>(
 ) -> Result<Vec<EvalRow>, TrainError> {
     let mut sums: BTreeMap<Task, Sums> = BTreeMap::new();
     set.for_each_batch(name, progress, |task, chunk| {
-        let (batch, n) = batch_of::<B>(set.data, chunk, None, set.device)?;
+        let batch = batch_of::<B>(set.data, chunk, None, set.device)?;
         let (mut top1, mut lp) = (Vec::new(), Vec::new());
         for j in 0..model.n_models() {
             let input = LmInput::new(batch.tokens.clone()).with_padding(batch.padding.clone());
@@ -355,8 +517,8 @@ pub fn evaluate_composition<B: Backend>(
             confidence_routing(Tensor::stack(top1, 2), Tensor::stack(lp, 2), tau);
         let mask = batch.target_mask.clone();
         let s = sums.entry(task).or_default();
-        s.count(set.data, chunk, n);
-        s.log_p += (routed * mask.clone()).sum().into_scalar().elem::<f64>();
+        let per_row = (routed * mask.clone()).sum_dim(1).squeeze_dim::<1>(1);
+        s.add(set.data, chunk, per_row);
         s.deferred += (writer.greater_elem(0).float() * mask)
             .sum()
             .into_scalar()
@@ -381,11 +543,11 @@ pub fn evaluate_lm<B: Backend>(
 ) -> Result<Vec<EvalRow>, TrainError> {
     let mut sums: BTreeMap<Task, Sums> = BTreeMap::new();
     set.for_each_batch(name, progress, |task, chunk| {
-        let (batch, n) = batch_of::<B>(set.data, chunk, None, set.device)?;
+        let batch = batch_of::<B>(set.data, chunk, None, set.device)?;
         let lp = lm.token_log_probs(&batch.score_rows(), None)? * batch.target_mask.clone();
-        let s = sums.entry(task).or_default();
-        s.count(set.data, chunk, n);
-        s.log_p += lp.sum().into_scalar().elem::<f64>();
+        sums.entry(task)
+            .or_default()
+            .add(set.data, chunk, lp.sum_dim(1).squeeze_dim::<1>(1));
         Ok(())
     })?;
     Ok(sums

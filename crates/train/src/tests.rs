@@ -1431,3 +1431,79 @@ fn config_errors_name_the_key_and_the_value() {
         other => panic!("{other:?}"),
     }
 }
+
+/// A paired comparison: a model better by exactly c nats at every token differs by −c with a
+/// zero-width interval; on noisy differences the interval holds the full-sample estimate, is
+/// reproducible from its seed and narrows as examples are added; rows of other examples are refused.
+#[test]
+fn paired_bootstrap_intervals_behave_as_the_statistics_say() {
+    use crate::{EvalRow, ExampleScore, paired_difference};
+    let row = |model: &str, scores: Vec<(usize, f64)>| EvalRow {
+        model: model.into(),
+        task: "story".into(),
+        examples: scores.len(),
+        tokens: 0,
+        nll: 0.0,
+        ppl: 0.0,
+        bytes: 0,
+        bits_per_byte: 0.0,
+        kl: None,
+        mi: None,
+        active_units: None,
+        deferral: None,
+        per_example: scores
+            .into_iter()
+            .enumerate()
+            .map(|(index, (tokens, log_p))| ExampleScore {
+                index,
+                tokens,
+                log_p,
+            })
+            .collect(),
+    };
+    let mut rng = chorus_data::rng::SplitMix64(5);
+    let baseline: Vec<(usize, f64)> = (0..200)
+        .map(|i| (5 + i % 7, -3.0 * (5 + i % 7) as f64 * (1.0 + rng.uniform())))
+        .collect();
+    let c = 0.25;
+    let better: Vec<(usize, f64)> = baseline
+        .iter()
+        .map(|&(t, lp)| (t, lp + c * t as f64))
+        .collect();
+    let d = paired_difference(&row("a", better), &row("b", baseline.clone()), 500, 1).unwrap();
+    assert!((d.nll_difference + c).abs() < 1e-12, "{d:?}");
+    assert!(
+        (d.interval.0 + c).abs() < 1e-12 && (d.interval.1 + c).abs() < 1e-12,
+        "{d:?}"
+    );
+    // Noise: a ± 1 nat per example on top of a −0.1 per-token edge.
+    let noisy = |n: usize| -> (EvalRow, EvalRow) {
+        let b: Vec<(usize, f64)> = baseline.iter().cycle().take(n).copied().collect();
+        let mut rng = chorus_data::rng::SplitMix64(9);
+        let a = b
+            .iter()
+            .map(|&(t, lp)| (t, lp + 0.1 * t as f64 + 2.0 * rng.uniform() - 1.0))
+            .collect();
+        (row("a", a), row("b", b))
+    };
+    let (a, b) = noisy(40);
+    let small = paired_difference(&a, &b, 1000, 3).unwrap();
+    assert!(small.interval.0 <= small.nll_difference && small.nll_difference <= small.interval.1);
+    assert_eq!(small, paired_difference(&a, &b, 1000, 3).unwrap());
+    assert_ne!(
+        small.interval,
+        paired_difference(&a, &b, 1000, 4).unwrap().interval
+    );
+    let (a, b) = noisy(4000);
+    let large = paired_difference(&a, &b, 1000, 3).unwrap();
+    let width = |d: &crate::PairedDifference| d.interval.1 - d.interval.0;
+    assert!(width(&large) < width(&small) / 4.0, "{small:?} {large:?}");
+    assert!(
+        large.interval.1 < 0.0,
+        "a real edge is resolved with enough examples: {large:?}"
+    );
+    // Rows of other examples are refused.
+    let (a, _) = noisy(40);
+    let (_, b) = noisy(41);
+    assert!(paired_difference(&a, &b, 10, 0).is_err());
+}
