@@ -17,6 +17,20 @@ ROOT = Path(__file__).resolve().parent.parent
 
 MUTANTS = [
     (
+        "a saved tokenizer drops its BOS",
+        "crates/lm/src/tokenizer.rs",
+        "        if let Some(bos) = self.bos {",
+        "        if let Some(bos) = self.bos.filter(|_| false) {",
+        ["-p", "chorus-lm", "--lib", "a_saved_gguf_tokenizer_keeps_its_bos"],
+    ),
+    (
+        "a server assistant is accepted without a score cache",
+        "crates/train/src/config.rs",
+        "            if self.scores.is_none() {",
+        "            if false && self.scores.is_none() {",
+        ["-p", "chorus-train", "--lib", "bad_configs_are_clear_errors"],
+    ),
+    (
         "chorus eval pairs the first model with itself",
         "crates/train/src/eval.rs",
         "paired.push(paired_difference(first, other, resamples, seed)?);",

@@ -9,7 +9,7 @@ use burn::prelude::*;
 use chorus_lm::Tokenizer;
 use chorus_model::{
     Assistant, AssistantUpdate, Chorus, DecodeConfig, Decoded, EtaCalibration, RemoteAssistant,
-    RemoteSettings, WriterStrategy, ZSource,
+    RemoteSettings, WriterStrategy, ZSource, is_server_url,
 };
 use serde::Serialize;
 
@@ -193,11 +193,6 @@ pub(crate) fn open_lm<B: Backend>(
     Ok((lm, tokenizer))
 }
 
-/// Whether an assistant argument names a server rather than a file.
-pub(crate) fn is_url(path: &Path) -> bool {
-    path.to_str().is_some_and(chorus_model::is_server_url)
-}
-
 /// Connects a saved joint model's remote assistants: the last `remote_assistants` of the sources
 /// its manifest lists, each checked to tokenize like `tokenizer`.
 pub(crate) fn connect_remotes<B: Backend>(
@@ -207,7 +202,7 @@ pub(crate) fn connect_remotes<B: Backend>(
 ) -> Result<Vec<RemoteAssistant>> {
     let n = model.config.remote_assistants;
     let urls = &sources[sources.len().saturating_sub(n)..];
-    if urls.len() != n || !urls.iter().all(|u| chorus_model::is_server_url(u)) {
+    if urls.len() != n || !urls.iter().all(is_server_url) {
         bail!(
             "the model has {n} remote assistants but its manifest names {urls:?} as the last sources"
         );
@@ -228,7 +223,7 @@ pub(crate) fn load_composition<B: Backend>(
     assistants: &[PathBuf],
     device: &B::Device,
 ) -> Result<(Chorus<B>, Vec<String>, Tokenizer)> {
-    if let Some(url) = assistants.iter().find(|p| is_url(p)) {
+    if let Some(url) = assistants.iter().find(|p| is_server_url(p)) {
         anyhow::bail!(
             "{}: remote assistants take part in `chorus generate` and `chorus score` only",
             url.display()
@@ -286,7 +281,7 @@ pub fn generate<B: Backend>(args: GenerateArgs<'_>, device: &B::Device) -> Resul
         ModelSource::Composition { base, assistants } => {
             // Local assistants join the chorus; servers follow them as models K, K + 1, ….
             let (remote_urls, local): (Vec<PathBuf>, Vec<PathBuf>) =
-                assistants.iter().cloned().partition(|p| is_url(p));
+                assistants.iter().cloned().partition(|p| is_server_url(p));
             let (model, mut sources, tokenizer) = load_composition::<B>(base, &local, device)?;
             for url in &remote_urls {
                 let url = url.display().to_string();

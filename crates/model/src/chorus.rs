@@ -610,11 +610,7 @@ impl<B: Backend> Chorus<B> {
                 reason: "assistants with z-adapters have log-probs that depend on z".into(),
             });
         }
-        let rows = batch.score_rows();
-        let columns = (1..self.n_local())
-            .map(|j| self.member(j).token_log_probs(&rows, None))
-            .chain(remotes.iter().map(|r| r.token_log_probs(&rows, None)))
-            .collect::<Result<Vec<_>, ModelError>>()?;
+        let columns = self.assistant_columns(&batch, remotes)?;
         if !columns.is_empty() {
             batch.assistant_log_probs = Some(Tensor::stack::<3>(columns, 2).detach());
         }
@@ -627,10 +623,20 @@ impl<B: Backend> Chorus<B> {
         batch: &ChorusBatch<B>,
     ) -> Result<Tensor<B, 3>, ModelError> {
         self.check_all_local()?;
-        let columns = (1..self.n_models())
-            .map(|j| self.member(j).token_log_probs(&batch.score_rows(), None))
-            .collect::<Result<Vec<_>, ModelError>>()?;
-        Ok(Tensor::stack::<3>(columns, 2))
+        Ok(Tensor::stack::<3>(self.assistant_columns(batch, &[])?, 2))
+    }
+
+    /// `[batch, seq]` z-free log-probs of each local assistant, then of each of `remotes`.
+    fn assistant_columns(
+        &self,
+        batch: &ChorusBatch<B>,
+        remotes: &[&dyn Assistant<B>],
+    ) -> Result<Vec<Tensor<B, 2>>, ModelError> {
+        let rows = batch.score_rows();
+        (1..self.n_local())
+            .map(|j| self.member(j).token_log_probs(&rows, None))
+            .chain(remotes.iter().map(|r| r.token_log_probs(&rows, None)))
+            .collect()
     }
 
     /// An error unless every model is held in memory (remote assistants are known to a batch

@@ -61,9 +61,7 @@ pub use decode::{
     top1_prob, truncate_probs,
 };
 pub use remote::{RemoteAssistant, RemoteSettings, TOKENIZER_PROBE, is_server_url};
-pub use saved::{
-    ChorusManifest, MANIFEST_FILE, SavedChorus, TOKENIZER_FILE, WEIGHTS_FILE, sha256_file,
-};
+pub use saved::{ChorusManifest, MANIFEST_FILE, SavedChorus, TOKENIZER_FILE, WEIGHTS_FILE};
 
 /// Errors of `chorus-model`.
 #[derive(Debug, thiserror::Error)]

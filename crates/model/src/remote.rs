@@ -32,8 +32,10 @@ pub const TOKENIZER_PROBE: &str =
     "Hello, world! The 1865 State of the Union —  naïve café, 12 × 7 = 84.\n\tdef f(x): return x";
 
 /// Whether an assistant is named by a server URL (`http://…`, `https://…`) rather than a file.
-pub fn is_server_url(name: &str) -> bool {
-    name.starts_with("http://") || name.starts_with("https://")
+pub fn is_server_url(name: impl AsRef<std::ffi::OsStr>) -> bool {
+    name.as_ref()
+        .to_str()
+        .is_some_and(|n| n.starts_with("http://") || n.starts_with("https://"))
 }
 
 /// How chorus talks to a server.

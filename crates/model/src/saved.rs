@@ -23,7 +23,6 @@ use burn::prelude::*;
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
 use chorus_lm::{LmConfig, TOKENIZER_CONFIG, Tokenizer};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::{Chorus, ChorusConfig, ModelError};
 
@@ -75,16 +74,9 @@ fn bad(path: &Path, reason: impl Into<String>) -> ModelError {
     }
 }
 
-/// sha256 of a file, hex.
-pub fn sha256_file(path: &Path) -> Result<String, ModelError> {
-    let mut file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
-    let mut hasher = Sha256::new();
-    std::io::copy(&mut file, &mut hasher).map_err(|e| ModelError::io(path, e))?;
-    Ok(hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
+/// sha256 of a file (hex), read errors naming it.
+fn sha256(path: &Path) -> Result<String, ModelError> {
+    chorus_data::fetch::sha256_file(path).map_err(|e| bad(path, e.to_string()))
 }
 
 /// Writes `path` through `path.tmp` and a rename.
@@ -121,7 +113,7 @@ impl<B: Backend> Chorus<B> {
         let mut files = BTreeMap::new();
         for file in [TOKENIZER_FILE, WEIGHTS_FILE, TOKENIZER_CONFIG] {
             if file != TOKENIZER_CONFIG || dir.join(file).is_file() {
-                files.insert(file.to_string(), sha256_file(&dir.join(file))?);
+                files.insert(file.to_string(), sha256(&dir.join(file))?);
             }
         }
         let manifest = ChorusManifest {
@@ -157,7 +149,7 @@ impl<B: Backend> Chorus<B> {
         })?;
         for (file, expected) in &manifest.files {
             let p = dir.join(file);
-            let actual = sha256_file(&p)?;
+            let actual = sha256(&p)?;
             if &actual != expected {
                 return Err(bad(
                     &p,

@@ -15,8 +15,9 @@ use burn::optim::Optimizer;
 use burn::prelude::*;
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
 use burn::tensor::backend::AutodiffBackend;
+use chorus_data::fetch::sha256_file;
 use chorus_lm::{TOKENIZER_CONFIG, Tokenizer};
-use chorus_model::{Chorus, MANIFEST_FILE, SavedChorus, TOKENIZER_FILE, WEIGHTS_FILE, sha256_file};
+use chorus_model::{Chorus, MANIFEST_FILE, SavedChorus, TOKENIZER_FILE, WEIGHTS_FILE};
 use serde::{Deserialize, Serialize};
 
 use crate::TrainError;

@@ -449,9 +449,11 @@ impl Validate for TrainConfig {
                 "needs at least one assistant",
             );
         }
-        let is_server = |p: &PathBuf| p.to_str().is_some_and(chorus_model::is_server_url);
-        if let Some(first) = self.assistants.iter().position(is_server) {
-            if let Some(local) = self.assistants[first..].iter().find(|p| !is_server(p)) {
+        if let Some(first) = self.assistants.iter().position(chorus_model::is_server_url) {
+            if let Some(local) = self.assistants[first..]
+                .iter()
+                .find(|p| !chorus_model::is_server_url(p))
+            {
                 return conflict(
                     "assistants",
                     local.display().to_string(),

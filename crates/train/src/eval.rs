@@ -63,7 +63,7 @@ pub struct EvalRow {
 impl EvalRow {
     /// A row with the NLL (and so PPL) of `tokens` target tokens; the latent and routing columns
     /// start empty.
-    fn new(model: &str, task: Task, s: &Sums) -> Self {
+    fn new(model: &str, task: Task, s: Sums) -> Self {
         let log_p = s.log_p;
         let nll = -log_p / s.tokens.max(1) as f64;
         Self {
@@ -79,7 +79,7 @@ impl EvalRow {
             mi: None,
             active_units: None,
             deferral: None,
-            per_example: s.per_example.clone(),
+            per_example: s.per_example,
         }
     }
 }
@@ -485,7 +485,7 @@ pub fn evaluate_chorus<B: Backend>(
                 active_units: au,
                 deferral: (model.n_models() > 1)
                     .then(|| s.sums.deferred / s.sums.tokens.max(1) as f64),
-                ..EvalRow::new(name, task, &s.sums)
+                ..EvalRow::new(name, task, s.sums)
             }
         })
         .collect();
@@ -529,7 +529,7 @@ pub fn evaluate_composition<B: Backend>(
         .into_iter()
         .map(|(task, s)| EvalRow {
             deferral: Some(s.deferred / s.tokens.max(1) as f64),
-            ..EvalRow::new(name, task, &s)
+            ..EvalRow::new(name, task, s)
         })
         .collect())
 }
@@ -552,6 +552,6 @@ pub fn evaluate_lm<B: Backend>(
     })?;
     Ok(sums
         .into_iter()
-        .map(|(task, s)| EvalRow::new(name, task, &s))
+        .map(|(task, s)| EvalRow::new(name, task, s))
         .collect())
 }

@@ -167,12 +167,16 @@ pub(crate) struct Models<B: Backend> {
     pub(crate) base: Lm<B>,
     pub(crate) assistants: Vec<Lm<B>>,
     pub(crate) remotes: Vec<RemoteAssistant>,
-    /// What a score cache records of each assistant ([`assistant_identities`]).
-    pub(crate) identities: Vec<String>,
+    /// Where the local assistants came from.
+    local_paths: Vec<PathBuf>,
 }
 
-fn is_server(path: &Path) -> bool {
-    path.to_str().is_some_and(chorus_model::is_server_url)
+impl<B: Backend> Models<B> {
+    /// What a score cache records of each assistant ([`assistant_identities`]); hashes every
+    /// local assistant's weights, so only asked for when a cache is written or read.
+    pub(crate) fn identities(&self) -> Result<Vec<String>, TrainError> {
+        assistant_identities::<B>(&self.local_paths, &self.remotes)
+    }
 }
 
 /// The models of a train config, with every tokenizer found next to them checked against the
@@ -200,8 +204,10 @@ pub(crate) fn open_models<B: Backend>(
         Ok(lm)
     };
     let base = open(&config.base, "base")?;
-    let (servers, locals): (Vec<&PathBuf>, Vec<&PathBuf>) =
-        config.assistants.iter().partition(|p| is_server(p));
+    let (servers, locals): (Vec<&PathBuf>, Vec<&PathBuf>) = config
+        .assistants
+        .iter()
+        .partition(|p| chorus_model::is_server_url(p));
     let assistants = locals
         .iter()
         .enumerate()
@@ -228,14 +234,12 @@ pub(crate) fn open_models<B: Backend>(
             RemoteAssistant::connect(&url, &tokenizer, RemoteSettings::default())
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let local: Vec<PathBuf> = locals.into_iter().cloned().collect();
-    let identities = assistant_identities::<B>(&local, &remotes)?;
     Ok(Models {
         tokenizer,
         base,
         assistants,
         remotes,
-        identities,
+        local_paths: locals.into_iter().cloned().collect(),
     })
 }
 
@@ -276,12 +280,8 @@ pub fn score<B: Backend>(
     }
     let (tokenizer, locals, remotes, ids) = if remotes.is_empty() {
         let models = open_models::<B>(config, device)?;
-        (
-            models.tokenizer,
-            models.assistants,
-            models.remotes,
-            models.identities,
-        )
+        let ids = models.identities()?;
+        (models.tokenizer, models.assistants, models.remotes, ids)
     } else {
         let tokenizer = Tokenizer::open(&config.tokenizer)?;
         let remotes = remotes
@@ -325,16 +325,11 @@ pub fn train<B: AutodiffBackend>(
     progress: &mut dyn Progress,
 ) -> Result<TrainSummary, TrainError> {
     B::seed(device, config.train.seed);
-    let Models {
-        tokenizer,
-        base,
-        assistants,
-        remotes,
-        identities,
-    } = open_models::<B>(config, device)?;
-    let (train, valid) = prepare_data(&config.data, &tokenizer)?;
+    let models = open_models::<B>(config, device)?;
+    let (train, valid) = prepare_data(&config.data, &models.tokenizer)?;
     let (train_scores, valid_scores) = match &config.scores {
         Some(dir) => {
+            let identities = models.identities()?;
             let (fp_train, fp_valid) = (
                 fingerprint(&train, &identities),
                 fingerprint(&valid, &identities),
@@ -351,9 +346,15 @@ pub fn train<B: AutodiffBackend>(
         .map(|p| p.display().to_string())
         .collect();
     let chorus = ChorusConfig {
-        remote_assistants: remotes.len(),
+        remote_assistants: models.remotes.len(),
         ..config.chorus.clone()
     };
+    let Models {
+        tokenizer,
+        base,
+        assistants,
+        ..
+    } = models;
     let model = Chorus::new(chorus, base, assistants, device)?;
     run_loop(
         Loop {
