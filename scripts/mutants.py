@@ -17,6 +17,48 @@ ROOT = Path(__file__).resolve().parent.parent
 
 MUTANTS = [
     (
+        "concurrent writers of one score cache do not take turns",
+        "crates/train/src/scores.rs",
+        "    lock.lock().map_err(|e| TrainError::io(&lock_path, e))?;",
+        "    drop(lock);",
+        ["-p", "chorus-train", "--lib", "concurrent_writers_of_one_score_cache"],
+    ),
+    (
+        "the oracle takes the worst model at each token",
+        "crates/train/src/eval.rs",
+        "                    .fold(f64::NEG_INFINITY, f64::max)",
+        "                    .fold(f64::INFINITY, f64::min)",
+        ["-p", "chorus-train", "--lib", "the_oracle_takes_the_best_model"],
+    ),
+    (
+        "evaluation's assistant score cache is filled from the base instead of the assistants",
+        "crates/train/src/eval.rs",
+        "        (1..model.n_models()).map(|j| model.member(j)).collect();",
+        "        (1..model.n_models()).map(|_| model.member(0)).collect();",
+        ["-p", "chorus-train", "--lib", "the_oracle_takes_the_best_model"],
+    ),
+    (
+        "router posteriors recorded one position early",
+        "crates/train/src/eval.rs",
+        "                    .map(|t| values[(r * seq + t) * k..(r * seq + t + 1) * k].to_vec())",
+        "                    .map(|t| values[(r * seq + t - 1) * k..(r * seq + t) * k].to_vec())",
+        ["-p", "chorus-train", "--lib", "evaluation_matches_a_joint_model"],
+    ),
+    (
+        "a static selector reads the hidden state",
+        "crates/latent/src/selector.rs",
+        "                log_softmax(bias.reshape([1, 1, k]), 2).expand([batch, seq, k])",
+        "                log_softmax(self.proj.forward(hidden), 2) + (0 * (batch + seq + k)) as f32",
+        ["-p", "chorus-latent", "--lib", "a_static_selector"],
+    ),
+    (
+        "continued pre-training ignores its init weights",
+        "crates/train/src/run.rs",
+        "            (lm, path.display().to_string())",
+        "            (config.model.init::<B>(device)?, path.display().to_string() + &format!(\"{:?}\", lm.dims().d_model))",
+        ["-p", "chorus-cli", "--test", "bad_input", "continued_pre_training_starts"],
+    ),
+    (
         "a saved tokenizer drops its BOS",
         "crates/lm/src/tokenizer.rs",
         "        if let Some(bos) = self.bos {",

@@ -7,6 +7,7 @@
 
 mod bench;
 mod crash;
+mod report;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -42,6 +43,21 @@ enum Task {
         #[arg(long, value_enum, default_value_t = Preset::Cpu)]
         preset: Preset,
     },
+    /// The experiment behind chorus's claim (SmolLM2 as a frozen assistant, a base and three
+    /// experts on its tokenizer, five systems × seeds, the oracle, paired comparisons), run end
+    /// to end; writes docs/results.md and docs/results/*.svg. Steps whose outputs exist are
+    /// skipped, so a rerun continues an interrupted run or only rewrites the report.
+    Report {
+        /// Where the runs go.
+        #[arg(long, default_value = "out/report")]
+        out: PathBuf,
+        /// Scale of the run (`cpu`: about an hour on 2 cores).
+        #[arg(long, value_enum, default_value_t = report::ReportPreset::Cpu)]
+        preset: report::ReportPreset,
+        /// Seeds per trained system.
+        #[arg(long, default_value_t = 3)]
+        seeds: u64,
+    },
     /// Download and verify the corpora into $CHORUS_CACHE (default ~/.cache/chorus).
     FetchData,
     /// Run chorus and its peers (PyTorch twin, llama.cpp) back to back on the same work and write
@@ -73,6 +89,7 @@ enum Task {
 fn main() -> Result<()> {
     match Cli::parse().task {
         Task::Train { out, preset } => train(&out, preset),
+        Task::Report { out, preset, seeds } => report::report(&out, preset, seeds),
         Task::FetchData => {
             let chorus = build(Preset::Cpu)?;
             run_now(&chorus, &["data", "fetch"])
@@ -162,18 +179,19 @@ fn step(name: &'static str, mut args: Vec<String>, sets: &[String], output: Path
 }
 
 /// Runs lanes of steps concurrently; the steps of one lane run in order. Stops at the first
-/// failure with the tail of its log.
+/// failure with the tail of its log. Each finished step's wall time and command go to
+/// `<out>/times.json`.
 fn run_lanes(chorus: &Path, out: &Path, lanes: Vec<Vec<Step>>) -> Result<()> {
     let logs = out.join("logs");
     std::fs::create_dir_all(&logs)?;
     let started = Instant::now();
     let mut lanes: Vec<std::vec::IntoIter<Step>> = lanes.into_iter().map(Vec::into_iter).collect();
-    let mut running: Vec<Option<(Child, &'static str, Instant, PathBuf)>> =
+    let mut running: Vec<Option<(Child, &'static str, Instant, PathBuf, String)>> =
         (0..lanes.len()).map(|_| None).collect();
     loop {
         let mut busy = false;
         for (lane, slot) in running.iter_mut().enumerate() {
-            if let Some((child, name, t0, log)) = slot {
+            if let Some((child, name, t0, log, command)) = slot {
                 match child.try_wait()? {
                     None => {
                         busy = true;
@@ -181,6 +199,7 @@ fn run_lanes(chorus: &Path, out: &Path, lanes: Vec<Vec<Step>>) -> Result<()> {
                     }
                     Some(status) => {
                         let (name, t0, log) = (*name, *t0, log.clone());
+                        let command = std::mem::take(command);
                         *slot = None;
                         if !status.success() {
                             let text = std::fs::read_to_string(&log).unwrap_or_default();
@@ -190,11 +209,12 @@ fn run_lanes(chorus: &Path, out: &Path, lanes: Vec<Vec<Step>>) -> Result<()> {
                             }
                             bail!("step `{name}` failed; full log: {}", log.display());
                         }
+                        let seconds = t0.elapsed().as_secs_f64();
                         eprintln!(
-                            "xtask: done  {name} in {:.0} s (at {:.0} s)",
-                            t0.elapsed().as_secs_f64(),
+                            "xtask: done  {name} in {seconds:.0} s (at {:.0} s)",
                             started.elapsed().as_secs_f64()
                         );
+                        record_time(out, name, seconds, &command)?;
                     }
                 }
             }
@@ -217,7 +237,7 @@ fn run_lanes(chorus: &Path, out: &Path, lanes: Vec<Vec<Step>>) -> Result<()> {
                     .stderr(Stdio::from(file))
                     .spawn()
                     .with_context(|| format!("starting {}", chorus.display()))?;
-                *slot = Some((child, next.name, Instant::now(), log));
+                *slot = Some((child, next.name, Instant::now(), log, next.args.join(" ")));
                 busy = true;
             }
         }
@@ -226,6 +246,21 @@ fn run_lanes(chorus: &Path, out: &Path, lanes: Vec<Vec<Step>>) -> Result<()> {
         }
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
+}
+
+/// Adds `name`'s wall time and command to `<out>/times.json`.
+fn record_time(out: &Path, name: &str, seconds: f64, command: &str) -> Result<()> {
+    let path = out.join("times.json");
+    let mut times: serde_json::Map<String, serde_json::Value> = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    times.insert(
+        name.to_string(),
+        serde_json::json!({ "seconds": seconds, "command": command }),
+    );
+    std::fs::write(&path, serde_json::to_string_pretty(&times)?)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 fn train(out: &Path, preset: Preset) -> Result<()> {

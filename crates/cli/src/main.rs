@@ -172,6 +172,20 @@ enum Command {
         /// Also evaluate each member of a joint model alone.
         #[arg(long)]
         members: bool,
+        /// Add the per-token oracle over the single LMs given with --model: each target token
+        /// scored by whichever of them gave it the highest probability (the ceiling of routing
+        /// among them; needs two or more).
+        #[arg(long)]
+        oracle: bool,
+        /// Score cache for joint models whose assistants are frozen and read no z: their
+        /// log-probs on the evaluated examples are computed once, kept under DIR, and reused by
+        /// every later evaluation with the same assistants and examples.
+        #[arg(long, value_name = "DIR")]
+        scores: Option<PathBuf>,
+        /// Write the router posterior of every target token of the first joint model (with its
+        /// text, the example's context and target) here, one JSON line per example.
+        #[arg(long, value_name = "FILE")]
+        routing: Option<PathBuf>,
         /// Write the report as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -434,6 +448,9 @@ fn run(cli: Cli) -> Result<()> {
             max_examples,
             iw_samples,
             members,
+            oracle,
+            scores,
+            routing,
             json,
         } => with_backend!(cli.device, |B, device| train::eval::<B>(
             train::EvalArgs {
@@ -446,6 +463,9 @@ fn run(cli: Cli) -> Result<()> {
                 max_examples,
                 iw_samples,
                 members,
+                oracle,
+                scores: scores.as_deref(),
+                routing: routing.as_deref(),
                 json: json.as_deref(),
             },
             &device

@@ -9,9 +9,10 @@ use chorus_data::{Split, Task, fetch::cache_dir, load_examples};
 use chorus_lm::{Lm, Tokenizer};
 use chorus_model::{Assistant, LocalLm, RemoteAssistant};
 use chorus_train::{
-    AssistantScores, DataConfig, DataSection, EvalReport, EvalSet, PretrainConfig,
-    TOKEN_CONVENTION, TrainConfig, encode_examples, evaluate_chorus, evaluate_composition,
-    evaluate_lm, load_chorus, load_config, load_task_examples, text_file_examples,
+    AssistantScores, DataConfig, DataSection, EvalReport, EvalSet, PretrainConfig, RouterRecord,
+    TOKEN_CONVENTION, TargetLogProbs, TrainConfig, assistant_scores, encode_examples,
+    evaluate_chorus, evaluate_composition, evaluate_lm, evaluate_oracle, load_chorus, load_config,
+    load_task_examples, text_file_examples,
 };
 
 /// `chorus data tokenizer`: a byte-level BPE trained on the training split of the three tasks.
@@ -132,15 +133,70 @@ pub struct EvalArgs<'a> {
     pub max_examples: Option<usize>,
     pub iw_samples: usize,
     pub members: bool,
+    /// Add the per-token oracle over the single LMs.
+    pub oracle: bool,
+    /// Score cache directory for joint models' frozen local assistants.
+    pub scores: Option<&'a Path>,
+    /// Write the first joint model's router posterior per target token here (JSON lines).
+    pub routing: Option<&'a Path>,
     pub json: Option<&'a Path>,
 }
 
 enum Loaded<B: Backend> {
-    /// A joint model and the servers of its remote assistants.
-    Joint(Box<chorus_model::Chorus<B>>, Vec<RemoteAssistant>),
+    /// A joint model, its sources as saved and the servers of its remote assistants.
+    Joint(
+        Box<chorus_model::Chorus<B>>,
+        Vec<String>,
+        Vec<RemoteAssistant>,
+    ),
     Single(Box<Lm<B>>),
     /// A training-free composition and its confidence threshold τ.
     Composition(Box<chorus_model::Chorus<B>>, f64),
+}
+
+/// `--routing FILE`: one JSON line per example — its task, context and target text, the models
+/// (`sources`), and per target token its text and the router posterior `r_t(j)` at z = E q.
+fn write_routing(
+    path: &Path,
+    name: &str,
+    sources: &[String],
+    examples: &[chorus_data::Example],
+    encoded: &[chorus_train::Encoded],
+    tokenizer: &Tokenizer,
+    record: &RouterRecord,
+) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::BufWriter::new(
+        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
+    );
+    for (&index, posteriors) in &record.by_example {
+        let e = &encoded[index];
+        let tokens: Vec<serde_json::Value> = e
+            .target_positions()
+            .zip(posteriors)
+            .map(|(t, r)| {
+                let text = tokenizer.decode(&[e.tokens[t + 1]]).unwrap_or_default();
+                serde_json::json!({ "text": text, "r": r })
+            })
+            .collect();
+        let line = serde_json::json!({
+            "model": name,
+            "models": sources,
+            "task": e.task.name(),
+            "example": index,
+            "context": examples[index].context,
+            "target": examples[index].target,
+            "tokens": tokens,
+        });
+        writeln!(out, "{line}").with_context(|| format!("writing {}", path.display()))?;
+    }
+    out.flush()
+        .with_context(|| format!("writing {}", path.display()))?;
+    println!(
+        "wrote the router posteriors of {name} to {}",
+        path.display()
+    );
+    Ok(())
 }
 
 /// `[NAME=]BASE+ASSISTANT[+ASSISTANT…][@τ]` → name, member paths, τ (default 0.5).
@@ -202,7 +258,7 @@ pub fn eval<B: Backend>(args: EvalArgs<'_>, device: &B::Device) -> Result<()> {
                 &saved.tokenizer,
             )?;
             (
-                Loaded::Joint(Box::new(saved.model), remotes),
+                Loaded::Joint(Box::new(saved.model), saved.manifest.sources, remotes),
                 saved.tokenizer,
             )
         } else {
@@ -257,7 +313,7 @@ pub fn eval<B: Backend>(args: EvalArgs<'_>, device: &B::Device) -> Result<()> {
     let context = loaded
         .iter()
         .flat_map(|(_, m)| match m {
-            Loaded::Joint(m, _) | Loaded::Composition(m, _) => std::iter::once(&m.base)
+            Loaded::Joint(m, _, _) | Loaded::Composition(m, _) => std::iter::once(&m.base)
                 .chain(&m.assistants)
                 .map(|lm| lm.dims().max_seq_len)
                 .collect::<Vec<_>>(),
@@ -265,7 +321,18 @@ pub fn eval<B: Backend>(args: EvalArgs<'_>, device: &B::Device) -> Result<()> {
         })
         .fold(data.max_seq_len, usize::min);
     let encoded = encode_examples(&examples, &tokenizer, &data.eos_token, context)?;
+    let singles = loaded
+        .iter()
+        .filter(|(_, m)| matches!(m, Loaded::Single(_)))
+        .count();
+    if args.oracle && singles < 2 {
+        bail!(
+            "--oracle picks the best of the single LMs at each token: give at least two (found {singles})"
+        );
+    }
     let mut rows = Vec::new();
+    let mut routed = false;
+    let mut single_tokens: Vec<TargetLogProbs> = Vec::new();
     let mut bar = crate::progress::Bar::default();
     for (name, model) in &loaded {
         eprintln!("evaluating {name} on {} examples ({what})", encoded.len());
@@ -275,14 +342,41 @@ pub fn eval<B: Backend>(args: EvalArgs<'_>, device: &B::Device) -> Result<()> {
             device,
         };
         match model {
-            Loaded::Joint(m, remotes) => {
+            Loaded::Joint(m, sources, remotes) => {
                 let servers: Vec<&dyn Assistant<B>> =
                     remotes.iter().map(|r| r as &dyn Assistant<B>).collect();
-                let assistants = if servers.is_empty() {
-                    AssistantScores::Local
-                } else {
-                    AssistantScores::Servers(&servers)
+                let cache = match args.scores {
+                    // Only assistants that are frozen and read no z have one score per token.
+                    Some(dir)
+                        if servers.is_empty()
+                            && m.n_models() > 1
+                            && !m.config.train_assistants
+                            && !(m.config.has_z() && m.config.assistant_adapters) =>
+                    {
+                        let ids = sources.join("\n");
+                        let dir = dir.join(format!(
+                            "{:016x}",
+                            chorus_data::rng::stable_hash(&format!("{what}\n{ids}"))
+                        ));
+                        Some(assistant_scores(
+                            m.as_ref(),
+                            sources,
+                            &encoded,
+                            &dir,
+                            data.batch_size * 4,
+                            device,
+                            &mut bar,
+                        )?)
+                    }
+                    _ => None,
                 };
+                let assistants = match (&cache, servers.is_empty()) {
+                    (Some(cache), _) => AssistantScores::Cache(cache),
+                    (None, true) => AssistantScores::Local,
+                    (None, false) => AssistantScores::Servers(&servers),
+                };
+                let mut record = RouterRecord::default();
+                let first_joint = !routed && m.n_models() > 1;
                 rows.extend(evaluate_chorus(
                     m.as_ref(),
                     name,
@@ -290,7 +384,14 @@ pub fn eval<B: Backend>(args: EvalArgs<'_>, device: &B::Device) -> Result<()> {
                     assistants,
                     args.iw_samples,
                     &mut bar,
+                    (first_joint && args.routing.is_some()).then_some(&mut record),
                 )?);
+                if let (true, Some(path)) = (first_joint, args.routing) {
+                    write_routing(
+                        path, name, sources, &examples, &encoded, &tokenizer, &record,
+                    )?;
+                    routed = true;
+                }
                 if args.members {
                     let locals: Vec<LocalLm<'_, B>> =
                         (0..m.n_local()).map(|j| m.member(j)).collect();
@@ -305,12 +406,17 @@ pub fn eval<B: Backend>(args: EvalArgs<'_>, device: &B::Device) -> Result<()> {
                             format!("assistant {j}")
                         };
                         let member_name = format!("{name}: {role}");
-                        rows.extend(evaluate_lm(member, &member_name, &set, &mut bar)?);
+                        rows.extend(evaluate_lm(member, &member_name, &set, &mut bar, None)?);
                     }
                 }
             }
             Loaded::Single(lm) => {
-                rows.extend(evaluate_lm(&LocalLm::new(lm), name, &set, &mut bar)?)
+                let mut kept = TargetLogProbs::default();
+                let keep = args.oracle.then_some(&mut kept);
+                rows.extend(evaluate_lm(&LocalLm::new(lm), name, &set, &mut bar, keep)?);
+                if args.oracle {
+                    single_tokens.push(kept);
+                }
             }
             Loaded::Composition(m, tau) => rows.extend(evaluate_composition(
                 m.as_ref(),
@@ -320,6 +426,14 @@ pub fn eval<B: Backend>(args: EvalArgs<'_>, device: &B::Device) -> Result<()> {
                 &mut bar,
             )?),
         }
+    }
+    if args.oracle {
+        let members: Vec<&TargetLogProbs> = single_tokens.iter().collect();
+        rows.extend(evaluate_oracle(
+            &format!("oracle (best of {singles} single LMs per token)"),
+            &encoded,
+            &members,
+        )?);
     }
     // Rows of one task come in model order, each scoring the same examples.
     let report = EvalReport::new(what, args.iw_samples, rows, 1000, 0)?;

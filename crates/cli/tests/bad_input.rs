@@ -274,6 +274,12 @@ fn bad_configs_name_the_file_and_the_key() {
     );
     // An empty corpus cache.
     run(&f.pretrain_toml(""), &[], &["chorus data fetch"]);
+    // Continued pre-training from an LM of another shape (checked before any data is read).
+    run(
+        &f.pretrain_toml(&format!("init = {:?}", f.path("lm"))),
+        &["model.d_ff=48"],
+        &["init", "lm", "architecture"],
+    );
     // `calibrate --set` without --config applies to the data defaults (it used to be ignored).
     f.fails(
         &[
@@ -631,6 +637,47 @@ fn real_cache() -> Option<PathBuf> {
         );
         None
     }
+}
+
+#[test]
+fn continued_pre_training_starts_from_the_init_weights() {
+    let Some(cache) = real_cache() else { return };
+    let f = Fixture::new();
+    // One step at a negligible learning rate: the exported LM is the init LM, not a fresh one.
+    let config = f.write(
+        "continue.toml",
+        f.pretrain_toml(&format!(
+            "init = {:?}\n[data]\ntasks = [\"story\"]\nmax_seq_len = 32\nbatch_size = 2\n\
+             max_train_examples = 4\nvalid_examples = 2\n[train]\nsteps = 1\nwarmup_steps = 0\n\
+             lr = 1e-30\nweight_decay = 0.0\niw_samples = 1",
+            f.path("lm")
+        )),
+    );
+    let (code, stderr) = chorus(
+        &cache,
+        &[
+            "pretrain",
+            "--config",
+            &config,
+            "--out",
+            &f.path("continued"),
+        ],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let device = Default::default();
+    let weights = |dir: &str| -> Vec<f32> {
+        match chorus_lm::Lm::<B>::open(Path::new(&f.path(dir)), &device).unwrap() {
+            chorus_lm::Lm::Llama(l) => l.embed_tokens.weight.val().into_data().to_vec().unwrap(),
+            chorus_lm::Lm::Gpt2(_) => unreachable!("the fixture is a llama"),
+        }
+    };
+    let (init, continued) = (weights("lm"), weights("continued/lm"));
+    let max_diff = init
+        .iter()
+        .zip(&continued)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(max_diff < 1e-6, "the continued LM moved by {max_diff}");
 }
 
 #[test]

@@ -27,7 +27,7 @@ mod selector;
 
 pub use encoder::{GaussianHead, GaussianHeadConfig, Prior, PriorConfig, masked_mean_pool};
 pub use gaussian::DiagonalGaussian;
-pub use selector::{Selector, SelectorConfig, router_posterior};
+pub use selector::{Selector, SelectorConfig, SelectorKind, router_posterior};
 
 /// Errors of `chorus-latent`.
 #[derive(Debug, thiserror::Error)]

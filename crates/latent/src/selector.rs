@@ -3,8 +3,21 @@
 use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::{log_softmax, softmax};
+use serde::{Deserialize, Serialize};
 
 use crate::LatentError;
+
+/// What the selector's π depends on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SelectorKind {
+    /// `π(j | x_<t, c, z) = softmax(W_s h⁰_t + b)_j`: a writer choice per token (Co-LLM's).
+    #[default]
+    PerToken,
+    /// `π(j) = softmax(b)_j`, the same at every token: a static mixture of the K models, the
+    /// ensemble that token-level routing has to beat.
+    Static,
+}
 
 /// Configuration of the [`Selector`].
 #[derive(Debug, Clone, PartialEq)]
@@ -13,6 +26,8 @@ pub struct SelectorConfig {
     pub d_hidden: usize,
     /// Number of models K (the base is model 0); K = 2 is Co-LLM's deferral head.
     pub n_models: usize,
+    /// Per token or static.
+    pub kind: SelectorKind,
 }
 
 impl SelectorConfig {
@@ -40,15 +55,22 @@ impl SelectorConfig {
                 device,
             )));
         }
-        Ok(Selector { proj })
+        Ok(Selector {
+            proj,
+            kind: self.kind,
+        })
     }
 }
 
-/// `π_θ(j | ·) = softmax(W_s h⁰_t + b)_j`, from the base's hidden state at each position.
+/// `π_θ(j | ·) = softmax(W_s h⁰_t + b)_j`, from the base's hidden state at each position
+/// ([`SelectorKind::PerToken`]), or `softmax(b)_j` ([`SelectorKind::Static`], `W_s` unused).
 #[derive(Module, Debug)]
 pub struct Selector<B: Backend> {
     /// `[d_hidden, n_models]`.
     pub proj: Linear<B>,
+    /// Per token or static.
+    #[module(skip)]
+    pub kind: SelectorKind,
 }
 
 impl<B: Backend> Selector<B> {
@@ -58,7 +80,17 @@ impl<B: Backend> Selector<B> {
     /// - hidden: `[batch, seq, d_hidden]`
     /// - output: `[batch, seq, n_models]`
     pub fn forward(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
-        log_softmax(self.proj.forward(hidden), 2)
+        match self.kind {
+            SelectorKind::PerToken => log_softmax(self.proj.forward(hidden), 2),
+            SelectorKind::Static => {
+                let [batch, seq, _] = hidden.dims();
+                let bias = self.proj.bias.as_ref().map(|b| b.val()).unwrap_or_else(|| {
+                    Tensor::zeros([self.proj.weight.dims()[1]], &hidden.device())
+                });
+                let k = bias.dims()[0];
+                log_softmax(bias.reshape([1, 1, k]), 2).expand([batch, seq, k])
+            }
+        }
     }
 }
 
@@ -84,6 +116,7 @@ mod tests {
             let selector = SelectorConfig {
                 d_hidden: 4,
                 n_models: k,
+                kind: SelectorKind::PerToken,
             }
             .init::<B>(&device)
             .unwrap();
@@ -92,6 +125,58 @@ mod tests {
             assert!((pi[0] - 0.9).abs() < 1e-6, "{pi:?}");
             assert!((pi[1] - 0.1 / (k - 1) as f64).abs() < 1e-6);
         }
+    }
+
+    #[test]
+    fn a_static_selector_gives_softmax_of_its_bias_at_every_token_and_trains_only_the_bias() {
+        type A = burn::backend::Autodiff<B>;
+        let device = Default::default();
+        let mut selector = SelectorConfig {
+            d_hidden: 3,
+            n_models: 3,
+            kind: SelectorKind::Static,
+        }
+        .init::<A>(&device)
+        .unwrap();
+        let bias = [0.5f32, -1.0, 2.0];
+        selector.proj.bias = Some(burn::module::Param::from_tensor(Tensor::from_data(
+            bias, &device,
+        )));
+        selector.proj.weight = burn::module::Param::from_tensor(Tensor::ones([3, 3], &device));
+        let hidden = Tensor::<A, 3>::random(
+            [2, 4, 3],
+            burn::tensor::Distribution::Normal(0.0, 1.0),
+            &device,
+        );
+        let log_pi = selector.forward(hidden);
+        assert_eq!(log_pi.dims(), [2, 4, 3]);
+        let norm = bias.iter().map(|b| b.exp()).sum::<f32>().ln();
+        let got = log_pi.clone().into_data().to_vec::<f64>().unwrap();
+        for (i, v) in got.iter().enumerate() {
+            assert!((v - f64::from(bias[i % 3] - norm)).abs() < 1e-6, "{i}: {v}");
+        }
+        // ∂/∂b_j Σ_{positions} log π(0) = 8 (1[j = 0] − π_j); the weight gets no gradient.
+        let grads = log_pi.slice([0..2, 0..4, 0..1]).sum().backward();
+        let g = selector
+            .proj
+            .bias
+            .as_ref()
+            .unwrap()
+            .grad(&grads)
+            .unwrap()
+            .into_data()
+            .to_vec::<f64>()
+            .unwrap();
+        for j in 0..3 {
+            let pi = f64::from(bias[j] - norm).exp();
+            let expected = 8.0 * (f64::from(u8::from(j == 0)) - pi);
+            assert!(
+                (g[j] - expected).abs() < 1e-5,
+                "{j}: {} vs {expected}",
+                g[j]
+            );
+        }
+        assert!(selector.proj.weight.grad(&grads).is_none());
     }
 
     #[test]

@@ -180,6 +180,7 @@ impl<B: Backend> Chorus<B> {
                 SelectorConfig {
                     d_hidden: base_dims.d_model,
                     n_models,
+                    kind: config.selector,
                 }
                 .init(device)
             })

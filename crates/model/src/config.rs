@@ -1,13 +1,13 @@
 //! [`ChorusConfig`]: every switch of the joint model, validated before allocation.
 
-use chorus_latent::PriorConfig;
+use chorus_latent::{PriorConfig, SelectorKind};
 use serde::{Deserialize, Serialize};
 
 use crate::ModelError;
 
 /// Every switch of the joint model. The ablations are settings of the same code path:
 /// `d_latent = 0` is Co-LLM (no z), no assistants is an Optimus-style VAE (K = 1), both is plain LM
-/// fine-tuning.
+/// fine-tuning, and `d_latent = 0` with `selector = "static"` is a static mixture of the K models.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChorusConfig {
@@ -39,6 +39,11 @@ pub struct ChorusConfig {
     /// it from the URLs among its assistants. Default 0.
     #[serde(default)]
     pub remote_assistants: usize,
+    /// What the writer choice π depends on: `per_token` (the selector head on the base's hidden
+    /// state, Co-LLM's) or `static` (one learned π over the K models, the same at every token: a
+    /// static mixture). Default `per_token`.
+    #[serde(default)]
+    pub selector: SelectorKind,
     /// z samples per sequence in the training estimate. Default 1.
     #[serde(default = "default_samples")]
     pub n_samples: usize,

@@ -37,6 +37,12 @@ impl Encoded {
     pub fn n_targets(&self) -> usize {
         self.tokens.len() - 1 - self.context_len
     }
+
+    /// The positions whose next token is a target (`m .. len − 1`; position t predicts
+    /// `tokens[t + 1]`), the ones a batch's target mask covers.
+    pub fn target_positions(&self) -> std::ops::Range<usize> {
+        self.context_len..self.tokens.len() - 1
+    }
 }
 
 /// Fisher–Yates.

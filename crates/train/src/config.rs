@@ -109,6 +109,11 @@ pub struct PretrainConfig {
     pub tokenizer: PathBuf,
     /// The architecture; `vocab_size` must equal the tokenizer's.
     pub model: LmConfig,
+    /// Start from this LM's weights instead of a random initialisation (continued pre-training,
+    /// e.g. a domain expert from the base): a chorus LM directory, Hugging Face directory or
+    /// `.gguf` whose config equals `model`. Default: none (from scratch).
+    #[serde(default)]
+    pub init: Option<PathBuf>,
     /// The data.
     #[serde(default)]
     pub data: DataConfig,

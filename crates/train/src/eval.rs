@@ -431,8 +431,18 @@ impl<B: Backend> Default for ChorusSums<B> {
     }
 }
 
+/// The router posterior `r_t(j)` (at z = E q) of every target token of every evaluated example,
+/// by example index: one `[K]` row per target token, in order.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RouterRecord {
+    /// Example index → per target token, `r_t(0..K)`.
+    pub by_example: BTreeMap<usize, Vec<Vec<f64>>>,
+}
+
 /// Evaluates a joint model per task: IW-NLL with `iw_samples` z from q, and, when z is on, KL, MI and
-/// AU; with K ≥ 2, the posterior deferral rate.
+/// AU; with K ≥ 2, the posterior deferral rate, and, given `routing`, every target token's router
+/// posterior.
+#[allow(clippy::too_many_arguments)]
 pub fn evaluate_chorus<B: Backend>(
     model: &Chorus<B>,
     name: &str,
@@ -440,6 +450,7 @@ pub fn evaluate_chorus<B: Backend>(
     assistants: AssistantScores<'_, B>,
     iw_samples: usize,
     progress: &mut dyn Progress,
+    mut routing: Option<&mut RouterRecord>,
 ) -> Result<Vec<EvalRow>, TrainError> {
     let mut sums: BTreeMap<Task, ChorusSums<B>> = BTreeMap::new();
     set.for_each_batch(name, progress, |task, chunk| {
@@ -458,6 +469,22 @@ pub fn evaluate_chorus<B: Backend>(
             s.kl += l.posterior.kl(&l.prior).sum().into_scalar().elem::<f64>();
             s.means.push(l.posterior.mean);
             s.log_vars.push(l.posterior.log_var);
+        }
+        if let (Some(router), Some(record)) = (&evaluation.router, routing.as_deref_mut()) {
+            let [_, seq, k] = router.dims();
+            let values = router
+                .clone()
+                .into_data()
+                .convert::<f64>()
+                .to_vec::<f64>()
+                .expect("f64 data");
+            for (r, &index) in chunk.iter().enumerate() {
+                let rows = set.data[index]
+                    .target_positions()
+                    .map(|t| values[(r * seq + t) * k..(r * seq + t + 1) * k].to_vec())
+                    .collect();
+                record.by_example.insert(index, rows);
+            }
         }
         if let Some(router) = evaluation.router {
             s.sums.deferred += posterior_deferral(router, batch.target_mask.clone())
@@ -535,16 +562,21 @@ pub fn evaluate_composition<B: Backend>(
 }
 
 /// Exact NLL/PPL per task of one LM on its own: held in memory ([`LocalLm`]) or behind a server.
+/// With `per_token`, also keeps the log-prob of every target token (for [`evaluate_oracle`]).
 pub fn evaluate_lm<B: Backend>(
     lm: &dyn Assistant<B>,
     name: &str,
     set: &EvalSet<'_, B>,
     progress: &mut dyn Progress,
+    mut per_token: Option<&mut TargetLogProbs>,
 ) -> Result<Vec<EvalRow>, TrainError> {
     let mut sums: BTreeMap<Task, Sums> = BTreeMap::new();
     set.for_each_batch(name, progress, |task, chunk| {
         let batch = batch_of::<B>(set.data, chunk, None, set.device)?;
         let lp = lm.token_log_probs(&batch.score_rows(), None)? * batch.target_mask.clone();
+        if let Some(kept) = per_token.as_deref_mut() {
+            kept.add(set.data, chunk, lp.clone());
+        }
         sums.entry(task)
             .or_default()
             .add(set.data, chunk, lp.sum_dim(1).squeeze_dim::<1>(1));
@@ -554,4 +586,136 @@ pub fn evaluate_lm<B: Backend>(
         .into_iter()
         .map(|(task, s)| EvalRow::new(name, task, s))
         .collect())
+}
+
+/// The log-prob one model gave each target token of each evaluated example (by example index).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TargetLogProbs {
+    by_example: BTreeMap<usize, Vec<f64>>,
+}
+
+impl TargetLogProbs {
+    /// Keeps the target positions of `masked` `[ids.len(), seq]` (log-probs, zero off target).
+    fn add<B: Backend>(&mut self, data: &[Encoded], ids: &[usize], masked: Tensor<B, 2>) {
+        let seq = masked.dims()[1];
+        let values = masked
+            .into_data()
+            .convert::<f64>()
+            .to_vec::<f64>()
+            .expect("f64 data");
+        for (r, &index) in ids.iter().enumerate() {
+            let e = &data[index];
+            let row = &values[r * seq..(r + 1) * seq];
+            let kept = e.target_positions().map(|t| row[t]).collect();
+            self.by_example.insert(index, kept);
+        }
+    }
+}
+
+/// The per-token oracle over several models: each target token scored by the model that gave it
+/// the highest probability, `log p̂(x) = Σ_t max_m log P_m(x_t | x_<t)` — the ceiling of any
+/// router over these models that picks one writer per token (an upper bound on their mixtures
+/// too, since `Σ_m π_m P_m ≤ max_m P_m`). Not a model: the choice looks at the token it scores.
+pub fn evaluate_oracle(
+    name: &str,
+    data: &[Encoded],
+    members: &[&TargetLogProbs],
+) -> Result<Vec<EvalRow>, TrainError> {
+    let Some(first) = members.first() else {
+        return Err(TrainError::EmptyData {
+            data: name.to_string(),
+            reason: "the oracle needs at least one model's token log-probs".into(),
+        });
+    };
+    let mut sums: BTreeMap<Task, Sums> = BTreeMap::new();
+    for &index in first.by_example.keys() {
+        let columns: Vec<&Vec<f64>> = members
+            .iter()
+            .map(|m| m.by_example.get(&index))
+            .collect::<Option<_>>()
+            .ok_or_else(|| TrainError::EmptyData {
+                data: name.to_string(),
+                reason: format!("example {index} was not scored by every model"),
+            })?;
+        let best: f64 = (0..columns[0].len())
+            .map(|t| {
+                columns
+                    .iter()
+                    .map(|c| c[t])
+                    .fold(f64::NEG_INFINITY, f64::max)
+            })
+            .sum();
+        let e = &data[index];
+        let s = sums.entry(e.task).or_default();
+        s.examples += 1;
+        s.tokens += e.n_targets();
+        s.bytes += e.target_bytes;
+        s.log_p += best;
+        s.per_example.push(ExampleScore {
+            index,
+            tokens: e.n_targets(),
+            log_p: best,
+        });
+    }
+    Ok(sums
+        .into_iter()
+        .map(|(task, s)| EvalRow::new(name, task, s))
+        .collect())
+}
+
+/// The log-probs of a joint model's local assistants on `data`, from the score cache in `dir` when
+/// it holds them (same examples, same assistant weights), else computed once and written there
+/// first — so that evaluating several joint models around the same frozen assistants scores them
+/// once. `sources` are the model's sources as saved (the assistants' files identify them).
+/// Refused for assistants that read z or were trained, and for models with remote assistants.
+pub fn assistant_scores<B: Backend>(
+    model: &Chorus<B>,
+    sources: &[String],
+    data: &[Encoded],
+    dir: &Path,
+    batch_size: usize,
+    device: &B::Device,
+    progress: &mut dyn Progress,
+) -> Result<ScoreCache, TrainError> {
+    let refuse = |reason: &str| TrainError::Config {
+        file: dir.display().to_string(),
+        reason: reason.to_string(),
+    };
+    if model.n_models() < 2 {
+        return Err(refuse("the model has no assistants to score"));
+    }
+    if model.config.has_z() && model.config.assistant_adapters {
+        return Err(refuse(
+            "the assistants read z through adapters, so their log-probs cannot be cached",
+        ));
+    }
+    if model.config.train_assistants {
+        return Err(refuse(
+            "the assistants were trained with the model, so their source files no longer \
+             identify them",
+        ));
+    }
+    if model.config.remote_assistants > 0 {
+        return Err(refuse(
+            "the model has remote assistants: they are asked batch by batch instead",
+        ));
+    }
+    let ids = sources
+        .get(1..model.n_models())
+        .ok_or_else(|| refuse("the model's manifest does not name its assistants' sources"))?
+        .iter()
+        .map(|s| crate::run::model_identity(Path::new(s)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let fp = crate::scores::fingerprint(data, &ids);
+    let members: Vec<chorus_model::LocalLm<'_, B>> =
+        (1..model.n_models()).map(|j| model.member(j)).collect();
+    let assistants: Vec<&dyn Assistant<B>> =
+        members.iter().map(|m| m as &dyn Assistant<B>).collect();
+    progress.begin("scoring the assistants", data.len() as u64, 0);
+    let scored = crate::score_assistants(&assistants, data, &fp, batch_size, dir, device, |done| {
+        progress.update(done.min(data.len()) as u64, "")
+    });
+    progress.end(scored.is_ok());
+    scored?;
+    ScoreCache::open(dir, &fp)
 }

@@ -38,9 +38,9 @@ pub use config::{
     load_config,
 };
 pub use eval::{
-    AssistantScores, EvalReport, EvalRow, EvalSet, ExampleScore, PairedDifference,
-    TOKEN_CONVENTION, evaluate_chorus, evaluate_composition, evaluate_lm, paired_difference,
-    text_file_examples,
+    AssistantScores, EvalReport, EvalRow, EvalSet, ExampleScore, PairedDifference, RouterRecord,
+    TOKEN_CONVENTION, TargetLogProbs, assistant_scores, evaluate_chorus, evaluate_composition,
+    evaluate_lm, evaluate_oracle, paired_difference, text_file_examples,
 };
 pub use metrics::MetricWindow;
 pub use progress::{Progress, Silent};

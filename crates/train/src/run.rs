@@ -107,14 +107,32 @@ pub fn pretrain<B: AutodiffBackend>(
             ),
         });
     }
-    let (train, valid) = prepare_data(&config.data, &tokenizer)?;
     B::seed(device, config.train.seed);
-    let base = config.model.init::<B>(device)?;
+    let (base, source) = match &config.init {
+        None => (config.model.init::<B>(device)?, "scratch".to_string()),
+        Some(path) => {
+            let lm = Lm::<B>::open(path, device)?;
+            if lm.config() != config.model {
+                return Err(TrainError::Config {
+                    file: "init".into(),
+                    reason: format!(
+                        "{} has the config {:?}, which differs from [model] {:?}: continued \
+                         pre-training keeps the architecture",
+                        path.display(),
+                        lm.config(),
+                        config.model
+                    ),
+                });
+            }
+            (lm, path.display().to_string())
+        }
+    };
+    let (train, valid) = prepare_data(&config.data, &tokenizer)?;
     let chorus_config = ChorusConfig {
         d_latent: 0,
         ..ChorusConfig::default()
     };
-    let sources = vec!["scratch".to_string()];
+    let sources = vec![source];
     let model = Chorus::new(chorus_config, base, Vec::new(), device)?;
     let summary = run_loop(
         Loop {
@@ -146,7 +164,7 @@ pub fn pretrain<B: AutodiffBackend>(
 }
 
 /// A stable identity for a model file or directory (for score caches): the sha256 of its weights.
-fn model_identity(path: &Path) -> Result<String, TrainError> {
+pub(crate) fn model_identity(path: &Path) -> Result<String, TrainError> {
     let weights = if path.is_dir() {
         let single = path.join(chorus_lm::WEIGHTS_FILE);
         if single.is_file() {
@@ -534,6 +552,7 @@ pub(crate) fn run_loop<B: AutodiffBackend>(
                     .map_or(AssistantScores::Local, AssistantScores::Cache),
                 cfg.iw_samples,
                 &mut Silent,
+                None,
             )?;
             let tokens: usize = rows.iter().map(|r| r.tokens).sum();
             let nll =

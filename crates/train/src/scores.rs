@@ -21,6 +21,9 @@ const DATA: &str = "scores.f32";
 /// A cache being written: the examples scored so far and their values.
 const PARTIAL: &str = "scores.partial.json";
 const DATA_PARTIAL: &str = "scores.f32.partial";
+/// Held (an advisory lock, released when its writer exits, even by a crash) while a writer fills
+/// the cache, so that concurrent writers of one directory take turns.
+const LOCK: &str = "scores.lock";
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Index {
@@ -179,6 +182,16 @@ pub fn score_assistants<B: Backend>(
     mut progress: impl FnMut(usize),
 ) -> Result<(), TrainError> {
     std::fs::create_dir_all(dir).map_err(|e| TrainError::io(dir, e))?;
+    // Two writers of one directory used to interleave their truncations and renames and leave
+    // a complete-looking cache of zeros; now the second waits and then finds the cache done.
+    let lock_path = dir.join(LOCK);
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| TrainError::io(&lock_path, e))?;
+    lock.lock().map_err(|e| TrainError::io(&lock_path, e))?;
     let k = assistants.len();
     if ScoreCache::open(dir, fingerprint).is_ok_and(|c| c.n_assistants() == k) {
         progress(examples.len());

