@@ -186,20 +186,21 @@ fn run_lanes(chorus: &Path, out: &Path, lanes: Vec<Vec<Step>>) -> Result<()> {
     std::fs::create_dir_all(&logs)?;
     let started = Instant::now();
     let mut lanes: Vec<std::vec::IntoIter<Step>> = lanes.into_iter().map(Vec::into_iter).collect();
-    let mut running: Vec<Option<(Child, &'static str, Instant, PathBuf, String)>> =
+    // Per lane: the running step, its process, start time and log.
+    let mut running: Vec<Option<(Child, Step, Instant, PathBuf)>> =
         (0..lanes.len()).map(|_| None).collect();
     loop {
         let mut busy = false;
         for (lane, slot) in running.iter_mut().enumerate() {
-            if let Some((child, name, t0, log, command)) = slot {
+            if let Some((child, running_step, t0, log)) = slot {
                 match child.try_wait()? {
                     None => {
                         busy = true;
                         continue;
                     }
                     Some(status) => {
-                        let (name, t0, log) = (*name, *t0, log.clone());
-                        let command = std::mem::take(command);
+                        let (name, t0, log) = (running_step.name, *t0, log.clone());
+                        let command = running_step.args.join(" ");
                         *slot = None;
                         if !status.success() {
                             let text = std::fs::read_to_string(&log).unwrap_or_default();
@@ -237,7 +238,7 @@ fn run_lanes(chorus: &Path, out: &Path, lanes: Vec<Vec<Step>>) -> Result<()> {
                     .stderr(Stdio::from(file))
                     .spawn()
                     .with_context(|| format!("starting {}", chorus.display()))?;
-                *slot = Some((child, next.name, Instant::now(), log, next.args.join(" ")));
+                *slot = Some((child, next, Instant::now(), log));
                 busy = true;
             }
         }

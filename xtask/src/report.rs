@@ -424,6 +424,7 @@ pub fn report(out: &Path, preset: ReportPreset, seeds: u64) -> Result<()> {
     std::fs::create_dir_all(&figures)?;
     let text = render(
         &out,
+        &gguf,
         &figures,
         preset,
         seeds,
@@ -579,6 +580,7 @@ const SINGLES: [&str; 6] = [
 /// The report's text (and its plots, written under `docs/results/`).
 fn render(
     out: &Path,
+    gguf: &str,
     figures: &Path,
     preset: ReportPreset,
     seeds: u64,
@@ -605,6 +607,16 @@ fn render(
     };
     let nll = |model: &str, task: &str| {
         mean_sd(&of(model, task).iter().map(|r| r.nll).collect::<Vec<_>>())
+    };
+    // The single model with the lowest mean NLL on a task, and that NLL.
+    let best_single = |task: &str| -> (String, f64) {
+        SINGLES
+            .iter()
+            .map(|m| (m.to_string(), nll(m, task).0))
+            .filter(|(_, v)| v.is_finite())
+            .fold((String::new(), f64::INFINITY), |a, b| {
+                if b.1 < a.1 { b } else { a }
+            })
     };
     let preset_name = match preset {
         ReportPreset::Cpu => "cpu",
@@ -661,16 +673,9 @@ fn render(
         knobs.iw_samples,
         SINGLES.join(", ")
     ));
-    let mut verdicts = Vec::new();
-    let mut bars: Vec<(String, Vec<(String, f64, f64)>)> = Vec::new();
+    let mut bars: Vec<(String, Vec<svg::Bar>)> = Vec::new();
     for t in &tasks {
-        let (best_single, best_nll) = SINGLES
-            .iter()
-            .map(|m| (m.to_string(), nll(m, t).0))
-            .filter(|(_, v)| v.is_finite())
-            .fold((String::new(), f64::INFINITY), |a, b| {
-                if b.1 < a.1 { b } else { a }
-            });
+        let (_, best_nll) = best_single(t);
         let mut group = Vec::new();
         for m in &models {
             let r = of(m, t);
@@ -694,20 +699,6 @@ fn render(
             group.push((m.clone(), mean, sd));
         }
         bars.push((t.clone(), group));
-        let chorus = nll("chorus", t).0;
-        let rivals = ["static mixture", "Co-LLM"]
-            .iter()
-            .map(|m| (m.to_string(), nll(m, t).0))
-            .chain(std::iter::once((best_single.clone(), best_nll)))
-            .collect::<Vec<_>>();
-        let beaten: Vec<String> = rivals
-            .iter()
-            .map(|(m, v)| format!("{m} by {:+.4}", chorus - v))
-            .collect();
-        verdicts.push(format!(
-            "- **{t}**: chorus {chorus:.4}; against {} (negative = chorus better).",
-            beaten.join(", ")
-        ));
     }
     md.push_str(&format!(
         "\nTokens per row are those of SmolLM2's tokenizer; {} target tokens per task and seed on \
@@ -733,24 +724,19 @@ fn render(
          | task | rival | seed | Δ nats/token | 95 % interval |\n|---|---|---|---|---|\n",
     );
     let rivals = |t: &str| -> Vec<String> {
-        let best_single = SINGLES
-            .iter()
-            .map(|m| (m.to_string(), nll(m, t).0))
-            .filter(|(_, v)| v.is_finite())
-            .fold((String::new(), f64::INFINITY), |a, b| {
-                if b.1 < a.1 { b } else { a }
-            })
-            .0;
-        vec![best_single, "Co-LLM".into(), "static mixture".into()]
+        vec![best_single(t).0, "Co-LLM".into(), "static mixture".into()]
     };
+    let mut verdicts = String::new();
     for t in &tasks {
         for rival in rivals(t) {
+            let mut per_seed = Vec::new();
             for (seed, e) in evals.iter().enumerate() {
                 for p in e["paired"].as_array().into_iter().flatten() {
                     if p["task"] == t.as_str() && p["baseline"] == rival.as_str() {
                         let d = p["nll_difference"].as_f64().unwrap_or(f64::NAN);
                         let lo = p["interval"][0].as_f64().unwrap_or(f64::NAN);
                         let hi = p["interval"][1].as_f64().unwrap_or(f64::NAN);
+                        per_seed.push((d, hi));
                         md.push_str(&format!(
                             "| {t} | {rival} | {seed} | {d:+.4} | [{lo:+.4}, {hi:+.4}]{} |\n",
                             if hi < 0.0 {
@@ -764,14 +750,26 @@ fn render(
                     }
                 }
             }
+            let (mean, _) = mean_sd(&per_seed.iter().map(|p| p.0).collect::<Vec<_>>());
+            let resolved = per_seed.iter().filter(|p| p.1 < 0.0).count();
+            let met = !per_seed.is_empty() && mean < 0.0 && resolved == per_seed.len();
+            verdicts.push_str(&format!(
+                "| {t} | {rival} | {mean:+.4} | {resolved} of {} | {} |\n",
+                per_seed.len(),
+                if met { "**met**" } else { "missed" }
+            ));
         }
     }
 
-    md.push_str("\n## The target, task by task\n\n");
-    for v in verdicts {
-        md.push_str(&v);
-        md.push('\n');
-    }
+    md.push_str(&format!(
+        "\n## The target, task by task\n\n\
+         The target: chorus beats every single model, the static mixture and Co-LLM on each task — \
+         the mean paired difference over the {seeds} seeds below zero and every seed's interval \
+         excluding zero. (Beating the best single model on the paired difference is beating every \
+         single model on that task's total NLL.)\n\n\
+         | task | rival | mean Δ over seeds | seeds whose interval is below 0 | target |\n\
+         |---|---|---|---|---|\n{verdicts}"
+    ));
 
     // Training curves of chorus, seed 0.
     let metrics = out.join("runs/chorus/seed-0/metrics.jsonl");
@@ -813,9 +811,12 @@ fn render(
     md.push_str(&routing_section(out)?);
     md.push_str(&decoding_section(out, figures)?);
     md.push_str(&format!(
-        "\n## How it ran\n\n{}\nWall time of this command: {wall:.0} s (steps skipped because their \
+        "\n## How it ran\n\nEvery step, its command (`$OUT` = `{}`, `$SMOLLM2` = the GGUF in the \
+         corpus cache) and its wall time; lanes of two steps ran side by side.\n\n{}\n\
+         Wall time of the last `cargo xtask report` call: {wall:.0} s (steps skipped because their \
          outputs existed take none).\n",
-        timings(out)?
+        out.display(),
+        timings(out, gguf)?
     ));
     Ok(md)
 }
@@ -1056,22 +1057,32 @@ fn setting(out: &Path, knobs: &Knobs, preset: ReportPreset) -> Result<String> {
 }
 
 /// The steps and their wall times, from `<out>/times.json` (written by `run_lanes`).
-fn timings(out: &Path) -> Result<String> {
+fn timings(out: &Path, gguf: &str) -> Result<String> {
     let times = read_json(&out.join("times.json")).unwrap_or(Value::Null);
     let mut s = String::from("| step | command | wall |\n|---|---|---|\n");
+    let mut total = 0.0;
     for (name, t) in times.as_object().into_iter().flatten() {
+        let seconds = t["seconds"].as_f64().unwrap_or(f64::NAN);
+        total += seconds;
+        let command = t["command"]
+            .as_str()
+            .unwrap_or("?")
+            .replace(gguf, "$SMOLLM2")
+            .replace(&out.display().to_string(), "$OUT")
+            .replace('|', "\\|");
         s.push_str(&format!(
-            "| {name} | `chorus {}` | {:.0} s |\n",
-            t["command"].as_str().unwrap_or("?").replace('|', "\\|"),
-            t["seconds"].as_f64().unwrap_or(f64::NAN)
+            "| {name} | `chorus {command}` | {seconds:.0} s |\n"
         ));
     }
+    s.push_str(&format!(
+        "| all steps | (sum; two lanes overlapped) | {total:.0} s |\n"
+    ));
     Ok(s)
 }
 
 /// Plain SVG charts: no plotting dependency for two kinds of figure.
 mod svg {
-    const W: f64 = 760.0;
+    const W: f64 = 900.0;
     const H: f64 = 360.0;
     const LEFT: f64 = 60.0;
     const TOP: f64 = 40.0;
@@ -1081,6 +1092,9 @@ mod svg {
         "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
         "#bcbd22", "#17becf", "#393b79", "#637939",
     ];
+
+    /// One bar: its label, mean and standard deviation.
+    pub type Bar = (String, f64, f64);
 
     fn header(title: &str) -> String {
         format!(
@@ -1113,7 +1127,7 @@ mod svg {
 
     /// Grouped bars (one group per task, one bar per system) with ±sd whiskers; the y axis
     /// starts just below the smallest bar so that differences show.
-    pub fn bars(title: &str, groups: &[(String, Vec<(String, f64, f64)>)]) -> String {
+    pub fn bars(title: &str, groups: &[(String, Vec<Bar>)]) -> String {
         let mut s = header(title);
         let all: Vec<f64> = groups
             .iter()
