@@ -186,6 +186,7 @@ fn run_lanes(chorus: &Path, out: &Path, lanes: Vec<Vec<Step>>) -> Result<()> {
     std::fs::create_dir_all(&logs)?;
     let started = Instant::now();
     let mut lanes: Vec<std::vec::IntoIter<Step>> = lanes.into_iter().map(Vec::into_iter).collect();
+    let side_by_side = lanes.len() > 1;
     // Per lane: the running step, its process, start time and log.
     let mut running: Vec<Option<(Child, Step, Instant, PathBuf)>> =
         (0..lanes.len()).map(|_| None).collect();
@@ -232,7 +233,13 @@ fn run_lanes(chorus: &Path, out: &Path, lanes: Vec<Vec<Step>>) -> Result<()> {
                 let log = logs.join(format!("{}.log", next.name));
                 let file = std::fs::File::create(&log)?;
                 eprintln!("xtask: start {} (log {})", next.name, log.display());
-                let child = Command::new(chorus)
+                let mut command = Command::new(chorus);
+                if side_by_side {
+                    // Side-by-side steps share the cores: one LibTorch/OpenMP thread each, since
+                    // two processes of two threads on two cores thrash.
+                    command.env("OMP_NUM_THREADS", "1");
+                }
+                let child = command
                     .args(&next.args)
                     .stdout(Stdio::from(file.try_clone()?))
                     .stderr(Stdio::from(file))

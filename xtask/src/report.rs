@@ -131,8 +131,8 @@ impl Knobs {
             },
             ReportPreset::Cpu => Knobs {
                 base_steps: 300,
-                expert_steps: 120,
-                joint_steps: 120,
+                expert_steps: 80,
+                joint_steps: 100,
                 train_examples: 300,
                 joint_batch_size: 8,
                 selector_init_steps: 20,
@@ -771,6 +771,8 @@ fn render(
          |---|---|---|---|---|\n{verdicts}"
     ));
 
+    md.push_str(&diagnosis(&tasks, &rows));
+
     // Training curves of chorus, seed 0.
     let metrics = out.join("runs/chorus/seed-0/metrics.jsonl");
     if let Ok(text) = std::fs::read_to_string(&metrics) {
@@ -819,6 +821,64 @@ fn render(
         timings(out, gguf)?
     ));
     Ok(md)
+}
+
+/// The differences that say why a target is met or missed, per task (mean NLL differences in
+/// nats per token; negative = the first system better).
+fn diagnosis(tasks: &[String], rows: &[Row]) -> String {
+    // Mean over seeds of the rows whose model name satisfies `is` on `task`.
+    let mean_of = |is: &dyn Fn(&str) -> bool, task: &str, get: &dyn Fn(&Row) -> Option<f64>| {
+        let values: Vec<f64> = rows
+            .iter()
+            .filter(|r| r.task == task && is(&r.model))
+            .filter_map(get)
+            .collect();
+        if values.is_empty() {
+            f64::NAN
+        } else {
+            mean_sd(&values).0
+        }
+    };
+    let nll = |model: &str, task: &str| mean_of(&|m| m == model, task, &|r| Some(r.nll));
+    let mut md = String::from(
+        "\n## Why: the differences behind the target\n\n\
+         Mean NLL differences over seeds, nats per token (negative: the first named is better). \
+         *expert − base*: each task's own expert against the base it continued from (are the \
+         experts expert?). *SmolLM2 − base*: how far ahead the pretrained model is. *VAE − base \
+         ft*: what z buys the base alone. *static − best single*: what mixing buys without \
+         routing. *Co-LLM − static*: what per-token routing adds. *chorus − Co-LLM*: what z adds \
+         to routing. *chorus − oracle*: the distance to the best per-token choice among the single \
+         models. KL (nats per sequence) and AU (active units of 32) of chorus: is z used?\n\n\
+         | task | expert − base | SmolLM2 − base | VAE − base ft | static − best single | \
+         Co-LLM − static | chorus − Co-LLM | chorus − oracle | chorus KL | chorus AU |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for t in tasks {
+        let expert = EXPERTS
+            .iter()
+            .find(|(_, _, task)| task == t)
+            .map_or("?", |(_, label, _)| label);
+        let best_single = SINGLES
+            .iter()
+            .map(|m| nll(m, t))
+            .filter(|v| v.is_finite())
+            .fold(f64::INFINITY, f64::min);
+        let oracle = mean_of(&|m| m.starts_with("oracle"), t, &|r| Some(r.nll));
+        let chorus = nll("chorus", t);
+        md.push_str(&format!(
+            "| {t} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:.2} | {:.1} |\n",
+            nll(expert, t) - nll("base", t),
+            nll("SmolLM2-135M", t) - nll("base", t),
+            nll("VAE", t) - nll("base fine-tuned", t),
+            nll("static mixture", t) - best_single,
+            nll("Co-LLM", t) - nll("static mixture", t),
+            chorus - nll("Co-LLM", t),
+            chorus - oracle,
+            mean_of(&|m| m == "chorus", t, &|r| r.kl),
+            mean_of(&|m| m == "chorus", t, &|r| r.active_units),
+        ));
+    }
+    md
 }
 
 /// A model's label from its source path in a manifest.
