@@ -17,6 +17,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 MUTANTS = [
     (
+        "the selector's learning-rate scale is ignored",
+        "crates/train/src/step.rs",
+        "    if settings.selector_lr_scale != 1.0",
+        "    if false && settings.selector_lr_scale != 1.0",
+        ["-p", "chorus-train", "--lib", "the_selector_steps_at_its_own"],
+    ),
+    (
         "concurrent writers of one score cache do not take turns",
         "crates/train/src/scores.rs",
         "    lock.lock().map_err(|e| TrainError::io(&lock_path, e))?;",

@@ -53,6 +53,8 @@ const SYSTEMS: [(&str, &str, &[&str]); 5] = [
             "chorus.d_latent=0",
             "chorus.selector=\"static\"",
             "train.selector_init_steps=0",
+            // K biases, a convex fit: a large step lets them converge within the budget.
+            "train.selector_lr_scale=100",
         ],
     ),
     ("co-llm", "Co-LLM", &["chorus.d_latent=0"]),
@@ -267,6 +269,8 @@ pub fn report(out: &Path, preset: ReportPreset, seeds: u64) -> Result<()> {
         "train.selector_init_steps={}",
         knobs.selector_init_steps
     ));
+    // The selector is a fresh head: at the base's lr it would barely leave π(base) = 0.9.
+    joint_sets.push("train.selector_lr_scale=10".to_string());
     let scores = format!("scores={:?}", p("scores"));
 
     eprintln!("xtask report: 3/6 scoring SmolLM2 and the experts once");

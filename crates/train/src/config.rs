@@ -95,6 +95,11 @@ pub struct OptimConfig {
     /// ELBO (0 skips it). Default 0.
     #[serde(default)]
     pub selector_init_steps: u64,
+    /// The selector's learning rate is `lr` times this: a fresh head of K outputs (a static
+    /// mixture's K biases) moves its logits by about `lr` per AdamW step, so at `lr = 1e-3` a
+    /// hundred steps barely leave π(base) = 0.9. Default 1.
+    #[serde(default = "default_one")]
+    pub selector_lr_scale: f64,
     /// The KL weight β by global step (annealing). Schedules with `total_steps` must span the
     /// run: `total_steps = steps`. Default constant 1.
     #[serde(default = "default_kl_schedule")]
@@ -163,6 +168,9 @@ fn default_valid_examples() -> usize {
 }
 fn default_eos() -> String {
     "<|endoftext|>".into()
+}
+fn default_one() -> f64 {
+    1.0
 }
 fn default_steps() -> u64 {
     1000
@@ -349,6 +357,12 @@ impl OptimConfig {
             "train.grad_clip",
             self.grad_clip,
             "≥ 0 (0 disables)",
+        )?;
+        check(
+            self.selector_lr_scale.is_finite() && self.selector_lr_scale > 0.0,
+            "train.selector_lr_scale",
+            self.selector_lr_scale,
+            "finite and > 0",
         )?;
         check(
             self.accumulation > 0,

@@ -480,6 +480,7 @@ pub(crate) fn run_loop<B: AutodiffBackend>(
         let settings = StepSettings {
             step,
             lr: learning_rate(cfg, step),
+            selector_lr_scale: cfg.selector_lr_scale,
             grad_clip: cfg.grad_clip,
             objective: if selector_phase {
                 Objective::SelectorInit

@@ -33,6 +33,8 @@ pub(crate) struct StepSettings<'a> {
     pub(crate) step: u64,
     /// The learning rate at this step.
     pub(crate) lr: f64,
+    /// The selector's learning rate is `lr · selector_lr_scale`.
+    pub(crate) selector_lr_scale: f64,
     /// Clip the global gradient norm to this (0 disables).
     pub(crate) grad_clip: f64,
     /// What the step optimises.
@@ -106,5 +108,28 @@ where
     }
     window.grad_norm += norm;
     window.steps += 1;
+    // The selector (a fresh head with K outputs on a pretrained base) takes its own step first,
+    // at `lr · selector_lr_scale`; AdamW keeps its moments per parameter, so two calls on disjoint
+    // parameters are one AdamW step with two learning rates.
+    let mut model = model;
+    if settings.selector_lr_scale != 1.0
+        && let Some(selector) = &model.selector
+    {
+        let mut selector_grads = GradientsParams::new();
+        let weight = selector.proj.weight.id;
+        if let Some(g) = grads.remove::<B::InnerBackend, 2>(weight) {
+            selector_grads.register(weight, g);
+        }
+        if let Some(bias) = &selector.proj.bias
+            && let Some(g) = grads.remove::<B::InnerBackend, 1>(bias.id)
+        {
+            selector_grads.register(bias.id, g);
+        }
+        model = optimizer.step(
+            settings.lr * settings.selector_lr_scale,
+            model,
+            selector_grads,
+        );
+    }
     Ok(optimizer.step(settings.lr, model, grads))
 }

@@ -961,6 +961,96 @@ fn accumulating_two_batches_equals_one_batch_of_twice_the_size() {
 }
 
 #[test]
+fn the_selector_steps_at_its_own_learning_rate_and_everything_else_at_lr() {
+    let _rng = rng_lock();
+    let train = same_length(8);
+    let no_z = ChorusConfig {
+        d_latent: 0,
+        ..ChorusConfig::default()
+    };
+    // After one AdamW step (bias-corrected moments: the update is lr · g/(|g| + ε)), the
+    // selector moved `scale` times as far as at scale 1 and every other parameter the same.
+    let run = |scale: f64| {
+        let dir = tempfile::tempdir().unwrap();
+        let optim = OptimConfig {
+            steps: 1,
+            warmup_steps: 0,
+            weight_decay: 0.0,
+            grad_clip: 0.0,
+            selector_lr_scale: scale,
+            ..optim(2)
+        };
+        let (model, sources) = joint(no_z.clone(), 1);
+        fit_with(
+            model,
+            sources,
+            &train,
+            &[],
+            &optim,
+            8,
+            dir.path(),
+            false,
+            None,
+        )
+        .unwrap();
+        let (saved, _) =
+            load_chorus::<B>(&latest_checkpoint(dir.path()).unwrap(), &Default::default()).unwrap();
+        let selector = saved.model.selector.as_ref().unwrap();
+        let mut moved: Vec<f32> = selector.proj.weight.val().into_data().to_vec().unwrap();
+        moved.extend(
+            selector
+                .proj
+                .bias
+                .as_ref()
+                .unwrap()
+                .val()
+                .into_data()
+                .to_vec::<f32>()
+                .unwrap(),
+        );
+        (moved, parameters(&latest_checkpoint(dir.path()).unwrap()))
+    };
+    let (initial, _) = {
+        let (model, _) = joint(no_z.clone(), 1);
+        let selector = model.selector.unwrap();
+        let mut v: Vec<f32> = selector.proj.weight.val().into_data().to_vec().unwrap();
+        v.extend(
+            selector
+                .proj
+                .bias
+                .unwrap()
+                .val()
+                .into_data()
+                .to_vec::<f32>()
+                .unwrap(),
+        );
+        (v, ())
+    };
+    let (one, one_all) = run(1.0);
+    let (ten, ten_all) = run(10.0);
+    let mut compared = 0;
+    for ((a, b), c) in one.iter().zip(&ten).zip(&initial) {
+        let (d1, d10) = (a - c, b - c);
+        if d1.abs() > 1e-6 {
+            assert!((d10 / d1 - 10.0).abs() < 1e-3, "{d1} vs {d10}");
+            compared += 1;
+        }
+    }
+    assert!(compared > 0, "the selector did not move");
+    // Everything but the selector: the same values (the selector's are a small part).
+    let differing = one_all
+        .iter()
+        .zip(&ten_all)
+        .filter(|(a, b)| (*a - *b).abs() > 1e-7)
+        .count();
+    assert_eq!(
+        differing,
+        one.len(),
+        "only the selector's parameters differ"
+    );
+}
+
+#[test]
 fn clipping_scales_every_gradient_by_max_norm_over_the_global_norm() {
     let _rng = rng_lock();
     let device = Default::default();
