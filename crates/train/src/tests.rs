@@ -741,6 +741,8 @@ fn bad_configs_are_clear_errors() {
     assert!(e.contains("chorus.remote_assistants = 1"), "{e}");
     let e = load(base, &["train.epsilon=0"]);
     assert!(e.contains("train.epsilon = 0"), "{e}");
+    let e = load(base, &["train.selector_lr_scale=0"]);
+    assert!(e.contains("train.selector_lr_scale = 0"), "{e}");
     let e = load(base, &["data.batch_size=0"]);
     assert!(e.contains("batch_size"), "{e}");
     let e = load(base, &["train.steps"]);
