@@ -819,8 +819,8 @@ fn render(
     md.push_str(&format!(
         "\n## How it ran\n\nEvery step, its command (`$OUT` = `{}`, `$SMOLLM2` = the GGUF in the \
          corpus cache) and its wall time; lanes of two steps ran side by side.\n\n{}\n\
-         Wall time of the last `cargo xtask report` call: {wall:.0} s (steps skipped because their \
-         outputs existed take none).\n",
+         This rendering call of `cargo xtask report` took {wall:.0} s; steps whose outputs \
+         existed were skipped, so the run's cost is the table above.\n",
         out.display(),
         timings(out, gguf)?
     ));
@@ -1036,9 +1036,10 @@ fn decoding_section(out: &Path, figures: &Path) -> Result<String> {
         )?;
         md.push_str(&format!(
             "\n## Decoding\n\n![deferral against η](results/deferral.svg)\n\n\
-             `chorus calibrate` on the validation split: the threshold rule (an assistant writes \
-             when π(base) < η) at each candidate η, its deferral and its NLL with hard routing; \
-             the chosen η = {:.4} decodes the generations below.\n",
+             `chorus calibrate` on the validation split: the threshold rule (Co-LLM's: the most \
+             likely assistant writes when its π exceeds η, else the base) at each candidate η, its \
+             deferral and its NLL with hard routing; the chosen η = {:.4} (η = 0: the assistants \
+             write every token) decodes the generations below.\n",
             v["eta"].as_f64().unwrap_or(f64::NAN)
         ));
     }
