@@ -1092,8 +1092,8 @@ fn setting(out: &Path, knobs: &Knobs, preset: ReportPreset) -> Result<String> {
          selector, no z); Co-LLM (per-token selector, no z); a VAE (z, the base alone); chorus \
          (z + selector over base, SmolLM2 and the three experts). The assistants are frozen and \
          read no z (`assistant_adapters = false`): on a CPU, live assistants with z-adapters \
-         would run SmolLM2 forward at every step; that variant belongs to the `gpu` preset's \
-         future and has not been run.\n\
+         would run SmolLM2 forward and backward at every step; that variant (`chorus-adapters`) \
+         is part of the `gpu` preset only.\n\
          - **oracle**: each test token scored by the single model that gave it the highest \
          probability — the ceiling of any router over these models.\n\n",
         match preset {
