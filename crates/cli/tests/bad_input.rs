@@ -661,6 +661,9 @@ fn continued_pre_training_starts_from_the_init_weights() {
             &config,
             "--out",
             &f.path("continued"),
+            // The fixture's LM ties its embeddings.
+            "--set",
+            "model.tie_embeddings=true",
         ],
     );
     assert_eq!(code, 0, "{stderr}");
