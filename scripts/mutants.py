@@ -4,8 +4,9 @@
     python3 scripts/mutants.py            # every mutation (≈ 1–2 min each on 2 cores)
     python3 scripts/mutants.py resume     # those whose name contains "resume"
 
-Each mutation is (name, file, original text, broken text, cargo test arguments). The script
-restores every file afterwards (also on Ctrl-C) and prints a table for docs/reliability.md; it
+Each mutation is (name, file, original text, broken text, cargo test arguments). The script first
+runs the guarding tests on the unbroken code (they must pass), then on the broken code (they must
+fail); it restores every file afterwards (also on Ctrl-C) and prints a table for docs/reliability.md; it
 exits non-zero if a mutation survives (its tests still pass) or no longer applies.
 """
 import subprocess
@@ -431,6 +432,16 @@ def run(name, file, original, broken, args):
     text = path.read_text()
     if text.count(original) != 1:
         return "does not apply"
+    # The guarding tests must pass on the unbroken code, or "caught" would mean nothing (a test
+    # that failed for another reason once counted a mutation as caught).
+    baseline = subprocess.run(
+        ["cargo", "test", *args[:-1], "--", args[-1]],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    if baseline.returncode != 0 or "test result: ok" not in baseline.stdout:
+        return "FAILS WITHOUT THE MUTATION"
     path.write_text(text.replace(original, broken))
     try:
         started = time.time()
