@@ -165,17 +165,21 @@ fn run_now(chorus: &Path, args: &[&str]) -> Result<()> {
 /// One `chorus` invocation, logged to `<out>/logs/<name>.log`, skipped when `output` exists (a
 /// rerun picks up where a previous one stopped; delete the output directory to start over).
 struct Step {
-    name: &'static str,
+    name: String,
     args: Vec<String>,
     output: PathBuf,
 }
 
-fn step(name: &'static str, mut args: Vec<String>, sets: &[String], output: PathBuf) -> Step {
+fn step(name: impl Into<String>, mut args: Vec<String>, sets: &[String], output: PathBuf) -> Step {
     for s in sets {
         args.push("--set".into());
         args.push(s.clone());
     }
-    Step { name, args, output }
+    Step {
+        name: name.into(),
+        args,
+        output,
+    }
 }
 
 /// Runs lanes of steps concurrently; the steps of one lane run in order. Stops at the first
@@ -200,7 +204,7 @@ fn run_lanes(chorus: &Path, out: &Path, lanes: Vec<Vec<Step>>) -> Result<()> {
                         continue;
                     }
                     Some(status) => {
-                        let (name, t0, log) = (running_step.name, *t0, log.clone());
+                        let (name, t0, log) = (running_step.name.clone(), *t0, log.clone());
                         let command = running_step.args.join(" ");
                         *slot = None;
                         if !status.success() {
@@ -216,7 +220,7 @@ fn run_lanes(chorus: &Path, out: &Path, lanes: Vec<Vec<Step>>) -> Result<()> {
                             "xtask: done  {name} in {seconds:.0} s (at {:.0} s)",
                             started.elapsed().as_secs_f64()
                         );
-                        record_time(out, name, seconds, &command)?;
+                        record_time(out, &name, seconds, &command)?;
                     }
                 }
             }
@@ -462,7 +466,7 @@ fn train(out: &Path, preset: Preset) -> Result<()> {
                 .flat_map(|s| ["--set".to_string(), s.clone()]),
         );
         Step {
-            name,
+            name: name.to_string(),
             args,
             output: PathBuf::from(json),
         }

@@ -300,7 +300,7 @@ pub fn report(out: &Path, preset: ReportPreset, seeds: u64) -> Result<()> {
             }
             sets.extend(s(extra));
             lanes[n % 2].push(step(
-                leak(format!("train-{dir}-seed-{seed}")),
+                format!("train-{dir}-seed-{seed}"),
                 command("train", "configs/joint.toml", &run),
                 &sets,
                 out.join(&run).join("summary.json"),
@@ -370,7 +370,7 @@ pub fn report(out: &Path, preset: ReportPreset, seeds: u64) -> Result<()> {
             args.extend(["--set".to_string(), set.to_string()]);
         }
         lanes[seed as usize % 2].push(Step {
-            name: leak(format!("eval-seed-{seed}")),
+            name: format!("eval-seed-{seed}"),
             args,
             output: PathBuf::from(json),
         });
@@ -407,13 +407,13 @@ pub fn report(out: &Path, preset: ReportPreset, seeds: u64) -> Result<()> {
         args.push(html.display().to_string());
         args.extend(s(knobs.device));
         generations.push(Step {
-            name: leak(format!("generate-{name}")),
+            name: format!("generate-{name}"),
             args,
             output: html,
         });
     }
     let mut lane = vec![Step {
-        name: "calibrate",
+        name: "calibrate".into(),
         args: calibrate,
         output: PathBuf::from(format!("{best}/decoding.json")),
     }];
@@ -485,11 +485,6 @@ fn tail_words(text: &str, max_chars: usize) -> &str {
         .map_or(0, |(i, _)| i);
     let tail = &text[start..];
     tail.find(' ').map_or(tail, |i| &tail[i + 1..])
-}
-
-/// Step names are `&'static str`; the report's few generated ones live for the whole command.
-fn leak(name: String) -> &'static str {
-    Box::leak(name.into_boxed_str())
 }
 
 /// Fetches SmolLM2 (verified) and returns the path of its GGUF.

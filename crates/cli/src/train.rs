@@ -12,7 +12,7 @@ use chorus_train::{
     AssistantScores, DataConfig, DataSection, EvalReport, EvalSet, PretrainConfig, RouterRecord,
     TOKEN_CONVENTION, TargetLogProbs, TrainConfig, assistant_scores, encode_examples,
     evaluate_chorus, evaluate_composition, evaluate_lm, evaluate_oracle, load_chorus, load_config,
-    load_task_examples, text_file_examples,
+    load_task_examples, text_file_examples, uncacheable_assistants,
 };
 
 /// `chorus data tokenizer`: a byte-level BPE trained on the training split of the three tasks.
@@ -347,12 +347,7 @@ pub fn eval<B: Backend>(args: EvalArgs<'_>, device: &B::Device) -> Result<()> {
                     remotes.iter().map(|r| r as &dyn Assistant<B>).collect();
                 let cache = match args.scores {
                     // Only assistants that are frozen and read no z have one score per token.
-                    Some(dir)
-                        if servers.is_empty()
-                            && m.n_models() > 1
-                            && !m.config.train_assistants
-                            && !(m.config.has_z() && m.config.assistant_adapters) =>
-                    {
+                    Some(dir) if uncacheable_assistants(m.as_ref()).is_none() => {
                         let ids = sources.join("\n");
                         let dir = dir.join(format!(
                             "{:016x}",

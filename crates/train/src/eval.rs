@@ -387,17 +387,22 @@ impl Sums {
             .to_vec::<f64>()
             .expect("f64 data");
         for (&index, log_p) in ids.iter().zip(log_p) {
-            let e = &data[index];
-            self.examples += 1;
-            self.tokens += e.n_targets();
-            self.bytes += e.target_bytes;
-            self.log_p += log_p;
-            self.per_example.push(ExampleScore {
-                index,
-                tokens: e.n_targets(),
-                log_p,
-            });
+            self.add_one(data, index, log_p);
         }
+    }
+
+    /// Adds example `index` of `data` with log-likelihood `log_p`.
+    fn add_one(&mut self, data: &[Encoded], index: usize, log_p: f64) {
+        let e = &data[index];
+        self.examples += 1;
+        self.tokens += e.n_targets();
+        self.bytes += e.target_bytes;
+        self.log_p += log_p;
+        self.per_example.push(ExampleScore {
+            index,
+            tokens: e.n_targets(),
+            log_p,
+        });
     }
 }
 
@@ -645,22 +650,33 @@ pub fn evaluate_oracle(
                     .fold(f64::NEG_INFINITY, f64::max)
             })
             .sum();
-        let e = &data[index];
-        let s = sums.entry(e.task).or_default();
-        s.examples += 1;
-        s.tokens += e.n_targets();
-        s.bytes += e.target_bytes;
-        s.log_p += best;
-        s.per_example.push(ExampleScore {
-            index,
-            tokens: e.n_targets(),
-            log_p: best,
-        });
+        sums.entry(data[index].task)
+            .or_default()
+            .add_one(data, index, best);
     }
     Ok(sums
         .into_iter()
         .map(|(task, s)| EvalRow::new(name, task, s))
         .collect())
+}
+
+/// Why a joint model's assistants have no fixed log-probs to cache, or `None` when they do: they
+/// exist, are local, frozen and read no z.
+pub fn uncacheable_assistants<B: Backend>(model: &Chorus<B>) -> Option<&'static str> {
+    if model.n_models() < 2 {
+        Some("the model has no assistants to score")
+    } else if model.config.has_z() && model.config.assistant_adapters {
+        Some("the assistants read z through adapters, so their log-probs cannot be cached")
+    } else if model.config.train_assistants {
+        Some(
+            "the assistants were trained with the model, so their source files no longer \
+             identify them",
+        )
+    } else if model.config.remote_assistants > 0 {
+        Some("the model has remote assistants: they are asked batch by batch instead")
+    } else {
+        None
+    }
 }
 
 /// The log-probs of a joint model's local assistants on `data`, from the score cache in `dir` when
@@ -681,24 +697,8 @@ pub fn assistant_scores<B: Backend>(
         file: dir.display().to_string(),
         reason: reason.to_string(),
     };
-    if model.n_models() < 2 {
-        return Err(refuse("the model has no assistants to score"));
-    }
-    if model.config.has_z() && model.config.assistant_adapters {
-        return Err(refuse(
-            "the assistants read z through adapters, so their log-probs cannot be cached",
-        ));
-    }
-    if model.config.train_assistants {
-        return Err(refuse(
-            "the assistants were trained with the model, so their source files no longer \
-             identify them",
-        ));
-    }
-    if model.config.remote_assistants > 0 {
-        return Err(refuse(
-            "the model has remote assistants: they are asked batch by batch instead",
-        ));
+    if let Some(reason) = uncacheable_assistants(model) {
+        return Err(refuse(reason));
     }
     let ids = sources
         .get(1..model.n_models())

@@ -40,7 +40,7 @@ pub use config::{
 pub use eval::{
     AssistantScores, EvalReport, EvalRow, EvalSet, ExampleScore, PairedDifference, RouterRecord,
     TOKEN_CONVENTION, TargetLogProbs, assistant_scores, evaluate_chorus, evaluate_composition,
-    evaluate_lm, evaluate_oracle, paired_difference, text_file_examples,
+    evaluate_lm, evaluate_oracle, paired_difference, text_file_examples, uncacheable_assistants,
 };
 pub use metrics::MetricWindow;
 pub use progress::{Progress, Silent};

@@ -962,6 +962,22 @@ fn accumulating_two_batches_equals_one_batch_of_twice_the_size() {
     assert!(worst < 1e-5, "parameters differ by {worst}");
 }
 
+/// The selector's weight then bias, flattened.
+fn selector_values(model: &Chorus<B>) -> Vec<f32> {
+    let proj = &model.selector.as_ref().unwrap().proj;
+    let mut values: Vec<f32> = proj.weight.val().into_data().to_vec().unwrap();
+    values.extend(
+        proj.bias
+            .as_ref()
+            .unwrap()
+            .val()
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap(),
+    );
+    values
+}
+
 #[test]
 fn the_selector_steps_at_its_own_learning_rate_and_everything_else_at_lr() {
     let _rng = rng_lock();
@@ -997,37 +1013,12 @@ fn the_selector_steps_at_its_own_learning_rate_and_everything_else_at_lr() {
         .unwrap();
         let (saved, _) =
             load_chorus::<B>(&latest_checkpoint(dir.path()).unwrap(), &Default::default()).unwrap();
-        let selector = saved.model.selector.as_ref().unwrap();
-        let mut moved: Vec<f32> = selector.proj.weight.val().into_data().to_vec().unwrap();
-        moved.extend(
-            selector
-                .proj
-                .bias
-                .as_ref()
-                .unwrap()
-                .val()
-                .into_data()
-                .to_vec::<f32>()
-                .unwrap(),
-        );
-        (moved, parameters(&latest_checkpoint(dir.path()).unwrap()))
+        (
+            selector_values(&saved.model),
+            parameters(&latest_checkpoint(dir.path()).unwrap()),
+        )
     };
-    let (initial, _) = {
-        let (model, _) = joint(no_z.clone(), 1);
-        let selector = model.selector.unwrap();
-        let mut v: Vec<f32> = selector.proj.weight.val().into_data().to_vec().unwrap();
-        v.extend(
-            selector
-                .proj
-                .bias
-                .unwrap()
-                .val()
-                .into_data()
-                .to_vec::<f32>()
-                .unwrap(),
-        );
-        (v, ())
-    };
+    let initial = selector_values(&joint(no_z.clone(), 1).0.valid());
     let (one, one_all) = run(1.0);
     let (ten, ten_all) = run(10.0);
     let mut compared = 0;
