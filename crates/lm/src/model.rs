@@ -203,11 +203,6 @@ pub(crate) fn add_offset<B: Backend>(
     }
 }
 
-/// Up to this many positions (decoding steps), [`tied_logits`] multiplies by the transposed
-/// embedding directly: chorus's burn-ndarray reads a few rows' product from the matrix's own
-/// layout without packing (vendor/burn-ndarray/CHORUS.md).
-const FEW_ROWS: usize = 8;
-
 /// The hidden states the output layer reads: all positions, or the last one with
 /// [`LmInput::last_logits_only`].
 ///
@@ -222,9 +217,12 @@ pub(crate) fn logit_positions<B: Backend>(hidden: &Tensor<B, 3>, last_only: bool
     }
 }
 
-/// Output logits through a tied embedding matrix `[vocab, d_model]`: `h Eᵀ`. For more than
-/// [`FEW_ROWS`] positions it is computed as `(E hᵀ)ᵀ` so that only the small `h` is transposed (a
-/// transposed `E` is copied by some backends on every call: 113 MB per token for SmolLM2).
+/// Output logits through a tied embedding matrix `[vocab, d_model]`: `h Eᵀ`, in row-major
+/// `[batch, seq, vocab]` layout. (Computing `(E hᵀ)ᵀ` instead, to spare the backend a transposed
+/// `E`, left the logits as a transposed view: LibTorch then reduced and mapped the vocabulary axis
+/// with a stride of `batch · seq` — a row max over SmolLM2's logits took 15× as long as on
+/// row-major ones, docs/performance.md.) For a few rows chorus's burn-ndarray reads `Eᵀ` in place
+/// (vendor/burn-ndarray/CHORUS.md); for more, copying `Eᵀ` once is small beside the product.
 ///
 /// # Shapes
 /// - hidden: `[batch, seq, d_model]`, embedding: `[vocab, d_model]`
@@ -235,18 +233,9 @@ pub(crate) fn tied_logits<B: Backend>(
 ) -> Tensor<B, 3> {
     let [batch, seq, d_model] = hidden.dims();
     let [vocab, _] = embedding.dims();
-    if batch * seq <= FEW_ROWS {
-        // h · Eᵀ: the ndarray backend multiplies a few rows by the transposed view in place.
-        return hidden
-            .reshape([batch * seq, d_model])
-            .matmul(embedding.transpose())
-            .reshape([batch, seq, vocab]);
-    }
-    // (E · hᵀ)ᵀ: E in its own layout, so no backend copies Eᵀ to pack it.
-    let hidden_t = hidden.reshape([batch * seq, d_model]).transpose(); // [d_model, batch·seq]
-    embedding
-        .matmul(hidden_t) // [vocab, batch·seq]
-        .transpose()
+    hidden
+        .reshape([batch * seq, d_model])
+        .matmul(embedding.transpose())
         .reshape([batch, seq, vocab])
 }
 
