@@ -373,12 +373,40 @@ fn parse_update(s: &str) -> Result<chorus_model::AssistantUpdate, String> {
 
 /// Runs the command; an error is one line on stderr (`error: context: cause: …`) and exit code 1.
 fn main() -> std::process::ExitCode {
+    keep_freed_memory();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", one_line(&e));
             std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Tells glibc's allocator to serve large blocks from the heap and keep freed memory instead of
+/// mapping fresh pages for every tensor and unmapping them when it is dropped: a training step
+/// allocates and frees gigabytes of tensors, and the kernel zeroed every fresh page (a quarter of a
+/// LibTorch step at the SmolLM2 shape went to `clear_page_erms`). Costs a few hundred MB of peak
+/// RSS; measured in docs/performance.md. Variables the user set (`MALLOC_MMAP_THRESHOLD_`,
+/// `MALLOC_TRIM_THRESHOLD_`) win.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        unsafe extern "C" {
+            fn mallopt(param: std::ffi::c_int, value: std::ffi::c_int) -> std::ffi::c_int;
+        }
+        const M_TRIM_THRESHOLD: std::ffi::c_int = -1;
+        const M_MMAP_THRESHOLD: std::ffi::c_int = -3;
+        for (param, variable, value) in [
+            (M_MMAP_THRESHOLD, "MALLOC_MMAP_THRESHOLD_", 1 << 30),
+            (M_TRIM_THRESHOLD, "MALLOC_TRIM_THRESHOLD_", std::ffi::c_int::MAX),
+        ] {
+            if std::env::var_os(variable).is_none() {
+                // SAFETY: mallopt only changes allocator tunables; it is called before any
+                // thread is started. A refused value (return 0) leaves the default in place.
+                unsafe { mallopt(param, value) };
+            }
         }
     }
 }
