@@ -387,14 +387,21 @@ MUTANTS = [
         "vendor/burn-ndarray/src/ops/matmul.rs",
         "                        *y = *y + a * w;",
         "                        *y = *y + a * w + a;",
-        ["-p", "chorus-lm", "--lib", "few_row_and_folded_matmuls"],
+        ["-p", "chorus-lm", "--lib", "few_row_strided_and_folded_matmuls"],
     ),
     (
         "few-row matmul drops the last product (transposed weights)",
         "vendor/burn-ndarray/src/ops/matmul.rs",
         "                    *y = dot(x, &self.rhs[j * k..(j + 1) * k]);",
         "                    *y = dot(x, &self.rhs[j * k..(j + 1) * k - 1]);",
-        ["-p", "chorus-lm", "--lib", "few_row_and_folded_matmuls"],
+        ["-p", "chorus-lm", "--lib", "few_row_strided_and_folded_matmuls"],
+    ),
+    (
+        "the strided GEMM scales the product (a transposed weight, many rows)",
+        "vendor/burn-ndarray/src/ops/matmul.rs",
+        "general_mat_mul(1.0.elem(), &lhs_view, &rhs_view, 0.0.elem(), &mut out);",
+        "general_mat_mul(2.0.elem(), &lhs_view, &rhs_view, 0.0.elem(), &mut out);",
+        ["-p", "chorus-lm", "--lib", "few_row_strided_and_folded_matmuls"],
     ),
     (
         "a growing KV cache forgets the past",

@@ -5,9 +5,10 @@
 //! does; a small base is pre-trained on the three tasks with SmolLM2's tokenizer; three domain
 //! experts (story, dialogue, prose) continue the base's pre-training on their own task. Every
 //! trained system starts from that base and gets the same steps on the same batches (so the same
-//! target tokens), once per seed: the base fine-tuned, a static mixture, Co-LLM, a VAE and
-//! chorus. `chorus eval` then scores every system and every single model on the test split, adds
-//! the per-token oracle and compares chorus with each other model example by example.
+//! target tokens), once per seed: the base fine-tuned, a static mixture, Co-LLM, a VAE, chorus,
+//! and chorus whose assistants read z through their own adapters (so SmolLM2 runs live at every
+//! step). `chorus eval` then scores every system and every single model on the test split, adds
+//! the per-token oracle and compares each chorus variant with its rivals example by example.
 //!
 //! Every step is a `chorus` command (logged under `<out>/logs/`, timed in `<out>/times.json`) and
 //! is skipped when its output exists, so a rerun continues an interrupted run and, once
@@ -66,20 +67,19 @@ const SYSTEMS: [(&str, &str, &[&str]); 5] = [
     ("chorus", "chorus", &[]),
 ];
 
-/// Only in the `gpu` preset: chorus whose assistants read z through their own adapters, so they
-/// run live at every step (SmolLM2 forward and backward through its adapter).
+/// chorus whose assistants read z through their own adapters, so they run live at every step
+/// (SmolLM2 forward and backward through its adapter) and cannot come from the score cache: it
+/// is evaluated in its own `chorus eval` per seed, paired with its rivals.
 const ADAPTED: (&str, &str, &[&str]) = (
     "chorus-adapters",
     "chorus, z-adapters on the assistants",
     &["chorus.assistant_adapters=true"],
 );
 
-/// The systems a preset trains.
-fn systems(preset: ReportPreset) -> Vec<(&'static str, &'static str, &'static [&'static str])> {
+/// The systems every preset trains.
+fn systems() -> Vec<(&'static str, &'static str, &'static [&'static str])> {
     let mut systems = SYSTEMS.to_vec();
-    if preset == ReportPreset::Gpu {
-        systems.push(ADAPTED);
-    }
+    systems.push(ADAPTED);
     systems
 }
 
@@ -289,7 +289,7 @@ pub fn report(out: &Path, preset: ReportPreset, seeds: u64) -> Result<()> {
     let mut lanes = vec![Vec::new(), Vec::new()];
     let mut n = 0;
     for seed in 0..seeds {
-        for (dir, _, extra) in systems(preset) {
+        for (dir, _, extra) in systems() {
             let run = format!("runs/{dir}/seed-{seed}");
             let mut sets = joint_sets.clone();
             sets.push(format!("train.seed={seed}"));
@@ -312,7 +312,7 @@ pub fn report(out: &Path, preset: ReportPreset, seeds: u64) -> Result<()> {
     // Only `best/` is read from here on; the last step's checkpoint (with its optimizer state)
     // holds a copy of SmolLM2 in f32 per run.
     for seed in 0..seeds {
-        for (dir, _, _) in systems(preset) {
+        for (dir, _, _) in systems() {
             let checkpoints = out.join(format!("runs/{dir}/seed-{seed}/checkpoints"));
             for entry in std::fs::read_dir(&checkpoints).into_iter().flatten() {
                 let path = entry?.path();
@@ -334,8 +334,9 @@ pub fn report(out: &Path, preset: ReportPreset, seeds: u64) -> Result<()> {
             args.push("--model".into());
             args.push(format!("{label}={path}"));
         };
-        // chorus first: the paired table compares it with every other model.
-        let mut ordered = systems(preset);
+        // chorus first: the paired table compares it with every other model. The adapted variant
+        // runs its assistants live, in its own evaluation below.
+        let mut ordered = SYSTEMS.to_vec();
         ordered.reverse();
         ordered.sort_by_key(|(dir, _, _)| *dir != "chorus");
         for (dir, label, _) in &ordered {
@@ -378,6 +379,50 @@ pub fn report(out: &Path, preset: ReportPreset, seeds: u64) -> Result<()> {
     // Seed 0 alone first: it writes the assistants' score cache that the other seeds read.
     let mut first = lanes[0].drain(..1).collect::<Vec<_>>();
     run_lanes(&chorus, &out, vec![std::mem::take(&mut first)])?;
+    // The adapted variant first in its own evaluation, so that it is paired with its rivals (the
+    // single models, Co-LLM and the static mixture; those come from the score cache again).
+    for seed in 0..seeds {
+        let json = p(&format!("eval/adapters-seed-{seed}.json"));
+        let mut args = s(&["eval"]);
+        let run = |dir: &str| p(&format!("runs/{dir}/seed-{seed}/checkpoints/best"));
+        let mut models = vec![
+            (ADAPTED.1.to_string(), run(ADAPTED.0)),
+            ("Co-LLM".to_string(), run("co-llm")),
+            ("static mixture".to_string(), run("static-mixture")),
+            ("base fine-tuned".to_string(), run("base-finetuned")),
+            ("base".to_string(), p("base/lm")),
+            ("SmolLM2-135M".to_string(), gguf.clone()),
+        ];
+        models.extend(
+            EXPERTS
+                .iter()
+                .map(|(dir, label, _)| (label.to_string(), p(&format!("{dir}/lm")))),
+        );
+        for (label, path) in models {
+            args.extend(["--model".to_string(), format!("{label}={path}")]);
+        }
+        args.extend(s(&[
+            "--split",
+            "test",
+            "--scores",
+            &p("eval-scores"),
+            "--iw-samples",
+            &knobs.iw_samples.to_string(),
+            "--max-examples",
+            &knobs.test_examples.to_string(),
+            "--json",
+            &json,
+        ]));
+        args.extend(s(knobs.device));
+        for set in knobs.scale.iter().filter(|s| s.starts_with("data.")) {
+            args.extend(["--set".to_string(), set.to_string()]);
+        }
+        lanes[seed as usize % 2].push(Step {
+            name: format!("eval-adapters-seed-{seed}"),
+            args,
+            output: PathBuf::from(json),
+        });
+    }
     run_lanes(&chorus, &out, lanes)?;
 
     eprintln!("xtask report: 6/6 η calibration and generations with provenance (chorus, seed 0)");
@@ -589,7 +634,20 @@ fn render(
     let evals: Vec<Value> = (0..seeds)
         .map(|s| read_json(&out.join(format!("eval/seed-{s}.json"))))
         .collect::<Result<_>>()?;
-    let rows: Vec<Row> = evals.iter().flat_map(rows_of).collect();
+    let adapted_evals: Vec<Value> = (0..seeds)
+        .map(|s| read_json(&out.join(format!("eval/adapters-seed-{s}.json"))))
+        .collect::<Result<_>>()?;
+    // The adapted variant's evaluations repeat its rivals: only its own rows are taken from them.
+    let rows: Vec<Row> = evals
+        .iter()
+        .flat_map(rows_of)
+        .chain(
+            adapted_evals
+                .iter()
+                .flat_map(rows_of)
+                .filter(|r| r.model == ADAPTED.1),
+        )
+        .collect();
     let mut tasks: Vec<String> = rows.iter().map(|r| r.task.clone()).collect();
     tasks.sort();
     tasks.dedup();
@@ -598,6 +656,11 @@ fn render(
         if !models.contains(&r.model) {
             models.push(r.model.clone());
         }
+    }
+    // The adapted variant next to chorus.
+    if let Some(i) = models.iter().position(|m| m == ADAPTED.1) {
+        let adapted = models.remove(i);
+        models.insert(1.min(models.len()), adapted);
     }
     let of = |model: &str, task: &str| -> Vec<&Row> {
         rows.iter()
@@ -714,30 +777,36 @@ fn render(
         svg::bars("test NLL (nats/token), mean ± sd over seeds", &bars),
     )?;
 
-    // Paired comparisons of chorus.
+    // Paired comparisons of each chorus variant.
     md.push_str(
         "## chorus against each rival, example by example\n\n\
          Δ = Σᵢ (NLL_chorus,i − NLL_rival,i) / Σᵢ tokensᵢ over the test examples of a task, with a \
-         95 % percentile bootstrap interval over examples (1,000 resamples); per seed. An interval \
-         entirely below zero is a win the examples resolve.\n\n\
-         | task | rival | seed | Δ nats/token | 95 % interval |\n|---|---|---|---|---|\n",
+         95 % percentile bootstrap interval over examples (1,000 resamples); per seed, for chorus \
+         and for chorus with z-adapters on the assistants. An interval entirely below zero is a \
+         win the examples resolve.\n\n\
+         | task | chorus | rival | seed | Δ nats/token | 95 % interval |\n|---|---|---|---|---|---|\n",
     );
     let rivals = |t: &str| -> Vec<String> {
         vec![best_single(t).0, "Co-LLM".into(), "static mixture".into()]
     };
     let mut verdicts = String::new();
+    let variants = [("chorus", &evals), (ADAPTED.1, &adapted_evals)];
     for t in &tasks {
-        for rival in rivals(t) {
-            let mut per_seed = Vec::new();
-            for (seed, e) in evals.iter().enumerate() {
-                for p in e["paired"].as_array().into_iter().flatten() {
-                    if p["task"] == t.as_str() && p["baseline"] == rival.as_str() {
-                        let d = p["nll_difference"].as_f64().unwrap_or(f64::NAN);
-                        let lo = p["interval"][0].as_f64().unwrap_or(f64::NAN);
-                        let hi = p["interval"][1].as_f64().unwrap_or(f64::NAN);
-                        per_seed.push((d, hi));
-                        md.push_str(&format!(
-                            "| {t} | {rival} | {seed} | {d:+.4} | [{lo:+.4}, {hi:+.4}]{} |\n",
+        for (variant, variant_evals) in variants {
+            for rival in rivals(t) {
+                let mut per_seed = Vec::new();
+                for (seed, e) in variant_evals.iter().enumerate() {
+                    for p in e["paired"].as_array().into_iter().flatten() {
+                        if p["task"] == t.as_str()
+                            && p["model"] == variant
+                            && p["baseline"] == rival.as_str()
+                        {
+                            let d = p["nll_difference"].as_f64().unwrap_or(f64::NAN);
+                            let lo = p["interval"][0].as_f64().unwrap_or(f64::NAN);
+                            let hi = p["interval"][1].as_f64().unwrap_or(f64::NAN);
+                            per_seed.push((d, hi));
+                            md.push_str(&format!(
+                            "| {t} | {variant} | {rival} | {seed} | {d:+.4} | [{lo:+.4}, {hi:+.4}]{} |\n",
                             if hi < 0.0 {
                                 " **win**"
                             } else if lo > 0.0 {
@@ -746,17 +815,18 @@ fn render(
                                 ""
                             }
                         ));
+                        }
                     }
                 }
+                let (mean, _) = mean_sd(&per_seed.iter().map(|p| p.0).collect::<Vec<_>>());
+                let resolved = per_seed.iter().filter(|p| p.1 < 0.0).count();
+                let met = !per_seed.is_empty() && mean < 0.0 && resolved == per_seed.len();
+                verdicts.push_str(&format!(
+                    "| {t} | {variant} | {rival} | {mean:+.4} | {resolved} of {} | {} |\n",
+                    per_seed.len(),
+                    if met { "**met**" } else { "missed" }
+                ));
             }
-            let (mean, _) = mean_sd(&per_seed.iter().map(|p| p.0).collect::<Vec<_>>());
-            let resolved = per_seed.iter().filter(|p| p.1 < 0.0).count();
-            let met = !per_seed.is_empty() && mean < 0.0 && resolved == per_seed.len();
-            verdicts.push_str(&format!(
-                "| {t} | {rival} | {mean:+.4} | {resolved} of {} | {} |\n",
-                per_seed.len(),
-                if met { "**met**" } else { "missed" }
-            ));
         }
     }
 
@@ -766,8 +836,8 @@ fn render(
          the mean paired difference over the {seeds} seeds below zero and every seed's interval \
          excluding zero. (Beating the best single model on the paired difference is beating every \
          single model on that task's total NLL.)\n\n\
-         | task | rival | mean Δ over seeds | seeds whose interval is below 0 | target |\n\
-         |---|---|---|---|---|\n{verdicts}"
+         | task | chorus | rival | mean Δ over seeds | seeds whose interval is below 0 | target |\n\
+         |---|---|---|---|---|---|\n{verdicts}"
     ));
 
     md.push_str(&diagnosis(&tasks, &rows));
@@ -846,11 +916,14 @@ fn diagnosis(tasks: &[String], rows: &[Row]) -> String {
          experts expert?). *SmolLM2 − base*: how far ahead the pretrained model is. *VAE − base \
          ft*: what z buys the base alone. *static − best single*: what mixing buys without \
          routing. *Co-LLM − static*: what per-token routing adds. *chorus − Co-LLM*: what z adds \
-         to routing. *chorus − oracle*: the distance to the best per-token choice among the single \
-         models. KL (nats per sequence) and AU (active units of 32) of chorus: is z used?\n\n\
+         to routing. *adapters − chorus*: what the assistants reading z add. *chorus − oracle*: \
+         the distance to the best per-token choice among the single models. KL (nats per \
+         sequence) and AU (active units of 32) of chorus and of the adapted variant: is z \
+         used?\n\n\
          | task | expert − base | SmolLM2 − base | VAE − base ft | static − best single | \
-         Co-LLM − static | chorus − Co-LLM | chorus − oracle | chorus KL | chorus AU |\n\
-         |---|---|---|---|---|---|---|---|---|---|\n",
+         Co-LLM − static | chorus − Co-LLM | adapters − chorus | chorus − oracle | chorus KL / AU \
+         | adapters KL / AU |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for t in tasks {
         let expert = EXPERTS
@@ -865,16 +938,19 @@ fn diagnosis(tasks: &[String], rows: &[Row]) -> String {
         let oracle = mean_of(&|m| m.starts_with("oracle"), t, &|r| Some(r.nll));
         let chorus = nll("chorus", t);
         md.push_str(&format!(
-            "| {t} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:.2} | {:.1} |\n",
+            "| {t} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:.2} / {:.1} | {:.2} / {:.1} |\n",
             nll(expert, t) - nll("base", t),
             nll("SmolLM2-135M", t) - nll("base", t),
             nll("VAE", t) - nll("base fine-tuned", t),
             nll("static mixture", t) - best_single,
             nll("Co-LLM", t) - nll("static mixture", t),
             chorus - nll("Co-LLM", t),
+            nll(ADAPTED.1, t) - chorus,
             chorus - oracle,
             mean_of(&|m| m == "chorus", t, &|r| r.kl),
             mean_of(&|m| m == "chorus", t, &|r| r.active_units),
+            mean_of(&|m| m == ADAPTED.1, t, &|r| r.kl),
+            mean_of(&|m| m == ADAPTED.1, t, &|r| r.active_units),
         ));
     }
     md
@@ -1085,10 +1161,11 @@ fn setting(out: &Path, knobs: &Knobs, preset: ReportPreset) -> Result<String> {
          ({} training examples per task, {} target tokens for every system and seed): the base \
          fine-tuned (K = 1, no z); a static mixture (one learned π over the five models, no \
          selector, no z); Co-LLM (per-token selector, no z); a VAE (z, the base alone); chorus \
-         (z + selector over base, SmolLM2 and the three experts). The assistants are frozen and \
-         read no z (`assistant_adapters = false`): on a CPU, live assistants with z-adapters \
-         would run SmolLM2 forward and backward at every step; that variant (`chorus-adapters`) \
-         is part of the `gpu` preset only.\n\
+         (z + selector over base, SmolLM2 and the three experts; the assistants frozen and \
+         z-blind, `assistant_adapters = false`, so their log-probs come from the score cache); \
+         and chorus with z-adapters on the assistants too (`chorus-adapters`: the assistants stay \
+         frozen, each reads z through its own trained adapter — a memory slot per layer and an \
+         embedding offset — so SmolLM2 runs forward and backward at every step).\n\
          - **oracle**: each test token scored by the single model that gave it the highest \
          probability — the ceiling of any router over these models.\n\n",
         match preset {

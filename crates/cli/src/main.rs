@@ -400,7 +400,11 @@ fn keep_freed_memory() {
         const M_MMAP_THRESHOLD: std::ffi::c_int = -3;
         for (param, variable, value) in [
             (M_MMAP_THRESHOLD, "MALLOC_MMAP_THRESHOLD_", 1 << 30),
-            (M_TRIM_THRESHOLD, "MALLOC_TRIM_THRESHOLD_", std::ffi::c_int::MAX),
+            (
+                M_TRIM_THRESHOLD,
+                "MALLOC_TRIM_THRESHOLD_",
+                std::ffi::c_int::MAX,
+            ),
         ] {
             if std::env::var_os(variable).is_none() {
                 // SAFETY: mallopt only changes allocator tunables; it is called before any

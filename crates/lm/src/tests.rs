@@ -493,8 +493,24 @@ fn broken_checkpoints_are_errors_naming_file_and_tensor() {
 /// broadcast weight into one GEMM (vendor/burn-ndarray/CHORUS.md): every such product equals the
 /// same rows of a many-row product to f32 rounding (sums of up to 96 unit-variance products).
 #[test]
-fn few_row_and_folded_matmuls_equal_the_general_product() {
+fn few_row_strided_and_folded_matmuls_equal_the_product_by_hand() {
     let d = device();
+    // x · w by hand, in f64, from the operands' values.
+    let by_hand = |x: &Tensor<B, 2>, w: &Tensor<B, 2>| {
+        let [m, k] = x.dims();
+        let n = w.dims()[1];
+        let x = x.clone().into_data().to_vec::<f32>().unwrap();
+        let w = w.clone().into_data().to_vec::<f32>().unwrap();
+        let out: Vec<f32> = (0..m * n)
+            .map(|i| {
+                let (r, c) = (i / n, i % n);
+                (0..k)
+                    .map(|j| f64::from(x[r * k + j]) * f64::from(w[j * n + c]))
+                    .sum::<f64>() as f32
+            })
+            .collect();
+        Tensor::<B, 2>::from_data(TensorData::new(out, [m, n]), &d)
+    };
     for (m, k, n) in [
         (1, 64, 10),
         (1, 96, 700),
@@ -509,11 +525,15 @@ fn few_row_and_folded_matmuls_equal_the_general_product() {
             } else {
                 Tensor::<B, 2>::random([k, n], Distribution::Normal(0.0, 1.0), &d)
             };
-            // 12 rows go through the general GEMM.
-            let general = x.clone().matmul(w.clone()).narrow(0, 0, m);
-            let few = x.clone().narrow(0, 0, m).matmul(w.clone());
+            let expected = by_hand(&x, &w);
             let what = format!("{m}×{k}·{k}×{n}, transposed {transposed}");
-            let diff = max_abs_diff(general.clone(), few);
+            // 12 rows: the GEMM (a transposed w read through its strides).
+            let general = x.clone().matmul(w.clone());
+            let diff = max_abs_diff(expected.clone(), general);
+            assert!(diff < 1e-4, "{what}, 12 rows: |Δ| = {diff}");
+            let expected = expected.narrow(0, 0, m);
+            let few = x.clone().narrow(0, 0, m).matmul(w.clone());
+            let diff = max_abs_diff(expected.clone(), few);
             assert!(diff < 1e-4, "{what}: |Δ| = {diff}");
             // [2, m, k] · [1, k, n]: batches of a broadcast weight.
             let batched = x
@@ -523,7 +543,7 @@ fn few_row_and_folded_matmuls_equal_the_general_product() {
                 .repeat_dim(0, 2);
             let folded = batched.matmul(w.clone().unsqueeze_dim::<3>(0));
             let second = folded.narrow(0, 1, 1).squeeze_dim::<2>(0);
-            let diff = max_abs_diff(general, second);
+            let diff = max_abs_diff(expected, second);
             assert!(diff < 1e-4, "{what}, batched: |Δ| = {diff}");
         }
     }

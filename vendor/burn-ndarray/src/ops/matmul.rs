@@ -48,6 +48,31 @@ pub(crate) fn matmul<E: NdArrayElement>(
         }
     }
 
+    // chorus: one right-hand matrix in another layout than row-major (a tied output layer's
+    // transposed embedding `Eᵀ`) against many rows: one GEMM on the operands' own views, the
+    // kernel reading `rhs` through its strides, where the reshapes below would copy all of it.
+    if num_r_batches == 1
+        && num_out_batches == num_l_batches
+        && lhs.is_standard_layout()
+        && !rhs.is_standard_layout()
+    {
+        let rows = num_l_batches * m;
+        let mut rhs_view = rhs.view();
+        while rhs_view.ndim() > 2 {
+            rhs_view = rhs_view.index_axis_move(ndarray::Axis(0), 0);
+        }
+        let rhs_view = rhs_view
+            .into_dimensionality::<ndarray::Ix2>()
+            .expect("two axes left");
+        let lhs_view = lhs
+            .view()
+            .into_shape_with_order((rows, k))
+            .expect("standard layout");
+        let mut out = ndarray::Array2::<E>::zeros((rows, n));
+        ndarray::linalg::general_mat_mul(1.0.elem(), &lhs_view, &rhs_view, 0.0.elem(), &mut out);
+        return NdArrayOps::reshape(out.into_shared().into_dyn(), out_shape);
+    }
+
     // chorus: one right-hand matrix shared by every left batch (every `Linear`, whose weight is
     // broadcast as [1, .., 1, k, n]): fold the left batches into rows, so the weight is packed
     // once for one large GEMM instead of once per batch. Exact: each output element is the same
