@@ -182,78 +182,85 @@ fn step(name: impl Into<String>, mut args: Vec<String>, sets: &[String], output:
     }
 }
 
-/// Runs lanes of steps concurrently; the steps of one lane run in order. Stops at the first
-/// failure with the tail of its log. Each finished step's wall time and command go to
-/// `<out>/times.json`.
+/// Runs the steps of `lanes` on as many workers as there are lanes. Steps are taken in turn from
+/// the lanes (the first of each, then the second, …) and steps whose output exists are skipped
+/// first, so the work left is spread over the workers however much of it an earlier run did; a
+/// single lane runs in order. A step gets one LibTorch/OpenMP thread while another step runs or
+/// waits beside it (two processes of two threads on two cores thrash), all threads otherwise.
+/// Stops at the first failure with the tail of its log. Each finished step's wall time and
+/// command go to `<out>/times.json`.
 fn run_lanes(chorus: &Path, out: &Path, lanes: Vec<Vec<Step>>) -> Result<()> {
     let logs = out.join("logs");
     std::fs::create_dir_all(&logs)?;
     let started = Instant::now();
+    let workers = lanes.len().max(1);
     let mut lanes: Vec<std::vec::IntoIter<Step>> = lanes.into_iter().map(Vec::into_iter).collect();
-    let side_by_side = lanes.len() > 1;
-    // Per lane: the running step, its process, start time and log.
-    let mut running: Vec<Option<(Child, Step, Instant, PathBuf)>> =
-        (0..lanes.len()).map(|_| None).collect();
-    loop {
-        let mut busy = false;
-        for (lane, slot) in running.iter_mut().enumerate() {
-            if let Some((child, running_step, t0, log)) = slot {
-                match child.try_wait()? {
-                    None => {
-                        busy = true;
-                        continue;
-                    }
-                    Some(status) => {
-                        let (name, t0, log) = (running_step.name.clone(), *t0, log.clone());
-                        let command = running_step.args.join(" ");
-                        *slot = None;
-                        if !status.success() {
-                            let text = std::fs::read_to_string(&log).unwrap_or_default();
-                            let tail: Vec<&str> = text.lines().rev().take(15).collect();
-                            for line in tail.iter().rev() {
-                                eprintln!("  | {line}");
-                            }
-                            bail!("step `{name}` failed; full log: {}", log.display());
-                        }
-                        let seconds = t0.elapsed().as_secs_f64();
-                        eprintln!(
-                            "xtask: done  {name} in {seconds:.0} s (at {:.0} s)",
-                            started.elapsed().as_secs_f64()
-                        );
-                        record_time(out, &name, seconds, &command)?;
-                    }
-                }
-            }
-            let mut upcoming = lanes[lane].next();
-            while let Some(next) = upcoming.take_if(|s| s.output.exists()) {
+    let mut queue = std::collections::VecDeque::new();
+    while lanes.iter().any(|l| l.len() > 0) {
+        for step in lanes.iter_mut().filter_map(Iterator::next) {
+            if step.output.exists() {
                 eprintln!(
                     "xtask: skip  {} ({} exists)",
-                    next.name,
-                    next.output.display()
+                    step.name,
+                    step.output.display()
                 );
-                upcoming = lanes[lane].next();
-            }
-            if let Some(next) = upcoming {
-                let log = logs.join(format!("{}.log", next.name));
-                let file = std::fs::File::create(&log)?;
-                eprintln!("xtask: start {} (log {})", next.name, log.display());
-                let mut command = Command::new(chorus);
-                if side_by_side {
-                    // Side-by-side steps share the cores: one LibTorch/OpenMP thread each, since
-                    // two processes of two threads on two cores thrash.
-                    command.env("OMP_NUM_THREADS", "1");
-                }
-                let child = command
-                    .args(&next.args)
-                    .stdout(Stdio::from(file.try_clone()?))
-                    .stderr(Stdio::from(file))
-                    .spawn()
-                    .with_context(|| format!("starting {}", chorus.display()))?;
-                *slot = Some((child, next, Instant::now(), log));
-                busy = true;
+            } else {
+                queue.push_back(step);
             }
         }
-        if !busy {
+    }
+    // Per worker: the running step, its process, start time and log.
+    let mut running: Vec<Option<(Child, Step, Instant, PathBuf)>> =
+        (0..workers).map(|_| None).collect();
+    loop {
+        for slot in running.iter_mut() {
+            if let Some((child, running_step, t0, log)) = slot {
+                let Some(status) = child.try_wait()? else {
+                    continue;
+                };
+                let (name, t0, log) = (running_step.name.clone(), *t0, log.clone());
+                let command = running_step.args.join(" ");
+                *slot = None;
+                if !status.success() {
+                    let text = std::fs::read_to_string(&log).unwrap_or_default();
+                    let tail: Vec<&str> = text.lines().rev().take(15).collect();
+                    for line in tail.iter().rev() {
+                        eprintln!("  | {line}");
+                    }
+                    bail!("step `{name}` failed; full log: {}", log.display());
+                }
+                let seconds = t0.elapsed().as_secs_f64();
+                eprintln!(
+                    "xtask: done  {name} in {seconds:.0} s (at {:.0} s)",
+                    started.elapsed().as_secs_f64()
+                );
+                record_time(out, &name, seconds, &command)?;
+            }
+        }
+        for i in 0..running.len() {
+            if running[i].is_some() {
+                continue;
+            }
+            let Some(next) = queue.pop_front() else {
+                break;
+            };
+            let others = running.iter().filter(|s| s.is_some()).count() + queue.len();
+            let log = logs.join(format!("{}.log", next.name));
+            let file = std::fs::File::create(&log)?;
+            eprintln!("xtask: start {} (log {})", next.name, log.display());
+            let mut command = Command::new(chorus);
+            if workers > 1 && others > 0 {
+                command.env("OMP_NUM_THREADS", "1");
+            }
+            let child = command
+                .args(&next.args)
+                .stdout(Stdio::from(file.try_clone()?))
+                .stderr(Stdio::from(file))
+                .spawn()
+                .with_context(|| format!("starting {}", chorus.display()))?;
+            running[i] = Some((child, next, Instant::now(), log));
+        }
+        if queue.is_empty() && running.iter().all(Option::is_none) {
             return Ok(());
         }
         std::thread::sleep(std::time::Duration::from_millis(200));
