@@ -404,6 +404,20 @@ MUTANTS = [
         ["-p", "chorus-lm", "--lib", "few_row_strided_and_folded_matmuls"],
     ),
     (
+        "xtask reruns steps whose output exists",
+        "xtask/src/main.rs",
+        "            if step.output.exists() {",
+        "            if false && step.output.exists() {",
+        ["-p", "xtask", "run_lanes_skips_done_steps"],
+    ),
+    (
+        "xtask gives a step that runs alone one thread",
+        "xtask/src/main.rs",
+        "            if workers > 1 && others > 0 {",
+        "            if workers > 1 {",
+        ["-p", "xtask", "run_lanes_skips_done_steps"],
+    ),
+    (
         "a growing KV cache forgets the past",
         "crates/lm/src/cache.rs",
         "                        Some(old) if start > 0 => grown.slice_assign(",

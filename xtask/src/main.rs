@@ -573,3 +573,79 @@ fn comparison_table(rows: &[serde_json::Value]) -> String {
     }
     s
 }
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+
+    /// A step of `sh -c script` whose output is `dir/name`.
+    fn shell_step(dir: &Path, name: &str, script: &str) -> Step {
+        Step {
+            name: name.into(),
+            args: vec!["-c".into(), script.into()],
+            output: dir.join(name),
+        }
+    }
+
+    #[test]
+    fn run_lanes_skips_done_steps_runs_every_other_once_and_keeps_one_lane_in_order() {
+        let dir = std::env::temp_dir().join(format!("chorus-lanes-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let sh = Path::new("/bin/sh");
+        let d = dir.display();
+        // Each step appends its name to `order` and writes its OMP_NUM_THREADS into its output.
+        let record = |name: &str| {
+            format!("echo {name} >> {d}/order; echo \"${{OMP_NUM_THREADS:-all}}\" > {d}/{name}")
+        };
+        std::fs::write(dir.join("a"), "done before").unwrap();
+        // Two lanes, the first of which an earlier run finished: `b` is the only step left and
+        // runs with every thread.
+        run_lanes(
+            sh,
+            &dir,
+            vec![
+                vec![shell_step(&dir, "a", &record("a"))],
+                vec![shell_step(&dir, "b", &record("b"))],
+            ],
+        )
+        .unwrap();
+        let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap();
+        assert_eq!(read("a"), "done before");
+        assert_eq!(read("b").trim(), "all");
+        // Side by side, every pending step runs once, with one thread while another is pending.
+        run_lanes(
+            sh,
+            &dir,
+            vec![
+                vec![
+                    shell_step(&dir, "c", &format!("sleep 0.3; {}", record("c"))),
+                    shell_step(&dir, "d", &record("d")),
+                ],
+                vec![shell_step(&dir, "e", &record("e"))],
+            ],
+        )
+        .unwrap();
+        let mut ran: Vec<String> = read("order").lines().map(str::to_string).collect();
+        assert_eq!(ran.remove(0), "b");
+        ran.sort();
+        assert_eq!(ran, ["c", "d", "e"]);
+        assert_eq!(read("c").trim(), "1");
+        assert_eq!(read("e").trim(), "1");
+        // One lane runs in order (calibration before the generations that read it).
+        std::fs::write(dir.join("order"), "").unwrap();
+        run_lanes(
+            sh,
+            &dir,
+            vec![vec![
+                shell_step(&dir, "f", &format!("sleep 0.2; {}", record("f"))),
+                shell_step(&dir, "g", &record("g")),
+                shell_step(&dir, "h", &record("h")),
+            ]],
+        )
+        .unwrap();
+        assert_eq!(read("order"), "f\ng\nh\n");
+        assert_eq!(read("h").trim(), "all");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
