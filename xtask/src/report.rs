@@ -27,7 +27,7 @@ use super::{Preset, Step, build, run_lanes, step, workspace_root};
 /// The scale of `cargo xtask report`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ReportPreset {
-    /// Small budgets: about an hour on 2 CPU cores (LibTorch backend).
+    /// Small budgets: about two hours on 2 CPU cores (LibTorch backend).
     Cpu,
     /// Larger models and budgets on CUDA (builds with `--features cuda`).
     Gpu,
@@ -953,6 +953,26 @@ fn diagnosis(tasks: &[String], rows: &[Row]) -> String {
             mean_of(&|m| m == ADAPTED.1, t, &|r| r.active_units),
         ));
     }
+    // What the adapted variant's gain is made of, read from the same numbers.
+    let gains: Vec<&String> = tasks
+        .iter()
+        .filter(|t| nll(ADAPTED.1, t) < nll("chorus", t))
+        .collect();
+    let informative = tasks
+        .iter()
+        .any(|t| mean_of(&|m| m == ADAPTED.1, t, &|r| r.active_units) > 0.0);
+    if !gains.is_empty() && !informative {
+        md.push_str(&format!(
+            "\nThe adapted variant is better than chorus on {} of {} tasks, yet no dimension of z is \
+             active (AU = 0: E_q[z] hardly varies across examples) and MI is at the noise level: \
+             its gain comes from the assistants' adapters — a trained adaptation of the frozen \
+             assistants, conditioned on the context through p(z | c) and q — not from a plan \
+             that carries information about the target. The control that would \
+             separate the two — the same adapters with z fixed at the prior mean — has not been run.\n",
+            gains.len(),
+            tasks.len()
+        ));
+    }
     md
 }
 
@@ -1170,7 +1190,9 @@ fn setting(out: &Path, knobs: &Knobs, preset: ReportPreset) -> Result<String> {
          probability — the ceiling of any router over these models.\n\n",
         match preset {
             ReportPreset::Cpu => "The `cpu` preset: small budgets so that the whole run fits \
-                                   about an hour on 2 cores; the numbers are for that scale only.",
+                                   about two hours on 2 cores (half of it the variant with \
+                                   z-adapters on the assistants, which runs SmolLM2 forward and \
+                                   backward at every step); the numbers are for that scale only.",
             ReportPreset::Gpu => "The `gpu` preset: larger models and budgets for an H100-class \
                                    card.",
             ReportPreset::Smoke => "The `smoke` preset: a few steps of everything, to check \
