@@ -463,6 +463,40 @@ pub fn report(out: &Path, preset: ReportPreset, seeds: u64) -> Result<()> {
         output: PathBuf::from(format!("{best}/decoding.json")),
     }];
     lane.extend(generations);
+    // A latent interpolation: the adapted variant (its writers read z) continues one prompt, the
+    // same sampling seed at every weight, z = the posterior mean interpolated between two test
+    // targets. (Greedy decoding ends at once: the mixture's most likely first token is the EOS.)
+    let (prompt, references) = interpolation_inputs(&out.join("eval/routing-seed-0.jsonl"))?;
+    let prompt_file = prompts_dir.join("interpolation.prompt.txt");
+    std::fs::write(&prompt_file, &prompt)?;
+    let adapted = p(&format!("runs/{}/seed-0/checkpoints/best", ADAPTED.0));
+    for alpha in INTERPOLATION {
+        let json = out.join(format!("generations/interpolation-{alpha}.json"));
+        let mut args = s(&["generate", "--model", &adapted, "--prompt-file"]);
+        args.push(prompt_file.display().to_string());
+        args.extend(s(&["--z", "interpolate", "--reference"]));
+        args.push(references.0.clone());
+        args.push("--reference".into());
+        args.push(references.1.clone());
+        args.extend(s(&[
+            "--alpha",
+            &alpha.to_string(),
+            "--strategy",
+            "mixture",
+            "--seed",
+            "7",
+            "--max-tokens",
+            "40",
+            "--json",
+        ]));
+        args.push(json.display().to_string());
+        args.extend(s(knobs.device));
+        lane.push(Step {
+            name: format!("interpolate-{alpha}"),
+            args,
+            output: json,
+        });
+    }
     run_lanes(&chorus, &out, vec![lane])?;
 
     let figures = if preset == ReportPreset::Smoke {
@@ -493,6 +527,84 @@ pub fn report(out: &Path, preset: ReportPreset, seeds: u64) -> Result<()> {
         out.display()
     );
     Ok(())
+}
+
+/// The interpolation weights of the latent-interpolation example.
+const INTERPOLATION: [f64; 3] = [0.0, 0.5, 1.0];
+
+/// The latent-interpolation example's inputs from a routing file: the first open-ended passage's
+/// opening as the prompt, and the targets of that passage and of the first dialogue as the two
+/// references.
+fn interpolation_inputs(routing: &Path) -> Result<(String, (String, String))> {
+    let text = std::fs::read_to_string(routing)
+        .with_context(|| format!("reading {}", routing.display()))?;
+    // The first example of a task with a context (a prompt to continue, not to end).
+    let first = |task: &str| -> Result<Value> {
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|v| v["task"] == task && v["context"].as_str().is_some_and(|c| !c.is_empty()))
+            .with_context(|| format!("no {task} example with a context in {}", routing.display()))
+    };
+    let (story, dialogue) = (first("open_ended")?, first("dialogue")?);
+    // Short enough that prompt + reference (the posterior reads both) fit a 128-token window.
+    let field = |v: &Value, key: &str, chars: usize| {
+        let text = v[key].as_str().unwrap_or("").trim();
+        match text.char_indices().nth(chars) {
+            None => text.to_string(),
+            Some((end, _)) => text[..end]
+                .rsplit_once(' ')
+                .map_or(&text[..end], |(head, _)| head)
+                .to_string(),
+        }
+    };
+    Ok((
+        tail_words(story["context"].as_str().unwrap_or("").trim(), 160).to_string(),
+        (
+            field(&story, "target", 160),
+            field(&dialogue, "target", 160),
+        ),
+    ))
+}
+
+/// The latent-interpolation section: the continuation at each interpolation weight.
+fn interpolation_section(out: &Path) -> Result<String> {
+    let (prompt, (from, to)) = interpolation_inputs(&out.join("eval/routing-seed-0.jsonl"))?;
+    let mut md = format!(
+        "\n## Latent interpolation\n\nchorus with z-adapters on the assistants (seed 0; its \
+         writers read z) continues the prompt below with the mixture writer, sampling at \
+         temperature 0.8 with the same seed in every row, z = the posterior mean interpolated \
+         between two test targets (α = 0: the first, α = 1: the second); only z differs between \
+         the rows. (With greedy tokens the continuation is empty at every α: the mixture's most \
+         likely first token is the closing EOS.)\n\n\
+         - prompt: {}\n- reference at α = 0 (the prompt's own continuation, open-ended task): \
+         {}\n- reference at α = 1 (a dialogue target): {}\n\n| α | continuation |\n|---|---|\n",
+        one_line(&prompt),
+        one_line(&from),
+        one_line(&to)
+    );
+    let mut texts = Vec::new();
+    for alpha in INTERPOLATION {
+        let v = read_json(&out.join(format!("generations/interpolation-{alpha}.json")))?;
+        let text = one_line(v["samples"][0]["text"].as_str().unwrap_or(""));
+        md.push_str(&format!("| {alpha} | {text} |\n"));
+        texts.push(text);
+    }
+    if texts.windows(2).all(|w| w[0] == w[1]) {
+        md.push_str(
+            "\nThe continuation is the same at every α: moving z from one target's posterior to \
+             the other's does not change what the writers write — as the zero active units of \
+             z say.\n",
+        );
+    }
+    Ok(md)
+}
+
+/// `text` on one line, with Markdown table separators escaped.
+fn one_line(text: &str) -> String {
+    text.split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .replace('|', "\\|")
 }
 
 /// The first `per_task` examples of each task in a routing file: (task, example index, context).
@@ -881,6 +993,7 @@ fn render(
 
     md.push_str(&routing_section(out)?);
     md.push_str(&decoding_section(out, figures)?);
+    md.push_str(&interpolation_section(out)?);
     md.push_str(&format!(
         "\n## How it ran\n\nEvery step, its command (`$OUT` = `{}`, `$SMOLLM2` = the GGUF in the \
          corpus cache) and its wall time; lanes of two steps ran side by side.\n\n{}\n\
