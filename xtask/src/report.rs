@@ -326,70 +326,40 @@ pub fn report(out: &Path, preset: ReportPreset, seeds: u64) -> Result<()> {
 
     eprintln!("xtask report: 5/6 evaluating on the test split");
     std::fs::create_dir_all(out.join("eval"))?;
-    let mut lanes = vec![Vec::new(), Vec::new()];
-    for seed in 0..seeds {
-        let json = p(&format!("eval/seed-{seed}.json"));
-        let mut args = s(&["eval"]);
-        let mut model = |label: &str, path: String| {
-            args.push("--model".into());
-            args.push(format!("{label}={path}"));
+    // One `chorus eval` of `models` (label, path) on the test split; the first is paired with
+    // every other one.
+    let eval_step =
+        |name: String, models: Vec<(String, String)>, extra: &[String], json: String| {
+            let mut args = s(&["eval"]);
+            for (label, path) in models {
+                args.extend(["--model".to_string(), format!("{label}={path}")]);
+            }
+            args.extend(s(&[
+                "--split",
+                "test",
+                "--scores",
+                &p("eval-scores"),
+                "--iw-samples",
+                &knobs.iw_samples.to_string(),
+                "--max-examples",
+                &knobs.test_examples.to_string(),
+                "--json",
+                &json,
+            ]));
+            args.extend_from_slice(extra);
+            args.extend(s(knobs.device));
+            for set in knobs.scale.iter().filter(|s| s.starts_with("data.")) {
+                args.extend(["--set".to_string(), set.to_string()]);
+            }
+            Step {
+                name,
+                args,
+                output: PathBuf::from(json),
+            }
         };
-        // chorus first: the paired table compares it with every other model. The adapted variant
-        // runs its assistants live, in its own evaluation below.
-        let mut ordered = SYSTEMS.to_vec();
-        ordered.reverse();
-        ordered.sort_by_key(|(dir, _, _)| *dir != "chorus");
-        for (dir, label, _) in &ordered {
-            model(
-                label,
-                p(&format!("runs/{dir}/seed-{seed}/checkpoints/best")),
-            );
-        }
-        model("base", p("base/lm"));
-        model("SmolLM2-135M", gguf.clone());
-        for (dir, label, _) in EXPERTS {
-            model(label, p(&format!("{dir}/lm")));
-        }
-        args.extend(s(&[
-            "--split",
-            "test",
-            "--oracle",
-            "--scores",
-            &p("eval-scores"),
-            "--iw-samples",
-            &knobs.iw_samples.to_string(),
-            "--max-examples",
-            &knobs.test_examples.to_string(),
-            "--json",
-            &json,
-        ]));
-        if seed == 0 {
-            args.extend(["--routing".to_string(), p("eval/routing-seed-0.jsonl")]);
-        }
-        args.extend(s(knobs.device));
-        for set in knobs.scale.iter().filter(|s| s.starts_with("data.")) {
-            args.extend(["--set".to_string(), set.to_string()]);
-        }
-        lanes[seed as usize % 2].push(Step {
-            name: format!("eval-seed-{seed}"),
-            args,
-            output: PathBuf::from(json),
-        });
-    }
-    // Seed 0 alone first: it writes the assistants' score cache that the other seeds read.
-    let mut first = lanes[0].drain(..1).collect::<Vec<_>>();
-    run_lanes(&chorus, &out, vec![std::mem::take(&mut first)])?;
-    // The adapted variant first in its own evaluation, so that it is paired with its rivals (the
-    // single models, Co-LLM and the static mixture; those come from the score cache again).
-    for seed in 0..seeds {
-        let json = p(&format!("eval/adapters-seed-{seed}.json"));
-        let mut args = s(&["eval"]);
-        let run = |dir: &str| p(&format!("runs/{dir}/seed-{seed}/checkpoints/best"));
+    // The single models, after the systems in each evaluation.
+    let singles = || {
         let mut models = vec![
-            (ADAPTED.1.to_string(), run(ADAPTED.0)),
-            ("Co-LLM".to_string(), run("co-llm")),
-            ("static mixture".to_string(), run("static-mixture")),
-            ("base fine-tuned".to_string(), run("base-finetuned")),
             ("base".to_string(), p("base/lm")),
             ("SmolLM2-135M".to_string(), gguf.clone()),
         ];
@@ -398,30 +368,52 @@ pub fn report(out: &Path, preset: ReportPreset, seeds: u64) -> Result<()> {
                 .iter()
                 .map(|(dir, label, _)| (label.to_string(), p(&format!("{dir}/lm")))),
         );
-        for (label, path) in models {
-            args.extend(["--model".to_string(), format!("{label}={path}")]);
+        models
+    };
+    let mut lanes = vec![Vec::new(), Vec::new()];
+    for seed in 0..seeds {
+        let run = |dir: &str| p(&format!("runs/{dir}/seed-{seed}/checkpoints/best"));
+        // chorus first: the paired table compares it with every other model. The adapted variant
+        // runs its assistants live, in its own evaluation below.
+        let mut ordered = SYSTEMS.to_vec();
+        ordered.reverse();
+        ordered.sort_by_key(|(dir, _, _)| *dir != "chorus");
+        let mut models: Vec<(String, String)> = ordered
+            .iter()
+            .map(|(dir, label, _)| (label.to_string(), run(dir)))
+            .collect();
+        models.extend(singles());
+        let mut extra = s(&["--oracle"]);
+        if seed == 0 {
+            extra.extend(["--routing".to_string(), p("eval/routing-seed-0.jsonl")]);
         }
-        args.extend(s(&[
-            "--split",
-            "test",
-            "--scores",
-            &p("eval-scores"),
-            "--iw-samples",
-            &knobs.iw_samples.to_string(),
-            "--max-examples",
-            &knobs.test_examples.to_string(),
-            "--json",
-            &json,
-        ]));
-        args.extend(s(knobs.device));
-        for set in knobs.scale.iter().filter(|s| s.starts_with("data.")) {
-            args.extend(["--set".to_string(), set.to_string()]);
-        }
-        lanes[seed as usize % 2].push(Step {
-            name: format!("eval-adapters-seed-{seed}"),
-            args,
-            output: PathBuf::from(json),
-        });
+        lanes[seed as usize % 2].push(eval_step(
+            format!("eval-seed-{seed}"),
+            models,
+            &extra,
+            p(&format!("eval/seed-{seed}.json")),
+        ));
+    }
+    // Seed 0 alone first: it writes the assistants' score cache that the other seeds read.
+    let mut first = lanes[0].drain(..1).collect::<Vec<_>>();
+    run_lanes(&chorus, &out, vec![std::mem::take(&mut first)])?;
+    // The adapted variant first in its own evaluation, so that it is paired with its rivals (the
+    // single models, Co-LLM and the static mixture; those come from the score cache again).
+    for seed in 0..seeds {
+        let run = |dir: &str| p(&format!("runs/{dir}/seed-{seed}/checkpoints/best"));
+        let mut models = vec![
+            (ADAPTED.1.to_string(), run(ADAPTED.0)),
+            ("Co-LLM".to_string(), run("co-llm")),
+            ("static mixture".to_string(), run("static-mixture")),
+            ("base fine-tuned".to_string(), run("base-finetuned")),
+        ];
+        models.extend(singles());
+        lanes[seed as usize % 2].push(eval_step(
+            format!("eval-adapters-seed-{seed}"),
+            models,
+            &[],
+            p(&format!("eval/adapters-seed-{seed}.json")),
+        ));
     }
     run_lanes(&chorus, &out, lanes)?;
 
