@@ -18,6 +18,48 @@ ROOT = Path(__file__).resolve().parent.parent
 
 MUTANTS = [
     (
+        "train_base = false does not freeze the base",
+        "crates/model/src/chorus.rs",
+        "        let base = if config.train_base { base } else { base.no_grad() };",
+        "        let base = base;",
+        ["-p", "chorus-model", "--lib", "a_frozen_base_gets_no_gradient"],
+    ),
+    (
+        "chunked eval: a text file's chunks keep chunk-local example indices",
+        "crates/cli/src/train.rs",
+        "        rows.add(chunk_rows, offset);",
+        "        rows.add(chunk_rows, 0);",
+        ["-p", "chorus-cli", "--test", "bad_input", "a_long_text_file_is_evaluated_in_chunks"],
+    ),
+    (
+        "chunked eval: the passage count restarts the open-ended context parity per paragraph",
+        "crates/data/src/tasks.rs",
+        "                Ok(paragraph) => self.pending.extend(crate::sentences(&paragraph)),",
+        "                Ok(paragraph) => { self.index = 0; self.passage.clear(); self.pending.extend(crate::sentences(&paragraph)) }",
+        ["-p", "chorus-data", "--lib", "text_file_passages_stream"],
+    ),
+    (
+        "chunked eval: merged KL averaged over tokens instead of examples",
+        "crates/train/src/eval.rs",
+        "        self.kl = by_examples(self.kl, other.kl);",
+        "        self.kl = self.kl.zip(other.kl).map(|(a, b)| (a * t_a + b * t_b) / (t_a + t_b));",
+        ["-p", "chorus-train", "--lib", "a_chunked_evaluation_merges"],
+    ),
+    (
+        "chunked eval: merged moments forget the between-chunk term",
+        "crates/elbo/src/objective.rs",
+        "            self.m2[d] += other.m2[d] + delta * delta * n_a * n_b / n;",
+        "            self.m2[d] += other.m2[d];",
+        ["-p", "chorus-elbo", "--lib", "mutual_information_and_active_units"],
+    ),
+    (
+        "chunked eval: merged deferral weighted by examples",
+        "crates/train/src/eval.rs",
+        "            .map(|(a, b)| (a * t_a + b * t_b) / (t_a + t_b).max(1.0));",
+        "            .map(|(a, b)| (a * n_a + b * n_b) / (n_a + n_b).max(1.0));",
+        ["-p", "chorus-train", "--lib", "a_chunked_evaluation_merges"],
+    ),
+    (
         "the selector's learning-rate scale is ignored",
         "crates/train/src/step.rs",
         "    if settings.selector_lr_scale != 1.0",

@@ -7,7 +7,8 @@
 //! trained system starts from that base and gets the same steps on the same batches (so the same
 //! target tokens), once per seed: the base fine-tuned, a static mixture, Co-LLM, a VAE, chorus,
 //! and chorus whose assistants read z through their own adapters (so SmolLM2 runs live at every
-//! step). `chorus eval` then scores every system and every single model on the test split, adds
+//! step); besides, chorus with SmolLM2 as its frozen base (z-adapter, posterior, prior and
+//! selector trained) and the experts as assistants. `chorus eval` then scores every system and every single model on the test split, adds
 //! the per-token oracle and compares each chorus variant with its rivals example by example.
 //!
 //! Every step is a `chorus` command (logged under `<out>/logs/`, timed in `<out>/times.json`) and
@@ -27,7 +28,7 @@ use super::{Preset, Step, build, run_lanes, step, workspace_root};
 /// The scale of `cargo xtask report`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ReportPreset {
-    /// Small budgets: about two hours on 2 CPU cores (LibTorch backend).
+    /// Small budgets: about three hours on 2 CPU cores (LibTorch backend).
     Cpu,
     /// Larger models and budgets on CUDA (builds with `--features cuda`).
     Gpu,
@@ -76,10 +77,29 @@ const ADAPTED: (&str, &str, &[&str]) = (
     &["chorus.assistant_adapters=true"],
 );
 
+/// chorus around SmolLM2 as the *base*: its weights frozen, its z-adapter, the posterior and
+/// prior heads and the selector trained, the three experts as assistants (frozen, z-blind, run
+/// live — the score cache holds another set of assistants). SmolLM2 runs forward and backward at
+/// every step, like the adapted variant. The base and assistants are set where the steps are
+/// built (they are paths).
+const SMOLLM2_BASE: (&str, &str, &[&str]) = (
+    "chorus-smollm2-base",
+    "chorus, SmolLM2 as the base",
+    &["chorus.train_base=false", "chorus.assistant_adapters=false"],
+);
+
+/// The chorus variants that run SmolLM2 live, each evaluated in its own `chorus eval` per seed
+/// (`eval/<name>-seed-N.json`) with the same rivals: run directory, label, evaluation name.
+const LIVE_VARIANTS: [(&str, &str, &str); 2] = [
+    (ADAPTED.0, ADAPTED.1, "adapters"),
+    (SMOLLM2_BASE.0, SMOLLM2_BASE.1, "smollm2-base"),
+];
+
 /// The systems every preset trains.
 fn systems() -> Vec<(&'static str, &'static str, &'static [&'static str])> {
     let mut systems = SYSTEMS.to_vec();
     systems.push(ADAPTED);
+    systems.push(SMOLLM2_BASE);
     systems
 }
 
@@ -294,9 +314,17 @@ pub fn report(out: &Path, preset: ReportPreset, seeds: u64) -> Result<()> {
             let mut sets = joint_sets.clone();
             sets.push(format!("train.seed={seed}"));
             // Assistants that read z run live; the others come from the score cache.
-            if !extra.contains(&"assistants=[]") && dir != ADAPTED.0 {
+            if !extra.contains(&"assistants=[]") && dir != ADAPTED.0 && dir != SMOLLM2_BASE.0 {
                 sets.push(scores.clone());
                 sets.push("chorus.assistant_adapters=false".into());
+            }
+            if dir == SMOLLM2_BASE.0 {
+                let experts: Vec<String> = EXPERTS
+                    .iter()
+                    .map(|(dir, _, _)| p(&format!("{dir}/lm")))
+                    .collect();
+                sets.push(format!("base={gguf:?}"));
+                sets.push(format!("assistants={experts:?}"));
             }
             sets.extend(s(extra));
             lanes[n % 2].push(step(
@@ -397,23 +425,26 @@ pub fn report(out: &Path, preset: ReportPreset, seeds: u64) -> Result<()> {
     // Seed 0 alone first: it writes the assistants' score cache that the other seeds read.
     let mut first = lanes[0].drain(..1).collect::<Vec<_>>();
     run_lanes(&chorus, &out, vec![std::mem::take(&mut first)])?;
-    // The adapted variant first in its own evaluation, so that it is paired with its rivals (the
-    // single models, Co-LLM and the static mixture; those come from the score cache again).
-    for seed in 0..seeds {
-        let run = |dir: &str| p(&format!("runs/{dir}/seed-{seed}/checkpoints/best"));
-        let mut models = vec![
-            (ADAPTED.1.to_string(), run(ADAPTED.0)),
-            ("Co-LLM".to_string(), run("co-llm")),
-            ("static mixture".to_string(), run("static-mixture")),
-            ("base fine-tuned".to_string(), run("base-finetuned")),
-        ];
-        models.extend(singles());
-        lanes[seed as usize % 2].push(eval_step(
-            format!("eval-adapters-seed-{seed}"),
-            models,
-            &[],
-            p(&format!("eval/adapters-seed-{seed}.json")),
-        ));
+    // Each variant that runs SmolLM2 live first in its own evaluation, so that it is paired with
+    // its rivals (the single models, Co-LLM and the static mixture; those come from the score
+    // cache again).
+    for (dir, label, name) in LIVE_VARIANTS {
+        for seed in 0..seeds {
+            let run = |dir: &str| p(&format!("runs/{dir}/seed-{seed}/checkpoints/best"));
+            let mut models = vec![
+                (label.to_string(), run(dir)),
+                ("Co-LLM".to_string(), run("co-llm")),
+                ("static mixture".to_string(), run("static-mixture")),
+                ("base fine-tuned".to_string(), run("base-finetuned")),
+            ];
+            models.extend(singles());
+            lanes[seed as usize % 2].push(eval_step(
+                format!("eval-{name}-seed-{seed}"),
+                models,
+                &[],
+                p(&format!("eval/{name}-seed-{seed}.json")),
+            ));
+        }
     }
     run_lanes(&chorus, &out, lanes)?;
 
@@ -738,19 +769,25 @@ fn render(
     let evals: Vec<Value> = (0..seeds)
         .map(|s| read_json(&out.join(format!("eval/seed-{s}.json"))))
         .collect::<Result<_>>()?;
-    let adapted_evals: Vec<Value> = (0..seeds)
-        .map(|s| read_json(&out.join(format!("eval/adapters-seed-{s}.json"))))
+    let live_evals: Vec<(&str, Vec<Value>)> = LIVE_VARIANTS
+        .iter()
+        .map(|(_, label, name)| {
+            let evals = (0..seeds)
+                .map(|s| read_json(&out.join(format!("eval/{name}-seed-{s}.json"))))
+                .collect::<Result<Vec<_>>>()?;
+            Ok((*label, evals))
+        })
         .collect::<Result<_>>()?;
-    // The adapted variant's evaluations repeat its rivals: only its own rows are taken from them.
+    // A live variant's evaluations repeat its rivals: only its own rows are taken from them.
     let rows: Vec<Row> = evals
         .iter()
         .flat_map(rows_of)
-        .chain(
-            adapted_evals
+        .chain(live_evals.iter().flat_map(|(label, evals)| {
+            evals
                 .iter()
                 .flat_map(rows_of)
-                .filter(|r| r.model == ADAPTED.1),
-        )
+                .filter(move |r| r.model == *label)
+        }))
         .collect();
     let mut tasks: Vec<String> = rows.iter().map(|r| r.task.clone()).collect();
     tasks.sort();
@@ -761,10 +798,12 @@ fn render(
             models.push(r.model.clone());
         }
     }
-    // The adapted variant next to chorus.
-    if let Some(i) = models.iter().position(|m| m == ADAPTED.1) {
-        let adapted = models.remove(i);
-        models.insert(1.min(models.len()), adapted);
+    // The live variants next to chorus.
+    for (k, (_, label, _)) in LIVE_VARIANTS.iter().enumerate() {
+        if let Some(i) = models.iter().position(|m| m == label) {
+            let variant = models.remove(i);
+            models.insert((1 + k).min(models.len()), variant);
+        }
     }
     let of = |model: &str, task: &str| -> Vec<&Row> {
         rows.iter()
@@ -885,18 +924,20 @@ fn render(
     md.push_str(
         "## chorus against each rival, example by example\n\n\
          Δ = Σᵢ (NLL_chorus,i − NLL_rival,i) / Σᵢ tokensᵢ over the test examples of a task, with a \
-         95 % percentile bootstrap interval over examples (1,000 resamples); per seed, for chorus \
-         and for chorus with z-adapters on the assistants. An interval entirely below zero is a \
-         win the examples resolve.\n\n\
+         95 % percentile bootstrap interval over examples (1,000 resamples); per seed, for chorus, \
+         for chorus with z-adapters on the assistants and for chorus with SmolLM2 as the base. An \
+         interval entirely below zero is a win the examples resolve.\n\n\
          | task | chorus | rival | seed | Δ nats/token | 95 % interval |\n|---|---|---|---|---|---|\n",
     );
     let rivals = |t: &str| -> Vec<String> {
         vec![best_single(t).0, "Co-LLM".into(), "static mixture".into()]
     };
     let mut verdicts = String::new();
-    let variants = [("chorus", &evals), (ADAPTED.1, &adapted_evals)];
+    let variants: Vec<(&str, &Vec<Value>)> = std::iter::once(("chorus", &evals))
+        .chain(live_evals.iter().map(|(label, evals)| (*label, evals)))
+        .collect();
     for t in &tasks {
-        for (variant, variant_evals) in variants {
+        for &(variant, variant_evals) in &variants {
             for rival in rivals(t) {
                 let mut per_seed = Vec::new();
                 for (seed, e) in variant_evals.iter().enumerate() {
@@ -1021,14 +1062,15 @@ fn diagnosis(tasks: &[String], rows: &[Row]) -> String {
          experts expert?). *SmolLM2 − base*: how far ahead the pretrained model is. *VAE − base \
          ft*: what z buys the base alone. *static − best single*: what mixing buys without \
          routing. *Co-LLM − static*: what per-token routing adds. *chorus − Co-LLM*: what z adds \
-         to routing. *adapters − chorus*: what the assistants reading z add. *chorus − oracle*: \
-         the distance to the best per-token choice among the single models. KL (nats per \
-         sequence) and AU (active units of 32) of chorus and of the adapted variant: is z \
+         to routing. *adapters − chorus*: what the assistants reading z add. *SmolLM2 base − \
+         SmolLM2*: what the experts, routing and z add to SmolLM2 when it is the base. *chorus − \
+         oracle*: the distance to the best per-token choice among the single models. KL (nats \
+         per sequence) and AU (active units of 32) of chorus and of the two live variants: is z \
          used?\n\n\
          | task | expert − base | SmolLM2 − base | VAE − base ft | static − best single | \
-         Co-LLM − static | chorus − Co-LLM | adapters − chorus | chorus − oracle | chorus KL / AU \
-         | adapters KL / AU |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|\n",
+         Co-LLM − static | chorus − Co-LLM | adapters − chorus | SmolLM2 base − SmolLM2 | \
+         chorus − oracle | chorus KL / AU | adapters KL / AU | SmolLM2 base KL / AU |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for t in tasks {
         let expert = EXPERTS
@@ -1043,7 +1085,7 @@ fn diagnosis(tasks: &[String], rows: &[Row]) -> String {
         let oracle = mean_of(&|m| m.starts_with("oracle"), t, &|r| Some(r.nll));
         let chorus = nll("chorus", t);
         md.push_str(&format!(
-            "| {t} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:.2} / {:.1} | {:.2} / {:.1} |\n",
+            "| {t} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:.2} / {:.1} | {:.2} / {:.1} | {:.2} / {:.1} |\n",
             nll(expert, t) - nll("base", t),
             nll("SmolLM2-135M", t) - nll("base", t),
             nll("VAE", t) - nll("base fine-tuned", t),
@@ -1051,11 +1093,14 @@ fn diagnosis(tasks: &[String], rows: &[Row]) -> String {
             nll("Co-LLM", t) - nll("static mixture", t),
             chorus - nll("Co-LLM", t),
             nll(ADAPTED.1, t) - chorus,
+            nll(SMOLLM2_BASE.1, t) - nll("SmolLM2-135M", t),
             chorus - oracle,
             mean_of(&|m| m == "chorus", t, &|r| r.kl),
             mean_of(&|m| m == "chorus", t, &|r| r.active_units),
             mean_of(&|m| m == ADAPTED.1, t, &|r| r.kl),
             mean_of(&|m| m == ADAPTED.1, t, &|r| r.active_units),
+            mean_of(&|m| m == SMOLLM2_BASE.1, t, &|r| r.kl),
+            mean_of(&|m| m == SMOLLM2_BASE.1, t, &|r| r.active_units),
         ));
     }
     // What the adapted variant's gain is made of, read from the same numbers.
@@ -1290,14 +1335,17 @@ fn setting(out: &Path, knobs: &Knobs, preset: ReportPreset) -> Result<String> {
          z-blind, `assistant_adapters = false`, so their log-probs come from the score cache); \
          and chorus with z-adapters on the assistants too (`chorus-adapters`: the assistants stay \
          frozen, each reads z through its own trained adapter — a memory slot per layer and an \
-         embedding offset — so SmolLM2 runs forward and backward at every step).\n\
+         embedding offset — so SmolLM2 runs forward and backward at every step); and chorus with \
+         SmolLM2 as the *base* (`chorus-smollm2-base`: `train_base = false`, SmolLM2's weights \
+         frozen while its z-adapter, q(z | x, c), p(z | c) and the selector train; the three \
+         experts are its assistants, frozen and z-blind), the same steps and batches.\n\
          - **oracle**: each test token scored by the single model that gave it the highest \
          probability — the ceiling of any router over these models.\n\n",
         match preset {
-            ReportPreset::Cpu => "The `cpu` preset: small budgets so that the whole run fits \
-                                   about two hours on 2 cores (half of it the variant with \
-                                   z-adapters on the assistants, which runs SmolLM2 forward and \
-                                   backward at every step); the numbers are for that scale only.",
+            ReportPreset::Cpu => "The `cpu` preset: small budgets; the whole run takes about \
+                                   three hours on 2 cores (two thirds of it the two variants \
+                                   that run SmolLM2 forward and backward at every step); the \
+                                   numbers are for that scale only.",
             ReportPreset::Gpu => "The `gpu` preset: larger models and budgets for an H100-class \
                                    card.",
             ReportPreset::Smoke => "The `smoke` preset: a few steps of everything, to check \

@@ -54,3 +54,37 @@ impl Progress for Bar {
         }
     }
 }
+
+/// The progress of one evaluation inside a run's overall bar: its `done` is added to the units the
+/// run finished before it (`finished`, advanced when the phase ends), and its own phase is not shown.
+pub struct Offset<'a> {
+    outer: &'a mut dyn Progress,
+    finished: &'a mut u64,
+    done: u64,
+}
+
+impl<'a> Offset<'a> {
+    pub fn new(outer: &'a mut dyn Progress, finished: &'a mut u64) -> Self {
+        Self {
+            outer,
+            finished,
+            done: 0,
+        }
+    }
+}
+
+impl Progress for Offset<'_> {
+    fn update(&mut self, done: u64, status: &str) {
+        self.done = done;
+        self.outer.update(*self.finished + done, status);
+    }
+
+    fn line(&mut self, text: &str) {
+        self.outer.line(text);
+    }
+
+    fn end(&mut self, _completed: bool) {
+        *self.finished += self.done;
+        self.done = 0;
+    }
+}

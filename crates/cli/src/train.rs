@@ -5,15 +5,24 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use burn::backend::Autodiff;
 use burn::prelude::*;
-use chorus_data::{Split, Task, fetch::cache_dir, load_examples};
+use chorus_data::{Example, Split, Task, fetch::cache_dir, load_examples};
 use chorus_lm::{Lm, Tokenizer};
 use chorus_model::{Assistant, LocalLm, RemoteAssistant};
 use chorus_train::{
-    AssistantScores, DataConfig, DataSection, EvalReport, EvalSet, PretrainConfig, RouterRecord,
-    TOKEN_CONVENTION, TargetLogProbs, TrainConfig, assistant_scores, encode_examples,
-    evaluate_chorus, evaluate_composition, evaluate_lm, evaluate_oracle, load_chorus, load_config,
-    load_task_examples, text_file_examples, uncacheable_assistants,
+    AssistantScores, ChunkedRows, DataConfig, DataSection, EvalReport, EvalSet, PretrainConfig,
+    Progress, RouterRecord, TOKEN_CONVENTION, TargetLogProbs, TextFile, TrainConfig,
+    assistant_scores, encode_examples, evaluate_chorus, evaluate_composition, evaluate_lm,
+    evaluate_oracle, load_chorus, load_config, load_task_examples, uncacheable_assistants,
 };
+
+use crate::progress::Offset;
+
+/// Passages of a `--text-file` evaluated at a time: memory holds one chunk's text and tokens, and
+/// MI is estimated per chunk (N = 256 posteriors, like a split's 200 examples per task).
+const TEXT_FILE_CHUNK: usize = 256;
+
+/// The examples of an evaluation, a chunk at a time.
+type ExampleChunks = Box<dyn Iterator<Item = Result<Vec<Example>, chorus_train::TrainError>>>;
 
 /// `chorus data tokenizer`: a byte-level BPE trained on the training split of the three tasks.
 pub fn tokenizer(vocab_size: usize, out: &Path) -> Result<()> {
@@ -154,23 +163,25 @@ enum Loaded<B: Backend> {
     Composition(Box<chorus_model::Chorus<B>>, f64),
 }
 
+/// One evaluated chunk of examples, the first being example `offset` of the evaluation.
+struct RoutedChunk<'a> {
+    examples: &'a [chorus_data::Example],
+    encoded: &'a [chorus_train::Encoded],
+    offset: usize,
+}
+
 /// `--routing FILE`: one JSON line per example — its task, context and target text, the models
 /// (`sources`), and per target token its text and the router posterior `r_t(j)` at z = E q.
 fn write_routing(
-    path: &Path,
+    out: &mut impl std::io::Write,
     name: &str,
     sources: &[String],
-    examples: &[chorus_data::Example],
-    encoded: &[chorus_train::Encoded],
+    chunk: &RoutedChunk<'_>,
     tokenizer: &Tokenizer,
     record: &RouterRecord,
 ) -> Result<()> {
-    use std::io::Write;
-    let mut out = std::io::BufWriter::new(
-        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
-    );
     for (&index, posteriors) in &record.by_example {
-        let e = &encoded[index];
+        let e = &chunk.encoded[index];
         let tokens: Vec<serde_json::Value> = e
             .target_positions()
             .zip(posteriors)
@@ -183,19 +194,13 @@ fn write_routing(
             "model": name,
             "models": sources,
             "task": e.task.name(),
-            "example": index,
-            "context": examples[index].context,
-            "target": examples[index].target,
+            "example": chunk.offset + index,
+            "context": chunk.examples[index].context,
+            "target": chunk.examples[index].target,
             "tokens": tokens,
         });
-        writeln!(out, "{line}").with_context(|| format!("writing {}", path.display()))?;
+        writeln!(out, "{line}")?;
     }
-    out.flush()
-        .with_context(|| format!("writing {}", path.display()))?;
-    println!(
-        "wrote the router posteriors of {name} to {}",
-        path.display()
-    );
     Ok(())
 }
 
@@ -286,26 +291,29 @@ pub fn eval<B: Backend>(args: EvalArgs<'_>, device: &B::Device) -> Result<()> {
         loaded.push((name, Loaded::Composition(Box::new(model), tau)));
     }
     let tokenizer = tokenizer.expect("at least one model");
-    let (examples, what) = match args.text_file {
+    // A split is evaluated in one piece; a text file in chunks of passages (bounded memory).
+    let (source, what, total) = match args.text_file {
         Some(file) => {
-            let mut passages = text_file_examples(file)?;
-            let total = passages.len();
-            match args.max_examples {
-                Some(n) if n > 0 && n < total => {
-                    passages.truncate(n);
-                    (
-                        passages,
-                        format!("{}, first {n} of {total} passages", file.display()),
-                    )
-                }
-                _ => (passages, file.display().to_string()),
-            }
+            let text = TextFile::open(file)?;
+            let all = text.passages();
+            let limit = args.max_examples.filter(|&n| n > 0 && n < all);
+            let what = match limit {
+                Some(n) => format!("{}, first {n} of {all} passages", file.display()),
+                None => file.display().to_string(),
+            };
+            let chunks: ExampleChunks = Box::new(text.chunks(TEXT_FILE_CHUNK, limit)?);
+            (chunks, what, limit.unwrap_or(all))
         }
         None => {
             let all = load_examples(&data.cache_dir())?;
+            let examples =
+                load_task_examples(&all, &data, args.split, args.max_examples.unwrap_or(200))?;
+            let total = examples.len();
+            let chunks: ExampleChunks = Box::new(std::iter::once(Ok(examples)));
             (
-                load_task_examples(&all, &data, args.split, args.max_examples.unwrap_or(200))?,
+                chunks,
                 format!("{:?} split", args.split).to_lowercase(),
+                total,
             )
         }
     };
@@ -320,7 +328,6 @@ pub fn eval<B: Backend>(args: EvalArgs<'_>, device: &B::Device) -> Result<()> {
             Loaded::Single(lm) => vec![lm.dims().max_seq_len],
         })
         .fold(data.max_seq_len, usize::min);
-    let encoded = encode_examples(&examples, &tokenizer, &data.eos_token, context)?;
     let singles = loaded
         .iter()
         .filter(|(_, m)| matches!(m, Loaded::Single(_)))
@@ -330,106 +337,179 @@ pub fn eval<B: Backend>(args: EvalArgs<'_>, device: &B::Device) -> Result<()> {
             "--oracle picks the best of the single LMs at each token: give at least two (found {singles})"
         );
     }
-    let mut rows = Vec::new();
-    let mut routed = false;
-    let mut single_tokens: Vec<TargetLogProbs> = Vec::new();
+    // Evaluations per example: each model, and each member of a joint model with --members.
+    let evaluations: usize = loaded
+        .iter()
+        .map(|(_, m)| match m {
+            Loaded::Joint(m, _, remotes) if args.members => 1 + m.n_local() + remotes.len(),
+            _ => 1,
+        })
+        .sum();
+    // The router posteriors come from the first joint model with assistants.
+    let routed = args.routing.and_then(|path| {
+        let first = loaded
+            .iter()
+            .position(|(_, m)| matches!(m, Loaded::Joint(m, _, _) if m.n_models() > 1))?;
+        Some((first, path))
+    });
+    let mut routing_out = match routed {
+        Some((_, path)) => Some(std::io::BufWriter::new(
+            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
+        )),
+        None => None,
+    };
+    for (name, _) in &loaded {
+        eprintln!("evaluating {name} on {total} examples ({what})");
+    }
+    let phase = format!("evaluating {} models", loaded.len());
     let mut bar = crate::progress::Bar::default();
-    for (name, model) in &loaded {
-        eprintln!("evaluating {name} on {} examples ({what})", encoded.len());
+    bar.begin(&phase, (total * evaluations) as u64, 0);
+    let mut done = 0u64;
+    let mut rows = ChunkedRows::default();
+    let mut offset = 0;
+    for (chunk_index, examples) in source.enumerate() {
+        let examples = examples?;
+        let encoded = encode_examples(&examples, &tokenizer, &data.eos_token, context)?;
         let set = EvalSet {
             data: &encoded,
             batch_size: data.batch_size,
             device,
         };
-        match model {
-            Loaded::Joint(m, sources, remotes) => {
-                let servers: Vec<&dyn Assistant<B>> =
-                    remotes.iter().map(|r| r as &dyn Assistant<B>).collect();
-                let cache = match args.scores {
-                    // Only assistants that are frozen and read no z have one score per token.
-                    Some(dir) if uncacheable_assistants(m.as_ref()).is_none() => {
-                        let ids = sources.join("\n");
-                        let dir = dir.join(format!(
-                            "{:016x}",
-                            chorus_data::rng::stable_hash(&format!("{what}\n{ids}"))
-                        ));
-                        Some(assistant_scores(
-                            m.as_ref(),
-                            sources,
-                            &encoded,
-                            &dir,
-                            data.batch_size * 4,
-                            device,
-                            &mut bar,
-                        )?)
+        // A split's examples keep the cache key they always had; a file's chunk adds its range.
+        let label = if args.text_file.is_some() {
+            format!("{what}, passages {offset}..{}", offset + encoded.len())
+        } else {
+            what.clone()
+        };
+        let mut chunk_rows = Vec::new();
+        let mut single_tokens: Vec<TargetLogProbs> = Vec::new();
+        for (i, (name, model)) in loaded.iter().enumerate() {
+            match model {
+                Loaded::Joint(m, sources, remotes) => {
+                    let servers: Vec<&dyn Assistant<B>> =
+                        remotes.iter().map(|r| r as &dyn Assistant<B>).collect();
+                    let cache = match args.scores {
+                        // Only assistants that are frozen and read no z have one score per token.
+                        Some(dir) if uncacheable_assistants(m.as_ref()).is_none() => {
+                            let ids = sources.join("\n");
+                            let dir = dir.join(format!(
+                                "{:016x}",
+                                chorus_data::rng::stable_hash(&format!("{label}\n{ids}"))
+                            ));
+                            let cache = assistant_scores(
+                                m.as_ref(),
+                                sources,
+                                &encoded,
+                                &dir,
+                                data.batch_size * 4,
+                                device,
+                                &mut bar,
+                            )?;
+                            bar.begin(&phase, (total * evaluations) as u64, done);
+                            Some(cache)
+                        }
+                        _ => None,
+                    };
+                    let assistants = match (&cache, servers.is_empty()) {
+                        (Some(cache), _) => AssistantScores::Cache(cache),
+                        (None, true) => AssistantScores::Local,
+                        (None, false) => AssistantScores::Servers(&servers),
+                    };
+                    let mut record = RouterRecord::default();
+                    let first_joint = routed.is_some_and(|(first, _)| first == i);
+                    chunk_rows.extend(evaluate_chorus(
+                        m.as_ref(),
+                        name,
+                        &set,
+                        assistants,
+                        args.iw_samples,
+                        &mut Offset::new(&mut bar, &mut done),
+                        (first_joint && routing_out.is_some()).then_some(&mut record),
+                    )?);
+                    if let (true, Some(out)) = (first_joint, routing_out.as_mut()) {
+                        let chunk = RoutedChunk {
+                            examples: &examples,
+                            encoded: &encoded,
+                            offset,
+                        };
+                        write_routing(out, name, sources, &chunk, &tokenizer, &record)
+                            .with_context(|| {
+                                format!("writing {}", routed.map(|r| r.1).unwrap().display())
+                            })?;
                     }
-                    _ => None,
-                };
-                let assistants = match (&cache, servers.is_empty()) {
-                    (Some(cache), _) => AssistantScores::Cache(cache),
-                    (None, true) => AssistantScores::Local,
-                    (None, false) => AssistantScores::Servers(&servers),
-                };
-                let mut record = RouterRecord::default();
-                let first_joint = !routed && m.n_models() > 1;
-                rows.extend(evaluate_chorus(
+                    if args.members {
+                        let locals: Vec<LocalLm<'_, B>> =
+                            (0..m.n_local()).map(|j| m.member(j)).collect();
+                        let members = locals
+                            .iter()
+                            .map(|l| l as &dyn Assistant<B>)
+                            .chain(remotes.iter().map(|r| r as &dyn Assistant<B>));
+                        for (j, member) in members.enumerate() {
+                            let role = if j == 0 {
+                                "base without z".to_string()
+                            } else {
+                                format!("assistant {j}")
+                            };
+                            let member_name = format!("{name}: {role}");
+                            chunk_rows.extend(evaluate_lm(
+                                member,
+                                &member_name,
+                                &set,
+                                &mut Offset::new(&mut bar, &mut done),
+                                None,
+                            )?);
+                        }
+                    }
+                }
+                Loaded::Single(lm) => {
+                    let mut kept = TargetLogProbs::default();
+                    let keep = args.oracle.then_some(&mut kept);
+                    chunk_rows.extend(evaluate_lm(
+                        &LocalLm::new(lm),
+                        name,
+                        &set,
+                        &mut Offset::new(&mut bar, &mut done),
+                        keep,
+                    )?);
+                    if args.oracle {
+                        single_tokens.push(kept);
+                    }
+                }
+                Loaded::Composition(m, tau) => chunk_rows.extend(evaluate_composition(
                     m.as_ref(),
+                    *tau,
                     name,
                     &set,
-                    assistants,
-                    args.iw_samples,
-                    &mut bar,
-                    (first_joint && args.routing.is_some()).then_some(&mut record),
-                )?);
-                if let (true, Some(path)) = (first_joint, args.routing) {
-                    write_routing(
-                        path, name, sources, &examples, &encoded, &tokenizer, &record,
-                    )?;
-                    routed = true;
-                }
-                if args.members {
-                    let locals: Vec<LocalLm<'_, B>> =
-                        (0..m.n_local()).map(|j| m.member(j)).collect();
-                    let members = locals
-                        .iter()
-                        .map(|l| l as &dyn Assistant<B>)
-                        .chain(remotes.iter().map(|r| r as &dyn Assistant<B>));
-                    for (j, member) in members.enumerate() {
-                        let role = if j == 0 {
-                            "base without z".to_string()
-                        } else {
-                            format!("assistant {j}")
-                        };
-                        let member_name = format!("{name}: {role}");
-                        rows.extend(evaluate_lm(member, &member_name, &set, &mut bar, None)?);
-                    }
-                }
+                    &mut Offset::new(&mut bar, &mut done),
+                )?),
             }
-            Loaded::Single(lm) => {
-                let mut kept = TargetLogProbs::default();
-                let keep = args.oracle.then_some(&mut kept);
-                rows.extend(evaluate_lm(&LocalLm::new(lm), name, &set, &mut bar, keep)?);
-                if args.oracle {
-                    single_tokens.push(kept);
-                }
-            }
-            Loaded::Composition(m, tau) => rows.extend(evaluate_composition(
-                m.as_ref(),
-                *tau,
-                name,
-                &set,
-                &mut bar,
-            )?),
         }
+        if args.oracle {
+            let members: Vec<&TargetLogProbs> = single_tokens.iter().collect();
+            chunk_rows.extend(evaluate_oracle(
+                &format!("oracle (best of {singles} single LMs per token)"),
+                &encoded,
+                &members,
+            )?);
+        }
+        if chunk_index > 0 || args.text_file.is_some() {
+            bar.line(&format!(
+                "evaluated passages {offset}..{} of {total}",
+                offset + encoded.len()
+            ));
+        }
+        rows.add(chunk_rows, offset);
+        offset += encoded.len();
+        crate::release_freed_memory();
     }
-    if args.oracle {
-        let members: Vec<&TargetLogProbs> = single_tokens.iter().collect();
-        rows.extend(evaluate_oracle(
-            &format!("oracle (best of {singles} single LMs per token)"),
-            &encoded,
-            &members,
-        )?);
+    bar.end(true);
+    if let (Some(mut out), Some((_, path))) = (routing_out, routed) {
+        use std::io::Write;
+        out.flush()
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("wrote the router posteriors to {}", path.display());
     }
+    let rows = rows.into_rows();
     // Rows of one task come in model order, each scoring the same examples.
     let report = EvalReport::new(what, args.iw_samples, rows, 1000, 0)?;
     println!("{}", report.table());

@@ -622,6 +622,84 @@ fn compositions_evaluate_under_the_confidence_rule() {
     );
 }
 
+/// A text file longer than one chunk (256 passages) is read and scored a chunk at a time; every
+/// passage gets the score it gets when it is scored with no chunk boundary before it: the first
+/// 256 alone (`--max-examples`), the rest as a file of their own sentences (the same passages, the
+/// same contexts). The oracle and the paired comparison cover every passage, once.
+#[test]
+fn a_long_text_file_is_evaluated_in_chunks_as_in_one_piece() {
+    let f = Fixture::new();
+    let other = llama(f.vocab).init::<B>(&Default::default()).unwrap();
+    other.save(f.dir.path().join("lm2")).unwrap();
+    std::fs::copy(
+        f.dir.path().join("tokenizer.json"),
+        f.dir.path().join("lm2/tokenizer.json"),
+    )
+    .unwrap();
+    // 1,210 sentences in paragraphs of 7: 302 passages of four (two sentences left over).
+    let text = |from: usize, to: usize| {
+        (from..to)
+            .map(|i| format!("Line {i}: the cat sat on the mat."))
+            .collect::<Vec<_>>()
+            .chunks(7)
+            .map(|p| p.join("\n"))
+            .collect::<Vec<_>>()
+            .join("\n\n")
+    };
+    let full = f.write("long.txt", text(0, 1210));
+    let tail = f.write("tail.txt", text(1024, 1210));
+    let (lm, lm2) = (
+        format!("a={}", f.path("lm")),
+        format!("b={}", f.path("lm2")),
+    );
+    let eval = |file: &str, extra: &[&str]| {
+        let mut args = vec!["eval", "--model", &lm, "--model", &lm2, "--text-file", file];
+        args.extend(extra);
+        f.succeeds(&args, "eval.json")
+    };
+    let scores = |report: &serde_json::Value, model: &str| -> Vec<(u64, f64)> {
+        let row = report["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["model"].as_str().unwrap().starts_with(model))
+            .unwrap_or_else(|| panic!("no row {model}: {report}"));
+        let mut s: Vec<(u64, f64)> = row["per_example"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| (e["index"].as_u64().unwrap(), e["log_p"].as_f64().unwrap()))
+            .collect();
+        s.sort_by_key(|e| e.0);
+        s
+    };
+    let whole = eval(&full, &["--oracle"]);
+    let head = eval(&full, &["--oracle", "--max-examples", "256"]);
+    let rest = eval(&tail, &["--oracle"]);
+    for model in ["a", "b", "oracle"] {
+        let (w, h, r) = (
+            scores(&whole, model),
+            scores(&head, model),
+            scores(&rest, model),
+        );
+        assert_eq!((w.len(), h.len(), r.len()), (302, 256, 46), "{model}");
+        let expected = h.iter().chain(&r).map(|e| e.1);
+        for (i, ((index, got), want)) in w.iter().zip(expected).enumerate() {
+            assert_eq!(*index, i as u64, "{model}: every passage once, in order");
+            assert!(
+                (got - want).abs() < 1e-4,
+                "{model} passage {i}: {got} vs {want}"
+            );
+        }
+    }
+    let paired = whole["paired"].as_array().unwrap();
+    assert!(paired.iter().all(|p| p["examples"] == 302), "{whole}");
+    assert!(
+        whole["data"].as_str().unwrap().ends_with("long.txt"),
+        "{whole}"
+    );
+}
+
 /// The corpus cache `chorus data fetch` fills (`.ci/run` fetches it), if it is there.
 fn real_cache() -> Option<PathBuf> {
     let cache = chorus_data::fetch::cache_dir();

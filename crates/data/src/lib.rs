@@ -31,7 +31,7 @@ mod text;
 pub use corpora::{fetch_corpora, fetch_smollm2, load_examples, smollm2_gguf};
 pub use split::{Split, split_of};
 pub use tasks::{Example, Task};
-pub use text::{plain_text, sentences};
+pub use text::{Paragraphs, plain_text, sentences};
 
 use std::path::PathBuf;
 

@@ -132,21 +132,72 @@ pub fn open_ended_examples(document: &str, sentences: &[String]) -> Vec<Example>
     sentences
         .chunks_exact(OPEN_PASSAGE_SENTENCES)
         .enumerate()
-        .map(|(i, p)| {
-            let (context, target) = if i % 2 == 0 {
-                (String::new(), p.join(" "))
-            } else {
-                (p[0].clone(), format!(" {}", p[1..].join(" ")))
-            };
-            Example {
-                task: Task::OpenEnded,
-                document: document.to_string(),
-                split: split(document),
-                context,
-                target,
-            }
-        })
+        .map(|(i, p)| open_ended_example(document, i, p))
         .collect()
+}
+
+/// Passage `index` (its [`OPEN_PASSAGE_SENTENCES`] sentences) of [`open_ended_examples`].
+fn open_ended_example(document: &str, index: usize, passage: &[String]) -> Example {
+    let (context, target) = if index.is_multiple_of(2) {
+        (String::new(), passage.join(" "))
+    } else {
+        (passage[0].clone(), format!(" {}", passage[1..].join(" ")))
+    };
+    Example {
+        task: Task::OpenEnded,
+        document: document.to_string(),
+        split: split(document),
+        context,
+        target,
+    }
+}
+
+/// The open-ended examples of a plain-text file ([`open_ended_examples`] over the sentences of its
+/// [`Paragraphs`](crate::Paragraphs)), read one passage at a time: memory holds a paragraph and
+/// the sentences of one passage, not the file. The document is the file's path.
+pub struct TextFilePassages {
+    paragraphs: crate::Paragraphs,
+    document: String,
+    /// Sentences of the current paragraph not yet in a passage, next first.
+    pending: std::collections::VecDeque<String>,
+    passage: Vec<String>,
+    index: usize,
+}
+
+impl TextFilePassages {
+    /// Opens `path`; a missing or unreadable file is an error naming it.
+    pub fn open(path: impl AsRef<std::path::Path>) -> Result<Self, crate::DataError> {
+        let path = path.as_ref();
+        Ok(Self {
+            paragraphs: crate::Paragraphs::open(path)?,
+            document: path.display().to_string(),
+            pending: Default::default(),
+            passage: Vec::with_capacity(OPEN_PASSAGE_SENTENCES),
+            index: 0,
+        })
+    }
+}
+
+impl Iterator for TextFilePassages {
+    type Item = Result<Example, crate::DataError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            while let Some(sentence) = self.pending.pop_front() {
+                self.passage.push(sentence);
+                if self.passage.len() == OPEN_PASSAGE_SENTENCES {
+                    let example = open_ended_example(&self.document, self.index, &self.passage);
+                    self.passage.clear();
+                    self.index += 1;
+                    return Some(Ok(example));
+                }
+            }
+            match self.paragraphs.next()? {
+                Ok(paragraph) => self.pending.extend(crate::sentences(&paragraph)),
+                Err(e) => return Some(Err(e)),
+            }
+        }
+    }
 }
 
 /// Open-ended examples from one State of the Union address.
@@ -161,6 +212,39 @@ mod tests {
 
     fn sentences(n: usize) -> Vec<String> {
         (0..n).map(|i| format!("Sentence {i}.")).collect()
+    }
+
+    #[test]
+    fn text_file_passages_stream_the_examples_of_the_whole_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("novel.txt");
+        // Sentences cross paragraph breaks: 3 + 7 + 5 = 15 sentences, 3 passages, 3 left over.
+        let text = [3, 7, 5]
+            .iter()
+            .scan(0, |next, &n| {
+                let p: Vec<String> = (*next..*next + n)
+                    .map(|i| format!("Line {i} here."))
+                    .collect();
+                *next += n;
+                Some(p.join("\n"))
+            })
+            .collect::<Vec<_>>()
+            .join("\n\n");
+        std::fs::write(&file, &text).unwrap();
+        let streamed: Vec<Example> = TextFilePassages::open(&file)
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        let all: Vec<String> = crate::plain_text(&file)
+            .unwrap()
+            .iter()
+            .flat_map(|p| crate::sentences(p))
+            .collect();
+        let name = file.display().to_string();
+        assert_eq!(streamed, open_ended_examples(&name, &all));
+        assert_eq!(streamed.len(), 3);
+        assert_eq!(streamed[1].context, "Line 4 here.");
+        assert!(TextFilePassages::open(dir.path().join("gone.txt")).is_err());
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! Plain text: paragraphs and sentences.
 
-use std::path::Path;
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
 
 use crate::DataError;
 
@@ -8,12 +10,7 @@ use crate::DataError;
 /// collapsed to single spaces). An empty or missing file is an error naming it.
 pub fn plain_text(path: impl AsRef<Path>) -> Result<Vec<String>, DataError> {
     let path = path.as_ref();
-    let text = std::fs::read_to_string(path).map_err(|e| DataError::io(path, e))?;
-    let paragraphs: Vec<String> = text
-        .split("\n\n")
-        .map(|p| p.split_whitespace().collect::<Vec<_>>().join(" "))
-        .filter(|p| !p.is_empty())
-        .collect();
+    let paragraphs = Paragraphs::open(path)?.collect::<Result<Vec<String>, DataError>>()?;
     if paragraphs.is_empty() {
         return Err(DataError::Empty {
             file: path.display().to_string(),
@@ -21,6 +18,53 @@ pub fn plain_text(path: impl AsRef<Path>) -> Result<Vec<String>, DataError> {
         });
     }
     Ok(paragraphs)
+}
+
+/// The paragraphs of a plain-text file read one at a time, as [`plain_text`] splits them (a line
+/// of whitespace ends a paragraph): memory holds one paragraph, not the file.
+pub struct Paragraphs {
+    lines: std::io::Lines<BufReader<File>>,
+    path: PathBuf,
+}
+
+impl Paragraphs {
+    /// Opens `path`; a missing or unreadable file is an error naming it.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, DataError> {
+        let path = path.as_ref();
+        let file = File::open(path).map_err(|e| DataError::io(path, e))?;
+        Ok(Self {
+            lines: BufReader::new(file).lines(),
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+impl Iterator for Paragraphs {
+    type Item = Result<String, DataError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let mut paragraph = String::new();
+        for line in self.lines.by_ref() {
+            let line = match line {
+                Ok(line) => line,
+                Err(e) => return Some(Err(DataError::io(&self.path, e))),
+            };
+            let mut words = line.split_whitespace().peekable();
+            if words.peek().is_none() {
+                if paragraph.is_empty() {
+                    continue;
+                }
+                return Some(Ok(paragraph));
+            }
+            for word in words {
+                if !paragraph.is_empty() {
+                    paragraph.push(' ');
+                }
+                paragraph.push_str(word);
+            }
+        }
+        (!paragraph.is_empty()).then_some(Ok(paragraph))
+    }
 }
 
 /// Splits prose into sentences at `.`, `?` or `!` (optionally followed by closing quotes or
@@ -91,6 +135,16 @@ mod tests {
             plain_text(&file).unwrap(),
             vec!["One line wraps.", "Second paragraph."]
         );
+        // A line of spaces ends a paragraph too; paragraphs stream one at a time.
+        std::fs::write(&file, "a b\n   \nc\r\n\r\nd").unwrap();
+        let streamed: Vec<String> = Paragraphs::open(&file)
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(streamed, vec!["a b", "c", "d"]);
+        std::fs::write(&file, b"ok\n\n\xff\xfe\n").unwrap();
+        let error = plain_text(&file).unwrap_err().to_string();
+        assert!(error.contains("a.txt"), "{error}");
         let empty = dir.path().join("empty.txt");
         std::fs::write(&empty, "\n \n\t\n").unwrap();
         assert!(

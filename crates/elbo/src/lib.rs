@@ -31,7 +31,8 @@ mod schedule;
 
 pub use mixture::{MixtureLikelihood, logsumexp, mixture_log_likelihood, token_log_probs};
 pub use objective::{
-    ElboTerms, active_units, elbo_terms, iw_log_likelihood, kl_free_bits, mutual_information,
+    ElboTerms, MeanMoments, active_units, elbo_terms, iw_log_likelihood, kl_free_bits,
+    mutual_information,
 };
 pub use routing::{confidence_routing, posterior_deferral, pseudo_label_loss, top1_probability};
 pub use schedule::KlSchedule;

@@ -95,17 +95,75 @@ pub fn mutual_information<B: Backend>(posterior: &DiagonalGaussian<B>) -> f64 {
 }
 
 /// Active units: the number of dimensions d with `Var_x(E_q[z_d]) > threshold` (0.01 in the
-/// literature) across the rows of `means` `[n, d_latent]`.
+/// literature) across the rows of `means` `[n, d_latent]` ([`MeanMoments::active_units`]).
 pub fn active_units<B: Backend>(means: Tensor<B, 2>, threshold: f64) -> usize {
-    let [n, _] = means.dims();
-    if n < 2 {
-        return 0;
+    MeanMoments::of(means).active_units(threshold)
+}
+
+/// The per-dimension mean and sum of squared deviations of posterior means `E_q[z]` over n
+/// examples — what [`active_units`] needs — mergeable across chunks of data without keeping the
+/// means (Chan et al.'s pairwise update: `M2 = M2_a + M2_b + δ² n_a n_b / n`, `δ = mean_b − mean_a`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MeanMoments {
+    /// Examples seen.
+    pub n: usize,
+    /// Per dimension, the mean of `E_q[z_d]`.
+    pub mean: Vec<f64>,
+    /// Per dimension, `Σ_x (E_q[z_d] − mean_d)²`.
+    pub m2: Vec<f64>,
+}
+
+impl MeanMoments {
+    /// The moments of the rows of `means` `[n, d_latent]`.
+    pub fn of<B: Backend>(means: Tensor<B, 2>) -> Self {
+        let [n, d] = means.dims();
+        let values = means
+            .into_data()
+            .convert::<f64>()
+            .to_vec::<f64>()
+            .expect("f64 data");
+        let mut mean = vec![0.0; d];
+        for row in values.chunks_exact(d.max(1)) {
+            for (m, v) in mean.iter_mut().zip(row) {
+                *m += v / n as f64;
+            }
+        }
+        let mut m2 = vec![0.0; d];
+        for row in values.chunks_exact(d.max(1)) {
+            for ((s, v), m) in m2.iter_mut().zip(row).zip(&mean) {
+                *s += (v - m) * (v - m);
+            }
+        }
+        Self { n, mean, m2 }
     }
-    let centred = means.clone() - means.mean_dim(0);
-    let var = centred.powf_scalar(2.0).sum_dim(0) / (n as f64 - 1.0); // [1, d]
-    var.greater_elem(threshold)
-        .int()
-        .sum()
-        .into_scalar()
-        .elem::<i64>() as usize
+
+    /// Adds the examples of `other` (same dimension, or either empty).
+    pub fn merge(&mut self, other: &Self) {
+        if other.n == 0 {
+            return;
+        }
+        if self.n == 0 {
+            *self = other.clone();
+            return;
+        }
+        let n = (self.n + other.n) as f64;
+        let (n_a, n_b) = (self.n as f64, other.n as f64);
+        for d in 0..self.mean.len() {
+            let delta = other.mean[d] - self.mean[d];
+            self.m2[d] += other.m2[d] + delta * delta * n_a * n_b / n;
+            self.mean[d] += delta * n_b / n;
+        }
+        self.n += other.n;
+    }
+
+    /// Dimensions whose sample variance `M2 / (n − 1)` exceeds `threshold` (none for n < 2).
+    pub fn active_units(&self, threshold: f64) -> usize {
+        if self.n < 2 {
+            return 0;
+        }
+        self.m2
+            .iter()
+            .filter(|&&m2| m2 / (self.n as f64 - 1.0) > threshold)
+            .count()
+    }
 }

@@ -234,7 +234,31 @@ fn mutual_information_and_active_units() {
     let mi = mutual_information(&informative);
     // The estimator saturates near log N (here 4.16) when posteriors do not overlap.
     assert!(mi > 2.0 && mi < (64f64).ln() + 0.5, "{mi}");
-    assert_eq!(active_units(informative.mean, 0.01), 1);
+    assert_eq!(active_units(informative.mean.clone(), 0.01), 1);
+    // Moments merged over chunks equal those of all rows at once, whatever the cut.
+    let all = MeanMoments::of(informative.mean.clone());
+    for cut in [1, 17, 32, 63] {
+        let mut merged = MeanMoments::of(informative.mean.clone().slice([0..cut, 0..3]));
+        merged.merge(&MeanMoments::of(
+            informative.mean.clone().slice([cut..64, 0..3]),
+        ));
+        assert_eq!(merged.n, 64);
+        for d in 0..3 {
+            assert!(
+                (merged.mean[d] - all.mean[d]).abs() < 1e-12,
+                "{cut} {merged:?}"
+            );
+            assert!(
+                (merged.m2[d] - all.m2[d]).abs() < 1e-9,
+                "{cut} {merged:?} {all:?}"
+            );
+        }
+        assert_eq!(merged.active_units(0.01), 1);
+    }
+    // Dimension 0 by hand: the sample variance of i/8, i = 0..63, is Var(i)/64 with
+    // Var(i) = 64·65/12 (the sample variance of 0..N−1 is N(N+1)/12).
+    let by_hand = 64.0 * 65.0 / 12.0 / 64.0;
+    assert!((all.m2[0] / 63.0 - by_hand).abs() < 1e-12, "{all:?}");
 }
 
 /// Labels by hand: t0 the base is best; t1 an assistant ties the base (the base keeps it); t2 the

@@ -116,7 +116,8 @@ pub struct Chorus<B: Backend> {
 
 impl<B: Backend> Chorus<B> {
     /// Assembles a joint model around existing LMs. Rejects a config out of range and models whose
-    /// vocabularies differ. Assistants are frozen unless `config.train_assistants`.
+    /// vocabularies differ. Assistants are frozen unless `config.train_assistants`, the base
+    /// unless `config.train_base`.
     pub fn new(
         config: ChorusConfig,
         base: Lm<B>,
@@ -135,6 +136,23 @@ impl<B: Backend> Chorus<B> {
                 });
             }
         }
+        if !config.train_base
+            && !config.has_z()
+            && assistants.is_empty()
+            && config.remote_assistants == 0
+        {
+            return Err(ModelError::Conflict {
+                key: "train_base",
+                value: "false".into(),
+                reason: "with no z and no assistants a frozen base leaves nothing to train: \
+                         set train_base = true, d_latent > 0 or add assistants",
+            });
+        }
+        let base = if config.train_base {
+            base
+        } else {
+            base.no_grad()
+        };
         let assistants: Vec<Lm<B>> = if config.train_assistants {
             assistants
         } else {

@@ -30,6 +30,11 @@ pub struct ChorusConfig {
     /// Train the assistants' weights too. Default false (frozen; their adapters still train).
     #[serde(default)]
     pub train_assistants: bool,
+    /// Train the base's weights. Default true. False freezes a pretrained base (SmolLM2, say):
+    /// its z-adapter, the posterior and prior heads and the selector still train, so the base
+    /// reads the plan through trainable adapters only.
+    #[serde(default = "default_true")]
+    pub train_base: bool,
     /// Free bits λ per dimension (0 disables). Default 0.
     #[serde(default)]
     pub free_bits: f64,

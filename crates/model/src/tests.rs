@@ -536,6 +536,103 @@ fn frozen_assistants_get_no_gradient_while_their_adapters_train() {
     }
 }
 
+/// A frozen base (`train_base = false`, e.g. SmolLM2 as the base): no gradient reaches its
+/// weights, while its z-adapter, the posterior head and the selector train; the freeze survives
+/// save → load. A frozen base with nothing else to train is refused.
+#[test]
+fn a_frozen_base_gets_no_gradient_while_its_adapter_posterior_and_selector_train() {
+    let _rng = seeded(39);
+    let device = Default::default();
+    let frozen = ChorusConfig {
+        memory_slots: 2,
+        train_base: false,
+        ..full_config()
+    };
+    let gradients = |mut model: Chorus<AD>| {
+        let w = model
+            .base_adapter
+            .as_ref()
+            .unwrap()
+            .memory_value
+            .as_ref()
+            .unwrap()
+            .weight
+            .val();
+        model
+            .base_adapter
+            .as_mut()
+            .unwrap()
+            .memory_value
+            .as_mut()
+            .unwrap()
+            .weight = Param::from_tensor(w.random_like(Distribution::Normal(0.0, 0.3)));
+        let eps = Tensor::<AD, 3>::random([1, 2, 4], Distribution::Normal(0.0, 1.0), &device);
+        let grads = model
+            .forward_elbo_with_noise(&batch::<AD>(), BETA, Some(eps))
+            .unwrap()
+            .terms
+            .loss
+            .backward();
+        let has = |g: Option<Tensor<F64, 2>>| g.is_some_and(|g| g.abs().sum().into_scalar() > 0.0);
+        let base = base_llama(&mut model);
+        let base_weights = [
+            base.layers[0].mlp.gate_proj.weight.grad(&grads),
+            base.layers[0].self_attn.q_proj.weight.grad(&grads),
+            base.embed_tokens.weight.grad(&grads),
+        ]
+        .map(|g| g.is_some());
+        let adapter = model.base_adapter.as_ref().unwrap();
+        let trained = [
+            has(adapter.memory_key.as_ref().unwrap().weight.grad(&grads)),
+            has(adapter.embedding.as_ref().unwrap().weight.grad(&grads)),
+            has(model.posterior.as_ref().unwrap().proj.weight.grad(&grads)),
+            has(model.selector.as_ref().unwrap().proj.weight.grad(&grads)),
+        ];
+        (base_weights, trained)
+    };
+    let (base, trained) = gradients(chorus::<AD>(frozen.clone(), 1));
+    assert_eq!(base, [false; 3], "frozen base weights got a gradient");
+    assert_eq!(
+        trained, [true; 4],
+        "adapter key/embedding, posterior, selector"
+    );
+    // The same model with its base trainable: the base's weights do get gradients.
+    let (base, _) = gradients(chorus::<AD>(full_config(), 1));
+    assert_eq!(base, [true; 3]);
+    // Saved and loaded, the base is still frozen.
+    let tokenizer = chorus_lm::Tokenizer::train_bpe(
+        ["the cat sat on the mat."].iter().cycle().take(20),
+        270,
+        &["<|endoftext|>"],
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    chorus::<AD>(frozen.clone(), 1)
+        .save(dir.path(), &tokenizer, &["base".to_string(), "a".into()])
+        .unwrap();
+    let loaded = Chorus::<AD>::load(dir.path(), &device).unwrap().model;
+    let (base, trained) = gradients(loaded);
+    assert_eq!(
+        (base, trained),
+        ([false; 3], [true; 4]),
+        "after save → load"
+    );
+    // Nothing to train: no z, no assistants, a frozen base.
+    let nothing = ChorusConfig {
+        d_latent: 0,
+        ..frozen
+    };
+    let base = llama(20, 12).init::<AD>(&device).unwrap();
+    let err = Chorus::new(nothing, base, Vec::new(), &device)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        err.contains("train_base") && err.contains("nothing to train"),
+        "{err}"
+    );
+}
+
 /// Every float parameter of a model, in module order.
 fn parameter_values<B: Backend>(model: &Chorus<B>) -> Vec<f64> {
     struct Collect(Vec<f64>);

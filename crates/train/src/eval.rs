@@ -10,7 +10,7 @@ use std::path::Path;
 use burn::prelude::*;
 use chorus_data::{Example, Split, Task};
 use chorus_elbo::{
-    active_units, confidence_routing, mutual_information, posterior_deferral, token_log_probs,
+    MeanMoments, confidence_routing, mutual_information, posterior_deferral, token_log_probs,
     top1_probability,
 };
 use chorus_latent::DiagonalGaussian;
@@ -58,17 +58,26 @@ pub struct EvalRow {
     /// Every example's score, in evaluation order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub per_example: Vec<ExampleScore>,
+    /// The moments of the posterior means behind `active_units`, to merge rows of chunks (z models).
+    #[serde(skip)]
+    pub posterior_means: Option<MeanMoments>,
 }
 
 impl EvalRow {
     /// A row with the NLL (and so PPL) of `tokens` target tokens; the latent and routing columns
     /// start empty.
     fn new(model: &str, task: Task, s: Sums) -> Self {
+        Self::of_sums(model, task.name(), s)
+    }
+
+    /// [`EvalRow::new`] with the task by name: NLL = −Σ log p / tokens, bits per byte
+    /// = −Σ log₂ p / bytes.
+    fn of_sums(model: &str, task: &str, s: Sums) -> Self {
         let log_p = s.log_p;
         let nll = -log_p / s.tokens.max(1) as f64;
         Self {
             model: model.to_string(),
-            task: task.name().to_string(),
+            task: task.to_string(),
             examples: s.examples,
             tokens: s.tokens,
             nll,
@@ -80,7 +89,89 @@ impl EvalRow {
             active_units: None,
             deferral: None,
             per_example: s.per_example,
+            posterior_means: None,
         }
+    }
+
+    /// Adds `other`, the same model on the same task over further examples (the next chunk of a
+    /// text file), whose `per_example` indices are already those of the whole evaluation. Counts,
+    /// log-likelihoods and per-example scores add exactly; KL and MI become means over examples
+    /// (MI: the mean of the chunks' estimates, as He et al. average per-batch estimates), deferral
+    /// a mean over tokens, and active units are recounted from the merged moments.
+    pub fn merge(&mut self, other: EvalRow) {
+        let (n_a, n_b) = (self.examples as f64, other.examples as f64);
+        let (t_a, t_b) = (self.tokens as f64, other.tokens as f64);
+        let by_examples = |a: Option<f64>, b: Option<f64>| {
+            a.zip(b)
+                .map(|(a, b)| (a * n_a + b * n_b) / (n_a + n_b).max(1.0))
+        };
+        self.kl = by_examples(self.kl, other.kl);
+        self.mi = by_examples(self.mi, other.mi);
+        self.deferral = self
+            .deferral
+            .zip(other.deferral)
+            .map(|(a, b)| (a * t_a + b * t_b) / (t_a + t_b).max(1.0));
+        if let (Some(mine), Some(theirs)) = (&mut self.posterior_means, &other.posterior_means) {
+            mine.merge(theirs);
+            self.active_units = Some(mine.active_units(ACTIVE_UNIT_THRESHOLD));
+        }
+        self.per_example.extend(other.per_example);
+        let merged = Sums {
+            examples: self.examples + other.examples,
+            tokens: self.tokens + other.tokens,
+            bytes: self.bytes + other.bytes,
+            log_p: self.per_example.iter().map(|e| e.log_p).sum(),
+            deferred: 0.0,
+            per_example: std::mem::take(&mut self.per_example),
+        };
+        *self = EvalRow {
+            kl: self.kl,
+            mi: self.mi,
+            active_units: self.active_units,
+            deferral: self.deferral,
+            posterior_means: self.posterior_means.take(),
+            ..EvalRow::of_sums(&self.model, &self.task, merged)
+        };
+    }
+}
+
+/// `Var_x E_q[z_d]` above which a dimension counts as an active unit (Burda et al.'s 0.01).
+pub const ACTIVE_UNIT_THRESHOLD: f64 = 0.01;
+
+/// The rows of an evaluation that runs chunk by chunk ([`EvalRow::merge`]): each chunk's rows
+/// join the row of the same model and task, in the order rows first appeared.
+#[derive(Debug, Default)]
+pub struct ChunkedRows {
+    rows: Vec<EvalRow>,
+}
+
+impl ChunkedRows {
+    /// Adds the rows of one chunk whose first example is example `offset` of the evaluation.
+    pub fn add(&mut self, chunk: Vec<EvalRow>, offset: usize) {
+        let mut matched = vec![false; self.rows.len()];
+        for mut row in chunk {
+            for e in &mut row.per_example {
+                e.index += offset;
+            }
+            let same = (0..self.rows.len()).find(|&i| {
+                !matched[i] && self.rows[i].model == row.model && self.rows[i].task == row.task
+            });
+            match same {
+                Some(i) => {
+                    self.rows[i].merge(row);
+                    matched[i] = true;
+                }
+                None => {
+                    self.rows.push(row);
+                    matched.push(true);
+                }
+            }
+        }
+    }
+
+    /// The merged rows.
+    pub fn into_rows(self) -> Vec<EvalRow> {
+        self.rows
     }
 }
 
@@ -265,32 +356,69 @@ pub fn paired_difference(
     })
 }
 
-/// Open-ended examples from a plain-text file: its sentences in passages of four, alternately with
-/// an empty and a first-sentence context (as the open-ended task).
-pub fn text_file_examples(path: &Path) -> Result<Vec<Example>, TrainError> {
-    let paragraphs = chorus_data::plain_text(path)?;
-    let sentences: Vec<String> = paragraphs
-        .iter()
-        .flat_map(|p| chorus_data::sentences(p))
-        .collect();
-    let name = path.display().to_string();
-    let examples: Vec<Example> = chorus_data::tasks::open_ended_examples(&name, &sentences)
-        .into_iter()
-        .map(|e| Example {
-            split: Split::Test,
-            ..e
+/// A plain-text file evaluated as open-ended passages ([`chorus_data::tasks::TextFilePassages`]:
+/// its sentences in passages of four, alternately with an empty and a first-sentence context),
+/// read in chunks so that memory holds one chunk of passages, not the file.
+pub struct TextFile {
+    path: std::path::PathBuf,
+    passages: usize,
+}
+
+impl TextFile {
+    /// Opens `path` and counts its passages (one streaming pass); a missing, unreadable or too
+    /// short file is an error naming it.
+    pub fn open(path: &Path) -> Result<Self, TrainError> {
+        let mut passages = 0;
+        for passage in chorus_data::tasks::TextFilePassages::open(path)? {
+            passage?;
+            passages += 1;
+        }
+        if passages == 0 {
+            return Err(TrainError::EmptyData {
+                data: path.display().to_string(),
+                reason: format!(
+                    "fewer than {} sentences",
+                    chorus_data::tasks::OPEN_PASSAGE_SENTENCES
+                ),
+            });
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            passages,
         })
-        .collect();
-    if examples.is_empty() {
-        return Err(TrainError::EmptyData {
-            data: name.to_string(),
-            reason: format!(
-                "fewer than {} sentences",
-                chorus_data::tasks::OPEN_PASSAGE_SENTENCES
-            ),
-        });
     }
-    Ok(examples)
+
+    /// Passages in the file.
+    pub fn passages(&self) -> usize {
+        self.passages
+    }
+
+    /// The first `limit` passages (all: `None`) as test examples, `size` at a time.
+    pub fn chunks(
+        self,
+        size: usize,
+        limit: Option<usize>,
+    ) -> Result<impl Iterator<Item = Result<Vec<Example>, TrainError>>, TrainError> {
+        let mut passages = chorus_data::tasks::TextFilePassages::open(&self.path)?
+            .take(limit.unwrap_or(usize::MAX))
+            .map(|p| {
+                p.map(|e| Example {
+                    split: Split::Test,
+                    ..e
+                })
+            });
+        let size = size.max(1);
+        Ok(std::iter::from_fn(move || {
+            let mut chunk = Vec::with_capacity(size);
+            for passage in passages.by_ref().take(size) {
+                match passage {
+                    Ok(e) => chunk.push(e),
+                    Err(e) => return Some(Err(e.into())),
+                }
+            }
+            (!chunk.is_empty()).then_some(Ok(chunk))
+        }))
+    }
 }
 
 /// Example indices grouped by task, each group sorted by length (less padding).
@@ -508,13 +636,14 @@ pub fn evaluate_chorus<B: Backend>(
                     mean: Tensor::cat(s.means, 0),
                     log_var: Tensor::cat(s.log_vars, 0),
                 };
-                let au = active_units(q.mean.clone(), 0.01);
-                (Some(mutual_information(&q)), Some(au))
+                let moments = MeanMoments::of(q.mean.clone());
+                (Some(mutual_information(&q)), Some(moments))
             };
             EvalRow {
                 kl: model.config.has_z().then(|| s.kl / s.sums.examples as f64),
                 mi,
-                active_units: au,
+                active_units: au.as_ref().map(|m| m.active_units(ACTIVE_UNIT_THRESHOLD)),
+                posterior_means: au,
                 deferral: (model.n_models() > 1)
                     .then(|| s.sums.deferred / s.sums.tokens.max(1) as f64),
                 ..EvalRow::new(name, task, s.sums)

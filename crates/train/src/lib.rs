@@ -38,9 +38,10 @@ pub use config::{
     load_config,
 };
 pub use eval::{
-    AssistantScores, EvalReport, EvalRow, EvalSet, ExampleScore, PairedDifference, RouterRecord,
-    TOKEN_CONVENTION, TargetLogProbs, assistant_scores, evaluate_chorus, evaluate_composition,
-    evaluate_lm, evaluate_oracle, paired_difference, text_file_examples, uncacheable_assistants,
+    ACTIVE_UNIT_THRESHOLD, AssistantScores, ChunkedRows, EvalReport, EvalRow, EvalSet,
+    ExampleScore, PairedDifference, RouterRecord, TOKEN_CONVENTION, TargetLogProbs, TextFile,
+    assistant_scores, evaluate_chorus, evaluate_composition, evaluate_lm, evaluate_oracle,
+    paired_difference, uncacheable_assistants,
 };
 pub use metrics::MetricWindow;
 pub use progress::{Progress, Silent};

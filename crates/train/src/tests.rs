@@ -1704,6 +1704,7 @@ fn paired_bootstrap_intervals_behave_as_the_statistics_say() {
         mi: None,
         active_units: None,
         deferral: None,
+        posterior_means: None,
         per_example: scores
             .into_iter()
             .enumerate()
@@ -1759,4 +1760,117 @@ fn paired_bootstrap_intervals_behave_as_the_statistics_say() {
     let (a, _) = noisy(40);
     let (_, b) = noisy(41);
     assert!(paired_difference(&a, &b, 10, 0).is_err());
+}
+
+/// An evaluation run chunk by chunk and merged ([`crate::ChunkedRows`], as `chorus eval
+/// --text-file` runs) reports what one run over all examples reports: counts, NLL, bits per byte,
+/// deferral and every example's score (a model without sampling); KL, the posterior-mean moments
+/// and active units of a z model; MI as the examples-weighted mean of the chunks' estimates.
+#[test]
+fn a_chunked_evaluation_merges_into_the_evaluation_of_all_examples() {
+    use crate::EvalRow;
+    let _rng = rng_lock();
+    let device = Default::default();
+    let logits: Vec<f32> = (0..VOCAB)
+        .map(|v| ((v * 37 % 23) as f32 - 11.0) / 5.0)
+        .collect();
+    let closed = closed_form_model(&logits, [0.4, -0.7]);
+    let z_model = joint(z_config(), 1).0.valid();
+    let data = synthetic(11, 0);
+    let by_task = |rows: &[EvalRow], task: &str| rows.iter().find(|r| r.task == task).cloned();
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-6 * (1.0 + a.abs());
+    for cut in [1, 4, 10] {
+        let mut merged = [crate::ChunkedRows::default(), crate::ChunkedRows::default()];
+        let mut chunks: Vec<Vec<EvalRow>> = Vec::new();
+        let mut whole: Vec<Vec<EvalRow>> = Vec::new();
+        for (m, model) in [&closed, &z_model].into_iter().enumerate() {
+            let eval = |data: &[Encoded]| {
+                let set = crate::EvalSet {
+                    data,
+                    batch_size: 3,
+                    device: &device,
+                };
+                crate::evaluate_chorus(
+                    model,
+                    "m",
+                    &set,
+                    crate::AssistantScores::Local,
+                    2,
+                    &mut crate::Silent,
+                    None,
+                )
+                .unwrap()
+            };
+            let (first, second) = (eval(&data[..cut]), eval(&data[cut..]));
+            merged[m].add(first.clone(), 0);
+            merged[m].add(second.clone(), cut);
+            chunks.push([first, second].concat());
+            whole.push(eval(&data));
+        }
+        let [closed_rows, z_rows] = merged.map(|m| m.into_rows());
+        for task in ["story", "dialogue"] {
+            let (a, b) = (
+                by_task(&closed_rows, task).unwrap(),
+                by_task(&whole[0], task).unwrap(),
+            );
+            assert_eq!(
+                (a.examples, a.tokens, a.bytes),
+                (b.examples, b.tokens, b.bytes),
+                "{cut} {task}"
+            );
+            assert!(close(a.nll, b.nll), "{cut} {task}: {} vs {}", a.nll, b.nll);
+            assert!(close(a.bits_per_byte, b.bits_per_byte), "{cut} {task}");
+            assert!(close(a.ppl, b.ppl), "{cut} {task}");
+            assert!(
+                close(a.deferral.unwrap(), b.deferral.unwrap()),
+                "{cut} {task}: {:?} vs {:?}",
+                a.deferral,
+                b.deferral
+            );
+            let scores = |r: &EvalRow| {
+                let mut s: Vec<(usize, usize, f64)> = r
+                    .per_example
+                    .iter()
+                    .map(|e| (e.index, e.tokens, e.log_p))
+                    .collect();
+                s.sort_by_key(|e| e.0);
+                s
+            };
+            let (sa, sb) = (scores(&a), scores(&b));
+            assert_eq!(sa.len(), sb.len());
+            for (x, y) in sa.iter().zip(&sb) {
+                assert_eq!((x.0, x.1), (y.0, y.1), "{cut} {task}: example indices");
+                assert!(close(x.2, y.2), "{cut} {task}: {x:?} vs {y:?}");
+            }
+            // The z model: KL and the posterior-mean moments (deterministic) as over all examples.
+            let (a, b) = (
+                by_task(&z_rows, task).unwrap(),
+                by_task(&whole[1], task).unwrap(),
+            );
+            assert!(
+                close(a.kl.unwrap(), b.kl.unwrap()),
+                "{cut} {task}: KL {:?} vs {:?}",
+                a.kl,
+                b.kl
+            );
+            let (ma, mb) = (a.posterior_means.unwrap(), b.posterior_means.unwrap());
+            assert_eq!(ma.n, mb.n);
+            for d in 0..ma.mean.len() {
+                assert!(
+                    close(ma.mean[d], mb.mean[d]) && close(ma.m2[d], mb.m2[d]),
+                    "{cut}"
+                );
+            }
+            assert_eq!(a.active_units, b.active_units);
+            // MI: the chunks' estimates weighted by their examples.
+            let parts: Vec<&EvalRow> = chunks[1].iter().filter(|r| r.task == task).collect();
+            let n: usize = parts.iter().map(|r| r.examples).sum();
+            let want: f64 = parts
+                .iter()
+                .map(|r| r.mi.unwrap() * r.examples as f64)
+                .sum::<f64>()
+                / n as f64;
+            assert!(close(a.mi.unwrap(), want), "{cut} {task}");
+        }
+    }
 }
