@@ -358,9 +358,6 @@ pub fn eval<B: Backend>(args: EvalArgs<'_>, device: &B::Device) -> Result<()> {
         )),
         None => None,
     };
-    for (name, _) in &loaded {
-        eprintln!("evaluating {name} on {total} examples ({what})");
-    }
     let phase = format!("evaluating {} models", loaded.len());
     let mut bar = crate::progress::Bar::default();
     bar.begin(&phase, (total * evaluations) as u64, 0);
@@ -384,6 +381,9 @@ pub fn eval<B: Backend>(args: EvalArgs<'_>, device: &B::Device) -> Result<()> {
         let mut chunk_rows = Vec::new();
         let mut single_tokens: Vec<TargetLogProbs> = Vec::new();
         for (i, (name, model)) in loaded.iter().enumerate() {
+            if chunk_index == 0 {
+                bar.line(&format!("evaluating {name} on {total} examples ({what})"));
+            }
             match model {
                 Loaded::Joint(m, sources, remotes) => {
                     let servers: Vec<&dyn Assistant<B>> =
