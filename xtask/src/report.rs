@@ -28,7 +28,7 @@ use super::{Preset, Step, build, run_lanes, step, workspace_root};
 /// The scale of `cargo xtask report`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ReportPreset {
-    /// Small budgets: about three hours on 2 CPU cores (LibTorch backend).
+    /// Small budgets: about 3.5 hours on 2 CPU cores (LibTorch backend).
     Cpu,
     /// Larger models and budgets on CUDA (builds with `--features cuda`).
     Gpu,
@@ -1436,9 +1436,9 @@ fn setting(out: &Path, knobs: &Knobs, preset: ReportPreset) -> Result<String> {
          probability — the ceiling of any router over these models.\n\n",
         match preset {
             ReportPreset::Cpu => "The `cpu` preset: small budgets; the whole run takes about \
-                                   three hours on 2 cores (two thirds of it the two variants \
-                                   that run SmolLM2 forward and backward at every step); the \
-                                   numbers are for that scale only.",
+                                   3.5 hours on 2 cores (most of it the variants that run \
+                                   SmolLM2 forward and backward at every step); the numbers \
+                                   are for that scale only.",
             ReportPreset::Gpu => "The `gpu` preset: larger models and budgets for an H100-class \
                                    card.",
             ReportPreset::Smoke => "The `smoke` preset: a few steps of everything, to check \
