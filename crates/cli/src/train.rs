@@ -353,14 +353,19 @@ pub fn eval<B: Backend>(args: EvalArgs<'_>, device: &B::Device) -> Result<()> {
         Some((first, path))
     });
     let mut routing_out = match routed {
-        Some((_, path)) => Some(std::io::BufWriter::new(
-            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
+        Some((_, path)) => Some((
+            std::io::BufWriter::new(
+                std::fs::File::create(path)
+                    .with_context(|| format!("creating {}", path.display()))?,
+            ),
+            path,
         )),
         None => None,
     };
     let phase = format!("evaluating {} models", loaded.len());
+    let units = (total * evaluations) as u64;
     let mut bar = crate::progress::Bar::default();
-    bar.begin(&phase, (total * evaluations) as u64, 0);
+    bar.begin(&phase, units, 0);
     let mut done = 0u64;
     let mut rows = ChunkedRows::default();
     let mut offset = 0;
@@ -405,7 +410,7 @@ pub fn eval<B: Backend>(args: EvalArgs<'_>, device: &B::Device) -> Result<()> {
                                 device,
                                 &mut bar,
                             )?;
-                            bar.begin(&phase, (total * evaluations) as u64, done);
+                            bar.begin(&phase, units, done);
                             Some(cache)
                         }
                         _ => None,
@@ -426,16 +431,14 @@ pub fn eval<B: Backend>(args: EvalArgs<'_>, device: &B::Device) -> Result<()> {
                         &mut Offset::new(&mut bar, &mut done),
                         (first_joint && routing_out.is_some()).then_some(&mut record),
                     )?);
-                    if let (true, Some(out)) = (first_joint, routing_out.as_mut()) {
+                    if let (true, Some((out, path))) = (first_joint, routing_out.as_mut()) {
                         let chunk = RoutedChunk {
                             examples: &examples,
                             encoded: &encoded,
                             offset,
                         };
                         write_routing(out, name, sources, &chunk, &tokenizer, &record)
-                            .with_context(|| {
-                                format!("writing {}", routed.map(|r| r.1).unwrap().display())
-                            })?;
+                            .with_context(|| format!("writing {}", path.display()))?;
                     }
                     if args.members {
                         let locals: Vec<LocalLm<'_, B>> =
@@ -503,7 +506,7 @@ pub fn eval<B: Backend>(args: EvalArgs<'_>, device: &B::Device) -> Result<()> {
         crate::release_freed_memory();
     }
     bar.end(true);
-    if let (Some(mut out), Some((_, path))) = (routing_out, routed) {
+    if let Some((mut out, path)) = routing_out {
         use std::io::Write;
         out.flush()
             .with_context(|| format!("writing {}", path.display()))?;

@@ -90,6 +90,17 @@ impl Fixture {
         p.display().to_string()
     }
 
+    /// A second LM of the same shape and tokenizer (another initialisation) at `lm2/`.
+    fn second_lm(&self) {
+        let other = llama(self.vocab).init::<B>(&Default::default()).unwrap();
+        other.save(self.dir.path().join("lm2")).unwrap();
+        std::fs::copy(
+            self.dir.path().join("tokenizer.json"),
+            self.dir.path().join("lm2/tokenizer.json"),
+        )
+        .unwrap();
+    }
+
     fn fails(&self, args: &[&str], says: &[&str]) {
         fails(&self.cache, args, says)
     }
@@ -563,13 +574,7 @@ fn lms_compose_without_training_under_the_confidence_rule() {
 #[test]
 fn compositions_evaluate_under_the_confidence_rule() {
     let f = Fixture::new();
-    let other = llama(f.vocab).init::<B>(&Default::default()).unwrap();
-    other.save(f.dir.path().join("lm2")).unwrap();
-    std::fs::copy(
-        f.dir.path().join("tokenizer.json"),
-        f.dir.path().join("lm2/tokenizer.json"),
-    )
-    .unwrap();
+    f.second_lm();
     let text_file = f.write(
         "passages.txt",
         "The cat sat on the mat. A dog ran to the log. ".repeat(6),
@@ -629,13 +634,7 @@ fn compositions_evaluate_under_the_confidence_rule() {
 #[test]
 fn a_long_text_file_is_evaluated_in_chunks_as_in_one_piece() {
     let f = Fixture::new();
-    let other = llama(f.vocab).init::<B>(&Default::default()).unwrap();
-    other.save(f.dir.path().join("lm2")).unwrap();
-    std::fs::copy(
-        f.dir.path().join("tokenizer.json"),
-        f.dir.path().join("lm2/tokenizer.json"),
-    )
-    .unwrap();
+    f.second_lm();
     // 1,210 sentences in paragraphs of 7: 302 passages of four (two sentences left over).
     let text = |from: usize, to: usize| {
         (from..to)
