@@ -18,6 +18,41 @@ ROOT = Path(__file__).resolve().parent.parent
 
 MUTANTS = [
     (
+        "quantised decode: blocks used for a product that needs a gradient",
+        "crates/lm/src/quantised.rs",
+        "    if batch * seq > MAX_BLOCK_ROWS || x.is_require_grad() || weight.is_require_grad() {",
+        "    if batch * seq > MAX_BLOCK_ROWS {",
+        ["-p", "chorus-lm", "--lib", "a_gguf_model_that_trains"],
+    ),
+    (
+        "quantised decode: the AVX2 Q4 kernel drops the min term",
+        "crates/lm/src/quantised.rs",
+        "            *out = horizontal_sum(acc) + min_acc;",
+        "            *out = horizontal_sum(acc);",
+        ["-p", "chorus-lm", "--lib", "block_products_equal"],
+    ),
+    (
+        "quantised decode: the portable Q4 kernel swaps the nibbles",
+        "crates/lm/src/quantised.rs",
+        "                            .map(|(&q, &v)| (q & 0x0f) as f32 * v)",
+        "                            .map(|(&q, &v)| (q >> 4) as f32 * v)",
+        ["-p", "chorus-lm", "--lib", "block_products_equal"],
+    ),
+    (
+        "quantised decode: Q/K blocks keep llama.cpp's row order",
+        "crates/lm/src/quantised.rs",
+        "    BlockMatrix::from_gguf(gguf, info, sources.as_deref())",
+        "    BlockMatrix::from_gguf(gguf, info, sources.as_deref().filter(|_| false))",
+        ["-p", "chorus-lm", "--lib", "a_gguf_model_decodes_from_its_blocks"],
+    ),
+    (
+        "quantised decode: the few-row path ignores the blocks",
+        "crates/lm/src/quantised.rs",
+        "    let blocks = blocks?;",
+        "    let blocks = blocks.filter(|_| false)?;",
+        ["-p", "chorus-lm", "--lib", "a_gguf_model_decodes_from_its_blocks"],
+    ),
+    (
         "train_base = false does not freeze the base",
         "crates/model/src/chorus.rs",
         "            base.no_grad()\n",

@@ -75,6 +75,12 @@ impl fmt::Display for DeviceSpec {
 }
 
 impl DeviceSpec {
+    /// Whether the tensors live in host memory (ndarray, LibTorch on the CPU): there GGUF models
+    /// decode from their quantised blocks ([`chorus_lm::Lm::from_gguf_for_decoding`]).
+    pub fn is_host(&self) -> bool {
+        matches!(self, Self::Cpu | Self::TchCpu)
+    }
+
     /// The cargo feature that compiles this device's backend.
     pub fn feature(&self) -> &'static str {
         match self {

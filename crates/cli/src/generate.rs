@@ -56,6 +56,8 @@ pub struct GenerateArgs<'a> {
     pub json: Option<&'a Path>,
     pub html: Option<&'a Path>,
     pub assistants: AssistantUpdate,
+    /// GGUF members keep their quantised blocks for decoding (on host devices).
+    pub gguf_blocks: bool,
 }
 
 /// ANSI colours per model: the base plain, assistants cyan, magenta, yellow, green, blue.
@@ -182,12 +184,18 @@ pub enum ModelSource<'a> {
 }
 
 /// One LM in any format chorus reads (GGUF file, Hugging Face directory, chorus LM directory) and
-/// the tokenizer that comes with it.
+/// the tokenizer that comes with it. With `gguf_blocks`, a GGUF file also keeps its quantised
+/// blocks, which its few-row products read ([`chorus_lm::Lm::from_gguf_for_decoding`]).
 pub(crate) fn open_lm<B: Backend>(
     path: &Path,
     device: &B::Device,
+    gguf_blocks: bool,
 ) -> Result<(chorus_lm::Lm<B>, Tokenizer)> {
-    let lm = chorus_lm::Lm::<B>::open(path, device)?;
+    let lm = if gguf_blocks && path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
+        chorus_lm::Lm::<B>::from_gguf_for_decoding(&chorus_lm::GgufFile::open(path)?, device)?
+    } else {
+        chorus_lm::Lm::<B>::open(path, device)?
+    };
     let tokenizer = Tokenizer::open(path)
         .with_context(|| format!("{}: no tokenizer next to the model", path.display()))?;
     Ok((lm, tokenizer))
@@ -217,11 +225,12 @@ pub(crate) fn connect_remotes<B: Backend>(
 
 /// LMs in any format chorus reads, composed without training ([`Chorus::compose`]) after checking
 /// that every assistant's tokenizer is the base's. Returns the model, its members' sources and the
-/// tokenizer.
+/// tokenizer. `gguf_blocks` as in [`open_lm`].
 pub(crate) fn load_composition<B: Backend>(
     base: &Path,
     assistants: &[PathBuf],
     device: &B::Device,
+    gguf_blocks: bool,
 ) -> Result<(Chorus<B>, Vec<String>, Tokenizer)> {
     if let Some(url) = assistants.iter().find(|p| is_server_url(p)) {
         anyhow::bail!(
@@ -229,10 +238,10 @@ pub(crate) fn load_composition<B: Backend>(
             url.display()
         );
     }
-    let (base_lm, tokenizer) = open_lm::<B>(base, device)?;
+    let (base_lm, tokenizer) = open_lm::<B>(base, device, gguf_blocks)?;
     let mut lms = Vec::with_capacity(assistants.len());
     for path in assistants {
-        let (lm, other) = open_lm::<B>(path, device)?;
+        let (lm, other) = open_lm::<B>(path, device, gguf_blocks)?;
         tokenizer.check_same(&other).with_context(|| {
             format!(
                 "assistant {} does not share the base's tokenizer ({})",
@@ -252,16 +261,17 @@ pub(crate) fn load_composition<B: Backend>(
 
 /// A joint checkpoint (a directory with chorus.json), or a single LM in any format chorus reads (a
 /// GGUF file, a Hugging Face directory, a chorus LM directory) as a chorus of one model without z.
-/// Returns the model, its members' sources and the tokenizer.
+/// Returns the model, its members' sources and the tokenizer. `gguf_blocks` as in [`open_lm`].
 fn load_model<B: Backend>(
     path: &Path,
     device: &B::Device,
+    gguf_blocks: bool,
 ) -> Result<(Chorus<B>, Vec<String>, Tokenizer)> {
     if path.join(chorus_model::MANIFEST_FILE).is_file() || path.join("state.json").is_file() {
         let saved = Chorus::<B>::load(path, device)?;
         return Ok((saved.model, saved.manifest.sources, saved.tokenizer));
     }
-    let (lm, tokenizer) = open_lm::<B>(path, device)?;
+    let (lm, tokenizer) = open_lm::<B>(path, device, gguf_blocks)?;
     let single = chorus_model::ChorusConfig {
         d_latent: 0,
         ..Default::default()
@@ -274,7 +284,7 @@ pub fn generate<B: Backend>(args: GenerateArgs<'_>, device: &B::Device) -> Resul
     let mut remotes = Vec::new();
     let (model, sources, tokenizer, calibration) = match args.model {
         ModelSource::One(path) => {
-            let (model, sources, tokenizer) = load_model::<B>(path, device)?;
+            let (model, sources, tokenizer) = load_model::<B>(path, device, args.gguf_blocks)?;
             remotes = connect_remotes(&model, &sources, &tokenizer)?;
             (model, sources, tokenizer, EtaCalibration::load(path)?)
         }
@@ -282,7 +292,8 @@ pub fn generate<B: Backend>(args: GenerateArgs<'_>, device: &B::Device) -> Resul
             // Local assistants join the chorus; servers follow them as models K, K + 1, ….
             let (remote_urls, local): (Vec<PathBuf>, Vec<PathBuf>) =
                 assistants.iter().cloned().partition(|p| is_server_url(p));
-            let (model, mut sources, tokenizer) = load_composition::<B>(base, &local, device)?;
+            let (model, mut sources, tokenizer) =
+                load_composition::<B>(base, &local, device, args.gguf_blocks)?;
             for url in &remote_urls {
                 let url = url.display().to_string();
                 let remote = RemoteAssistant::connect(&url, &tokenizer, RemoteSettings::default())?;

@@ -375,7 +375,7 @@ fn parse_update(s: &str) -> Result<chorus_model::AssistantUpdate, String> {
 fn main() -> std::process::ExitCode {
     keep_freed_memory();
     let cli = Cli::parse();
-    match run(cli) {
+    match rayon::scope(|_| run(cli)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", one_line(&e));
@@ -564,6 +564,7 @@ fn run(cli: Cli) -> Result<()> {
                 json: json.as_deref(),
                 html: html.as_deref(),
                 assistants: assistant_update,
+                gguf_blocks: cli.device.is_host(),
             },
             &device
         )),
@@ -629,6 +630,7 @@ fn run(cli: Cli) -> Result<()> {
             tolerance,
             json.as_deref(),
             report_only,
+            cli.device.is_host(),
             &device
         )),
     }

@@ -121,6 +121,7 @@ pub fn run<B: Backend>(
     tolerance: f32,
     json: Option<&Path>,
     report_only: bool,
+    gguf_blocks: bool,
     device: &B::Device,
 ) -> Result<()> {
     let text = std::fs::read_to_string(reference)
@@ -131,7 +132,12 @@ pub fn run<B: Backend>(
     let start = Instant::now();
     let file = GgufFile::open(gguf)?;
     let tokenizer = Tokenizer::from_gguf(&file)?;
-    let model = Lm::<B>::from_gguf(&file, device)?;
+    // Decoding on the CPU reads the quantised blocks, as `chorus generate` does.
+    let model = if gguf_blocks {
+        Lm::<B>::from_gguf_for_decoding(&file, device)?
+    } else {
+        Lm::<B>::from_gguf(&file, device)?
+    };
     drop(file);
     let load_s = start.elapsed().as_secs_f64();
 

@@ -267,7 +267,7 @@ pub fn eval<B: Backend>(args: EvalArgs<'_>, device: &B::Device) -> Result<()> {
                 saved.tokenizer,
             )
         } else {
-            let (lm, tok) = crate::generate::open_lm::<B>(&path, device)?;
+            let (lm, tok) = crate::generate::open_lm::<B>(&path, device, false)?;
             (Loaded::Single(Box::new(lm)), tok)
         };
         match &tokenizer {
@@ -279,7 +279,7 @@ pub fn eval<B: Backend>(args: EvalArgs<'_>, device: &B::Device) -> Result<()> {
     for spec in args.compositions {
         let (name, paths, tau) = parse_composition(spec)?;
         let (model, _, tok) =
-            crate::generate::load_composition::<B>(&paths[0], &paths[1..], device)?;
+            crate::generate::load_composition::<B>(&paths[0], &paths[1..], device, false)?;
         eprintln!(
             "{name}: composition of {} models, confidence:{tau}",
             model.n_models()

@@ -10,7 +10,10 @@ use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::softmax;
 
+use std::sync::Arc;
+
 use crate::cache::LayerCache;
+use crate::quantised::{BlockMatrix, project};
 use crate::rope::RopeTables;
 
 /// Score given to masked (future or padding) keys before the softmax: finite, so a row whose keys
@@ -58,6 +61,7 @@ impl AttentionConfig {
             n_heads: self.n_heads,
             n_kv_heads: self.n_kv_heads,
             head_dim,
+            gguf_blocks: None,
         }
     }
 }
@@ -81,6 +85,10 @@ pub struct Attention<B: Backend> {
     pub n_kv_heads: usize,
     /// Width of one head.
     pub head_dim: usize,
+    /// The four projections' GGUF blocks (q, k, v, o), for few-row products on the CPU
+    /// ([`Lm::from_gguf_for_decoding`](crate::Lm::from_gguf_for_decoding)).
+    #[module(skip)]
+    pub gguf_blocks: Option<Arc<[BlockMatrix; 4]>>,
 }
 
 impl<B: Backend> Attention<B> {
@@ -101,9 +109,10 @@ impl<B: Backend> Attention<B> {
         // [batch, seq, heads * head_dim] -> [batch, heads, seq, head_dim]
         let heads =
             |t: Tensor<B, 3>, n: usize| t.reshape([batch, seq, n, head_dim]).swap_dims(1, 2);
-        let mut q = heads(self.q_proj.forward(x.clone()), n_heads);
-        let mut k = heads(self.k_proj.forward(x.clone()), n_kv_heads);
-        let v = heads(self.v_proj.forward(x), n_kv_heads);
+        let blocks = |i: usize| self.gguf_blocks.as_ref().map(|b| &b[i]);
+        let mut q = heads(project(&self.q_proj, blocks(0), x.clone()), n_heads);
+        let mut k = heads(project(&self.k_proj, blocks(1), x.clone()), n_kv_heads);
+        let v = heads(project(&self.v_proj, blocks(2), x), n_kv_heads);
         if let Some(rope) = rope {
             q = rope.apply(q);
             k = rope.apply(k);
@@ -113,22 +122,22 @@ impl<B: Backend> Attention<B> {
             None => (k, v),
         };
         let scale = (head_dim as f64).sqrt();
-        // Share each key/value head among n_heads / n_kv_heads query heads:
-        // [batch, kv, keys, hd] -> [batch, kv, group, keys, hd] -> [batch, heads, keys, hd]
+        // Each key/value head serves the `group = n_heads / n_kv_heads` query heads h = kv·group + g:
+        // stack those queries as rows, [batch, heads, seq, hd] -> [batch, kv, group·seq, hd], and
+        // multiply by the shared keys and values as they are (no copy of them per query head).
         let group = n_heads / n_kv_heads;
-        let repeat = |t: Tensor<B, 4>| {
-            let [_, _, n_keys, _] = t.dims();
-            if group == 1 {
-                t
-            } else {
-                t.unsqueeze_dim::<5>(2)
-                    .expand([batch, n_kv_heads, group, n_keys, head_dim])
-                    .reshape([batch, n_heads, n_keys, head_dim])
-            }
+        let grouped = |t: Tensor<B, 4>| {
+            let [_, _, _, last] = t.dims();
+            t.reshape([batch, n_kv_heads, group * seq, last])
         };
-        let scores = q.clone().matmul(repeat(k).swap_dims(2, 3)) / scale; // [b, h, seq, keys]
+        let per_head = |t: Tensor<B, 4>| {
+            let [_, _, _, last] = t.dims();
+            t.reshape([batch, n_heads, seq, last])
+        };
+        let q = grouped(q);
+        let scores = per_head(q.clone().matmul(k.swap_dims(2, 3))) / scale; // [b, h, seq, keys]
         let scores = scores.mask_fill(mask.unsqueeze_dim::<4>(1), MASKED_SCORE);
-        let mut out = softmax(scores, 3).matmul(repeat(v)); // [batch, heads, seq, head_dim]
+        let mut out = per_head(grouped(softmax(scores, 3)).matmul(v)); // [b, h, seq, hd]
         if let Some(memory) = memory {
             let [_, n_slots, _] = memory.key.dims();
             if n_slots > 0 {
@@ -136,14 +145,13 @@ impl<B: Backend> Attention<B> {
                     t.reshape([batch, n_slots, n_kv_heads, head_dim])
                         .swap_dims(1, 2)
                 };
-                let mem_k = repeat(slots(memory.key.clone()));
-                let mem_v = repeat(slots(memory.value.clone()));
-                let mem_scores = q.matmul(mem_k.swap_dims(2, 3)) / scale; // [b, h, seq, slots]
-                out = out + softmax(mem_scores, 3).matmul(mem_v);
+                let mem_scores = q.matmul(slots(memory.key.clone()).swap_dims(2, 3)) / scale;
+                let mem_out = softmax(mem_scores, 3).matmul(slots(memory.value.clone()));
+                out = out + per_head(mem_out);
             }
         }
         let out = out.swap_dims(1, 2).reshape([batch, seq, d_model]);
-        self.o_proj.forward(out)
+        project(&self.o_proj, blocks(3), out)
     }
 }
 

@@ -180,6 +180,7 @@ impl<B: Backend> Bert<B> {
                     n_heads: c.n_heads,
                     n_kv_heads: c.n_heads,
                     head_dim: d / c.n_heads,
+                    gguf_blocks: None,
                 },
                 attention_norm: layer_norm(t, &format!("{p}.attention.output.LayerNorm"))?,
                 intermediate: linear(t, &format!("{p}.intermediate.dense"), d, c.d_ff)?,

@@ -388,8 +388,8 @@ impl GgufFile {
         self.tensors.iter().find(|t| t.name == name)
     }
 
-    /// Dequantises a tensor to f32, returning its row-major shape (outermost first) and values.
-    pub fn tensor_f32(&self, info: &GgufTensorInfo) -> Result<(Vec<usize>, Vec<f32>), LmError> {
+    /// A tensor's bytes as stored (blocks of its type), and its type's bytes per block.
+    pub(crate) fn tensor_bytes(&self, info: &GgufTensorInfo) -> Result<(&[u8], usize), LmError> {
         let (per_block, block_bytes) = info.dtype.block().ok_or_else(|| {
             self.error(format!(
                 "tensor `{}` has {}, which chorus cannot dequantise (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)",
@@ -400,6 +400,13 @@ impl GgufFile {
         let n = info.n_elements();
         let start = self.data_start + info.offset as usize; // range checked in `parse`
         let raw = &self.bytes[start..start + (n / per_block * block_bytes) as usize];
+        Ok((raw, block_bytes as usize))
+    }
+
+    /// Dequantises a tensor to f32, returning its row-major shape (outermost first) and values.
+    pub fn tensor_f32(&self, info: &GgufTensorInfo) -> Result<(Vec<usize>, Vec<f32>), LmError> {
+        let (raw, block_bytes) = self.tensor_bytes(info)?;
+        let n = info.n_elements();
         let f16 = |b: &[u8]| half::f16::from_le_bytes([b[0], b[1]]).to_f32();
         let mut out = Vec::with_capacity(n as usize);
         match info.dtype {
@@ -421,7 +428,7 @@ impl GgufFile {
             GgmlType::Q4_0 | GgmlType::Q4_1 => {
                 let q4_1 = info.dtype == GgmlType::Q4_1;
                 let header = if q4_1 { 4 } else { 2 };
-                for block in raw.chunks_exact(block_bytes as usize) {
+                for block in raw.chunks_exact(block_bytes) {
                     let d = f16(&block[0..2]);
                     let (m, offset) = if q4_1 {
                         (f16(&block[2..4]), 0.0)

@@ -485,3 +485,176 @@ fn gguf_reader_survives_random_mutations() {
     eprintln!("gguf fuzz: {runs} mutated files in {secs} s, {accepted} parsed, no panic");
     assert!(runs > 0);
 }
+
+/// [`gguf_llama`] with every matrix row a whole number of 32-value blocks.
+fn block_llama() -> LmConfig {
+    let mut config = gguf_llama();
+    if let LmConfig::Llama(c) = &mut config {
+        c.d_ff = 64;
+    }
+    config
+}
+
+#[test]
+fn block_products_equal_products_with_the_dequantised_weights() {
+    use crate::quantised::{BlockMatrix, Kernel};
+    let mut rng = SplitMix64(7);
+    let mut kernels = vec![Kernel::Portable];
+    if Kernel::detect() != Kernel::Portable {
+        kernels.push(Kernel::detect());
+    }
+    // 5 × 64: one thread; 256 × 384: split across the pool.
+    for (rows, cols) in [(5, 64), (256, 384)] {
+        let values: Vec<f32> = (0..rows * cols)
+            .map(|_| (rng.uniform() * 2.0 - 1.0) as f32)
+            .collect();
+        for store in [Store::Q8_0, Store::Q4_0, Store::Q4_1] {
+            let mut w = Writer::new();
+            w.tensor("m", &[rows, cols], &values, store);
+            let file = parse(&w).unwrap();
+            let info = file.tensor_info("m").unwrap();
+            let (_, weights) = file.tensor_f32(info).unwrap();
+            let blocks = BlockMatrix::from_gguf(&file, info, None).unwrap().unwrap();
+            assert_eq!((blocks.rows(), blocks.cols()), (rows, cols));
+            // Q4_0's d·(q − 8) is regrouped as d·q − 8d: equal up to rounding.
+            let dequantised = blocks.dequantise();
+            for (a, b) in dequantised.iter().zip(&weights) {
+                assert!((a - b).abs() <= 1e-6, "{store:?}: {a} against {b}");
+            }
+            for n in [1, 3, 8] {
+                let x: Vec<f32> = (0..n * cols)
+                    .map(|_| (rng.uniform() * 2.0 - 1.0) as f32)
+                    .collect();
+                for &kernel in &kernels {
+                    let y = blocks.matmul_rows_with(&x, n, kernel);
+                    for i in 0..n {
+                        for r in 0..rows {
+                            let (mut exact, mut scale) = (0.0f64, 0.0f64);
+                            for c in 0..cols {
+                                let term = weights[r * cols + c] as f64 * x[i * cols + c] as f64;
+                                exact += term;
+                                scale += term.abs();
+                            }
+                            let got = y[i * rows + r] as f64;
+                            assert!(
+                                (got - exact).abs() <= 1e-5 * scale + 1e-6,
+                                "{store:?} {kernel:?} n={n} [{i}, {r}]: {got} against {exact}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // A row that is not whole blocks is an error naming the tensor.
+    let mut w = Writer::new();
+    w.raw_tensor("ragged", vec![48, 2], 8, vec![0; 3 * 34]);
+    let file = parse(&w).unwrap();
+    let err = BlockMatrix::from_gguf(&file, file.tensor_info("ragged").unwrap(), None).unwrap_err();
+    assert!(
+        err.to_string().contains("`ragged` has rows of 48 values"),
+        "{err}"
+    );
+}
+
+/// Logits of a 10-token prefill (batch 2) and of 6 single-token steps after it, with a cache.
+fn prefill_and_steps(model: &Lm<B>) -> (Tensor<B, 3>, Vec<Tensor<B, 3>>) {
+    let prompt: Vec<i64> = (0..20).map(|i| (i * 7 + 3) % 64).collect();
+    let tokens = Tensor::<B, 1, Int>::from_data(prompt.as_slice(), &device()).reshape([2, 10]);
+    let mut cache = model.new_cache();
+    let prefill = model
+        .forward(LmInput::new(tokens), Some(&mut cache))
+        .unwrap()
+        .logits;
+    let steps = (0..6)
+        .map(|s| {
+            let next = Tensor::<B, 2, Int>::from_data([[s * 5 + 1], [s * 3 + 2]], &device());
+            model
+                .forward(LmInput::new(next), Some(&mut cache))
+                .unwrap()
+                .logits
+        })
+        .collect();
+    (prefill, steps)
+}
+
+fn max_abs_diff(a: Tensor<B, 3>, b: Tensor<B, 3>) -> f32 {
+    (a - b).abs().max().into_scalar()
+}
+
+#[test]
+fn a_gguf_model_decodes_from_its_blocks_as_from_its_f32_weights() {
+    let model = block_llama().init::<B>(&device()).unwrap();
+    for store in [Store::Q4_1, Store::Q8_0, Store::Q4_0] {
+        let file = parse(&llama_to_gguf(&model, store)).unwrap();
+        let (f32_prefill, f32_steps) =
+            prefill_and_steps(&Lm::<B>::from_gguf(&file, &device()).unwrap());
+        let (prefill, steps) =
+            prefill_and_steps(&Lm::<B>::from_gguf_for_decoding(&file, &device()).unwrap());
+        // Ten rows per sequence: the f32 weights, bit for bit.
+        assert_eq!(max_abs_diff(prefill, f32_prefill), 0.0, "{store:?}");
+        // One row per sequence: the blocks, equal up to f32 rounding.
+        for (s, (a, b)) in steps.into_iter().zip(f32_steps).enumerate() {
+            let diff = max_abs_diff(a, b);
+            assert!(diff < 1e-4, "{store:?} step {s}: |Δ| = {diff}");
+        }
+    }
+    // Steps read the blocks, prefill does not: another model's blocks change only the steps.
+    let other = block_llama().init::<B>(&device()).unwrap();
+    let file = parse(&llama_to_gguf(&model, Store::Q8_0)).unwrap();
+    let other_file = parse(&llama_to_gguf(&other, Store::Q8_0)).unwrap();
+    let (own_prefill, own_steps) =
+        prefill_and_steps(&Lm::<B>::from_gguf(&file, &device()).unwrap());
+    let mut mixed = Lm::<B>::from_gguf(&file, &device()).unwrap();
+    let Lm::Llama(llama) = &mut mixed else {
+        unreachable!()
+    };
+    llama.attach_gguf_blocks(&other_file).unwrap();
+    let (prefill, steps) = prefill_and_steps(&mixed);
+    assert_eq!(max_abs_diff(prefill, own_prefill), 0.0);
+    let diff = max_abs_diff(steps[0].clone(), own_steps[0].clone());
+    assert!(
+        diff > 1e-2,
+        "another model's blocks left the step unchanged: |Δ| = {diff}"
+    );
+}
+
+#[test]
+fn a_gguf_model_that_trains_takes_gradients_through_its_f32_weights() {
+    type AD = burn::backend::Autodiff<B>;
+    let model = block_llama().init::<B>(&device()).unwrap();
+    let file = parse(&llama_to_gguf(&model, Store::Q4_1)).unwrap();
+    let trained = Lm::<AD>::from_gguf_for_decoding(&file, &device()).unwrap();
+    // Two tokens (with one, attention ignores q and q_proj's gradient is zero).
+    let token = Tensor::<AD, 2, Int>::from_data([[3, 9]], &device());
+    let grads = trained
+        .forward(LmInput::new(token), None)
+        .unwrap()
+        .logits
+        .sum()
+        .backward();
+    let Lm::Llama(llama) = &trained else {
+        unreachable!()
+    };
+    let layer = &llama.layers[0];
+    for (name, weight) in [
+        ("q_proj", &layer.self_attn.q_proj.weight),
+        ("o_proj", &layer.self_attn.o_proj.weight),
+        ("down_proj", &layer.mlp.down_proj.weight),
+    ] {
+        let grad = weight.grad(&grads).expect(name);
+        let norm: f32 = grad.abs().sum().into_scalar();
+        assert!(norm > 0.0, "{name} got a zero gradient");
+    }
+    // The tied output layer's gradient includes the logits' (the embedding lookups alone would
+    // touch two rows).
+    let embedding = llama.embed_tokens.weight.grad(&grads).unwrap();
+    let rows_touched: usize = embedding
+        .abs()
+        .sum_dim(1)
+        .greater_elem(0.0)
+        .int()
+        .sum()
+        .into_scalar() as usize;
+    assert_eq!(rows_touched, 64);
+}

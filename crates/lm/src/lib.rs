@@ -41,6 +41,7 @@ mod llama;
 mod model;
 mod names;
 mod norm;
+mod quantised;
 mod rope;
 mod tokenizer;
 
@@ -60,6 +61,7 @@ pub use llama::{Llama, LlamaBlock, SwiGlu};
 pub use model::{Lm, LmInput, LmOutput};
 pub use names::NamedTensor;
 pub use norm::RmsNorm;
+pub use quantised::{BlockMatrix, MAX_BLOCK_ROWS};
 pub use rope::{Rope, RopeTables};
 pub use tokenizer::{TOKENIZER_CONFIG, Tokenizer};
 

@@ -7,6 +7,9 @@ use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::silu;
 
+use std::sync::Arc;
+
+use crate::GgufFile;
 use crate::attention::{Attention, AttentionConfig, LayerMemory};
 use crate::cache::{KvCache, LayerCache};
 use crate::model::{
@@ -14,6 +17,7 @@ use crate::model::{
 };
 use crate::names::{Layout, WeightName};
 use crate::norm::RmsNorm;
+use crate::quantised::{BlockMatrix, llama_blocks, product_from_blocks, project};
 use crate::rope::Rope;
 use crate::{LlamaConfig, LmConfig, LmDims, LmError};
 
@@ -119,14 +123,20 @@ pub struct SwiGlu<B: Backend> {
     pub up_proj: Linear<B>,
     /// `[d_ff, d_model]`
     pub down_proj: Linear<B>,
+    /// The three projections' GGUF blocks (gate, up, down), for few-row products on the CPU
+    /// ([`Lm::from_gguf_for_decoding`](crate::Lm::from_gguf_for_decoding)).
+    #[module(skip)]
+    pub gguf_blocks: Option<Arc<[BlockMatrix; 3]>>,
 }
 
 impl<B: Backend> SwiGlu<B> {
     /// # Shapes
     /// - x, output: `[batch, seq, d_model]`
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let gated = silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x);
-        self.down_proj.forward(gated)
+        let blocks = |i: usize| self.gguf_blocks.as_ref().map(|b| &b[i]);
+        let gated = silu(project(&self.gate_proj, blocks(0), x.clone()))
+            * project(&self.up_proj, blocks(1), x);
+        project(&self.down_proj, blocks(2), gated)
     }
 }
 
@@ -157,6 +167,10 @@ pub struct Llama<B: Backend> {
     /// The config the model was built from.
     #[module(skip)]
     pub config: LlamaConfig,
+    /// The output layer's GGUF blocks (`lm_head`, or the tied embedding), for few-row products
+    /// on the CPU ([`Lm::from_gguf_for_decoding`](crate::Lm::from_gguf_for_decoding)).
+    #[module(skip)]
+    pub output_blocks: Option<Arc<BlockMatrix>>,
 }
 
 impl<B: Backend> Llama<B> {
@@ -189,6 +203,7 @@ impl<B: Backend> Llama<B> {
                         gate_proj: linear(c.d_model, c.d_ff, std),
                         up_proj: linear(c.d_model, c.d_ff, std),
                         down_proj: linear(c.d_ff, c.d_model, residual_std),
+                        gguf_blocks: None,
                     },
                 }
             })
@@ -201,7 +216,20 @@ impl<B: Backend> Llama<B> {
             norm: norm(),
             lm_head: (!c.tie_embeddings).then(|| linear(c.d_model, c.vocab_size, std)),
             config: c.clone(),
+            output_blocks: None,
         }
+    }
+
+    /// Attaches the blocks of every block-quantised matrix of `gguf`, the file this model was
+    /// loaded from ([`crate::quantised`]).
+    pub(crate) fn attach_gguf_blocks(&mut self, gguf: &GgufFile) -> Result<(), LmError> {
+        let (layers, output) = llama_blocks(gguf, &self.config)?;
+        for (layer, blocks) in self.layers.iter_mut().zip(layers) {
+            layer.self_attn.gguf_blocks = blocks.attention;
+            layer.mlp.gguf_blocks = blocks.mlp;
+        }
+        self.output_blocks = output;
+        Ok(())
     }
 
     /// See [`crate::Lm::dims`].
@@ -242,12 +270,15 @@ impl<B: Backend> Llama<B> {
             x = x.clone() + layer.mlp.forward(layer.post_attention_layernorm.forward(x));
         }
         let hidden = self.norm.forward(x);
+        let positions = logit_positions(&hidden, last_only);
+        let output_blocks = self.output_blocks.as_deref();
         let logits = match &self.lm_head {
-            Some(head) => head.forward(logit_positions(&hidden, last_only)),
-            None => tied_logits(
-                logit_positions(&hidden, last_only),
-                self.embed_tokens.weight.val(),
-            ),
+            Some(head) => project(head, output_blocks, positions),
+            None => {
+                let embedding = self.embed_tokens.weight.val();
+                product_from_blocks(output_blocks, &positions, &embedding)
+                    .unwrap_or_else(|| tied_logits(positions, embedding))
+            }
         };
         Ok(LmOutput { logits, hidden })
     }

@@ -79,23 +79,19 @@ pub(crate) fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     out
 }
 
-/// Row `h·hd + 2i + half` of `values` (`[rows, cols]`, `rows = n_heads · hd`) goes to row
-/// `h·hd + half·hd/2 + i`.
-fn unpermute_rows(values: &[f32], n_heads: usize, rows: usize, cols: usize) -> Vec<f32> {
+/// For each row of a Q/K weight in Hugging Face's order, the GGUF row it comes from: row
+/// `h·hd + half·hd/2 + i` is GGUF's row `h·hd + 2i + half` (llama.cpp's interleaving undone), for
+/// `rows = n_heads · hd`.
+fn rope_row_sources(n_heads: usize, rows: usize) -> Vec<usize> {
     let head_dim = rows / n_heads;
     let half = head_dim / 2;
-    let mut out = vec![0.0; values.len()];
-    for h in 0..n_heads {
-        for i in 0..half {
-            for part in 0..2 {
-                let src = h * head_dim + 2 * i + part;
-                let dst = h * head_dim + part * half + i;
-                out[dst * cols..(dst + 1) * cols]
-                    .copy_from_slice(&values[src * cols..(src + 1) * cols]);
-            }
-        }
-    }
-    out
+    (0..rows)
+        .map(|dst| {
+            let (h, within) = (dst / head_dim, dst % head_dim);
+            let (part, i) = (within / half, within % half);
+            h * head_dim + 2 * i + part
+        })
+        .collect()
 }
 
 impl Layout {
@@ -139,17 +135,35 @@ impl Layout {
         shape: &[usize],
         heads: Heads,
     ) -> Result<Vec<f32>, String> {
-        let Layout::RopeLinear { kv } = self else {
+        let Some(sources) = self.gguf_row_sources(shape, heads)? else {
             return Ok(values);
         };
+        let cols = shape[1];
+        Ok(sources
+            .iter()
+            .flat_map(|&src| &values[src * cols..(src + 1) * cols])
+            .copied()
+            .collect())
+    }
+
+    /// For a GGUF matrix of `shape` (`[rows, cols]`), the GGUF row each Hugging Face row comes
+    /// from, or `None` when the rows are in the same order.
+    pub(crate) fn gguf_row_sources(
+        self,
+        shape: &[usize],
+        heads: Heads,
+    ) -> Result<Option<Vec<usize>>, String> {
+        let Layout::RopeLinear { kv } = self else {
+            return Ok(None);
+        };
         let n = if kv { heads.n_kv_heads } else { heads.n_heads };
-        let [rows, cols] = shape else {
+        let [rows, _] = shape else {
             return Err(format!("shape {shape:?} is not a matrix"));
         };
         if rows % (2 * n) != 0 {
             return Err(format!("{rows} rows do not split into {n} heads"));
         }
-        Ok(unpermute_rows(&values, n, *rows, *cols))
+        Ok(Some(rope_row_sources(n, *rows)))
     }
 }
 

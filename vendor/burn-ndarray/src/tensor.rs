@@ -462,7 +462,12 @@ mod utils {
                             }
                             vec
                         }
-                        Err(array) => array.into_iter().collect(),
+                        // chorus: a shared standard-layout buffer is copied in one go, not
+                        // element by element through ndarray's iterator.
+                        Err(array) => match array.as_slice() {
+                            Some(values) => values.to_vec(),
+                            None => array.into_iter().collect(),
+                        },
                     }
                 } else {
                     array.into_iter().collect()
