@@ -18,11 +18,25 @@ ROOT = Path(__file__).resolve().parent.parent
 
 MUTANTS = [
     (
+        "GQA without copies: query heads grouped with the wrong key/value head",
+        "crates/lm/src/attention.rs",
+        "        let q = grouped(q);",
+        "        let q = grouped(q.reshape([batch, group, n_kv_heads, seq, head_dim]).swap_dims(1, 2).reshape([batch, n_heads, seq, head_dim]));",
+        ["-p", "chorus-lm", "--lib", "gqa_equals_mha"],
+    ),
+    (
         "quantised decode: blocks used for a product that needs a gradient",
         "crates/lm/src/quantised.rs",
-        "    if batch * seq > MAX_BLOCK_ROWS || x.is_require_grad() || weight.is_require_grad() {",
+        "    if batch * seq > MAX_BLOCK_ROWS || x.is_require_grad() || weights_need_grad {",
         "    if batch * seq > MAX_BLOCK_ROWS {",
         ["-p", "chorus-lm", "--lib", "a_gguf_model_that_trains"],
+    ),
+    (
+        "quantised decode: one pass over several matrices restarts each chunk at row 0",
+        "crates/lm/src/quantised.rs",
+        "                    row(m, c * chunk_rows + k, out);",
+        "                    row(m, k, out);",
+        ["-p", "chorus-lm", "--lib", "block_products_equal"],
     ),
     (
         "quantised decode: the AVX2 Q4 kernel drops the min term",

@@ -13,7 +13,7 @@ use burn::tensor::activation::softmax;
 use std::sync::Arc;
 
 use crate::cache::LayerCache;
-use crate::quantised::{BlockMatrix, project};
+use crate::quantised::{BlockMatrix, project, project_all};
 use crate::rope::RopeTables;
 
 /// Score given to masked (future or padding) keys before the softmax: finite, so a row whose keys
@@ -109,10 +109,17 @@ impl<B: Backend> Attention<B> {
         // [batch, seq, heads * head_dim] -> [batch, heads, seq, head_dim]
         let heads =
             |t: Tensor<B, 3>, n: usize| t.reshape([batch, seq, n, head_dim]).swap_dims(1, 2);
-        let blocks = |i: usize| self.gguf_blocks.as_ref().map(|b| &b[i]);
-        let mut q = heads(project(&self.q_proj, blocks(0), x.clone()), n_heads);
-        let mut k = heads(project(&self.k_proj, blocks(1), x.clone()), n_kv_heads);
-        let v = heads(project(&self.v_proj, blocks(2), x), n_kv_heads);
+        let blocks = self.gguf_blocks.as_deref();
+        let [q, k, v] = project_all(
+            [&self.q_proj, &self.k_proj, &self.v_proj],
+            blocks.map(|[q, k, v, _]| [q, k, v]),
+            x,
+        );
+        let (mut q, mut k, v) = (
+            heads(q, n_heads),
+            heads(k, n_kv_heads),
+            heads(v, n_kv_heads),
+        );
         if let Some(rope) = rope {
             q = rope.apply(q);
             k = rope.apply(k);
@@ -151,7 +158,7 @@ impl<B: Backend> Attention<B> {
             }
         }
         let out = out.swap_dims(1, 2).reshape([batch, seq, d_model]);
-        project(&self.o_proj, blocks(3), out)
+        project(&self.o_proj, blocks.map(|[_, _, _, o]| o), out)
     }
 }
 

@@ -497,13 +497,14 @@ fn block_llama() -> LmConfig {
 
 #[test]
 fn block_products_equal_products_with_the_dequantised_weights() {
-    use crate::quantised::{BlockMatrix, Kernel};
+    use crate::quantised::{BlockMatrix, Kernel, matmul_rows_all};
     let mut rng = SplitMix64(7);
     let mut kernels = vec![Kernel::Portable];
     if Kernel::detect() != Kernel::Portable {
         kernels.push(Kernel::detect());
     }
     // 5 × 64: one thread; 256 × 384: split across the pool.
+    let mut all = Vec::new();
     for (rows, cols) in [(5, 64), (256, 384)] {
         let values: Vec<f32> = (0..rows * cols)
             .map(|_| (rng.uniform() * 2.0 - 1.0) as f32)
@@ -516,17 +517,13 @@ fn block_products_equal_products_with_the_dequantised_weights() {
             let (_, weights) = file.tensor_f32(info).unwrap();
             let blocks = BlockMatrix::from_gguf(&file, info, None).unwrap().unwrap();
             assert_eq!((blocks.rows(), blocks.cols()), (rows, cols));
-            // Q4_0's d·(q − 8) is regrouped as d·q − 8d: equal up to rounding.
-            let dequantised = blocks.dequantise();
-            for (a, b) in dequantised.iter().zip(&weights) {
-                assert!((a - b).abs() <= 1e-6, "{store:?}: {a} against {b}");
-            }
+            assert_eq!(blocks.dequantise(), weights, "{store:?}");
             for n in [1, 3, 8] {
                 let x: Vec<f32> = (0..n * cols)
                     .map(|_| (rng.uniform() * 2.0 - 1.0) as f32)
                     .collect();
                 for &kernel in &kernels {
-                    let y = blocks.matmul_rows_with(&x, n, kernel);
+                    let [y] = matmul_rows_all([&blocks], &x, n, kernel);
                     for i in 0..n {
                         for r in 0..rows {
                             let (mut exact, mut scale) = (0.0f64, 0.0f64);
@@ -544,7 +541,16 @@ fn block_products_equal_products_with_the_dequantised_weights() {
                     }
                 }
             }
+            if cols == 384 {
+                all.push(blocks);
+            }
         }
+    }
+    // Several matrices in one pass: each product as alone, bit for bit.
+    let x: Vec<f32> = (0..2 * 384).map(|i| (i % 7) as f32 - 3.0).collect();
+    let together = matmul_rows_all([&all[0], &all[1], &all[2]], &x, 2, Kernel::detect());
+    for (blocks, y) in all.iter().zip(together) {
+        assert_eq!(y, blocks.matmul_rows(&x, 2));
     }
     // A row that is not whole blocks is an error naming the tensor.
     let mut w = Writer::new();

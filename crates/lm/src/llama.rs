@@ -17,7 +17,7 @@ use crate::model::{
 };
 use crate::names::{Layout, WeightName};
 use crate::norm::RmsNorm;
-use crate::quantised::{BlockMatrix, llama_blocks, product_from_blocks, project};
+use crate::quantised::{BlockMatrix, llama_blocks, products_from_blocks, project, project_all};
 use crate::rope::Rope;
 use crate::{LlamaConfig, LmConfig, LmDims, LmError};
 
@@ -133,10 +133,17 @@ impl<B: Backend> SwiGlu<B> {
     /// # Shapes
     /// - x, output: `[batch, seq, d_model]`
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let blocks = |i: usize| self.gguf_blocks.as_ref().map(|b| &b[i]);
-        let gated = silu(project(&self.gate_proj, blocks(0), x.clone()))
-            * project(&self.up_proj, blocks(1), x);
-        project(&self.down_proj, blocks(2), gated)
+        let blocks = self.gguf_blocks.as_deref();
+        let [gate, up] = project_all(
+            [&self.gate_proj, &self.up_proj],
+            blocks.map(|[gate, up, _]| [gate, up]),
+            x,
+        );
+        project(
+            &self.down_proj,
+            blocks.map(|[_, _, down]| down),
+            silu(gate) * up,
+        )
     }
 }
 
@@ -276,8 +283,11 @@ impl<B: Backend> Llama<B> {
             Some(head) => project(head, output_blocks, positions),
             None => {
                 let embedding = self.embed_tokens.weight.val();
-                product_from_blocks(output_blocks, &positions, &embedding)
-                    .unwrap_or_else(|| tied_logits(positions, embedding))
+                let need_grad = embedding.is_require_grad();
+                match products_from_blocks(output_blocks.map(|b| [b]), &positions, need_grad) {
+                    Some([logits]) => logits,
+                    None => tied_logits(positions, embedding),
+                }
             }
         };
         Ok(LmOutput { logits, hidden })

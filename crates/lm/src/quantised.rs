@@ -32,29 +32,38 @@ const BLOCK: usize = 32;
 /// f32 weights, where a GEMM reuses each weight across rows.
 pub const MAX_BLOCK_ROWS: usize = 8;
 
-/// How a [`BlockMatrix`] stores its quantised values.
+/// The GGUF block layouts a [`BlockMatrix`] multiplies from (as stored in the file).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum BlockFormat {
-    /// 4-bit: 16 bytes per block, element `j < 16` the low nibble of byte `j`, `j + 16` its high
-    /// nibble; `w = d·q + m`.
-    Q4,
-    /// 8-bit: 32 signed bytes per block; `w = d·q`.
-    Q8,
+    /// 18 bytes: f16 `d`, 16 bytes of nibbles (element `j < 16` the low nibble of byte `j`,
+    /// `j + 16` its high nibble); `w = d·(q − 8)`.
+    Q4_0,
+    /// 20 bytes: f16 `d`, f16 `m`, 16 bytes of nibbles as Q4_0's; `w = d·q + m`.
+    Q4_1,
+    /// 34 bytes: f16 `d`, 32 signed bytes; `w = d·q`.
+    Q8_0,
 }
 
-/// A GGUF weight matrix `W` `[rows, cols]` in quantised blocks of 32 along each row, with the
-/// few-row product `x Wᵀ` (module docs).
+impl BlockFormat {
+    fn block_bytes(self) -> usize {
+        match self {
+            Self::Q4_0 => 18,
+            Self::Q4_1 => 20,
+            Self::Q8_0 => 34,
+        }
+    }
+}
+
+/// A GGUF weight matrix `W` `[rows, cols]` in its quantised blocks of 32 along each row, exactly
+/// as the file stores them (rows reordered where chorus's layout differs), with the few-row
+/// product `x Wᵀ` (module docs).
 #[derive(Clone)]
 pub struct BlockMatrix {
     rows: usize,
     cols: usize,
     format: BlockFormat,
-    /// `d` per block, `[rows, cols / 32]`.
-    scales: Vec<f32>,
-    /// `m` per block, `[rows, cols / 32]` (Q4 only).
-    mins: Vec<f32>,
-    /// The quantised values, row after row (16 bytes per Q4 block, 32 per Q8 block).
-    quants: Vec<u8>,
+    /// `rows × cols / 32` blocks, row after row.
+    blocks: Vec<u8>,
 }
 
 impl fmt::Debug for BlockMatrix {
@@ -81,8 +90,9 @@ impl BlockMatrix {
         row_sources: Option<&[usize]>,
     ) -> Result<Option<Self>, LmError> {
         let format = match info.dtype {
-            GgmlType::Q4_0 | GgmlType::Q4_1 => BlockFormat::Q4,
-            GgmlType::Q8_0 => BlockFormat::Q8,
+            GgmlType::Q4_0 => BlockFormat::Q4_0,
+            GgmlType::Q4_1 => BlockFormat::Q4_1,
+            GgmlType::Q8_0 => BlockFormat::Q8_0,
             _ => return Ok(None),
         };
         let shape = info.shape();
@@ -98,40 +108,22 @@ impl BlockMatrix {
                 info.name
             )));
         }
-        let (raw, block_bytes) = gguf.tensor_bytes(info)?;
-        let blocks_per_row = cols / BLOCK;
-        let quant_bytes = match format {
-            BlockFormat::Q4 => BLOCK / 2,
-            BlockFormat::Q8 => BLOCK,
+        let (raw, _) = gguf.tensor_bytes(info)?;
+        let row_bytes = cols / BLOCK * format.block_bytes();
+        let blocks = match row_sources {
+            None => raw.to_vec(),
+            Some(sources) => sources
+                .iter()
+                .flat_map(|&src| &raw[src * row_bytes..(src + 1) * row_bytes])
+                .copied()
+                .collect(),
         };
-        let header = block_bytes - quant_bytes;
-        let mut out = Self {
+        Ok(Some(Self {
             rows,
             cols,
             format,
-            scales: Vec::with_capacity(rows * blocks_per_row),
-            mins: Vec::with_capacity(if format == BlockFormat::Q4 {
-                rows * blocks_per_row
-            } else {
-                0
-            }),
-            quants: Vec::with_capacity(rows * blocks_per_row * quant_bytes),
-        };
-        let row_bytes = blocks_per_row * block_bytes;
-        for r in 0..rows {
-            let src = row_sources.map_or(r, |s| s[r]);
-            for block in raw[src * row_bytes..(src + 1) * row_bytes].chunks_exact(block_bytes) {
-                let d = f16_at(&block[0..2]);
-                out.scales.push(d);
-                match info.dtype {
-                    GgmlType::Q4_1 => out.mins.push(f16_at(&block[2..4])),
-                    GgmlType::Q4_0 => out.mins.push(-8.0 * d),
-                    _ => {}
-                }
-                out.quants.extend_from_slice(&block[header..]);
-            }
-        }
-        Ok(Some(out))
+            blocks,
+        }))
     }
 
     /// Output units (rows of `W`).
@@ -146,27 +138,25 @@ impl BlockMatrix {
 
     /// Bytes a product reads from this matrix.
     pub fn bytes(&self) -> usize {
-        4 * (self.scales.len() + self.mins.len()) + self.quants.len()
+        self.blocks.len()
     }
 
-    /// `W` dequantised, `[rows, cols]` row-major (what GGUF loading gives for the same tensor).
+    /// `W` dequantised, `[rows, cols]` row-major: the values GGUF loading gives for the same
+    /// tensor, bit for bit.
     pub fn dequantise(&self) -> Vec<f32> {
-        let blocks = self.rows * self.cols / BLOCK;
         let mut out = Vec::with_capacity(self.rows * self.cols);
-        for b in 0..blocks {
-            let d = self.scales[b];
-            match self.format {
-                BlockFormat::Q4 => {
-                    let (m, qs) = (self.mins[b], &self.quants[16 * b..16 * (b + 1)]);
-                    out.extend(qs.iter().map(|&q| d * (q & 0x0f) as f32 + m));
-                    out.extend(qs.iter().map(|&q| d * (q >> 4) as f32 + m));
+        for block in self.blocks.chunks_exact(self.format.block_bytes()) {
+            let d = f16_at(block);
+            let (m, offset, qs) = match self.format {
+                BlockFormat::Q4_0 => (0.0, 8.0, &block[2..]),
+                BlockFormat::Q4_1 => (f16_at(&block[2..]), 0.0, &block[4..]),
+                BlockFormat::Q8_0 => {
+                    out.extend(block[2..].iter().map(|&q| d * (q as i8) as f32));
+                    continue;
                 }
-                BlockFormat::Q8 => out.extend(
-                    self.quants[32 * b..32 * (b + 1)]
-                        .iter()
-                        .map(|&q| d * (q as i8) as f32),
-                ),
-            }
+            };
+            out.extend(qs.iter().map(|&q| d * ((q & 0x0f) as f32 - offset) + m));
+            out.extend(qs.iter().map(|&q| d * ((q >> 4) as f32 - offset) + m));
         }
         out
     }
@@ -177,64 +167,81 @@ impl BlockMatrix {
     /// - x: `[n, cols]` row-major, `n ≤ MAX_BLOCK_ROWS`
     /// - output: `[n, rows]` row-major
     pub fn matmul_rows(&self, x: &[f32], n: usize) -> Vec<f32> {
-        self.matmul_rows_with(x, n, Kernel::detect())
-    }
-
-    pub(crate) fn matmul_rows_with(&self, x: &[f32], n: usize, kernel: Kernel) -> Vec<f32> {
-        assert!(
-            n <= MAX_BLOCK_ROWS && x.len() == n * self.cols,
-            "BlockMatrix::matmul_rows: {n} rows of {} values for a {}×{} matrix",
-            x.len(),
-            self.rows,
-            self.cols
-        );
-        let nb = self.cols / BLOCK;
-        // Σ_j x[i, 32b + j] per row and block: the `m` term.
-        let x_sums: Vec<f32> = x.chunks_exact(BLOCK).map(|c| c.iter().sum()).collect();
-        let row = |r: usize, out: &mut [f32]| {
-            let blocks = r * nb..(r + 1) * nb;
-            let quant_bytes = self.quants.len() / (self.rows * nb);
-            let quants = &self.quants[blocks.start * quant_bytes..blocks.end * quant_bytes];
-            let scales = &self.scales[blocks.clone()];
-            match self.format {
-                BlockFormat::Q4 => {
-                    kernel.q4_row(quants, scales, &self.mins[blocks], x, &x_sums, n, out)
-                }
-                BlockFormat::Q8 => kernel.q8_row(quants, scales, x, n, out),
-            }
-        };
-        // Row-major in W: outputs of one weight row for all n activation rows side by side.
-        let mut by_weight_row = vec![0.0f32; self.rows * n];
-        let threads = rayon::current_num_threads();
-        if self.bytes() < (1 << 16) || threads == 1 {
-            for (r, out) in by_weight_row.chunks_mut(n).enumerate() {
-                row(r, out);
-            }
-        } else {
-            let chunk_rows = (self.rows / (4 * threads)).max(16);
-            by_weight_row
-                .par_chunks_mut(chunk_rows * n)
-                .enumerate()
-                .for_each(|(c, chunk)| {
-                    for (k, out) in chunk.chunks_mut(n).enumerate() {
-                        row(c * chunk_rows + k, out);
-                    }
-                });
-        }
-        if n == 1 {
-            return by_weight_row;
-        }
-        let mut out = vec![0.0f32; n * self.rows];
-        for (r, values) in by_weight_row.chunks_exact(n).enumerate() {
-            for (i, &v) in values.iter().enumerate() {
-                out[i * self.rows + r] = v;
-            }
-        }
-        out
+        let [y] = matmul_rows_all([self], x, n, Kernel::detect());
+        y
     }
 }
 
-/// The row kernels: AVX2/FMA where the CPU has them, portable Rust elsewhere (same grouping).
+/// `x W_kᵀ` for every matrix `W_k` (all `cols` wide) in one parallel pass over all their rows:
+/// the products of one activation with q, k and v (or gate and up) cost one fork-join.
+///
+/// # Shapes
+/// - x: `[n, cols]` row-major, `n ≤ MAX_BLOCK_ROWS`
+/// - output k: `[n, rows_k]` row-major
+pub(crate) fn matmul_rows_all<const N: usize>(
+    matrices: [&BlockMatrix; N],
+    x: &[f32],
+    n: usize,
+    kernel: Kernel,
+) -> [Vec<f32>; N] {
+    let cols = matrices[0].cols;
+    assert!(
+        n <= MAX_BLOCK_ROWS && x.len() == n * cols && matrices.iter().all(|m| m.cols == cols),
+        "BlockMatrix products: {n} rows of {} values for matrices of {:?}",
+        x.len(),
+        matrices.map(|m| (m.rows, m.cols))
+    );
+    // Σ_j x[i, 32b + j] per row and block: the `m` term of the 4-bit formats.
+    let x_sums: Vec<f32> = x.chunks_exact(BLOCK).map(|c| c.iter().sum()).collect();
+    let row = |m: &BlockMatrix, r: usize, out: &mut [f32]| {
+        let row_bytes = m.cols / BLOCK * m.format.block_bytes();
+        let blocks = &m.blocks[r * row_bytes..(r + 1) * row_bytes];
+        kernel.row(m.format, blocks, x, &x_sums, n, out);
+    };
+    // Row-major in W: outputs of one weight row for all n activation rows side by side.
+    let mut by_weight_row = matrices.map(|m| vec![0.0f32; m.rows * n]);
+    let threads = rayon::current_num_threads();
+    let bytes: usize = matrices.iter().map(|m| m.bytes()).sum();
+    if bytes < (1 << 16) || threads == 1 {
+        for (m, outputs) in matrices.iter().zip(by_weight_row.iter_mut()) {
+            for (r, out) in outputs.chunks_mut(n).enumerate() {
+                row(m, r, out);
+            }
+        }
+    } else {
+        let total_rows: usize = matrices.iter().map(|m| m.rows).sum();
+        let chunk_rows = (total_rows / (4 * threads)).max(16);
+        by_weight_row
+            .par_iter_mut()
+            .zip(matrices)
+            .flat_map(|(outputs, m)| {
+                outputs
+                    .par_chunks_mut(chunk_rows * n)
+                    .enumerate()
+                    .map(move |(c, chunk)| (m, c, chunk))
+            })
+            .for_each(|(m, c, chunk)| {
+                for (k, out) in chunk.chunks_mut(n).enumerate() {
+                    row(m, c * chunk_rows + k, out);
+                }
+            });
+    }
+    if n == 1 {
+        return by_weight_row;
+    }
+    by_weight_row.map(|values| {
+        let rows = values.len() / n;
+        let mut out = vec![0.0f32; n * rows];
+        for (r, values) in values.chunks_exact(n).enumerate() {
+            for (i, &v) in values.iter().enumerate() {
+                out[i * rows + r] = v;
+            }
+        }
+        out
+    })
+}
+
+/// The row kernels: AVX2/FMA/F16C where the CPU has them, portable Rust elsewhere (same grouping).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Kernel {
     Portable,
@@ -245,85 +252,72 @@ pub(crate) enum Kernel {
 impl Kernel {
     pub(crate) fn detect() -> Self {
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        if std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
         {
             return Self::Avx2;
         }
         Self::Portable
     }
 
-    /// `out[i] = Σ_b d_b · Σ_j q_bj x[i, 32b + j] + m_b · x_sums[i, b]` for one Q4 weight row.
-    #[allow(clippy::too_many_arguments)]
-    fn q4_row(
+    /// `out[i] = Σ_b d_b · Σ_j q_bj x[i, 32b + j] + m_b · x_sums[i, b]` for the weight row whose
+    /// blocks are `blocks` (`m = −8d` for Q4_0, none for Q8_0).
+    fn row(
         self,
-        quants: &[u8],
-        scales: &[f32],
-        mins: &[f32],
+        format: BlockFormat,
+        blocks: &[u8],
         x: &[f32],
         x_sums: &[f32],
         n: usize,
         out: &mut [f32],
     ) {
-        let nb = scales.len();
+        let bb = format.block_bytes();
+        let nb = blocks.len() / bb;
         assert!(
-            quants.len() == 16 * nb
-                && mins.len() == nb
-                && x.len() >= n * 32 * nb
+            blocks.len() == nb * bb
+                && x.len() >= n * BLOCK * nb
                 && x_sums.len() >= n * nb
                 && out.len() >= n
                 && n <= MAX_BLOCK_ROWS
         );
         match self {
-            // SAFETY: the CPU has AVX2 and FMA (`detect`), and the lengths were checked above.
+            // SAFETY: the CPU has AVX2, FMA and F16C (`detect`); the lengths were checked above.
             #[cfg(target_arch = "x86_64")]
-            Self::Avx2 => unsafe { avx2::q4_row(quants, scales, mins, x, x_sums, n, out) },
+            Self::Avx2 => unsafe {
+                match format {
+                    BlockFormat::Q8_0 => avx2::q8_row(blocks, x, n, out),
+                    _ => avx2::q4_row(format == BlockFormat::Q4_1, blocks, x, x_sums, n, out),
+                }
+            },
             Self::Portable => {
-                let cols = 32 * nb;
+                let cols = BLOCK * nb;
                 for (i, o) in out.iter_mut().enumerate().take(n) {
                     let x = &x[i * cols..(i + 1) * cols];
                     let mut acc = 0.0f32;
-                    for b in 0..nb {
-                        let qs = &quants[16 * b..16 * (b + 1)];
-                        let xb = &x[32 * b..32 * (b + 1)];
+                    for (b, block) in blocks.chunks_exact(bb).enumerate() {
+                        let d = f16_at(block);
+                        let xb = &x[BLOCK * b..BLOCK * (b + 1)];
+                        let (m, qs) = match format {
+                            BlockFormat::Q4_0 => (-8.0 * d, &block[2..]),
+                            BlockFormat::Q4_1 => (f16_at(&block[2..]), &block[4..]),
+                            BlockFormat::Q8_0 => {
+                                let dot: f32 = block[2..]
+                                    .iter()
+                                    .zip(xb)
+                                    .map(|(&q, &v)| (q as i8) as f32 * v)
+                                    .sum();
+                                acc += d * dot;
+                                continue;
+                            }
+                        };
                         let dot: f32 = qs
                             .iter()
                             .zip(&xb[..16])
                             .map(|(&q, &v)| (q & 0x0f) as f32 * v)
                             .chain(qs.iter().zip(&xb[16..]).map(|(&q, &v)| (q >> 4) as f32 * v))
                             .sum();
-                        acc += scales[b] * dot + mins[b] * x_sums[i * nb + b];
-                    }
-                    *o = acc;
-                }
-            }
-        }
-    }
-
-    /// `out[i] = Σ_b d_b · Σ_j q_bj x[i, 32b + j]` for one Q8 weight row.
-    fn q8_row(self, quants: &[u8], scales: &[f32], x: &[f32], n: usize, out: &mut [f32]) {
-        let nb = scales.len();
-        assert!(
-            quants.len() == 32 * nb
-                && x.len() >= n * 32 * nb
-                && out.len() >= n
-                && n <= MAX_BLOCK_ROWS
-        );
-        match self {
-            // SAFETY: as in `q4_row`.
-            #[cfg(target_arch = "x86_64")]
-            Self::Avx2 => unsafe { avx2::q8_row(quants, scales, x, n, out) },
-            Self::Portable => {
-                let cols = 32 * nb;
-                for (i, o) in out.iter_mut().enumerate().take(n) {
-                    let x = &x[i * cols..(i + 1) * cols];
-                    let mut acc = 0.0f32;
-                    for b in 0..nb {
-                        let dot: f32 = quants[32 * b..32 * (b + 1)]
-                            .iter()
-                            .zip(&x[32 * b..32 * (b + 1)])
-                            .map(|(&q, &v)| (q as i8) as f32 * v)
-                            .sum();
-                        acc += scales[b] * dot;
+                        acc += d * dot + m * x_sums[i * nb + b];
                     }
                     *o = acc;
                 }
@@ -345,6 +339,18 @@ mod avx2 {
         _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
     }
 
+    /// The two f16 values at `p` as f32 (lanes 0 and 1).
+    ///
+    /// # Safety
+    /// `p` points at 4 readable bytes.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn two_halves(p: *const u8) -> __m128 {
+        // SAFETY: the caller guarantees 4 readable bytes.
+        _mm_cvtph_ps(_mm_cvtsi32_si128(unsafe {
+            p.cast::<i32>().read_unaligned()
+        }))
+    }
+
     /// `Σ_k w_k · x[8k..8k + 8]` over the block's four vectors of weights.
     ///
     /// # Safety
@@ -360,42 +366,60 @@ mod avx2 {
         }
     }
 
-    /// See `Kernel::q4_row`.
+    /// See `Kernel::row`, for Q4_1 (`with_min`) or Q4_0 blocks.
     ///
     /// # Safety
-    /// The CPU has AVX2 and FMA; the lengths are those `Kernel::q4_row` checks.
-    #[target_feature(enable = "avx2,fma")]
+    /// The CPU has AVX2, FMA and F16C; the lengths are those `Kernel::row` checks.
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn q4_row(
-        quants: &[u8],
-        scales: &[f32],
-        mins: &[f32],
+        with_min: bool,
+        blocks: &[u8],
         x: &[f32],
         x_sums: &[f32],
         n: usize,
         out: &mut [f32],
     ) {
-        let nb = scales.len();
+        let bb = if with_min { 20 } else { 18 };
+        let nb = blocks.len() / bb;
         let cols = 32 * nb;
-        let low = _mm_set1_epi8(0x0f);
+        let low = _mm256_set1_epi32(0x0f);
         let mut acc = [_mm256_setzero_ps(); MAX_BLOCK_ROWS];
         let mut min_acc = [0.0f32; MAX_BLOCK_ROWS];
         for b in 0..nb {
-            // SAFETY: 16 bytes per block (checked by the caller).
-            let bytes = unsafe { _mm_loadu_si128(quants.as_ptr().add(16 * b).cast()) };
-            let lo = _mm_and_si128(bytes, low);
-            let hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low);
-            let w = [
-                _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)),
-                _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))),
-                _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)),
-                _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))),
-            ];
-            let d = _mm256_set1_ps(scales[b]);
+            // SAFETY: block b is `bb` readable bytes (checked by the caller): 2 or 4 bytes of
+            // f16 header, then 16 bytes of nibbles read as two halves of 8.
+            let (d, m, w) = unsafe {
+                let block = blocks.as_ptr().add(b * bb);
+                let header = _mm_cvtph_ps(_mm_cvtsi32_si128(if with_min {
+                    block.cast::<i32>().read_unaligned()
+                } else {
+                    block.cast::<u16>().read_unaligned() as i32
+                }));
+                let d = _mm_cvtss_f32(header);
+                let m = if with_min {
+                    _mm_cvtss_f32(_mm_movehdup_ps(header))
+                } else {
+                    -8.0 * d
+                };
+                let qs = block.add(bb - 16);
+                // Bytes 0..8 and 8..16, one per 32-bit lane: low nibbles are elements 0..16,
+                // high nibbles 16..32.
+                let first = _mm256_cvtepu8_epi32(_mm_loadl_epi64(qs.cast()));
+                let second = _mm256_cvtepu8_epi32(_mm_loadl_epi64(qs.add(8).cast()));
+                let w = [
+                    _mm256_cvtepi32_ps(_mm256_and_si256(first, low)),
+                    _mm256_cvtepi32_ps(_mm256_and_si256(second, low)),
+                    _mm256_cvtepi32_ps(_mm256_srli_epi32(first, 4)),
+                    _mm256_cvtepi32_ps(_mm256_srli_epi32(second, 4)),
+                ];
+                (d, m, w)
+            };
+            let d = _mm256_set1_ps(d);
             for i in 0..n {
                 // SAFETY: x holds n rows of `cols` values (checked by the caller).
                 let t = unsafe { block_dot(&w, x.as_ptr().add(i * cols + 32 * b)) };
                 acc[i] = _mm256_fmadd_ps(d, t, acc[i]);
-                min_acc[i] += mins[b] * x_sums[i * nb + b];
+                min_acc[i] += m * x_sums[i * nb + b];
             }
         }
         for ((out, &acc), &min_acc) in out.iter_mut().zip(&acc).zip(&min_acc).take(n) {
@@ -403,31 +427,28 @@ mod avx2 {
         }
     }
 
-    /// See `Kernel::q8_row`.
+    /// See `Kernel::row`, for Q8_0 blocks.
     ///
     /// # Safety
-    /// The CPU has AVX2 and FMA; the lengths are those `Kernel::q8_row` checks.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn q8_row(
-        quants: &[u8],
-        scales: &[f32],
-        x: &[f32],
-        n: usize,
-        out: &mut [f32],
-    ) {
-        let nb = scales.len();
+    /// The CPU has AVX2, FMA and F16C; the lengths are those `Kernel::row` checks.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn q8_row(blocks: &[u8], x: &[f32], n: usize, out: &mut [f32]) {
+        let nb = blocks.len() / 34;
         let cols = 32 * nb;
         let mut acc = [_mm256_setzero_ps(); MAX_BLOCK_ROWS];
         for b in 0..nb {
-            let p = quants[32 * b..].as_ptr();
-            // SAFETY: 32 bytes per block (checked by the caller); each load reads 8 of them.
-            let w = unsafe {
+            // SAFETY: block b is 34 readable bytes (checked by the caller): an f16 scale (read
+            // with the following two bytes, ignored), then 32 signed bytes read 8 at a time.
+            let (d, w) = unsafe {
+                let block = blocks.as_ptr().add(b * 34);
+                let d = _mm_cvtss_f32(two_halves(block));
+                let qs = block.add(2);
                 let eight = |k: usize| {
-                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p.add(8 * k).cast())))
+                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(qs.add(8 * k).cast())))
                 };
-                [eight(0), eight(1), eight(2), eight(3)]
+                (d, [eight(0), eight(1), eight(2), eight(3)])
             };
-            let d = _mm256_set1_ps(scales[b]);
+            let d = _mm256_set1_ps(d);
             for (i, acc) in acc.iter_mut().enumerate().take(n) {
                 // SAFETY: as in `q4_row`.
                 let t = unsafe { block_dot(&w, x.as_ptr().add(i * cols + 32 * b)) };
@@ -440,32 +461,58 @@ mod avx2 {
     }
 }
 
-/// `x Wᵀ` from `blocks` when it applies — `x` has at most [`MAX_BLOCK_ROWS`] rows and neither it
-/// nor `weight` (the same matrix in f32, `[cols, rows]` as a burn `Linear` holds it, or
-/// `[rows, cols]` for a tied embedding) needs a gradient — else `None`. The activations go to
-/// the host and back, which is what the CPU backends do anyway.
+/// `x W_kᵀ` for each of `blocks` when they apply — `x` has at most [`MAX_BLOCK_ROWS`] rows and
+/// neither it nor the same matrices in f32 (`weights_need_grad`) need a gradient — else `None`.
+/// The activations go to the host and back once for all `N`, which is where the CPU backends
+/// hold them anyway.
 ///
 /// # Shapes
-/// - x: `[batch, seq, cols]`; output: `[batch, seq, rows]`
-pub(crate) fn product_from_blocks<B: Backend>(
-    blocks: Option<&BlockMatrix>,
+/// - x: `[batch, seq, cols]`; output k: `[batch, seq, rows_k]`
+pub(crate) fn products_from_blocks<B: Backend, const N: usize>(
+    blocks: Option<[&BlockMatrix; N]>,
     x: &Tensor<B, 3>,
-    weight: &Tensor<B, 2>,
-) -> Option<Tensor<B, 3>> {
+    weights_need_grad: bool,
+) -> Option<[Tensor<B, 3>; N]> {
     let blocks = blocks?;
     let [batch, seq, _] = x.dims();
-    if batch * seq > MAX_BLOCK_ROWS || x.is_require_grad() || weight.is_require_grad() {
+    if batch * seq > MAX_BLOCK_ROWS || x.is_require_grad() || weights_need_grad {
         return None;
     }
     let host: Vec<f32> = x.to_data().iter::<f32>().collect();
-    let y = blocks.matmul_rows(&host, batch * seq);
-    Some(Tensor::from_data(
-        TensorData::new(y, [batch, seq, blocks.rows()]),
-        &x.device(),
-    ))
+    let ys = matmul_rows_all(blocks, &host, batch * seq, Kernel::detect());
+    let mut rows = blocks.map(BlockMatrix::rows).into_iter();
+    Some(ys.map(|y| {
+        let rows = rows.next().expect("one row count per matrix");
+        Tensor::from_data(TensorData::new(y, [batch, seq, rows]), &x.device())
+    }))
 }
 
-/// `linear(x)`, from its GGUF blocks where [`product_from_blocks`] applies.
+/// `linear_k(x)` for each of `linears`, from their GGUF blocks (in one pass) where
+/// [`products_from_blocks`] applies.
+///
+/// # Shapes
+/// - x: `[batch, seq, d_in]`; output k: `[batch, seq, d_out_k]`
+pub(crate) fn project_all<B: Backend, const N: usize>(
+    linears: [&Linear<B>; N],
+    blocks: Option<[&BlockMatrix; N]>,
+    x: Tensor<B, 3>,
+) -> [Tensor<B, 3>; N] {
+    let need_grad = linears.iter().any(|l| l.weight.val().is_require_grad());
+    match products_from_blocks(blocks, &x, need_grad) {
+        Some(ys) => {
+            let mut linears = linears.into_iter();
+            ys.map(
+                |y| match &linears.next().expect("one linear per product").bias {
+                    Some(bias) => y + bias.val().unsqueeze::<3>(),
+                    None => y,
+                },
+            )
+        }
+        None => linears.map(|l| l.forward(x.clone())),
+    }
+}
+
+/// `linear(x)`, from its GGUF blocks where [`products_from_blocks`] applies.
 ///
 /// # Shapes
 /// - x: `[batch, seq, d_in]`; output: `[batch, seq, d_out]`
@@ -474,13 +521,8 @@ pub(crate) fn project<B: Backend>(
     blocks: Option<&BlockMatrix>,
     x: Tensor<B, 3>,
 ) -> Tensor<B, 3> {
-    match product_from_blocks(blocks, &x, &linear.weight.val()) {
-        Some(y) => match &linear.bias {
-            Some(bias) => y + bias.val().unsqueeze::<3>(),
-            None => y,
-        },
-        None => linear.forward(x),
-    }
+    let [y] = project_all([linear], blocks.map(|b| [b]), x);
+    y
 }
 
 /// The blocks of GGUF tensor `name` in chorus's row order, or `None` when it is not
