@@ -75,10 +75,13 @@ impl fmt::Display for DeviceSpec {
 }
 
 impl DeviceSpec {
-    /// Whether the tensors live in host memory (ndarray, LibTorch on the CPU): there GGUF models
-    /// decode from their quantised blocks ([`chorus_lm::Lm::from_gguf_for_decoding`]).
-    pub fn is_host(&self) -> bool {
-        matches!(self, Self::Cpu | Self::TchCpu)
+    /// Whether GGUF models decode from their quantised blocks here
+    /// ([`chorus_lm::Lm::from_gguf_for_decoding`]): on the ndarray backend only. On LibTorch the
+    /// blocks' rayon threads and LibTorch's own OpenMP threads contend for the same cores, and
+    /// decoding was slower than from the f32 weights (docs/performance.md); on GPUs every
+    /// product would cross to the host.
+    pub fn decodes_from_gguf_blocks(&self) -> bool {
+        matches!(self, Self::Cpu)
     }
 
     /// The cargo feature that compiles this device's backend.

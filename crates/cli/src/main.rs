@@ -564,7 +564,7 @@ fn run(cli: Cli) -> Result<()> {
                 json: json.as_deref(),
                 html: html.as_deref(),
                 assistants: assistant_update,
-                gguf_blocks: cli.device.is_host(),
+                gguf_blocks: cli.device.decodes_from_gguf_blocks(),
             },
             &device
         )),
@@ -630,7 +630,7 @@ fn run(cli: Cli) -> Result<()> {
             tolerance,
             json.as_deref(),
             report_only,
-            cli.device.is_host(),
+            cli.device.decodes_from_gguf_blocks(),
             &device
         )),
     }

@@ -278,7 +278,8 @@ pub fn run<B: Backend>(
         println!("  {m}");
     }
     println!("\n                 load s   prefill tok/s   decode tok/s   peak RSS MB");
-    for (name, t) in std::iter::once(("chorus (ndarray)", &report.chorus))
+    let ours = format!("chorus ({})", B::name(device));
+    for (name, t) in std::iter::once((ours.as_str(), &report.chorus))
         .chain(report.reference.as_ref().map(|t| ("reference", t)))
     {
         println!(

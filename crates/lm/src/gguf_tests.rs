@@ -518,7 +518,7 @@ fn block_products_equal_products_with_the_dequantised_weights() {
             let blocks = BlockMatrix::from_gguf(&file, info, None).unwrap().unwrap();
             assert_eq!((blocks.rows(), blocks.cols()), (rows, cols));
             assert_eq!(blocks.dequantise(), weights, "{store:?}");
-            for n in [1, 3, 8] {
+            for n in [1, 3, 16] {
                 let x: Vec<f32> = (0..n * cols)
                     .map(|_| (rng.uniform() * 2.0 - 1.0) as f32)
                     .collect();
