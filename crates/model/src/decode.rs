@@ -239,8 +239,12 @@ pub fn tempered_probs(logits: &[f32], temperature: f64) -> Vec<f64> {
     e.into_iter().map(|v| v / z).collect()
 }
 
-/// Zeroes everything outside the top-k and outside the smallest set of mass ≥ top_p.
+/// Zeroes everything outside the top-k and outside the smallest set of mass ≥ top_p (top_k = 0
+/// and top_p ≥ 1 keep everything).
 pub fn truncate_probs(p: &mut [f64], top_k: usize, top_p: f64) {
+    if (top_k == 0 || top_k >= p.len()) && top_p >= 1.0 {
+        return;
+    }
     let mut order: Vec<usize> = (0..p.len()).collect();
     order.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
     let total: f64 = p.iter().sum();
@@ -629,7 +633,11 @@ impl<B: Backend> Chorus<B> {
                         (mixture_probs(&pi[r], &per_model), Some(per_model))
                     }
                 };
-                truncate_probs(&mut probs, config.top_k, config.top_p);
+                // Greedy tokens are the argmax, which truncation always keeps: skip its sort
+                // over the vocabulary.
+                if config.temperature > 0.0 {
+                    truncate_probs(&mut probs, config.top_k, config.top_p);
+                }
                 let token = if config.temperature == 0.0 {
                     argmax(&probs)
                 } else {
