@@ -18,6 +18,20 @@ ROOT = Path(__file__).resolve().parent.parent
 
 MUTANTS = [
     (
+        "seeded IW draws: an example's seed depends on its batch",
+        "crates/train/src/eval.rs",
+        "        let seeds: Vec<u64> = chunk.iter().map(|&i| iw_seed(&set.data[i])).collect();",
+        "        let seeds: Vec<u64> = chunk.iter().map(|&i| iw_seed(&set.data[i]) ^ chunk.len() as u64).collect();",
+        ["-p", "chorus-train", "--lib", "an_examples_iw_bound"],
+    ),
+    (
+        "seeded IW draws: every row of a batch draws from the first row's generator",
+        "crates/model/src/chorus.rs",
+        "        let mut rng = SplitMix64(seed);",
+        "        let mut rng = SplitMix64(row_seeds[0] ^ seed.min(0));",
+        ["-p", "chorus-train", "--lib", "an_examples_iw_bound"],
+    ),
+    (
         "GQA without copies: query heads grouped with the wrong key/value head",
         "crates/lm/src/attention.rs",
         "        let q = grouped(q);",

@@ -3,6 +3,7 @@
 use burn::module::{ModuleMapper, Param, ParamId};
 use burn::prelude::*;
 use burn::tensor::Distribution;
+use chorus_data::rng::SplitMix64;
 use chorus_elbo::{
     ElboTerms, elbo_terms, iw_log_likelihood, mixture_log_likelihood, pseudo_label_loss,
     token_log_probs,
@@ -495,16 +496,25 @@ impl<B: Backend> Chorus<B> {
         n_samples: usize,
     ) -> Result<Tensor<B, 1>, ModelError> {
         let latent = self.latent_distributions(batch)?;
-        Ok(self.iw_given(batch, latent.as_ref(), n_samples)?.0)
+        let [rows, _] = batch.tokens.dims();
+        let noise = self.config.has_z().then(|| {
+            Tensor::random(
+                [n_samples.max(1), rows, self.config.d_latent],
+                Distribution::Normal(0.0, 1.0),
+                &batch.tokens.device(),
+            )
+        });
+        Ok(self.iw_given(batch, latent.as_ref(), noise)?.0)
     }
 
-    /// [`Chorus::iw_log_likelihood`] with q and p already computed; also returns the sample terms
-    /// when there is no z (then they are the exact, z-free terms).
+    /// [`Chorus::iw_log_likelihood`] with q and p already computed and z = μ + σ ⊙ `noise`
+    /// (`[n_samples, batch, d_latent]`, given when the model has z); also returns the sample
+    /// terms when there is no z (then they are the exact, z-free terms).
     fn iw_given(
         &self,
         batch: &ChorusBatch<B>,
         latent: Option<&LatentDistributions<B>>,
-        n_samples: usize,
+        noise: Option<Tensor<B, 3>>,
     ) -> Result<(Tensor<B, 1>, Option<SampleLikelihood<B>>), ModelError> {
         match latent {
             None => {
@@ -515,7 +525,11 @@ impl<B: Backend> Chorus<B> {
                 posterior: q,
                 prior: p,
             }) => {
-                let z = q.sample(n_samples.max(1));
+                let noise = noise.ok_or_else(|| ModelError::Unsupported {
+                    operation: "the importance-weighted bound",
+                    reason: "q(z | x, c) without noise to sample it".into(),
+                })?;
+                let z = q.reparameterize(noise);
                 let log_px = self.log_px(batch, Some(z.clone()))?.log_px;
                 let iw = iw_log_likelihood(log_px, p.log_prob(z.clone()), q.log_prob(z));
                 Ok((iw, None))
@@ -526,13 +540,33 @@ impl<B: Backend> Chorus<B> {
     /// What evaluation reads from one batch, with the base's unconditioned pass (q and p) run
     /// once: the importance-weighted bound with `iw_samples` z from q ([`Chorus::iw_log_likelihood`]),
     /// q and p, and with K ≥ 2 the router posterior r_t(j) at z = E q (exact without z).
+    ///
+    /// Row r's z are drawn with its own generator, `SplitMix64(row_seeds[r])` ([`seeded_noise`]),
+    /// so a row's bound depends on its seed, not on the run, its batch or its place in it: give an
+    /// example the same seed and a rerun reproduces its score.
     pub fn evaluate_batch(
         &self,
         batch: &ChorusBatch<B>,
         iw_samples: usize,
+        row_seeds: &[u64],
     ) -> Result<BatchEvaluation<B>, ModelError> {
+        let [rows, _] = batch.tokens.dims();
+        if row_seeds.len() != rows {
+            return Err(ModelError::InvalidInput {
+                input: "row_seeds",
+                reason: format!("{} seeds for a batch of {rows} rows", row_seeds.len()),
+            });
+        }
         let latent = self.latent_distributions(batch)?;
-        let (iw, z_free_terms) = self.iw_given(batch, latent.as_ref(), iw_samples)?;
+        let noise = self.config.has_z().then(|| {
+            seeded_noise(
+                iw_samples.max(1),
+                row_seeds,
+                self.config.d_latent,
+                &batch.tokens.device(),
+            )
+        });
+        let (iw, z_free_terms) = self.iw_given(batch, latent.as_ref(), noise)?;
         let router = if self.n_models() > 1 {
             let terms = match z_free_terms {
                 Some(terms) => terms,
@@ -674,4 +708,30 @@ impl<B: Backend> Chorus<B> {
             ),
         })
     }
+}
+
+/// Standard-normal noise for z, row by row from its own generator: entry `[s, r, d]` is draw
+/// `s · d_latent + d` of `SplitMix64(row_seeds[r])` ([`SplitMix64::standard_normal`]), so a row's
+/// noise does not depend on the others, the batch size or the backend's RNG.
+///
+/// # Shapes
+/// - output: `[n_samples, row_seeds.len(), d_latent]`
+pub fn seeded_noise<B: Backend>(
+    n_samples: usize,
+    row_seeds: &[u64],
+    d_latent: usize,
+    device: &B::Device,
+) -> Tensor<B, 3> {
+    let rows = row_seeds.len();
+    let mut values = vec![0.0f32; n_samples * rows * d_latent];
+    for (r, &seed) in row_seeds.iter().enumerate() {
+        let mut rng = SplitMix64(seed);
+        for s in 0..n_samples {
+            let start = (s * rows + r) * d_latent;
+            for v in &mut values[start..start + d_latent] {
+                *v = rng.standard_normal() as f32;
+            }
+        }
+    }
+    Tensor::from_data(TensorData::new(values, [n_samples, rows, d_latent]), device)
 }

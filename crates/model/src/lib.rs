@@ -54,7 +54,9 @@ mod saved;
 
 pub use assistant::{Assistant, AssistantDecoder, LocalLm, ScoreRows};
 pub use calibrate::{DECODING_FILE, EtaCalibration, EtaCandidate};
-pub use chorus::{BatchEvaluation, Chorus, ChorusBatch, ChorusOutput, LatentDistributions};
+pub use chorus::{
+    BatchEvaluation, Chorus, ChorusBatch, ChorusOutput, LatentDistributions, seeded_noise,
+};
 pub use config::ChorusConfig;
 pub use decode::{
     AssistantUpdate, DecodeConfig, Decoded, WriterStrategy, ZSource, mixture_probs, tempered_probs,

@@ -433,6 +433,19 @@ fn by_task(data: &[Encoded]) -> BTreeMap<Task, Vec<usize>> {
     groups
 }
 
+/// The seed of an example's z draws for the IW bound: a hash of its tokens and of where its
+/// target starts, so an example gets the same z whenever and wherever (batch, chunk, file) it is
+/// evaluated, and a rerun reproduces its score.
+fn iw_seed(example: &Encoded) -> u64 {
+    let mut bytes: Vec<u8> = example
+        .tokens
+        .iter()
+        .flat_map(|t| t.to_le_bytes())
+        .collect();
+    bytes.extend((example.context_len as u64).to_le_bytes());
+    chorus_data::rng::mix64(chorus_data::rng::fnv1a(&bytes))
+}
+
 fn batch_of<B: Backend>(
     data: &[Encoded],
     ids: &[usize],
@@ -572,7 +585,8 @@ pub struct RouterRecord {
     pub by_example: BTreeMap<usize, Vec<Vec<f64>>>,
 }
 
-/// Evaluates a joint model per task: IW-NLL with `iw_samples` z from q, and, when z is on, KL, MI and
+/// Evaluates a joint model per task: IW-NLL with `iw_samples` z from q (each example's drawn from
+/// its own seed, [`iw_seed`]: reruns reproduce), and, when z is on, KL, MI and
 /// AU; with K ≥ 2, the posterior deferral rate, and, given `routing`, every target token's router
 /// posterior.
 #[allow(clippy::too_many_arguments)]
@@ -596,7 +610,8 @@ pub fn evaluate_chorus<B: Backend>(
             batch = model.with_assistant_log_probs(batch, remotes)?;
         }
         let s = sums.entry(task).or_default();
-        let evaluation = model.evaluate_batch(&batch, iw_samples)?;
+        let seeds: Vec<u64> = chunk.iter().map(|&i| iw_seed(&set.data[i])).collect();
+        let evaluation = model.evaluate_batch(&batch, iw_samples, &seeds)?;
         s.sums.add(set.data, chunk, evaluation.iw_log_likelihood);
         if let Some(l) = evaluation.latent {
             s.kl += l.posterior.kl(&l.prior).sum().into_scalar().elem::<f64>();
