@@ -1766,11 +1766,34 @@ fn paired_bootstrap_intervals_behave_as_the_statistics_say() {
 /// --text-file` runs) reports what one run over all examples reports: counts, NLL, bits per byte,
 /// deferral and every example's score (a model without sampling); KL, the posterior-mean moments
 /// and active units of a z model; MI as the examples-weighted mean of the chunks' estimates.
+/// `evaluate_chorus` of `model` over `data` on the CPU, assistants scored live, no progress.
+fn evaluate_locally(
+    model: &Chorus<B>,
+    data: &[Encoded],
+    batch_size: usize,
+    iw_samples: usize,
+) -> Vec<crate::EvalRow> {
+    let set = crate::EvalSet {
+        data,
+        batch_size,
+        device: &Default::default(),
+    };
+    crate::evaluate_chorus(
+        model,
+        "m",
+        &set,
+        crate::AssistantScores::Local,
+        iw_samples,
+        &mut crate::Silent,
+        None,
+    )
+    .unwrap()
+}
+
 #[test]
 fn a_chunked_evaluation_merges_into_the_evaluation_of_all_examples() {
     use crate::EvalRow;
     let _rng = rng_lock();
-    let device = Default::default();
     let logits: Vec<f32> = (0..VOCAB)
         .map(|v| ((v * 37 % 23) as f32 - 11.0) / 5.0)
         .collect();
@@ -1784,23 +1807,7 @@ fn a_chunked_evaluation_merges_into_the_evaluation_of_all_examples() {
         let mut chunks: Vec<Vec<EvalRow>> = Vec::new();
         let mut whole: Vec<Vec<EvalRow>> = Vec::new();
         for (m, model) in [&closed, &z_model].into_iter().enumerate() {
-            let eval = |data: &[Encoded]| {
-                let set = crate::EvalSet {
-                    data,
-                    batch_size: 3,
-                    device: &device,
-                };
-                crate::evaluate_chorus(
-                    model,
-                    "m",
-                    &set,
-                    crate::AssistantScores::Local,
-                    2,
-                    &mut crate::Silent,
-                    None,
-                )
-                .unwrap()
-            };
+            let eval = |data: &[Encoded]| evaluate_locally(model, data, 3, 2);
             let (first, second) = (eval(&data[..cut]), eval(&data[cut..]));
             merged[m].add(first.clone(), 0);
             merged[m].add(second.clone(), cut);
@@ -1879,26 +1886,10 @@ fn a_chunked_evaluation_merges_into_the_evaluation_of_all_examples() {
 fn an_examples_iw_bound_is_the_same_in_every_run_and_batch() {
     use crate::EvalRow;
     let _rng = rng_lock();
-    let device = Default::default();
     let z_model = joint(z_config(), 1).0.valid();
     let data = synthetic(11, 0);
-    let eval = |batch_size: usize, data: &[Encoded]| {
-        let set = crate::EvalSet {
-            data,
-            batch_size,
-            device: &device,
-        };
-        crate::evaluate_chorus(
-            &z_model,
-            "m",
-            &set,
-            crate::AssistantScores::Local,
-            4,
-            &mut crate::Silent,
-            None,
-        )
-        .unwrap()
-    };
+    let eval =
+        |batch_size: usize, data: &[Encoded]| evaluate_locally(&z_model, data, batch_size, 4);
     // Per example: its tokens and its bound (as the per-example score).
     let scores = |rows: &[EvalRow]| {
         let mut s: Vec<(usize, f64)> = rows
