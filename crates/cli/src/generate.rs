@@ -185,14 +185,14 @@ pub enum ModelSource<'a> {
 
 /// One LM in any format chorus reads (GGUF file, Hugging Face directory, chorus LM directory) and
 /// the tokenizer that comes with it. With `gguf_blocks`, a GGUF file also keeps its quantised
-/// blocks, which its few-row products read ([`chorus_lm::Lm::from_gguf_for_decoding`]).
+/// blocks, which its few-row products read ([`chorus_lm::Lm::open_for_decoding`]).
 pub(crate) fn open_lm<B: Backend>(
     path: &Path,
     device: &B::Device,
     gguf_blocks: bool,
 ) -> Result<(chorus_lm::Lm<B>, Tokenizer)> {
-    let lm = if gguf_blocks && path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
-        chorus_lm::Lm::<B>::from_gguf_for_decoding(&chorus_lm::GgufFile::open(path)?, device)?
+    let lm = if gguf_blocks {
+        chorus_lm::Lm::<B>::open_for_decoding(path, device)?
     } else {
         chorus_lm::Lm::<B>::open(path, device)?
     };

@@ -47,10 +47,15 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
     })
 }
 
-/// A stable 64-bit hash of a string: the first SplitMix64 output seeded with its FNV-1a hash
-/// (FNV alone leaves strings that differ in their last bytes close in the high bits).
+/// A stable 64-bit hash of a string: [`stable_hash_bytes`] of its UTF-8 bytes.
 pub fn stable_hash(s: &str) -> u64 {
-    SplitMix64(fnv1a(s.as_bytes())).next_u64()
+    stable_hash_bytes(s.as_bytes())
+}
+
+/// A stable 64-bit hash of bytes: the first SplitMix64 output seeded with their FNV-1a hash (FNV
+/// alone leaves inputs that differ in their last bytes close in the high bits).
+pub fn stable_hash_bytes(bytes: &[u8]) -> u64 {
+    SplitMix64(fnv1a(bytes)).next_u64()
 }
 
 #[cfg(test)]

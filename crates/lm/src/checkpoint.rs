@@ -78,7 +78,7 @@ impl<B: Backend> Lm<B> {
     /// (`config.json` with a `family` field) or a Hugging Face directory.
     pub fn open(path: impl AsRef<Path>, device: &B::Device) -> Result<Self, LmError> {
         let path = path.as_ref();
-        if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
+        if is_gguf_file(path) {
             return Self::from_gguf(&crate::GgufFile::open(path)?, device);
         }
         let config = path.join(CONFIG_FILE);
@@ -93,6 +93,16 @@ impl<B: Backend> Lm<B> {
         } else {
             Self::from_hf_dir(path, device)
         }
+    }
+
+    /// [`Lm::open`], with a GGUF file loaded by [`Lm::from_gguf_for_decoding`] (its quantised
+    /// blocks kept for few-row products on the CPU).
+    pub fn open_for_decoding(path: impl AsRef<Path>, device: &B::Device) -> Result<Self, LmError> {
+        let path = path.as_ref();
+        if is_gguf_file(path) {
+            return Self::from_gguf_for_decoding(&crate::GgufFile::open(path)?, device);
+        }
+        Self::open(path, device)
     }
 
     /// Replaces every parameter with the tensor of the same name in a safetensors file. Every
@@ -169,4 +179,9 @@ pub(crate) fn write_atomic(
     }
     write(&tmp)?;
     std::fs::rename(&tmp, path).map_err(|e| LmError::io(path, e))
+}
+
+/// A `.gguf` file (what [`Lm::open`] reads as llama.cpp's format).
+fn is_gguf_file(path: &Path) -> bool {
+    path.is_file() && path.extension().is_some_and(|e| e == "gguf")
 }

@@ -443,7 +443,7 @@ fn iw_seed(example: &Encoded) -> u64 {
         .flat_map(|t| t.to_le_bytes())
         .collect();
     bytes.extend((example.context_len as u64).to_le_bytes());
-    chorus_data::rng::mix64(chorus_data::rng::fnv1a(&bytes))
+    chorus_data::rng::stable_hash_bytes(&bytes)
 }
 
 fn batch_of<B: Backend>(
