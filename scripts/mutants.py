@@ -18,6 +18,27 @@ ROOT = Path(__file__).resolve().parent.parent
 
 MUTANTS = [
     (
+        "seed means: the first evaluation's scores only (the others not added)",
+        "crates/train/src/eval.rs",
+        "                    *sum += e.log_p;",
+        "                    *sum += e.log_p * 0.0;",
+        ["-p", "chorus-train", "--lib", "the_mean_of_seed_evaluations"],
+    ),
+    (
+        "seed means: divided by one evaluation too few",
+        "crates/train/src/eval.rs",
+        "            let count = sources.len() as f64;",
+        "            let count = (sources.len() - 1) as f64;",
+        ["-p", "chorus-train", "--lib", "the_mean_of_seed_evaluations"],
+    ),
+    (
+        "seed means: rows of other tokens averaged without complaint",
+        "crates/train/src/eval.rs",
+        "                        .all(|(a, b)| a.index == b.index && a.tokens == b.tokens);",
+        "                        .all(|(a, b)| a.index == b.index);",
+        ["-p", "chorus-train", "--lib", "the_mean_of_seed_evaluations"],
+    ),
+    (
         "seeded IW draws: an example's seed depends on its batch",
         "crates/train/src/eval.rs",
         "        let seeds: Vec<u64> = chunk.iter().map(|&i| iw_seed(&set.data[i])).collect();",

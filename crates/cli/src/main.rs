@@ -190,6 +190,19 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Average evaluations of the same models on the same examples — the seeds of a training
+    /// recipe, each written by `chorus eval --json` — and compare the first model with each other
+    /// one on the seed-mean score of every example (paired Δ and its bootstrap interval).
+    ///
+    /// Example: chorus eval-mean out/eval/seed-0.json out/eval/seed-1.json out/eval/seed-2.json --json out/eval/mean.json
+    EvalMean {
+        /// `chorus eval --json` reports, two or more, with the same models and examples.
+        #[arg(required = true, num_args = 2..)]
+        evaluations: Vec<PathBuf>,
+        /// Write the mean report as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Write text with a joint model: the selector picks the writer of each token, every model keeps
     /// its own KV cache, and the output shows who wrote what (ANSI colours, --json, --html).
     ///
@@ -516,6 +529,7 @@ fn run(cli: Cli) -> Result<()> {
             },
             &device
         )),
+        Command::EvalMean { evaluations, json } => train::eval_mean(&evaluations, json.as_deref()),
         Command::Generate {
             model,
             base,

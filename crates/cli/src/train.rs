@@ -515,18 +515,41 @@ pub fn eval<B: Backend>(args: EvalArgs<'_>, device: &B::Device) -> Result<()> {
     let rows = rows.into_rows();
     // Rows of one task come in model order, each scoring the same examples.
     let report = EvalReport::new(what, args.iw_samples, rows, 1000, 0)?;
+    print_and_write(&report, args.json)
+}
+
+/// Prints an evaluation's tables and writes it as JSON to `json`, if given.
+fn print_and_write(report: &EvalReport, json: Option<&Path>) -> Result<()> {
     println!("{}", report.table());
     if !report.paired.is_empty() {
         println!("{}", report.paired_table());
     }
     println!(
         "NLL: nats {TOKEN_CONVENTION}; joint models: importance-weighted bound with {} samples of z ~ q.",
-        args.iw_samples
+        report.iw_samples
     );
-    if let Some(path) = args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+    if let Some(path) = json {
+        std::fs::write(path, serde_json::to_string_pretty(report)?)
             .with_context(|| format!("writing {}", path.display()))?;
         println!("wrote {}", path.display());
     }
     Ok(())
+}
+
+/// `chorus eval-mean`: the mean of `chorus eval --json` reports ([`EvalReport::mean_of`]).
+pub fn eval_mean(evaluations: &[PathBuf], json: Option<&Path>) -> Result<()> {
+    let sources = evaluations
+        .iter()
+        .map(|path| {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let report: EvalReport = serde_json::from_str(&text).with_context(|| {
+                format!("{}: not a `chorus eval --json` report", path.display())
+            })?;
+            Ok((path.display().to_string(), report))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let report = EvalReport::mean_of(&sources, 1000, 0)?;
+    println!("The mean of {} evaluations:\n", sources.len());
+    print_and_write(&report, json)
 }

@@ -627,6 +627,65 @@ fn compositions_evaluate_under_the_confidence_rule() {
     );
 }
 
+/// `chorus eval-mean` averages evaluations of the same examples (two identical evaluations average
+/// to themselves, their paired Δ included) and refuses, naming the file, a file that is no report
+/// and a report of other examples.
+#[test]
+fn evaluations_of_the_same_examples_average_and_others_are_refused() {
+    let f = Fixture::new();
+    f.second_lm();
+    let text_file = f.write(
+        "passages.txt",
+        "The cat sat on the mat. A dog ran to the log. ".repeat(6),
+    );
+    let (lm, lm2) = (f.path("lm"), f.path("lm2"));
+    let eval = |json: &str, max: &str| {
+        f.succeeds(
+            &[
+                "eval",
+                "--model",
+                &format!("base={lm}"),
+                "--model",
+                &format!("assistant={lm2}"),
+                "--text-file",
+                &text_file,
+                "--max-examples",
+                max,
+            ],
+            json,
+        )
+    };
+    let one = eval("one.json", "3");
+    eval("two.json", "3");
+    eval("fewer.json", "2");
+    let mean = f.succeeds(
+        &["eval-mean", &f.path("one.json"), &f.path("two.json")],
+        "mean.json",
+    );
+    for (a, b) in one["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(mean["rows"].as_array().unwrap())
+    {
+        assert_eq!(a["model"], b["model"]);
+        assert!((a["nll"].as_f64().unwrap() - b["nll"].as_f64().unwrap()).abs() < 1e-12);
+    }
+    assert_eq!(
+        one["paired"][0]["nll_difference"],
+        mean["paired"][0]["nll_difference"]
+    );
+    let not_json = f.write("notes.json", "not a report");
+    f.fails(
+        &["eval-mean", &f.path("one.json"), &not_json],
+        &["notes.json", "not a `chorus eval --json` report"],
+    );
+    f.fails(
+        &["eval-mean", &f.path("one.json"), &f.path("fewer.json")],
+        &["fewer.json", "cannot be compared", "first 2 of 3 passages"],
+    );
+}
+
 /// A text file longer than one chunk (256 passages) is read and scored a chunk at a time; every
 /// passage gets the score it gets when it is scored with no chunk boundary before it: the first
 /// 256 alone (`--max-examples`), the rest as a file of their own sentences (the same passages, the

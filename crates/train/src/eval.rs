@@ -222,6 +222,113 @@ impl EvalReport {
         })
     }
 
+    /// The mean of several evaluations of the same models on the same examples — the seeds of one
+    /// training recipe, each evaluated with its rivals: each (model, task) row of the first report
+    /// becomes the row whose per-example score is the mean over the reports,
+    /// `log p̄_i = (1/R) Σ_r log p̂_r,i`, and so NLL = −Σ_i log p̄_i / Σ_i tokens_i, the mean of the
+    /// reports' NLLs. KL, MI and deferral are their means; active units are not averaged (`None`).
+    /// The paired comparisons are then those of [`EvalReport::new`] on the mean rows: per task,
+    /// the first model against each other one, its Δ the mean over reports of their Δs and its
+    /// bootstrap interval that of the seed-mean difference of each example.
+    ///
+    /// Each source is `(name, report)`; a report that lacks a row of the first, or scores other
+    /// examples or tokens, is an error naming both sources.
+    pub fn mean_of(
+        sources: &[(String, EvalReport)],
+        resamples: usize,
+        seed: u64,
+    ) -> Result<Self, TrainError> {
+        let Some(((first_name, first), others)) = sources.split_first() else {
+            return Err(TrainError::EmptyData {
+                data: "the evaluations to average".into(),
+                reason: "none given".into(),
+            });
+        };
+        let mismatch = |name: &str, reason: String| TrainError::Incomparable {
+            what: format!("{name} and {first_name}"),
+            reason,
+        };
+        for (name, report) in others {
+            if report.data != first.data || report.iw_samples != first.iw_samples {
+                return Err(mismatch(
+                    name,
+                    format!(
+                        "evaluated {} with {} IW samples, not {} with {}",
+                        report.data, report.iw_samples, first.data, first.iw_samples
+                    ),
+                ));
+            }
+        }
+        let mut rows = Vec::with_capacity(first.rows.len());
+        for row in &first.rows {
+            let mut log_p: Vec<f64> = row.per_example.iter().map(|e| e.log_p).collect();
+            let (mut kl, mut mi, mut deferral) = (row.kl, row.mi, row.deferral);
+            for (name, report) in others {
+                let same = report
+                    .rows
+                    .iter()
+                    .find(|r| r.model == row.model && r.task == row.task)
+                    .ok_or_else(|| {
+                        mismatch(name, format!("no row of {} on {}", row.model, row.task))
+                    })?;
+                let alike = same.per_example.len() == row.per_example.len()
+                    && same.bytes == row.bytes
+                    && same
+                        .per_example
+                        .iter()
+                        .zip(&row.per_example)
+                        .all(|(a, b)| a.index == b.index && a.tokens == b.tokens);
+                if !alike {
+                    return Err(mismatch(
+                        name,
+                        format!(
+                            "{} on {} scores other examples or tokens",
+                            row.model, row.task
+                        ),
+                    ));
+                }
+                for (sum, e) in log_p.iter_mut().zip(&same.per_example) {
+                    *sum += e.log_p;
+                }
+                let add = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a + b);
+                kl = add(kl, same.kl);
+                mi = add(mi, same.mi);
+                deferral = add(deferral, same.deferral);
+            }
+            let count = sources.len() as f64;
+            let per_example: Vec<ExampleScore> = row
+                .per_example
+                .iter()
+                .zip(log_p)
+                .map(|(e, sum)| ExampleScore {
+                    log_p: sum / count,
+                    ..e.clone()
+                })
+                .collect();
+            let sums = Sums {
+                examples: row.examples,
+                tokens: row.tokens,
+                bytes: row.bytes,
+                log_p: per_example.iter().map(|e| e.log_p).sum(),
+                deferred: 0.0,
+                per_example,
+            };
+            rows.push(EvalRow {
+                kl: kl.map(|v| v / count),
+                mi: mi.map(|v| v / count),
+                deferral: deferral.map(|v| v / count),
+                ..EvalRow::of_sums(&row.model, &row.task, sums)
+            });
+        }
+        Self::new(
+            format!("{}, mean of {} evaluations", first.data, sources.len()),
+            first.iw_samples,
+            rows,
+            resamples,
+            seed,
+        )
+    }
+
     /// The paired comparisons as a Markdown table (empty without them).
     pub fn paired_table(&self) -> String {
         let Some(first) = self.paired.first() else {
@@ -307,8 +414,8 @@ pub fn paired_difference(
     resamples: usize,
     seed: u64,
 ) -> Result<PairedDifference, TrainError> {
-    let mismatch = |reason: String| TrainError::EmptyData {
-        data: format!("{} vs {} on {}", a.model, b.model, a.task),
+    let mismatch = |reason: String| TrainError::Incomparable {
+        what: format!("{} and {} on {}", a.model, b.model, a.task),
         reason,
     };
     if a.task != b.task || a.per_example.len() != b.per_example.len() || a.per_example.is_empty() {

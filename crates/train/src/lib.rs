@@ -111,6 +111,15 @@ pub enum TrainError {
         /// What is missing, and what would fix it.
         reason: String,
     },
+    /// Evaluations or scores that do not cover the same examples, so cannot be paired or
+    /// averaged.
+    #[error("{what} cannot be compared: {reason}")]
+    Incomparable {
+        /// What was compared (the models, the reports).
+        what: String,
+        /// What differs.
+        reason: String,
+    },
     /// From the corpora.
     #[error(transparent)]
     Data(#[from] chorus_data::DataError),

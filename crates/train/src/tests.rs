@@ -1685,17 +1685,14 @@ fn config_errors_name_the_key_and_the_value() {
     }
 }
 
-/// A paired comparison: a model better by exactly c nats at every token differs by −c with a
-/// zero-width interval; on noisy differences the interval holds the full-sample estimate, is
-/// reproducible from its seed and narrows as examples are added; rows of other examples are refused.
-#[test]
-fn paired_bootstrap_intervals_behave_as_the_statistics_say() {
-    use crate::{EvalRow, ExampleScore, paired_difference};
-    let row = |model: &str, scores: Vec<(usize, f64)>| EvalRow {
+/// A story row of `model` with the given (tokens, log p) per example, indexed in order (only the
+/// per-example scores are filled in).
+fn score_row(model: &str, scores: Vec<(usize, f64)>) -> crate::EvalRow {
+    crate::EvalRow {
         model: model.into(),
         task: "story".into(),
         examples: scores.len(),
-        tokens: 0,
+        tokens: scores.iter().map(|s| s.0).sum(),
         nll: 0.0,
         ppl: 0.0,
         bytes: 0,
@@ -1708,13 +1705,105 @@ fn paired_bootstrap_intervals_behave_as_the_statistics_say() {
         per_example: scores
             .into_iter()
             .enumerate()
-            .map(|(index, (tokens, log_p))| ExampleScore {
+            .map(|(index, (tokens, log_p))| crate::ExampleScore {
                 index,
                 tokens,
                 log_p,
             })
             .collect(),
+    }
+}
+
+/// The mean of three seeds' evaluations ([`crate::EvalReport::mean_of`]): each example's score is
+/// the mean of its three scores, the NLL and the paired Δ the means of the seeds' (exactly), and
+/// the interval that of the seed-mean differences: seed noise that cancels across seeds leaves a
+/// zero-width interval at the true edge while each seed's own interval is wide. Reports of other
+/// examples, or without a row of the first, are refused, naming the source.
+#[test]
+fn the_mean_of_seed_evaluations_pairs_the_seed_mean_scores() {
+    use crate::EvalReport;
+    let mut rng = chorus_data::rng::SplitMix64(11);
+    let baseline: Vec<(usize, f64)> = (0..120)
+        .map(|i| (4 + i % 9, -2.5 * (4 + i % 9) as f64 * (1.0 + rng.uniform())))
+        .collect();
+    let noise: Vec<f64> = (0..120).map(|_| 6.0 * rng.uniform() - 3.0).collect();
+    let edge = 0.2;
+    // Seed s: chorus better by `edge` per token, plus noise · (1, −1, 0)[s] per example.
+    let report = |s: usize| {
+        let sign = [1.0, -1.0, 0.0][s];
+        let chorus = baseline
+            .iter()
+            .zip(&noise)
+            .map(|(&(t, lp), e)| (t, lp + edge * t as f64 + sign * e))
+            .collect();
+        let rows = vec![
+            score_row("chorus", chorus),
+            score_row("SmolLM2", baseline.clone()),
+        ];
+        EvalReport::new("test split".into(), 10, rows, 1000, 0).unwrap()
     };
+    let sources: Vec<(String, EvalReport)> = (0..3)
+        .map(|s| (format!("seed-{s}.json"), report(s)))
+        .collect();
+    let own_width = |r: &EvalReport| r.paired[0].interval.1 - r.paired[0].interval.0;
+    assert!(own_width(&sources[0].1) > 0.05, "{:?}", sources[0].1.paired);
+    let mean = EvalReport::mean_of(&sources, 1000, 0).unwrap();
+    for (k, row) in mean.rows.iter().enumerate() {
+        for (i, e) in row.per_example.iter().enumerate() {
+            let expected = sources
+                .iter()
+                .map(|(_, r)| r.rows[k].per_example[i].log_p)
+                .sum::<f64>()
+                / 3.0;
+            assert!((e.log_p - expected).abs() < 1e-9);
+        }
+        let nll = |r: &crate::EvalRow| {
+            -r.per_example.iter().map(|e| e.log_p).sum::<f64>() / r.tokens as f64
+        };
+        let nll_mean = sources.iter().map(|(_, r)| nll(&r.rows[k])).sum::<f64>() / 3.0;
+        assert!((row.nll - nll_mean).abs() < 1e-9, "{} {nll_mean}", row.nll);
+    }
+    let paired = &mean.paired[0];
+    let delta_mean = sources
+        .iter()
+        .map(|(_, r)| r.paired[0].nll_difference)
+        .sum::<f64>()
+        / 3.0;
+    assert!((paired.nll_difference - delta_mean).abs() < 1e-9);
+    assert!((paired.nll_difference + edge).abs() < 1e-9, "{paired:?}");
+    assert!(
+        (paired.interval.0 + edge).abs() < 1e-9 && (paired.interval.1 + edge).abs() < 1e-9,
+        "{paired:?}"
+    );
+    // Refusals name the source.
+    let mut shifted = sources.clone();
+    shifted[2].1.rows[0].per_example[3].tokens += 1;
+    let err = EvalReport::mean_of(&shifted, 10, 0)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("seed-2.json") && err.contains("other examples"),
+        "{err}"
+    );
+    let mut missing = sources.clone();
+    missing[1].1.rows.pop();
+    let err = EvalReport::mean_of(&missing, 10, 0)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("seed-1.json") && err.contains("no row of SmolLM2"),
+        "{err}"
+    );
+    assert!(EvalReport::mean_of(&[], 10, 0).is_err());
+}
+
+/// A paired comparison: a model better by exactly c nats at every token differs by −c with a
+/// zero-width interval; on noisy differences the interval holds the full-sample estimate, is
+/// reproducible from its seed and narrows as examples are added; rows of other examples are refused.
+#[test]
+fn paired_bootstrap_intervals_behave_as_the_statistics_say() {
+    use crate::{EvalRow, paired_difference};
+    let row = |model: &str, scores: Vec<(usize, f64)>| score_row(model, scores);
     let mut rng = chorus_data::rng::SplitMix64(5);
     let baseline: Vec<(usize, f64)> = (0..200)
         .map(|i| (5 + i % 7, -3.0 * (5 + i % 7) as f64 * (1.0 + rng.uniform())))
