@@ -499,10 +499,7 @@ fn block_llama() -> LmConfig {
 fn block_products_equal_products_with_the_dequantised_weights() {
     use crate::quantised::{BlockMatrix, Kernel, matmul_rows_all};
     let mut rng = SplitMix64(7);
-    let mut kernels = vec![Kernel::Portable];
-    if Kernel::detect() != Kernel::Portable {
-        kernels.push(Kernel::detect());
-    }
+    let kernels = Kernel::available();
     // 5 × 64: one thread; 256 × 384: split across the pool.
     let mut all = Vec::new();
     for (rows, cols) in [(5, 64), (256, 384)] {
@@ -518,7 +515,7 @@ fn block_products_equal_products_with_the_dequantised_weights() {
             let blocks = BlockMatrix::from_gguf(&file, info, None).unwrap().unwrap();
             assert_eq!((blocks.rows(), blocks.cols()), (rows, cols));
             assert_eq!(blocks.dequantise(), weights, "{store:?}");
-            for n in [1, 3, 16] {
+            for n in [1, 3, 11, 16] {
                 let x: Vec<f32> = (0..n * cols)
                     .map(|_| (rng.uniform() * 2.0 - 1.0) as f32)
                     .collect();
@@ -565,8 +562,10 @@ fn block_products_equal_products_with_the_dequantised_weights() {
 
 /// Logits of a 10-token prefill (batch 2) and of 6 single-token steps after it, with a cache.
 fn prefill_and_steps(model: &Lm<B>) -> (Tensor<B, 3>, Vec<Tensor<B, 3>>) {
-    let prompt: Vec<i64> = (0..20).map(|i| (i * 7 + 3) % 64).collect();
-    let tokens = Tensor::<B, 1, Int>::from_data(prompt.as_slice(), &device()).reshape([2, 10]);
+    // 80 rows in all: more than the blocks take.
+    const { assert!(80 > crate::MAX_BLOCK_ROWS) };
+    let prompt: Vec<i64> = (0..80).map(|i| (i * 7 + 3) % 64).collect();
+    let tokens = Tensor::<B, 1, Int>::from_data(prompt.as_slice(), &device()).reshape([2, 40]);
     let mut cache = model.new_cache();
     let prefill = model
         .forward(LmInput::new(tokens), Some(&mut cache))
@@ -597,7 +596,7 @@ fn a_gguf_model_decodes_from_its_blocks_as_from_its_f32_weights() {
             prefill_and_steps(&Lm::<B>::from_gguf(&file, &device()).unwrap());
         let (prefill, steps) =
             prefill_and_steps(&Lm::<B>::from_gguf_for_decoding(&file, &device()).unwrap());
-        // Ten rows per sequence: the f32 weights, bit for bit.
+        // Forty rows per sequence, 80 in all: the f32 weights, bit for bit.
         assert_eq!(max_abs_diff(prefill, f32_prefill), 0.0, "{store:?}");
         // One row per sequence: the blocks, equal up to f32 rounding.
         for (s, (a, b)) in steps.into_iter().zip(f32_steps).enumerate() {

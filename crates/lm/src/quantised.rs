@@ -9,9 +9,11 @@
 //! `y[i, r] = Σ_b ( d_rb · Σ_{j<32} q_rbj · x[i, 32b + j]  +  m_rb · Σ_{j<32} x[i, 32b + j] )`
 //!
 //! with Q4_1's `w = d·q + m`, Q4_0's `w = d·(q − 8)` (so `m = −8d`) and Q8_0's `w = d·q` (`m = 0`):
-//! the product with the dequantised weights, regrouped, so equal to it up to f32 rounding. The
-//! activations stay f32 (llama.cpp rounds them to 8 bits; chorus keeps its f32 forward's numbers).
-//! Batched work (prefill, scoring, training) keeps using the f32 weights.
+//! the product with the dequantised weights, regrouped, so equal to it up to f32 rounding (one row;
+//! several rows in a tile multiply each block dequantised once, `w = d·q + m`). The activations
+//! stay f32 (llama.cpp rounds them to 8 bits; chorus keeps its f32 forward's numbers). Kernels:
+//! AVX-512, AVX2 (with FMA and F16C) or portable Rust, the fastest the CPU runs. Batched work
+//! (long prompts, scoring, training) keeps using the f32 weights.
 
 use std::fmt;
 use std::sync::Arc;
@@ -29,10 +31,11 @@ use crate::{LlamaConfig, LmError};
 const BLOCK: usize = 32;
 
 /// The most rows of activations a product takes from the blocks: a decoding step (one row per
-/// sample) and a lazy assistant's catch-up over the tokens it missed (at 20 % deferral, 0.8¹⁶ ≈ 3 %
-/// of the gaps are longer). More rows (prefill, scoring) use the f32 weights, where a GEMM reuses
-/// each weight across rows.
-pub const MAX_BLOCK_ROWS: usize = 16;
+/// sample), a lazy assistant's catch-up over the tokens it missed, a prompt. The kernels unpack a
+/// block once per tile of 8 rows, so their cost grows with the rows like a GEMM's; on our 2-core
+/// machine a 60-token prompt takes as long from the blocks as from the f32 weights. More rows
+/// (long prompts, scoring, training) use the f32 weights.
+pub const MAX_BLOCK_ROWS: usize = 64;
 
 /// The GGUF block layouts a [`BlockMatrix`] multiplies from (as stored in the file).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -249,18 +252,33 @@ pub(crate) enum Kernel {
     Portable,
     #[cfg(target_arch = "x86_64")]
     Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
 }
 
 impl Kernel {
+    /// The fastest kernel this CPU runs.
     pub(crate) fn detect() -> Self {
+        *Self::available()
+            .last()
+            .expect("the portable kernel runs anywhere")
+    }
+
+    /// Every kernel this CPU runs, slowest first.
+    pub(crate) fn available() -> Vec<Self> {
+        #[allow(unused_mut)]
+        let mut kernels = vec![Self::Portable];
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2")
             && std::arch::is_x86_feature_detected!("fma")
             && std::arch::is_x86_feature_detected!("f16c")
         {
-            return Self::Avx2;
+            kernels.push(Self::Avx2);
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                kernels.push(Self::Avx512);
+            }
         }
-        Self::Portable
+        kernels
     }
 
     /// `out[i] = Σ_b d_b · Σ_j q_bj x[i, 32b + j] + m_b · x_sums[i, b]` for the weight row whose
@@ -290,6 +308,15 @@ impl Kernel {
                 match format {
                     BlockFormat::Q8_0 => avx2::q8_row(blocks, x, n, out),
                     _ => avx2::q4_row(format == BlockFormat::Q4_1, blocks, x, x_sums, n, out),
+                }
+            },
+            // SAFETY: the CPU has AVX-512F, FMA and F16C (`detect`); the lengths were checked
+            // above.
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx512 => unsafe {
+                match format {
+                    BlockFormat::Q8_0 => avx512::q8_row(blocks, x, n, out),
+                    _ => avx512::q4_row(format == BlockFormat::Q4_1, blocks, x, x_sums, n, out),
                 }
             },
             Self::Portable => {
@@ -328,11 +355,47 @@ impl Kernel {
     }
 }
 
+/// Rows per tile of the SIMD kernels: a tile's accumulators stay in registers, a block's weights
+/// are unpacked once per tile, and a tile's activations stay in the L1 cache (8 rows of 1,536
+/// f32 are 48 KB; 16-row tiles were slower with AVX-512's 32 registers).
+#[cfg(target_arch = "x86_64")]
+const TILE: usize = 8;
+
+/// Calls `tile(first_row, rows)` for each tile of the `n` rows of `x`, split evenly (10 rows: 5 +
+/// 5).
+#[cfg(target_arch = "x86_64")]
+fn tiles(n: usize, mut tile: impl FnMut(usize, usize)) {
+    let count = n.div_ceil(TILE);
+    let mut start = 0;
+    for t in 0..count {
+        let rows = (n - start) / (count - t);
+        tile(start, rows);
+        start += rows;
+    }
+}
+
+/// Dispatches a tile of `$rows` (1 to [`TILE`]) rows to `$f::<R>($args)`.
+#[cfg(target_arch = "x86_64")]
+macro_rules! with_tile {
+    ($rows:expr, $f:ident($($args:expr),*)) => {
+        match $rows {
+            1 => $f::<1>($($args),*),
+            2 => $f::<2>($($args),*),
+            3 => $f::<3>($($args),*),
+            4 => $f::<4>($($args),*),
+            5 => $f::<5>($($args),*),
+            6 => $f::<6>($($args),*),
+            7 => $f::<7>($($args),*),
+            _ => $f::<8>($($args),*),
+        }
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::MAX_BLOCK_ROWS;
+    use super::tiles;
 
     #[target_feature(enable = "avx2,fma")]
     fn horizontal_sum(v: __m256) -> f32 {
@@ -353,18 +416,50 @@ mod avx2 {
         }))
     }
 
-    /// `Σ_k w_k · x[8k..8k + 8]` over the block's four vectors of weights.
+    /// Adds `w · x[i, block]` for the `R` rows of a tile: `w` the block's 32 dequantised
+    /// weights, `x` the first row's values of the block, rows `cols` apart. With at most 4 rows
+    /// each row has two accumulators (`even`, `odd`), so that a row's chain of fused
+    /// multiply-adds is half as long; with more, the rows' chains overlap one another.
     ///
     /// # Safety
-    /// `x` points at 32 readable f32.
+    /// `x` points at R rows of 32 readable f32, `cols` apart.
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn block_dot(w: &[__m256; 4], x: *const f32) -> __m256 {
-        // SAFETY: the caller guarantees 32 readable values at `x`.
-        unsafe {
-            let t = _mm256_mul_ps(w[0], _mm256_loadu_ps(x));
-            let t = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(x.add(8)), t);
-            let t = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(x.add(16)), t);
-            _mm256_fmadd_ps(w[3], _mm256_loadu_ps(x.add(24)), t)
+    unsafe fn accumulate<const R: usize>(
+        w: &[__m256; 4],
+        x: *const f32,
+        cols: usize,
+        even: &mut [__m256; R],
+        odd: &mut [__m256; R],
+    ) {
+        for i in 0..R {
+            // SAFETY: the caller guarantees 32 readable values at each row.
+            unsafe {
+                let x = x.add(i * cols);
+                if R <= 4 {
+                    even[i] = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(x), even[i]);
+                    odd[i] = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(x.add(8)), odd[i]);
+                    even[i] = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(x.add(16)), even[i]);
+                    odd[i] = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(x.add(24)), odd[i]);
+                } else {
+                    let mut a = even[i];
+                    for (k, w) in w.iter().enumerate() {
+                        a = _mm256_fmadd_ps(*w, _mm256_loadu_ps(x.add(8 * k)), a);
+                    }
+                    even[i] = a;
+                }
+            }
+        }
+    }
+
+    /// `out[i] = Σ lanes of even[i] + odd[i]`.
+    ///
+    /// # Safety
+    /// `out` points at R writable f32.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn store_sums<const R: usize>(even: &[__m256; R], odd: &[__m256; R], out: *mut f32) {
+        for i in 0..R {
+            // SAFETY: the caller guarantees R values at `out`.
+            unsafe { *out.add(i) = horizontal_sum(_mm256_add_ps(even[i], odd[i])) };
         }
     }
 
@@ -381,16 +476,45 @@ mod avx2 {
         n: usize,
         out: &mut [f32],
     ) {
+        if n == 1 {
+            // SAFETY: as this function's.
+            out[0] = unsafe { q4_one(with_min, blocks, x, x_sums) };
+            return;
+        }
+        let cols = 32 * (blocks.len() / if with_min { 20 } else { 18 });
+        tiles(n, |first, rows| {
+            // SAFETY: rows first..first + rows of x and out exist (checked by the caller for
+            // all n rows).
+            unsafe {
+                with_tile!(
+                    rows,
+                    q4_tile(
+                        with_min,
+                        blocks,
+                        x.as_ptr().add(first * cols),
+                        out.as_mut_ptr().add(first)
+                    )
+                )
+            }
+        });
+    }
+
+    /// `q4_row` for one row, `Σ_b d_b · (q_b · x_b) + m_b · Σ x_b`: for a single row, scaling
+    /// the dot product of the raw nibbles beats dequantising the block first.
+    ///
+    /// # Safety
+    /// As `q4_row`, for n = 1.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q4_one(with_min: bool, blocks: &[u8], x: &[f32], x_sums: &[f32]) -> f32 {
         let bb = if with_min { 20 } else { 18 };
         let nb = blocks.len() / bb;
-        let cols = 32 * nb;
         let low = _mm256_set1_epi32(0x0f);
-        let mut acc = [_mm256_setzero_ps(); MAX_BLOCK_ROWS];
-        let mut min_acc = [0.0f32; MAX_BLOCK_ROWS];
-        for b in 0..nb {
-            // SAFETY: block b is `bb` readable bytes (checked by the caller): 2 or 4 bytes of
-            // f16 header, then 16 bytes of nibbles read as two halves of 8.
-            let (d, m, w) = unsafe {
+        let mut acc = _mm256_setzero_ps();
+        let mut min_acc = 0.0f32;
+        for (b, &x_sum) in x_sums.iter().enumerate().take(nb) {
+            // SAFETY: block b is `bb` readable bytes (checked by the caller), x holds `32 nb`
+            // values.
+            unsafe {
                 let block = blocks.as_ptr().add(b * bb);
                 let header = _mm_cvtph_ps(_mm_cvtsi32_si128(if with_min {
                     block.cast::<i32>().read_unaligned()
@@ -404,29 +528,82 @@ mod avx2 {
                     -8.0 * d
                 };
                 let qs = block.add(bb - 16);
+                let first = _mm256_cvtepu8_epi32(_mm_loadl_epi64(qs.cast()));
+                let second = _mm256_cvtepu8_epi32(_mm_loadl_epi64(qs.add(8).cast()));
+                let xb = x.as_ptr().add(32 * b);
+                let t = _mm256_mul_ps(
+                    _mm256_cvtepi32_ps(_mm256_and_si256(first, low)),
+                    _mm256_loadu_ps(xb),
+                );
+                let t = _mm256_fmadd_ps(
+                    _mm256_cvtepi32_ps(_mm256_and_si256(second, low)),
+                    _mm256_loadu_ps(xb.add(8)),
+                    t,
+                );
+                let t = _mm256_fmadd_ps(
+                    _mm256_cvtepi32_ps(_mm256_srli_epi32(first, 4)),
+                    _mm256_loadu_ps(xb.add(16)),
+                    t,
+                );
+                let t = _mm256_fmadd_ps(
+                    _mm256_cvtepi32_ps(_mm256_srli_epi32(second, 4)),
+                    _mm256_loadu_ps(xb.add(24)),
+                    t,
+                );
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(d), t, acc);
+                min_acc += m * x_sum;
+            }
+        }
+        horizontal_sum(acc) + min_acc
+    }
+
+    /// `q4_row` for the `R` rows at `x` (`out` at the same rows): each block dequantised once,
+    /// `w_j = d·q_j + m`, then multiplied with every row.
+    ///
+    /// # Safety
+    /// As `q4_row`, for R rows at `x` and `out`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q4_tile<const R: usize>(with_min: bool, blocks: &[u8], x: *const f32, out: *mut f32) {
+        let bb = if with_min { 20 } else { 18 };
+        let nb = blocks.len() / bb;
+        let cols = 32 * nb;
+        let low = _mm256_set1_epi32(0x0f);
+        let mut even = [_mm256_setzero_ps(); R];
+        let mut odd = [_mm256_setzero_ps(); R];
+        for b in 0..nb {
+            // SAFETY: block b is `bb` readable bytes (checked by the caller): 2 or 4 bytes of
+            // f16 header, then 16 bytes of nibbles read as two halves of 8; x holds R rows of
+            // `cols` values.
+            unsafe {
+                let block = blocks.as_ptr().add(b * bb);
+                let header = _mm_cvtph_ps(_mm_cvtsi32_si128(if with_min {
+                    block.cast::<i32>().read_unaligned()
+                } else {
+                    block.cast::<u16>().read_unaligned() as i32
+                }));
+                let d = _mm256_broadcastss_ps(header);
+                let m = if with_min {
+                    _mm256_broadcastss_ps(_mm_movehdup_ps(header))
+                } else {
+                    _mm256_mul_ps(_mm256_set1_ps(-8.0), d)
+                };
+                let qs = block.add(bb - 16);
                 // Bytes 0..8 and 8..16, one per 32-bit lane: low nibbles are elements 0..16,
                 // high nibbles 16..32.
                 let first = _mm256_cvtepu8_epi32(_mm_loadl_epi64(qs.cast()));
                 let second = _mm256_cvtepu8_epi32(_mm_loadl_epi64(qs.add(8).cast()));
+                let weights = |q: __m256i| _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(q), m);
                 let w = [
-                    _mm256_cvtepi32_ps(_mm256_and_si256(first, low)),
-                    _mm256_cvtepi32_ps(_mm256_and_si256(second, low)),
-                    _mm256_cvtepi32_ps(_mm256_srli_epi32(first, 4)),
-                    _mm256_cvtepi32_ps(_mm256_srli_epi32(second, 4)),
+                    weights(_mm256_and_si256(first, low)),
+                    weights(_mm256_and_si256(second, low)),
+                    weights(_mm256_srli_epi32(first, 4)),
+                    weights(_mm256_srli_epi32(second, 4)),
                 ];
-                (d, m, w)
-            };
-            let d = _mm256_set1_ps(d);
-            for i in 0..n {
-                // SAFETY: x holds n rows of `cols` values (checked by the caller).
-                let t = unsafe { block_dot(&w, x.as_ptr().add(i * cols + 32 * b)) };
-                acc[i] = _mm256_fmadd_ps(d, t, acc[i]);
-                min_acc[i] += m * x_sums[i * nb + b];
+                accumulate(&w, x.add(32 * b), cols, &mut even, &mut odd);
             }
         }
-        for ((out, &acc), &min_acc) in out.iter_mut().zip(&acc).zip(&min_acc).take(n) {
-            *out = horizontal_sum(acc) + min_acc;
-        }
+        // SAFETY: out holds R values.
+        unsafe { store_sums(&even, &odd, out) };
     }
 
     /// See `Kernel::row`, for Q8_0 blocks.
@@ -435,31 +612,284 @@ mod avx2 {
     /// The CPU has AVX2, FMA and F16C; the lengths are those `Kernel::row` checks.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn q8_row(blocks: &[u8], x: &[f32], n: usize, out: &mut [f32]) {
+        let cols = 32 * (blocks.len() / 34);
+        tiles(n, |first, rows| {
+            // SAFETY: as in `q4_row`.
+            unsafe {
+                with_tile!(
+                    rows,
+                    q8_tile(
+                        blocks,
+                        x.as_ptr().add(first * cols),
+                        out.as_mut_ptr().add(first)
+                    )
+                )
+            }
+        });
+    }
+
+    /// `q8_row` for the `R` rows at `x` (`out` at the same rows): each block dequantised once,
+    /// `w_j = d·q_j`, then multiplied with every row.
+    ///
+    /// # Safety
+    /// As `q8_row`, for R rows at `x` and `out`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q8_tile<const R: usize>(blocks: &[u8], x: *const f32, out: *mut f32) {
         let nb = blocks.len() / 34;
         let cols = 32 * nb;
-        let mut acc = [_mm256_setzero_ps(); MAX_BLOCK_ROWS];
+        let mut even = [_mm256_setzero_ps(); R];
+        let mut odd = [_mm256_setzero_ps(); R];
         for b in 0..nb {
             // SAFETY: block b is 34 readable bytes (checked by the caller): an f16 scale (read
-            // with the following two bytes, ignored), then 32 signed bytes read 8 at a time.
-            let (d, w) = unsafe {
+            // with the following two bytes, ignored), then 32 signed bytes read 8 at a time; x
+            // holds R rows of `cols` values.
+            unsafe {
                 let block = blocks.as_ptr().add(b * 34);
-                let d = _mm_cvtss_f32(two_halves(block));
+                let d = _mm256_broadcastss_ps(two_halves(block));
                 let qs = block.add(2);
                 let eight = |k: usize| {
-                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(qs.add(8 * k).cast())))
+                    let q = _mm256_cvtepi8_epi32(_mm_loadl_epi64(qs.add(8 * k).cast()));
+                    _mm256_mul_ps(d, _mm256_cvtepi32_ps(q))
                 };
-                (d, [eight(0), eight(1), eight(2), eight(3)])
-            };
-            let d = _mm256_set1_ps(d);
-            for (i, acc) in acc.iter_mut().enumerate().take(n) {
-                // SAFETY: as in `q4_row`.
-                let t = unsafe { block_dot(&w, x.as_ptr().add(i * cols + 32 * b)) };
-                *acc = _mm256_fmadd_ps(d, t, *acc);
+                let w = [eight(0), eight(1), eight(2), eight(3)];
+                accumulate(&w, x.add(32 * b), cols, &mut even, &mut odd);
             }
         }
-        for (out, &acc) in out.iter_mut().zip(&acc).take(n) {
-            *out = horizontal_sum(acc);
+        // SAFETY: out holds R values.
+        unsafe { store_sums(&even, &odd, out) };
+    }
+}
+
+/// The AVX-512 kernels: as the AVX2 ones, a block's 32 weights in two 16-lane vectors.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::tiles;
+
+    /// The 32 weights of a Q4 block, unscaled: the low nibbles of its 16 bytes (elements 0..16)
+    /// and the high nibbles (16..32).
+    ///
+    /// # Safety
+    /// `qs` points at 16 readable bytes.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn nibbles(qs: *const u8) -> [__m512; 2] {
+        // SAFETY: the caller guarantees 16 readable bytes.
+        let bytes = _mm512_cvtepu8_epi32(unsafe { _mm_loadu_si128(qs.cast()) });
+        let low = _mm512_and_si512(bytes, _mm512_set1_epi32(0x0f));
+        [
+            _mm512_cvtepi32_ps(low),
+            _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4)),
+        ]
+    }
+
+    /// The f16 scale `d` and, for Q4_1, the f16 min `m` at the head of a block (Q4_0: −8d).
+    ///
+    /// # Safety
+    /// `block` points at 4 (Q4_1) or 2 readable bytes.
+    #[target_feature(enable = "avx512f,f16c")]
+    unsafe fn header(with_min: bool, block: *const u8) -> (f32, f32) {
+        // SAFETY: the caller guarantees the header's bytes.
+        let header = _mm_cvtph_ps(_mm_cvtsi32_si128(unsafe {
+            if with_min {
+                block.cast::<i32>().read_unaligned()
+            } else {
+                block.cast::<u16>().read_unaligned() as i32
+            }
+        }));
+        let d = _mm_cvtss_f32(header);
+        let m = if with_min {
+            _mm_cvtss_f32(_mm_movehdup_ps(header))
+        } else {
+            -8.0 * d
+        };
+        (d, m)
+    }
+
+    /// See `Kernel::row`, for Q4_1 (`with_min`) or Q4_0 blocks.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F, FMA and F16C; the lengths are those `Kernel::row` checks.
+    #[target_feature(enable = "avx512f,fma,f16c")]
+    pub(super) unsafe fn q4_row(
+        with_min: bool,
+        blocks: &[u8],
+        x: &[f32],
+        x_sums: &[f32],
+        n: usize,
+        out: &mut [f32],
+    ) {
+        if n == 1 {
+            // SAFETY: as this function's.
+            out[0] = unsafe { q4_one(with_min, blocks, x, x_sums) };
+            return;
         }
+        let cols = 32 * (blocks.len() / if with_min { 20 } else { 18 });
+        tiles(n, |first, rows| {
+            // SAFETY: rows first..first + rows of x and out exist (checked by the caller for
+            // all n rows).
+            unsafe {
+                with_tile!(
+                    rows,
+                    q4_tile(
+                        with_min,
+                        blocks,
+                        x.as_ptr().add(first * cols),
+                        out.as_mut_ptr().add(first)
+                    )
+                )
+            }
+        });
+    }
+
+    /// `q4_row` for one row, `Σ_b d_b · (q_b · x_b) + m_b · Σ x_b`.
+    ///
+    /// # Safety
+    /// As `q4_row`, for n = 1.
+    #[target_feature(enable = "avx512f,fma,f16c")]
+    unsafe fn q4_one(with_min: bool, blocks: &[u8], x: &[f32], x_sums: &[f32]) -> f32 {
+        let bb = if with_min { 20 } else { 18 };
+        let nb = blocks.len() / bb;
+        let mut acc = _mm512_setzero_ps();
+        let mut min_acc = 0.0f32;
+        for (b, &x_sum) in x_sums.iter().enumerate().take(nb) {
+            // SAFETY: block b is `bb` readable bytes (checked by the caller), x holds `32 nb`
+            // values.
+            unsafe {
+                let block = blocks.as_ptr().add(b * bb);
+                let (d, m) = header(with_min, block);
+                let [low, high] = nibbles(block.add(bb - 16));
+                let xb = x.as_ptr().add(32 * b);
+                let t = _mm512_mul_ps(low, _mm512_loadu_ps(xb));
+                let t = _mm512_fmadd_ps(high, _mm512_loadu_ps(xb.add(16)), t);
+                acc = _mm512_fmadd_ps(_mm512_set1_ps(d), t, acc);
+                min_acc += m * x_sum;
+            }
+        }
+        _mm512_reduce_add_ps(acc) + min_acc
+    }
+
+    /// `q4_row` for the `R` rows at `x` (`out` at the same rows): each block dequantised once,
+    /// `w_j = d·q_j + m`, then multiplied with every row.
+    ///
+    /// # Safety
+    /// As `q4_row`, for R rows at `x` and `out`.
+    #[target_feature(enable = "avx512f,fma,f16c")]
+    unsafe fn q4_tile<const R: usize>(with_min: bool, blocks: &[u8], x: *const f32, out: *mut f32) {
+        let bb = if with_min { 20 } else { 18 };
+        let nb = blocks.len() / bb;
+        let cols = 32 * nb;
+        let mut even = [_mm512_setzero_ps(); R];
+        let mut odd = [_mm512_setzero_ps(); R];
+        for b in 0..nb {
+            // SAFETY: block b is `bb` readable bytes (checked by the caller); x holds R rows
+            // of `cols` values.
+            unsafe {
+                let block = blocks.as_ptr().add(b * bb);
+                let (d, m) = header(with_min, block);
+                let (d, m) = (_mm512_set1_ps(d), _mm512_set1_ps(m));
+                let [low, high] = nibbles(block.add(bb - 16));
+                let w = [_mm512_fmadd_ps(d, low, m), _mm512_fmadd_ps(d, high, m)];
+                accumulate(&w, x.add(32 * b), cols, &mut even, &mut odd);
+            }
+        }
+        // SAFETY: out holds R values.
+        unsafe { store_sums(&even, &odd, out) };
+    }
+
+    /// Adds `w · x[i, block]` for the `R` rows of a tile (`x` the first row's values of the
+    /// block, rows `cols` apart). With at most 4 rows each row has two accumulators (`even` for
+    /// the block's first 16 weights, `odd` for the rest), so that a row's chain of fused
+    /// multiply-adds is one per block; with more, the rows' chains overlap one another.
+    ///
+    /// # Safety
+    /// `x` points at R rows of 32 readable f32, `cols` apart.
+    #[target_feature(enable = "avx512f,fma")]
+    unsafe fn accumulate<const R: usize>(
+        w: &[__m512; 2],
+        x: *const f32,
+        cols: usize,
+        even: &mut [__m512; R],
+        odd: &mut [__m512; R],
+    ) {
+        for i in 0..R {
+            // SAFETY: the caller guarantees 32 readable values at each row.
+            unsafe {
+                let x = x.add(i * cols);
+                if R <= 4 {
+                    even[i] = _mm512_fmadd_ps(w[0], _mm512_loadu_ps(x), even[i]);
+                    odd[i] = _mm512_fmadd_ps(w[1], _mm512_loadu_ps(x.add(16)), odd[i]);
+                } else {
+                    let t = _mm512_fmadd_ps(w[0], _mm512_loadu_ps(x), even[i]);
+                    even[i] = _mm512_fmadd_ps(w[1], _mm512_loadu_ps(x.add(16)), t);
+                }
+            }
+        }
+    }
+
+    /// `out[i] = Σ lanes of even[i] + odd[i]`.
+    ///
+    /// # Safety
+    /// `out` points at R writable f32.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn store_sums<const R: usize>(even: &[__m512; R], odd: &[__m512; R], out: *mut f32) {
+        for i in 0..R {
+            // SAFETY: the caller guarantees R values at `out`.
+            unsafe { *out.add(i) = _mm512_reduce_add_ps(_mm512_add_ps(even[i], odd[i])) };
+        }
+    }
+
+    /// See `Kernel::row`, for Q8_0 blocks.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F, FMA and F16C; the lengths are those `Kernel::row` checks.
+    #[target_feature(enable = "avx512f,fma,f16c")]
+    pub(super) unsafe fn q8_row(blocks: &[u8], x: &[f32], n: usize, out: &mut [f32]) {
+        let cols = 32 * (blocks.len() / 34);
+        tiles(n, |first, rows| {
+            // SAFETY: as in `q4_row`.
+            unsafe {
+                with_tile!(
+                    rows,
+                    q8_tile(
+                        blocks,
+                        x.as_ptr().add(first * cols),
+                        out.as_mut_ptr().add(first)
+                    )
+                )
+            }
+        });
+    }
+
+    /// `q8_row` for the `R` rows at `x` (`out` at the same rows): each block dequantised once,
+    /// `w_j = d·q_j`, then multiplied with every row.
+    ///
+    /// # Safety
+    /// As `q8_row`, for R rows at `x` and `out`.
+    #[target_feature(enable = "avx512f,fma,f16c")]
+    unsafe fn q8_tile<const R: usize>(blocks: &[u8], x: *const f32, out: *mut f32) {
+        let nb = blocks.len() / 34;
+        let cols = 32 * nb;
+        let mut even = [_mm512_setzero_ps(); R];
+        let mut odd = [_mm512_setzero_ps(); R];
+        for b in 0..nb {
+            // SAFETY: block b is 34 readable bytes (checked by the caller): an f16 scale, then
+            // 32 signed bytes read 16 at a time; x holds R rows of `cols` values.
+            unsafe {
+                let block = blocks.as_ptr().add(b * 34);
+                let d = _mm512_set1_ps(_mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
+                    block.cast::<u16>().read_unaligned() as i32,
+                ))));
+                let sixteen = |k: usize| {
+                    let q = _mm512_cvtepi8_epi32(_mm_loadu_si128(block.add(2 + 16 * k).cast()));
+                    _mm512_mul_ps(d, _mm512_cvtepi32_ps(q))
+                };
+                let w = [sixteen(0), sixteen(1)];
+                accumulate(&w, x.add(32 * b), cols, &mut even, &mut odd);
+            }
+        }
+        // SAFETY: out holds R values.
+        unsafe { store_sums(&even, &odd, out) };
     }
 }
 
