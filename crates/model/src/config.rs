@@ -52,6 +52,13 @@ pub struct ChorusConfig {
     /// z samples per sequence in the training estimate. Default 1.
     #[serde(default = "default_samples")]
     pub n_samples: usize,
+    /// The control that separates what z carries from the adapters' plain adaptation: z is the
+    /// prior mean `E p(z | c)` in training, evaluation and decoding — no posterior, no sample, no
+    /// KL — so the adapters still read a context-dependent vector, but one that knows nothing of
+    /// the target (`q(z | x, c) := p(z | c)`, sampled at its mean: the ELBO is `log p(x | c, μ_p)`).
+    /// Default false.
+    #[serde(default)]
+    pub z_at_prior_mean: bool,
 }
 
 fn default_d_latent() -> usize {
@@ -99,6 +106,13 @@ impl ChorusConfig {
                 value: "0".into(),
                 reason: "with d_latent > 0 and embedding_offset = false, no model could read z: \
                          set memory_slots > 0 or embedding_offset = true",
+            });
+        }
+        if self.z_at_prior_mean && self.d_latent == 0 {
+            return Err(ModelError::Conflict {
+                key: "z_at_prior_mean",
+                value: "true".into(),
+                reason: "fixes z at the prior mean, but d_latent = 0 turns z off",
             });
         }
         if self.remote_assistants > 0 && self.d_latent > 0 && self.assistant_adapters {

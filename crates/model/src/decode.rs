@@ -378,6 +378,10 @@ impl<B: Backend> Chorus<B> {
                     .repeat_dim(0, rows);
             Ok(self.prior_for_prompt(tokens)?.expect("the model has z"))
         };
+        if self.config.z_at_prior_mean {
+            // The control reads nothing else.
+            return Ok(Some(prior()?.mean));
+        }
         Ok(Some(match *source {
             ZSource::PriorMean => prior()?.mean,
             ZSource::PriorSample { seed } => {

@@ -633,6 +633,140 @@ fn a_frozen_base_gets_no_gradient_while_its_adapter_posterior_and_selector_train
     );
 }
 
+/// The control with z fixed at the prior mean: its ELBO and its evaluation are exactly
+/// `log p(x | c, z = E p(z | c))` — the sum over writers of [`Chorus::token_terms`] at the prior
+/// mean, by hand — whatever the noise, seeds or sample count; its KL is zero; the prior and the
+/// adapters train and the posterior gets no gradient; decoding reads the prior mean whatever the
+/// source; and it needs z.
+#[test]
+fn z_fixed_at_the_prior_mean_is_the_likelihood_at_the_prior_mean() {
+    use crate::ZSource;
+    let _rng = seeded(41);
+    let device = Default::default();
+    let config = ChorusConfig {
+        z_at_prior_mean: true,
+        ..full_config()
+    };
+    let mut model = chorus::<AD>(config.clone(), 2);
+    // Non-zero adapters, so that z changes the likelihood.
+    let adapter = model.base_adapter.as_mut().unwrap();
+    let embedding = adapter.embedding.as_mut().unwrap();
+    embedding.weight = Param::from_tensor(
+        embedding
+            .weight
+            .val()
+            .random_like(Distribution::Normal(0.0, 0.5)),
+    );
+    let batch = batch::<AD>();
+    let prior_mean = model
+        .latent_distributions(&batch)
+        .unwrap()
+        .unwrap()
+        .prior
+        .mean;
+    let by_hand = |z: Tensor<AD, 2>| -> Vec<f64> {
+        let (log_pi, log_p) = model.token_terms(&batch, Some(z)).unwrap();
+        let per_token = (log_pi + log_p).exp().sum_dim(2).log().squeeze_dim::<2>(2);
+        (per_token * batch.target_mask.clone())
+            .sum_dim(1)
+            .squeeze_dim::<1>(1)
+            .into_data()
+            .to_vec::<f64>()
+            .unwrap()
+    };
+    let expected = by_hand(prior_mean.clone());
+    let other = by_hand(prior_mean.clone().add_scalar(1.0));
+    assert!(
+        expected
+            .iter()
+            .zip(&other)
+            .any(|(a, b)| (a - b).abs() > 1e-6),
+        "z does not change the likelihood: the test would prove nothing"
+    );
+    let close = |got: Vec<f64>, what: &str| {
+        for (g, e) in got.iter().zip(&expected) {
+            assert!((g - e).abs() < 1e-9, "{what}: {got:?} against {expected:?}");
+        }
+    };
+    for (samples, seeds) in [(1, [1, 2]), (7, [3, 4])] {
+        let evaluation = model.evaluate_batch(&batch, samples, &seeds).unwrap();
+        assert!(
+            evaluation.latent.is_none(),
+            "the control reports no posterior"
+        );
+        close(
+            evaluation.iw_log_likelihood.into_data().to_vec().unwrap(),
+            "evaluation",
+        );
+    }
+    let output = model.forward_elbo(&batch, BETA).unwrap();
+    assert_eq!(
+        output.terms.kl.clone().abs().sum().into_scalar(),
+        0.0,
+        "KL(p ‖ p)"
+    );
+    close(
+        output
+            .terms
+            .reconstruction
+            .clone()
+            .into_data()
+            .to_vec()
+            .unwrap(),
+        "the ELBO's reconstruction",
+    );
+    let grads = output.terms.loss.backward();
+    let norm = |g: Option<Tensor<F64, 2>>| g.map_or(0.0, |g| g.abs().sum().into_scalar());
+    let prior_head = model.prior.as_ref().unwrap().head.as_ref().unwrap();
+    let adapter = model.base_adapter.as_ref().unwrap();
+    assert!(
+        norm(prior_head.proj.weight.grad(&grads)) > 0.0,
+        "the prior trains"
+    );
+    assert!(
+        norm(adapter.embedding.as_ref().unwrap().weight.grad(&grads)) > 0.0,
+        "the adapter trains"
+    );
+    assert_eq!(
+        norm(model.posterior.as_ref().unwrap().proj.weight.grad(&grads)),
+        0.0,
+        "the posterior is not used"
+    );
+    // Decoding: the prior mean, whatever the source.
+    let prompt = [3u32, 7, 1];
+    let mean = model
+        .decoding_z(&ZSource::PriorMean, &prompt, 1, &device)
+        .unwrap()
+        .unwrap();
+    for source in [
+        ZSource::PriorSample { seed: 5 },
+        ZSource::Posterior {
+            reference: &[4, 1, 5],
+        },
+    ] {
+        let z = model
+            .decoding_z(&source, &prompt, 1, &device)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            z.into_data().to_vec::<f64>().unwrap(),
+            mean.clone().into_data().to_vec::<f64>().unwrap(),
+            "{source:?}"
+        );
+    }
+    // It needs z.
+    let base = llama(20, 12).init::<AD>(&device).unwrap();
+    let without_z = ChorusConfig {
+        d_latent: 0,
+        ..config
+    };
+    let Err(err) = Chorus::new(without_z, base, Vec::new(), &device) else {
+        panic!("z at the prior mean without z was accepted")
+    };
+    let err = err.to_string();
+    assert!(err.contains("z_at_prior_mean"), "{err}");
+}
+
 /// Every float parameter of a model, in module order.
 fn parameter_values<B: Backend>(model: &Chorus<B>) -> Vec<f64> {
     struct Collect(Vec<f64>);
