@@ -18,6 +18,20 @@ ROOT = Path(__file__).resolve().parent.parent
 
 MUTANTS = [
     (
+        "eval --routing: each example's first posterior dropped",
+        "crates/cli/src/train.rs",
+        "            .zip(posteriors)",
+        "            .zip(posteriors.iter().skip(1))",
+        ["-p", "chorus-cli", "--test", "bad_input", "router_posteriors"],
+    ),
+    (
+        "eval --routing without a joint model writes nothing, silently",
+        "crates/cli/src/train.rs",
+        "    if let (Some(path), None) = (args.routing, routed) {",
+        "    if let (Some(path), None, false) = (args.routing, routed, true) {",
+        ["-p", "chorus-cli", "--test", "bad_input", "router_posteriors"],
+    ),
+    (
         "z at the prior mean: sampled from the prior instead of at its mean",
         "crates/model/src/chorus.rs",
         "        } else if self.config.z_at_prior_mean {",

@@ -352,6 +352,13 @@ pub fn eval<B: Backend>(args: EvalArgs<'_>, device: &B::Device) -> Result<()> {
             .position(|(_, m)| matches!(m, Loaded::Joint(m, _, _) if m.n_models() > 1))?;
         Some((first, path))
     });
+    if let (Some(path), None) = (args.routing, routed) {
+        bail!(
+            "--routing {}: no joint model with assistants among --model, so there is no router \
+             to record",
+            path.display()
+        );
+    }
     let mut routing_out = match routed {
         Some((_, path)) => Some((
             std::io::BufWriter::new(

@@ -819,6 +819,118 @@ fn continued_pre_training_starts_from_the_init_weights() {
     assert!(max_diff < 1e-6, "the continued LM moved by {max_diff}");
 }
 
+/// `chorus eval --routing`: one JSON line per example of the first joint model with assistants,
+/// each target token's router posterior a distribution over the models, as many tokens as the
+/// example's score counts, and the posteriors averaging to the deferral the evaluation reports;
+/// without a joint model it is refused.
+#[test]
+fn router_posteriors_are_written_one_line_per_example() {
+    let Some(cache) = real_cache() else { return };
+    let f = Fixture::new();
+    f.second_lm();
+    let config = f.write(
+        "joint.toml",
+        format!(
+            "tokenizer = {:?}\nbase = {:?}\nassistants = [{:?}]\n\
+             [chorus]\nd_latent = 0\nassistant_adapters = false\n\
+             [data]\nmax_seq_len = 32\nbatch_size = 4\nmax_train_examples = 4\nvalid_examples = 4\n\
+             [train]\nsteps = 1\nselector_init_steps = 0\n",
+            f.path("tokenizer.json"),
+            f.path("lm"),
+            f.path("lm2"),
+        ),
+    );
+    let (code, stderr) = chorus(
+        &cache,
+        &["train", "--config", &config, "--out", &f.path("out")],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let routing = f.path("routing.jsonl");
+    let eval = |models: &[String], json: &str| {
+        let mut args = vec!["eval".to_string()];
+        for m in models {
+            args.extend(["--model".to_string(), m.clone()]);
+        }
+        args.extend(
+            [
+                "--config",
+                &config,
+                "--split",
+                "test",
+                "--max-examples",
+                "2",
+                "--iw-samples",
+                "1",
+                "--routing",
+                &routing,
+                "--json",
+                json,
+            ]
+            .map(String::from),
+        );
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        chorus(&cache, &args)
+    };
+    let json = f.path("eval.json");
+    let joint = format!("joint={}", f.path("out/checkpoints/best"));
+    let (code, stderr) = eval(&[format!("base={}", f.path("lm")), joint], &json);
+    assert_eq!(code, 0, "{stderr}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let joint_rows: Vec<&serde_json::Value> = report["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["model"] == "joint")
+        .collect();
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&routing)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2 * joint_rows.len(), "two examples per task");
+    for row in joint_rows {
+        let task = row["task"].as_str().unwrap();
+        let (mut deferred, mut tokens) = (0.0, 0usize);
+        for line in lines.iter().filter(|l| l["task"] == task) {
+            assert_eq!(line["model"], "joint");
+            assert_eq!(line["models"].as_array().unwrap().len(), 2);
+            let scored = row["per_example"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|e| e["index"] == line["example"])
+                .unwrap_or_else(|| panic!("no score of {line}"));
+            let per_token = line["tokens"].as_array().unwrap();
+            assert_eq!(per_token.len() as u64, scored["tokens"].as_u64().unwrap());
+            for token in per_token {
+                let r: Vec<f64> = token["r"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_f64().unwrap())
+                    .collect();
+                assert!(r.iter().all(|&p| (0.0..=1.0).contains(&p)), "{r:?}");
+                assert!((r.iter().sum::<f64>() - 1.0).abs() < 1e-5, "{r:?}");
+                deferred += 1.0 - r[0];
+                tokens += 1;
+            }
+        }
+        let reported = row["deferral"].as_f64().unwrap();
+        assert!(
+            (deferred / tokens as f64 - reported).abs() < 1e-5,
+            "{task}: the posteriors average to {} deferral, the evaluation reports {reported}",
+            deferred / tokens as f64
+        );
+    }
+    // No joint model: nothing to record.
+    let (code, stderr) = eval(&[format!("base={}", f.path("lm"))], &json);
+    assert!(
+        code == 1 && stderr.contains("--routing") && stderr.contains("no joint model"),
+        "{code}: {stderr}"
+    );
+}
+
 #[test]
 fn a_corrupt_or_half_written_score_cache_is_named_and_never_used() {
     let Some(cache) = real_cache() else { return };
