@@ -115,6 +115,24 @@ impl Fixture {
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
     }
 
+    /// A one-step Co-LLM config (`joint.toml`): the fixture's LM as the base, `assistant` (a
+    /// model directory under the fixture) as the assistant, `extra` lines at the top (e.g.
+    /// `scores = …`).
+    fn co_llm_toml(&self, assistant: &str, extra: &str) -> String {
+        self.write(
+            "joint.toml",
+            format!(
+                "tokenizer = {:?}\nbase = {:?}\nassistants = [{:?}]\n{extra}\n\
+                 [chorus]\nd_latent = 0\nassistant_adapters = false\n\
+                 [data]\nmax_seq_len = 32\nbatch_size = 4\nmax_train_examples = 4\nvalid_examples = 4\n\
+                 [train]\nsteps = 1\nselector_init_steps = 0\n",
+                self.path("tokenizer.json"),
+                self.path("lm"),
+                self.path(assistant),
+            ),
+        )
+    }
+
     /// A pre-training config for the fixture's LM shape.
     fn pretrain_toml(&self, extra: &str) -> String {
         format!(
@@ -828,18 +846,7 @@ fn router_posteriors_are_written_one_line_per_example() {
     let Some(cache) = real_cache() else { return };
     let f = Fixture::new();
     f.second_lm();
-    let config = f.write(
-        "joint.toml",
-        format!(
-            "tokenizer = {:?}\nbase = {:?}\nassistants = [{:?}]\n\
-             [chorus]\nd_latent = 0\nassistant_adapters = false\n\
-             [data]\nmax_seq_len = 32\nbatch_size = 4\nmax_train_examples = 4\nvalid_examples = 4\n\
-             [train]\nsteps = 1\nselector_init_steps = 0\n",
-            f.path("tokenizer.json"),
-            f.path("lm"),
-            f.path("lm2"),
-        ),
-    );
+    let config = f.co_llm_toml("lm2", "");
     let (code, stderr) = chorus(
         &cache,
         &["train", "--config", &config, "--out", &f.path("out")],
@@ -944,19 +951,7 @@ fn a_corrupt_or_half_written_score_cache_is_named_and_never_used() {
         )
         .unwrap();
     }
-    let config = f.write(
-        "joint.toml",
-        format!(
-            "tokenizer = {:?}\nbase = {:?}\nassistants = [{:?}]\nscores = {:?}\n\
-             [chorus]\nd_latent = 0\nassistant_adapters = false\n\
-             [data]\nmax_seq_len = 32\nbatch_size = 4\nmax_train_examples = 4\nvalid_examples = 4\n\
-             [train]\nsteps = 1\nselector_init_steps = 0\n",
-            f.path("tokenizer.json"),
-            f.path("lm"),
-            f.path("assistant"),
-            f.path("scores"),
-        ),
-    );
+    let config = f.co_llm_toml("assistant", &format!("scores = {:?}", f.path("scores")));
     let (code, stderr) = chorus(
         &cache,
         &["score", "--config", &config, "--out", &f.path("scores")],

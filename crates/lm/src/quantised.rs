@@ -391,11 +391,77 @@ macro_rules! with_tile {
     };
 }
 
+/// The row kernels of a SIMD module (`Kernel::row`'s lengths checked by the caller, the CPU
+/// running `$features`): one row of a Q4 format by the module's `q4_one`, more in tiles by its
+/// `q4_tile::<R>`; Q8_0 in tiles by its `q8_tile::<R>`.
+#[cfg(target_arch = "x86_64")]
+macro_rules! row_kernels {
+    ($features:literal) => {
+        /// See `Kernel::row`, for Q4_1 (`with_min`) or Q4_0 blocks.
+        ///
+        /// # Safety
+        /// The CPU has the module's features; the lengths are those `Kernel::row` checks.
+        #[target_feature(enable = $features)]
+        pub(super) unsafe fn q4_row(
+            with_min: bool,
+            blocks: &[u8],
+            x: &[f32],
+            x_sums: &[f32],
+            n: usize,
+            out: &mut [f32],
+        ) {
+            if n == 1 {
+                // SAFETY: as this function's.
+                out[0] = unsafe { q4_one(with_min, blocks, x, x_sums) };
+                return;
+            }
+            let cols = 32 * (blocks.len() / if with_min { 20 } else { 18 });
+            super::tiles(n, |first, rows| {
+                // SAFETY: rows first..first + rows of x and out exist (checked by the caller
+                // for all n rows).
+                unsafe {
+                    with_tile!(
+                        rows,
+                        q4_tile(
+                            with_min,
+                            blocks,
+                            x.as_ptr().add(first * cols),
+                            out.as_mut_ptr().add(first)
+                        )
+                    )
+                }
+            });
+        }
+
+        /// See `Kernel::row`, for Q8_0 blocks.
+        ///
+        /// # Safety
+        /// As `q4_row`.
+        #[target_feature(enable = $features)]
+        pub(super) unsafe fn q8_row(blocks: &[u8], x: &[f32], n: usize, out: &mut [f32]) {
+            let cols = 32 * (blocks.len() / 34);
+            super::tiles(n, |first, rows| {
+                // SAFETY: as in `q4_row`.
+                unsafe {
+                    with_tile!(
+                        rows,
+                        q8_tile(
+                            blocks,
+                            x.as_ptr().add(first * cols),
+                            out.as_mut_ptr().add(first)
+                        )
+                    )
+                }
+            });
+        }
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::tiles;
+    row_kernels!("avx2,fma,f16c");
 
     #[target_feature(enable = "avx2,fma")]
     fn horizontal_sum(v: __m256) -> f32 {
@@ -461,42 +527,6 @@ mod avx2 {
             // SAFETY: the caller guarantees R values at `out`.
             unsafe { *out.add(i) = horizontal_sum(_mm256_add_ps(even[i], odd[i])) };
         }
-    }
-
-    /// See `Kernel::row`, for Q4_1 (`with_min`) or Q4_0 blocks.
-    ///
-    /// # Safety
-    /// The CPU has AVX2, FMA and F16C; the lengths are those `Kernel::row` checks.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn q4_row(
-        with_min: bool,
-        blocks: &[u8],
-        x: &[f32],
-        x_sums: &[f32],
-        n: usize,
-        out: &mut [f32],
-    ) {
-        if n == 1 {
-            // SAFETY: as this function's.
-            out[0] = unsafe { q4_one(with_min, blocks, x, x_sums) };
-            return;
-        }
-        let cols = 32 * (blocks.len() / if with_min { 20 } else { 18 });
-        tiles(n, |first, rows| {
-            // SAFETY: rows first..first + rows of x and out exist (checked by the caller for
-            // all n rows).
-            unsafe {
-                with_tile!(
-                    rows,
-                    q4_tile(
-                        with_min,
-                        blocks,
-                        x.as_ptr().add(first * cols),
-                        out.as_mut_ptr().add(first)
-                    )
-                )
-            }
-        });
     }
 
     /// `q4_row` for one row, `Σ_b d_b · (q_b · x_b) + m_b · Σ x_b`: for a single row, scaling
@@ -606,28 +636,6 @@ mod avx2 {
         unsafe { store_sums(&even, &odd, out) };
     }
 
-    /// See `Kernel::row`, for Q8_0 blocks.
-    ///
-    /// # Safety
-    /// The CPU has AVX2, FMA and F16C; the lengths are those `Kernel::row` checks.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn q8_row(blocks: &[u8], x: &[f32], n: usize, out: &mut [f32]) {
-        let cols = 32 * (blocks.len() / 34);
-        tiles(n, |first, rows| {
-            // SAFETY: as in `q4_row`.
-            unsafe {
-                with_tile!(
-                    rows,
-                    q8_tile(
-                        blocks,
-                        x.as_ptr().add(first * cols),
-                        out.as_mut_ptr().add(first)
-                    )
-                )
-            }
-        });
-    }
-
     /// `q8_row` for the `R` rows at `x` (`out` at the same rows): each block dequantised once,
     /// `w_j = d·q_j`, then multiplied with every row.
     ///
@@ -665,7 +673,7 @@ mod avx2 {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::tiles;
+    row_kernels!("avx512f,fma,f16c");
 
     /// The 32 weights of a Q4 block, unscaled: the low nibbles of its 16 bytes (elements 0..16)
     /// and the high nibbles (16..32).
@@ -704,42 +712,6 @@ mod avx512 {
             -8.0 * d
         };
         (d, m)
-    }
-
-    /// See `Kernel::row`, for Q4_1 (`with_min`) or Q4_0 blocks.
-    ///
-    /// # Safety
-    /// The CPU has AVX-512F, FMA and F16C; the lengths are those `Kernel::row` checks.
-    #[target_feature(enable = "avx512f,fma,f16c")]
-    pub(super) unsafe fn q4_row(
-        with_min: bool,
-        blocks: &[u8],
-        x: &[f32],
-        x_sums: &[f32],
-        n: usize,
-        out: &mut [f32],
-    ) {
-        if n == 1 {
-            // SAFETY: as this function's.
-            out[0] = unsafe { q4_one(with_min, blocks, x, x_sums) };
-            return;
-        }
-        let cols = 32 * (blocks.len() / if with_min { 20 } else { 18 });
-        tiles(n, |first, rows| {
-            // SAFETY: rows first..first + rows of x and out exist (checked by the caller for
-            // all n rows).
-            unsafe {
-                with_tile!(
-                    rows,
-                    q4_tile(
-                        with_min,
-                        blocks,
-                        x.as_ptr().add(first * cols),
-                        out.as_mut_ptr().add(first)
-                    )
-                )
-            }
-        });
     }
 
     /// `q4_row` for one row, `Σ_b d_b · (q_b · x_b) + m_b · Σ x_b`.
@@ -837,28 +809,6 @@ mod avx512 {
             // SAFETY: the caller guarantees R values at `out`.
             unsafe { *out.add(i) = _mm512_reduce_add_ps(_mm512_add_ps(even[i], odd[i])) };
         }
-    }
-
-    /// See `Kernel::row`, for Q8_0 blocks.
-    ///
-    /// # Safety
-    /// The CPU has AVX-512F, FMA and F16C; the lengths are those `Kernel::row` checks.
-    #[target_feature(enable = "avx512f,fma,f16c")]
-    pub(super) unsafe fn q8_row(blocks: &[u8], x: &[f32], n: usize, out: &mut [f32]) {
-        let cols = 32 * (blocks.len() / 34);
-        tiles(n, |first, rows| {
-            // SAFETY: as in `q4_row`.
-            unsafe {
-                with_tile!(
-                    rows,
-                    q8_tile(
-                        blocks,
-                        x.as_ptr().add(first * cols),
-                        out.as_mut_ptr().add(first)
-                    )
-                )
-            }
-        });
     }
 
     /// `q8_row` for the `R` rows at `x` (`out` at the same rows): each block dequantised once,
