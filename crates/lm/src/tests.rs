@@ -547,4 +547,32 @@ fn few_row_strided_and_folded_matmuls_equal_the_product_by_hand() {
             assert!(diff < 1e-4, "{what}, batched: |Δ| = {diff}");
         }
     }
+    // Batches with weights of their own (attention's QKᵀ and PV), either operand transposed,
+    // and products large enough for the GEMM to split them over threads.
+    for (batches, m, k, n) in [(3, 12, 40, 33), (2, 70, 130, 90), (1, 200, 96, 150)] {
+        for (lhs_transposed, rhs_transposed) in [(false, false), (true, false), (false, true)] {
+            let x = if lhs_transposed {
+                Tensor::<B, 3>::random([batches, k, m], Distribution::Normal(0.0, 1.0), &d)
+                    .swap_dims(1, 2)
+            } else {
+                Tensor::<B, 3>::random([batches, m, k], Distribution::Normal(0.0, 1.0), &d)
+            };
+            let w = if rhs_transposed {
+                Tensor::<B, 3>::random([batches, n, k], Distribution::Normal(0.0, 1.0), &d)
+                    .swap_dims(1, 2)
+            } else {
+                Tensor::<B, 3>::random([batches, k, n], Distribution::Normal(0.0, 1.0), &d)
+            };
+            let product = x.clone().matmul(w.clone());
+            for b in 0..batches {
+                let batch = |t: &Tensor<B, 3>| t.clone().narrow(0, b, 1).squeeze_dim::<2>(0);
+                let diff = max_abs_diff(by_hand(&batch(&x), &batch(&w)), batch(&product));
+                let what = format!(
+                    "{batches}×{m}×{k}·{k}×{n}, batch {b}, transposed \
+                                    ({lhs_transposed}, {rhs_transposed})"
+                );
+                assert!(diff < 1e-3, "{what}: |Δ| = {diff}");
+            }
+        }
+    }
 }

@@ -69,7 +69,7 @@ pub(crate) fn matmul<E: NdArrayElement>(
             .into_shape_with_order((rows, k))
             .expect("standard layout");
         let mut out = ndarray::Array2::<E>::zeros((rows, n));
-        ndarray::linalg::general_mat_mul(1.0.elem(), &lhs_view, &rhs_view, 0.0.elem(), &mut out);
+        gemm_into(&lhs_view, &rhs_view, &mut out.view_mut(), max_threads());
         return NdArrayOps::reshape(out.into_shared().into_dyn(), out_shape);
     }
 
@@ -91,8 +91,8 @@ pub(crate) fn matmul<E: NdArrayElement>(
     let lhs_array = NdArrayOps::reshape(lhs, Shape::new([num_l_batches, m, k]));
     let rhs_array = NdArrayOps::reshape(rhs, Shape::new([num_r_batches, k, n]));
 
-    let alpha: E = 1.0.elem();
-    let beta: E = 0.0.elem();
+    // chorus: one batch gets every thread inside the GEMM; several share them out by batch.
+    let gemm_threads = if num_out_batches == 1 { max_threads() } else { 1 };
 
     let out = run_par!(|| {
         let mut out_array = ndarray::Array3::<E>::zeros((num_out_batches, m, n));
@@ -120,13 +120,7 @@ pub(crate) fn matmul<E: NdArrayElement>(
                 if m <= SMALL_M_ROWS && small_m_matmul(&lhs_slice, &rhs_slice, &mut out_slice) {
                     return;
                 }
-                ndarray::linalg::general_mat_mul(
-                    alpha,
-                    &lhs_slice,
-                    &rhs_slice,
-                    beta,
-                    &mut out_slice,
-                )
+                gemm_into(&lhs_slice, &rhs_slice, &mut out_slice, gemm_threads);
             }
         });
 
@@ -134,6 +128,81 @@ pub(crate) fn matmul<E: NdArrayElement>(
     });
 
     NdArrayOps::reshape(out, out_shape)
+}
+
+/// chorus: the threads a GEMM may use (rayon's pool under `multi-threads`, else one).
+fn max_threads() -> usize {
+    #[cfg(feature = "multi-threads")]
+    {
+        rayon::current_num_threads()
+    }
+    #[cfg(not(feature = "multi-threads"))]
+    {
+        1
+    }
+}
+
+/// chorus: `out = lhs · rhs` — through the `gemm` crate for f32 and f64 (its AVX-512 kernels where
+/// the CPU has them, each operand read through its own strides, so a transposed view is neither
+/// copied nor slower), through ndarray's `general_mat_mul` (matrixmultiply, AVX2 at most) for the
+/// other element types. `threads > 1` lets the `gemm` crate split a product of ≥ 2¹⁸ multiply-adds
+/// over that many of rayon's threads.
+///
+/// # Shapes
+/// - lhs `[m, k]`, rhs `[k, n]`, out `[m, n]`
+fn gemm_into<E: NdArrayElement>(
+    lhs: &ndarray::ArrayView2<'_, E>,
+    rhs: &ndarray::ArrayView2<'_, E>,
+    out: &mut ndarray::ArrayViewMut2<'_, E>,
+    threads: usize,
+) {
+    use core::any::TypeId;
+    let is = |t: TypeId| TypeId::of::<E>() == t;
+    if !(is(TypeId::of::<f32>()) || is(TypeId::of::<f64>())) {
+        ndarray::linalg::general_mat_mul(1.0.elem(), lhs, rhs, 0.0.elem(), out);
+        return;
+    }
+    let ((m, k), n) = (lhs.dim(), rhs.dim().1);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        out.fill(0.0.elem());
+        return;
+    }
+    let parallelism = match threads {
+        #[cfg(feature = "multi-threads")]
+        t if t > 1 && m * n * k >= 1 << 18 => gemm::Parallelism::Rayon(t),
+        _ => gemm::Parallelism::None,
+    };
+    let (ls, rs, os) = (lhs.strides(), rhs.strides(), out.strides());
+    let (os0, os1) = (os[0], os[1]);
+    // SAFETY: the three views are valid for their dims and strides, `out` does not alias the
+    // operands (it is borrowed mutably), and `gemm` reads only m·k, k·n elements through the
+    // strides it is given and writes only m·n. `read_dst = false`: out = 1·(lhs · rhs).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            os1,
+            os0,
+            false,
+            lhs.as_ptr(),
+            ls[1],
+            ls[0],
+            rhs.as_ptr(),
+            rs[1],
+            rs[0],
+            0.0.elem::<E>(),
+            1.0.elem::<E>(),
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
 }
 
 /// chorus: left operands with at most this many rows go through [`small_m_matmul`].
