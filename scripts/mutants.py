@@ -32,6 +32,13 @@ MUTANTS = [
         ["-p", "chorus-cli", "--test", "bad_input", "router_posteriors"],
     ),
     (
+        "eval --composition scores each token with the other model than the rule picks",
+        "crates/train/src/eval.rs",
+        "        for j in 0..model.n_models() {\n            let input = LmInput::new(batch.tokens.clone()).with_padding(batch.padding.clone());",
+        "        for j in (0..model.n_models()).rev() {\n            let input = LmInput::new(batch.tokens.clone()).with_padding(batch.padding.clone());",
+        ["-p", "chorus-cli", "--test", "bad_input", "compositions_evaluate"],
+    ),
+    (
         "z at the prior mean: sampled from the prior instead of at its mean",
         "crates/model/src/chorus.rs",
         "        } else if self.config.z_at_prior_mean {",
