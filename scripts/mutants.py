@@ -39,6 +39,20 @@ MUTANTS = [
         ["-p", "chorus-cli", "--test", "bad_input", "compositions_evaluate"],
     ),
     (
+        "bench: the ratio range pairs each run with another pair's twin",
+        "xtask/src/bench.rs",
+        "        .zip(peers)\n",
+        "        .zip(peers.iter().rev())\n",
+        ["-p", "xtask", "the_median_run"],
+    ),
+    (
+        "bench: the median of an even count is the upper middle run",
+        "xtask/src/bench.rs",
+        "        .get((sorted.len().max(1) - 1) / 2)",
+        "        .get(sorted.len() / 2)",
+        ["-p", "xtask", "the_median_run"],
+    ),
+    (
         "z at the prior mean: sampled from the prior instead of at its mean",
         "crates/model/src/chorus.rs",
         "        } else if self.config.z_at_prior_mean {",

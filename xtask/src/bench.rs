@@ -213,8 +213,40 @@ fn measure(cmd: &mut Command, what: &str) -> Result<Value> {
     json_line(&output(cmd, what)?, what)
 }
 
+/// The run whose `key` is the median of the runs' (the lower middle one for an even count).
+fn median_run(runs: &[Value], key: &str) -> Value {
+    let mut sorted: Vec<&Value> = runs.iter().collect();
+    sorted.sort_by(|a, b| f(a, key).total_cmp(&f(b, key)));
+    sorted
+        .get((sorted.len().max(1) - 1) / 2)
+        .map_or(Value::Null, |v| (*v).clone())
+}
+
+/// `(pairs a–b×)`: the range of the ratios of runs measured back to back, pair by pair.
+fn pair_ratio_range(ours: &[Value], peers: &[Value], key: &str) -> String {
+    let ratios: Vec<f64> = ours
+        .iter()
+        .zip(peers)
+        .map(|(o, p)| f(o, key) / f(p, key))
+        .collect();
+    let low = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+    let high = ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!(" (pairs {low:.2}–{high:.2}×)")
+}
+
 /// A table row: chorus on each backend against one peer, ratios to the peer.
 fn row(work: &str, ours: &[(&str, &Value)], peer: &Value, unit_key: &str) -> String {
+    row_with_notes(work, ours, &[], peer, unit_key)
+}
+
+/// [`row`] with a note after each backend's ratio (`notes[i]` for `ours[i]`).
+fn row_with_notes(
+    work: &str,
+    ours: &[(&str, &Value)],
+    notes: &[String],
+    peer: &Value,
+    unit_key: &str,
+) -> String {
     let cell = |v: &Value| match f(v, "peak_rss_mb") {
         rss if rss.is_finite() => format!("{:.1} tok/s, {rss:.0} MB", f(v, unit_key)),
         _ => format!("{:.1} tok/s", f(v, unit_key)),
@@ -226,7 +258,11 @@ fn row(work: &str, ours: &[(&str, &Value)], peer: &Value, unit_key: &str) -> Str
         .collect();
     let ratios: Vec<String> = ours
         .iter()
-        .map(|(backend, v)| format!("{backend} **{:.2}×**", f(v, unit_key) / theirs))
+        .enumerate()
+        .map(|(i, (backend, v))| {
+            let note = notes.get(i).map_or("", String::as_str);
+            format!("{backend} **{:.2}×**{note}", f(v, unit_key) / theirs)
+        })
         .collect();
     format!(
         "| {work} | {} | {} ({}) | {} |",
@@ -237,7 +273,12 @@ fn row(work: &str, ours: &[(&str, &Value)], peer: &Value, unit_key: &str) -> Str
     )
 }
 
-pub fn bench(out: &Path) -> Result<()> {
+/// Runs the comparison and writes docs/performance.md's table; each training-step row is the
+/// median of `pairs` back-to-back pairs, with the range of the pairs' ratios beside it.
+pub fn bench(out: &Path, pairs: usize) -> Result<()> {
+    if pairs == 0 {
+        bail!("--pairs must be at least 1");
+    }
     let root = workspace_root();
     let chorus = build(Preset::Cpu)?;
     let torch_chorus = setup_torch()?;
@@ -294,23 +335,42 @@ pub fn bench(out: &Path) -> Result<()> {
         if let Some(joint) = joint {
             args.extend(["--joint", joint]);
         }
-        let mut ours = Vec::new();
-        for (backend, binary, device) in backends {
-            let v = measure(
-                Command::new(binary)
-                    .args(["--device", device, "bench-step"])
-                    .args(&args),
-                &format!("chorus bench-step {backend} {}", args.join(" ")),
-            )?;
-            ours.push((backend, v));
+        // `pairs` rounds, each running every backend and then the twin back to back.
+        let mut ours_runs: Vec<Vec<Value>> = vec![Vec::new(); backends.len()];
+        let mut peer_runs = Vec::new();
+        for pair in 1..=pairs {
+            for ((backend, binary, device), runs) in backends.iter().zip(&mut ours_runs) {
+                runs.push(measure(
+                    Command::new(binary)
+                        .args(["--device", device, "bench-step"])
+                        .args(&args),
+                    &format!(
+                        "chorus bench-step {backend} {} (pair {pair}/{pairs})",
+                        args.join(" ")
+                    ),
+                )?);
+            }
+            peer_runs.push(measure(
+                twin("train_step.py").args(&args),
+                &format!("train_step.py (pair {pair}/{pairs})"),
+            )?);
         }
-        let peer = measure(twin("train_step.py").args(&args), "train_step.py")?;
-        let ours: Vec<(&str, &Value)> = ours.iter().map(|(b, v)| (*b, v)).collect();
-        rows.push(row(
+        let key = "tokens_per_s";
+        let medians: Vec<Value> = ours_runs.iter().map(|r| median_run(r, key)).collect();
+        let ours: Vec<(&str, &Value)> = backends.iter().map(|b| b.0).zip(&medians).collect();
+        let notes: Vec<String> = match pairs {
+            1 => Vec::new(),
+            _ => ours_runs
+                .iter()
+                .map(|r| pair_ratio_range(r, &peer_runs, key))
+                .collect(),
+        };
+        rows.push(row_with_notes(
             &format!("training step (fwd + bwd + AdamW): {what}"),
             &ours,
-            &peer,
-            "tokens_per_s",
+            &notes,
+            &median_run(&peer_runs, key),
+            key,
         ));
     }
 
@@ -453,7 +513,9 @@ pub fn bench(out: &Path) -> Result<()> {
         "<!-- bench:begin -->\n\
          Generated by `cargo xtask bench` on {} ({}), {}; chorus is the `dev`-profile binary on\n\
          the pure-Rust ndarray backend (the default) and on LibTorch (`--device tch`, built by\n\
-         `cargo xtask setup-torch`); every row ran back to back with its peer.\n\n\
+         `cargo xtask setup-torch`); every row ran back to back with its peer; each training-step\n\
+         row is the median of {pairs} such pairs (chorus's and the twin's medians; the range of the\n\
+         {pairs} pairs' ratios in parentheses).\n\n\
          | work | chorus | peer | chorus / peer |\n|---|---|---|---|\n{}\n\n\
          Ceilings: f32 GEMM {gemm:.0} GFLOP/s (numpy/OpenBLAS, 2 threads, {}³); buffer copy {copy:.1} GB/s\n\
          (read + write). Single-stream decode reads every weight once per token, so SmolLM2-135M\n\
@@ -487,3 +549,28 @@ pub fn bench(out: &Path) -> Result<()> {
 /// The composition rule of the collaborative-decoding row: τ chosen so that SmolLM2 defers ≈ 20 %
 /// of the bench's tokens to its assistant.
 const COLLABORATIVE_STRATEGY: &str = "confidence:0.3";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn runs(values: &[f64]) -> Vec<Value> {
+        values.iter().map(|v| json!({ "tokens_per_s": v })).collect()
+    }
+
+    #[test]
+    fn the_median_run_and_the_range_of_pair_ratios() {
+        let key = "tokens_per_s";
+        assert_eq!(f(&median_run(&runs(&[80.0, 60.0, 70.0]), key), key), 70.0);
+        assert_eq!(f(&median_run(&runs(&[4.0, 1.0, 3.0, 2.0]), key), key), 2.0);
+        assert_eq!(f(&median_run(&runs(&[5.0]), key), key), 5.0);
+        // Ratios pair by pair (60/120, 80/100, 70/175), not medians or extremes across pairs.
+        let range = pair_ratio_range(
+            &runs(&[60.0, 80.0, 70.0]),
+            &runs(&[120.0, 100.0, 175.0]),
+            key,
+        );
+        assert_eq!(range, " (pairs 0.40–0.80×)");
+    }
+}

@@ -66,6 +66,11 @@ enum Task {
         /// Where raw outputs go.
         #[arg(long, default_value = "out/bench")]
         out: PathBuf,
+        /// Back-to-back runs of chorus and its PyTorch twin per training-step row (the table
+        /// gives the medians and the range of the pairs' ratios): this machine's run-to-run spread
+        /// is larger than some targets' margins.
+        #[arg(long, default_value_t = 3)]
+        pairs: usize,
     },
     /// Install PyTorch 2.9.0 into $CHORUS_CACHE/venv and build `target/tch/debug/chorus` with the
     /// LibTorch backend (`--device tch`).
@@ -94,7 +99,7 @@ fn main() -> Result<()> {
             let chorus = build(Preset::Cpu)?;
             run_now(&chorus, &["data", "fetch"])
         }
-        Task::Bench { out } => bench::bench(&out),
+        Task::Bench { out, pairs } => bench::bench(&out, pairs),
         Task::SetupTorch => bench::setup_torch().map(|_| ()),
         Task::CrashTest { out, kills, seed } => {
             let report = crash::crash_test(&out, kills, seed)?;
