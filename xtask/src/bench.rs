@@ -556,7 +556,10 @@ mod tests {
     use serde_json::json;
 
     fn runs(values: &[f64]) -> Vec<Value> {
-        values.iter().map(|v| json!({ "tokens_per_s": v })).collect()
+        values
+            .iter()
+            .map(|v| json!({ "tokens_per_s": v }))
+            .collect()
     }
 
     #[test]

@@ -576,3 +576,44 @@ fn few_row_strided_and_folded_matmuls_equal_the_product_by_hand() {
         }
     }
 }
+
+/// The element-wise operations that the burn-ndarray patch splits over threads for large tensors
+/// (same-shape binary operations, operations with a scalar, exp, log and sqrt; in place when the
+/// input is not shared, into a new buffer when it is) give every element exactly what the
+/// operation gives it on the host, at a length that is split into ranges with an uneven last one.
+#[test]
+fn large_element_wise_operations_equal_the_elementwise_definition() {
+    let d = device();
+    let n = 300_001;
+    let host = |t: Tensor<B, 1>| t.into_data().to_vec::<f32>().unwrap();
+    let a = Tensor::<B, 1>::random([n], Distribution::Uniform(0.5, 2.0), &d);
+    let b = Tensor::<B, 1>::random([n], Distribution::Uniform(0.5, 2.0), &d);
+    let (ha, hb) = (host(a.clone()), host(b.clone()));
+    let check = |what: &str, got: Vec<f32>, f: &dyn Fn(f32, f32) -> f32| {
+        assert_eq!(got.len(), n, "{what}");
+        for (i, ((x, y), g)) in ha.iter().zip(&hb).zip(&got).enumerate() {
+            let want = f(*x, *y);
+            assert!(
+                want.to_bits() == g.to_bits(),
+                "{what}: element {i}: {g} ≠ {want}"
+            );
+        }
+    };
+    // `a` and `b` stay alive, so their buffers are shared: each result goes to a new buffer.
+    check("a + b", host(a.clone() + b.clone()), &|x, y| x + y);
+    check("a * b", host(a.clone() * b.clone()), &|x, y| x * y);
+    check("a / b", host(a.clone() / b.clone()), &|x, y| x / y);
+    check("a * 3", host(a.clone().mul_scalar(3.0)), &|x, _| x * 3.0);
+    check("a - 0.25", host(a.clone().sub_scalar(0.25)), &|x, _| {
+        x - 0.25
+    });
+    check("exp a", host(a.clone().exp()), &|x, _| x.exp());
+    check("log a", host(a.clone().log()), &|x, _| x.ln());
+    check("sqrt a", host(a.clone().sqrt()), &|x, _| x.sqrt());
+    // Results of other operations are not shared: these run in place.
+    let fresh = || a.clone() * 1.0;
+    check("(a·1) + b", host(fresh() + b.clone()), &|x, y| x + y);
+    check("(a·1) * 3", host(fresh().mul_scalar(3.0)), &|x, _| x * 3.0);
+    check("exp (a·1)", host(fresh().exp()), &|x, _| x.exp());
+    check("sqrt (a·1)", host(fresh().sqrt()), &|x, _| x.sqrt());
+}

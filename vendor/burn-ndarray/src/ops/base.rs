@@ -28,7 +28,7 @@ use crate::ops::simd::{
         VecEquals, VecGreater, VecGreaterEq, VecLower, VecLowerEq, try_cmp_scalar_simd,
         try_cmp_simd,
     },
-    unary::{RecipVec, VecAbs, VecBitNot, try_unary_simd},
+    unary::{VecAbs, VecBitNot, try_unary_simd},
 };
 use crate::reshape;
 use crate::{
@@ -863,8 +863,9 @@ where
     }
 
     pub fn recip(tensor: SharedArray<E>) -> SharedArray<E> {
-        let tensor = dispatch_unary_simd!(E, RecipVec, tensor, f32);
-
+        // chorus: no SIMD `RecipVec` here. Its f32 kernel is `_mm256_rcp_ps`, a 12-bit
+        // approximation applied to the aligned middle of the buffer only, so the backward of every
+        // `log` and `/` would depend on allocation alignment; 1 / x is exact and reproducible.
         let array = tensor.map(|x| 1.elem::<E>() / *x);
         array.into_shared()
     }

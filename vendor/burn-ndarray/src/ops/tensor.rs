@@ -481,13 +481,15 @@ where
 
     fn float_exp(tensor: FloatTensor<Self>) -> FloatTensor<Self> {
         execute_with_float_dtype!(tensor, FloatElem, |array: SharedArray<FloatElem>| {
-            array.mapv_into(|a: FloatElem| a.exp_elem()).into_shared()
+            // chorus: split over threads for large arrays.
+            crate::parallel::map_elements(array, |a: FloatElem| a.exp_elem())
         })
     }
 
     fn float_log(tensor: FloatTensor<Self>) -> FloatTensor<Self> {
         execute_with_float_dtype!(tensor, FloatElem, |array: SharedArray<FloatElem>| {
-            array.mapv_into(|a: FloatElem| a.log_elem()).into_shared()
+            // chorus: split over threads for large arrays.
+            crate::parallel::map_elements(array, |a: FloatElem| a.log_elem())
         })
     }
 
@@ -534,7 +536,8 @@ where
 
     fn float_sqrt(tensor: FloatTensor<Self>) -> FloatTensor<Self> {
         execute_with_float_dtype!(tensor, FloatElem, |array: SharedArray<FloatElem>| {
-            array.mapv_into(|a: FloatElem| a.sqrt_elem()).into_shared()
+            // chorus: split over threads for large arrays.
+            crate::parallel::map_elements(array, |a: FloatElem| a.sqrt_elem())
         })
     }
 

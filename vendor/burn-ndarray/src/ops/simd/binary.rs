@@ -8,7 +8,11 @@ use macerator::{
 use ndarray::ArrayD;
 use seq_macro::seq;
 
-use crate::{NdArrayElement, SharedArray, ops::simd::uninit_array_like};
+use crate::{
+    NdArrayElement, SharedArray,
+    ops::simd::uninit_array_like,
+    parallel::for_each_range,
+};
 
 use super::{
     MinMax,
@@ -202,7 +206,7 @@ fn binary_simd_same<
         let rhs = rhs.as_slice().unwrap();
         let out =
             unsafe { core::mem::transmute::<&mut [T], &mut [Out]>(unsafe_alias_slice_mut(lhs)) };
-        binary(lhs, rhs, out, PhantomData::<Op>);
+        par_binary::<T, Out, Op>(lhs, rhs, out);
         unsafe { core::mem::transmute::<ArrayD<T>, ArrayD<Out>>(buf) }
     } else if rhs.is_unique() {
         let mut buf = rhs.into_owned();
@@ -210,17 +214,41 @@ fn binary_simd_same<
         let rhs = buf.as_slice_mut().unwrap();
         let out =
             unsafe { core::mem::transmute::<&mut [T], &mut [Out]>(unsafe_alias_slice_mut(rhs)) };
-        binary(lhs, rhs, out, PhantomData::<Op>);
+        par_binary::<T, Out, Op>(lhs, rhs, out);
         unsafe { core::mem::transmute::<ArrayD<T>, ArrayD<Out>>(buf) }
     } else {
         let mut out = uninit_array_like(&lhs);
         let lhs = lhs.as_slice().unwrap();
         let rhs = rhs.as_slice().unwrap();
         let out_slice = out.as_slice_mut().unwrap();
-        binary(lhs, rhs, out_slice, PhantomData::<Op>);
+        par_binary::<T, Out, Op>(lhs, rhs, out_slice);
         out
     };
     out.into_shared()
+}
+
+/// chorus: [`binary`] over ranges of the slices, spread over threads for long ones
+/// ([`for_each_range`]). `out` may alias `lhs` or `rhs` element for element, as in `binary`.
+fn par_binary<T: NdArrayElement + Scalar, Out: NdArrayElement + Scalar, Op: SimdBinop<T, Out>>(
+    lhs: &[T],
+    rhs: &[T],
+    out: &mut [Out],
+) {
+    let len = out.len();
+    // Addresses, so that the closure is Send; every range is in bounds of all three slices.
+    let (l, r, o) = (
+        lhs.as_ptr() as usize,
+        rhs.as_ptr() as usize,
+        out.as_mut_ptr() as usize,
+    );
+    for_each_range(len, |start, end| unsafe {
+        binary(
+            slice::from_raw_parts((l as *const T).add(start), end - start),
+            slice::from_raw_parts((r as *const T).add(start), end - start),
+            slice::from_raw_parts_mut((o as *mut Out).add(start), end - start),
+            PhantomData::<Op>,
+        )
+    });
 }
 
 #[allow(clippy::erasing_op, clippy::identity_op)]

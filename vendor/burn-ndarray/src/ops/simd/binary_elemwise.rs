@@ -1,4 +1,4 @@
-use core::marker::PhantomData;
+use core::{marker::PhantomData, slice};
 
 use bytemuck::cast;
 use macerator::{
@@ -8,7 +8,11 @@ use macerator::{
 use ndarray::ArrayD;
 use seq_macro::seq;
 
-use crate::{NdArrayElement, SharedArray, ops::simd::uninit_array_like};
+use crate::{
+    NdArrayElement, SharedArray,
+    ops::simd::uninit_array_like,
+    parallel::for_each_range,
+};
 
 use super::{MinMax, should_use_simd};
 
@@ -258,7 +262,10 @@ pub fn try_binary_scalar_simd<
 >(
     input: SharedArray<E>,
     elem: Op::Rhs,
-) -> Result<SharedArray<EOut>, SharedArray<E>> {
+) -> Result<SharedArray<EOut>, SharedArray<E>>
+where
+    Op::Rhs: Send + Sync,
+{
     if !should_use_simd(input.len())
         || input.as_slice_memory_order().is_none()
         || !is_accelerated::<T, Out, Op>(PhantomData)
@@ -290,10 +297,18 @@ unsafe fn binary_scalar_simd_inplace<
 >(
     input: SharedArray<T>,
     elem: Op::Rhs,
-) -> SharedArray<Out> {
+) -> SharedArray<Out>
+where
+    Op::Rhs: Send + Sync,
+{
     let mut buffer = input.into_owned();
     let slice = buffer.as_slice_memory_order_mut().unwrap();
-    unsafe { binary_scalar_slice_inplace::<T, Out, Op>(slice, elem, PhantomData) };
+    // chorus: over ranges, spread over threads for long slices.
+    let at = slice.as_mut_ptr() as usize;
+    for_each_range(slice.len(), |start, end| unsafe {
+        let range = slice::from_raw_parts_mut((at as *mut T).add(start), end - start);
+        binary_scalar_slice_inplace::<T, Out, Op>(range, elem, PhantomData)
+    });
     // Buffer has the same elem size and is filled with the operation output, so this is safe
     let out = unsafe { core::mem::transmute::<ArrayD<T>, ArrayD<Out>>(buffer) };
     out.into_shared()
@@ -307,11 +322,23 @@ fn binary_scalar_simd_owned<
 >(
     input: SharedArray<T>,
     elem: Op::Rhs,
-) -> SharedArray<Out> {
+) -> SharedArray<Out>
+where
+    Op::Rhs: Send + Sync,
+{
     let mut out = uninit_array_like(&input);
     let input = input.as_slice_memory_order().unwrap();
     let out_slice = out.as_slice_memory_order_mut().unwrap();
-    binary_scalar_slice::<T, Out, Op>(input, out_slice, elem, PhantomData);
+    // chorus: over ranges, spread over threads for long slices.
+    let (i, o) = (input.as_ptr() as usize, out_slice.as_mut_ptr() as usize);
+    for_each_range(input.len(), |start, end| unsafe {
+        binary_scalar_slice::<T, Out, Op>(
+            slice::from_raw_parts((i as *const T).add(start), end - start),
+            slice::from_raw_parts_mut((o as *mut Out).add(start), end - start),
+            elem,
+            PhantomData,
+        )
+    });
     out.into_shared()
 }
 
