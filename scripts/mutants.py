@@ -614,6 +614,13 @@ MUTANTS = [
         ["-p", "chorus-lm", "--lib", "few_row_strided_and_folded_matmuls"],
     ),
     (
+        "recip through burn-ndarray's approximate SIMD kernel again",
+        "vendor/burn-ndarray/src/ops/base.rs",
+        "        let array = tensor.map(|x| 1.elem::<E>() / *x);",
+        "        let tensor = dispatch_unary_simd!(E, crate::ops::simd::unary::RecipVec, tensor, f32);\n        let array = tensor.map(|x| 1.elem::<E>() / *x);",
+        ["-p", "chorus-train", "--lib", "gradients_are_bitwise_reproducible"],
+    ),
+    (
         "element-wise ranges over threads leave out the uneven last range",
         "vendor/burn-ndarray/src/parallel.rs",
         "        (0..len.div_ceil(PAR_CHUNK))",
