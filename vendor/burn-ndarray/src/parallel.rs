@@ -34,7 +34,10 @@ pub(crate) fn map_elements<E: crate::NdArrayElement>(
     } else {
         // A shared input is read where it is; each range writes its own part of `out`.
         let mut out = ndarray::ArrayD::<E>::zeros(array.raw_dim());
-        let (input, target) = (array.as_slice().expect("standard layout"), out.as_slice_mut().unwrap());
+        let (input, target) = (
+            array.as_slice().expect("standard layout"),
+            out.as_slice_mut().unwrap(),
+        );
         let (i, o) = (input.as_ptr() as usize, target.as_mut_ptr() as usize);
         for_each_range(input.len(), |start, end| {
             // SAFETY: `start..end` lies in both slices; the ranges are disjoint.
@@ -54,7 +57,8 @@ pub(crate) fn map_elements<E: crate::NdArrayElement>(
     let at = target.as_mut_ptr() as usize;
     for_each_range(target.len(), |start, end| {
         // SAFETY: `start..end` lies in the slice; the ranges are disjoint.
-        let range = unsafe { core::slice::from_raw_parts_mut((at as *mut E).add(start), end - start) };
+        let range =
+            unsafe { core::slice::from_raw_parts_mut((at as *mut E).add(start), end - start) };
         for x in range {
             *x = f(*x);
         }
