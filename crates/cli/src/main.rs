@@ -400,9 +400,12 @@ fn main() -> std::process::ExitCode {
 /// Tells glibc's allocator to serve large blocks from the heap and keep freed memory instead of
 /// mapping fresh pages for every tensor and unmapping them when it is dropped: a training step
 /// allocates and frees gigabytes of tensors, and the kernel zeroed every fresh page (a quarter of a
-/// LibTorch step at the SmolLM2 shape went to `clear_page_erms`). Costs a few hundred MB of peak
-/// RSS; measured in docs/performance.md. Variables the user set (`MALLOC_MMAP_THRESHOLD_`,
-/// `MALLOC_TRIM_THRESHOLD_`) win.
+/// LibTorch step at the SmolLM2 shape went to `clear_page_erms`). One arena for every thread: the
+/// commands run on rayon's workers ([`main`]), whose arenas are heaps of at most 64 MB, so every
+/// larger tensor was mapped and unmapped again (≈ 380,000 page faults per ndarray training step at
+/// the SmolLM2 shape). Costs a few hundred MB of peak RSS; measured in docs/performance.md.
+/// Variables the user set (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`,
+/// `MALLOC_ARENA_MAX`) win.
 fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
@@ -411,7 +414,9 @@ fn keep_freed_memory() {
         }
         const M_TRIM_THRESHOLD: std::ffi::c_int = -1;
         const M_MMAP_THRESHOLD: std::ffi::c_int = -3;
+        const M_ARENA_MAX: std::ffi::c_int = -8;
         for (param, variable, value) in [
+            (M_ARENA_MAX, "MALLOC_ARENA_MAX", 1),
             (M_MMAP_THRESHOLD, "MALLOC_MMAP_THRESHOLD_", 1 << 30),
             (
                 M_TRIM_THRESHOLD,
