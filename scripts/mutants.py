@@ -637,15 +637,15 @@ MUTANTS = [
     (
         "a threaded binary operation reads every range's right operand from the start",
         "vendor/burn-ndarray/src/ops/simd/binary.rs",
-        "            slice::from_raw_parts((r as *const T).add(start), end - start),",
-        "            slice::from_raw_parts(r as *const T, end - start),",
+        "            rhs.range(start, end),",
+        "            rhs.range(0, end - start),",
         ["-p", "chorus-lm", "--lib", "large_element_wise"],
     ),
     (
         "a threaded in-place operation with a scalar rewrites the first range only",
         "vendor/burn-ndarray/src/ops/simd/binary_elemwise.rs",
-        "        let range = slice::from_raw_parts_mut((at as *mut T).add(start), end - start);",
-        "        let range = slice::from_raw_parts_mut(at as *mut T, end - start);",
+        "        binary_scalar_slice_inplace::<T, Out, Op>(slice.range_mut(start, end), elem, PhantomData)",
+        "        binary_scalar_slice_inplace::<T, Out, Op>(slice.range_mut(0, end - start), elem, PhantomData)",
         ["-p", "chorus-lm", "--lib", "large_element_wise"],
     ),
     (

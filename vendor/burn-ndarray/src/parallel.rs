@@ -13,6 +13,63 @@ pub(crate) fn for_each_range(len: usize, f: impl Fn(usize, usize) + Sync + Send)
     f(0, len)
 }
 
+/// chorus: a slice handed to [`for_each_range`]'s threads by address (a raw pointer is not
+/// `Send`), from which each range takes its own part.
+pub(crate) struct RangeSource<T> {
+    at: usize,
+    len: usize,
+    element: core::marker::PhantomData<fn() -> T>,
+}
+
+impl<T> Clone for RangeSource<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for RangeSource<T> {}
+
+impl<T> RangeSource<T> {
+    pub(crate) fn new(slice: &[T]) -> Self {
+        Self {
+            at: slice.as_ptr() as usize,
+            len: slice.len(),
+            element: core::marker::PhantomData,
+        }
+    }
+
+    pub(crate) fn new_mut(slice: &mut [T]) -> Self {
+        Self {
+            at: slice.as_mut_ptr() as usize,
+            len: slice.len(),
+            element: core::marker::PhantomData,
+        }
+    }
+
+    /// Elements `start..end` (checked against the slice's length).
+    ///
+    /// # Safety
+    /// The slice outlives the range, and nothing writes to these elements meanwhile except
+    /// element for element through an aliasing [`RangeSource::range_mut`] of the same range.
+    pub(crate) unsafe fn range<'a>(self, start: usize, end: usize) -> &'a [T] {
+        assert!(start <= end && end <= self.len, "range {start}..{end} of {}", self.len);
+        // SAFETY: in bounds (checked above); the caller guarantees the rest.
+        unsafe { core::slice::from_raw_parts((self.at as *const T).add(start), end - start) }
+    }
+
+    /// Elements `start..end`, to write (checked against the slice's length).
+    ///
+    /// # Safety
+    /// The slice came from [`RangeSource::new_mut`] and outlives the range, and the ranges that
+    /// threads write are disjoint.
+    #[allow(clippy::mut_from_ref)]
+    pub(crate) unsafe fn range_mut<'a>(self, start: usize, end: usize) -> &'a mut [T] {
+        assert!(start <= end && end <= self.len, "range {start}..{end} of {}", self.len);
+        // SAFETY: in bounds (checked above); the caller guarantees the rest.
+        unsafe { core::slice::from_raw_parts_mut((self.at as *mut T).add(start), end - start) }
+    }
+}
+
 /// chorus: elements per range of [`for_each_range`] (128 KiB of f32).
 pub(crate) const PAR_CHUNK: usize = 1 << 15;
 
@@ -34,32 +91,21 @@ pub(crate) fn map_elements<E: crate::NdArrayElement>(
     } else {
         // A shared input is read where it is; each range writes its own part of `out`.
         let mut out = ndarray::ArrayD::<E>::zeros(array.raw_dim());
-        let (input, target) = (
-            array.as_slice().expect("standard layout"),
-            out.as_slice_mut().unwrap(),
-        );
-        let (i, o) = (input.as_ptr() as usize, target.as_mut_ptr() as usize);
-        for_each_range(input.len(), |start, end| {
-            // SAFETY: `start..end` lies in both slices; the ranges are disjoint.
-            let (input, target) = unsafe {
-                (
-                    core::slice::from_raw_parts((i as *const E).add(start), end - start),
-                    core::slice::from_raw_parts_mut((o as *mut E).add(start), end - start),
-                )
-            };
+        let input = RangeSource::new(array.as_slice().expect("standard layout"));
+        let target = RangeSource::new_mut(out.as_slice_mut().expect("standard layout"));
+        for_each_range(array.len(), |start, end| {
+            // SAFETY: both buffers outlive the loop; the ranges are disjoint.
+            let (input, target) = unsafe { (input.range(start, end), target.range_mut(start, end)) };
             for (y, x) in target.iter_mut().zip(input) {
                 *y = f(*x);
             }
         });
         return out.into_shared();
     };
-    let target = out.as_slice_mut().expect("standard layout");
-    let at = target.as_mut_ptr() as usize;
-    for_each_range(target.len(), |start, end| {
-        // SAFETY: `start..end` lies in the slice; the ranges are disjoint.
-        let range =
-            unsafe { core::slice::from_raw_parts_mut((at as *mut E).add(start), end - start) };
-        for x in range {
+    let target = RangeSource::new_mut(out.as_slice_mut().expect("standard layout"));
+    for_each_range(out.len(), |start, end| {
+        // SAFETY: `out` outlives the loop; the ranges are disjoint.
+        for x in unsafe { target.range_mut(start, end) } {
             *x = f(*x);
         }
     });

@@ -11,7 +11,7 @@ use seq_macro::seq;
 use crate::{
     NdArrayElement, SharedArray,
     ops::simd::uninit_array_like,
-    parallel::for_each_range,
+    parallel::{RangeSource, for_each_range},
 };
 
 use super::{
@@ -235,17 +235,18 @@ fn par_binary<T: NdArrayElement + Scalar, Out: NdArrayElement + Scalar, Op: Simd
     out: &mut [Out],
 ) {
     let len = out.len();
-    // Addresses, so that the closure is Send; every range is in bounds of all three slices.
-    let (l, r, o) = (
-        lhs.as_ptr() as usize,
-        rhs.as_ptr() as usize,
-        out.as_mut_ptr() as usize,
+    let (lhs, rhs, out) = (
+        RangeSource::new(lhs),
+        RangeSource::new(rhs),
+        RangeSource::new_mut(out),
     );
+    // SAFETY: the slices outlive the loop; the ranges are disjoint, and `out` aliases an input
+    // only element for element, as `binary` allows.
     for_each_range(len, |start, end| unsafe {
         binary(
-            slice::from_raw_parts((l as *const T).add(start), end - start),
-            slice::from_raw_parts((r as *const T).add(start), end - start),
-            slice::from_raw_parts_mut((o as *mut Out).add(start), end - start),
+            lhs.range(start, end),
+            rhs.range(start, end),
+            out.range_mut(start, end),
             PhantomData::<Op>,
         )
     });

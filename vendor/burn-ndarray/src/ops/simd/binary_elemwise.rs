@@ -1,4 +1,4 @@
-use core::{marker::PhantomData, slice};
+use core::marker::PhantomData;
 
 use bytemuck::cast;
 use macerator::{
@@ -11,7 +11,7 @@ use seq_macro::seq;
 use crate::{
     NdArrayElement, SharedArray,
     ops::simd::uninit_array_like,
-    parallel::for_each_range,
+    parallel::{RangeSource, for_each_range},
 };
 
 use super::{MinMax, should_use_simd};
@@ -304,10 +304,11 @@ where
     let mut buffer = input.into_owned();
     let slice = buffer.as_slice_memory_order_mut().unwrap();
     // chorus: over ranges, spread over threads for long slices.
-    let at = slice.as_mut_ptr() as usize;
-    for_each_range(slice.len(), |start, end| unsafe {
-        let range = slice::from_raw_parts_mut((at as *mut T).add(start), end - start);
-        binary_scalar_slice_inplace::<T, Out, Op>(range, elem, PhantomData)
+    let len = slice.len();
+    let slice = RangeSource::new_mut(slice);
+    // SAFETY: `buffer` outlives the loop; the ranges are disjoint.
+    for_each_range(len, |start, end| unsafe {
+        binary_scalar_slice_inplace::<T, Out, Op>(slice.range_mut(start, end), elem, PhantomData)
     });
     // Buffer has the same elem size and is filled with the operation output, so this is safe
     let out = unsafe { core::mem::transmute::<ArrayD<T>, ArrayD<Out>>(buffer) };
@@ -330,11 +331,12 @@ where
     let input = input.as_slice_memory_order().unwrap();
     let out_slice = out.as_slice_memory_order_mut().unwrap();
     // chorus: over ranges, spread over threads for long slices.
-    let (i, o) = (input.as_ptr() as usize, out_slice.as_mut_ptr() as usize);
-    for_each_range(input.len(), |start, end| unsafe {
+    let (input, out_slice) = (RangeSource::new(input), RangeSource::new_mut(out_slice));
+    // SAFETY: both buffers outlive the loop; the ranges are disjoint.
+    for_each_range(out.len(), |start, end| unsafe {
         binary_scalar_slice::<T, Out, Op>(
-            slice::from_raw_parts((i as *const T).add(start), end - start),
-            slice::from_raw_parts_mut((o as *mut Out).add(start), end - start),
+            input.range(start, end),
+            out_slice.range_mut(start, end),
             elem,
             PhantomData,
         )
