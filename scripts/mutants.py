@@ -649,6 +649,20 @@ MUTANTS = [
         ["-p", "chorus-lm", "--lib", "large_element_wise"],
     ),
     (
+        "slices lose their steps (a view over every position in the range)",
+        "vendor/burn-ndarray/src/ops/base.rs",
+        "        tensor.slice_move(slices.as_slice())",
+        "        let slices: Vec<SliceInfoElem> = slices.into_iter().map(|s| match s { SliceInfoElem::Slice { start, end, .. } => SliceInfoElem::Slice { start, end, step: 1 }, other => other }).collect();\n        tensor.slice_move(slices.as_slice())",
+        ["-p", "chorus-lm", "--lib", "slices_are_views"],
+    ),
+    (
+        "batched products fold the right operand's batches in column-major order",
+        "vendor/burn-ndarray/src/ops/matmul.rs",
+        "        .to_shape((num_r_batches, k, n))",
+        "        .to_shape(((num_r_batches, k, n), ndarray::Order::ColumnMajor))",
+        ["-p", "chorus-lm", "--lib", "slices_are_views"],
+    ),
+    (
         "the GEMM (gemm crate) scales its product by 2",
         "vendor/burn-ndarray/src/ops/matmul.rs",
         "            1.0.elem::<E>(),\n            false,",

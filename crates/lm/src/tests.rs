@@ -577,6 +577,124 @@ fn few_row_strided_and_folded_matmuls_equal_the_product_by_hand() {
     }
 }
 
+/// Slices are views of their source's buffer in the burn-ndarray patch (vendor/burn-ndarray/
+/// CHORUS.md), as reshapes are: each slice equals the elements it selects, read on the host; an
+/// operation on a slice that shares its buffer leaves the source as it was, and one on a slice
+/// that owns its buffer alone (the source dropped) works in place on the selected elements only;
+/// and attention's products over a narrowed key/value cache buffer (QKᵀ with the keys transposed,
+/// PV) equal the products by hand.
+#[test]
+fn slices_are_views_whose_writes_never_reach_their_source() {
+    let d = device();
+    let dims = [2, 3, 10, 4];
+    let values: Vec<f32> = (0..240).map(|i| i as f32).collect();
+    let at = |b: usize, h: usize, p: usize, e: usize| values[((b * 3 + h) * 10 + p) * 4 + e];
+    let fresh = || Tensor::<B, 4>::from_data(TensorData::new(values.clone(), dims), &d);
+    let host = |t: Tensor<B, 4>| t.into_data().to_vec::<f32>().unwrap();
+    let source = fresh();
+
+    // A cache's `narrow(2, 0, end)`, here positions 2..7, and a stepped slice of heads and
+    // positions.
+    let narrowed = source.clone().narrow(2, 2, 5);
+    let expected: Vec<f32> = (0..2)
+        .flat_map(|b| {
+            (0..3).flat_map(move |h| (2..7).flat_map(move |p| (0..4).map(move |e| (b, h, p, e))))
+        })
+        .map(|(b, h, p, e)| at(b, h, p, e))
+        .collect();
+    assert_eq!(host(narrowed.clone()), expected, "narrow(2, 2, 5)");
+    let stepped = source
+        .clone()
+        .slice(burn::tensor::s![.., 1..3, 1..10;3, ..]);
+    let expected_stepped: Vec<f32> = (0..2)
+        .flat_map(|b| {
+            (1..3).flat_map(move |h| {
+                [1, 4, 7]
+                    .into_iter()
+                    .flat_map(move |p| (0..4).map(move |e| (b, h, p, e)))
+            })
+        })
+        .map(|(b, h, p, e)| at(b, h, p, e))
+        .collect();
+    assert_eq!(stepped.dims(), [2, 2, 3, 4]);
+    assert_eq!(
+        host(stepped.clone()),
+        expected_stepped,
+        "s![.., 1..3, 1..10;3, ..]"
+    );
+
+    // Operations on slices that share the source's buffer: the source is untouched.
+    let plus: Vec<f32> = expected.iter().map(|v| v + 1.0).collect();
+    assert_eq!(host(narrowed.clone() + 1.0), plus, "narrowed + 1");
+    let zeros = Tensor::<B, 4>::zeros([2, 2, 3, 4], &d);
+    let assigned = source
+        .clone()
+        .slice_assign(burn::tensor::s![.., 1..3, 1..10;3, ..], zeros);
+    assert!(host(assigned).iter().zip(&values).any(|(a, v)| a != v));
+    drop((narrowed, stepped));
+    assert_eq!(
+        host(source.clone()),
+        values,
+        "the source after operations on its slices"
+    );
+
+    // A slice that owns its buffer alone works in place, on its own elements only.
+    let alone = fresh().narrow(2, 2, 5);
+    assert_eq!(host(alone + 1.0), plus, "unshared narrowed + 1");
+    let alone = fresh().slice(burn::tensor::s![.., 1..3, 1..10;3, ..]);
+    let doubled: Vec<f32> = expected_stepped.iter().map(|v| v * 2.0).collect();
+    assert_eq!(host(alone * 2.0), doubled, "unshared stepped · 2");
+
+    // QKᵀ and PV over a cache buffer of 2 rows × 3 heads, capacity 16, holding 11 positions.
+    let (batch, heads, rows, capacity, end, hd) = (2, 3, 4, 16, 11, 8);
+    let normal =
+        |shape: [usize; 4]| Tensor::<B, 4>::random(shape, Distribution::Normal(0.0, 1.0), &d);
+    let keys = normal([batch, heads, capacity, hd]).narrow(2, 0, end);
+    let cache_values = normal([batch, heads, capacity, hd]).narrow(2, 0, end);
+    let q = normal([batch, heads, rows, hd]);
+    let p = normal([batch, heads, rows, end]);
+    let scores = q.clone().matmul(keys.clone().swap_dims(2, 3));
+    let mixed = p.clone().matmul(cache_values.clone());
+    let matrix = |t: &Tensor<B, 4>, b: usize, h: usize| {
+        t.clone()
+            .narrow(0, b, 1)
+            .narrow(1, h, 1)
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap()
+    };
+    for (b, h) in (0..batch).flat_map(|b| (0..heads).map(move |h| (b, h))) {
+        let (q, k, s) = (matrix(&q, b, h), matrix(&keys, b, h), matrix(&scores, b, h));
+        let (p, v, m) = (
+            matrix(&p, b, h),
+            matrix(&cache_values, b, h),
+            matrix(&mixed, b, h),
+        );
+        for i in 0..rows {
+            for j in 0..end {
+                let qk: f64 = (0..hd)
+                    .map(|e| f64::from(q[i * hd + e]) * f64::from(k[j * hd + e]))
+                    .sum();
+                let diff = (qk as f32 - s[i * end + j]).abs();
+                assert!(
+                    diff < 1e-4,
+                    "QKᵀ, row {b}, head {h}, ({i}, {j}): |Δ| = {diff}"
+                );
+            }
+            for e in 0..hd {
+                let pv: f64 = (0..end)
+                    .map(|j| f64::from(p[i * end + j]) * f64::from(v[j * hd + e]))
+                    .sum();
+                let diff = (pv as f32 - m[i * hd + e]).abs();
+                assert!(
+                    diff < 1e-4,
+                    "PV, row {b}, head {h}, ({i}, {e}): |Δ| = {diff}"
+                );
+            }
+        }
+    }
+}
+
 /// The element-wise operations that the burn-ndarray patch splits over threads for large tensors
 /// (same-shape binary operations, operations with a scalar, exp, log and sqrt; in place when the
 /// input is not shared, into a new buffer when it is) give every element exactly what the

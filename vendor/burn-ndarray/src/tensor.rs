@@ -581,7 +581,8 @@ macro_rules! slice {
     };
     ($tensor:expr, $slices:expr, $($variant:ident),*) => {
         match $tensor {
-            $(NdArrayTensor::$variant(s) => { NdArrayOps::slice(s.view(), $slices).into() })*
+            // chorus: a view sharing the buffer, not a copy (`NdArrayOps::slice`).
+            $(NdArrayTensor::$variant(s) => { NdArrayOps::slice(s.into_shared(), $slices).into() })*
         }
     };
 }

@@ -58,9 +58,11 @@ impl<E> NdArrayOps<E>
 where
     E: Copy + Debug + Element + crate::AddAssignElement,
 {
-    pub fn slice(tensor: ArrayView<E, IxDyn>, slices: &[Slice]) -> SharedArray<E> {
+    /// chorus: a view of `tensor`'s buffer, shared copy-on-write like a reshape's, instead of a
+    /// copy of the selected elements (`slice_move` adjusts the pointer, shape and strides).
+    pub fn slice(tensor: SharedArray<E>, slices: &[Slice]) -> SharedArray<E> {
         let slices = Self::to_slice_args_with_steps(slices, tensor.shape().num_dims());
-        tensor.slice_move(slices.as_slice()).to_shared()
+        tensor.slice_move(slices.as_slice())
     }
 
     pub fn slice_assign(

@@ -88,8 +88,15 @@ pub(crate) fn matmul<E: NdArrayElement>(
         return NdArrayOps::reshape(matmul(lhs, rhs), out_shape);
     }
 
-    let lhs_array = NdArrayOps::reshape(lhs, Shape::new([num_l_batches, m, k]));
-    let rhs_array = NdArrayOps::reshape(rhs, Shape::new([num_r_batches, k, n]));
+    // chorus: batches folded into one axis as views of the operands where their strides allow
+    // (`to_shape`: a key cache's narrowed, transposed view, say), copied only where they do not;
+    // the kernels read each batch's matrix through its strides.
+    let lhs_array = lhs
+        .to_shape((num_l_batches, m, k))
+        .expect("the left operand holds num_l_batches m × k matrices");
+    let rhs_array = rhs
+        .to_shape((num_r_batches, k, n))
+        .expect("the right operand holds num_r_batches k × n matrices");
 
     // chorus: one batch gets every thread inside the GEMM; several share them out by batch.
     let gemm_threads = if num_out_batches == 1 { max_threads() } else { 1 };
