@@ -87,6 +87,9 @@ fn ensure_torch(venv: &Path) -> Result<()> {
     Ok(())
 }
 
+/// llama.cpp's Python binding, as `.ci/run` pins it.
+const LLAMA_CPP_PYTHON: &str = "llama-cpp-python[server]==0.3.36";
+
 /// The PyTorch version torch-sys 0.22.0 (under burn-tch 0.21.0) expects.
 const TORCH_VERSION: &str = "2.9.0";
 
@@ -98,12 +101,14 @@ fn peers_venv() -> Result<PathBuf> {
     if !python_has(&python, "numpy") || !python_has(&python, "gguf") {
         run(&pip, &["install", "numpy", "gguf"], &[])?;
     }
-    if !python_has(&python, "llama_cpp") {
+    if !python_has(&python, "llama_cpp.server.app") {
         eprintln!("xtask: building llama-cpp-python (≈ 15 min on 2 cores, once)");
         // The default native build detects AMX on these machines and crashes in its first decode.
         run(
             &pip,
-            &["install", "llama-cpp-python"],
+            // The version and extras `.ci/run` installs for the remote-assistant test, so that
+            // the two share one build.
+            &["install", LLAMA_CPP_PYTHON],
             &[(
                 "CMAKE_ARGS",
                 "-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON",
