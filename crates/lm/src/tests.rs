@@ -593,29 +593,27 @@ fn slices_are_views_whose_writes_never_reach_their_source() {
     let host = |t: Tensor<B, 4>| t.into_data().to_vec::<f32>().unwrap();
     let source = fresh();
 
+    // The host's selection of heads `heads` and positions `positions`, in row-major order.
+    let select = |heads: std::ops::Range<usize>, positions: &[usize]| -> Vec<f32> {
+        let mut out = Vec::new();
+        for b in 0..2 {
+            for h in heads.clone() {
+                for &p in positions {
+                    out.extend((0..4).map(|e| at(b, h, p, e)));
+                }
+            }
+        }
+        out
+    };
     // A cache's `narrow(2, 0, end)`, here positions 2..7, and a stepped slice of heads and
     // positions.
     let narrowed = source.clone().narrow(2, 2, 5);
-    let expected: Vec<f32> = (0..2)
-        .flat_map(|b| {
-            (0..3).flat_map(move |h| (2..7).flat_map(move |p| (0..4).map(move |e| (b, h, p, e))))
-        })
-        .map(|(b, h, p, e)| at(b, h, p, e))
-        .collect();
+    let expected = select(0..3, &[2, 3, 4, 5, 6]);
     assert_eq!(host(narrowed.clone()), expected, "narrow(2, 2, 5)");
     let stepped = source
         .clone()
         .slice(burn::tensor::s![.., 1..3, 1..10;3, ..]);
-    let expected_stepped: Vec<f32> = (0..2)
-        .flat_map(|b| {
-            (1..3).flat_map(move |h| {
-                [1, 4, 7]
-                    .into_iter()
-                    .flat_map(move |p| (0..4).map(move |e| (b, h, p, e)))
-            })
-        })
-        .map(|(b, h, p, e)| at(b, h, p, e))
-        .collect();
+    let expected_stepped = select(1..3, &[1, 4, 7]);
     assert_eq!(stepped.dims(), [2, 2, 3, 4]);
     assert_eq!(
         host(stepped.clone()),
@@ -663,35 +661,36 @@ fn slices_are_views_whose_writes_never_reach_their_source() {
             .to_vec::<f32>()
             .unwrap()
     };
+    // `out` against `a · b` by hand, `a` `[m, k]` row-major, `b[e, j]` read by `b_at(e, j)`.
+    let check =
+        |what: &str, a: &[f32], b_at: &dyn Fn(usize, usize) -> f32, out: &[f32], k: usize| {
+            let m = a.len() / k;
+            let n = out.len() / m;
+            for (i, j) in (0..m).flat_map(|i| (0..n).map(move |j| (i, j))) {
+                let by_hand: f64 = (0..k)
+                    .map(|e| f64::from(a[i * k + e]) * f64::from(b_at(e, j)))
+                    .sum();
+                let diff = (by_hand as f32 - out[i * n + j]).abs();
+                assert!(diff < 1e-4, "{what}, ({i}, {j}): |Δ| = {diff}");
+            }
+        };
     for (b, h) in (0..batch).flat_map(|b| (0..heads).map(move |h| (b, h))) {
-        let (q, k, s) = (matrix(&q, b, h), matrix(&keys, b, h), matrix(&scores, b, h));
-        let (p, v, m) = (
-            matrix(&p, b, h),
-            matrix(&cache_values, b, h),
-            matrix(&mixed, b, h),
+        let (k, v) = (matrix(&keys, b, h), matrix(&cache_values, b, h));
+        let what = format!("row {b}, head {h}");
+        check(
+            &format!("QKᵀ, {what}"),
+            &matrix(&q, b, h),
+            &|e, j| k[j * hd + e],
+            &matrix(&scores, b, h),
+            hd,
         );
-        for i in 0..rows {
-            for j in 0..end {
-                let qk: f64 = (0..hd)
-                    .map(|e| f64::from(q[i * hd + e]) * f64::from(k[j * hd + e]))
-                    .sum();
-                let diff = (qk as f32 - s[i * end + j]).abs();
-                assert!(
-                    diff < 1e-4,
-                    "QKᵀ, row {b}, head {h}, ({i}, {j}): |Δ| = {diff}"
-                );
-            }
-            for e in 0..hd {
-                let pv: f64 = (0..end)
-                    .map(|j| f64::from(p[i * end + j]) * f64::from(v[j * hd + e]))
-                    .sum();
-                let diff = (pv as f32 - m[i * hd + e]).abs();
-                assert!(
-                    diff < 1e-4,
-                    "PV, row {b}, head {h}, ({i}, {e}): |Δ| = {diff}"
-                );
-            }
-        }
+        check(
+            &format!("PV, {what}"),
+            &matrix(&p, b, h),
+            &|e, j| v[e * hd + j],
+            &matrix(&mixed, b, h),
+            end,
+        );
     }
 }
 
