@@ -51,7 +51,7 @@ enum Task {
         /// Where the runs go.
         #[arg(long, default_value = "out/report")]
         out: PathBuf,
-        /// Scale of the run (`cpu`: about 4.5 hours on 2 cores).
+        /// Scale of the run (`cpu`: small budgets, hours on 2 cores).
         #[arg(long, value_enum, default_value_t = report::ReportPreset::Cpu)]
         preset: report::ReportPreset,
         /// Seeds per trained system.
@@ -154,6 +154,27 @@ fn corpora_and_tokenizer(chorus: &Path, out: &Path, vocab: usize) -> Result<()> 
         )?;
     }
     Ok(())
+}
+
+/// Fetches the corpora and SmolLM2 (sha256-checked) into the cache and returns the GGUF's path.
+fn fetch_smollm2(chorus: &Path) -> Result<String> {
+    let output = Command::new(chorus)
+        .args(["data", "fetch", "--models"])
+        .output()
+        .with_context(|| format!("running {}", chorus.display()))?;
+    if !output.status.success() {
+        bail!(
+            "chorus data fetch --models failed:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|l| l.strip_prefix("ready"))
+        .map(str::trim)
+        .find(|path| path.ends_with(".gguf"))
+        .map(str::to_string)
+        .context("chorus data fetch --models did not name the SmolLM2 GGUF")
 }
 
 fn run_now(chorus: &Path, args: &[&str]) -> Result<()> {
@@ -300,8 +321,8 @@ fn train(out: &Path, preset: Preset) -> Result<()> {
     // Preset knobs: (pretrain steps base/expert, joint steps, IW samples, examples per task for
     // joint training, test examples per task, model overrides).
     let (base_steps, expert_steps, joint_steps, iw, joint_examples, test_examples) = match preset {
-        Preset::Cpu => (300, 170, 120, 10, 800, 100),
-        Preset::Gpu => (5000, 3000, 3000, 100, 0, 0),
+        Preset::Cpu => (300, 80, 100, 10, 200, 100),
+        Preset::Gpu => (5000, 1500, 3000, 100, 0, 0),
     };
     let scale: Vec<String> = match preset {
         Preset::Cpu => Vec::new(),
@@ -323,50 +344,66 @@ fn train(out: &Path, preset: Preset) -> Result<()> {
         sets.extend_from_slice(extra);
         sets
     };
-    let tokenizer = format!("tokenizer={:?}", p("tokenizer.json"));
+
+    eprintln!("xtask: 1/5 corpora and SmolLM2-135M (its GGUF holds the shared tokenizer)");
+    let gguf = fetch_smollm2(&chorus)?;
+    // Every model reads SmolLM2's 49,152-token tokenizer; the small ones tie their embeddings,
+    // which halves the parameters that vocabulary costs.
+    let tokenizer = format!("tokenizer={gguf:?}");
+    let lm_sets = with(
+        vec![
+            tokenizer.clone(),
+            "model.vocab_size=49152".to_string(),
+            "model.tie_embeddings=true".to_string(),
+        ],
+        &scale,
+    );
     let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-    let pretrain = |name: &'static str, config: &str, dir: &str, steps: u64| {
+    let pretrain = |name: &'static str, config: &str, dir: &str, extra: Vec<String>| {
         let mut args = strings(&["pretrain", "--config", config, "--out", &p(dir)]);
         args.extend(strings(device));
         step(
             name,
             args,
-            &with(
-                vec![tokenizer.clone(), format!("train.steps={steps}")],
-                &scale,
-            ),
+            &with(lm_sets.clone(), &extra),
             out.join(dir).join("lm").join("config.json"),
         )
     };
 
-    eprintln!("xtask: 1/5 corpora and tokenizer");
-    corpora_and_tokenizer(&chorus, out, 4096)?;
-
-    eprintln!("xtask: 2/5 pre-training the base and two experts");
+    eprintln!("xtask: 2/5 pre-training the base, then two experts continuing it on their task");
+    run_lanes(
+        &chorus,
+        out,
+        vec![vec![pretrain(
+            "pretrain-base",
+            "configs/base.toml",
+            "base",
+            vec![format!("train.steps={base_steps}")],
+        )]],
+    )?;
+    let expert = |name: &'static str, config: &str, dir: &str| {
+        let sets = vec![
+            format!("init={:?}", p("base/lm")),
+            format!("train.steps={expert_steps}"),
+            "train.lr=1e-3".to_string(),
+            "train.warmup_steps=10".to_string(),
+        ];
+        vec![pretrain(name, config, dir, sets)]
+    };
     run_lanes(
         &chorus,
         out,
         vec![
-            vec![pretrain(
-                "pretrain-base",
-                "configs/base.toml",
-                "base",
-                base_steps,
-            )],
-            vec![
-                pretrain(
-                    "pretrain-story",
-                    "configs/expert-story.toml",
-                    "expert-story",
-                    expert_steps,
-                ),
-                pretrain(
-                    "pretrain-dialogue",
-                    "configs/expert-dialogue.toml",
-                    "expert-dialogue",
-                    expert_steps,
-                ),
-            ],
+            expert(
+                "pretrain-story",
+                "configs/expert-story.toml",
+                "expert-story",
+            ),
+            expert(
+                "pretrain-dialogue",
+                "configs/expert-dialogue.toml",
+                "expert-dialogue",
+            ),
         ],
     )?;
 
@@ -374,7 +411,7 @@ fn train(out: &Path, preset: Preset) -> Result<()> {
         tokenizer.clone(),
         format!("base={:?}", p("base/lm")),
         format!(
-            "assistants=[{:?}, {:?}]",
+            "assistants=[{gguf:?}, {:?}, {:?}]",
             p("expert-story/lm"),
             p("expert-dialogue/lm")
         ),
@@ -399,7 +436,7 @@ fn train(out: &Path, preset: Preset) -> Result<()> {
         )
     };
 
-    eprintln!("xtask: 3/5 scoring the experts once");
+    eprintln!("xtask: 3/5 scoring the assistants (SmolLM2 and the experts) once");
     let mut score_args = strings(&[
         "score",
         "--config",
@@ -451,9 +488,15 @@ fn train(out: &Path, preset: Preset) -> Result<()> {
     )?;
 
     eprintln!("xtask: 5/5 evaluating on the test split");
-    let eval = |name: &'static str, models: &[(&str, String)]| {
+    // Joint models whose assistants read no z take the assistants' test log-probs from one cache,
+    // which the first of them fills.
+    let eval_scores = p("eval-scores");
+    let eval = |name: &'static str, models: &[(&str, String)], cached_assistants: bool| {
         let json = p(&format!("{name}.json"));
         let mut args: Vec<String> = vec!["eval".into()];
+        if cached_assistants {
+            args.extend(["--scores".to_string(), eval_scores.clone()]);
+        }
         for (label, path) in models {
             args.push("--model".into());
             args.push(format!("{label}={path}"));
@@ -488,21 +531,25 @@ fn train(out: &Path, preset: Preset) -> Result<()> {
         &chorus,
         out,
         vec![
+            vec![eval(
+                "eval-joint",
+                &[("joint", best("joint"))],
+                preset == Preset::Cpu,
+            )],
             vec![
-                eval("eval-joint", &[("joint", best("joint"))]),
+                eval("eval-vae", &[("VAE", best("vae"))], false),
                 eval(
                     "eval-singles",
                     &[
                         ("base", p("base/lm")),
+                        ("SmolLM2-135M", gguf.clone()),
                         ("story expert", p("expert-story/lm")),
                         ("dialogue expert", p("expert-dialogue/lm")),
                         ("base fine-tuned", best("base-finetuned")),
                     ],
+                    false,
                 ),
-            ],
-            vec![
-                eval("eval-vae", &[("VAE", best("vae"))]),
-                eval("eval-co-llm", &[("Co-LLM", best("co-llm"))]),
+                eval("eval-co-llm", &[("Co-LLM", best("co-llm"))], true),
             ],
         ],
     )?;
@@ -520,7 +567,7 @@ fn train(out: &Path, preset: Preset) -> Result<()> {
     let wall = started.elapsed().as_secs_f64();
     let summary = format!(
         "# chorus: `cargo xtask train --preset {}`\n\nTest split, {} examples per task, IW-NLL with {iw} samples of z for z models; \
-         NLL in nats per target token of the shared 4096-token BPE (EOS included, context not scored).\n\n{table}\n\
+         NLL in nats per target token of SmolLM2's 49,152-token tokenizer, shared by every model (EOS included, context not scored).\n\n{table}\n\
          Wall time: {wall:.0} s in all ({build_s:.0} s building chorus).\n",
         match preset {
             Preset::Cpu => "cpu",
@@ -543,7 +590,13 @@ fn train(out: &Path, preset: Preset) -> Result<()> {
 
 /// Rows grouped by task, with each row's NLL difference to the best single model of that task.
 fn comparison_table(rows: &[serde_json::Value]) -> String {
-    let singles = ["base", "story expert", "dialogue expert", "base fine-tuned"];
+    let singles = [
+        "base",
+        "SmolLM2-135M",
+        "story expert",
+        "dialogue expert",
+        "base fine-tuned",
+    ];
     let mut s = String::from(
         "| task | model | NLL/token | PPL | Δ NLL vs best single | KL | MI | AU | deferral |\n|---|---|---|---|---|---|---|---|---|\n",
     );

@@ -17,18 +17,17 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
-use super::{Preset, Step, build, run_lanes, step, workspace_root};
+use super::{Preset, Step, build, fetch_smollm2, run_lanes, step, workspace_root};
 
 /// The scale of `cargo xtask report`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ReportPreset {
-    /// Small budgets: about 4.5 hours on 2 CPU cores (LibTorch backend).
+    /// Small budgets on the CPU (ndarray backend): hours on 2 cores, most of it SmolLM2 run live.
     Cpu,
     /// Larger models and budgets on CUDA (builds with `--features cuda`).
     Gpu,
@@ -207,7 +206,7 @@ impl Knobs {
                     "data.valid_examples=4",
                     "data.max_train_examples=16",
                 ],
-                device: &["--device", "tch"],
+                device: &["--device", "cpu"],
             },
             ReportPreset::Cpu => Knobs {
                 base_steps: 300,
@@ -223,7 +222,7 @@ impl Knobs {
                     "data.batch_size=16",
                     "data.max_seq_len=128",
                 ],
-                device: &["--device", "tch"],
+                device: &["--device", "cpu"],
             },
             ReportPreset::Gpu => Knobs {
                 base_steps: 4000,
@@ -257,10 +256,11 @@ pub fn report(out: &Path, preset: ReportPreset, seeds: u64) -> Result<()> {
         bail!("--seeds must be at least 1");
     }
     let started = Instant::now();
-    // On a CPU, LibTorch: with SmolLM2's 49,152-token vocabulary the output layer dominates
-    // every step, and burn's ndarray backend runs it ≈ 2.4× slower (docs/performance.md).
+    // On a CPU, the pure-Rust ndarray backend: since its AVX-512 kernels and views it runs every
+    // kind of step here as fast as LibTorch or faster (docs/training.md), without the LibTorch
+    // build.
     let chorus = match preset {
-        ReportPreset::Cpu | ReportPreset::Smoke => super::bench::setup_torch()?,
+        ReportPreset::Cpu | ReportPreset::Smoke => build(Preset::Cpu)?,
         ReportPreset::Gpu => build(Preset::Gpu)?,
     };
     std::fs::create_dir_all(out)?;
@@ -268,7 +268,7 @@ pub fn report(out: &Path, preset: ReportPreset, seeds: u64) -> Result<()> {
         .canonicalize()
         .with_context(|| format!("resolving {}", out.display()))?;
     let knobs = Knobs::of(preset);
-    let gguf = smollm2(&chorus)?;
+    let gguf = fetch_smollm2(&chorus)?;
     let vocab = 49_152;
     let p = |rel: &str| out.join(rel).display().to_string();
     let s = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
@@ -763,27 +763,6 @@ fn tail_words(text: &str, max_chars: usize) -> &str {
         .map_or(0, |(i, _)| i);
     let tail = &text[start..];
     tail.find(' ').map_or(tail, |i| &tail[i + 1..])
-}
-
-/// Fetches SmolLM2 (verified) and returns the path of its GGUF.
-fn smollm2(chorus: &Path) -> Result<String> {
-    let output = Command::new(chorus)
-        .args(["data", "fetch", "--models"])
-        .output()
-        .with_context(|| format!("running {}", chorus.display()))?;
-    if !output.status.success() {
-        bail!(
-            "chorus data fetch --models failed:\n{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .filter_map(|l| l.strip_prefix("ready"))
-        .map(str::trim)
-        .find(|path| path.ends_with(".gguf"))
-        .map(str::to_string)
-        .context("chorus data fetch --models did not name the SmolLM2 GGUF")
 }
 
 /// One evaluated row as the report reads it.
@@ -1575,10 +1554,10 @@ fn setting(out: &Path, knobs: &Knobs, preset: ReportPreset) -> Result<String> {
          - **oracle**: each test token scored by the single model that gave it the highest \
          probability — the ceiling of any router over these models.\n\n",
         match preset {
-            ReportPreset::Cpu => "The `cpu` preset: small budgets; the whole run takes about \
-                                   4.5 hours on 2 cores (most of it the variants that run \
-                                   SmolLM2 forward and backward at every step); the numbers \
-                                   are for that scale only.",
+            ReportPreset::Cpu => "The `cpu` preset: small budgets on the CPU's ndarray backend \
+                                   (the last section gives each step's wall time; most of it \
+                                   goes to the variants that run SmolLM2 forward and backward \
+                                   at every step); the numbers are for that scale only.",
             ReportPreset::Gpu => "The `gpu` preset: larger models and budgets for an H100-class \
                                    card.",
             ReportPreset::Smoke => "The `smoke` preset: a few steps of everything, to check \
