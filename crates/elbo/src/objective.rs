@@ -79,19 +79,31 @@ pub fn iw_log_likelihood<B: Backend>(
 
 /// Mutual information `I_q(x; z)` between data and code under the aggregate posterior, with He et
 /// al. (2019)'s estimator over a batch of N posteriors:
-/// `I = E_x[−H(q(z|x))] − E_{x, z~q(z|x)}[log q(z)]`, `log q(z) ≈ logsumexp_n log q(z | x_n) − log N`.
+/// `I = E_x[−H(q(z|x))] − E_{x, z~q(z|x)}[log q(z)]`, `log q(z) ≈ logsumexp_n log q(z | x_n) − log N`,
+/// the second expectation over the M draws `z = μ + σ ⊙ ε` per posterior that `eps` gives (so a
+/// caller that seeds `eps` gets the same estimate every time). The N × N densities are evaluated a
+/// block of draws at a time, so memory stays O(N · d) whatever N.
 ///
-/// Draws one z per row from the backend's RNG.
-pub fn mutual_information<B: Backend>(posterior: &DiagonalGaussian<B>) -> f64 {
+/// # Shapes
+/// - posterior: `[n, d_latent]`
+/// - eps: `[m, n, d_latent]`
+pub fn mutual_information<B: Backend>(posterior: &DiagonalGaussian<B>, eps: Tensor<B, 3>) -> f64 {
     let [n, d_latent] = posterior.dims();
-    let neg_entropy = posterior.entropy().neg().mean(); // E_x[−H]
-    let z = posterior.sample(1).squeeze_dim::<2>(0); // [n, d]
-    // log q(z_i | x_j) for every pair: treat z as n samples against the batch of n posteriors.
-    let z = z.reshape([n, 1, d_latent]).expand([n, n, d_latent]); // [i, j, d]
-    let log_density = posterior.log_prob(z); // [i, j]
-    let log_qz = logsumexp(log_density, 1).squeeze_dim::<1>(1) - (n as f64).ln(); // [i]
-    let mi = neg_entropy - log_qz.mean();
-    mi.into_scalar().elem::<f64>()
+    let [m, _, _] = eps.dims();
+    let neg_entropy = posterior.entropy().neg().mean().into_scalar().elem::<f64>(); // E_x[−H]
+    let z = posterior.reparameterize(eps).reshape([m * n, 1, d_latent]);
+    // Blocks of draws of about 2^22 densities' worth of elements each.
+    let block = ((1usize << 22) / (n * d_latent).max(1)).clamp(1, m * n);
+    let mut sum_log_qz = 0.0;
+    for start in (0..m * n).step_by(block) {
+        let rows = block.min(m * n - start);
+        // log q(z_i | x_j) for every draw i of the block against every posterior j.
+        let z = z.clone().narrow(0, start, rows).expand([rows, n, d_latent]); // [i, j, d]
+        let log_density = posterior.log_prob(z); // [i, j]
+        let log_qz = logsumexp(log_density, 1) - (n as f64).ln(); // [i, 1]
+        sum_log_qz += log_qz.sum().into_scalar().elem::<f64>();
+    }
+    neg_entropy - sum_log_qz / (m * n) as f64
 }
 
 /// Active units: the number of dimensions d with `Var_x(E_q[z_d]) > threshold` (0.01 in the

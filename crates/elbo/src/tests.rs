@@ -220,7 +220,10 @@ fn mutual_information_and_active_units() {
         mean: Tensor::zeros([1024, 3], &device),
         log_var: Tensor::zeros([1024, 3], &device),
     };
-    let mi = mutual_information(&same);
+    let noise = |m: usize, n: usize| {
+        Tensor::<F64, 3>::random([m, n, 3], Distribution::Normal(0.0, 1.0), &device)
+    };
+    let mi = mutual_information(&same, noise(1, 1024));
     assert!(mi.abs() < 0.15, "{mi}");
     assert_eq!(active_units(same.mean.clone(), 0.01), 0);
     // Sharp posteriors spread over dimension 0 only: high MI, one active unit.
@@ -231,7 +234,7 @@ fn mutual_information_and_active_units() {
         mean: Tensor::from_data(TensorData::new(means, [64, 3]), &device),
         log_var: Tensor::ones([64, 3], &device) * -6.0,
     };
-    let mi = mutual_information(&informative);
+    let mi = mutual_information(&informative, noise(1, 64));
     // The estimator saturates near log N (here 4.16) when posteriors do not overlap.
     assert!(mi > 2.0 && mi < (64f64).ln() + 0.5, "{mi}");
     assert_eq!(active_units(informative.mean.clone(), 0.01), 1);
@@ -259,6 +262,88 @@ fn mutual_information_and_active_units() {
     // Var(i) = 64·65/12 (the sample variance of 0..N−1 is N(N+1)/12).
     let by_hand = 64.0 * 65.0 / 12.0 / 64.0;
     assert!((all.m2[0] / 63.0 - by_hand).abs() < 1e-12, "{all:?}");
+}
+
+/// He et al.'s estimator against the formula evaluated by hand in f64 on the host, on a case whose
+/// 1,024 × 1,024 densities take several blocks (each of about 2^22 elements); then its two limits:
+/// posteriors that ignore x give ≈ 0, posteriors that never overlap give ≈ log N, the error
+/// shrinking with the draws per posterior; and the same noise gives the same estimate.
+#[test]
+fn mutual_information_equals_the_formula_by_hand_and_its_limits() {
+    let device = Default::default();
+    let _rng = seeded(9);
+    let (m, n, d) = (3, 1024, 5);
+    let q = DiagonalGaussian::<F64> {
+        mean: Tensor::random([n, d], Distribution::Normal(0.0, 1.0), &device),
+        log_var: Tensor::random([n, d], Distribution::Uniform(-2.0, 0.5), &device),
+    };
+    let eps = Tensor::<F64, 3>::random([m, n, d], Distribution::Normal(0.0, 1.0), &device);
+    let (mu, lv, e) = (
+        to_vec(q.mean.clone()),
+        to_vec(q.log_var.clone()),
+        to_vec(eps.clone()),
+    );
+    let ln_2pi = (2.0 * std::f64::consts::PI).ln();
+    let neg_entropy = -(0..n * d)
+        .map(|k| 0.5 * (ln_2pi + 1.0 + lv[k]))
+        .sum::<f64>()
+        / n as f64;
+    let mut sum_log_qz = 0.0;
+    for s in 0..m {
+        for i in 0..n {
+            let z: Vec<f64> = (0..d)
+                .map(|k| mu[i * d + k] + (0.5 * lv[i * d + k]).exp() * e[(s * n + i) * d + k])
+                .collect();
+            let log_q: Vec<f64> = (0..n)
+                .map(|j| {
+                    -0.5 * (0..d)
+                        .map(|k| {
+                            let (mean, log_var) = (mu[j * d + k], lv[j * d + k]);
+                            ln_2pi + log_var + (z[k] - mean).powi(2) / log_var.exp()
+                        })
+                        .sum::<f64>()
+                })
+                .collect();
+            let max = log_q.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let lse = max + log_q.iter().map(|l| (l - max).exp()).sum::<f64>().ln();
+            sum_log_qz += lse - (n as f64).ln();
+        }
+    }
+    let by_hand = neg_entropy - sum_log_qz / (m * n) as f64;
+    let estimate = mutual_information(&q, eps.clone());
+    assert!(
+        (estimate - by_hand).abs() < 1e-9,
+        "{estimate} against {by_hand} by hand"
+    );
+    assert_eq!(mutual_information(&q, eps), estimate, "same noise, same MI");
+
+    // The limits, with the Monte Carlo error falling as draws per posterior grow.
+    let n = 16;
+    let apart = DiagonalGaussian::<F64> {
+        mean: Tensor::<F64, 1, Int>::arange(0..n as i64, &device)
+            .float()
+            .reshape([n, 1])
+            .repeat_dim(1, 2)
+            * 100.0,
+        log_var: Tensor::zeros([n, 2], &device),
+    };
+    let same = DiagonalGaussian::<F64> {
+        mean: Tensor::zeros([n, 2], &device),
+        log_var: Tensor::zeros([n, 2], &device),
+    };
+    let error = |q: &DiagonalGaussian<F64>, m: usize, limit: f64| {
+        let eps = Tensor::<F64, 3>::random([m, n, 2], Distribution::Normal(0.0, 1.0), &device);
+        (mutual_information(q, eps) - limit).abs()
+    };
+    let ln_n = (n as f64).ln();
+    for (q, limit) in [(&apart, ln_n), (&same, 0.0)] {
+        let (few, many) = (error(q, 4, limit), error(q, 4096, limit));
+        assert!(
+            many < 0.03,
+            "{many} from {limit} with 4,096 draws per posterior"
+        );
+        assert!(few > many, "{few} with 4 draws, {many} with 4,096");
+    }
 }
 
 /// Labels by hand: t0 the base is best; t1 an assistant ties the base (the base keeps it); t2 the

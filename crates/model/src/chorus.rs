@@ -583,6 +583,23 @@ impl<B: Backend> Chorus<B> {
             });
         }
         let latent = self.latent_distributions(batch)?;
+        // With z, the bound and the router below are two passes; assistants that read no z give
+        // both the same log-probs, so they run once, here, instead of once per pass.
+        let scored;
+        let batch = if latent.is_some()
+            && self.n_models() > 1
+            && self.assistant_adapters.is_empty()
+            && batch.assistant_log_probs.is_none()
+            && self.config.remote_assistants == 0
+        {
+            scored = ChorusBatch {
+                assistant_log_probs: Some(self.local_assistant_log_probs(batch)?),
+                ..batch.clone()
+            };
+            &scored
+        } else {
+            batch
+        };
         let device = batch.tokens.device();
         let noise = self.noise(rows, &device, || {
             seeded_noise(iw_samples.max(1), row_seeds, self.config.d_latent, &device)

@@ -15,7 +15,7 @@ use chorus_elbo::{
 };
 use chorus_latent::DiagonalGaussian;
 use chorus_lm::LmInput;
-use chorus_model::{Assistant, Chorus, ChorusBatch};
+use chorus_model::{Assistant, Chorus, ChorusBatch, seeded_noise};
 use serde::{Deserialize, Serialize};
 
 use crate::{Encoded, Progress, ScoreCache, TokenBatch, TrainError};
@@ -137,6 +137,9 @@ impl EvalRow {
 
 /// `Var_x E_q[z_d]` above which a dimension counts as an active unit (Burda et al.'s 0.01).
 pub const ACTIVE_UNIT_THRESHOLD: f64 = 0.01;
+
+/// Draws of z per example in the mutual-information estimate ([`mutual_information`]).
+pub const MI_DRAWS: usize = 16;
 
 /// The rows of an evaluation that runs chunk by chunk ([`EvalRow::merge`]): each chunk's rows
 /// join the row of the same model and task, in the order rows first appeared.
@@ -671,6 +674,8 @@ struct ChorusSums<B: Backend> {
     kl: f64,
     means: Vec<Tensor<B, 2>>,
     log_vars: Vec<Tensor<B, 2>>,
+    /// The examples' z seeds ([`iw_seed`]), in the order of `means`.
+    seeds: Vec<u64>,
 }
 
 impl<B: Backend> Default for ChorusSums<B> {
@@ -680,6 +685,7 @@ impl<B: Backend> Default for ChorusSums<B> {
             kl: 0.0,
             means: Vec::new(),
             log_vars: Vec::new(),
+            seeds: Vec::new(),
         }
     }
 }
@@ -724,6 +730,7 @@ pub fn evaluate_chorus<B: Backend>(
             s.kl += l.posterior.kl(&l.prior).sum().into_scalar().elem::<f64>();
             s.means.push(l.posterior.mean);
             s.log_vars.push(l.posterior.log_var);
+            s.seeds.extend(&seeds);
         }
         if let (Some(router), Some(record)) = (&evaluation.router, routing.as_deref_mut()) {
             let [_, seq, k] = router.dims();
@@ -759,7 +766,9 @@ pub fn evaluate_chorus<B: Backend>(
                     log_var: Tensor::cat(s.log_vars, 0),
                 };
                 let moments = MeanMoments::of(q.mean.clone());
-                (Some(mutual_information(&q)), Some(moments))
+                // Each example's draws from its own seed: a rerun gives the same MI.
+                let eps = seeded_noise(MI_DRAWS, &s.seeds, model.config.d_latent, &q.mean.device());
+                (Some(mutual_information(&q, eps)), Some(moments))
             };
             EvalRow {
                 kl: model.config.has_z().then(|| s.kl / s.sums.examples as f64),

@@ -1972,7 +1972,7 @@ fn a_chunked_evaluation_merges_into_the_evaluation_of_all_examples() {
 }
 
 #[test]
-fn an_examples_iw_bound_is_the_same_in_every_run_and_batch() {
+fn an_examples_iw_bound_and_the_mi_estimate_are_the_same_in_every_run_and_batch() {
     use crate::EvalRow;
     let _rng = rng_lock();
     let z_model = joint(z_config(), 1).0.valid();
@@ -1998,6 +1998,27 @@ fn an_examples_iw_bound_is_the_same_in_every_run_and_batch() {
         for (a, b) in first.iter().zip(&other) {
             assert_eq!(a.0, b.0);
             assert!((a.1 - b.1).abs() <= 1e-5 * a.1.abs(), "{a:?} vs {b:?}");
+        }
+    }
+    // The MI estimate too: its draws come from the examples' seeds, and the estimator is
+    // symmetric in the examples, so neither the run, the batches nor their order change it.
+    let mi = |rows: &[EvalRow]| {
+        let mut m: Vec<(String, f64)> = rows
+            .iter()
+            .map(|r| (r.task.clone(), r.mi.unwrap()))
+            .collect();
+        m.sort_by(|a, b| a.0.cmp(&b.0));
+        m
+    };
+    let first = mi(&eval(3, &data));
+    assert_eq!(first, mi(&eval(3, &data)), "another run");
+    for other in [mi(&eval(4, &data)), mi(&eval(1, &reversed))] {
+        for (a, b) in first.iter().zip(&other) {
+            assert_eq!(a.0, b.0);
+            assert!(
+                (a.1 - b.1).abs() <= 1e-5 * (1.0 + a.1.abs()),
+                "{a:?} vs {b:?}"
+            );
         }
     }
 }
