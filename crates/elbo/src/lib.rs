@@ -5,7 +5,8 @@
 //! - [`mixture_log_likelihood`]: `Σ_t logsumexp_j [log π_j + log P_j(x_t)]`, the exact marginal over
 //!   the per-token writer, with padding masks; [`logsumexp`] is the stable primitive.
 //! - [`kl_free_bits`], [`KlSchedule`] (β as a pure function of the step) and [`elbo_terms`] assemble
-//!   the loss; [`iw_log_likelihood`], [`mutual_information`] and [`active_units`] evaluate it.
+//!   the loss, [`bag_of_words_log_likelihood`] and [`with_bag_of_words`] its optional auxiliary term
+//!   on z; [`iw_log_likelihood`], [`mutual_information`] and [`active_units`] evaluate it.
 //! - [`pseudo_label_loss`] (Co-LLM's selector initialisation) and [`posterior_deferral`] are the
 //!   writer's side.
 //!
@@ -31,8 +32,8 @@ mod schedule;
 
 pub use mixture::{MixtureLikelihood, logsumexp, mixture_log_likelihood, token_log_probs};
 pub use objective::{
-    ElboTerms, MeanMoments, active_units, elbo_terms, iw_log_likelihood, kl_free_bits,
-    mutual_information,
+    ElboTerms, MeanMoments, active_units, bag_of_words_log_likelihood, elbo_terms,
+    iw_log_likelihood, kl_free_bits, mutual_information, with_bag_of_words,
 };
 pub use routing::{confidence_routing, posterior_deferral, pseudo_label_loss, top1_probability};
 pub use schedule::KlSchedule;

@@ -32,7 +32,11 @@ pub struct ElboTerms<B: Backend> {
     pub kl_free_bits: Tensor<B, 1>,
     /// β at this step.
     pub beta: f64,
-    /// Scalar: `mean_batch(−reconstruction + β · kl_free_bits)`, the loss to minimise.
+    /// `[batch]`: the bag-of-words log-likelihood of the target under z
+    /// ([`bag_of_words_log_likelihood`]), when the objective has that term ([`with_bag_of_words`]).
+    pub bag_of_words: Option<Tensor<B, 1>>,
+    /// Scalar: `mean_batch(−reconstruction + β · kl_free_bits − α · bag_of_words)`, the loss to
+    /// minimise (α = 0 without the bag-of-words term).
     pub loss: Tensor<B, 1>,
 }
 
@@ -56,7 +60,46 @@ pub fn elbo_terms<B: Backend>(
         kl,
         kl_free_bits: kl_fb,
         beta,
+        bag_of_words: None,
         loss,
+    }
+}
+
+/// The bag-of-words log-likelihood of each row's target tokens under one distribution over the
+/// vocabulary, `log p_bow(x | z) = Σ_t m_t · log softmax(ℓ)_{x_t}` with `ℓ = W z + b` — Zhao et
+/// al. (2017)'s auxiliary term, which only a z that knows the target's words can raise.
+///
+/// # Shapes
+/// - logits: `[batch, vocab]`, `ℓ` per row
+/// - targets: `[batch, seq]`
+/// - mask: `[batch, seq]`, 1.0 at the target's positions
+/// - output: `[batch]`
+pub fn bag_of_words_log_likelihood<B: Backend>(
+    logits: Tensor<B, 2>,
+    targets: Tensor<B, 2, Int>,
+    mask: Tensor<B, 2>,
+) -> Tensor<B, 1> {
+    let log_probs = logits.clone() - logsumexp(logits, 1); // [b, vocab]
+    let per_token = log_probs.gather(1, targets) * mask; // [b, seq]
+    per_token.sum_dim(1).squeeze_dim::<1>(1)
+}
+
+/// `terms` with the bag-of-words term of weight `weight` (α ≥ 0): the loss becomes
+/// `mean_batch(−reconstruction + β · kl_free_bits − α · log p_bow(x | z))`. The term is no part of
+/// the likelihood: it shapes what z carries, and evaluation ignores it.
+///
+/// # Shapes
+/// - log_bow: `[batch]`, [`bag_of_words_log_likelihood`] (averaged over z's samples)
+pub fn with_bag_of_words<B: Backend>(
+    terms: ElboTerms<B>,
+    log_bow: Tensor<B, 1>,
+    weight: f64,
+) -> ElboTerms<B> {
+    let loss = terms.loss - log_bow.clone().mean() * weight;
+    ElboTerms {
+        bag_of_words: Some(log_bow),
+        loss,
+        ..terms
     }
 }
 

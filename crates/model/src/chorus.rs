@@ -1,12 +1,13 @@
 //! The joint model `Chorus<B>` and its ELBO forward pass.
 
 use burn::module::{ModuleMapper, Param, ParamId};
+use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use chorus_data::rng::SplitMix64;
 use chorus_elbo::{
-    ElboTerms, elbo_terms, iw_log_likelihood, mixture_log_likelihood, pseudo_label_loss,
-    token_log_probs,
+    ElboTerms, bag_of_words_log_likelihood, elbo_terms, iw_log_likelihood, mixture_log_likelihood,
+    pseudo_label_loss, token_log_probs, with_bag_of_words,
 };
 use chorus_latent::{
     DiagonalGaussian, GaussianHead, GaussianHeadConfig, Prior, Selector, SelectorConfig,
@@ -110,6 +111,9 @@ pub struct Chorus<B: Backend> {
     pub prior: Option<Prior<B>>,
     /// π(j | ·) over K models (`None` when K = 1).
     pub selector: Option<Selector<B>>,
+    /// The bag-of-words head `W z + b` over the vocabulary (`None` unless
+    /// `config.bag_of_words > 0`).
+    pub bag_of_words: Option<Linear<B>>,
     /// The switches.
     #[module(skip)]
     pub config: ChorusConfig,
@@ -204,6 +208,8 @@ impl<B: Backend> Chorus<B> {
                 .init(device)
             })
             .transpose()?;
+        let bag_of_words = (config.bag_of_words > 0.0 && config.has_z())
+            .then(|| LinearConfig::new(config.d_latent, base_dims.vocab_size).init(device));
         Ok(Self {
             base,
             assistants,
@@ -212,6 +218,7 @@ impl<B: Backend> Chorus<B> {
             posterior,
             prior,
             selector,
+            bag_of_words,
             config,
         }
         .number_parameters())
@@ -441,6 +448,31 @@ impl<B: Backend> Chorus<B> {
         })
     }
 
+    /// `log p_bow(x | z)` per row ([`bag_of_words_log_likelihood`]) with the head's logits
+    /// `W z + b`, averaged over z's samples.
+    ///
+    /// # Shapes
+    /// - z: `[n_samples, batch, d_latent]`
+    /// - output: `[batch]`
+    fn bag_of_words_log_likelihood(
+        &self,
+        head: &Linear<B>,
+        batch: &ChorusBatch<B>,
+        z: Tensor<B, 3>,
+    ) -> Tensor<B, 1> {
+        let [n_samples, rows, d_latent] = z.dims();
+        let logits = head.forward(z.reshape([n_samples * rows, d_latent])); // sample-major rows
+        let log_bow = bag_of_words_log_likelihood(
+            logits,
+            batch.targets.clone().repeat_dim(0, n_samples),
+            batch.target_mask.clone().repeat_dim(0, n_samples),
+        );
+        log_bow
+            .reshape([n_samples, rows])
+            .mean_dim(0)
+            .squeeze_dim::<1>(0)
+    }
+
     /// The ELBO terms with KL weight `beta` (the training loop's schedule at its step,
     /// `train.kl_schedule.beta(step)` in chorus-train), sampling `config.n_samples` z per row from the backend's
     /// RNG.
@@ -492,12 +524,19 @@ impl<B: Backend> Chorus<B> {
                 });
             }
         };
+        let log_bow = match (&self.bag_of_words, &z) {
+            (Some(head), Some(z)) => Some(self.bag_of_words_log_likelihood(head, batch, z.clone())),
+            _ => None,
+        };
         let SampleLikelihood {
             log_px,
             log_pi,
             log_p,
         } = self.log_px(batch, z)?;
-        let terms = elbo_terms(log_px, kl, beta, self.config.free_bits);
+        let mut terms = elbo_terms(log_px, kl, beta, self.config.free_bits);
+        if let Some(log_bow) = log_bow {
+            terms = with_bag_of_words(terms, log_bow, self.config.bag_of_words);
+        }
         let first = |t: Tensor<B, 3>| t.narrow(0, 0, n_rows);
         let log_pi = first(log_pi);
         let router = router_posterior(log_pi.clone(), first(log_p));

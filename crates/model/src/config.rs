@@ -59,6 +59,13 @@ pub struct ChorusConfig {
     /// Default false.
     #[serde(default)]
     pub z_at_prior_mean: bool,
+    /// Weight α of the bag-of-words term on z (Zhao et al., 2017): a head `ℓ = W z + b` over the
+    /// vocabulary, trained with the model, and the training loss adds
+    /// `−α Σ_{t ∈ x} log softmax(ℓ)_{x_t}` ([`chorus_elbo::with_bag_of_words`]), which rewards a z
+    /// that predicts the target's words without the LMs. No part of the likelihood: evaluation and
+    /// decoding ignore the head. Default 0 (off).
+    #[serde(default)]
+    pub bag_of_words: f64,
 }
 
 fn default_d_latent() -> usize {
@@ -108,6 +115,21 @@ impl ChorusConfig {
                          set memory_slots > 0 or embedding_offset = true",
             });
         }
+        if !(self.bag_of_words.is_finite() && self.bag_of_words >= 0.0) {
+            return Err(ModelError::OutOfRange {
+                key: "bag_of_words",
+                value: self.bag_of_words.to_string(),
+                expected: "finite and ≥ 0",
+            });
+        }
+        if self.bag_of_words > 0.0 && (self.d_latent == 0 || self.z_at_prior_mean) {
+            return Err(ModelError::Conflict {
+                key: "bag_of_words",
+                value: self.bag_of_words.to_string(),
+                reason: "rewards what z carries about the target, but there is no z drawn from \
+                         q(z | x, c) (d_latent = 0 or z_at_prior_mean = true)",
+            });
+        }
         if self.z_at_prior_mean && self.d_latent == 0 {
             return Err(ModelError::Conflict {
                 key: "z_at_prior_mean",
@@ -128,7 +150,8 @@ impl ChorusConfig {
     /// A lower bound on the parameters of a chorus of these models under this config: the LMs'
     /// ([`chorus_lm::LmConfig::min_parameters`]), the posterior head `d_model · 2 d_latent` and
     /// each adapter's memory keys and values `2 · d_latent · slots · n_layers · kv_dim` and
-    /// embedding offset `d_latent · d_model`. `None` past `u64`. Lets a loader refuse a manifest
+    /// embedding offset `d_latent · d_model`, and the bag-of-words head `(d_latent + 1) · vocab` when
+    /// it is on. `None` past `u64`. Lets a loader refuse a manifest
     /// that describes more weights than its file holds, before allocating them.
     pub fn min_parameters(
         &self,
@@ -161,6 +184,10 @@ impl ChorusConfig {
                     .checked_mul(z)?
                     .checked_mul(2)?,
             )?;
+        if self.bag_of_words > 0.0 && self.has_z() {
+            let vocab = base.dims().vocab_size as u64;
+            total = total.checked_add(z.checked_add(1)?.checked_mul(vocab)?)?;
+        }
         for a in assistants {
             total = total.checked_add(a.min_parameters()?)?;
             if self.assistant_adapters {

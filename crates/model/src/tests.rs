@@ -781,11 +781,131 @@ fn parameter_values<B: Backend>(model: &Chorus<B>) -> Vec<f64> {
     c.0
 }
 
+/// The bag-of-words term: the loss is the ELBO's minus α · mean_rows log p_bow(x | z), with
+/// log p_bow evaluated by hand from the head's logits at the same z; its gradient reaches the head
+/// and, through z, the posterior; evaluation ignores it; bad values are named.
+#[test]
+fn the_bag_of_words_term_by_hand_trains_the_head_and_leaves_evaluation_alone() {
+    let _rng = seeded(43);
+    let device = Default::default();
+    let alpha = 0.5;
+    let model = chorus::<AD>(
+        ChorusConfig {
+            bag_of_words: alpha,
+            ..full_config()
+        },
+        2,
+    );
+    let mut plain = model.clone();
+    plain.bag_of_words = None;
+    plain.config.bag_of_words = 0.0;
+    let batch = batch::<AD>();
+    let eps = Tensor::<AD, 3>::random([1, 2, 4], Distribution::Normal(0.0, 1.0), &device);
+    let with = model
+        .forward_elbo_with_noise(&batch, BETA, Some(eps.clone()))
+        .unwrap();
+    let without = plain
+        .forward_elbo_with_noise(&batch, BETA, Some(eps.clone()))
+        .unwrap();
+    // By hand: z = μ + σ ε, the head's logits at z, log-softmax and the target's tokens on the host.
+    let q = model
+        .latent_distributions(&batch)
+        .unwrap()
+        .unwrap()
+        .posterior;
+    let z = q.reparameterize(eps).squeeze_dim::<2>(0);
+    let logits = model.bag_of_words.as_ref().unwrap().forward(z);
+    let [rows, vocab] = logits.dims();
+    let logits: Vec<f64> = logits.into_data().to_vec().unwrap();
+    let targets: Vec<i64> = batch.targets.clone().into_data().to_vec().unwrap();
+    let mask: Vec<f64> = batch.target_mask.clone().into_data().to_vec().unwrap();
+    let seq = targets.len() / rows;
+    let by_hand: Vec<f64> = (0..rows)
+        .map(|r| {
+            let row = &logits[r * vocab..(r + 1) * vocab];
+            let log_z = row.iter().map(|l| l.exp()).sum::<f64>().ln();
+            (0..seq)
+                .map(|t| mask[r * seq + t] * (row[targets[r * seq + t] as usize] - log_z))
+                .sum()
+        })
+        .collect();
+    let got: Vec<f64> = with
+        .terms
+        .bag_of_words
+        .clone()
+        .unwrap()
+        .into_data()
+        .to_vec()
+        .unwrap();
+    for (g, h) in got.iter().zip(&by_hand) {
+        assert!((g - h).abs() < 1e-9, "{got:?} against {by_hand:?}");
+    }
+    let mean = by_hand.iter().sum::<f64>() / rows as f64;
+    let (loss, plain_loss) = (
+        scalar(with.terms.loss.clone()),
+        scalar(without.terms.loss.clone()),
+    );
+    assert!(
+        (loss - (plain_loss - alpha * mean)).abs() < 1e-9,
+        "{loss} against {plain_loss} − {alpha} · {mean}"
+    );
+    assert!(without.terms.bag_of_words.is_none());
+    // Gradients: the head trains, and the term moves the posterior through z.
+    let grads = with.terms.loss.backward();
+    let plain_grads = without.terms.loss.backward();
+    let head = model.bag_of_words.as_ref().unwrap();
+    assert!(head.weight.grad(&grads).unwrap().abs().sum().into_scalar() > 0.0);
+    let posterior_grad =
+        |m: &Chorus<AD>, g: &<AD as burn::tensor::backend::AutodiffBackend>::Gradients| {
+            m.posterior.as_ref().unwrap().proj.weight.grad(g).unwrap()
+        };
+    let moved = (posterior_grad(&model, &grads) - posterior_grad(&plain, &plain_grads))
+        .abs()
+        .sum()
+        .into_scalar();
+    assert!(moved > 1e-9, "the term does not reach the posterior");
+    // Evaluation is the likelihood alone.
+    let seeds = [5, 6];
+    let iw = |m: &Chorus<AD>| -> Vec<f64> {
+        m.evaluate_batch(&batch, 3, &seeds)
+            .unwrap()
+            .iw_log_likelihood
+            .into_data()
+            .to_vec()
+            .unwrap()
+    };
+    assert_eq!(iw(&model), iw(&plain));
+    // Bad values, each named.
+    for (alpha, d_latent, at_prior_mean, key) in [
+        (-1.0, 4, false, "bag_of_words"),
+        (f64::NAN, 4, false, "bag_of_words"),
+        (1.0, 0, false, "bag_of_words"),
+        (1.0, 4, true, "bag_of_words"),
+    ] {
+        let config = ChorusConfig {
+            bag_of_words: alpha,
+            d_latent,
+            z_at_prior_mean: at_prior_mean,
+            ..full_config()
+        };
+        let err = config.validate().unwrap_err().to_string();
+        assert!(
+            err.contains(key),
+            "{alpha} {d_latent} {at_prior_mean}: {err}"
+        );
+    }
+}
+
 #[test]
 fn a_saved_model_loads_to_the_same_parameters_and_damage_is_named() {
     let _rng = seeded(41);
     let device = Default::default();
-    let model = chorus::<F64>(full_config(), 2);
+    // With the bag-of-words head, so that its weights make the round trip too.
+    let config = ChorusConfig {
+        bag_of_words: 0.5,
+        ..full_config()
+    };
+    let model = chorus::<F64>(config, 2);
     // Read first: burn initialises parameters lazily, at their first use.
     let before = parameter_values(&model);
     let tokenizer = chorus_lm::Tokenizer::train_bpe(
