@@ -249,6 +249,13 @@ MUTANTS = [
         ["-p", "chorus-model", "--lib", "the_bag_of_words_term"],
     ),
     (
+        "training rows do not log the bag-of-words term",
+        "crates/train/src/step.rs",
+        "                    *window.bag_of_words.get_or_insert(0.0) +=",
+        "                    *window.bag_of_words.get_or_insert(0.0) += 0.0 *",
+        ["-p", "chorus-train", "--lib", "the_bag_of_words_term_is_logged"],
+    ),
+    (
         "MI estimate: draws that change from run to run instead of the examples' seeds",
         "crates/train/src/eval.rs",
         "                let eps = seeded_noise(MI_DRAWS, &s.seeds, model",

@@ -16,7 +16,7 @@ pub(crate) struct Metrics {
     csv: PathBuf,
 }
 
-const CSV_COLUMNS: [&str; 11] = [
+const CSV_COLUMNS: [&str; 12] = [
     "step",
     "kind",
     "lr",
@@ -28,6 +28,7 @@ const CSV_COLUMNS: [&str; 11] = [
     "grad_norm",
     "tokens_per_s",
     "valid_nll",
+    "bow_nll_per_token",
 ];
 
 impl Metrics {
@@ -111,6 +112,10 @@ pub struct MetricWindow {
     pub grad_norm: f64,
     /// Optimiser steps in the window.
     pub steps: u64,
+    /// Σ log p_bow(x | z) over rows, for a model with the bag-of-words term (`None` without it;
+    /// absent from checkpoints written before it existed).
+    #[serde(default)]
+    pub bag_of_words: Option<f64>,
     /// When this process started filling it (not saved).
     #[serde(skip)]
     pub(crate) started: Option<Instant>,
@@ -131,7 +136,7 @@ impl MetricWindow {
         let tokens = self.tokens.max(1) as f64;
         let batches = (self.steps * accumulation) as f64;
         let tokens_per_s = self.tokens as f64 / secs.max(1e-9);
-        let row = serde_json::json!({
+        let mut row = serde_json::json!({
             "step": step,
             "kind": if selector_phase { "selector_init" } else { "train" },
             "lr": lr,
@@ -143,6 +148,11 @@ impl MetricWindow {
             "grad_norm": self.grad_norm / self.steps as f64,
             "tokens_per_s": tokens_per_s,
         });
+        // −log p_bow per target token: what the bag-of-words head leaves unexplained of the words.
+        let bow_nll = self.bag_of_words.map(|b| -b / tokens);
+        if let (Some(bow), false) = (bow_nll, selector_phase) {
+            row["bow_nll_per_token"] = serde_json::json!(bow);
+        }
         let line = if selector_phase {
             format!(
                 "selector-init loss {:.3} | pseudo-labels to assistants {:.1}% | {tokens_per_s:.0} tok/s",
@@ -157,7 +167,7 @@ impl MetricWindow {
                 self.kl / self.rows.max(1) as f64,
                 self.beta,
                 100.0 * self.deferral / tokens,
-            )
+            ) + &bow_nll.map_or(String::new(), |b| format!(" | bow nll/tok {b:.3}"))
         };
         (row, line)
     }

@@ -84,6 +84,10 @@ where
                     .elem::<f64>();
                 window.log_px += out.terms.reconstruction.sum().into_scalar().elem::<f64>();
                 window.kl += out.terms.kl.sum().into_scalar().elem::<f64>();
+                if let Some(bow) = out.terms.bag_of_words.clone() {
+                    *window.bag_of_words.get_or_insert(0.0) +=
+                        bow.sum().into_scalar().elem::<f64>();
+                }
                 window.beta = out.terms.beta;
                 out.terms.loss
             }
