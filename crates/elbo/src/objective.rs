@@ -136,7 +136,7 @@ pub fn mutual_information<B: Backend>(posterior: &DiagonalGaussian<B>, eps: Tens
     let neg_entropy = posterior.entropy().neg().mean().into_scalar().elem::<f64>(); // E_x[−H]
     let z = posterior.reparameterize(eps).reshape([m * n, 1, d_latent]);
     // Blocks of draws of about 2^22 densities' worth of elements each.
-    let block = ((1usize << 22) / (n * d_latent).max(1)).clamp(1, m * n);
+    let block = ((1usize << 22) / (n * d_latent).max(1)).clamp(1, (m * n).max(1));
     let mut sum_log_qz = 0.0;
     for start in (0..m * n).step_by(block) {
         let rows = block.min(m * n - start);
