@@ -300,9 +300,14 @@ fn record_time(out: &Path, name: &str, seconds: f64, command: &str) -> Result<()
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok())
         .unwrap_or_default();
+    // When it ended (seconds since the Unix epoch): with `seconds`, the interval it ran in, so
+    // that a report can tell the run's elapsed time from the sum of its overlapping steps.
+    let ended = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
     times.insert(
         name.to_string(),
-        serde_json::json!({ "seconds": seconds, "command": command }),
+        serde_json::json!({ "seconds": seconds, "ended": ended, "command": command }),
     );
     std::fs::write(&path, serde_json::to_string_pretty(&times)?)
         .with_context(|| format!("writing {}", path.display()))

