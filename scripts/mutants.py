@@ -747,6 +747,20 @@ MUTANTS = [
         ["-p", "xtask", "run_lanes_skips_done_steps"],
     ),
     (
+        "xtask report: the run's time sums overlapping steps",
+        "xtask/src/report.rs",
+        "            busy += end - start.max(covered_to);",
+        "            busy += end - start;",
+        ["-p", "xtask", "busy_seconds_counts"],
+    ),
+    (
+        "xtask report: the cpu preset trains every live variant",
+        "xtask/src/report.rs",
+        "        ReportPreset::Cpu => &LIVE_VARIANTS[..1],",
+        "        ReportPreset::Cpu => &LIVE_VARIANTS,",
+        ["-p", "xtask", "the_cpu_preset_trains_one_live_variant"],
+    ),
+    (
         "xtask gives a step that runs alone one thread",
         "xtask/src/main.rs",
         "            if workers > 1 && others > 0 {",
