@@ -1249,7 +1249,8 @@ fn render(
                 continue;
             }
             let step = v["step"].as_f64().unwrap_or(0.0);
-            for key in ["nll_per_token", "kl", "beta", "deferral"] {
+            // `loss` of a training row is the negative β-weighted ELBO per sequence.
+            for key in ["loss", "nll_per_token", "kl", "beta", "deferral"] {
                 if let Some(y) = v[key].as_f64() {
                     series.entry(key).or_default().push((step, y));
                 }
@@ -1262,14 +1263,22 @@ fn render(
                 "step",
                 &series
                     .iter()
-                    .map(|(k, v)| (k.to_string(), v.clone()))
+                    .map(|(k, v)| {
+                        let label = if *k == "loss" {
+                            "-ELBO (β-weighted)"
+                        } else {
+                            k
+                        };
+                        (label.to_string(), v.clone())
+                    })
                     .collect::<Vec<_>>(),
             ),
         )?;
         md.push_str(
             "\n## Training\n\n![chorus training curves](results/training.svg)\n\n\
-             Per logged step of chorus (seed 0): NLL per target token of the ELBO's likelihood term, \
-             KL(q‖p) per sequence, β of the KL schedule and the posterior deferral rate (each \
+             Per logged step of chorus (seed 0): the training loss, −ELBO per sequence with the \
+             KL term weighted by β (and free bits), the NLL per target token of its likelihood \
+             term, KL(q‖p) per sequence, β of the KL schedule and the posterior deferral rate (each \
              curve scaled to its own range; the legend gives the range).\n",
         );
     }
