@@ -1055,7 +1055,7 @@ fn render(
                 f(opt_mean(&r, |r| r.mi), 3),
                 f(opt_mean(&r, |r| r.active_units), 1),
                 opt_mean(&r, |r| r.deferral)
-                    .map_or("–".to_string(), |d| format!("{:.1} %", 100.0 * d)),
+                    .map_or("–".to_string(), |d| format!("{:.2} %", 100.0 * d)),
             ));
             group.push((m.clone(), mean, sd));
         }
@@ -1077,15 +1077,19 @@ fn render(
     )?;
 
     // Paired comparisons of each chorus variant.
-    md.push_str(
+    md.push_str(&format!(
         "## chorus against each rival, example by example\n\n\
          Δ = Σᵢ (NLL_chorus,i − NLL_rival,i) / Σᵢ tokensᵢ over the test examples of a task, with a \
-         95 % percentile bootstrap interval over examples (1,000 resamples); per seed, for chorus, \
-         for chorus with z-adapters on the assistants and for chorus with SmolLM2 as the base, \
-         and for the controls of the last two (z fixed at the prior mean). An interval entirely \
-         below zero is a win the examples resolve.\n\n\
+         95 % percentile bootstrap interval over examples (1,000 resamples); per seed, for \
+         chorus (also against its control with z at the prior mean) and for {}. An interval \
+         entirely below zero is a win the examples resolve.\n\n\
          | task | chorus | rival | seed | Δ nats/token | 95 % interval |\n|---|---|---|---|---|---|\n",
-    );
+        live_variants(preset)
+            .iter()
+            .map(|(_, label, _)| label.to_string())
+            .collect::<Vec<_>>()
+            .join("; ")
+    ));
     let rivals = |t: &str, variant: &str| -> Vec<String> {
         let mut rivals = vec![best_single(t).0, "Co-LLM".into(), "static mixture".into()];
         if variant == "chorus" {
@@ -1609,7 +1613,7 @@ fn routing_section(out: &Path) -> Result<String> {
     for ((task, kind), (n, r)) in &sums {
         let share: Vec<f64> = r.iter().map(|v| v / *n as f64).collect();
         md.push_str(&format!(
-            "| {task} | {kind} | {n} | {:.1} % |",
+            "| {task} | {kind} | {n} | {:.2} % |",
             100.0 * (1.0 - share.first().copied().unwrap_or(1.0))
         ));
         for v in &share {
@@ -1667,6 +1671,10 @@ fn decoding_section(out: &Path, figures: &Path) -> Result<String> {
     pages.sort();
     if !pages.is_empty() {
         let dir = figures.join("generations");
+        // The pages of an earlier run (other prompts) would stay beside this run's, unlinked.
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        }
         std::fs::create_dir_all(&dir)?;
         md.push_str(
             "\nGenerations with provenance (each token coloured by the model that wrote it), \
