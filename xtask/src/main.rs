@@ -51,7 +51,7 @@ enum Task {
         /// Where the runs go.
         #[arg(long, default_value = "out/report")]
         out: PathBuf,
-        /// Scale of the run (`cpu`: small budgets, hours on 2 cores).
+        /// Scale of the run (`cpu`: small budgets, about an hour on 2 cores).
         #[arg(long, value_enum, default_value_t = report::ReportPreset::Cpu)]
         preset: report::ReportPreset,
         /// Seeds per trained system.

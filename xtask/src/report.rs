@@ -6,12 +6,13 @@
 //! experts (story, dialogue, prose) continue the base's pre-training on their own task. Every
 //! trained system starts from that base and gets the same steps on the same batches (so the same
 //! target tokens), once per seed: the base fine-tuned, a static mixture, Co-LLM, a VAE, chorus,
-//! and chorus whose assistants read z through their own adapters (so SmolLM2 runs live at every
-//! step); besides, chorus with SmolLM2 as its frozen base (z-adapter, posterior, prior and
-//! selector trained) and the experts as assistants, with and without the bag-of-words term on z,
-//! and the controls with z at the prior mean. `chorus eval` then scores every system and every
-//! single model on the test split, adds
-//! the per-token oracle and compares each chorus variant with its rivals example by example.
+//! chorus with the bag-of-words term on z, their control with z at the prior mean, and chorus
+//! whose assistants read z through their own adapters (so SmolLM2 runs live at every step). The
+//! `gpu` preset adds chorus with SmolLM2 as its frozen base (z-adapter, posterior, prior and
+//! selector trained) and the experts as assistants, with and without the bag-of-words term, that
+//! base's Co-LLM, and the controls of the live variants. `chorus eval` then scores every system
+//! and every single model on the test split, adds the per-token oracle and compares each chorus
+//! variant with its rivals example by example.
 //!
 //! Every step is a `chorus` command (logged under `<out>/logs/`, timed in `<out>/times.json`) and
 //! is skipped when its output exists, so a rerun continues an interrupted run and, once
