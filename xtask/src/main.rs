@@ -275,6 +275,8 @@ fn run_lanes(chorus: &Path, out: &Path, lanes: Vec<Vec<Step>>) -> Result<()> {
             let file = std::fs::File::create(&log)?;
             eprintln!("xtask: start {} (log {})", next.name, log.display());
             let mut command = Command::new(chorus);
+            // Side by side, one LibTorch (OpenMP) thread each; burn-ndarray's rayon pool keeps
+            // both cores (one rayon thread each made no difference, docs/training.md).
             if workers > 1 && others > 0 {
                 command.env("OMP_NUM_THREADS", "1");
             }
