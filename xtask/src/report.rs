@@ -184,7 +184,8 @@ const LIVE_VARIANTS: [(&str, &str, &str); 5] = [
 ];
 
 /// The live variants a preset trains and evaluates: on the CPU only the one the issue asks for
-/// (z-adapters on the assistants); each of them costs ≈ 15 min per seed there.
+/// (z-adapters on the assistants); each costs ≈ 20–25 min per seed there (training and
+/// evaluation beside another step, docs/training.md).
 fn live_variants(preset: ReportPreset) -> &'static [(&'static str, &'static str, &'static str)] {
     match preset {
         ReportPreset::Cpu => &LIVE_VARIANTS[..1],
@@ -280,8 +281,9 @@ impl Knobs {
                 ],
                 device: &["--device", "cpu"],
             },
-            // About an hour on 2 cores: 21 cached runs of ≈ 100 s, the live variant's ≈ 15 min
-            // (training and its evaluation), the pre-training, the scoring and the evaluations.
+            // About an hour on 2 cores (75 min measured, docs/training.md): 21 cached runs of
+            // 55–90 s, the live variant's ≈ 20–25 min per seed (training and evaluation), the
+            // pre-training, the scoring and the evaluations, two steps side by side.
             ReportPreset::Cpu => Knobs {
                 base_steps: 300,
                 expert_steps: 80,
