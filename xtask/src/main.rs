@@ -212,7 +212,8 @@ fn step(name: impl Into<String>, mut args: Vec<String>, sets: &[String], output:
 /// the lanes (the first of each, then the second, …) and steps whose output exists are skipped
 /// first, so the work left is spread over the workers however much of it an earlier run did; a
 /// single lane runs in order. A step gets one LibTorch/OpenMP thread while another step runs or
-/// waits beside it (two processes of two threads on two cores thrash), all threads otherwise.
+/// waits beside it (two processes of two threads on two cores thrash), all threads otherwise;
+/// burn-ndarray's rayon pool is left alone.
 /// Stops at the first failure with the tail of its log. Each finished step's wall time and
 /// command go to `<out>/times.json`.
 fn run_lanes(chorus: &Path, out: &Path, lanes: Vec<Vec<Step>>) -> Result<()> {
@@ -275,8 +276,6 @@ fn run_lanes(chorus: &Path, out: &Path, lanes: Vec<Vec<Step>>) -> Result<()> {
             let file = std::fs::File::create(&log)?;
             eprintln!("xtask: start {} (log {})", next.name, log.display());
             let mut command = Command::new(chorus);
-            // Side by side, one LibTorch (OpenMP) thread each; burn-ndarray's rayon pool keeps
-            // both cores (one rayon thread each made no difference, docs/training.md).
             if workers > 1 && others > 0 {
                 command.env("OMP_NUM_THREADS", "1");
             }

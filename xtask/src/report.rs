@@ -1802,7 +1802,8 @@ fn timings(out: &Path, gguf: &str) -> Result<String> {
     s.push_str(&format!(
         "| all steps | (sum; two lanes overlapped) | {total:.0} s |\n"
     ));
-    if intervals.len() == times.as_object().map_or(0, |t| t.len()) {
+    // Only when every step says when it ended (older runs' times.json do not).
+    if !intervals.is_empty() && intervals.len() == times.as_object().map_or(0, |t| t.len()) {
         let busy = busy_seconds(intervals);
         s.push_str(&format!(
             "| the run | (time during which some step ran: lanes counted once, pauses between \
