@@ -18,6 +18,48 @@ ROOT = Path(__file__).resolve().parent.parent
 
 MUTANTS = [
     (
+        "host step: RoPE rotates the second half the wrong way",
+        "crates/lm/src/host_step.rs",
+        "                head[i + half] = x2 * cos[i + half] + x1 * sin[i + half];",
+        "                head[i + half] = x2 * cos[i + half] - x1 * sin[i + half];",
+        ["-p", "chorus-lm", "--lib", "host_steps_equal"],
+    ),
+    (
+        "host step: each query attends to the whole step, future positions included",
+        "crates/lm/src/host_step.rs",
+        "        let n_keys = start + s + 1;",
+        "        let n_keys = start + seq;",
+        ["-p", "chorus-lm", "--lib", "host_steps_equal"],
+    ),
+    (
+        "host step: growing the cache forgets the past",
+        "crates/lm/src/host_step.rs",
+        "                        .copy_from_slice(&old[bg * self.capacity * hd..][..start * hd]);",
+        "                        .copy_from_slice(&vec![0.0; start * hd]);",
+        ["-p", "chorus-lm", "--lib", "host_steps_equal"],
+    ),
+    (
+        "host step: query heads read the key/value head of the next group",
+        "crates/lm/src/host_step.rs",
+        "        let base = (b * n_kv_heads + h / group) * cache.capacity * hd;",
+        "        let base = (b * n_kv_heads + (h + 1) % n_heads / group) * cache.capacity * hd;",
+        ["-p", "chorus-lm", "--lib", "host_steps_equal"],
+    ),
+    (
+        "host step: the MLP's norm reads the attention norm's weights",
+        "crates/lm/src/host_step.rs",
+        "    let h = rms_norm(x, d_model, &block.norms[1], shape.norm_eps);",
+        "    let h = rms_norm(x, d_model, &block.norms[0], shape.norm_eps);",
+        ["-p", "chorus-lm", "--lib", "host_steps_equal"],
+    ),
+    (
+        "host step: a cache moved from the backend reads its keys as its values",
+        "crates/lm/src/cache.rs",
+        "                HostKv::from_buffers(shape, values(key)?, values(value)?)",
+        "                HostKv::from_buffers(shape, values(key.clone())?, values(key)?)",
+        ["-p", "chorus-lm", "--lib", "host_steps_equal"],
+    ),
+    (
         "eval --routing: each example's first posterior dropped",
         "crates/cli/src/train.rs",
         "            .zip(posteriors)",

@@ -2,24 +2,111 @@
 
 use burn::prelude::*;
 
+use crate::LmError;
+use crate::host_step::HostKv;
+
 /// One layer's cached keys and values (rotated keys for RoPE models), memory slots excluded, in
 /// buffers allocated ahead: appending writes the new positions in place (doubling the buffer when
-/// it is full) instead of copying the whole past on every step.
+/// it is full) instead of copying the whole past on every step. The buffers are the backend's
+/// tensors, or host vectors while a GGUF llama decodes on the host
+/// ([`crate::host_step`]); each path moves them to its side when it needs them.
 #[derive(Debug, Clone)]
 pub struct LayerCache<B: Backend> {
-    /// `[batch, n_kv_heads, capacity, head_dim]`, or `None` before the first step; positions
-    /// `len..capacity` are unused.
-    pub key: Option<Tensor<B, 4>>,
-    /// `[batch, n_kv_heads, capacity, head_dim]`.
-    pub value: Option<Tensor<B, 4>>,
+    pub(crate) buffers: Buffers<B>,
     /// Positions filled.
     pub len: usize,
 }
 
+/// Where a [`LayerCache`]'s keys and values live.
+#[derive(Debug, Clone)]
+pub(crate) enum Buffers<B: Backend> {
+    /// Before the first step.
+    Empty,
+    /// `[batch, n_kv_heads, capacity, head_dim]` each; positions `len..capacity` are unused.
+    Tensors {
+        key: Tensor<B, 4>,
+        value: Tensor<B, 4>,
+    },
+    /// The same layout on the host.
+    Host(HostKv),
+}
+
 /// Positions the first append reserves beyond the ones it writes.
-const INITIAL_SPARE: usize = 64;
+pub(crate) const INITIAL_SPARE: usize = 64;
+
+/// The capacity a buffer grows to when `end` positions do not fit.
+pub(crate) fn grown_capacity(end: usize) -> usize {
+    (2 * end).max(end + INITIAL_SPARE)
+}
 
 impl<B: Backend> LayerCache<B> {
+    /// Positions the buffers hold before they grow (0 before the first step).
+    pub fn capacity(&self) -> usize {
+        match &self.buffers {
+            Buffers::Empty => 0,
+            Buffers::Tensors { key, .. } => key.dims()[2],
+            Buffers::Host(host) => host.capacity,
+        }
+    }
+
+    /// The buffers as tensors on `device` (moved there from the host if they were on it).
+    fn tensors(&mut self, device: &B::Device) -> Option<(Tensor<B, 4>, Tensor<B, 4>)> {
+        match std::mem::replace(&mut self.buffers, Buffers::Empty) {
+            Buffers::Empty => None,
+            Buffers::Tensors { key, value } => Some((key, value)),
+            Buffers::Host(host) => {
+                let shape = host.shape();
+                let tensor = |values: Vec<f32>| {
+                    Tensor::from_data(
+                        TensorData::new(values, shape).convert::<B::FloatElem>(),
+                        device,
+                    )
+                };
+                Some((tensor(host.key), tensor(host.value)))
+            }
+        }
+    }
+
+    /// The buffers on the host (moved there from the backend if they were on it), for a cache of
+    /// `batch` rows of `n_kv_heads × head_dim`.
+    pub(crate) fn host(
+        &mut self,
+        batch: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+    ) -> Result<&mut HostKv, LmError> {
+        let host = match std::mem::replace(&mut self.buffers, Buffers::Empty) {
+            Buffers::Host(host) => host,
+            Buffers::Empty => HostKv::new(batch, n_kv_heads, head_dim),
+            Buffers::Tensors { key, value } => {
+                let shape = key.dims();
+                let values = |t: Tensor<B, 4>| {
+                    t.into_data()
+                        .convert::<f32>()
+                        .into_vec::<f32>()
+                        .map_err(|e| LmError::InvalidInput {
+                            input: "cache",
+                            reason: format!("cannot read the cached keys and values: {e:?}"),
+                        })
+                };
+                HostKv::from_buffers(shape, values(key)?, values(value)?)
+            }
+        };
+        if host.shape()[0] != batch {
+            let reason = format!("batch of {batch} for a cache holding {}", host.shape()[0]);
+            self.buffers = Buffers::Host(host);
+            return Err(LmError::InvalidInput {
+                input: "cache",
+                reason,
+            });
+        }
+        self.buffers = Buffers::Host(host);
+        match &mut self.buffers {
+            Buffers::Host(host) => Ok(host),
+            _ => unreachable!("set just above"),
+        }
+    }
+
     /// Appends this step's keys/values and returns the full sequences.
     ///
     /// # Shapes
@@ -32,11 +119,12 @@ impl<B: Backend> LayerCache<B> {
     ) -> (Tensor<B, 4>, Tensor<B, 4>) {
         let [batch, heads, new, head_dim] = key.dims();
         let (start, end) = (self.len, self.len + new);
+        let old = self.tensors(&key.device());
         let write = |buffer: Option<Tensor<B, 4>>, fresh: Tensor<B, 4>| {
             let buffer = match buffer {
                 Some(buffer) if buffer.dims()[2] >= end => buffer,
                 old => {
-                    let capacity = (2 * end).max(end + INITIAL_SPARE);
+                    let capacity = grown_capacity(end);
                     let grown = Tensor::zeros([batch, heads, capacity, head_dim], &fresh.device());
                     match old {
                         Some(old) if start > 0 => grown.slice_assign(
@@ -49,15 +137,18 @@ impl<B: Backend> LayerCache<B> {
             };
             buffer.slice_assign([0..batch, 0..heads, start..end, 0..head_dim], fresh)
         };
-        let key_buffer = write(self.key.take(), key);
-        let value_buffer = write(self.value.take(), value);
+        let (old_key, old_value) = old.unzip();
+        let key_buffer = write(old_key, key);
+        let value_buffer = write(old_value, value);
         self.len = end;
         let (key, value) = (
             key_buffer.clone().narrow(2, 0, end),
             value_buffer.clone().narrow(2, 0, end),
         );
-        self.key = Some(key_buffer);
-        self.value = Some(value_buffer);
+        self.buffers = Buffers::Tensors {
+            key: key_buffer,
+            value: value_buffer,
+        };
         (key, value)
     }
 }
@@ -78,8 +169,7 @@ impl<B: Backend> KvCache<B> {
         Self {
             layers: (0..n_layers)
                 .map(|_| LayerCache {
-                    key: None,
-                    value: None,
+                    buffers: Buffers::Empty,
                     len: 0,
                 })
                 .collect(),

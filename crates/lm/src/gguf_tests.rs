@@ -663,3 +663,86 @@ fn a_gguf_model_that_trains_takes_gradients_through_its_f32_weights() {
         .into_scalar() as usize;
     assert_eq!(rows_touched, 64);
 }
+
+/// The host steps (`crate::host_step`) against burn's path over the same blocks, step by step
+/// through every move of the cache: filled on the host, moved to the backend by a step of more
+/// rows than the blocks take, back to the host, grown on the host. Batch 2, grouped-query heads.
+#[test]
+fn host_steps_equal_burn_steps_through_every_move_of_the_cache() {
+    use crate::cache::Buffers;
+    let mut config = block_llama();
+    if let LmConfig::Llama(c) = &mut config {
+        c.max_seq_len = 160;
+    }
+    let mut model = config.init::<B>(&device()).unwrap();
+    // Norms of their own (a fresh model's are all ones, alike).
+    let Lm::Llama(llama) = &mut model else {
+        unreachable!()
+    };
+    for layer in &mut llama.layers {
+        for norm in [
+            &mut layer.input_layernorm,
+            &mut layer.post_attention_layernorm,
+        ] {
+            norm.weight = burn::module::Param::from_tensor(Tensor::random(
+                [32],
+                burn::tensor::Distribution::Uniform(0.5, 1.5),
+                &device(),
+            ));
+        }
+    }
+    // Positions per sequence of each step: host (6 rows), host, host, a catch-up on the host
+    // (14 rows), burn (70 rows: the cache moves to the backend), host (it moves back), a
+    // catch-up that grows the host buffers past their 67 positions, host, host.
+    let steps = [3, 1, 1, 7, 35, 1, 20, 1, 1];
+    for store in [Store::Q4_1, Store::Q8_0, Store::Q4_0] {
+        let file = parse(&llama_to_gguf(&model, store)).unwrap();
+        let on_host = Lm::<B>::from_gguf_for_decoding(&file, &device()).unwrap();
+        let mut through_burn = on_host.clone();
+        let Lm::Llama(llama) = &mut through_burn else {
+            unreachable!()
+        };
+        for layer in &mut llama.layers {
+            layer.host_norms = None;
+        }
+        let (mut host_cache, mut burn_cache) = (on_host.new_cache(), through_burn.new_cache());
+        let mut position = 0i64;
+        for (s, &n) in steps.iter().enumerate() {
+            let ids: Vec<i64> = (0..2 * n as i64)
+                .map(|i| (i * 11 + position * 5 + 3) % 64)
+                .collect();
+            position += n as i64;
+            let tokens = Tensor::<B, 1, Int>::from_data(ids.as_slice(), &device()).reshape([2, n]);
+            let host = on_host
+                .forward(LmInput::new(tokens.clone()), Some(&mut host_cache))
+                .unwrap();
+            let burn = through_burn
+                .forward(LmInput::new(tokens), Some(&mut burn_cache))
+                .unwrap();
+            let diff = max_abs_diff(host.logits, burn.logits);
+            assert!(diff < 2e-5, "{store:?} step {s} ({n} rows): |Δ| = {diff}");
+            let diff = max_abs_diff(host.hidden, burn.hidden);
+            assert!(diff < 2e-5, "{store:?} step {s}: hidden |Δ| = {diff}");
+            let on_the_host = matches!(host_cache.layers[1].buffers, Buffers::Host(_));
+            assert_eq!(on_the_host, 2 * n <= crate::MAX_BLOCK_ROWS, "step {s}");
+            assert!(matches!(
+                burn_cache.layers[1].buffers,
+                Buffers::Tensors { .. }
+            ));
+        }
+        assert_eq!(host_cache.layers[0].capacity(), 2 * 68);
+        // Without a cache: one forward of 5 positions.
+        let tokens = Tensor::<B, 2, Int>::from_data([[1, 5, 9, 2, 7], [3, 3, 8, 0, 4]], &device());
+        let diff = max_abs_diff(
+            on_host
+                .forward(LmInput::new(tokens.clone()), None)
+                .unwrap()
+                .logits,
+            through_burn
+                .forward(LmInput::new(tokens), None)
+                .unwrap()
+                .logits,
+        );
+        assert!(diff < 2e-5, "{store:?} without a cache: |Δ| = {diff}");
+    }
+}

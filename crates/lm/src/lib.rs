@@ -36,6 +36,7 @@ mod config;
 mod error;
 mod gguf;
 mod gpt2;
+mod host_step;
 mod import;
 mod llama;
 mod model;

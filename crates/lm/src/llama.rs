@@ -12,12 +12,15 @@ use std::sync::Arc;
 use crate::GgufFile;
 use crate::attention::{Attention, AttentionConfig, LayerMemory};
 use crate::cache::{KvCache, LayerCache};
+use crate::host_step::{HostBlock, HostKv, StepShape, block_step};
 use crate::model::{
     LmInput, LmOutput, add_offset, init_normal, logit_positions, prepare_step, tied_logits,
 };
 use crate::names::{Layout, WeightName};
 use crate::norm::RmsNorm;
-use crate::quantised::{BlockMatrix, llama_blocks, products_from_blocks, project, project_all};
+use crate::quantised::{
+    BlockMatrix, Kernel, MAX_BLOCK_ROWS, llama_blocks, products_from_blocks, project, project_all,
+};
 use crate::rope::Rope;
 use crate::{LlamaConfig, LmConfig, LmDims, LmError};
 
@@ -158,6 +161,10 @@ pub struct LlamaBlock<B: Backend> {
     pub post_attention_layernorm: RmsNorm<B>,
     /// SwiGLU MLP.
     pub mlp: SwiGlu<B>,
+    /// The two norms' weights on the host (before attention, before the MLP), for the host
+    /// steps of a model decoding from GGUF blocks ([`crate::host_step`]).
+    #[module(skip)]
+    pub host_norms: Option<Arc<[Vec<f32>; 2]>>,
 }
 
 /// A llama-family decoder. Build with [`LmConfig::init`].
@@ -212,6 +219,7 @@ impl<B: Backend> Llama<B> {
                         down_proj: linear(c.d_ff, c.d_model, residual_std),
                         gguf_blocks: None,
                     },
+                    host_norms: None,
                 }
             })
             .collect();
@@ -231,12 +239,39 @@ impl<B: Backend> Llama<B> {
     /// loaded from ([`crate::quantised`]).
     pub(crate) fn attach_gguf_blocks(&mut self, gguf: &GgufFile) -> Result<(), LmError> {
         let (layers, output) = llama_blocks(gguf, &self.config)?;
+        let host = |norm: &RmsNorm<B>| {
+            norm.weight
+                .val()
+                .into_data()
+                .convert::<f32>()
+                .into_vec::<f32>()
+                .map_err(|e| gguf.error(format!("cannot read a norm's weights: {e:?}")))
+        };
         for (layer, blocks) in self.layers.iter_mut().zip(layers) {
             layer.self_attn.gguf_blocks = blocks.attention;
             layer.mlp.gguf_blocks = blocks.mlp;
+            layer.host_norms = Some(Arc::new([
+                host(&layer.input_layernorm)?,
+                host(&layer.post_attention_layernorm)?,
+            ]));
         }
         self.output_blocks = output;
         Ok(())
+    }
+
+    /// Every block's norms and matrices for the host steps, when all of them were loaded from
+    /// GGUF blocks ([`Llama::attach_gguf_blocks`]).
+    fn host_blocks(&self) -> Option<Vec<HostBlock<'_>>> {
+        self.layers
+            .iter()
+            .map(|layer| {
+                Some(HostBlock {
+                    norms: layer.host_norms.as_deref()?,
+                    attention: layer.self_attn.gguf_blocks.as_deref()?,
+                    mlp: layer.mlp.gguf_blocks.as_deref()?,
+                })
+            })
+            .collect()
     }
 
     /// See [`crate::Lm::dims`].
@@ -256,25 +291,68 @@ impl<B: Backend> Llama<B> {
         let rope = Rope {
             head_dim: self.config.d_model / self.config.n_heads,
             theta: self.config.rope_theta,
-        }
-        .tables::<B>(step.start, seq, &input.tokens.device());
+        };
+        let device = input.tokens.device();
         let mut x = add_offset(
             self.embed_tokens.forward(input.tokens),
             input.embedding_offset.as_ref(),
         );
-        for (i, layer) in self.layers.iter().enumerate() {
-            let memory: Option<&LayerMemory<B>> = input.memory.as_ref().map(|m| &m[i]);
-            let layer_cache: Option<&mut LayerCache<B>> =
-                cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            let attended = layer.self_attn.forward(
-                layer.input_layernorm.forward(x.clone()),
-                Some(&rope),
-                step.mask.clone(),
-                memory,
-                layer_cache,
+        let [batch, _, d_model] = x.dims();
+        let host_blocks = self.host_blocks().filter(|_| {
+            batch * seq <= MAX_BLOCK_ROWS
+                && input.memory.is_none()
+                && input.padding.is_none()
+                && cache.as_ref().is_none_or(|c| c.padding.is_none())
+                && !x.is_require_grad()
+                && !self.embed_tokens.weight.val().is_require_grad()
+        });
+        if let Some(blocks) = host_blocks {
+            // Every block on the host (crate::host_step): the activations leave the backend
+            // once and come back once.
+            let shape = StepShape {
+                batch,
+                seq,
+                start: step.start,
+                n_heads: self.config.n_heads,
+                n_kv_heads: self.config.n_kv_heads,
+                head_dim: rope.head_dim,
+                norm_eps: self.config.norm_eps,
+            };
+            let [cos, sin] = rope.host_tables(step.start, seq);
+            let mut rows: Vec<f32> = x.to_data().iter::<f32>().collect();
+            let kernel = Kernel::detect();
+            for (i, block) in blocks.iter().enumerate() {
+                let mut scratch = None;
+                let kv = match cache.as_deref_mut() {
+                    Some(c) => {
+                        let layer = &mut c.layers[i];
+                        layer.len = step.start + seq;
+                        layer.host(batch, shape.n_kv_heads, shape.head_dim)?
+                    }
+                    None => scratch.insert(HostKv::new(batch, shape.n_kv_heads, shape.head_dim)),
+                };
+                block_step(block, &shape, [&cos, &sin], &mut rows, kv, kernel);
+            }
+            x = Tensor::from_data(
+                TensorData::new(rows, [batch, seq, d_model]).convert::<B::FloatElem>(),
+                &device,
             );
-            x = x + attended;
-            x = x.clone() + layer.mlp.forward(layer.post_attention_layernorm.forward(x));
+        } else {
+            let rope = rope.tables::<B>(step.start, seq, &device);
+            for (i, layer) in self.layers.iter().enumerate() {
+                let memory: Option<&LayerMemory<B>> = input.memory.as_ref().map(|m| &m[i]);
+                let layer_cache: Option<&mut LayerCache<B>> =
+                    cache.as_deref_mut().map(|c| &mut c.layers[i]);
+                let attended = layer.self_attn.forward(
+                    layer.input_layernorm.forward(x.clone()),
+                    Some(&rope),
+                    step.mask.clone(),
+                    memory,
+                    layer_cache,
+                );
+                x = x + attended;
+                x = x.clone() + layer.mlp.forward(layer.post_attention_layernorm.forward(x));
+            }
         }
         let hidden = self.norm.forward(x);
         let positions = logit_positions(&hidden, last_only);

@@ -22,6 +22,27 @@ pub struct Rope {
 }
 
 impl Rope {
+    /// `cos(p θ_i)` and `sin(p θ_i)` for positions `p` in `start..start + len`, each row the
+    /// half-width table twice (lined up with `rotate_half`), angles in f64, values rounded to f32.
+    ///
+    /// # Shapes
+    /// - output: `[len, head_dim]` row-major each
+    pub fn host_tables(&self, start: usize, len: usize) -> [Vec<f32>; 2] {
+        let half = self.head_dim / 2;
+        let mut cos = Vec::with_capacity(len * self.head_dim);
+        let mut sin = Vec::with_capacity(len * self.head_dim);
+        for pos in start..start + len {
+            let angles: Vec<f64> = (0..half)
+                .map(|i| pos as f64 * self.theta.powf(-2.0 * i as f64 / self.head_dim as f64))
+                .collect();
+            for _ in 0..2 {
+                cos.extend(angles.iter().map(|a| a.cos() as f32));
+                sin.extend(angles.iter().map(|a| a.sin() as f32));
+            }
+        }
+        [cos, sin]
+    }
+
     /// The `cos`/`sin` tables for positions `start..start + len`, computed once per forward pass and
     /// shared by every layer.
     pub fn tables<B: Backend>(
@@ -30,19 +51,7 @@ impl Rope {
         len: usize,
         device: &B::Device,
     ) -> RopeTables<B> {
-        let half = self.head_dim / 2;
-        let mut cos = Vec::with_capacity(len * self.head_dim);
-        let mut sin = Vec::with_capacity(len * self.head_dim);
-        for pos in start..start + len {
-            let angles: Vec<f64> = (0..half)
-                .map(|i| pos as f64 * self.theta.powf(-2.0 * i as f64 / self.head_dim as f64))
-                .collect();
-            // The half-width table twice, lined up with `rotate_half`.
-            for _ in 0..2 {
-                cos.extend(angles.iter().map(|a| a.cos() as f32));
-                sin.extend(angles.iter().map(|a| a.sin() as f32));
-            }
-        }
+        let [cos, sin] = self.host_tables(start, len);
         let table = |values: Vec<f32>| {
             Tensor::<B, 2>::from_data(
                 TensorData::new(values, [len, self.head_dim]).convert::<B::FloatElem>(),
