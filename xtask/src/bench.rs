@@ -531,6 +531,47 @@ pub fn bench(out: &Path, pairs: usize) -> Result<()> {
         ));
     }
 
+    // What the collaborative rows are made of: steps of several rows (a lazy assistant's
+    // catch-up) against a step of one.
+    eprintln!("xtask: bench: chorus bench-rows");
+    let steps: Value = serde_json::from_str(&output(
+        Command::new(&chorus).args(["bench-rows", "--gguf", &gguf_s, "--rows", "1,2,4,6,8"]),
+        "chorus bench-rows",
+    )?)?;
+    let step_ms: Vec<(u64, f64)> = steps["steps"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|s| (s["rows"].as_u64().unwrap_or(0), 1e3 * f(s, "seconds")))
+                .collect()
+        })
+        .unwrap_or_default();
+    let ms_of = |rows: u64| {
+        step_ms
+            .iter()
+            .find(|(n, _)| *n == rows)
+            .map_or(f64::NAN, |(_, ms)| *ms)
+    };
+    let deferral = f(&median_run(&composed_runs[0], key), "deferral_rate");
+    let (one_row, extra_row) = (ms_of(1), (ms_of(6) - ms_of(1)) / 5.0);
+    let rows_paragraph = format!(
+        "Steps of several rows (`chorus bench-rows`, SmolLM2 after 16 positions, medians of 7): {}.
+         A lazy assistant reads every token once, so over N tokens at deferral rate d it runs d·N
+         steps and (1 − d)·N extra rows: collaborative / single ≈ 1 / ((1 + d) + (1 − d)·r/s) for a
+         one-row step s = {one_row:.1} ms and an extra row r = (t₆ − t₁)/5 = {extra_row:.1} ms. Here
+         r/s = {:.2}, which predicts {:.2}× at the lazy row's {:.0} % deferral; 0.8× would need
+         r/s ≤ {:.2}.",
+        step_ms
+            .iter()
+            .map(|(n, ms)| format!("{n} row{} {ms:.1} ms", if *n == 1 { "" } else { "s" }))
+            .collect::<Vec<_>>()
+            .join(", "),
+        extra_row / one_row,
+        1.0 / ((1.0 + deferral) + (1.0 - deferral) * extra_row / one_row),
+        100.0 * deferral,
+        (1.0 / 0.8 - (1.0 + deferral)) / (1.0 - deferral),
+    );
+
     // SmolLM2-135M: 134.5 M parameters; f32 weights 4 bytes each, Q4_1 ≈ 0.6 bytes.
     let (f32_ceiling, q4_ceiling) = (copy * 1e9 / (134.5e6 * 4.0), copy * 1e9 / (134.5e6 * 0.6));
     let date = output(Command::new("date").arg("-u").arg("+%Y-%m-%d"), "date")?;
@@ -544,7 +585,8 @@ pub fn bench(out: &Path, pairs: usize) -> Result<()> {
          | work | chorus | peer | chorus / peer |\n|---|---|---|---|\n{}\n\n\
          Ceilings: f32 GEMM {gemm:.0} GFLOP/s (numpy/OpenBLAS, 2 threads, {}³); buffer copy {copy:.1} GB/s\n\
          (read + write). Single-stream decode reads every weight once per token, so SmolLM2-135M\n\
-         decodes at most ≈ {f32_ceiling:.0} tok/s from f32 weights and ≈ {q4_ceiling:.0} tok/s from Q4_1.\n\
+         decodes at most ≈ {f32_ceiling:.0} tok/s from f32 weights and ≈ {q4_ceiling:.0} tok/s from Q4_1.\n\n\
+         {rows_paragraph}\n\
          <!-- bench:end -->",
         date.trim(),
         machine(),

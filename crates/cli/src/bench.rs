@@ -272,3 +272,85 @@ pub fn score<B: Backend>(
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
 }
+
+/// What `chorus bench-rows` prints.
+#[derive(Serialize)]
+struct RowsReport {
+    system: &'static str,
+    context: usize,
+    repeats: usize,
+    /// Per row count: the median seconds of one step.
+    steps: Vec<RowsStep>,
+}
+
+#[derive(Serialize)]
+struct RowsStep {
+    rows: usize,
+    seconds: f64,
+}
+
+/// `chorus bench-rows`: for each row count `n` in `rows`, `repeats` times: a fresh cache takes
+/// `context` tokens, then one step of `n` more (the logits of the last only, as decoding asks
+/// for) is timed; prints a JSON line with each count's median step time. A step of one row is
+/// single-stream decoding; more rows are a lazy assistant's catch-up, whose cost beyond one row
+/// decides how collaborative decoding compares with decoding alone (docs/performance.md).
+pub fn rows<B: Backend>(
+    gguf: &std::path::Path,
+    context: usize,
+    rows: &[usize],
+    repeats: usize,
+    from_blocks: bool,
+    device: &B::Device,
+) -> Result<()> {
+    let file = chorus_lm::GgufFile::open(gguf)?;
+    let model = if from_blocks {
+        Lm::<B>::from_gguf_for_decoding(&file, device)?
+    } else {
+        Lm::<B>::from_gguf(&file, device)?
+    };
+    let vocab = model.dims().vocab_size;
+    let tokens = |start: usize, n: usize| {
+        let ids: Vec<i64> = (start..start + n)
+            .map(|t| i64::from(score_token(0, t, vocab)))
+            .collect();
+        Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, n]), device)
+    };
+    let mut steps = Vec::with_capacity(rows.len());
+    for &n in rows {
+        let mut seconds = Vec::with_capacity(repeats.max(1));
+        // One untimed round first (warm-up), then the timed ones.
+        for round in 0..=repeats.max(1) {
+            let mut cache = model.new_cache();
+            if context > 0 {
+                model.forward(
+                    LmInput::new(tokens(0, context)).with_last_logits_only(),
+                    Some(&mut cache),
+                )?;
+            }
+            let started = Instant::now();
+            let logits = model
+                .forward(
+                    LmInput::new(tokens(context, n)).with_last_logits_only(),
+                    Some(&mut cache),
+                )?
+                .logits;
+            logits.into_data();
+            if round > 0 {
+                seconds.push(started.elapsed().as_secs_f64());
+            }
+        }
+        seconds.sort_by(f64::total_cmp);
+        steps.push(RowsStep {
+            rows: n,
+            seconds: seconds[seconds.len() / 2],
+        });
+    }
+    let report = RowsReport {
+        system: "chorus",
+        context,
+        repeats,
+        steps,
+    };
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}

@@ -343,6 +343,25 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         steps: usize,
     },
+    /// Time decoding steps of several rows of a GGUF model — a lazy assistant's catch-up over the
+    /// tokens it missed, a short prompt — against a step of one row; prints a JSON line for
+    /// `cargo xtask bench`.
+    ///
+    /// Example: chorus bench-rows --gguf SmolLM2-135M-Instruct.Q4_1.gguf --rows 1,2,4,6,8
+    BenchRows {
+        /// The model (loaded for decoding: few-row products from its blocks on the CPU).
+        #[arg(long)]
+        gguf: PathBuf,
+        /// Positions already in the cache before each timed step.
+        #[arg(long, default_value_t = 16)]
+        context: usize,
+        /// Rows per timed step.
+        #[arg(long, value_delimiter = ',', default_value = "1,2,4,6,8,16")]
+        rows: Vec<usize>,
+        /// Timed steps per row count (the median is reported).
+        #[arg(long, default_value_t = 7)]
+        repeats: usize,
+    },
     /// Time scoring (a batched forward and the log-probs of given tokens) of a GGUF model; prints
     /// a JSON line for `cargo xtask bench`.
     BenchScore {
@@ -636,6 +655,19 @@ fn run(cli: Cli) -> Result<()> {
             repeats,
         } => with_backend!(cli.device, |B, device| bench::score::<B>(
             &gguf, batch, seq, repeats, &device
+        )),
+        Command::BenchRows {
+            gguf,
+            context,
+            rows,
+            repeats,
+        } => with_backend!(cli.device, |B, device| bench::rows::<B>(
+            &gguf,
+            context,
+            &rows,
+            repeats,
+            cli.device.decodes_from_gguf_blocks(),
+            &device
         )),
         Command::CheckReference {
             gguf,
