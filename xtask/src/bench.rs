@@ -4,7 +4,9 @@
 //! Rows: the machine's ceilings (numpy GEMM, a buffer copy); one LM's training step (forward,
 //! cross-entropy, backward, AdamW) at the small and the SmolLM2-135M shape against the PyTorch twin
 //! (`benches/twin/train_step.py`); SmolLM2-135M prefill and single-stream greedy decode against
-//! llama.cpp (llama-cpp-python). Peers live in a virtualenv under $CHORUS_CACHE/venv, installed on
+//! llama.cpp (llama-cpp-python); collaborative decoding against single-model decoding, and the
+//! steps of several rows against one (`chorus bench-rows`) that explain its ratio. Peers live in
+//! a virtualenv under $CHORUS_CACHE/venv, installed on
 //! first use from PyPI. Run it on an idle machine: the table says "no other load" unless
 //! `CHORUS_BENCH_NOTE` says otherwise.
 
@@ -555,11 +557,11 @@ pub fn bench(out: &Path, pairs: usize) -> Result<()> {
     let deferral = f(&median_run(&composed_runs[0], key), "deferral_rate");
     let (one_row, extra_row) = (ms_of(1), (ms_of(6) - ms_of(1)) / 5.0);
     let rows_paragraph = format!(
-        "Steps of several rows (`chorus bench-rows`, SmolLM2 after 16 positions, medians of 7): {}.
-         A lazy assistant reads every token once, so over N tokens at deferral rate d it runs d·N
-         steps and (1 − d)·N extra rows: collaborative / single ≈ 1 / ((1 + d) + (1 − d)·r/s) for a
-         one-row step s = {one_row:.1} ms and an extra row r = (t₆ − t₁)/5 = {extra_row:.1} ms. Here
-         r/s = {:.2}, which predicts {:.2}× at the lazy row's {:.0} % deferral; 0.8× would need
+        "Steps of several rows (`chorus bench-rows`, SmolLM2 after 16 positions, medians of 7): {}.\n\
+         A lazy assistant reads every token once, so over N tokens at deferral rate d it runs d·N\n\
+         steps and (1 − d)·N extra rows: collaborative / single ≈ 1 / ((1 + d) + (1 − d)·r/s) for a\n\
+         one-row step s = {one_row:.1} ms and an extra row r = (t₆ − t₁)/5 = {extra_row:.1} ms. Here\n\
+         r/s = {:.2}, which predicts {:.2}× at the lazy row's {:.0} % deferral; 0.8× would need\n\
          r/s ≤ {:.2}.",
         step_ms
             .iter()
