@@ -18,6 +18,20 @@ ROOT = Path(__file__).resolve().parent.parent
 
 MUTANTS = [
     (
+        "weight transpose: the last band of a ragged matrix is left at zero",
+        "crates/lm/src/names.rs",
+        "            let band_cols = chunk.len() / rows;",
+        "            let band_cols = if chunk.len() < 32 * rows { 0 } else { 32 };",
+        ["-p", "chorus-lm", "--lib", "transpose_moves_every_value"],
+    ),
+    (
+        "weight transpose: a tile's rows stop at the tile of the first band",
+        "crates/lm/src/names.rs",
+        "                    for r in r0..(r0 + TILE).min(rows) {",
+        "                    for r in r0..(r0 + TILE).min(rows).min(TILE) {",
+        ["-p", "chorus-lm", "--lib", "transpose_moves_every_value"],
+    ),
+    (
         "host step: RoPE rotates the second half the wrong way",
         "crates/lm/src/host_step.rs",
         "                head[i + half] = x2 * cos[i + half] + x1 * sin[i + half];",

@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::prelude::*;
 use burn_store::{ModuleSnapshot, TensorSnapshot};
+use rayon::prelude::*;
 
 use crate::LmError;
 use crate::import::NamedTensors;
@@ -68,14 +69,27 @@ pub(crate) struct Heads {
     pub(crate) n_kv_heads: usize,
 }
 
-/// `[rows, cols]` row-major → `[cols, rows]` row-major.
+/// `[rows, cols]` row-major → `[cols, rows]` row-major, in tiles of 32 × 32 (a tile's reads and
+/// writes stay in the cache) and over the thread pool, a band of 32 output rows per task.
 pub(crate) fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    const TILE: usize = 32;
     let mut out = vec![0.0; values.len()];
-    for r in 0..rows {
-        for c in 0..cols {
-            out[c * rows + r] = values[r * cols + c];
-        }
+    if rows == 0 {
+        return out;
     }
+    out.par_chunks_mut(TILE * rows)
+        .enumerate()
+        .for_each(|(band, chunk)| {
+            let c0 = band * TILE;
+            let band_cols = chunk.len() / rows;
+            for r0 in (0..rows).step_by(TILE) {
+                for c in 0..band_cols {
+                    for r in r0..(r0 + TILE).min(rows) {
+                        chunk[c * rows + r] = values[r * cols + c0 + c];
+                    }
+                }
+            }
+        });
     out
 }
 
@@ -337,4 +351,27 @@ pub(crate) fn export_hf<B: Backend, M: ModuleSnapshot<B>>(
         out.push((hf, Layout::FusedQkv { part: 0 }.hf_shape(&shape), values));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::transpose;
+
+    #[test]
+    fn transpose_moves_every_value_for_shapes_that_are_not_whole_tiles() {
+        for (rows, cols) in [(45, 70), (1, 5), (70, 1), (32, 64), (33, 31), (0, 3)] {
+            let values: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+            let out = transpose(&values, rows, cols);
+            assert_eq!(out.len(), values.len());
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(
+                        out[c * rows + r],
+                        values[r * cols + c],
+                        "{rows}×{cols} [{r}, {c}]"
+                    );
+                }
+            }
+        }
+    }
 }
