@@ -162,7 +162,8 @@ pub struct LlamaBlock<B: Backend> {
     /// SwiGLU MLP.
     pub mlp: SwiGlu<B>,
     /// The two norms' weights on the host (before attention, before the MLP), for the host
-    /// steps of a model decoding from GGUF blocks ([`crate::host_step`]).
+    /// steps of a model decoding from GGUF blocks ([`crate::host_step`]): copied when the blocks
+    /// are attached, so, like the blocks, they are the file's values even if the model trains.
     #[module(skip)]
     pub host_norms: Option<Arc<[Vec<f32>; 2]>>,
 }
