@@ -302,7 +302,10 @@ pub fn bench(out: &Path, pairs: usize) -> Result<()> {
     let backends = [("ndarray", &chorus, "cpu"), ("tch", &torch_chorus, "tch")];
     let mut rows: Vec<String> = Vec::new();
 
-    let ceilings = measure(&mut twin("ceilings.py"), "the machine's ceilings")?;
+    let ceilings = measure(
+        twin("ceilings.py").args(["--gguf", &gguf_s]),
+        "the machine's ceilings",
+    )?;
     let (gemm, copy) = (f(&ceilings, "gemm_gflops"), f(&ceilings, "copy_gbps"));
 
     // Training steps: one LM at two shapes, the joint ELBO with cached and live assistants.
@@ -575,7 +578,8 @@ pub fn bench(out: &Path, pairs: usize) -> Result<()> {
     );
 
     // SmolLM2-135M: 134.5 M parameters; f32 weights 4 bytes each, Q4_1 ≈ 0.6 bytes.
-    let (f32_ceiling, q4_ceiling) = (copy * 1e9 / (134.5e6 * 4.0), copy * 1e9 / (134.5e6 * 0.6));
+    let gguf_bytes = f(&ceilings, "decode_bytes_per_token");
+    let (f32_ceiling, q4_ceiling) = (copy * 1e9 / (134.5e6 * 4.0), copy * 1e9 / gguf_bytes);
     let date = output(Command::new("date").arg("-u").arg("+%Y-%m-%d"), "date")?;
     let section = format!(
         "<!-- bench:begin -->\n\
@@ -587,7 +591,8 @@ pub fn bench(out: &Path, pairs: usize) -> Result<()> {
          | work | chorus | peer | chorus / peer |\n|---|---|---|---|\n{}\n\n\
          Ceilings: f32 GEMM {gemm:.0} GFLOP/s (numpy/OpenBLAS, 2 threads, {}³); buffer copy {copy:.1} GB/s\n\
          (read + write). Single-stream decode reads every weight once per token, so SmolLM2-135M\n\
-         decodes at most ≈ {f32_ceiling:.0} tok/s from f32 weights and ≈ {q4_ceiling:.0} tok/s from Q4_1.\n\n\
+         decodes at most ≈ {f32_ceiling:.0} tok/s from f32 weights and ≈ {q4_ceiling:.0} tok/s from its\n\
+         Q4_1 GGUF ({:.1} MB per token: the Q4_1 layers and the Q8_0 tied embedding).\n\n\
          {rows_paragraph}\n\
          <!-- bench:end -->",
         date.trim(),
@@ -595,6 +600,7 @@ pub fn bench(out: &Path, pairs: usize) -> Result<()> {
         std::env::var("CHORUS_BENCH_NOTE").unwrap_or_else(|_| "no other load".into()),
         rows.join("\n"),
         f(&ceilings, "gemm_n"),
+        gguf_bytes / 1e6,
     );
     let doc = root.join("docs/performance.md");
     let text = std::fs::read_to_string(&doc).unwrap_or_default();
