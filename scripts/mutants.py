@@ -18,6 +18,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 MUTANTS = [
     (
+        "host step: a padded step runs on the host, padding ignored",
+        "crates/lm/src/llama.rs",
+        "                && step.padding.is_none()\n",
+        "                && (step.padding.is_none() || true)\n",
+        ["-p", "chorus-lm", "--lib", "host_steps_equal"],
+    ),
+    (
         "weight transpose: the last band of a ragged matrix is left at zero",
         "crates/lm/src/names.rs",
         "            let band_cols = chunk.len() / rows;",

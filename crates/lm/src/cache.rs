@@ -32,7 +32,7 @@ pub(crate) enum Buffers<B: Backend> {
 }
 
 /// Positions the first append reserves beyond the ones it writes.
-pub(crate) const INITIAL_SPARE: usize = 64;
+const INITIAL_SPARE: usize = 64;
 
 /// The capacity a buffer grows to when `end` positions do not fit.
 pub(crate) fn grown_capacity(end: usize) -> usize {

@@ -739,10 +739,26 @@ fn host_steps_equal_burn_steps_through_every_move_of_the_cache() {
                 .unwrap()
                 .logits,
             through_burn
-                .forward(LmInput::new(tokens), None)
+                .forward(LmInput::new(tokens.clone()), None)
                 .unwrap()
                 .logits,
         );
         assert!(diff < 2e-5, "{store:?} without a cache: |Δ| = {diff}");
+        // Padding keeps burn's path (the host step has no padding mask): the same logits.
+        let padding = Tensor::<B, 2, Bool>::from_data(
+            [[true, true, false, false, false], [false; 5]],
+            &device(),
+        );
+        let padded = |model: &Lm<B>| {
+            model
+                .forward(
+                    LmInput::new(tokens.clone()).with_padding(padding.clone()),
+                    None,
+                )
+                .unwrap()
+                .logits
+        };
+        let diff = max_abs_diff(padded(&on_host), padded(&through_burn));
+        assert_eq!(diff, 0.0, "{store:?} with padding");
     }
 }

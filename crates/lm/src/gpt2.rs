@@ -235,6 +235,7 @@ impl<B: Backend> Gpt2<B> {
                 .expand([batch, seq]);
         let x = self.wte.forward(input.tokens) + self.wpe.forward(positions);
         let mut x = add_offset(x, input.embedding_offset.as_ref());
+        let mask = step.mask();
         for (i, block) in self.h.iter().enumerate() {
             let memory: Option<&LayerMemory<B>> = input.memory.as_ref().map(|m| &m[i]);
             let layer_cache: Option<&mut LayerCache<B>> =
@@ -242,7 +243,7 @@ impl<B: Backend> Gpt2<B> {
             let attended = block.attn.forward(
                 block.ln_1.forward(x.clone()),
                 None,
-                step.mask.clone(),
+                mask.clone(),
                 memory,
                 layer_cache,
             );

@@ -302,8 +302,7 @@ impl<B: Backend> Llama<B> {
         let host_blocks = self.host_blocks().filter(|_| {
             batch * seq <= MAX_BLOCK_ROWS
                 && input.memory.is_none()
-                && input.padding.is_none()
-                && cache.as_ref().is_none_or(|c| c.padding.is_none())
+                && step.padding.is_none()
                 && !x.is_require_grad()
                 && !self.embed_tokens.weight.val().is_require_grad()
         });
@@ -340,6 +339,7 @@ impl<B: Backend> Llama<B> {
             );
         } else {
             let rope = rope.tables::<B>(step.start, seq, &device);
+            let mask = step.mask();
             for (i, layer) in self.layers.iter().enumerate() {
                 let memory: Option<&LayerMemory<B>> = input.memory.as_ref().map(|m| &m[i]);
                 let layer_cache: Option<&mut LayerCache<B>> =
@@ -347,7 +347,7 @@ impl<B: Backend> Llama<B> {
                 let attended = layer.self_attn.forward(
                     layer.input_layernorm.forward(x.clone()),
                     Some(&rope),
-                    step.mask.clone(),
+                    mask.clone(),
                     memory,
                     layer_cache,
                 );

@@ -73,15 +73,32 @@ pub struct LmOutput<B: Backend> {
     pub hidden: Tensor<B, 3>,
 }
 
-/// Per-call facts every family needs, checked once: the first position, the attention mask and
-/// the validated conditioning.
+/// Per-call facts every family needs, checked once: the first position and the padding of every
+/// position the step sees (cache included).
 pub(crate) struct Step<B: Backend> {
     pub start: usize,
-    pub mask: Tensor<B, 3, Bool>,
+    /// `[batch, start + seq]`, true at padding; `None` when no position is padding.
+    pub padding: Option<Tensor<B, 2, Bool>>,
+    batch: usize,
+    seq: usize,
+    device: B::Device,
 }
 
-/// Validates `input` against the model's dims and the cache, builds the mask, and advances the
-/// cache's length and padding.
+impl<B: Backend> Step<B> {
+    /// The step's causal + padding mask ([`attention_mask`]), `[batch, seq, start + seq]`.
+    pub fn mask(&self) -> Tensor<B, 3, Bool> {
+        attention_mask(
+            self.batch,
+            self.seq,
+            self.start,
+            self.padding.clone(),
+            &self.device,
+        )
+    }
+}
+
+/// Validates `input` against the model's dims and the cache, and advances the cache's length and
+/// padding.
 pub(crate) fn prepare_step<B: Backend>(
     dims: &LmDims,
     input: &LmInput<B>,
@@ -188,8 +205,13 @@ pub(crate) fn prepare_step<B: Backend>(
             padding
         }
     };
-    let mask = attention_mask(batch, seq, start, padding, &device);
-    Ok(Step { start, mask })
+    Ok(Step {
+        start,
+        padding,
+        batch,
+        seq,
+        device,
+    })
 }
 
 /// Adds the embedding offset `[batch, d_model]` to every position of `x` `[batch, seq, d_model]`.
