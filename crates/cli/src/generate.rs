@@ -268,7 +268,12 @@ fn load_model<B: Backend>(
     gguf_blocks: bool,
 ) -> Result<(Chorus<B>, Vec<String>, Tokenizer)> {
     if path.join(chorus_model::MANIFEST_FILE).is_file() || path.join("state.json").is_file() {
-        let saved = Chorus::<B>::load(path, device)?;
+        let mut saved = Chorus::<B>::load(path, device)?;
+        if gguf_blocks {
+            for note in saved.attach_gguf_blocks() {
+                eprintln!("note: {note}");
+            }
+        }
         return Ok((saved.model, saved.manifest.sources, saved.tokenizer));
     }
     let (lm, tokenizer) = open_lm::<B>(path, device, gguf_blocks)?;

@@ -1,7 +1,9 @@
 //! GGUF and Hugging Face import/export: dequantisation, the llama.cpp Q/K permutation, tokenizer,
 //! round trips, malformed files, and a mutation fuzzer over the reader.
 
+use burn::module::Param;
 use burn::prelude::*;
+use burn::tensor::Distribution;
 use chorus_data::rng::SplitMix64;
 
 use crate::gguf_writer::{Store, Writer};
@@ -624,6 +626,90 @@ fn a_gguf_model_decodes_from_its_blocks_as_from_its_f32_weights() {
     );
 }
 
+/// A model whose weights came from a GGUF file by another road (a joint checkpoint saves a
+/// frozen GGUF assistant in f32; here a chorus LM directory, save → load) decodes from that
+/// file's blocks once they are attached, as the model read for decoding does; the blocks of any
+/// other file are refused, naming the file and the first matrix that differs, and the model
+/// stays as it was.
+#[test]
+fn blocks_attach_only_to_the_model_whose_weights_they_hold() {
+    let model = block_llama().init::<B>(&device()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, model: &Lm<B>| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, llama_to_gguf(model, Store::Q4_1).bytes()).unwrap();
+        path
+    };
+    // Written first: it initialises the model's lazy weights, which its clones share then.
+    let own = write("own.gguf", &model);
+    // Two files that differ from the model's in one matrix each: the last layer's down
+    // projection, the (tied) output layer.
+    let changed = |edit: fn(&mut crate::Llama<B>)| {
+        let mut other = model.clone();
+        let Lm::Llama(llama) = &mut other else {
+            unreachable!()
+        };
+        edit(llama);
+        other
+    };
+    fn random(w: Tensor<B, 2>) -> Param<Tensor<B, 2>> {
+        Param::from_tensor(w.random_like(Distribution::Default))
+    }
+    let down = changed(|l| {
+        let mlp = &mut l.layers.last_mut().unwrap().mlp;
+        mlp.down_proj.weight = random(mlp.down_proj.weight.val());
+    });
+    let output = changed(|l| l.embed_tokens.weight = random(l.embed_tokens.weight.val()));
+    let file = GgufFile::open(&own).unwrap();
+    let decoding = Lm::<B>::from_gguf_for_decoding(&file, &device()).unwrap();
+    Lm::<B>::from_gguf(&file, &device())
+        .unwrap()
+        .save(dir.path().join("lm"))
+        .unwrap();
+    let saved = || Lm::<B>::load(dir.path().join("lm"), &device()).unwrap();
+    let has_blocks = |lm: &Lm<B>| matches!(lm, Lm::Llama(l) if l.host_blocks().is_some());
+    let (_, expected) = prefill_and_steps(&decoding);
+    let (_, f32_steps) = prefill_and_steps(&saved());
+
+    let mut attached = saved();
+    assert!(!has_blocks(&attached));
+    attached.attach_gguf_blocks(&own).unwrap();
+    assert!(has_blocks(&attached));
+    let (_, steps) = prefill_and_steps(&attached);
+    for (s, (a, b)) in steps.into_iter().zip(expected).enumerate() {
+        assert_eq!(max_abs_diff(a, b), 0.0, "step {s}: not the blocks' numbers");
+    }
+    assert!(
+        max_abs_diff(
+            f32_steps[0].clone(),
+            prefill_and_steps(&attached).1[0].clone()
+        ) > 0.0
+    );
+
+    let mut refused = saved();
+    let last = block_llama().dims().n_layers - 1;
+    for (other, name) in [
+        (&down, format!("blk.{last}.ffn_down.weight")),
+        (&output, "token_embd.weight".into()),
+    ] {
+        let path = write("other.gguf", other);
+        let err = refused.attach_gguf_blocks(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("other.gguf") && err.contains(&format!("`{name}` differs")),
+            "{err}"
+        );
+        assert!(
+            !has_blocks(&refused),
+            "the model changed although the blocks were refused"
+        );
+    }
+    let err = refused
+        .attach_gguf_blocks(&dir.path().join("moved.gguf"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("moved.gguf"), "{err}");
+}
+
 #[test]
 fn a_gguf_model_that_trains_takes_gradients_through_its_f32_weights() {
     type AD = burn::backend::Autodiff<B>;
@@ -666,7 +752,8 @@ fn a_gguf_model_that_trains_takes_gradients_through_its_f32_weights() {
 
 /// The host steps (`crate::host_step`) against burn's path over the same blocks, step by step
 /// through every move of the cache: filled on the host, moved to the backend by a step of more
-/// rows than the blocks take, back to the host, grown on the host. Batch 2, grouped-query heads.
+/// rows than the blocks take, back to the host, grown on the host. Batch 2, grouped-query heads,
+/// memory slots on every other step.
 #[test]
 fn host_steps_equal_burn_steps_through_every_move_of_the_cache() {
     use crate::cache::Buffers;
@@ -695,6 +782,32 @@ fn host_steps_equal_burn_steps_through_every_move_of_the_cache() {
     // (14 rows), burn (70 rows: the cache moves to the backend), host (it moves back), a
     // catch-up that grows the host buffers past their 67 positions, host, host.
     let steps = [3, 1, 1, 7, 35, 1, 20, 1, 1];
+    // Two memory slots per layer, their own for each layer and sequence (the odd steps read
+    // them, as a z-adapter's would).
+    let dims = config.dims();
+    let memory: Vec<crate::LayerMemory<B>> = (0..dims.n_layers)
+        .map(|_| {
+            let slots = || {
+                Tensor::random(
+                    [2, 2, dims.kv_dim()],
+                    burn::tensor::Distribution::Normal(0.0, 1.0),
+                    &device(),
+                )
+            };
+            crate::LayerMemory {
+                key: slots(),
+                value: slots(),
+            }
+        })
+        .collect();
+    let input = |tokens: Tensor<B, 2, Int>, s: usize| {
+        let input = LmInput::new(tokens);
+        if s % 2 == 1 {
+            input.with_memory(memory.clone())
+        } else {
+            input
+        }
+    };
     for store in [Store::Q4_1, Store::Q8_0, Store::Q4_0] {
         let file = parse(&llama_to_gguf(&model, store)).unwrap();
         let on_host = Lm::<B>::from_gguf_for_decoding(&file, &device()).unwrap();
@@ -714,10 +827,10 @@ fn host_steps_equal_burn_steps_through_every_move_of_the_cache() {
             position += n as i64;
             let tokens = Tensor::<B, 1, Int>::from_data(ids.as_slice(), &device()).reshape([2, n]);
             let host = on_host
-                .forward(LmInput::new(tokens.clone()), Some(&mut host_cache))
+                .forward(input(tokens.clone(), s), Some(&mut host_cache))
                 .unwrap();
             let burn = through_burn
-                .forward(LmInput::new(tokens), Some(&mut burn_cache))
+                .forward(input(tokens, s), Some(&mut burn_cache))
                 .unwrap();
             let diff = max_abs_diff(host.logits, burn.logits);
             assert!(diff < 2e-5, "{store:?} step {s} ({n} rows): |Δ| = {diff}");
@@ -731,19 +844,21 @@ fn host_steps_equal_burn_steps_through_every_move_of_the_cache() {
             ));
         }
         assert_eq!(host_cache.layers[0].capacity(), 2 * 68);
-        // Without a cache: one forward of 5 positions.
+        // Without a cache: one forward of 5 positions, without and with memory slots.
         let tokens = Tensor::<B, 2, Int>::from_data([[1, 5, 9, 2, 7], [3, 3, 8, 0, 4]], &device());
-        let diff = max_abs_diff(
-            on_host
-                .forward(LmInput::new(tokens.clone()), None)
-                .unwrap()
-                .logits,
-            through_burn
-                .forward(LmInput::new(tokens.clone()), None)
-                .unwrap()
-                .logits,
-        );
-        assert!(diff < 2e-5, "{store:?} without a cache: |Δ| = {diff}");
+        for s in [0, 1] {
+            let diff = max_abs_diff(
+                on_host
+                    .forward(input(tokens.clone(), s), None)
+                    .unwrap()
+                    .logits,
+                through_burn
+                    .forward(input(tokens.clone(), s), None)
+                    .unwrap()
+                    .logits,
+            );
+            assert!(diff < 2e-5, "{store:?} without a cache ({s}): |Δ| = {diff}");
+        }
         // Padding keeps burn's path (the host step has no padding mask): the same logits.
         let padding = Tensor::<B, 2, Bool>::from_data(
             [[true, true, false, false, false], [false; 5]],

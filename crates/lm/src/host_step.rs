@@ -11,14 +11,16 @@
 //! - `h = x / √(mean(x²) + ε) ⊙ w_attn`, `q, k, v = h W_qᵀ, h W_kᵀ, h W_vᵀ` (from the blocks);
 //! - RoPE on q and k from [`Rope::host_tables`] (the tables burn's path reads);
 //! - k, v appended to the layer's cache ([`HostKv`]);
-//! - per query head, `softmax(q kᵀ / √head_dim)` over the keys up to its own position, times v;
+//! - per query head, `softmax(q kᵀ / √head_dim)` over the keys up to its own position, times v,
+//!   plus, with memory slots ([`LayerMemory`](crate::LayerMemory)), `softmax(q k_mᵀ / √head_dim)`
+//!   over the slots' keys times their values (their own softmax, no RoPE, no mask);
 //! - `x += attn W_oᵀ`;
 //! - `h = x / √(mean(x²) + ε) ⊙ w_mlp`, `x += (silu(h W_gateᵀ) ⊙ h W_upᵀ) W_downᵀ`;
 //!
 //! the operations of [`LlamaBlock`](crate::LlamaBlock)'s burn forward in the same order, so both
 //! paths agree up to f32 rounding (tests: docs/reliability.md). It runs where the block products
 //! run — at most [`MAX_BLOCK_ROWS`](crate::MAX_BLOCK_ROWS) rows, no gradient — and only without
-//! memory slots or padding, which stay on burn's path.
+//! padding, which stays on burn's path.
 
 use rayon::prelude::*;
 
@@ -96,6 +98,16 @@ impl HostKv {
     }
 }
 
+/// One layer's memory slots on the host, as [`LayerMemory`](crate::LayerMemory)'s tensors.
+#[derive(Debug, Clone)]
+pub(crate) struct HostMemory {
+    /// `[batch, n_slots, n_kv_heads · head_dim]` row-major.
+    pub(crate) key: Vec<f32>,
+    /// `[batch, n_slots, n_kv_heads · head_dim]` row-major.
+    pub(crate) value: Vec<f32>,
+    pub(crate) n_slots: usize,
+}
+
 /// What a host step reads of one llama block: its two norms' weights and its seven matrices'
 /// blocks.
 pub(crate) struct HostBlock<'a> {
@@ -126,7 +138,7 @@ impl StepShape {
 }
 
 /// `x ← x + attn(norm(x))`, then `x ← x + mlp(norm(x))` for one llama block (module docs), the
-/// new keys and values written to `cache`.
+/// new keys and values written to `cache`, the queries attending to `memory`'s slots as well.
 ///
 /// # Shapes
 /// - x: `[batch, seq, d_model]` row-major
@@ -137,6 +149,7 @@ pub(crate) fn block_step(
     [cos, sin]: [&[f32]; 2],
     x: &mut [f32],
     cache: &mut HostKv,
+    memory: Option<&HostMemory>,
     kernel: Kernel,
 ) {
     let rows = shape.rows();
@@ -147,7 +160,7 @@ pub(crate) fn block_step(
     rope(&mut q, shape, cos, sin);
     rope(&mut k, shape, cos, sin);
     cache.write(shape.start, shape.seq, &k, &v);
-    let attended = attention(&q, cache, shape);
+    let attended = attention(&q, cache, memory, shape);
     let [o] = matmul_rows_all([o_proj], &attended, rows, kernel);
     add(x, &o);
 
@@ -226,12 +239,19 @@ fn rope(x: &mut [f32], shape: &StepShape, cos: &[f32], sin: &[f32]) {
 }
 
 /// Causal attention of every query row over the cache: for query head `h` (key/value head
-/// `h / group`) at position `p`, `softmax_j(q·k_j / √head_dim)` over `j ≤ p`, times `v`.
+/// `h / group`) at position `p`, `softmax_j(q·k_j / √head_dim)` over `j ≤ p`, times `v`; plus, with
+/// memory slots, `softmax_m(q·k_m / √head_dim)` over the slots of its key/value head, times their
+/// values.
 ///
 /// # Shapes
 /// - q: `[batch, seq, n_heads · head_dim]` row-major
 /// - output: `[batch, seq, n_heads · head_dim]` row-major
-fn attention(q: &[f32], cache: &HostKv, shape: &StepShape) -> Vec<f32> {
+fn attention(
+    q: &[f32],
+    cache: &HostKv,
+    memory: Option<&HostMemory>,
+    shape: &StepShape,
+) -> Vec<f32> {
     let StepShape {
         batch,
         seq,
@@ -244,6 +264,7 @@ fn attention(q: &[f32], cache: &HostKv, shape: &StepShape) -> Vec<f32> {
     let group = n_heads / n_kv_heads;
     let scale = (hd as f64).sqrt() as f32;
     let width = n_heads * hd;
+    let memory = memory.filter(|m| m.n_slots > 0);
     // One (row, head) pair per task: its scores, softmax and weighted sum of values.
     let attend = |task: usize, out: &mut [f32]| {
         let (r, h) = (task / n_heads, task % n_heads);
@@ -251,27 +272,27 @@ fn attention(q: &[f32], cache: &HostKv, shape: &StepShape) -> Vec<f32> {
         let q = &q[r * width + h * hd..][..hd];
         let base = (b * n_kv_heads + h / group) * cache.capacity * hd;
         let n_keys = start + s + 1;
-        let keys = &cache.key[base..][..n_keys * hd];
-        let values = &cache.value[base..][..n_keys * hd];
-        let mut scores: Vec<f32> = keys.chunks_exact(hd).map(|k| dot(q, k) / scale).collect();
-        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut total = 0.0f32;
-        for p in &mut scores {
-            *p = (*p - max).exp();
-            total += *p;
-        }
+        let keys = cache.key[base..][..n_keys * hd].chunks_exact(hd);
+        let values = cache.value[base..][..n_keys * hd].chunks_exact(hd);
         out.fill(0.0);
-        for (p, v) in scores.iter().zip(values.chunks_exact(hd)) {
-            let p = p / total;
-            for (o, v) in out.iter_mut().zip(v) {
-                *o += p * v;
-            }
+        add_attended(out, q, keys, values, scale);
+        if let Some(m) = memory {
+            // Slot j of row b: [b, j, kv head h / group].
+            let (kv, head) = (n_kv_heads * hd, (h / group) * hd..(h / group + 1) * hd);
+            let rows = b * m.n_slots * kv..(b + 1) * m.n_slots * kv;
+            let keys = m.key[rows.clone()].chunks_exact(kv);
+            let values = m.value[rows].chunks_exact(kv);
+            let (k_head, v_head) = (head.clone(), head);
+            let keys = keys.map(move |slot| &slot[k_head.clone()]);
+            let values = values.map(move |slot| &slot[v_head.clone()]);
+            add_attended(out, q, keys, values, scale);
         }
     };
     // [batch · seq, n_heads, head_dim] is the output's layout already.
     let mut out = vec![0.0f32; batch * seq * width];
     // Spread over the pool once the work outweighs a fork-join (≈ 2¹⁶ multiply-adds).
-    let work = batch * seq * n_heads * (start + seq) * hd;
+    let slots = memory.map_or(0, |m| m.n_slots);
+    let work = batch * seq * n_heads * (start + seq + slots) * hd;
     if work < 1 << 16 {
         for (task, o) in out.chunks_exact_mut(hd).enumerate() {
             attend(task, o);
@@ -282,4 +303,27 @@ fn attention(q: &[f32], cache: &HostKv, shape: &StepShape) -> Vec<f32> {
             .for_each(|(task, o)| attend(task, o));
     }
     out
+}
+
+/// `out += Σ_j softmax_j(q·k_j / scale) v_j` over the keys and values given.
+fn add_attended<'a>(
+    out: &mut [f32],
+    q: &[f32],
+    keys: impl Iterator<Item = &'a [f32]>,
+    values: impl Iterator<Item = &'a [f32]>,
+    scale: f32,
+) {
+    let mut scores: Vec<f32> = keys.map(|k| dot(q, k) / scale).collect();
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut total = 0.0f32;
+    for p in &mut scores {
+        *p = (*p - max).exp();
+        total += *p;
+    }
+    for (p, v) in scores.iter().zip(values) {
+        let p = p / total;
+        for (o, v) in out.iter_mut().zip(v) {
+            *o += p * v;
+        }
+    }
 }

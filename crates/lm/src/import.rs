@@ -448,6 +448,19 @@ impl<B: Backend> Lm<B> {
         }
         Ok(model)
     }
+
+    /// Attaches the quantised blocks of the GGUF file at `path` to a model whose weights are that
+    /// file's, read by another road (a joint checkpoint saves a frozen GGUF assistant in f32), so
+    /// that it decodes from the blocks as [`Lm::from_gguf_for_decoding`]'s model does. Every
+    /// matrix is compared with its blocks first: when one differs (or the file does not describe
+    /// this model) the error names the file and the matrix, and the model is left as it was.
+    pub fn attach_gguf_blocks(&mut self, path: &Path) -> Result<(), LmError> {
+        let gguf = GgufFile::open(path)?;
+        match self {
+            Lm::Llama(llama) => llama.attach_gguf_blocks_if_equal(&gguf),
+            Lm::Gpt2(_) => Err(gguf.error("blocks attach to llama models; this one is a GPT-2")),
+        }
+    }
 }
 
 /// The llama config a GGUF file describes.

@@ -12,14 +12,15 @@ use std::sync::Arc;
 use crate::GgufFile;
 use crate::attention::{Attention, AttentionConfig, LayerMemory};
 use crate::cache::{KvCache, LayerCache};
-use crate::host_step::{HostBlock, HostKv, StepShape, block_step};
+use crate::host_step::{HostBlock, HostKv, HostMemory, StepShape, block_step};
 use crate::model::{
     LmInput, LmOutput, add_offset, init_normal, logit_positions, prepare_step, tied_logits,
 };
 use crate::names::{Layout, WeightName};
 use crate::norm::RmsNorm;
 use crate::quantised::{
-    BlockMatrix, Kernel, MAX_BLOCK_ROWS, llama_blocks, products_from_blocks, project, project_all,
+    BlockMatrix, Kernel, LayerBlocks, MAX_BLOCK_ROWS, llama_blocks, products_from_blocks, project,
+    project_all,
 };
 use crate::rope::Rope;
 use crate::{LlamaConfig, LmConfig, LmDims, LmError};
@@ -240,6 +241,103 @@ impl<B: Backend> Llama<B> {
     /// loaded from ([`crate::quantised`]).
     pub(crate) fn attach_gguf_blocks(&mut self, gguf: &GgufFile) -> Result<(), LmError> {
         let (layers, output) = llama_blocks(gguf, &self.config)?;
+        self.attach(gguf, layers, output)
+    }
+
+    /// [`Llama::attach_gguf_blocks`] for a model whose weights came from `gguf` by another road
+    /// (a joint checkpoint that saved a frozen GGUF assistant in f32): only when every matrix
+    /// that has blocks in `gguf` equals their dequantised values, value for value, so that
+    /// decoding from the blocks computes what it would from the weights. Else an error naming
+    /// the first matrix that differs, the model left as it was.
+    pub(crate) fn attach_gguf_blocks_if_equal(&mut self, gguf: &GgufFile) -> Result<(), LmError> {
+        let (layers, output) = llama_blocks(gguf, &self.config)?;
+        // Each `Linear` holds `Wᵀ`, `[d_in, d_out]`; the blocks hold `W`, `[d_out, d_in]`.
+        let same = |name: String, weight: Tensor<B, 2>, transposed: bool, blocks: &BlockMatrix| {
+            let [rows, cols] = weight.dims();
+            let file = [blocks.rows(), blocks.cols()];
+            if (if transposed {
+                [cols, rows]
+            } else {
+                [rows, cols]
+            }) != file
+            {
+                return Err(gguf.error(format!(
+                    "tensor `{name}` is {file:?} (outputs × inputs), the model's {:?}",
+                    if transposed {
+                        [cols, rows]
+                    } else {
+                        [rows, cols]
+                    }
+                )));
+            }
+            let values = weight
+                .into_data()
+                .convert::<f32>()
+                .into_vec::<f32>()
+                .map_err(|e| gguf.error(format!("cannot read the model's `{name}`: {e:?}")))?;
+            let values = if transposed {
+                crate::names::transpose(&values, rows, cols)
+            } else {
+                values
+            };
+            if blocks.equals(&values) {
+                Ok(())
+            } else {
+                Err(gguf.error(format!(
+                    "tensor `{name}` differs from the model's weights: not the file they came from"
+                )))
+            }
+        };
+        for (i, (layer, blocks)) in self.layers.iter().zip(&layers).enumerate() {
+            let attention = &layer.self_attn;
+            let mlp = &layer.mlp;
+            let pairs = [
+                ("attn_q", &attention.q_proj),
+                ("attn_k", &attention.k_proj),
+                ("attn_v", &attention.v_proj),
+                ("attn_output", &attention.o_proj),
+            ]
+            .into_iter()
+            .zip(blocks.attention.iter().flat_map(|b| b.iter()))
+            .chain(
+                [
+                    ("ffn_gate", &mlp.gate_proj),
+                    ("ffn_up", &mlp.up_proj),
+                    ("ffn_down", &mlp.down_proj),
+                ]
+                .into_iter()
+                .zip(blocks.mlp.iter().flat_map(|b| b.iter())),
+            );
+            for ((name, linear), blocks) in pairs {
+                same(
+                    format!("blk.{i}.{name}.weight"),
+                    linear.weight.val(),
+                    true,
+                    blocks,
+                )?;
+            }
+        }
+        if let Some(blocks) = output.as_deref() {
+            match &self.lm_head {
+                Some(head) => same("output.weight".into(), head.weight.val(), true, blocks)?,
+                None => same(
+                    "token_embd.weight".into(),
+                    self.embed_tokens.weight.val(),
+                    false,
+                    blocks,
+                )?,
+            }
+        }
+        self.attach(gguf, layers, output)
+    }
+
+    /// Puts the blocks of [`llama_blocks`] in place, with the host copies of the norms.
+    fn attach(
+        &mut self,
+        gguf: &GgufFile,
+        layers: Vec<LayerBlocks>,
+        output: Option<Arc<BlockMatrix>>,
+    ) -> Result<(), LmError> {
         let host = |norm: &RmsNorm<B>| {
             norm.weight
                 .val()
@@ -262,7 +360,7 @@ impl<B: Backend> Llama<B> {
 
     /// Every block's norms and matrices for the host steps, when all of them were loaded from
     /// GGUF blocks ([`Llama::attach_gguf_blocks`]).
-    fn host_blocks(&self) -> Option<Vec<HostBlock<'_>>> {
+    pub(crate) fn host_blocks(&self) -> Option<Vec<HostBlock<'_>>> {
         self.layers
             .iter()
             .map(|layer| {
@@ -299,9 +397,14 @@ impl<B: Backend> Llama<B> {
             input.embedding_offset.as_ref(),
         );
         let [batch, _, d_model] = x.dims();
+        let memory_needs_grad = input
+            .memory
+            .iter()
+            .flatten()
+            .any(|m| m.key.is_require_grad() || m.value.is_require_grad());
         let host_blocks = self.host_blocks().filter(|_| {
             batch * seq <= MAX_BLOCK_ROWS
-                && input.memory.is_none()
+                && !memory_needs_grad
                 && step.padding.is_none()
                 && !x.is_require_grad()
                 && !self.embed_tokens.weight.val().is_require_grad()
@@ -320,6 +423,15 @@ impl<B: Backend> Llama<B> {
             };
             let [cos, sin] = rope.host_tables(step.start, seq);
             let mut rows: Vec<f32> = x.to_data().iter::<f32>().collect();
+            let memory = match &input.memory {
+                Some(layers) => Some(
+                    layers
+                        .iter()
+                        .map(host_memory)
+                        .collect::<Result<Vec<_>, _>>()?,
+                ),
+                None => None,
+            };
             let kernel = Kernel::detect();
             for (i, block) in blocks.iter().enumerate() {
                 let mut scratch = None;
@@ -331,7 +443,8 @@ impl<B: Backend> Llama<B> {
                     }
                     None => scratch.insert(HostKv::new(batch, shape.n_kv_heads, shape.head_dim)),
                 };
-                block_step(block, &shape, [&cos, &sin], &mut rows, kv, kernel);
+                let memory = memory.as_ref().map(|m| &m[i]);
+                block_step(block, &shape, [&cos, &sin], &mut rows, kv, memory, kernel);
             }
             x = Tensor::from_data(
                 TensorData::new(rows, [batch, seq, d_model]).convert::<B::FloatElem>(),
@@ -371,4 +484,23 @@ impl<B: Backend> Llama<B> {
         };
         Ok(LmOutput { logits, hidden })
     }
+}
+
+/// A layer's memory slots read to the host for [`block_step`].
+fn host_memory<B: Backend>(memory: &LayerMemory<B>) -> Result<HostMemory, LmError> {
+    let [_, n_slots, _] = memory.key.dims();
+    let host = |t: &Tensor<B, 3>| {
+        t.to_data()
+            .convert::<f32>()
+            .into_vec::<f32>()
+            .map_err(|e| LmError::InvalidInput {
+                input: "memory",
+                reason: format!("cannot read the memory slots: {e:?}"),
+            })
+    };
+    Ok(HostMemory {
+        key: host(&memory.key)?,
+        value: host(&memory.value)?,
+        n_slots,
+    })
 }

@@ -150,7 +150,29 @@ impl BlockMatrix {
     /// tensor, bit for bit.
     pub fn dequantise(&self) -> Vec<f32> {
         let mut out = Vec::with_capacity(self.rows * self.cols);
-        for block in self.blocks.chunks_exact(self.format.block_bytes()) {
+        self.dequantise_into(&self.blocks, &mut out);
+        out
+    }
+
+    /// Whether `W` dequantised equals `weights`, `[rows, cols]` row-major, value for value (the
+    /// rows compared over the thread pool).
+    pub fn equals(&self, weights: &[f32]) -> bool {
+        let row_bytes = self.cols / BLOCK * self.format.block_bytes();
+        weights.len() == self.rows * self.cols
+            && self
+                .blocks
+                .par_chunks(row_bytes)
+                .zip(weights.par_chunks(self.cols))
+                .all(|(blocks, weights)| {
+                    let mut row = Vec::with_capacity(self.cols);
+                    self.dequantise_into(blocks, &mut row);
+                    row == weights
+                })
+    }
+
+    /// Appends the values of whole `blocks` of this matrix's format to `out`.
+    fn dequantise_into(&self, blocks: &[u8], out: &mut Vec<f32>) {
+        for block in blocks.chunks_exact(self.format.block_bytes()) {
             let d = f16_at(block);
             let (m, offset, qs) = match self.format {
                 BlockFormat::Q4_0 => (0.0, 8.0, &block[2..]),
@@ -163,7 +185,6 @@ impl BlockMatrix {
             out.extend(qs.iter().map(|&q| d * ((q & 0x0f) as f32 - offset) + m));
             out.extend(qs.iter().map(|&q| d * ((q >> 4) as f32 - offset) + m));
         }
-        out
     }
 
     /// `x Wᵀ` from the blocks (module docs), on the calling thread pool.

@@ -119,11 +119,38 @@ pub struct Chorus<B: Backend> {
     pub config: ChorusConfig,
 }
 
+/// `module` with every parameter frozen (no gradient), as `Module::no_grad`, but without drawing
+/// the initial values of parameters not yet initialised: a skeleton built to load a checkpoint
+/// into stays lazy until the record replaces its values (burn's `no_grad` maps every tensor,
+/// which draws SmolLM2's 135 M random weights only to discard them).
+fn frozen<B: Backend, M: Module<B>>(module: M) -> M {
+    struct Freeze;
+    impl<B: Backend> ModuleMapper<B> for Freeze {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            param.set_require_grad(false)
+        }
+    }
+    module.map(&mut Freeze)
+}
+
 impl<B: Backend> Chorus<B> {
     /// Assembles a joint model around existing LMs. Rejects a config out of range and models whose
     /// vocabularies differ. Assistants are frozen unless `config.train_assistants`, the base
     /// unless `config.train_base`.
     pub fn new(
+        config: ChorusConfig,
+        base: Lm<B>,
+        assistants: Vec<Lm<B>>,
+        device: &B::Device,
+    ) -> Result<Self, ModelError> {
+        Ok(Self::skeleton(config, base, assistants, device)?.number_parameters())
+    }
+
+    /// [`Chorus::new`] without its last step: parameters not yet initialised stay so (burn
+    /// initialises them lazily), for [`Chorus::load`] to fill from the record without first drawing
+    /// values it would discard — SmolLM2's 135 M of them for a frozen assistant. Not for use as a
+    /// model: the clone of a lazy parameter draws values of its own.
+    pub(crate) fn skeleton(
         config: ChorusConfig,
         base: Lm<B>,
         assistants: Vec<Lm<B>>,
@@ -156,12 +183,12 @@ impl<B: Backend> Chorus<B> {
         let base = if config.train_base {
             base
         } else {
-            base.no_grad()
+            frozen(base)
         };
         let assistants: Vec<Lm<B>> = if config.train_assistants {
             assistants
         } else {
-            assistants.into_iter().map(|a| a.no_grad()).collect()
+            assistants.into_iter().map(frozen).collect()
         };
         let adapter = |dims: &chorus_lm::LmDims| {
             ZAdapterConfig {
@@ -220,8 +247,7 @@ impl<B: Backend> Chorus<B> {
             selector,
             bag_of_words,
             config,
-        }
-        .number_parameters())
+        })
     }
 
     /// A training-free composition of LMs that share a tokenizer: no z, no selector, so only the
@@ -244,7 +270,8 @@ impl<B: Backend> Chorus<B> {
     /// Gives every parameter the id of its place in module order (0, 1, …) instead of a random
     /// one. burn serialises parameter ids, so without this two runs that compute the same
     /// parameters would still write different checkpoint bytes, and a checksum could not show
-    /// that a resumed run equals an uninterrupted one.
+    /// that a resumed run equals an uninterrupted one. Initialises every parameter, so that the
+    /// model's clones hold the same values.
     fn number_parameters(self) -> Self {
         struct Numbering(u64);
         impl<B: Backend> ModuleMapper<B> for Numbering {

@@ -633,6 +633,120 @@ fn a_frozen_base_gets_no_gradient_while_its_adapter_posterior_and_selector_train
     );
 }
 
+/// The skeleton [`Chorus::load`] fills from the record draws none of the weights its frozen
+/// models have not initialised yet (burn's `no_grad` would draw every weight of a frozen SmolLM2
+/// only to discard it), and freezes them all the same; [`Chorus::new`] initialises every
+/// parameter, so that a clone of the model holds the same values.
+#[test]
+fn a_skeleton_draws_no_weights_and_a_new_model_holds_all_of_its_own() {
+    use burn::module::{Module, ModuleVisitor};
+    struct Drawn(usize, usize);
+    impl<B: Backend> ModuleVisitor<B> for Drawn {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            self.0 += usize::from(param.is_initialized());
+            self.1 += 1;
+        }
+    }
+    fn drawn<M: Module<AD>>(module: &M) -> Drawn {
+        let mut visitor = Drawn(0, 0);
+        module.visit(&mut visitor);
+        visitor
+    }
+    let device = Default::default();
+    let models = || {
+        let base = llama(20, 12).init::<AD>(&device).unwrap();
+        let assistant = llama(20, 8).init::<AD>(&device).unwrap();
+        (base, assistant)
+    };
+    let config = ChorusConfig {
+        train_base: false,
+        ..full_config()
+    };
+    let (base, assistant) = models();
+    // The norms' weights start initialised (ones); the matrices are lazy.
+    let before = [drawn(&base), drawn(&assistant)].map(|Drawn(initialised, _)| initialised);
+    let skeleton = Chorus::skeleton(config.clone(), base, vec![assistant], &device).unwrap();
+    for ((name, lm), before) in [
+        ("base", &skeleton.base),
+        ("assistant", &skeleton.assistants[0]),
+    ]
+    .into_iter()
+    .zip(before)
+    {
+        let Drawn(initialised, all) = drawn(lm);
+        assert!(
+            before < all,
+            "{name}: {before} of {all} initialised at first"
+        );
+        assert_eq!(
+            initialised - before,
+            0,
+            "freezing the {name} drew {} of its {all} weights",
+            initialised - before
+        );
+        assert!(!lm_weight(lm).is_require_grad(), "the {name} is not frozen");
+    }
+    let (base, assistant) = models();
+    let model = Chorus::new(config, base, vec![assistant], &device).unwrap();
+    let Drawn(initialised, all) = drawn(&model);
+    assert_eq!(initialised, all, "Chorus::new left parameters lazy");
+    let diff = (lm_weight(&model.assistants[0]) - lm_weight(&model.clone().assistants[0]))
+        .abs()
+        .max()
+        .into_scalar();
+    assert_eq!(diff, 0.0, "a clone holds other values");
+}
+
+/// The first layer's query weights of a test llama.
+fn lm_weight(lm: &Lm<AD>) -> Tensor<AD, 2> {
+    match lm {
+        Lm::Llama(l) => l.layers[0].self_attn.q_proj.weight.val(),
+        Lm::Gpt2(_) => unreachable!("a llama"),
+    }
+}
+
+/// [`crate::SavedChorus::attach_gguf_blocks`] tries the frozen members whose source is a GGUF
+/// file, only those and each with its own source, and says why each one it could not attach
+/// stays on its f32 weights (here: every file is missing; the success is chorus-lm's
+/// `blocks_attach_only_to_the_model_whose_weights_they_hold`).
+#[test]
+fn only_frozen_members_from_gguf_files_are_given_their_blocks() {
+    let _rng = seeded(41);
+    let device = Default::default();
+    let tokenizer = chorus_lm::Tokenizer::train_bpe(
+        ["the cat sat on the mat."].iter().cycle().take(20),
+        270,
+        &["<|endoftext|>"],
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let sources = ["base.gguf", "a/lm", "b.GGUF"].map(|s| dir.path().join(s).display().to_string());
+    let note = |who: &str, source: &str| {
+        format!("{who} decodes from its f32 weights, not {source}'s blocks: {source}: ")
+    };
+    for (train_base, train_assistants, expected) in [
+        (true, false, vec![note("assistant 2", &sources[2])]),
+        (false, true, vec![note("the base", &sources[0])]),
+        (true, true, vec![]),
+    ] {
+        let config = ChorusConfig {
+            train_base,
+            train_assistants,
+            ..full_config()
+        };
+        chorus::<F64>(config, 2)
+            .save(dir.path(), &tokenizer, &sources)
+            .unwrap();
+        let notes = Chorus::<F64>::load(dir.path(), &device)
+            .unwrap()
+            .attach_gguf_blocks();
+        assert_eq!(notes.len(), expected.len(), "{notes:?}");
+        for (note, expected) in notes.iter().zip(&expected) {
+            assert!(note.starts_with(expected), "{note:?} is not {expected:?}…");
+        }
+    }
+}
+
 /// The control with z fixed at the prior mean: its ELBO and its evaluation are exactly
 /// `log p(x | c, z = E p(z | c))` — the sum over writers of [`Chorus::token_terms`] at the prior
 /// mean, by hand — whatever the noise, seeds or sample count; its KL is zero; the prior and the
