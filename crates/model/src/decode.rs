@@ -206,11 +206,13 @@ pub(crate) fn categorical(rng: &mut SplitMix64, weights: &[f64]) -> usize {
     weights.iter().rposition(|w| *w > 0.0).unwrap_or(0)
 }
 
-pub(crate) fn argmax(values: &[f64]) -> usize {
+/// The index of the first largest value (0 when there is none, NaNs never chosen).
+pub(crate) fn argmax<T: Copy + Into<f64>>(values: &[T]) -> usize {
     values
         .iter()
         .enumerate()
         .fold((0, f64::NEG_INFINITY), |best, (i, &v)| {
+            let v = v.into();
             if v > best.1 { (i, v) } else { best }
         })
         .0
@@ -225,9 +227,8 @@ pub fn top1_prob(logits: &[f32]) -> f64 {
 /// softmax(logits / T) in f64 (T = 0: one-hot argmax).
 pub fn tempered_probs(logits: &[f32], temperature: f64) -> Vec<f64> {
     if temperature == 0.0 {
-        let logits: Vec<f64> = logits.iter().map(|&l| l as f64).collect();
         let mut p = vec![0.0; logits.len()];
-        p[argmax(&logits)] = 1.0;
+        p[argmax(logits)] = 1.0;
         return p;
     }
     let max = logits.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l)) as f64;
@@ -628,25 +629,32 @@ impl<B: Backend> Chorus<B> {
                     next.push(config.eos.unwrap_or(0));
                     continue;
                 }
-                let (mut probs, writer_of) = match writers[r] {
-                    Some(j) => (tempered_probs(logits_of(j, r), config.temperature), None),
+                let (token, writer_of) = match writers[r] {
+                    // Greedy from one writer: the argmax of its logits, which is the one-hot
+                    // `tempered_probs` gives at T = 0 (no vector over the vocabulary needed).
+                    Some(j) if config.temperature == 0.0 => (argmax(logits_of(j, r)), None),
+                    Some(j) => {
+                        let mut probs = tempered_probs(logits_of(j, r), config.temperature);
+                        truncate_probs(&mut probs, config.top_k, config.top_p);
+                        (categorical(&mut rng, &probs), None)
+                    }
                     None => {
                         let per_model: Vec<Vec<f64>> = (0..k)
                             .map(|j| tempered_probs(logits_of(j, r), config.temperature))
                             .collect();
-                        (mixture_probs(&pi[r], &per_model), Some(per_model))
+                        let mut probs = mixture_probs(&pi[r], &per_model);
+                        // Greedy tokens are the argmax, which truncation always keeps: skip its
+                        // sort over the vocabulary.
+                        let token = if config.temperature == 0.0 {
+                            argmax(&probs)
+                        } else {
+                            truncate_probs(&mut probs, config.top_k, config.top_p);
+                            categorical(&mut rng, &probs)
+                        };
+                        (token, Some(per_model))
                     }
                 };
-                // Greedy tokens are the argmax, which truncation always keeps: skip its sort
-                // over the vocabulary.
-                if config.temperature > 0.0 {
-                    truncate_probs(&mut probs, config.top_k, config.top_p);
-                }
-                let token = if config.temperature == 0.0 {
-                    argmax(&probs)
-                } else {
-                    categorical(&mut rng, &probs)
-                } as u32;
+                let token = token as u32;
                 let writer = match (writers[r], writer_of) {
                     (Some(j), _) => j,
                     (None, Some(per_model)) => argmax(
