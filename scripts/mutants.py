@@ -279,8 +279,8 @@ MUTANTS = [
     (
         "quantised decode: one pass over several matrices restarts each chunk at row 0",
         "crates/lm/src/quantised.rs",
-        "                    row(m, c * chunk_rows + k, out);",
-        "                    row(m, k, out);",
+        "            .for_each(|(m, c, chunk)| rows(m, c * chunk_rows, chunk));",
+        "            .for_each(|(m, _c, chunk)| rows(m, 0, chunk));",
         ["-p", "chorus-lm", "--lib", "block_products_equal"],
     ),
     (
@@ -328,8 +328,8 @@ MUTANTS = [
     (
         "quantised decode: the portable Q4 kernel swaps the nibbles",
         "crates/lm/src/quantised.rs",
-        "                            .map(|(&q, &v)| (q & 0x0f) as f32 * v)",
-        "                            .map(|(&q, &v)| (q >> 4) as f32 * v)",
+        "                .map(|(&q, &v)| (q & 0x0f) as f32 * v)",
+        "                .map(|(&q, &v)| (q >> 4) as f32 * v)",
         ["-p", "chorus-lm", "--lib", "block_products_equal"],
     ),
     (

@@ -624,6 +624,21 @@ fn a_gguf_model_decodes_from_its_blocks_as_from_its_f32_weights() {
         diff > 1e-2,
         "another model's blocks left the step unchanged: |Δ| = {diff}"
     );
+    // A padded forward of a few rows stays on burn's path (no host step), whose products read
+    // the blocks as well.
+    let padded = |lm: &Lm<B>| {
+        let tokens = Tensor::<B, 2, Int>::from_data([[1, 5, 9], [3, 3, 8]], &device());
+        let padding =
+            Tensor::<B, 2, Bool>::from_data([[true, false, false], [false; 3]], &device());
+        let input = LmInput::new(tokens).with_padding(padding);
+        lm.forward(input, None).unwrap().logits
+    };
+    let own = Lm::<B>::from_gguf_for_decoding(&file, &device()).unwrap();
+    let diff = max_abs_diff(padded(&mixed), padded(&own));
+    assert!(
+        diff > 1e-2,
+        "another model's blocks left a padded forward unchanged: |Δ| = {diff}"
+    );
 }
 
 /// A model whose weights came from a GGUF file by another road (a joint checkpoint saves a

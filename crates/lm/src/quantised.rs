@@ -219,10 +219,11 @@ pub(crate) fn matmul_rows_all<const N: usize>(
     );
     // Σ_j x[i, 32b + j] per row and block: the `m` term of the 4-bit formats.
     let x_sums: Vec<f32> = x.chunks_exact(BLOCK).map(|c| c.iter().sum()).collect();
-    let row = |m: &BlockMatrix, r: usize, out: &mut [f32]| {
+    // Weight rows `first..first + out.len() / n` of `m`.
+    let rows = |m: &BlockMatrix, first: usize, out: &mut [f32]| {
         let row_bytes = m.cols / BLOCK * m.format.block_bytes();
-        let blocks = &m.blocks[r * row_bytes..(r + 1) * row_bytes];
-        kernel.row(m.format, blocks, x, &x_sums, n, out);
+        let blocks = &m.blocks[first * row_bytes..][..out.len() / n * row_bytes];
+        kernel.rows(m.format, blocks, row_bytes, x, &x_sums, n, out);
     };
     // Row-major in W: outputs of one weight row for all n activation rows side by side.
     let mut by_weight_row = matrices.map(|m| vec![0.0f32; m.rows * n]);
@@ -230,9 +231,7 @@ pub(crate) fn matmul_rows_all<const N: usize>(
     let bytes: usize = matrices.iter().map(|m| m.bytes()).sum();
     if bytes < (1 << 16) || threads == 1 {
         for (m, outputs) in matrices.iter().zip(by_weight_row.iter_mut()) {
-            for (r, out) in outputs.chunks_mut(n).enumerate() {
-                row(m, r, out);
-            }
+            rows(m, 0, outputs);
         }
     } else {
         let total_rows: usize = matrices.iter().map(|m| m.rows).sum();
@@ -246,11 +245,7 @@ pub(crate) fn matmul_rows_all<const N: usize>(
                     .enumerate()
                     .map(move |(c, chunk)| (m, c, chunk))
             })
-            .for_each(|(m, c, chunk)| {
-                for (k, out) in chunk.chunks_mut(n).enumerate() {
-                    row(m, c * chunk_rows + k, out);
-                }
-            });
+            .for_each(|(m, c, chunk)| rows(m, c * chunk_rows, chunk));
     }
     if n == 1 {
         return by_weight_row;
@@ -302,33 +297,46 @@ impl Kernel {
         kernels
     }
 
-    /// `out[i] = Σ_b d_b · Σ_j q_bj x[i, 32b + j] + m_b · x_sums[i, b]` for the weight row whose
-    /// blocks are `blocks` (`m = −8d` for Q4_0, none for Q8_0).
-    fn row(
+    /// `out[r·n + i] = Σ_b d_rb · Σ_j q_rbj x[i, 32b + j] + m_rb · x_sums[i, b]` for the weight rows
+    /// `r` whose blocks are `blocks`, `row_bytes` each (`m = −8d` for Q4_0, none for Q8_0): one call
+    /// per chunk of rows, so that the checks and the dispatch are not paid per row.
+    #[allow(clippy::too_many_arguments)]
+    fn rows(
         self,
         format: BlockFormat,
         blocks: &[u8],
+        row_bytes: usize,
         x: &[f32],
         x_sums: &[f32],
         n: usize,
         out: &mut [f32],
     ) {
         let bb = format.block_bytes();
-        let nb = blocks.len() / bb;
+        let nb = row_bytes / bb;
         assert!(
-            blocks.len() == nb * bb
+            row_bytes == nb * bb
+                && blocks.len().is_multiple_of(row_bytes)
                 && x.len() >= n * BLOCK * nb
                 && x_sums.len() >= n * nb
-                && out.len() >= n
+                && out.len() == blocks.len() / row_bytes * n
                 && n <= MAX_BLOCK_ROWS
         );
+        let weight_rows = blocks.chunks_exact(row_bytes).zip(out.chunks_exact_mut(n));
         match self {
             // SAFETY: the CPU has AVX2, FMA and F16C (`detect`); the lengths were checked above.
             #[cfg(target_arch = "x86_64")]
             Self::Avx2 => unsafe {
                 match format {
-                    BlockFormat::Q8_0 => avx2::q8_row(blocks, x, n, out),
-                    _ => avx2::q4_row(format == BlockFormat::Q4_1, blocks, x, x_sums, n, out),
+                    BlockFormat::Q8_0 => avx2::q8_rows(blocks, row_bytes, x, n, out),
+                    _ => avx2::q4_rows(
+                        format == BlockFormat::Q4_1,
+                        blocks,
+                        row_bytes,
+                        x,
+                        x_sums,
+                        n,
+                        out,
+                    ),
                 }
             },
             // SAFETY: the CPU has AVX-512F, FMA and F16C (`detect`); the lengths were checked
@@ -336,43 +344,67 @@ impl Kernel {
             #[cfg(target_arch = "x86_64")]
             Self::Avx512 => unsafe {
                 match format {
-                    BlockFormat::Q8_0 => avx512::q8_row(blocks, x, n, out),
-                    _ => avx512::q4_row(format == BlockFormat::Q4_1, blocks, x, x_sums, n, out),
+                    BlockFormat::Q8_0 => avx512::q8_rows(blocks, row_bytes, x, n, out),
+                    _ => avx512::q4_rows(
+                        format == BlockFormat::Q4_1,
+                        blocks,
+                        row_bytes,
+                        x,
+                        x_sums,
+                        n,
+                        out,
+                    ),
                 }
             },
             Self::Portable => {
-                let cols = BLOCK * nb;
-                for (i, o) in out.iter_mut().enumerate().take(n) {
-                    let x = &x[i * cols..(i + 1) * cols];
-                    let mut acc = 0.0f32;
-                    for (b, block) in blocks.chunks_exact(bb).enumerate() {
-                        let d = f16_at(block);
-                        let xb = &x[BLOCK * b..BLOCK * (b + 1)];
-                        let (m, qs) = match format {
-                            BlockFormat::Q4_0 => (-8.0 * d, &block[2..]),
-                            BlockFormat::Q4_1 => (f16_at(&block[2..]), &block[4..]),
-                            BlockFormat::Q8_0 => {
-                                let dot: f32 = block[2..]
-                                    .iter()
-                                    .zip(xb)
-                                    .map(|(&q, &v)| (q as i8) as f32 * v)
-                                    .sum();
-                                acc += d * dot;
-                                continue;
-                            }
-                        };
-                        let dot: f32 = qs
-                            .iter()
-                            .zip(&xb[..16])
-                            .map(|(&q, &v)| (q & 0x0f) as f32 * v)
-                            .chain(qs.iter().zip(&xb[16..]).map(|(&q, &v)| (q >> 4) as f32 * v))
-                            .sum();
-                        acc += d * dot + m * x_sums[i * nb + b];
-                    }
-                    *o = acc;
+                for (blocks, out) in weight_rows {
+                    portable_row(format, blocks, x, x_sums, n, out);
                 }
             }
         }
+    }
+}
+
+/// One weight row of [`Kernel::rows`] in portable Rust.
+fn portable_row(
+    format: BlockFormat,
+    blocks: &[u8],
+    x: &[f32],
+    x_sums: &[f32],
+    n: usize,
+    out: &mut [f32],
+) {
+    let bb = format.block_bytes();
+    let nb = blocks.len() / bb;
+    let cols = BLOCK * nb;
+    for (i, o) in out.iter_mut().enumerate().take(n) {
+        let x = &x[i * cols..(i + 1) * cols];
+        let mut acc = 0.0f32;
+        for (b, block) in blocks.chunks_exact(bb).enumerate() {
+            let d = f16_at(block);
+            let xb = &x[BLOCK * b..BLOCK * (b + 1)];
+            let (m, qs) = match format {
+                BlockFormat::Q4_0 => (-8.0 * d, &block[2..]),
+                BlockFormat::Q4_1 => (f16_at(&block[2..]), &block[4..]),
+                BlockFormat::Q8_0 => {
+                    let dot: f32 = block[2..]
+                        .iter()
+                        .zip(xb)
+                        .map(|(&q, &v)| (q as i8) as f32 * v)
+                        .sum();
+                    acc += d * dot;
+                    continue;
+                }
+            };
+            let dot: f32 = qs
+                .iter()
+                .zip(&xb[..16])
+                .map(|(&q, &v)| (q & 0x0f) as f32 * v)
+                .chain(qs.iter().zip(&xb[16..]).map(|(&q, &v)| (q >> 4) as f32 * v))
+                .sum();
+            acc += d * dot + m * x_sums[i * nb + b];
+        }
+        *o = acc;
     }
 }
 
@@ -412,18 +444,56 @@ macro_rules! with_tile {
     };
 }
 
-/// The row kernels of a SIMD module (`Kernel::row`'s lengths checked by the caller, the CPU
+/// The row kernels of a SIMD module (`Kernel::rows`' lengths checked by the caller, the CPU
 /// running `$features`): one row of a Q4 format by the module's `q4_one`, more in tiles by its
 /// `q4_tile::<R>`; Q8_0 in tiles by its `q8_tile::<R>`.
 #[cfg(target_arch = "x86_64")]
 macro_rules! row_kernels {
     ($features:literal) => {
-        /// See `Kernel::row`, for Q4_1 (`with_min`) or Q4_0 blocks.
+        /// See `Kernel::rows`, for Q4_1 (`with_min`) or Q4_0 blocks: `q4_row` per weight row.
         ///
         /// # Safety
-        /// The CPU has the module's features; the lengths are those `Kernel::row` checks.
+        /// The CPU has the module's features; the lengths are those `Kernel::rows` checks.
         #[target_feature(enable = $features)]
-        pub(super) unsafe fn q4_row(
+        pub(super) unsafe fn q4_rows(
+            with_min: bool,
+            blocks: &[u8],
+            row_bytes: usize,
+            x: &[f32],
+            x_sums: &[f32],
+            n: usize,
+            out: &mut [f32],
+        ) {
+            for (blocks, out) in blocks.chunks_exact(row_bytes).zip(out.chunks_exact_mut(n)) {
+                // SAFETY: as this function's, for one of its rows.
+                unsafe { q4_row(with_min, blocks, x, x_sums, n, out) };
+            }
+        }
+
+        /// See `Kernel::rows`, for Q8_0 blocks: `q8_row` per weight row.
+        ///
+        /// # Safety
+        /// As `q4_rows`.
+        #[target_feature(enable = $features)]
+        pub(super) unsafe fn q8_rows(
+            blocks: &[u8],
+            row_bytes: usize,
+            x: &[f32],
+            n: usize,
+            out: &mut [f32],
+        ) {
+            for (blocks, out) in blocks.chunks_exact(row_bytes).zip(out.chunks_exact_mut(n)) {
+                // SAFETY: as this function's, for one of its rows.
+                unsafe { q8_row(blocks, x, n, out) };
+            }
+        }
+
+        /// One weight row of `q4_rows`, for Q4_1 (`with_min`) or Q4_0 blocks.
+        ///
+        /// # Safety
+        /// The CPU has the module's features; the lengths are those `Kernel::rows` checks.
+        #[target_feature(enable = $features)]
+        unsafe fn q4_row(
             with_min: bool,
             blocks: &[u8],
             x: &[f32],
@@ -454,12 +524,12 @@ macro_rules! row_kernels {
             });
         }
 
-        /// See `Kernel::row`, for Q8_0 blocks.
+        /// One weight row of `q8_rows`.
         ///
         /// # Safety
         /// As `q4_row`.
         #[target_feature(enable = $features)]
-        pub(super) unsafe fn q8_row(blocks: &[u8], x: &[f32], n: usize, out: &mut [f32]) {
+        unsafe fn q8_row(blocks: &[u8], x: &[f32], n: usize, out: &mut [f32]) {
             let cols = 32 * (blocks.len() / 34);
             super::tiles(n, |first, rows| {
                 // SAFETY: as in `q4_row`.
