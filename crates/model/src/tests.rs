@@ -93,6 +93,16 @@ fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
 /// The KL weight β of the tests that do not need β = 1.
 const BETA: f64 = 0.7;
 
+/// A 270-token BPE for the save → load round trips.
+fn tiny_tokenizer() -> chorus_lm::Tokenizer {
+    chorus_lm::Tokenizer::train_bpe(
+        ["the cat sat on the mat."].iter().cycle().take(20),
+        270,
+        &["<|endoftext|>"],
+    )
+    .unwrap()
+}
+
 fn full_config() -> ChorusConfig {
     ChorusConfig {
         d_latent: 4,
@@ -600,12 +610,7 @@ fn a_frozen_base_gets_no_gradient_while_its_adapter_posterior_and_selector_train
     let (base, _) = gradients(chorus::<AD>(full_config(), 1));
     assert_eq!(base, [true; 3]);
     // Saved and loaded, the base is still frozen.
-    let tokenizer = chorus_lm::Tokenizer::train_bpe(
-        ["the cat sat on the mat."].iter().cycle().take(20),
-        270,
-        &["<|endoftext|>"],
-    )
-    .unwrap();
+    let tokenizer = tiny_tokenizer();
     let dir = tempfile::tempdir().unwrap();
     chorus::<AD>(frozen.clone(), 1)
         .save(dir.path(), &tokenizer, &["base".to_string(), "a".into()])
@@ -713,12 +718,7 @@ fn lm_weight(lm: &Lm<AD>) -> Tensor<AD, 2> {
 fn only_frozen_members_from_gguf_files_are_given_their_blocks() {
     let _rng = seeded(41);
     let device = Default::default();
-    let tokenizer = chorus_lm::Tokenizer::train_bpe(
-        ["the cat sat on the mat."].iter().cycle().take(20),
-        270,
-        &["<|endoftext|>"],
-    )
-    .unwrap();
+    let tokenizer = tiny_tokenizer();
     let dir = tempfile::tempdir().unwrap();
     let sources = ["base.gguf", "a/lm", "b.GGUF"].map(|s| dir.path().join(s).display().to_string());
     let note = |who: &str, source: &str| {
