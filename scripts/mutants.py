@@ -69,8 +69,15 @@ MUTANTS = [
     (
         "attached blocks: the matrices are not compared with the model's weights",
         "crates/lm/src/llama.rs",
-        "            if blocks.equals(&values) {",
-        "            if true || blocks.equals(&values) {",
+        "            if !blocks.equals(&values) {",
+        "            if false && !blocks.equals(&values) {",
+        ["-p", "chorus-lm", "--lib", "blocks_attach_only"],
+    ),
+    (
+        "attached blocks: a file of another shape is reported as other values",
+        "crates/lm/src/llama.rs",
+        "            if model != file {",
+        "            if false && model != file {",
         ["-p", "chorus-lm", "--lib", "blocks_attach_only"],
     ),
     (
@@ -83,8 +90,8 @@ MUTANTS = [
     (
         "attached blocks: the output layer is not compared",
         "crates/lm/src/llama.rs",
-        "        if let Some(blocks) = output.as_deref() {",
-        "        if let Some(blocks) = output.as_deref().filter(|_| false) {",
+        "        if let Some(blocks) = output.as_deref() {\n            pairs.push(",
+        "        if let Some(blocks) = output.as_deref().filter(|_| false) {\n            pairs.push(",
         ["-p", "chorus-lm", "--lib", "blocks_attach_only"],
     ),
     (

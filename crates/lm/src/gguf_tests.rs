@@ -718,11 +718,23 @@ fn blocks_attach_only_to_the_model_whose_weights_they_hold() {
             "the model changed although the blocks were refused"
         );
     }
+    // A file of another shape (a wider MLP), and no file at all.
+    let mut wider = block_llama();
+    if let LmConfig::Llama(c) = &mut wider {
+        c.d_ff = 96;
+    }
+    let path = write("wider.gguf", &wider.init::<B>(&device()).unwrap());
+    let err = refused.attach_gguf_blocks(&path).unwrap_err().to_string();
+    assert!(
+        err.contains("wider.gguf") && err.contains("`blk.0.ffn_gate.weight` is [96, 32]"),
+        "{err}"
+    );
     let err = refused
         .attach_gguf_blocks(&dir.path().join("moved.gguf"))
         .unwrap_err()
         .to_string();
     assert!(err.contains("moved.gguf"), "{err}");
+    assert!(!has_blocks(&refused));
 }
 
 #[test]

@@ -251,47 +251,12 @@ impl<B: Backend> Llama<B> {
     /// the first matrix that differs, the model left as it was.
     pub(crate) fn attach_gguf_blocks_if_equal(&mut self, gguf: &GgufFile) -> Result<(), LmError> {
         let (layers, output) = llama_blocks(gguf, &self.config)?;
-        // Each `Linear` holds `Wᵀ`, `[d_in, d_out]`; the blocks hold `W`, `[d_out, d_in]`.
-        let same = |name: String, weight: Tensor<B, 2>, transposed: bool, blocks: &BlockMatrix| {
-            let [rows, cols] = weight.dims();
-            let file = [blocks.rows(), blocks.cols()];
-            if (if transposed {
-                [cols, rows]
-            } else {
-                [rows, cols]
-            }) != file
-            {
-                return Err(gguf.error(format!(
-                    "tensor `{name}` is {file:?} (outputs × inputs), the model's {:?}",
-                    if transposed {
-                        [cols, rows]
-                    } else {
-                        [rows, cols]
-                    }
-                )));
-            }
-            let values = weight
-                .into_data()
-                .convert::<f32>()
-                .into_vec::<f32>()
-                .map_err(|e| gguf.error(format!("cannot read the model's `{name}`: {e:?}")))?;
-            let values = if transposed {
-                crate::names::transpose(&values, rows, cols)
-            } else {
-                values
-            };
-            if blocks.equals(&values) {
-                Ok(())
-            } else {
-                Err(gguf.error(format!(
-                    "tensor `{name}` differs from the model's weights: not the file they came from"
-                )))
-            }
-        };
+        // (name, the model's weight, whether it is `Wᵀ` — each `Linear` holds `[d_in, d_out]`,
+        // the blocks `W`, `[d_out, d_in]` —, the blocks)
+        let mut pairs: Vec<(String, Tensor<B, 2>, bool, &BlockMatrix)> = Vec::new();
         for (i, (layer, blocks)) in self.layers.iter().zip(&layers).enumerate() {
-            let attention = &layer.self_attn;
-            let mlp = &layer.mlp;
-            let pairs = [
+            let (attention, mlp) = (&layer.self_attn, &layer.mlp);
+            let linears = [
                 ("attn_q", &attention.q_proj),
                 ("attn_k", &attention.k_proj),
                 ("attn_v", &attention.v_proj),
@@ -308,24 +273,53 @@ impl<B: Backend> Llama<B> {
                 .into_iter()
                 .zip(blocks.mlp.iter().flat_map(|b| b.iter())),
             );
-            for ((name, linear), blocks) in pairs {
-                same(
-                    format!("blk.{i}.{name}.weight"),
-                    linear.weight.val(),
-                    true,
-                    blocks,
-                )?;
+            for ((name, linear), blocks) in linears {
+                let name = format!("blk.{i}.{name}.weight");
+                pairs.push((name, linear.weight.val(), true, blocks));
             }
         }
         if let Some(blocks) = output.as_deref() {
-            match &self.lm_head {
-                Some(head) => same("output.weight".into(), head.weight.val(), true, blocks)?,
-                None => same(
+            pairs.push(match &self.lm_head {
+                Some(head) => ("output.weight".into(), head.weight.val(), true, blocks),
+                None => (
                     "token_embd.weight".into(),
                     self.embed_tokens.weight.val(),
                     false,
                     blocks,
-                )?,
+                ),
+            });
+        }
+        // Every shape first (a file of another model is named as such), then every value.
+        for (name, weight, transposed, blocks) in &pairs {
+            let [rows, cols] = weight.dims();
+            let model = if *transposed {
+                [cols, rows]
+            } else {
+                [rows, cols]
+            };
+            let file = [blocks.rows(), blocks.cols()];
+            if model != file {
+                return Err(gguf.error(format!(
+                    "tensor `{name}` is {file:?} (outputs × inputs), the model's {model:?}"
+                )));
+            }
+        }
+        for (name, weight, transposed, blocks) in pairs {
+            let [rows, cols] = weight.dims();
+            let values = weight
+                .into_data()
+                .convert::<f32>()
+                .into_vec::<f32>()
+                .map_err(|e| gguf.error(format!("cannot read the model's `{name}`: {e:?}")))?;
+            let values = if transposed {
+                crate::names::transpose(&values, rows, cols)
+            } else {
+                values
+            };
+            if !blocks.equals(&values) {
+                return Err(gguf.error(format!(
+                    "tensor `{name}` differs from the model's weights: not the file they came from"
+                )));
             }
         }
         self.attach(gguf, layers, output)
