@@ -325,37 +325,11 @@ impl Kernel {
         match self {
             // SAFETY: the CPU has AVX2, FMA and F16C (`detect`); the lengths were checked above.
             #[cfg(target_arch = "x86_64")]
-            Self::Avx2 => unsafe {
-                match format {
-                    BlockFormat::Q8_0 => avx2::q8_rows(blocks, row_bytes, x, n, out),
-                    _ => avx2::q4_rows(
-                        format == BlockFormat::Q4_1,
-                        blocks,
-                        row_bytes,
-                        x,
-                        x_sums,
-                        n,
-                        out,
-                    ),
-                }
-            },
+            Self::Avx2 => unsafe { avx2::rows(format, blocks, row_bytes, x, x_sums, n, out) },
             // SAFETY: the CPU has AVX-512F, FMA and F16C (`detect`); the lengths were checked
             // above.
             #[cfg(target_arch = "x86_64")]
-            Self::Avx512 => unsafe {
-                match format {
-                    BlockFormat::Q8_0 => avx512::q8_rows(blocks, row_bytes, x, n, out),
-                    _ => avx512::q4_rows(
-                        format == BlockFormat::Q4_1,
-                        blocks,
-                        row_bytes,
-                        x,
-                        x_sums,
-                        n,
-                        out,
-                    ),
-                }
-            },
+            Self::Avx512 => unsafe { avx512::rows(format, blocks, row_bytes, x, x_sums, n, out) },
             Self::Portable => {
                 for (blocks, out) in weight_rows {
                     portable_row(format, blocks, x, x_sums, n, out);
@@ -450,12 +424,43 @@ macro_rules! with_tile {
 #[cfg(target_arch = "x86_64")]
 macro_rules! row_kernels {
     ($features:literal) => {
+        /// See `Kernel::rows`: the module's kernel for `format`.
+        ///
+        /// # Safety
+        /// The CPU has the module's features; the lengths are those `Kernel::rows` checks.
+        #[target_feature(enable = $features)]
+        pub(super) unsafe fn rows(
+            format: super::BlockFormat,
+            blocks: &[u8],
+            row_bytes: usize,
+            x: &[f32],
+            x_sums: &[f32],
+            n: usize,
+            out: &mut [f32],
+        ) {
+            // SAFETY: as this function's.
+            unsafe {
+                match format {
+                    super::BlockFormat::Q8_0 => q8_rows(blocks, row_bytes, x, n, out),
+                    super::BlockFormat::Q4_0 | super::BlockFormat::Q4_1 => q4_rows(
+                        format == super::BlockFormat::Q4_1,
+                        blocks,
+                        row_bytes,
+                        x,
+                        x_sums,
+                        n,
+                        out,
+                    ),
+                }
+            }
+        }
+
         /// See `Kernel::rows`, for Q4_1 (`with_min`) or Q4_0 blocks: `q4_row` per weight row.
         ///
         /// # Safety
         /// The CPU has the module's features; the lengths are those `Kernel::rows` checks.
         #[target_feature(enable = $features)]
-        pub(super) unsafe fn q4_rows(
+        unsafe fn q4_rows(
             with_min: bool,
             blocks: &[u8],
             row_bytes: usize,
@@ -475,13 +480,7 @@ macro_rules! row_kernels {
         /// # Safety
         /// As `q4_rows`.
         #[target_feature(enable = $features)]
-        pub(super) unsafe fn q8_rows(
-            blocks: &[u8],
-            row_bytes: usize,
-            x: &[f32],
-            n: usize,
-            out: &mut [f32],
-        ) {
+        unsafe fn q8_rows(blocks: &[u8], row_bytes: usize, x: &[f32], n: usize, out: &mut [f32]) {
             for (blocks, out) in blocks.chunks_exact(row_bytes).zip(out.chunks_exact_mut(n)) {
                 // SAFETY: as this function's, for one of its rows.
                 unsafe { q8_row(blocks, x, n, out) };
