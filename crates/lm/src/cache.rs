@@ -4,6 +4,7 @@ use burn::prelude::*;
 
 use crate::LmError;
 use crate::host_step::HostKv;
+use crate::model::host_f32;
 
 /// One layer's cached keys and values (rotated keys for RoPE models), memory slots excluded, in
 /// buffers allocated ahead: appending writes the new positions in place (doubling the buffer when
@@ -81,13 +82,10 @@ impl<B: Backend> LayerCache<B> {
             Buffers::Tensors { key, value } => {
                 let shape = key.dims();
                 let values = |t: Tensor<B, 4>| {
-                    t.into_data()
-                        .convert::<f32>()
-                        .into_vec::<f32>()
-                        .map_err(|e| LmError::InvalidInput {
-                            input: "cache",
-                            reason: format!("cannot read the cached keys and values: {e:?}"),
-                        })
+                    host_f32(t).map_err(|e| LmError::InvalidInput {
+                        input: "cache",
+                        reason: format!("cannot read the cached keys and values: {e}"),
+                    })
                 };
                 HostKv::from_buffers(shape, values(key)?, values(value)?)
             }

@@ -14,7 +14,8 @@ use crate::attention::{Attention, AttentionConfig, LayerMemory};
 use crate::cache::{KvCache, LayerCache};
 use crate::host_step::{HostBlock, HostKv, HostMemory, StepShape, block_step};
 use crate::model::{
-    LmInput, LmOutput, add_offset, init_normal, logit_positions, prepare_step, tied_logits,
+    LmInput, LmOutput, add_offset, host_f32, init_normal, logit_positions, prepare_step,
+    tied_logits,
 };
 use crate::names::{Layout, WeightName};
 use crate::norm::RmsNorm;
@@ -306,11 +307,8 @@ impl<B: Backend> Llama<B> {
         }
         for (name, weight, transposed, blocks) in pairs {
             let [rows, cols] = weight.dims();
-            let values = weight
-                .into_data()
-                .convert::<f32>()
-                .into_vec::<f32>()
-                .map_err(|e| gguf.error(format!("cannot read the model's `{name}`: {e:?}")))?;
+            let values = host_f32(weight)
+                .map_err(|e| gguf.error(format!("cannot read the model's `{name}`: {e}")))?;
             let values = if transposed {
                 crate::names::transpose(&values, rows, cols)
             } else {
@@ -333,12 +331,8 @@ impl<B: Backend> Llama<B> {
         output: Option<Arc<BlockMatrix>>,
     ) -> Result<(), LmError> {
         let host = |norm: &RmsNorm<B>| {
-            norm.weight
-                .val()
-                .into_data()
-                .convert::<f32>()
-                .into_vec::<f32>()
-                .map_err(|e| gguf.error(format!("cannot read a norm's weights: {e:?}")))
+            host_f32(norm.weight.val())
+                .map_err(|e| gguf.error(format!("cannot read a norm's weights: {e}")))
         };
         for (layer, blocks) in self.layers.iter_mut().zip(layers) {
             layer.self_attn.gguf_blocks = blocks.attention;
@@ -484,13 +478,10 @@ impl<B: Backend> Llama<B> {
 fn host_memory<B: Backend>(memory: &LayerMemory<B>) -> Result<HostMemory, LmError> {
     let [_, n_slots, _] = memory.key.dims();
     let host = |t: &Tensor<B, 3>| {
-        t.to_data()
-            .convert::<f32>()
-            .into_vec::<f32>()
-            .map_err(|e| LmError::InvalidInput {
-                input: "memory",
-                reason: format!("cannot read the memory slots: {e:?}"),
-            })
+        host_f32(t.clone()).map_err(|e| LmError::InvalidInput {
+            input: "memory",
+            reason: format!("cannot read the memory slots: {e}"),
+        })
     };
     Ok(HostMemory {
         key: host(&memory.key)?,

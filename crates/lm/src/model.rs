@@ -320,3 +320,12 @@ impl<B: Backend> Lm<B> {
         KvCache::new(self.dims().n_layers)
     }
 }
+
+/// A tensor's values as f32 on the host (for the host steps and the block checks); the error is
+/// burn's, for the caller to name what it was reading.
+pub(crate) fn host_f32<B: Backend, const D: usize>(t: Tensor<B, D>) -> Result<Vec<f32>, String> {
+    t.into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .map_err(|e| format!("{e:?}"))
+}

@@ -321,7 +321,6 @@ impl Kernel {
                 && out.len() == blocks.len() / row_bytes * n
                 && n <= MAX_BLOCK_ROWS
         );
-        let weight_rows = blocks.chunks_exact(row_bytes).zip(out.chunks_exact_mut(n));
         match self {
             // SAFETY: the CPU has AVX2, FMA and F16C (`detect`); the lengths were checked above.
             #[cfg(target_arch = "x86_64")]
@@ -331,7 +330,7 @@ impl Kernel {
             #[cfg(target_arch = "x86_64")]
             Self::Avx512 => unsafe { avx512::rows(format, blocks, row_bytes, x, x_sums, n, out) },
             Self::Portable => {
-                for (blocks, out) in weight_rows {
+                for (blocks, out) in blocks.chunks_exact(row_bytes).zip(out.chunks_exact_mut(n)) {
                     portable_row(format, blocks, x, x_sums, n, out);
                 }
             }
