@@ -502,9 +502,10 @@ fn block_products_equal_products_with_the_dequantised_weights() {
     use crate::quantised::{BlockMatrix, Kernel, matmul_rows_all};
     let mut rng = SplitMix64(7);
     let kernels = Kernel::available();
-    // 5 × 64: one thread; 256 × 384: split across the pool.
+    // 5 × 64: one thread; 7 × 160: an odd number of blocks per row (the one-row kernels' two
+    // chains, crate::quantised::two_chains); 256 × 384: split across the pool.
     let mut all = Vec::new();
-    for (rows, cols) in [(5, 64), (256, 384)] {
+    for (rows, cols) in [(5, 64), (7, 160), (256, 384)] {
         let values: Vec<f32> = (0..rows * cols)
             .map(|_| (rng.uniform() * 2.0 - 1.0) as f32)
             .collect();
