@@ -25,6 +25,41 @@ MUTANTS = [
         ["-p", "chorus-lm", "--lib", "host_steps_equal"],
     ),
     (
+        "host step: every group of query heads reads the first group's queries",
+        "crates/lm/src/host_step.rs",
+        "        let q = &q[r * width + g * group * hd..][..group * hd];",
+        "        let q = &q[r * width..][..group * hd];",
+        ["-p", "chorus-lm", "--lib", "grouped_attention"],
+    ),
+    (
+        "host step: attention weights not normalised",
+        "crates/lm/src/host_step.rs",
+        "            *p /= total;",
+        "            *p /= total + 1.0;",
+        ["-p", "chorus-lm", "--lib", "grouped_attention"],
+    ),
+    (
+        "host step: the AVX-512 dot product drops the masked remainder",
+        "crates/lm/src/host_step.rs",
+        "            if i < n {\n                let mask",
+        "            if i < n && false {\n                let mask",
+        ["-p", "chorus-lm", "--lib", "grouped_attention"],
+    ),
+    (
+        "host step: the AVX2 dot product drops the remainder",
+        "crates/lm/src/host_step.rs",
+        "        s + a[i..].iter().zip(&b[i..n]).map(|(x, y)| x * y).sum::<f32>()",
+        "        s",
+        ["-p", "chorus-lm", "--lib", "grouped_attention"],
+    ),
+    (
+        "host step: the AVX-512 attention uses the AVX2 dot product",
+        "crates/lm/src/host_step.rs",
+        "        attended(out, q, keys, scale, |a, b| unsafe { dot_avx512(a, b) });",
+        "        attended(out, q, keys, scale, |a, b| unsafe { dot_avx2(&a[..a.len() / 8 * 8], b) });",
+        ["-p", "chorus-lm", "--lib", "grouped_attention"],
+    ),
+    (
         "host step: every sequence reads the first sequence's memory slots",
         "crates/lm/src/host_step.rs",
         "            let rows = b * m.n_slots * kv..(b + 1) * m.n_slots * kv;",
@@ -34,8 +69,8 @@ MUTANTS = [
     (
         "host step: memory slots read from the next key/value head",
         "crates/lm/src/host_step.rs",
-        "            let (kv, head) = (n_kv_heads * hd, (h / group) * hd..(h / group + 1) * hd);",
-        "            let g = (h / group + 1) % n_kv_heads;\n            let (kv, head) = (n_kv_heads * hd, g * hd..(g + 1) * hd);",
+        "                offset: g * hd,",
+        "                offset: ((g + 1) % n_kv_heads) * hd,",
         ["-p", "chorus-lm", "--lib", "host_steps_equal"],
     ),
     (
@@ -160,8 +195,8 @@ MUTANTS = [
     (
         "host step: query heads read the key/value head of the next group",
         "crates/lm/src/host_step.rs",
-        "        let base = (b * n_kv_heads + h / group) * cache.capacity * hd;",
-        "        let base = (b * n_kv_heads + (h + 1) % n_heads / group) * cache.capacity * hd;",
+        "        let base = (b * n_kv_heads + g) * cache.capacity * hd;",
+        "        let base = (b * n_kv_heads + (g + 1) % n_kv_heads) * cache.capacity * hd;",
         ["-p", "chorus-lm", "--lib", "host_steps_equal"],
     ),
     (
