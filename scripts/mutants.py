@@ -48,8 +48,8 @@ MUTANTS = [
     (
         "host step: the AVX2 dot product drops the remainder",
         "crates/lm/src/host_step.rs",
-        "        s + a[i..].iter().zip(&b[i..n]).map(|(x, y)| x * y).sum::<f32>()",
-        "        s",
+        "        horizontal_sum(acc) + a[i..].iter().zip(&b[i..n]).map(|(x, y)| x * y).sum::<f32>()",
+        "        horizontal_sum(acc)",
         ["-p", "chorus-lm", "--lib", "grouped_attention"],
     ),
     (

@@ -352,6 +352,7 @@ mod simd {
     use std::arch::x86_64::*;
 
     use super::{Keys, attended};
+    use crate::quantised::avx2::horizontal_sum;
 
     /// [`attended`] with [`dot_avx512`].
     ///
@@ -421,10 +422,7 @@ mod simd {
                 i += 8;
             }
         }
-        let s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
-        s + a[i..].iter().zip(&b[i..n]).map(|(x, y)| x * y).sum::<f32>()
+        horizontal_sum(acc) + a[i..].iter().zip(&b[i..n]).map(|(x, y)| x * y).sum::<f32>()
     }
 }
 

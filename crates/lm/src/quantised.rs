@@ -571,13 +571,14 @@ macro_rules! row_kernels {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(crate) mod avx2 {
     use std::arch::x86_64::*;
 
     row_kernels!("avx2,fma,f16c");
 
+    /// `Σ` of the 8 lanes of `v`.
     #[target_feature(enable = "avx2,fma")]
-    fn horizontal_sum(v: __m256) -> f32 {
+    pub(crate) fn horizontal_sum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
@@ -831,7 +832,8 @@ mod avx512 {
         ]
     }
 
-    /// The f16 scale `d` and, for Q4_1, the f16 min `m` at the head of a block (Q4_0: −8d).
+    /// The f16 scale `d` and, for Q4_1, the f16 min `m` at the head of a block (without a min:
+    /// −8d, Q4_0's; Q8_0 reads `d` alone).
     ///
     /// # Safety
     /// `block` points at 4 (Q4_1) or 2 readable bytes.
@@ -894,9 +896,7 @@ mod avx512 {
             // 32 signed bytes read 16 at a time; x holds `32 nb` values.
             unsafe {
                 let block = blocks.as_ptr().add(b * 34);
-                let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
-                    block.cast::<u16>().read_unaligned() as i32,
-                )));
+                let (d, _) = header(false, block);
                 let sixteen = |k: usize| {
                     _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
                         block.add(2 + 16 * k).cast(),
@@ -997,9 +997,7 @@ mod avx512 {
             // 32 signed bytes read 16 at a time; x holds R rows of `cols` values.
             unsafe {
                 let block = blocks.as_ptr().add(b * 34);
-                let d = _mm512_set1_ps(_mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
-                    block.cast::<u16>().read_unaligned() as i32,
-                ))));
+                let d = _mm512_set1_ps(header(false, block).0);
                 let sixteen = |k: usize| {
                     let q = _mm512_cvtepi8_epi32(_mm_loadu_si128(block.add(2 + 16 * k).cast()));
                     _mm512_mul_ps(d, _mm512_cvtepi32_ps(q))
