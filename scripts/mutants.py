@@ -60,6 +60,20 @@ MUTANTS = [
         ["-p", "chorus-lm", "--lib", "grouped_attention"],
     ),
     (
+        "host step: the AVX-512 weighted sum of the values leaves out a head's last, partial vector",
+        "crates/lm/src/host_step.rs",
+        "                if left >= 16 { !0 } else { (1 << left) - 1 }",
+        "                if left >= 16 { !0 } else { 0 }",
+        ["-p", "chorus-lm", "--lib", "grouped_attention"],
+    ),
+    (
+        "host step: the AVX2 weighted sum of the values starts from zero, not from the sums so far",
+        "crates/lm/src/host_step.rs",
+        "std::array::from_fn(|c| _mm256_maskload_ps(o.wrapping_add(8 * c), masks[c]));",
+        "std::array::from_fn(|_| _mm256_setzero_ps());",
+        ["-p", "chorus-lm", "--lib", "grouped_attention"],
+    ),
+    (
         "host step: the AVX-512 exponential leaves the masked remainder as it was",
         "crates/lm/src/host_step.rs",
         "        let mask: __mmask16 = (1 << rest.len()) - 1;",

@@ -358,15 +358,23 @@ fn add_attended(kernel: Kernel, out: &mut [f32], q: &[f32], keys: &Keys<'_>, sca
         // SAFETY: the CPU has AVX2 and FMA (`Kernel::detect`).
         #[cfg(target_arch = "x86_64")]
         Kernel::Avx2 => unsafe { simd::attended_avx2(out, q, keys, scale) },
-        Kernel::Portable => attended(out, q, keys, scale, dot, |v| {
-            exp_in_place(Kernel::Portable, v)
-        }),
+        Kernel::Portable => attended(
+            out,
+            q,
+            keys,
+            scale,
+            dot,
+            |v| exp_in_place(Kernel::Portable, v),
+            add_weighted,
+        ),
     }
 }
 
 /// [`attended`] with the dot products of AVX-512 and AVX2 (fused multiply-adds in one vector
 /// accumulator, summed across its lanes at the end; auto-vectorisation did not do it: the 16
-/// partial sums of [`dot`] stayed scalar), and their exponentials.
+/// partial sums of [`dot`] stayed scalar), their exponentials, and their weighted sums of the
+/// values (a head's sums in registers over all keys: compiled from [`add_weighted`], each key
+/// loaded, multiplied, added to and stored the head's 64 sums).
 #[cfg(target_arch = "x86_64")]
 mod simd {
     use std::arch::x86_64::*;
@@ -388,6 +396,7 @@ mod simd {
             scale,
             |a, b| unsafe { dot_avx512(a, b) },
             |v| unsafe { exp_in_place_avx512(v) },
+            |out, p, keys| unsafe { add_weighted_avx512(out, p, keys) },
         );
     }
 
@@ -405,6 +414,7 @@ mod simd {
             scale,
             |a, b| unsafe { dot_avx2(a, b) },
             |v| unsafe { exp_in_place_avx2(v) },
+            |out, p, keys| unsafe { add_weighted_avx2(out, p, keys) },
         );
     }
 
@@ -526,6 +536,98 @@ mod simd {
         rest.copy_from_slice(&lanes[..rest.len()]);
     }
 
+    /// [`super::add_weighted`] in vectors: the head's sums in four vectors of 16 (the last ones
+    /// masked) for 64 values at a time, each key's weight broadcast and fused into them.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn add_weighted_avx512(out: &mut [f32], p: &[f32], keys: &Keys<'_>) {
+        let Keys {
+            value,
+            stride,
+            offset,
+            head_dim: hd,
+            ..
+        } = *keys;
+        assert!(
+            out.len() == hd
+                && (p.is_empty() || (p.len() - 1) * stride + offset + hd <= value.len())
+        );
+        for first in (0..hd).step_by(64) {
+            // Lanes first + 16c.. that are the head's.
+            let masks: [__mmask16; 4] = std::array::from_fn(|c| {
+                let left = hd.saturating_sub(first + 16 * c);
+                if left >= 16 { !0 } else { (1 << left) - 1 }
+            });
+            let o = out.as_mut_ptr().wrapping_add(first);
+            // SAFETY: masked loads and stores touch only the head's lanes (the assert above);
+            // the masked-off ones do not fault.
+            unsafe {
+                let mut acc: [__m512; 4] = std::array::from_fn(|c| {
+                    _mm512_maskz_loadu_ps(masks[c], o.wrapping_add(16 * c))
+                });
+                for (j, &weight) in p.iter().enumerate() {
+                    let v = value.as_ptr().wrapping_add(j * stride + offset + first);
+                    let weight = _mm512_set1_ps(weight);
+                    for (c, acc) in acc.iter_mut().enumerate() {
+                        let v = _mm512_maskz_loadu_ps(masks[c], v.wrapping_add(16 * c));
+                        *acc = _mm512_fmadd_ps(weight, v, *acc);
+                    }
+                }
+                for (c, acc) in acc.iter().enumerate() {
+                    _mm512_mask_storeu_ps(o.wrapping_add(16 * c), masks[c], *acc);
+                }
+            }
+        }
+    }
+
+    /// [`add_weighted_avx512`] in vectors of 8: eight of them for 64 values at a time.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn add_weighted_avx2(out: &mut [f32], p: &[f32], keys: &Keys<'_>) {
+        let Keys {
+            value,
+            stride,
+            offset,
+            head_dim: hd,
+            ..
+        } = *keys;
+        assert!(
+            out.len() == hd
+                && (p.is_empty() || (p.len() - 1) * stride + offset + hd <= value.len())
+        );
+        for first in (0..hd).step_by(64) {
+            // All ones in the lanes first + 8c + l that are the head's.
+            let masks: [__m256i; 8] = std::array::from_fn(|c| {
+                let left = hd.saturating_sub(first + 8 * c).min(8) as i32;
+                _mm256_cmpgt_epi32(
+                    _mm256_set1_epi32(left),
+                    _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                )
+            });
+            let o = out.as_mut_ptr().wrapping_add(first);
+            // SAFETY: as in `add_weighted_avx512`.
+            unsafe {
+                let mut acc: [__m256; 8] =
+                    std::array::from_fn(|c| _mm256_maskload_ps(o.wrapping_add(8 * c), masks[c]));
+                for (j, &weight) in p.iter().enumerate() {
+                    let v = value.as_ptr().wrapping_add(j * stride + offset + first);
+                    let weight = _mm256_set1_ps(weight);
+                    for (c, acc) in acc.iter_mut().enumerate() {
+                        let v = _mm256_maskload_ps(v.wrapping_add(8 * c), masks[c]);
+                        *acc = _mm256_fmadd_ps(weight, v, *acc);
+                    }
+                }
+                for (c, acc) in acc.iter().enumerate() {
+                    _mm256_maskstore_ps(o.wrapping_add(8 * c), masks[c], *acc);
+                }
+            }
+        }
+    }
+
     /// `Σ a_i b_i` over `a`'s length (`b` at least as long), 16 lanes at a time, the last
     /// `len mod 16` through a masked load.
     ///
@@ -580,7 +682,8 @@ mod simd {
 
 /// `out_h += Σ_j p_hj v_j`, `p_hj = softmax_j(q_h·k_j / scale)`, for the query heads `h` of `q`
 /// (each head's scores, maximum, exponentials, sum and weighted sum in the order of a single
-/// head's), the scores from `dot`, the exponentials from `exp` (in place).
+/// head's), the scores from `dot`, the exponentials from `exp` (in place), each head's weighted
+/// sum from `add_weighted`.
 ///
 /// # Shapes
 /// - out, q: `[group, head_dim]` row-major
@@ -592,13 +695,14 @@ fn attended(
     scale: f32,
     dot: impl Fn(&[f32], &[f32]) -> f32,
     exp: impl Fn(&mut [f32]),
+    add_weighted: impl Fn(&mut [f32], &[f32], &Keys<'_>),
 ) {
     let Keys {
         key,
-        value,
         stride,
         offset,
         head_dim: hd,
+        ..
     } = *keys;
     let n = key.len() / stride;
     let group = q.len() / hd;
@@ -621,13 +725,17 @@ fn attended(
             *p /= total;
         }
     }
-    for j in 0..n {
-        let v = &value[j * stride + offset..][..hd];
-        for (h, out) in out.chunks_exact_mut(hd).enumerate() {
-            let p = scores[h * n + j];
-            for (o, v) in out.iter_mut().zip(v) {
-                *o += p * v;
-            }
+    for (out, p) in out.chunks_exact_mut(hd).zip(scores.chunks_exact(n)) {
+        add_weighted(out, p, keys);
+    }
+}
+
+/// `out += Σ_j p_j v_j` over the values of `keys` (one head's `head_dim` sums), key after key.
+fn add_weighted(out: &mut [f32], p: &[f32], keys: &Keys<'_>) {
+    for (j, &p) in p.iter().enumerate() {
+        let v = &keys.value[j * keys.stride + keys.offset..][..keys.head_dim];
+        for (o, v) in out.iter_mut().zip(v) {
+            *o += p * v;
         }
     }
 }
