@@ -194,8 +194,9 @@ fn silu_times(kernel: Kernel, gate: &mut [f32], up: &[f32]) {
 
 /// `v ← exp(v)` for every value: in the CPU's widest vectors ([`simd::exp_avx512`],
 /// [`simd::exp_avx2`]: the same polynomial, the same numbers) or by `f32::exp`. SwiGLU and the
-/// attention's softmax take ≈ 46,000 exponentials each per SmolLM2 token (at 170 positions), one
-/// by one ≈ 0.2 ms of a 4 ms step.
+/// attention's softmax take ≈ 46,000 exponentials each per SmolLM2 token (at 170 positions); one
+/// by one, on the thread that runs a step's serial parts, they were a few percent of its
+/// samples (docs/performance.md).
 fn exp_in_place(kernel: Kernel, values: &mut [f32]) {
     match kernel {
         // SAFETY: the CPU has AVX-512F (`Kernel::detect`).
