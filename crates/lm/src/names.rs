@@ -10,11 +10,13 @@
 //! have (an untied `lm_head` in a tied model) is simply not asked for; a checkpoint tensor nobody
 //! asked for, one that is missing or one of the wrong shape is an error naming it.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
+use std::rc::Rc;
 
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::prelude::*;
-use burn_store::{ModuleSnapshot, TensorSnapshot};
+use burn_store::{ModuleSnapshot, TensorSnapshot, TensorSnapshotError};
 use rayon::prelude::*;
 
 use crate::LmError;
@@ -268,11 +270,34 @@ pub(crate) fn import_hf<B: Backend, M: Module<B> + ModuleSnapshot<B>>(
     for (path, shape) in parameter_shapes::<B, M>(&skeleton) {
         let (e, layer) = entry(table, &path)?;
         let hf = fill(e.hf, layer);
-        let values = e
-            .layout
-            .to_chorus(tensors.get(&hf, &e.layout.hf_shape(&shape))?, &shape);
-        snapshots.push(TensorSnapshot::from_data(
-            TensorData::new(values, shape),
+        let hf_shape = e.layout.hf_shape(&shape);
+        // A fused tensor is read once per part, so its part is copied now; any other tensor is
+        // read once, so it is taken now (its errors now) and turned into chorus's layout when
+        // `apply` asks for it, after which nothing holds it: the file's values and the
+        // parameters never coexist in full.
+        let (layout, values) = match e.layout {
+            Layout::FusedQkv { .. } => (
+                Layout::Same,
+                e.layout.to_chorus(tensors.get(&hf, &hf_shape)?, &shape),
+            ),
+            layout => (layout, tensors.take(&hf, &hf_shape)?),
+        };
+        let pending = RefCell::new(Some(values));
+        let data_shape = shape.clone();
+        let data = move || {
+            let values = pending.borrow_mut().take().ok_or_else(|| {
+                TensorSnapshotError::DataError("an imported tensor is applied once".into())
+            })?;
+            let values = match layout {
+                Layout::Same => values,
+                layout => layout.to_chorus(&values, &data_shape),
+            };
+            Ok(TensorData::new(values, data_shape.clone()))
+        };
+        snapshots.push(TensorSnapshot::from_closure(
+            Rc::new(data),
+            burn::tensor::DType::F32,
+            Shape::from(shape),
             path.split('.').map(str::to_string).collect(),
             Vec::new(),
             ParamId::new(),
