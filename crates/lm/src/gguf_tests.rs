@@ -642,6 +642,68 @@ fn a_gguf_model_decodes_from_its_blocks_as_from_its_f32_weights() {
     );
 }
 
+/// Whether each of a llama's block-quantised matrices (q, k, v, o, gate, up, down of every layer,
+/// then the tied embedding) has its f32 weights.
+fn f32_weights_made(model: &Lm<B>) -> Vec<bool> {
+    let Lm::Llama(llama) = model else {
+        unreachable!("a llama")
+    };
+    let mut made = Vec::new();
+    for layer in &llama.layers {
+        let (a, m) = (&layer.self_attn, &layer.mlp);
+        for linear in [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj] {
+            made.push(linear.weight.is_initialized());
+        }
+        for linear in [&m.gate_proj, &m.up_proj, &m.down_proj] {
+            made.push(linear.weight.is_initialized());
+        }
+    }
+    made.push(llama.embed_tokens.weight.is_initialized());
+    made
+}
+
+/// A model read for decoding holds its block-quantised matrices as blocks alone while it decodes
+/// (steps of a few rows, the embedding read from the tied output layer's blocks); a product the
+/// blocks do not serve (80 rows) makes the f32 weights from them, the values `from_gguf` loads
+/// bit for bit, after which the model decodes as before.
+#[test]
+fn a_decoding_model_makes_f32_weights_only_for_products_the_blocks_do_not_serve() {
+    let model = block_llama().init::<B>(&device()).unwrap();
+    for store in [Store::Q4_1, Store::Q8_0] {
+        let file = parse(&llama_to_gguf(&model, store)).unwrap();
+        let loaded = Lm::<B>::from_gguf(&file, &device()).unwrap();
+        let decoding = Lm::<B>::from_gguf_for_decoding(&file, &device()).unwrap();
+        assert!(!f32_weights_made(&decoding).contains(&true), "{store:?}");
+        let steps = |lm: &Lm<B>| {
+            let mut cache = lm.new_cache();
+            let prompt = Tensor::<B, 2, Int>::from_data([[3, 9, 27, 17]], &device());
+            let mut logits = vec![lm.forward(LmInput::new(prompt), Some(&mut cache)).unwrap()];
+            for s in 0..3 {
+                let next = Tensor::<B, 2, Int>::from_data([[s * 11 + 5]], &device());
+                logits.push(lm.forward(LmInput::new(next), Some(&mut cache)).unwrap());
+            }
+            logits.into_iter().map(|out| out.logits).collect::<Vec<_>>()
+        };
+        let before = steps(&decoding);
+        assert!(!f32_weights_made(&decoding).contains(&true), "{store:?}");
+        for (s, (a, b)) in before.iter().zip(steps(&loaded)).enumerate() {
+            let diff = max_abs_diff(a.clone(), b);
+            assert!(diff < 1e-4, "{store:?} step {s}: |Δ| = {diff}");
+        }
+        let (prefill, _) = prefill_and_steps(&decoding);
+        assert!(!f32_weights_made(&decoding).contains(&false), "{store:?}");
+        let (loaded_prefill, _) = prefill_and_steps(&loaded);
+        assert_eq!(max_abs_diff(prefill, loaded_prefill), 0.0, "{store:?}");
+        for (s, (a, b)) in steps(&decoding).into_iter().zip(before).enumerate() {
+            assert_eq!(
+                max_abs_diff(a, b),
+                0.0,
+                "{store:?} step {s} after the prefill"
+            );
+        }
+    }
+}
+
 /// A model whose weights came from a GGUF file by another road (a joint checkpoint saves a
 /// frozen GGUF assistant in f32; here a chorus LM directory, save → load) decodes from that
 /// file's blocks once they are attached, as the model read for decoding does; the blocks of any

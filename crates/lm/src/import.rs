@@ -19,6 +19,7 @@ use crate::gguf::GgufFile;
 use crate::gpt2::{GPT2_NAMES, Gpt2};
 use crate::llama::{LLAMA_NAMES, Llama};
 use crate::names::{Heads, NamedTensor, export_hf, hf_name_of_gguf, import_hf, transpose};
+use crate::quantised::{block_matrix_names, llama_blocks};
 use crate::{Gpt2Config, LlamaConfig, Lm, LmConfig, LmError};
 
 /// f32 tensors by (Hugging Face) name, each with its row-major shape, taken one by one.
@@ -28,6 +29,8 @@ pub struct NamedTensors {
     tensors: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
     /// Names read with [`NamedTensors::get`] (a fused tensor is read once per part).
     used: BTreeSet<String>,
+    /// Names whose values the caller supplies after the import ([`NamedTensors::defer`]).
+    deferred: BTreeSet<String>,
 }
 
 impl NamedTensors {
@@ -37,12 +40,25 @@ impl NamedTensors {
             source: source.into(),
             tensors: BTreeMap::new(),
             used: BTreeSet::new(),
+            deferred: BTreeSet::new(),
         }
     }
 
     /// Adds a tensor.
     pub fn insert(&mut self, name: impl Into<String>, shape: Vec<usize>, values: Vec<f32>) {
         self.tensors.insert(name.into(), (shape, values));
+    }
+
+    /// Marks `name` as a tensor whose values the caller puts in place after the import: the
+    /// importer leaves its parameter as it is, uninitialised (a decoding model's weights made
+    /// from the file's blocks on first use, [`Lm::from_gguf_for_decoding`]).
+    pub(crate) fn defer(&mut self, name: impl Into<String>) {
+        self.deferred.insert(name.into());
+    }
+
+    /// Whether `name` was deferred ([`NamedTensors::defer`]).
+    pub(crate) fn is_deferred(&self, name: &str) -> bool {
+        self.deferred.contains(name)
     }
 
     /// Whether a tensor is present.
@@ -94,6 +110,7 @@ impl NamedTensors {
             source: self.source,
             tensors,
             used: self.used,
+            deferred: self.deferred,
         }
     }
 
@@ -429,24 +446,38 @@ impl<B: Backend> Lm<B> {
     /// permutation so the weights match chorus's rotate-half RoPE.
     pub fn from_gguf(gguf: &GgufFile, device: &B::Device) -> Result<Self, LmError> {
         let config = llama_config_from_gguf(gguf)?;
-        let mut tensors = gguf_to_hf(gguf, &config)?;
+        let mut tensors = gguf_to_hf(gguf, &config, &BTreeSet::new())?;
         let model = llama_from_hf(&config, &mut tensors, device)?;
         tensors.finish()?;
         Ok(Lm::Llama(model))
     }
 
-    /// [`Lm::from_gguf`], keeping every block-quantised matrix (Q8_0, Q4_0, Q4_1) beside its f32
-    /// weights as well: products of at most [`MAX_BLOCK_ROWS`](crate::MAX_BLOCK_ROWS) rows that
-    /// need no gradient (decoding) then read the blocks — ≈ 4.5–8.5 bits per weight instead of
-    /// 32 — and everything else the f32 weights. For inference on the CPU: the blocks are not
-    /// updated by training, so a model that trains must come from [`Lm::from_gguf`] (a weight that
-    /// requires a gradient never uses them), and on a GPU each product would cross to the host.
+    /// [`Lm::from_gguf`], keeping every block-quantised matrix (Q8_0, Q4_0, Q4_1) as its blocks:
+    /// products of at most [`MAX_BLOCK_ROWS`](crate::MAX_BLOCK_ROWS) rows that need no gradient
+    /// (decoding) read the blocks — ≈ 4.5–8.5 bits per weight instead of 32 —, and a tied
+    /// embedding's lookup reads them too. On a backend without autodiff the f32 weights of those
+    /// matrices are made from the blocks (the values [`Lm::from_gguf`] loads) only when something
+    /// needs them — a product of more rows, a padded batch —, so a model that only decodes holds
+    /// its matrices once, as blocks; on one with autodiff they are loaded beside the blocks. For
+    /// inference on the CPU: the blocks are not updated by training, so a model that trains must
+    /// come from [`Lm::from_gguf`] (a weight that requires a gradient never uses them), and on a
+    /// GPU each product would cross to the host.
     pub fn from_gguf_for_decoding(gguf: &GgufFile, device: &B::Device) -> Result<Self, LmError> {
-        let mut model = Self::from_gguf(gguf, device)?;
-        if let Lm::Llama(llama) = &mut model {
-            llama.attach_gguf_blocks(gguf)?;
+        if B::ad_enabled(device) {
+            let mut model = Self::from_gguf(gguf, device)?;
+            if let Lm::Llama(llama) = &mut model {
+                llama.attach_gguf_blocks(gguf)?;
+            }
+            return Ok(model);
         }
-        Ok(model)
+        let config = llama_config_from_gguf(gguf)?;
+        let (layers, output) = llama_blocks(gguf, &config)?;
+        let deferred = block_matrix_names(&layers, output.as_deref(), &config);
+        let mut tensors = gguf_to_hf(gguf, &config, &deferred)?;
+        let mut model = llama_from_hf(&config, &mut tensors, device)?;
+        tensors.finish()?;
+        model.attach_blocks_as_weights(gguf, layers, output)?;
+        Ok(Lm::Llama(model))
     }
 
     /// Attaches the quantised blocks of the GGUF file at `path` to a model whose weights are that
@@ -495,8 +526,13 @@ pub fn llama_config_from_gguf(g: &GgufFile) -> Result<LlamaConfig, LmError> {
 }
 
 /// Dequantises every tensor of a llama GGUF under its Hugging Face name and layout
-/// ([`LLAMA_NAMES`](crate::llama::LLAMA_NAMES)).
-fn gguf_to_hf(g: &GgufFile, c: &LlamaConfig) -> Result<NamedTensors, LmError> {
+/// ([`LLAMA_NAMES`](crate::llama::LLAMA_NAMES)), except those named in `deferred`, which are
+/// marked deferred ([`NamedTensors::defer`]).
+fn gguf_to_hf(
+    g: &GgufFile,
+    c: &LlamaConfig,
+    deferred: &BTreeSet<String>,
+) -> Result<NamedTensors, LmError> {
     let heads = Heads {
         n_heads: c.n_heads,
         n_kv_heads: c.n_kv_heads,
@@ -505,6 +541,10 @@ fn gguf_to_hf(g: &GgufFile, c: &LlamaConfig) -> Result<NamedTensors, LmError> {
     for info in &g.tensors {
         let (hf_name, layout) = hf_name_of_gguf(LLAMA_NAMES, &info.name)
             .ok_or_else(|| g.error(format!("tensor `{}` has no llama counterpart", info.name)))?;
+        if deferred.contains(&info.name) {
+            out.defer(hf_name);
+            continue;
+        }
         let (shape, values) = g.tensor_f32(info)?;
         let values = layout
             .hf_values_from_gguf(values, &shape, heads)

@@ -3,6 +3,7 @@
 //! Field names follow Hugging Face's `LlamaForCausalLM` (`embed_tokens`, `layers.N.self_attn.q_proj`,
 //! `mlp.gate_proj`, `norm`, `lm_head`), so checkpoint keys read the same in both worlds.
 
+use burn::module::{Param, ParamId};
 use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::silu;
@@ -20,8 +21,8 @@ use crate::model::{
 use crate::names::{Layout, WeightName};
 use crate::norm::RmsNorm;
 use crate::quantised::{
-    BlockMatrix, Kernel, LayerBlocks, MAX_BLOCK_ROWS, llama_blocks, products_from_blocks, project,
-    project_all,
+    BlockMatrix, Kernel, LayerBlocks, MAX_BLOCK_ROWS, llama_blocks, needs_grad,
+    products_from_blocks, project, project_all,
 };
 use crate::rope::Rope;
 use crate::{LlamaConfig, LmConfig, LmDims, LmError};
@@ -323,6 +324,120 @@ impl<B: Backend> Llama<B> {
         self.attach(gguf, layers, output)
     }
 
+    /// [`Llama::attach_gguf_blocks`] for a model whose block-quantised matrices were left
+    /// uninitialised by the import ([`Lm::from_gguf_for_decoding`](crate::Lm::from_gguf_for_decoding)):
+    /// each becomes a weight made from its blocks on first use — `d·q + m` per weight, the values
+    /// [`Lm::from_gguf`](crate::Lm::from_gguf) loads —, so that until something needs it in f32 the
+    /// model holds the matrix once, as blocks.
+    pub(crate) fn attach_blocks_as_weights(
+        &mut self,
+        gguf: &GgufFile,
+        layers: Vec<LayerBlocks>,
+        output: Option<Arc<BlockMatrix>>,
+    ) -> Result<(), LmError> {
+        self.attach(gguf, layers, output)?;
+        for layer in &mut self.layers {
+            let attention = &mut layer.self_attn;
+            if let Some(blocks) = attention.gguf_blocks.clone() {
+                let linears = [
+                    &mut attention.q_proj,
+                    &mut attention.k_proj,
+                    &mut attention.v_proj,
+                    &mut attention.o_proj,
+                ];
+                for (k, linear) in linears.into_iter().enumerate() {
+                    let blocks = blocks.clone();
+                    linear.weight = weight_made_on_use(&linear.weight, move || {
+                        blocks[k].dequantise_transposed()
+                    });
+                }
+            }
+            let mlp = &mut layer.mlp;
+            if let Some(blocks) = mlp.gguf_blocks.clone() {
+                let linears = [&mut mlp.gate_proj, &mut mlp.up_proj, &mut mlp.down_proj];
+                for (k, linear) in linears.into_iter().enumerate() {
+                    let blocks = blocks.clone();
+                    linear.weight = weight_made_on_use(&linear.weight, move || {
+                        blocks[k].dequantise_transposed()
+                    });
+                }
+            }
+        }
+        if let Some(blocks) = self.output_blocks.clone() {
+            match &mut self.lm_head {
+                Some(head) => {
+                    head.weight =
+                        weight_made_on_use(&head.weight, move || blocks.dequantise_transposed());
+                }
+                None => {
+                    let embedding = &mut self.embed_tokens.weight;
+                    *embedding = weight_made_on_use(embedding, move || blocks.dequantise());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// See [`Lm::weights_made_on_use`](crate::Lm::weights_made_on_use): a matrix that has blocks
+    /// and whose weight is not made was left to them by [`Llama::attach_blocks_as_weights`] (an
+    /// import or a load initialises every other).
+    pub(crate) fn weights_made_on_use(&self) -> Vec<ParamId> {
+        let mut ids = Vec::new();
+        let mut add = |has_blocks: bool, param: &Param<Tensor<B, 2>>| {
+            if has_blocks && !param.is_initialized() {
+                ids.push(param.id);
+            }
+        };
+        for layer in &self.layers {
+            let (a, m) = (&layer.self_attn, &layer.mlp);
+            for linear in [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj] {
+                add(a.gguf_blocks.is_some(), &linear.weight);
+            }
+            for linear in [&m.gate_proj, &m.up_proj, &m.down_proj] {
+                add(m.gguf_blocks.is_some(), &linear.weight);
+            }
+        }
+        let output = self.output_blocks.is_some();
+        match &self.lm_head {
+            Some(head) => add(output, &head.weight),
+            None => add(output, &self.embed_tokens.weight),
+        }
+        ids
+    }
+
+    /// The tokens' embeddings: the embedding's lookup, or, while a decoding model has not made
+    /// its f32 embedding from the tied output layer's blocks
+    /// ([`Llama::attach_blocks_as_weights`]), the same rows read from the blocks.
+    ///
+    /// # Shapes
+    /// - tokens: `[batch, seq]`; output: `[batch, seq, d_model]`
+    fn embed(&self, tokens: Tensor<B, 2, Int>) -> Result<Tensor<B, 3>, LmError> {
+        let blocks = match (&self.lm_head, self.output_blocks.as_deref()) {
+            (None, Some(blocks)) if !self.embed_tokens.weight.is_initialized() => blocks,
+            _ => return Ok(self.embed_tokens.forward(tokens)),
+        };
+        let [batch, seq] = tokens.dims();
+        let device = tokens.device();
+        let d_model = blocks.cols();
+        let mut rows = Vec::with_capacity(batch * seq * d_model);
+        for id in tokens.into_data().convert::<i64>().iter::<i64>() {
+            usize::try_from(id)
+                .ok()
+                .and_then(|row| blocks.dequantise_row(row, &mut rows))
+                .ok_or_else(|| LmError::InvalidInput {
+                    input: "tokens",
+                    reason: format!(
+                        "token id {id} is outside the vocabulary of {}",
+                        blocks.rows()
+                    ),
+                })?;
+        }
+        Ok(Tensor::from_data(
+            TensorData::new(rows, [batch, seq, d_model]).convert::<B::FloatElem>(),
+            &device,
+        ))
+    }
+
     /// Puts the blocks of [`llama_blocks`] in place, with the host copies of the norms.
     fn attach(
         &mut self,
@@ -380,10 +495,7 @@ impl<B: Backend> Llama<B> {
             theta: self.config.rope_theta,
         };
         let device = input.tokens.device();
-        let mut x = add_offset(
-            self.embed_tokens.forward(input.tokens),
-            input.embedding_offset.as_ref(),
-        );
+        let mut x = add_offset(self.embed(input.tokens)?, input.embedding_offset.as_ref());
         let [batch, _, d_model] = x.dims();
         let memory_needs_grad = input
             .memory
@@ -395,7 +507,7 @@ impl<B: Backend> Llama<B> {
                 && !memory_needs_grad
                 && step.padding.is_none()
                 && !x.is_require_grad()
-                && !self.embed_tokens.weight.val().is_require_grad()
+                && !needs_grad(&self.embed_tokens.weight)
         });
         if let Some(blocks) = host_blocks {
             // Every block on the host (crate::host_step): the activations leave the backend
@@ -462,11 +574,10 @@ impl<B: Backend> Llama<B> {
         let logits = match &self.lm_head {
             Some(head) => project(head, output_blocks, positions),
             None => {
-                let embedding = self.embed_tokens.weight.val();
-                let need_grad = embedding.is_require_grad();
+                let need_grad = needs_grad(&self.embed_tokens.weight);
                 match products_from_blocks(output_blocks.map(|b| [b]), &positions, need_grad) {
                     Some([logits]) => logits,
-                    None => tied_logits(positions, embedding),
+                    None => tied_logits(positions, self.embed_tokens.weight.val()),
                 }
             }
         };
@@ -488,4 +599,24 @@ fn host_memory<B: Backend>(memory: &LayerMemory<B>) -> Result<HostMemory, LmErro
         value: host(&memory.value)?,
         n_slots,
     })
+}
+
+/// A parameter with `param`'s id, shape and device whose value, `values()` row-major, is made
+/// when it is first read ([`Param::val`]).
+fn weight_made_on_use<B: Backend>(
+    param: &Param<Tensor<B, 2>>,
+    values: impl Fn() -> Vec<f32> + Send + Sync + 'static,
+) -> Param<Tensor<B, 2>> {
+    let shape = param.lazy_shape();
+    let data_shape = shape.clone();
+    Param::uninitialized(
+        param.id,
+        move |device: &B::Device, _| {
+            let data = TensorData::new(values(), data_shape.clone());
+            Tensor::from_data(data.convert::<B::FloatElem>(), device)
+        },
+        param.lazy_device(),
+        false,
+        shape,
+    )
 }

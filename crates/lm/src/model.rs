@@ -319,6 +319,17 @@ impl<B: Backend> Lm<B> {
     pub fn new_cache(&self) -> KvCache<B> {
         KvCache::new(self.dims().n_layers)
     }
+
+    /// The ids of the weights that a model read for decoding makes from its GGUF blocks when
+    /// something first reads them in f32 and has not made yet
+    /// ([`Lm::from_gguf_for_decoding`]). Unlike a freshly initialised parameter's, their values
+    /// are fixed, so a copy of the model may leave them unmade: every copy makes the same values.
+    pub fn weights_made_on_use(&self) -> Vec<burn::module::ParamId> {
+        match self {
+            Lm::Llama(m) => m.weights_made_on_use(),
+            Lm::Gpt2(_) => Vec::new(),
+        }
+    }
 }
 
 /// A tensor's values as f32 on the host (for the host steps and the block checks); the error is

@@ -259,7 +259,8 @@ fn entry<'t>(
 
 /// Fills `skeleton`'s parameters from Hugging Face tensors under `table`, each with the shape the
 /// model needs. Tensors listed in `droppable` are removed if present (e.g. a tied model's copy of
-/// `lm_head`); the caller's [`NamedTensors::finish`] then refuses any tensor nobody read.
+/// `lm_head`); the caller's [`NamedTensors::finish`] then refuses any tensor nobody read. The
+/// parameters of deferred tensors ([`NamedTensors::defer`]) are left as the skeleton has them.
 pub(crate) fn import_hf<B: Backend, M: Module<B> + ModuleSnapshot<B>>(
     mut skeleton: M,
     table: &[WeightName],
@@ -267,9 +268,14 @@ pub(crate) fn import_hf<B: Backend, M: Module<B> + ModuleSnapshot<B>>(
     tensors: &mut NamedTensors,
 ) -> Result<M, LmError> {
     let mut snapshots = Vec::new();
+    let mut deferred = Vec::new();
     for (path, shape) in parameter_shapes::<B, M>(&skeleton) {
         let (e, layer) = entry(table, &path)?;
         let hf = fill(e.hf, layer);
+        if tensors.is_deferred(&hf) {
+            deferred.push(path);
+            continue;
+        }
         let hf_shape = e.layout.hf_shape(&shape);
         // A fused tensor is read once per part, so its part is copied now; any other tensor is
         // read once, so it is taken now (its errors now) and turned into chorus's layout when
@@ -313,7 +319,7 @@ pub(crate) fn import_hf<B: Backend, M: Module<B> + ModuleSnapshot<B>>(
             reason: format!("applying the imported tensors: {e:?}"),
         });
     }
-    if let Some((path, _)) = result.missing.first() {
+    if let Some((path, _)) = result.missing.iter().find(|(p, _)| !deferred.contains(p)) {
         return Err(LmError::InvalidConfig {
             field: "weight names",
             reason: format!("parameter `{path}` was not filled"),

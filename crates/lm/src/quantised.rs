@@ -15,9 +15,11 @@
 //! AVX-512, AVX2 (with FMA and F16C) or portable Rust, the fastest the CPU runs. Batched work
 //! (long prompts, scoring, training) keeps using the f32 weights.
 
+use std::collections::BTreeSet;
 use std::fmt;
 use std::sync::Arc;
 
+use burn::module::Param;
 use burn::nn::Linear;
 use burn::prelude::*;
 use burn::tensor::TensorData;
@@ -152,6 +154,22 @@ impl BlockMatrix {
         let mut out = Vec::with_capacity(self.rows * self.cols);
         self.dequantise_into(&self.blocks, &mut out);
         out
+    }
+
+    /// `Wᵀ` dequantised, `[cols, rows]` row-major: a `Linear`'s weight (chorus holds
+    /// `[d_in, d_out]`).
+    pub fn dequantise_transposed(&self) -> Vec<f32> {
+        crate::names::transpose(&self.dequantise(), self.rows, self.cols)
+    }
+
+    /// Appends row `row` of `W` dequantised to `out` (an embedding's lookup), or `None` past the
+    /// last row.
+    pub(crate) fn dequantise_row(&self, row: usize, out: &mut Vec<f32>) -> Option<()> {
+        let row_bytes = self.cols / BLOCK * self.format.block_bytes();
+        let start = row.checked_mul(row_bytes)?;
+        let blocks = self.blocks.get(start..start + row_bytes)?;
+        self.dequantise_into(blocks, out);
+        Some(())
     }
 
     /// Whether `W` dequantised equals `weights`, `[rows, cols]` row-major, value for value (the
@@ -1047,7 +1065,7 @@ pub(crate) fn project_all<B: Backend, const N: usize>(
     blocks: Option<[&BlockMatrix; N]>,
     x: Tensor<B, 3>,
 ) -> [Tensor<B, 3>; N] {
-    let need_grad = linears.iter().any(|l| l.weight.val().is_require_grad());
+    let need_grad = linears.iter().any(|l| needs_grad(&l.weight));
     match products_from_blocks(blocks, &x, need_grad) {
         Some(ys) => {
             let mut linears = linears.into_iter();
@@ -1089,6 +1107,53 @@ fn gguf_blocks(gguf: &GgufFile, name: &str, heads: Heads) -> Result<Option<Block
     BlockMatrix::from_gguf(gguf, info, sources.as_deref())
 }
 
+/// Whether `param` takes a gradient, read without making a weight that is still to be made: one
+/// is, on a backend without autodiff, a decoding model's weight made from its blocks on first use
+/// ([`Lm::from_gguf_for_decoding`](crate::Lm::from_gguf_for_decoding)), which takes none; on a
+/// backend with autodiff it is counted as taking one.
+pub(crate) fn needs_grad<B: Backend, const D: usize>(param: &Param<Tensor<B, D>>) -> bool {
+    if param.is_initialized() {
+        param.val().is_require_grad()
+    } else {
+        B::ad_enabled(&param.lazy_device())
+    }
+}
+
+/// The GGUF names of a llama layer's attention matrices (q, k, v, o), as [`LayerBlocks`] holds
+/// their blocks.
+const ATTENTION_MATRICES: [&str; 4] = ["attn_q", "attn_k", "attn_v", "attn_output"];
+
+/// The GGUF names of a llama layer's MLP matrices (gate, up, down).
+const MLP_MATRICES: [&str; 3] = ["ffn_gate", "ffn_up", "ffn_down"];
+
+/// The GGUF name of a llama model's output layer: the embedding when the two are tied.
+fn output_matrix(config: &LlamaConfig) -> &'static str {
+    if config.tie_embeddings {
+        "token_embd.weight"
+    } else {
+        "output.weight"
+    }
+}
+
+/// The GGUF names of the matrices [`llama_blocks`] found blocks for.
+pub(crate) fn block_matrix_names(
+    layers: &[LayerBlocks],
+    output: Option<&BlockMatrix>,
+    config: &LlamaConfig,
+) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    for (i, layer) in layers.iter().enumerate() {
+        let attention = layer.attention.as_ref().map(|_| ATTENTION_MATRICES);
+        let mlp = layer.mlp.as_ref().map(|_| MLP_MATRICES);
+        let parts = attention.iter().flatten().chain(mlp.iter().flatten());
+        names.extend(parts.map(|part| format!("blk.{i}.{part}.weight")));
+    }
+    if output.is_some() {
+        names.insert(output_matrix(config).to_string());
+    }
+    names
+}
+
 /// The blocks of one llama layer's seven matrices, all or none.
 pub(crate) struct LayerBlocks {
     /// q, k, v, o.
@@ -1121,18 +1186,14 @@ pub(crate) fn llama_blocks(
                 .map(|p| format!("blk.{i}.{p}.weight"))
                 .collect()
         };
-        let attention = all(&names(&["attn_q", "attn_k", "attn_v", "attn_output"]))?
+        let attention = all(&names(&ATTENTION_MATRICES))?
             .and_then(|v| <[BlockMatrix; 4]>::try_from(v).ok())
             .map(Arc::new);
-        let mlp = all(&names(&["ffn_gate", "ffn_up", "ffn_down"]))?
+        let mlp = all(&names(&MLP_MATRICES))?
             .and_then(|v| <[BlockMatrix; 3]>::try_from(v).ok())
             .map(Arc::new);
         layers.push(LayerBlocks { attention, mlp });
     }
-    let output = if config.tie_embeddings {
-        "token_embd.weight"
-    } else {
-        "output.weight"
-    };
-    Ok((layers, gguf_blocks(gguf, output, heads)?.map(Arc::new)))
+    let output = gguf_blocks(gguf, output_matrix(config), heads)?;
+    Ok((layers, output.map(Arc::new)))
 }

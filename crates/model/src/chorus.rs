@@ -1,5 +1,7 @@
 //! The joint model `Chorus<B>` and its ELBO forward pass.
 
+use std::collections::HashSet;
+
 use burn::module::{ModuleMapper, Param, ParamId};
 use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
@@ -271,20 +273,37 @@ impl<B: Backend> Chorus<B> {
     /// one. burn serialises parameter ids, so without this two runs that compute the same
     /// parameters would still write different checkpoint bytes, and a checksum could not show
     /// that a resumed run equals an uninterrupted one. Initialises every parameter, so that the
-    /// model's clones hold the same values.
+    /// model's clones hold the same values — except the weights a member read for decoding makes
+    /// from its blocks ([`Lm::weights_made_on_use`]), whose values are fixed: they stay unmade,
+    /// and a model that only decodes holds those matrices once, as blocks.
     fn number_parameters(self) -> Self {
-        struct Numbering(u64);
+        struct Numbering {
+            next: u64,
+            made_on_use: HashSet<ParamId>,
+        }
         impl<B: Backend> ModuleMapper<B> for Numbering {
             fn map_float<const D: usize>(
                 &mut self,
-                param: Param<Tensor<B, D>>,
+                mut param: Param<Tensor<B, D>>,
             ) -> Param<Tensor<B, D>> {
+                let id = ParamId::from(self.next);
+                self.next += 1;
+                if self.made_on_use.contains(&param.id) {
+                    param.id = id;
+                    return param;
+                }
                 let (_, value, mapper) = param.consume();
-                self.0 += 1;
-                Param::from_mapped_value(ParamId::from(self.0 - 1), value, mapper)
+                Param::from_mapped_value(id, value, mapper)
             }
         }
-        self.map(&mut Numbering(0))
+        let made_on_use = std::iter::once(&self.base)
+            .chain(&self.assistants)
+            .flat_map(Lm::weights_made_on_use)
+            .collect();
+        self.map(&mut Numbering {
+            next: 0,
+            made_on_use,
+        })
     }
 
     /// K, the number of models (local and remote).
