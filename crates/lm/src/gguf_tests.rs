@@ -503,9 +503,10 @@ fn block_products_equal_products_with_the_dequantised_weights() {
     let mut rng = SplitMix64(7);
     let kernels = Kernel::available();
     // 5 × 64: one thread; 7 × 160: an odd number of blocks per row (the one-row kernels' two
-    // chains, crate::quantised::two_chains); 256 × 384: split across the pool.
+    // chains, crate::quantised::two_chains); 37 × 96: groups of 16 weight rows and a partial one
+    // (crate::quantised::tiles_by_row_groups); 256 × 384: split across the pool.
     let mut all = Vec::new();
-    for (rows, cols) in [(5, 64), (7, 160), (256, 384)] {
+    for (rows, cols) in [(5, 64), (7, 160), (37, 96), (256, 384)] {
         let values: Vec<f32> = (0..rows * cols)
             .map(|_| (rng.uniform() * 2.0 - 1.0) as f32)
             .collect();
@@ -518,7 +519,7 @@ fn block_products_equal_products_with_the_dequantised_weights() {
             let blocks = BlockMatrix::from_gguf(&file, info, None).unwrap().unwrap();
             assert_eq!((blocks.rows(), blocks.cols()), (rows, cols));
             assert_eq!(blocks.dequantise(), weights, "{store:?}");
-            for n in [1, 3, 11, 16] {
+            for n in [1, 3, 11, 16, 43] {
                 let x: Vec<f32> = (0..n * cols)
                     .map(|_| (rng.uniform() * 2.0 - 1.0) as f32)
                     .collect();
@@ -563,12 +564,26 @@ fn block_products_equal_products_with_the_dequantised_weights() {
     );
 }
 
-/// Logits of a 10-token prefill (batch 2) and of 6 single-token steps after it, with a cache.
-fn prefill_and_steps(model: &Lm<B>) -> (Tensor<B, 3>, Vec<Tensor<B, 3>>) {
-    // 80 rows in all: more than the blocks take.
+/// 40 tokens in each of 2 sequences: 80 rows, more than the blocks take.
+fn long_prompt() -> Tensor<B, 2, Int> {
     const { assert!(80 > crate::MAX_BLOCK_ROWS) };
     let prompt: Vec<i64> = (0..80).map(|i| (i * 7 + 3) % 64).collect();
-    let tokens = Tensor::<B, 1, Int>::from_data(prompt.as_slice(), &device()).reshape([2, 40]);
+    Tensor::<B, 1, Int>::from_data(prompt.as_slice(), &device()).reshape([2, 40])
+}
+
+/// The logits of [`long_prompt`] in one forward without a cache: burn's products with the f32
+/// weights, however the model was read.
+fn uncached_forward(model: &Lm<B>) -> Tensor<B, 3> {
+    model
+        .forward(LmInput::new(long_prompt()), None)
+        .unwrap()
+        .logits
+}
+
+/// Logits of a 40-token prefill (batch 2: 80 rows, so a model decoding from blocks runs it as
+/// steps of 32 positions) and of 6 single-token steps after it, with a cache.
+fn prefill_and_steps(model: &Lm<B>) -> (Tensor<B, 3>, Vec<Tensor<B, 3>>) {
+    let tokens = long_prompt();
     let mut cache = model.new_cache();
     let prefill = model
         .forward(LmInput::new(tokens), Some(&mut cache))
@@ -595,31 +610,42 @@ fn a_gguf_model_decodes_from_its_blocks_as_from_its_f32_weights() {
     let model = block_llama().init::<B>(&device()).unwrap();
     for store in [Store::Q4_1, Store::Q8_0, Store::Q4_0] {
         let file = parse(&llama_to_gguf(&model, store)).unwrap();
-        let (f32_prefill, f32_steps) =
-            prefill_and_steps(&Lm::<B>::from_gguf(&file, &device()).unwrap());
-        let (prefill, steps) =
-            prefill_and_steps(&Lm::<B>::from_gguf_for_decoding(&file, &device()).unwrap());
-        // Forty rows per sequence, 80 in all: the f32 weights, bit for bit.
-        assert_eq!(max_abs_diff(prefill, f32_prefill), 0.0, "{store:?}");
-        // One row per sequence: the blocks, equal up to f32 rounding.
+        let loaded = Lm::<B>::from_gguf(&file, &device()).unwrap();
+        let decoding = Lm::<B>::from_gguf_for_decoding(&file, &device()).unwrap();
+        let (f32_prefill, f32_steps) = prefill_and_steps(&loaded);
+        let (prefill, steps) = prefill_and_steps(&decoding);
+        // The cached prefill in steps of 32 positions and the single-token steps: the blocks,
+        // equal up to f32 rounding.
+        let diff = max_abs_diff(prefill, f32_prefill);
+        assert!(diff < 1e-4, "{store:?} prefill: |Δ| = {diff}");
         for (s, (a, b)) in steps.into_iter().zip(f32_steps).enumerate() {
             let diff = max_abs_diff(a, b);
             assert!(diff < 1e-4, "{store:?} step {s}: |Δ| = {diff}");
         }
+        // Eighty rows without a cache: the f32 weights, bit for bit.
+        let diff = max_abs_diff(uncached_forward(&decoding), uncached_forward(&loaded));
+        assert_eq!(diff, 0.0, "{store:?}");
     }
-    // Steps read the blocks, prefill does not: another model's blocks change only the steps.
+    // Cached forwards read the blocks, an uncached one of many rows does not: another model's
+    // blocks change only the former.
     let other = block_llama().init::<B>(&device()).unwrap();
     let file = parse(&llama_to_gguf(&model, Store::Q8_0)).unwrap();
     let other_file = parse(&llama_to_gguf(&other, Store::Q8_0)).unwrap();
-    let (own_prefill, own_steps) =
-        prefill_and_steps(&Lm::<B>::from_gguf(&file, &device()).unwrap());
+    let own = Lm::<B>::from_gguf(&file, &device()).unwrap();
+    let (own_prefill, own_steps) = prefill_and_steps(&own);
     let mut mixed = Lm::<B>::from_gguf(&file, &device()).unwrap();
     let Lm::Llama(llama) = &mut mixed else {
         unreachable!()
     };
     llama.attach_gguf_blocks(&other_file).unwrap();
+    let diff = max_abs_diff(uncached_forward(&mixed), uncached_forward(&own));
+    assert_eq!(diff, 0.0);
     let (prefill, steps) = prefill_and_steps(&mixed);
-    assert_eq!(max_abs_diff(prefill, own_prefill), 0.0);
+    let diff = max_abs_diff(prefill, own_prefill);
+    assert!(
+        diff > 1e-2,
+        "another model's blocks left the prefill unchanged: |Δ| = {diff}"
+    );
     let diff = max_abs_diff(steps[0].clone(), own_steps[0].clone());
     assert!(
         diff > 1e-2,
@@ -663,11 +689,12 @@ fn f32_weights_made(model: &Lm<B>) -> Vec<bool> {
 }
 
 /// A model read for decoding holds its block-quantised matrices as blocks alone while it decodes
-/// (steps of a few rows, the embedding read from the tied output layer's blocks); a product the
-/// blocks do not serve (80 rows) makes the f32 weights from them, the values `from_gguf` loads
-/// bit for bit, after which the model decodes as before.
+/// (steps of a few rows, a long prompt's prefill in steps of as many rows as the blocks take, the
+/// embedding read from the tied output layer's blocks); a product the blocks do not serve (80
+/// rows without a cache) makes the f32 weights from them, the values `from_gguf` loads bit for
+/// bit, after which the model decodes as before.
 #[test]
-fn a_decoding_model_makes_f32_weights_only_for_products_the_blocks_do_not_serve() {
+fn a_decoding_model_makes_f32_weights_only_for_products_the_blocks_cannot_serve() {
     let model = block_llama().init::<B>(&device()).unwrap();
     for store in [Store::Q4_1, Store::Q8_0] {
         let file = parse(&llama_to_gguf(&model, store)).unwrap();
@@ -690,10 +717,13 @@ fn a_decoding_model_makes_f32_weights_only_for_products_the_blocks_do_not_serve(
             let diff = max_abs_diff(a.clone(), b);
             assert!(diff < 1e-4, "{store:?} step {s}: |Δ| = {diff}");
         }
-        let (prefill, _) = prefill_and_steps(&decoding);
+        // A long prompt's cached prefill runs in steps the blocks take.
+        prefill_and_steps(&decoding);
+        assert!(!f32_weights_made(&decoding).contains(&true), "{store:?}");
+        let logits = uncached_forward(&decoding);
         assert!(!f32_weights_made(&decoding).contains(&false), "{store:?}");
-        let (loaded_prefill, _) = prefill_and_steps(&loaded);
-        assert_eq!(max_abs_diff(prefill, loaded_prefill), 0.0, "{store:?}");
+        let diff = max_abs_diff(logits, uncached_forward(&loaded));
+        assert_eq!(diff, 0.0, "{store:?}");
         for (s, (a, b)) in steps(&decoding).into_iter().zip(before).enumerate() {
             assert_eq!(
                 max_abs_diff(a, b),
@@ -869,8 +899,10 @@ fn host_steps_equal_burn_steps_through_every_move_of_the_cache() {
         }
     }
     // Positions per sequence of each step: host (6 rows), host, host, a catch-up on the host
-    // (14 rows), burn (70 rows: the cache moves to the backend), host (it moves back), a
-    // catch-up that grows the host buffers past their 67 positions, host, host.
+    // (14 rows), burn (70 rows, the host norms taken away for this step, which a long prompt
+    // would otherwise run on the host in steps of 32 positions: the cache moves to the
+    // backend), host (it moves back), a catch-up that grows the host buffers past their 67
+    // positions, host, host.
     let steps = [3, 1, 1, 7, 35, 1, 20, 1, 1];
     // Two memory slots per layer, their own for each layer and sequence (the odd steps read
     // them, as a z-adapter's would).
@@ -900,7 +932,7 @@ fn host_steps_equal_burn_steps_through_every_move_of_the_cache() {
     };
     for store in [Store::Q4_1, Store::Q8_0, Store::Q4_0] {
         let file = parse(&llama_to_gguf(&model, store)).unwrap();
-        let on_host = Lm::<B>::from_gguf_for_decoding(&file, &device()).unwrap();
+        let mut on_host = Lm::<B>::from_gguf_for_decoding(&file, &device()).unwrap();
         let mut through_burn = on_host.clone();
         let Lm::Llama(llama) = &mut through_burn else {
             unreachable!()
@@ -916,9 +948,30 @@ fn host_steps_equal_burn_steps_through_every_move_of_the_cache() {
                 .collect();
             position += n as i64;
             let tokens = Tensor::<B, 1, Int>::from_data(ids.as_slice(), &device()).reshape([2, n]);
+            let Lm::Llama(llama) = &mut on_host else {
+                unreachable!()
+            };
+            let long = 2 * n > crate::MAX_BLOCK_ROWS;
+            let norms: Vec<_> = llama
+                .layers
+                .iter_mut()
+                .map(|l| {
+                    if long {
+                        l.host_norms.take()
+                    } else {
+                        l.host_norms.clone()
+                    }
+                })
+                .collect();
             let host = on_host
                 .forward(input(tokens.clone(), s), Some(&mut host_cache))
                 .unwrap();
+            let Lm::Llama(llama) = &mut on_host else {
+                unreachable!()
+            };
+            for (layer, norms) in llama.layers.iter_mut().zip(norms) {
+                layer.host_norms = norms;
+            }
             let burn = through_burn
                 .forward(input(tokens, s), Some(&mut burn_cache))
                 .unwrap();

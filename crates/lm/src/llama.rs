@@ -487,6 +487,11 @@ impl<B: Backend> Llama<B> {
         input: LmInput<B>,
         mut cache: Option<&mut KvCache<B>>,
     ) -> Result<LmOutput<B>, LmError> {
+        if let Some(cache) = cache.as_deref_mut()
+            && let Some(positions) = self.positions_per_step(&input, cache)
+        {
+            return self.forward_in_steps(input, cache, positions);
+        }
         let step = prepare_step(&self.dims(), &input, cache.as_deref_mut())?;
         let last_only = input.last_logits_only;
         let [_, seq] = input.tokens.dims();
@@ -582,6 +587,67 @@ impl<B: Backend> Llama<B> {
             }
         };
         Ok(LmOutput { logits, hidden })
+    }
+}
+
+impl<B: Backend> Llama<B> {
+    /// Positions per step when a cached forward of more rows than the blocks take
+    /// ([`MAX_BLOCK_ROWS`]) — a long prompt's prefill — would read them if it were split: a
+    /// model decoding from its blocks, no padding, nothing that takes a gradient. `None`: one
+    /// step.
+    fn positions_per_step(&self, input: &LmInput<B>, cache: &KvCache<B>) -> Option<usize> {
+        let [batch, seq] = input.tokens.dims();
+        let memory_needs_grad = input
+            .memory
+            .iter()
+            .flatten()
+            .any(|m| m.key.is_require_grad() || m.value.is_require_grad());
+        let split = batch * seq > MAX_BLOCK_ROWS
+            && batch <= MAX_BLOCK_ROWS
+            && cache.len + seq <= self.config.max_seq_len
+            && input.padding.is_none()
+            && !memory_needs_grad
+            && !input
+                .embedding_offset
+                .as_ref()
+                .is_some_and(Tensor::is_require_grad)
+            && !needs_grad(&self.embed_tokens.weight)
+            && self.host_blocks().is_some();
+        split.then_some(MAX_BLOCK_ROWS / batch)
+    }
+
+    /// [`Llama::forward`] of `input` through `cache` as steps of `positions` positions each
+    /// (the same values as one step, up to the products' rounding): the f32 weights of a model
+    /// decoding from its blocks are never made for a long prompt.
+    fn forward_in_steps(
+        &self,
+        input: LmInput<B>,
+        cache: &mut KvCache<B>,
+        positions: usize,
+    ) -> Result<LmOutput<B>, LmError> {
+        let [batch, seq] = input.tokens.dims();
+        let (mut logits, mut hidden) = (Vec::new(), Vec::new());
+        for start in (0..seq).step_by(positions) {
+            let end = (start + positions).min(seq);
+            let step = LmInput {
+                tokens: input.tokens.clone().slice([0..batch, start..end]),
+                padding: None,
+                memory: input.memory.clone(),
+                embedding_offset: input.embedding_offset.clone(),
+                // When the caller asks for the last position only, the other steps' last
+                // positions are computed and dropped.
+                last_logits_only: input.last_logits_only,
+            };
+            let out = self.forward(step, Some(cache))?;
+            if !input.last_logits_only || end == seq {
+                logits.push(out.logits);
+            }
+            hidden.push(out.hidden);
+        }
+        Ok(LmOutput {
+            logits: Tensor::cat(logits, 1),
+            hidden: Tensor::cat(hidden, 1),
+        })
     }
 }
 
