@@ -468,7 +468,7 @@ MUTANTS = [
     (
         "train_base = false does not freeze the base",
         "crates/model/src/chorus.rs",
-        "            base.no_grad()\n",
+        "            frozen(base)\n",
         "            base\n",
         ["-p", "chorus-model", "--lib", "a_frozen_base_gets_no_gradient"],
     ),
@@ -657,8 +657,8 @@ MUTANTS = [
     (
         "GGUF Q/K rows not un-permuted",
         "crates/lm/src/names.rs",
-        "        Ok(unpermute_rows(&values, n, *rows, *cols))",
-        "        Ok(unpermute_rows(&values, 1, *rows, *cols))",
+        "        Ok(Some(rope_row_sources(n, *rows)))",
+        "        Ok(Some(rope_row_sources(1, *rows)))",
         ["-p", "chorus-lm", "--lib", "a_llama_written_as_gguf"],
     ),
     (
@@ -741,8 +741,8 @@ MUTANTS = [
     (
         "random parameter ids (checkpoint bytes differ between equal runs)",
         "crates/model/src/chorus.rs",
-        "        }\n        .number_parameters())",
-        "        })",
+        "        Ok(Self::skeleton(config, base, assistants, device)?.number_parameters())",
+        "        Ok(Self::skeleton(config, base, assistants, device)?)",
         ["-p", "chorus-train", "--lib", "resume_is_bit_identical"],
     ),
     (
@@ -917,8 +917,8 @@ MUTANTS = [
     (
         "eval ignores --max-examples for text files",
         "crates/cli/src/train.rs",
-        "                Some(n) if n > 0 && n < total => {",
-        "                Some(n) if false && n > 0 && n < total => {",
+        "            let limit = args.max_examples.filter(|&n| n > 0 && n < all);",
+        "            let limit = args.max_examples.filter(|&n| false && n > 0 && n < all);",
         ["-p", "chorus-cli", "--test", "bad_input", "flags_that_cannot_apply"],
     ),
     (
@@ -1067,6 +1067,62 @@ MUTANTS = [
         "    let base = router.narrow(2, 0, 1).squeeze_dim::<2>(2);",
         "    let base = router.narrow(2, 1, 1).squeeze_dim::<2>(2);",
         ["-p", "chorus-elbo", "--lib", "posterior_deferral_sums"],
+    ),
+    (
+        "blocks as weights: a decoding model loads its f32 weights beside the blocks",
+        "crates/lm/src/import.rs",
+        "        if B::ad_enabled(device) {",
+        "        if true || B::ad_enabled(device) {",
+        ["-p", "chorus-lm", "--lib", "a_decoding_model_makes"],
+    ),
+    (
+        "blocks as weights: the embedding's lookup makes the f32 embedding",
+        "crates/lm/src/llama.rs",
+        "            (None, Some(blocks)) if !self.embed_tokens.weight.is_initialized() => blocks,",
+        "            (None, Some(blocks)) if false && !self.embed_tokens.weight.is_initialized() => blocks,",
+        ["-p", "chorus-lm", "--lib", "a_decoding_model_makes"],
+    ),
+    (
+        "blocks as weights: a long cached prompt is not split into steps the blocks take",
+        "crates/lm/src/llama.rs",
+        "        split.then_some(MAX_BLOCK_ROWS / batch)",
+        "        split.then_some(MAX_BLOCK_ROWS / batch).filter(|_| false)",
+        ["-p", "chorus-lm", "--lib", "a_decoding_model_makes"],
+    ),
+    (
+        "blocks as weights: the split prefill keeps only each step's last logits",
+        "crates/lm/src/llama.rs",
+        "                last_logits_only: input.last_logits_only,",
+        "                last_logits_only: input.last_logits_only || end < seq,",
+        ["-p", "chorus-lm", "--lib", "a_gguf_model_decodes_from_its_blocks"],
+    ),
+    (
+        "blocks as weights: the joint model's numbering makes the members' block weights",
+        "crates/model/src/chorus.rs",
+        "                if self.made_on_use.contains(&param.id) {",
+        "                if false && self.made_on_use.contains(&param.id) {",
+        ["-p", "chorus-model", "--lib", "a_composition_of_decoding"],
+    ),
+    (
+        "import: a Linear's values applied in Hugging Face's layout",
+        "crates/lm/src/names.rs",
+        "                layout => layout.to_chorus(&values, &data_shape),",
+        "                _ => values,",
+        ["-p", "chorus-lm", "--lib", "hugging_face_round_trip"],
+    ),
+    (
+        "row groups: every tile writes at its weight row's first output",
+        "crates/lm/src/quantised.rs",
+        "                tile(blocks, first, rows, out[first..].as_mut_ptr());",
+        "                tile(blocks, first, rows, out.as_mut_ptr());",
+        ["-p", "chorus-lm", "--lib", "block_products_equal"],
+    ),
+    (
+        "row groups: the groups' outputs in reverse order",
+        "crates/lm/src/quantised.rs",
+        "    for (group, out) in groups.zip(out.chunks_mut(ROW_GROUP * n)) {",
+        "    for (group, out) in groups.zip(out.chunks_mut(ROW_GROUP * n).rev()) {",
+        ["-p", "chorus-lm", "--lib", "block_products_equal"],
     ),
 ]
 

@@ -1090,3 +1090,39 @@ fn a_saved_model_loads_to_the_same_parameters_and_damage_is_named() {
         "{err}"
     );
 }
+
+/// A composition of models read for decoding keeps the weights they make from their GGUF blocks
+/// unmade ([`Chorus::new`] numbers the parameters without reading those), and a member's steps
+/// leave them unmade: such a model holds its matrices once, as blocks. Reads SmolLM2's GGUF from
+/// the cache (`chorus data fetch --models`, which `.ci/run` does); without it the test says so and
+/// passes.
+#[test]
+fn a_composition_of_decoding_models_leaves_their_block_weights_unmade() {
+    type Cpu = burn::backend::NdArray<f32>;
+    let path = chorus_data::smollm2_gguf(&chorus_data::fetch::cache_dir());
+    if !path.is_file() {
+        eprintln!(
+            "skipped: {} is not there (run `chorus data fetch --models`)",
+            path.display()
+        );
+        return;
+    }
+    let device = Default::default();
+    let file = chorus_lm::GgufFile::open(&path).unwrap();
+    let open = || Lm::<Cpu>::from_gguf_for_decoding(&file, &device).unwrap();
+    let (base, assistant) = (open(), open());
+    // Seven matrices in each of 30 layers and the tied embedding.
+    let unmade = base.weights_made_on_use().len();
+    assert_eq!(unmade, 30 * 7 + 1);
+    let model = Chorus::compose(base, vec![assistant], &device).unwrap();
+    for lm in std::iter::once(&model.base).chain(&model.assistants) {
+        assert_eq!(lm.weights_made_on_use().len(), unmade);
+    }
+    let mut cache = model.base.new_cache();
+    let prompt = Tensor::<Cpu, 2, Int>::from_data([[1, 504, 3458, 314]], &device);
+    model
+        .base
+        .forward(LmInput::new(prompt), Some(&mut cache))
+        .unwrap();
+    assert_eq!(model.base.weights_made_on_use().len(), unmade);
+}
