@@ -298,11 +298,11 @@ pub(crate) fn import_hf<B: Backend, M: Module<B> + ModuleSnapshot<B>>(
                 Layout::Same => values,
                 layout => layout.to_chorus(&values, &data_shape),
             };
-            Ok(TensorData::new(values, data_shape.clone()))
+            Ok(TensorData::new(values, data_shape.clone()).convert::<B::FloatElem>())
         };
         snapshots.push(TensorSnapshot::from_closure(
             Rc::new(data),
-            burn::tensor::DType::F32,
+            <B::FloatElem as burn::tensor::Element>::dtype(),
             Shape::from(shape),
             path.split('.').map(str::to_string).collect(),
             Vec::new(),
