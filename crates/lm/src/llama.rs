@@ -337,30 +337,14 @@ impl<B: Backend> Llama<B> {
     ) -> Result<(), LmError> {
         self.attach(gguf, layers, output)?;
         for layer in &mut self.layers {
-            let attention = &mut layer.self_attn;
-            if let Some(blocks) = attention.gguf_blocks.clone() {
-                let linears = [
-                    &mut attention.q_proj,
-                    &mut attention.k_proj,
-                    &mut attention.v_proj,
-                    &mut attention.o_proj,
-                ];
-                for (k, linear) in linears.into_iter().enumerate() {
-                    let blocks = blocks.clone();
-                    linear.weight = weight_made_on_use(&linear.weight, move || {
-                        blocks[k].dequantise_transposed()
-                    });
-                }
+            let a = &mut layer.self_attn;
+            if let Some(blocks) = &a.gguf_blocks {
+                let linears = [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj];
+                linears_made_on_use(linears, blocks);
             }
-            let mlp = &mut layer.mlp;
-            if let Some(blocks) = mlp.gguf_blocks.clone() {
-                let linears = [&mut mlp.gate_proj, &mut mlp.up_proj, &mut mlp.down_proj];
-                for (k, linear) in linears.into_iter().enumerate() {
-                    let blocks = blocks.clone();
-                    linear.weight = weight_made_on_use(&linear.weight, move || {
-                        blocks[k].dequantise_transposed()
-                    });
-                }
+            let m = &mut layer.mlp;
+            if let Some(blocks) = &m.gguf_blocks {
+                linears_made_on_use([&mut m.gate_proj, &mut m.up_proj, &mut m.down_proj], blocks);
             }
         }
         if let Some(blocks) = self.output_blocks.clone() {
@@ -500,13 +484,9 @@ impl<B: Backend> Llama<B> {
             theta: self.config.rope_theta,
         };
         let device = input.tokens.device();
+        let memory_needs_grad = memory_needs_grad(&input);
         let mut x = add_offset(self.embed(input.tokens)?, input.embedding_offset.as_ref());
         let [batch, _, d_model] = x.dims();
-        let memory_needs_grad = input
-            .memory
-            .iter()
-            .flatten()
-            .any(|m| m.key.is_require_grad() || m.value.is_require_grad());
         let host_blocks = self.host_blocks().filter(|_| {
             batch * seq <= MAX_BLOCK_ROWS
                 && !memory_needs_grad
@@ -597,16 +577,11 @@ impl<B: Backend> Llama<B> {
     /// step.
     fn positions_per_step(&self, input: &LmInput<B>, cache: &KvCache<B>) -> Option<usize> {
         let [batch, seq] = input.tokens.dims();
-        let memory_needs_grad = input
-            .memory
-            .iter()
-            .flatten()
-            .any(|m| m.key.is_require_grad() || m.value.is_require_grad());
         let split = batch * seq > MAX_BLOCK_ROWS
             && batch <= MAX_BLOCK_ROWS
             && cache.len + seq <= self.config.max_seq_len
             && input.padding.is_none()
-            && !memory_needs_grad
+            && !memory_needs_grad(input)
             && !input
                 .embedding_offset
                 .as_ref()
@@ -665,6 +640,28 @@ fn host_memory<B: Backend>(memory: &LayerMemory<B>) -> Result<HostMemory, LmErro
         value: host(&memory.value)?,
         n_slots,
     })
+}
+
+/// Whether `input`'s memory slots take a gradient.
+fn memory_needs_grad<B: Backend>(input: &LmInput<B>) -> bool {
+    input
+        .memory
+        .iter()
+        .flatten()
+        .any(|m| m.key.is_require_grad() || m.value.is_require_grad())
+}
+
+/// Makes each of `linears` a weight made on use ([`weight_made_on_use`]) from its `blocks`,
+/// transposed to the `Linear`'s `[d_in, d_out]`.
+fn linears_made_on_use<B: Backend, const N: usize>(
+    linears: [&mut Linear<B>; N],
+    blocks: &Arc<[BlockMatrix; N]>,
+) {
+    for (k, linear) in linears.into_iter().enumerate() {
+        let blocks = blocks.clone();
+        linear.weight =
+            weight_made_on_use(&linear.weight, move || blocks[k].dequantise_transposed());
+    }
 }
 
 /// A parameter with `param`'s id, shape and device whose value, `values()` row-major, is made
