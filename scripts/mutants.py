@@ -368,6 +368,27 @@ MUTANTS = [
         ["-p", "chorus-lm", "--lib", "block_products_equal"],
     ),
     (
+        "quantised panels: the GEMM reads every activation row as the first",
+        "crates/lm/src/quantised.rs",
+        "                    x.as_ptr(),\n                    cols as isize,\n                    1,",
+        "                    x.as_ptr(),\n                    cols as isize,\n                    0,",
+        ["-p", "chorus-lm", "--lib", "block_products_equal"],
+    ),
+    (
+        "quantised panels: every panel dequantises the matrix's first rows",
+        "crates/lm/src/quantised.rs",
+        "            m.dequantise_rows(p * PANEL_ROWS, rows, kernel, panel);",
+        "            m.dequantise_rows(0, rows, kernel, panel);",
+        ["-p", "chorus-lm", "--lib", "block_products_equal"],
+    ),
+    (
+        "quantised panels: the SIMD dequantisation swaps a block's d and m",
+        "crates/lm/src/quantised.rs",
+        "                [_mm_cvtss_f32(h), _mm_cvtss_f32(_mm_movehdup_ps(h))]",
+        "                [_mm_cvtss_f32(_mm_movehdup_ps(h)), _mm_cvtss_f32(h)]",
+        ["-p", "chorus-lm", "--lib", "block_products_equal"],
+    ),
+    (
         "quantised decode: the AVX2 Q4 kernel drops the min term (one row)",
         "crates/lm/src/quantised.rs",
         "        horizontal_sum(_mm256_add_ps(even.0, odd.0)) + (even.1 + odd.1)",

@@ -504,7 +504,10 @@ fn block_products_equal_products_with_the_dequantised_weights() {
     let kernels = Kernel::available();
     // 5 × 64: one thread; 7 × 160: an odd number of blocks per row (the one-row kernels' two
     // chains, crate::quantised::two_chains); 37 × 96: groups of 16 weight rows and a partial one
-    // (crate::quantised::tiles_by_row_groups); 256 × 384: split across the pool.
+    // (crate::quantised::tiles_by_row_groups); 256 × 384: split across the pool. From 32 rows
+    // of activations (43, 64) the products go through dequantised panels and a GEMM
+    // (crate::quantised::matmul_rows_by_panels): 37 and 256 weight rows are a partial panel and
+    // four whole ones.
     let mut all = Vec::new();
     for (rows, cols) in [(5, 64), (7, 160), (37, 96), (256, 384)] {
         let values: Vec<f32> = (0..rows * cols)
@@ -519,7 +522,7 @@ fn block_products_equal_products_with_the_dequantised_weights() {
             let blocks = BlockMatrix::from_gguf(&file, info, None).unwrap().unwrap();
             assert_eq!((blocks.rows(), blocks.cols()), (rows, cols));
             assert_eq!(blocks.dequantise(), weights, "{store:?}");
-            for n in [1, 3, 11, 16, 43] {
+            for n in [1, 3, 11, 16, 43, 64] {
                 let x: Vec<f32> = (0..n * cols)
                     .map(|_| (rng.uniform() * 2.0 - 1.0) as f32)
                     .collect();
@@ -547,11 +550,13 @@ fn block_products_equal_products_with_the_dequantised_weights() {
             }
         }
     }
-    // Several matrices in one pass: each product as alone, bit for bit.
-    let x: Vec<f32> = (0..2 * 384).map(|i| (i % 7) as f32 - 3.0).collect();
-    let together = matmul_rows_all([&all[0], &all[1], &all[2]], &x, 2, Kernel::detect());
-    for (blocks, y) in all.iter().zip(together) {
-        assert_eq!(y, blocks.matmul_rows(&x, 2));
+    // Several matrices in one pass: each product as alone, bit for bit (row kernels and panels).
+    for n in [2, 40] {
+        let x: Vec<f32> = (0..n * 384).map(|i| (i % 7) as f32 - 3.0).collect();
+        let together = matmul_rows_all([&all[0], &all[1], &all[2]], &x, n, Kernel::detect());
+        for (blocks, y) in all.iter().zip(together) {
+            assert_eq!(y, blocks.matmul_rows(&x, n), "n = {n}");
+        }
     }
     // A row that is not whole blocks is an error naming the tensor.
     let mut w = Writer::new();

@@ -12,8 +12,11 @@
 //! the product with the dequantised weights, regrouped, so equal to it up to f32 rounding (one row;
 //! several rows in a tile multiply each block dequantised once, `w = d·q + m`). The activations
 //! stay f32 (llama.cpp rounds them to 8 bits; chorus keeps its f32 forward's numbers). Kernels:
-//! AVX-512, AVX2 (with FMA and F16C) or portable Rust, the fastest the CPU runs. Batched work
-//! (long prompts, scoring, training) keeps using the f32 weights.
+//! AVX-512, AVX2 (with FMA and F16C) or portable Rust, the fastest the CPU runs. From
+//! `GEMM_MIN_ROWS` rows on, a product dequantises the weights a panel of rows at a time and
+//! multiplies each panel with a GEMM (`matmul_rows_by_panels`), as fast as from f32 weights
+//! without holding them. Batched work of more than [`MAX_BLOCK_ROWS`] rows (scoring, training)
+//! keeps using the f32 weights; a decoding model's long prompt runs as steps of at most that many.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -33,10 +36,10 @@ use crate::{LlamaConfig, LmError};
 const BLOCK: usize = 32;
 
 /// The most rows of activations a product takes from the blocks: a decoding step (one row per
-/// sample), a lazy assistant's catch-up over the tokens it missed, a prompt. The kernels unpack a
-/// block once per tile of 8 rows, so their cost grows with the rows like a GEMM's; on our 2-core
-/// machine a 60-token prompt takes as long from the blocks as from the f32 weights. More rows
-/// (long prompts, scoring, training) use the f32 weights.
+/// sample), a lazy assistant's catch-up over the tokens it missed, a prompt (a longer one in
+/// steps of this many rows). Up to `GEMM_MIN_ROWS` the row kernels unpack a block once per tile
+/// of 8 rows; from there, dequantised panels go through a GEMM. More rows in one forward
+/// (scoring, training) use the f32 weights.
 pub const MAX_BLOCK_ROWS: usize = 64;
 
 /// The GGUF block layouts a [`BlockMatrix`] multiplies from (as stored in the file).
@@ -85,6 +88,39 @@ impl fmt::Debug for BlockMatrix {
 
 fn f16_at(bytes: &[u8]) -> f32 {
     half::f16::from_le_bytes([bytes[0], bytes[1]]).to_f32()
+}
+
+/// Appends the values of whole `blocks` of `format` to `out`: `w = d·q` (Q8_0), `d·(q − 8)`
+/// (Q4_0), `d·q + m` (Q4_1), each block through a 32-value array so that the conversions run in
+/// vectors where the caller enables them ([`Kernel::dequantise`]). `headers(block)`: the f16
+/// values at the block's bytes 0 and 2 as f32 (`d`, and Q4_1's `m`).
+#[inline(always)]
+fn dequantise_blocks(
+    format: BlockFormat,
+    blocks: &[u8],
+    out: &mut Vec<f32>,
+    headers: impl Fn(&[u8]) -> [f32; 2],
+) {
+    out.reserve(blocks.len() / format.block_bytes() * BLOCK);
+    for block in blocks.chunks_exact(format.block_bytes()) {
+        let [d, second] = headers(block);
+        let (m, offset, qs) = match format {
+            BlockFormat::Q4_0 => (0.0, 8.0, &block[2..18]),
+            BlockFormat::Q4_1 => (second, 0.0, &block[4..20]),
+            BlockFormat::Q8_0 => {
+                let qs: &[u8; BLOCK] = block[2..34].try_into().expect("34-byte Q8_0 block");
+                out.extend_from_slice(&qs.map(|q| d * (q as i8) as f32));
+                continue;
+            }
+        };
+        let qs: &[u8; BLOCK / 2] = qs.try_into().expect("16 bytes of nibbles");
+        let mut values = [0.0f32; BLOCK];
+        for (j, &q) in qs.iter().enumerate() {
+            values[j] = d * ((q & 0x0f) as f32 - offset) + m;
+            values[j + BLOCK / 2] = d * ((q >> 4) as f32 - offset) + m;
+        }
+        out.extend_from_slice(&values);
+    }
 }
 
 impl BlockMatrix {
@@ -188,21 +224,22 @@ impl BlockMatrix {
                 })
     }
 
-    /// Appends the values of whole `blocks` of this matrix's format to `out`.
+    /// Appends the values of whole `blocks` of this matrix's format to `out`
+    /// ([`dequantise_blocks`]) with the fastest kernel this CPU runs.
     fn dequantise_into(&self, blocks: &[u8], out: &mut Vec<f32>) {
-        for block in blocks.chunks_exact(self.format.block_bytes()) {
-            let d = f16_at(block);
-            let (m, offset, qs) = match self.format {
-                BlockFormat::Q4_0 => (0.0, 8.0, &block[2..]),
-                BlockFormat::Q4_1 => (f16_at(&block[2..]), 0.0, &block[4..]),
-                BlockFormat::Q8_0 => {
-                    out.extend(block[2..].iter().map(|&q| d * (q as i8) as f32));
-                    continue;
-                }
-            };
-            out.extend(qs.iter().map(|&q| d * ((q & 0x0f) as f32 - offset) + m));
-            out.extend(qs.iter().map(|&q| d * ((q >> 4) as f32 - offset) + m));
-        }
+        Kernel::detect().dequantise(self.format, blocks, out);
+    }
+
+    /// `W[first..first + count]` dequantised into `panel` (cleared first), `[count, cols]`
+    /// row-major.
+    fn dequantise_rows(&self, first: usize, count: usize, kernel: Kernel, panel: &mut Vec<f32>) {
+        let row_bytes = self.cols / BLOCK * self.format.block_bytes();
+        panel.clear();
+        kernel.dequantise(
+            self.format,
+            &self.blocks[first * row_bytes..][..count * row_bytes],
+            panel,
+        );
     }
 
     /// `x Wᵀ` from the blocks (module docs), on the calling thread pool.
@@ -235,6 +272,9 @@ pub(crate) fn matmul_rows_all<const N: usize>(
         x.len(),
         matrices.map(|m| (m.rows, m.cols))
     );
+    if n >= GEMM_MIN_ROWS {
+        return matmul_rows_by_panels(matrices, x, n, kernel);
+    }
     // Σ_j x[i, 32b + j] per row and block: the `m` term of the 4-bit formats.
     let x_sums: Vec<f32> = x.chunks_exact(BLOCK).map(|c| c.iter().sum()).collect();
     // Weight rows `first..first + out.len() / n` of `m`.
@@ -280,6 +320,81 @@ pub(crate) fn matmul_rows_all<const N: usize>(
     })
 }
 
+/// Rows of activations from which [`matmul_rows_all`] multiplies dequantised panels of the
+/// weights with a GEMM instead of the row kernels: with many rows a product is bound by its
+/// multiply-adds, which the `gemm` crate's packed kernels run faster than the row kernels' tiles,
+/// and unpacking a block once per panel costs little beside `n` rows of multiply-adds. On our
+/// 2-core machine (`chorus bench-rows`, docs/performance.md) panels were 2.5× slower at 8 rows,
+/// even at 16 and 1.5× faster at 32.
+const GEMM_MIN_ROWS: usize = 32;
+
+/// Weight rows per panel of [`matmul_rows_by_panels`]: a panel of the widest SmolLM2 matrix
+/// (1,536 inputs) is 768 KB of f32, within a core's L2 cache while the GEMM packs it. 128 was
+/// ≈ 1.2× faster than 64 for 64-row steps; 256 no faster than 128.
+const PANEL_ROWS: usize = 128;
+
+/// [`matmul_rows_all`] for many rows: each panel of [`PANEL_ROWS`] weight rows of each matrix is
+/// dequantised (the values [`BlockMatrix::dequantise`] gives) into a buffer of its thread and
+/// multiplied with `xᵀ` by the `gemm` crate on that thread, `y_panel = W_panel xᵀ`; the panels of
+/// all matrices are shared out over the thread pool, so only a panel per thread of f32 weights
+/// exists at any time.
+///
+/// # Shapes
+/// - x: `[n, cols]` row-major
+/// - output k: `[n, rows_k]` row-major
+fn matmul_rows_by_panels<const N: usize>(
+    matrices: [&BlockMatrix; N],
+    x: &[f32],
+    n: usize,
+    kernel: Kernel,
+) -> [Vec<f32>; N] {
+    let cols = matrices[0].cols;
+    // `[rows, n]` row-major per matrix: a panel's outputs are one contiguous chunk.
+    let mut by_weight_row = matrices.map(|m| vec![0.0f32; m.rows * n]);
+    by_weight_row
+        .par_iter_mut()
+        .zip(matrices)
+        .flat_map(|(outputs, m)| {
+            outputs
+                .par_chunks_mut(PANEL_ROWS * n)
+                .enumerate()
+                .map(move |(p, chunk)| (m, p, chunk))
+        })
+        .for_each_init(Vec::new, |panel, (m, p, chunk)| {
+            let rows = chunk.len() / n;
+            m.dequantise_rows(p * PANEL_ROWS, rows, kernel, panel);
+            debug_assert!(panel.len() == rows * cols && x.len() == n * cols);
+            // SAFETY: `chunk` holds rows × n values (row stride n), `panel` rows × cols (row
+            // stride cols) and `x` n × cols, read as xᵀ (cols × n: row stride 1, column stride
+            // cols); `chunk` is borrowed mutably, so it aliases neither operand. `read_dst =
+            // false`: chunk = 1 · (panel · xᵀ).
+            unsafe {
+                gemm::gemm(
+                    rows,
+                    n,
+                    cols,
+                    chunk.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    false,
+                    panel.as_ptr(),
+                    1,
+                    cols as isize,
+                    x.as_ptr(),
+                    cols as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        });
+    by_weight_row.map(|values| crate::names::transpose(&values, values.len() / n, n))
+}
+
 /// The row kernels: AVX2/FMA/F16C where the CPU has them, portable Rust elsewhere (same grouping).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Kernel {
@@ -313,6 +428,23 @@ impl Kernel {
             }
         }
         kernels
+    }
+
+    /// [`dequantise_blocks`] compiled for this kernel's instruction set, so that its per-block
+    /// loops run in AVX2 or AVX-512 vectors (the same operations in the same order, so the same
+    /// values as the portable loop's).
+    fn dequantise(self, format: BlockFormat, blocks: &[u8], out: &mut Vec<f32>) {
+        match self {
+            // SAFETY: the CPU has AVX2, FMA and F16C (`detect`).
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2 => unsafe { avx2::dequantise(format, blocks, out) },
+            // SAFETY: the CPU has AVX-512F, FMA and F16C (`detect`).
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx512 => unsafe { avx512::dequantise(format, blocks, out) },
+            Self::Portable => {
+                dequantise_blocks(format, blocks, out, |b| [f16_at(b), f16_at(&b[2..])]);
+            }
+        }
     }
 
     /// `out[r·n + i] = Σ_b d_rb · Σ_j q_rbj x[i, 32b + j] + m_rb · x_sums[i, b]` for the weight rows
@@ -489,6 +621,26 @@ macro_rules! with_tile {
 #[cfg(target_arch = "x86_64")]
 macro_rules! row_kernels {
     ($features:literal) => {
+        /// See `Kernel::dequantise`: `super::dequantise_blocks` compiled with the module's
+        /// features.
+        ///
+        /// # Safety
+        /// The CPU has the module's features.
+        #[target_feature(enable = $features)]
+        pub(super) unsafe fn dequantise(
+            format: super::BlockFormat,
+            blocks: &[u8],
+            out: &mut Vec<f32>,
+        ) {
+            super::dequantise_blocks(format, blocks, out, |block| {
+                // Every block format has at least 4 bytes.
+                let bits = i32::from_le_bytes([block[0], block[1], block[2], block[3]]);
+                // F16C: both halves in one conversion (exact, as `half`'s).
+                let h = _mm_cvtph_ps(_mm_cvtsi32_si128(bits));
+                [_mm_cvtss_f32(h), _mm_cvtss_f32(_mm_movehdup_ps(h))]
+            })
+        }
+
         /// See `Kernel::rows`: the module's kernel for `format`.
         ///
         /// # Safety
