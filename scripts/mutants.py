@@ -363,8 +363,8 @@ MUTANTS = [
     (
         "quantised decode: one pass over several matrices restarts each chunk at row 0",
         "crates/lm/src/quantised.rs",
-        "            .for_each(|(m, c, chunk)| rows(m, c * chunk_rows, chunk));",
-        "            .for_each(|(m, _c, chunk)| rows(m, 0, chunk));",
+        "                .map(move |(c, chunk)| (m, c * chunk_rows, chunk))",
+        "                .map(move |(_c, chunk)| (m, 0, chunk))",
         ["-p", "chorus-lm", "--lib", "block_products_equal"],
     ),
     (
@@ -377,7 +377,7 @@ MUTANTS = [
     (
         "quantised panels: every panel dequantises the matrix's first rows",
         "crates/lm/src/quantised.rs",
-        "            m.dequantise_rows(p * PANEL_ROWS, rows, kernel, panel);",
+        "            m.dequantise_rows(first, rows, kernel, panel);",
         "            m.dequantise_rows(0, rows, kernel, panel);",
         ["-p", "chorus-lm", "--lib", "block_products_equal"],
     ),

@@ -506,7 +506,7 @@ fn block_products_equal_products_with_the_dequantised_weights() {
     // chains, crate::quantised::two_chains); 37 × 96: groups of 16 weight rows and a partial one
     // (crate::quantised::tiles_by_row_groups); 256 × 384: split across the pool. From 32 rows
     // of activations (43, 64) the products go through dequantised panels and a GEMM
-    // (crate::quantised::matmul_rows_by_panels): 37 and 256 weight rows are a partial panel and
+    // (crate::quantised::products_by_panels): 37 and 256 weight rows are a partial panel and
     // four whole ones.
     let mut all = Vec::new();
     for (rows, cols) in [(5, 64), (7, 160), (37, 96), (256, 384)] {

@@ -14,7 +14,7 @@
 //! stay f32 (llama.cpp rounds them to 8 bits; chorus keeps its f32 forward's numbers). Kernels:
 //! AVX-512, AVX2 (with FMA and F16C) or portable Rust, the fastest the CPU runs. From
 //! `GEMM_MIN_ROWS` rows on, a product dequantises the weights a panel of rows at a time and
-//! multiplies each panel with a GEMM (`matmul_rows_by_panels`), as fast as from f32 weights
+//! multiplies each panel with a GEMM (`products_by_panels`), as fast as from f32 weights
 //! without holding them. Batched work of more than [`MAX_BLOCK_ROWS`] rows (scoring, training)
 //! keeps using the f32 weights; a decoding model's long prompt runs as steps of at most that many.
 
@@ -272,9 +272,52 @@ pub(crate) fn matmul_rows_all<const N: usize>(
         x.len(),
         matrices.map(|m| (m.rows, m.cols))
     );
-    if n >= GEMM_MIN_ROWS {
-        return matmul_rows_by_panels(matrices, x, n, kernel);
+    // Row-major in W: outputs of one weight row for all n activation rows side by side.
+    let by_weight_row = if n >= GEMM_MIN_ROWS {
+        products_by_panels(matrices, x, n, kernel)
+    } else {
+        products_by_row_kernels(matrices, x, n, kernel)
+    };
+    if n == 1 {
+        return by_weight_row;
     }
+    by_weight_row.map(|values| crate::names::transpose(&values, values.len() / n, n))
+}
+
+/// `out_k = W_k xᵀ` for every matrix, `[rows_k, n]` row-major each, from `product(state, m,
+/// first, outputs)`, which fills the outputs of weight rows `first..first + outputs.len() / n` of
+/// `m`: chunks of `chunk_rows` weight rows of all matrices shared out over the thread pool, each
+/// task with a `state` from `init` (one per thread at a time).
+fn by_chunks_of_weight_rows<const N: usize, T>(
+    matrices: [&BlockMatrix; N],
+    n: usize,
+    chunk_rows: usize,
+    init: impl Fn() -> T + Sync + Send,
+    product: impl Fn(&mut T, &BlockMatrix, usize, &mut [f32]) + Sync + Send,
+) -> [Vec<f32>; N] {
+    let mut by_weight_row = matrices.map(|m| vec![0.0f32; m.rows * n]);
+    by_weight_row
+        .par_iter_mut()
+        .zip(matrices)
+        .flat_map(|(outputs, m)| {
+            outputs
+                .par_chunks_mut(chunk_rows * n)
+                .enumerate()
+                .map(move |(c, chunk)| (m, c * chunk_rows, chunk))
+        })
+        .for_each_init(init, |state, (m, first, chunk)| {
+            product(state, m, first, chunk)
+        });
+    by_weight_row
+}
+
+/// `W_k xᵀ`, `[rows_k, n]` row-major, from the row kernels ([`Kernel::rows`]).
+fn products_by_row_kernels<const N: usize>(
+    matrices: [&BlockMatrix; N],
+    x: &[f32],
+    n: usize,
+    kernel: Kernel,
+) -> [Vec<f32>; N] {
     // Σ_j x[i, 32b + j] per row and block: the `m` term of the 4-bit formats.
     let x_sums: Vec<f32> = x.chunks_exact(BLOCK).map(|c| c.iter().sum()).collect();
     // Weight rows `first..first + out.len() / n` of `m`.
@@ -283,41 +326,24 @@ pub(crate) fn matmul_rows_all<const N: usize>(
         let blocks = &m.blocks[first * row_bytes..][..out.len() / n * row_bytes];
         kernel.rows(m.format, blocks, row_bytes, x, &x_sums, n, out);
     };
-    // Row-major in W: outputs of one weight row for all n activation rows side by side.
-    let mut by_weight_row = matrices.map(|m| vec![0.0f32; m.rows * n]);
     let threads = rayon::current_num_threads();
     let bytes: usize = matrices.iter().map(|m| m.bytes()).sum();
     if bytes < (1 << 16) || threads == 1 {
+        let mut by_weight_row = matrices.map(|m| vec![0.0f32; m.rows * n]);
         for (m, outputs) in matrices.iter().zip(by_weight_row.iter_mut()) {
             rows(m, 0, outputs);
         }
-    } else {
-        let total_rows: usize = matrices.iter().map(|m| m.rows).sum();
-        let chunk_rows = (total_rows / (4 * threads)).max(16);
-        by_weight_row
-            .par_iter_mut()
-            .zip(matrices)
-            .flat_map(|(outputs, m)| {
-                outputs
-                    .par_chunks_mut(chunk_rows * n)
-                    .enumerate()
-                    .map(move |(c, chunk)| (m, c, chunk))
-            })
-            .for_each(|(m, c, chunk)| rows(m, c * chunk_rows, chunk));
-    }
-    if n == 1 {
         return by_weight_row;
     }
-    by_weight_row.map(|values| {
-        let rows = values.len() / n;
-        let mut out = vec![0.0f32; n * rows];
-        for (r, values) in values.chunks_exact(n).enumerate() {
-            for (i, &v) in values.iter().enumerate() {
-                out[i * rows + r] = v;
-            }
-        }
-        out
-    })
+    let total_rows: usize = matrices.iter().map(|m| m.rows).sum();
+    let chunk_rows = (total_rows / (4 * threads)).max(16);
+    by_chunks_of_weight_rows(
+        matrices,
+        n,
+        chunk_rows,
+        || (),
+        |_, m, first, outputs| rows(m, first, outputs),
+    )
 }
 
 /// Rows of activations from which [`matmul_rows_all`] multiplies dequantised panels of the
@@ -328,46 +354,40 @@ pub(crate) fn matmul_rows_all<const N: usize>(
 /// even at 16 and 1.5× faster at 32.
 const GEMM_MIN_ROWS: usize = 32;
 
-/// Weight rows per panel of [`matmul_rows_by_panels`]: a panel of the widest SmolLM2 matrix
+/// Weight rows per panel of [`products_by_panels`]: a panel of the widest SmolLM2 matrix
 /// (1,536 inputs) is 768 KB of f32, within a core's L2 cache while the GEMM packs it. 128 was
 /// ≈ 1.2× faster than 64 for 64-row steps; 256 no faster than 128.
 const PANEL_ROWS: usize = 128;
 
-/// [`matmul_rows_all`] for many rows: each panel of [`PANEL_ROWS`] weight rows of each matrix is
-/// dequantised (the values [`BlockMatrix::dequantise`] gives) into a buffer of its thread and
-/// multiplied with `xᵀ` by the `gemm` crate on that thread, `y_panel = W_panel xᵀ`; the panels of
-/// all matrices are shared out over the thread pool, so only a panel per thread of f32 weights
-/// exists at any time.
+/// `W_k xᵀ`, `[rows_k, n]` row-major, for many rows: each panel of [`PANEL_ROWS`] weight rows of
+/// each matrix is dequantised (the values [`BlockMatrix::dequantise`] gives) into a buffer of its
+/// thread and multiplied with `xᵀ` by the `gemm` crate on that thread, `y_panel = W_panel xᵀ`;
+/// the panels of all matrices are shared out over the thread pool, so only a panel per thread of
+/// f32 weights exists at any time.
 ///
 /// # Shapes
 /// - x: `[n, cols]` row-major
-/// - output k: `[n, rows_k]` row-major
-fn matmul_rows_by_panels<const N: usize>(
+/// - output k: `[rows_k, n]` row-major
+fn products_by_panels<const N: usize>(
     matrices: [&BlockMatrix; N],
     x: &[f32],
     n: usize,
     kernel: Kernel,
 ) -> [Vec<f32>; N] {
     let cols = matrices[0].cols;
-    // `[rows, n]` row-major per matrix: a panel's outputs are one contiguous chunk.
-    let mut by_weight_row = matrices.map(|m| vec![0.0f32; m.rows * n]);
-    by_weight_row
-        .par_iter_mut()
-        .zip(matrices)
-        .flat_map(|(outputs, m)| {
-            outputs
-                .par_chunks_mut(PANEL_ROWS * n)
-                .enumerate()
-                .map(move |(p, chunk)| (m, p, chunk))
-        })
-        .for_each_init(Vec::new, |panel, (m, p, chunk)| {
+    by_chunks_of_weight_rows(
+        matrices,
+        n,
+        PANEL_ROWS,
+        Vec::new,
+        |panel, m, first, chunk| {
             let rows = chunk.len() / n;
-            m.dequantise_rows(p * PANEL_ROWS, rows, kernel, panel);
+            m.dequantise_rows(first, rows, kernel, panel);
             debug_assert!(panel.len() == rows * cols && x.len() == n * cols);
-            // SAFETY: `chunk` holds rows × n values (row stride n), `panel` rows × cols (row
-            // stride cols) and `x` n × cols, read as xᵀ (cols × n: row stride 1, column stride
-            // cols); `chunk` is borrowed mutably, so it aliases neither operand. `read_dst =
-            // false`: chunk = 1 · (panel · xᵀ).
+            // SAFETY: `chunk` holds rows × n values (row stride n), `panel` rows × cols (row stride
+            // cols) and `x` n × cols, read as xᵀ (cols × n: row stride 1, column stride cols);
+            // `chunk` is borrowed mutably, so it aliases neither operand. `read_dst = false`:
+            // chunk = 1 · (panel · xᵀ).
             unsafe {
                 gemm::gemm(
                     rows,
@@ -391,8 +411,8 @@ fn matmul_rows_by_panels<const N: usize>(
                     gemm::Parallelism::None,
                 );
             }
-        });
-    by_weight_row.map(|values| crate::names::transpose(&values, values.len() / n, n))
+        },
+    )
 }
 
 /// The row kernels: AVX2/FMA/F16C where the CPU has them, portable Rust elsewhere (same grouping).
