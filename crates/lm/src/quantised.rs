@@ -281,6 +281,8 @@ pub(crate) fn matmul_rows_all<const N: usize>(
     if n == 1 {
         return by_weight_row;
     }
+    // `[n, rows]` in tiles: scattering a weight row's n outputs `rows` apart was ≈ 40 % of a
+    // 64-row step.
     by_weight_row.map(|values| crate::names::transpose(&values, values.len() / n, n))
 }
 
@@ -350,8 +352,8 @@ fn products_by_row_kernels<const N: usize>(
 /// weights with a GEMM instead of the row kernels: with many rows a product is bound by its
 /// multiply-adds, which the `gemm` crate's packed kernels run faster than the row kernels' tiles,
 /// and unpacking a block once per panel costs little beside `n` rows of multiply-adds. On our
-/// 2-core machine (`chorus bench-rows`, docs/performance.md) panels were 2.5× slower at 8 rows,
-/// even at 16 and 1.5× faster at 32.
+/// 2-core machine (`chorus bench-rows`, docs/performance.md) panels were ≈ 2.5× slower than the
+/// row kernels at 8 rows, ≈ 1.4× slower at 16 and ≈ 1.5× faster at 32.
 const GEMM_MIN_ROWS: usize = 32;
 
 /// Weight rows per panel of [`products_by_panels`]: a panel of the widest SmolLM2 matrix
@@ -426,11 +428,15 @@ pub(crate) enum Kernel {
 }
 
 impl Kernel {
-    /// The fastest kernel this CPU runs.
+    /// The fastest kernel this CPU runs (detected once per process: it is asked for on every
+    /// product and every embedding row).
     pub(crate) fn detect() -> Self {
-        *Self::available()
-            .last()
-            .expect("the portable kernel runs anywhere")
+        static FASTEST: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+        *FASTEST.get_or_init(|| {
+            *Self::available()
+                .last()
+                .expect("the portable kernel runs anywhere")
+        })
     }
 
     /// Every kernel this CPU runs, slowest first.
