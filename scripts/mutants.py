@@ -18,6 +18,41 @@ ROOT = Path(__file__).resolve().parent.parent
 
 MUTANTS = [
     (
+        "team: neighbouring shares overlap by one item",
+        "crates/lm/src/team.rs",
+        "        .map(|p| Share::new(p * count / planned..(p + 1) * count / planned))",
+        "        .map(|p| Share::new(p * count / planned..((p + 1) * count / planned + 1).min(count)))",
+        ["-p", "chorus-lm", "--lib", "team::tests"],
+    ),
+    (
+        "team: the caller returns before the helpers finished",
+        "crates/lm/src/team.rs",
+        "        while self.finished.load(Ordering::Acquire) < helpers {",
+        "        while self.finished.load(Ordering::Acquire) < helpers && false {",
+        ["-p", "chorus-lm", "--lib", "team::tests"],
+    ),
+    (
+        "team: a helper's panic is forgotten",
+        "crates/lm/src/team.rs",
+        "                self.panicked.store(true, Ordering::Relaxed);",
+        "                let _ = &self.panicked;",
+        ["-p", "chorus-lm", "--lib", "team::tests"],
+    ),
+    (
+        "team: sleeping helpers are not woken",
+        "crates/lm/src/team.rs",
+        "            self.wake.notify_all();",
+        "            let _ = &self.wake;",
+        ["-p", "chorus-lm", "--lib", "team::tests"],
+    ),
+    (
+        "team: a pass started during another waits for it",
+        "crates/lm/src/team.rs",
+        "            Err(TryLockError::WouldBlock) => return routine(0, 1),",
+        "            Err(TryLockError::WouldBlock) => {\n                let _pass = self.pass.lock();\n                return routine(0, 1);\n            }",
+        ["-p", "chorus-lm", "--lib", "team::tests"],
+    ),
+    (
         "host step: memory slots ignored",
         "crates/lm/src/host_step.rs",
         "    let memory = memory.filter(|m| m.n_slots > 0);",

@@ -22,8 +22,6 @@
 //! run — at most [`MAX_BLOCK_ROWS`](crate::MAX_BLOCK_ROWS) rows, no gradient — and only without
 //! padding, which stays on burn's path.
 
-use rayon::prelude::*;
-
 use crate::cache::grown_capacity;
 use crate::quantised::{BlockMatrix, Kernel, matmul_rows_all};
 
@@ -319,17 +317,16 @@ fn attention(
     };
     // [batch · seq, n_heads, head_dim] is the output's layout already.
     let mut out = vec![0.0f32; batch * seq * width];
-    // Spread over the pool once the work outweighs a fork-join (≈ 2¹⁶ multiply-adds).
+    // Spread over the team of threads (crate::team) once the work outweighs a pass (≈ 2¹⁶
+    // multiply-adds).
     let slots = memory.map_or(0, |m| m.n_slots);
     let work = batch * seq * n_heads * (start + seq + slots) * hd;
+    let mut tasks: Vec<(usize, &mut [f32])> =
+        out.chunks_exact_mut(group * hd).enumerate().collect();
     if work < 1 << 16 {
-        for (task, o) in out.chunks_exact_mut(group * hd).enumerate() {
-            attend(task, o);
-        }
+        tasks.iter_mut().for_each(|(task, o)| attend(*task, o));
     } else {
-        out.par_chunks_exact_mut(group * hd)
-            .enumerate()
-            .for_each(|(task, o)| attend(task, o));
+        crate::team::for_each_mut(&mut tasks, || (), |_, (task, o)| attend(*task, o));
     }
     out
 }

@@ -44,6 +44,7 @@ mod names;
 mod norm;
 mod quantised;
 mod rope;
+mod team;
 mod tokenizer;
 
 pub use attention::{Attention, AttentionConfig, LayerMemory, attention_mask};

@@ -17,7 +17,6 @@ use std::rc::Rc;
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::prelude::*;
 use burn_store::{ModuleSnapshot, TensorSnapshot, TensorSnapshotError};
-use rayon::prelude::*;
 
 use crate::LmError;
 use crate::import::NamedTensors;
@@ -79,9 +78,12 @@ pub(crate) fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     if rows == 0 {
         return out;
     }
-    out.par_chunks_mut(TILE * rows)
-        .enumerate()
-        .for_each(|(band, chunk)| {
+    let mut bands: Vec<(usize, &mut [f32])> = out.chunks_mut(TILE * rows).enumerate().collect();
+    crate::team::for_each_mut(
+        &mut bands,
+        || (),
+        |_, (band, chunk)| {
+            let band = *band;
             let c0 = band * TILE;
             let band_cols = chunk.len() / rows;
             for r0 in (0..rows).step_by(TILE) {
@@ -91,7 +93,8 @@ pub(crate) fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
                     }
                 }
             }
-        });
+        },
+    );
     out
 }
 

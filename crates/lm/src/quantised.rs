@@ -288,28 +288,29 @@ pub(crate) fn matmul_rows_all<const N: usize>(
 
 /// `out_k = W_k xᵀ` for every matrix, `[rows_k, n]` row-major each, from `product(state, m,
 /// first, outputs)`, which fills the outputs of weight rows `first..first + outputs.len() / n` of
-/// `m`: chunks of `chunk_rows` weight rows of all matrices shared out over the thread pool, each
-/// task with a `state` from `init` (one per thread at a time).
+/// `m`: chunks of `chunk_rows` weight rows of all matrices shared out over the team of threads
+/// ([`crate::team`]), each participant with a `state` from `init`.
 fn by_chunks_of_weight_rows<const N: usize, T>(
     matrices: [&BlockMatrix; N],
     n: usize,
     chunk_rows: usize,
-    init: impl Fn() -> T + Sync + Send,
-    product: impl Fn(&mut T, &BlockMatrix, usize, &mut [f32]) + Sync + Send,
+    init: impl Fn() -> T + Sync,
+    product: impl Fn(&mut T, &BlockMatrix, usize, &mut [f32]) + Sync,
 ) -> [Vec<f32>; N] {
     let mut by_weight_row = matrices.map(|m| vec![0.0f32; m.rows * n]);
-    by_weight_row
-        .par_iter_mut()
+    let mut chunks: Vec<(&BlockMatrix, usize, &mut [f32])> = by_weight_row
+        .iter_mut()
         .zip(matrices)
         .flat_map(|(outputs, m)| {
             outputs
-                .par_chunks_mut(chunk_rows * n)
+                .chunks_mut(chunk_rows * n)
                 .enumerate()
                 .map(move |(c, chunk)| (m, c * chunk_rows, chunk))
         })
-        .for_each_init(init, |state, (m, first, chunk)| {
-            product(state, m, first, chunk)
-        });
+        .collect();
+    crate::team::for_each_mut(&mut chunks, init, |state, (m, first, chunk)| {
+        product(state, m, *first, chunk)
+    });
     by_weight_row
 }
 
@@ -328,7 +329,7 @@ fn products_by_row_kernels<const N: usize>(
         let blocks = &m.blocks[first * row_bytes..][..out.len() / n * row_bytes];
         kernel.rows(m.format, blocks, row_bytes, x, &x_sums, n, out);
     };
-    let threads = rayon::current_num_threads();
+    let threads = crate::team::participants();
     let bytes: usize = matrices.iter().map(|m| m.bytes()).sum();
     if bytes < (1 << 16) || threads == 1 {
         let mut by_weight_row = matrices.map(|m| vec![0.0f32; m.rows * n]);
@@ -338,7 +339,10 @@ fn products_by_row_kernels<const N: usize>(
         return by_weight_row;
     }
     let total_rows: usize = matrices.iter().map(|m| m.rows).sum();
-    let chunk_rows = (total_rows / (4 * threads)).max(16);
+    // One chunk per participant of the team (`team::for_each_mut` balances the rest): finer
+    // chunks, each a fresh stream for the prefetchers, made one-row steps slower (at 2 and 4
+    // chunks per thread ≈ 1.04 and 1.05× the time of one; docs/performance.md).
+    let chunk_rows = (total_rows / threads).max(16);
     by_chunks_of_weight_rows(
         matrices,
         n,
