@@ -467,6 +467,35 @@ pub fn bench(out: &Path, pairs: usize) -> Result<()> {
         rows.push(row(what, &ours, &peer, "tok"));
     }
 
+    // Decode against the bandwidth ceiling: the copy rate and chorus's decode (ndarray) back to
+    // back, `pairs` times — both move with this machine's speed, and the ceiling measured at
+    // the start of the run is minutes away from the decode row above.
+    let mut ceiling_ratios = Vec::new();
+    for pair in 1..=pairs {
+        let copy_now = measure(
+            twin("ceilings.py").args(["--gguf", &gguf_s]),
+            &format!("the copy rate (decode against the ceiling, pair {pair}/{pairs})"),
+        )?;
+        let json = out.join(format!("decode_against_ceiling_{pair}.json"));
+        output(
+            Command::new(&chorus).args([
+                "check-reference",
+                "--gguf",
+                &gguf_s,
+                "--reference",
+                &reference.display().to_string(),
+                "--report-only",
+                "--json",
+                &json.display().to_string(),
+            ]),
+            "chorus check-reference",
+        )?;
+        let report: Value = serde_json::from_str(&std::fs::read_to_string(&json)?)?;
+        let ceiling = f(&copy_now, "copy_gbps") * 1e9 / f(&copy_now, "decode_bytes_per_token");
+        ceiling_ratios.push(ceiling / f(&report["chorus"], "decode_tokens_per_s"));
+    }
+    let ceiling_paragraph = decode_against_ceiling(&ceiling_ratios);
+
     // Collaborative decoding: SmolLM2 composed with itself at ≈ 20 % deferral against SmolLM2
     // alone, greedy, the same prompt and length (the text is the same: both members are
     // SmolLM2, so only the cost differs).
@@ -592,7 +621,8 @@ pub fn bench(out: &Path, pairs: usize) -> Result<()> {
          Ceilings: f32 GEMM {gemm:.0} GFLOP/s (numpy/OpenBLAS, 2 threads, {}³); buffer copy {copy:.1} GB/s\n\
          (read + write). Single-stream decode reads every weight once per token, so SmolLM2-135M\n\
          decodes at most ≈ {f32_ceiling:.0} tok/s from f32 weights and ≈ {q4_ceiling:.0} tok/s from its\n\
-         Q4_1 GGUF ({:.1} MB per token: the Q4_1 layers and the Q8_0 tied embedding).\n\n\
+         Q4_1 GGUF ({:.1} MB per token: the Q4_1 layers and the Q8_0 tied embedding).\n\
+         {ceiling_paragraph}\n\n\
          {rows_paragraph}\n\
          <!-- bench:end -->",
         date.trim(),
@@ -619,6 +649,24 @@ pub fn bench(out: &Path, pairs: usize) -> Result<()> {
     std::fs::write(out.join("section.md"), &section)?;
     println!("{section}");
     Ok(())
+}
+
+/// The sentence on decoding against the bandwidth ceiling, from the ratios `ceiling / decode` of
+/// pairs measured back to back: their median (the lower middle one for an even count) and range.
+fn decode_against_ceiling(ratios: &[f64]) -> String {
+    let mut sorted = ratios.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let Some(&median) = sorted.get((sorted.len().max(1) - 1) / 2) else {
+        return String::new();
+    };
+    format!(
+        "Decode against that ceiling, measured in {} pairs back to back (`ceilings.py --gguf`'s copy\n\
+         rate, then `chorus check-reference`'s decode on ndarray): **{median:.2}×** below it (pairs\n\
+         {:.2}–{:.2}×); the target is 1.5×.",
+        sorted.len(),
+        sorted[0],
+        sorted[sorted.len() - 1],
+    )
 }
 
 /// The composition rule of the collaborative-decoding row: τ chosen so that SmolLM2 defers ≈ 20 %
@@ -650,5 +698,14 @@ mod tests {
             key,
         );
         assert_eq!(range, " (pairs 0.40–0.80×)");
+    }
+
+    #[test]
+    fn decode_against_the_ceiling_is_the_median_of_the_pairs_ratios() {
+        let sentence = decode_against_ceiling(&[1.7, 1.3, 1.45]);
+        assert!(sentence.contains("**1.45×** below it"), "{sentence}");
+        assert!(sentence.contains("1.30–1.70×"), "{sentence}");
+        assert!(sentence.contains("in 3 pairs"), "{sentence}");
+        assert_eq!(decode_against_ceiling(&[]), "");
     }
 }
