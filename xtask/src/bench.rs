@@ -423,10 +423,8 @@ pub fn bench(out: &Path, pairs: usize) -> Result<()> {
             .args([&gguf_s, &reference.display().to_string(), "--threads", "2"]),
         "llama_cpp_reference.py",
     )?;
-    let mut reports = Vec::new();
-    for (backend, binary, device) in backends {
-        let comparison = out.join(format!("chorus_vs_llama_cpp_{backend}.json"));
-        eprintln!("xtask: bench: chorus check-reference {backend}");
+    // `chorus check-reference` against llama.cpp's reference, its JSON report.
+    let check_reference = |binary: &Path, device: &str, json: &Path| -> Result<Value> {
         output(
             Command::new(binary).args([
                 "--device",
@@ -438,12 +436,17 @@ pub fn bench(out: &Path, pairs: usize) -> Result<()> {
                 &reference.display().to_string(),
                 "--report-only",
                 "--json",
-                &comparison.display().to_string(),
+                &json.display().to_string(),
             ]),
             "chorus check-reference",
         )?;
-        let report: Value = serde_json::from_str(&std::fs::read_to_string(&comparison)?)?;
-        reports.push((backend, report));
+        Ok(serde_json::from_str(&std::fs::read_to_string(json)?)?)
+    };
+    let mut reports = Vec::new();
+    for (backend, binary, device) in backends {
+        eprintln!("xtask: bench: chorus check-reference {backend}");
+        let json = out.join(format!("chorus_vs_llama_cpp_{backend}.json"));
+        reports.push((backend, check_reference(binary, device, &json)?));
     }
     for (what, key) in [
         ("SmolLM2-135M prefill (5 prompts)", "prefill_tokens_per_s"),
@@ -477,20 +480,7 @@ pub fn bench(out: &Path, pairs: usize) -> Result<()> {
             &format!("the copy rate (decode against the ceiling, pair {pair}/{pairs})"),
         )?;
         let json = out.join(format!("decode_against_ceiling_{pair}.json"));
-        output(
-            Command::new(&chorus).args([
-                "check-reference",
-                "--gguf",
-                &gguf_s,
-                "--reference",
-                &reference.display().to_string(),
-                "--report-only",
-                "--json",
-                &json.display().to_string(),
-            ]),
-            "chorus check-reference",
-        )?;
-        let report: Value = serde_json::from_str(&std::fs::read_to_string(&json)?)?;
+        let report = check_reference(&chorus, "cpu", &json)?;
         let ceiling = f(&copy_now, "copy_gbps") * 1e9 / f(&copy_now, "decode_bytes_per_token");
         ceiling_ratios.push(ceiling / f(&report["chorus"], "decode_tokens_per_s"));
     }
