@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use crate::{Preset, build, run_now, workspace_root};
 
@@ -473,7 +473,7 @@ pub fn bench(out: &Path, pairs: usize) -> Result<()> {
     // Decode against the bandwidth ceiling: the copy rate and chorus's decode (ndarray) back to
     // back, `pairs` times — both move with this machine's speed, and the ceiling measured at
     // the start of the run is minutes away from the decode row above.
-    let mut ceiling_ratios = Vec::new();
+    let (mut ceilings_now, mut decodes) = (Vec::new(), Vec::new());
     for pair in 1..=pairs {
         let copy_now = measure(
             twin("ceilings.py").args(["--gguf", &gguf_s]),
@@ -482,9 +482,10 @@ pub fn bench(out: &Path, pairs: usize) -> Result<()> {
         let json = out.join(format!("decode_against_ceiling_{pair}.json"));
         let report = check_reference(&chorus, "cpu", &json)?;
         let ceiling = f(&copy_now, "copy_gbps") * 1e9 / f(&copy_now, "decode_bytes_per_token");
-        ceiling_ratios.push(ceiling / f(&report["chorus"], "decode_tokens_per_s"));
+        ceilings_now.push(json!({ "tokens_per_s": ceiling }));
+        decodes.push(json!({ "tokens_per_s": f(&report["chorus"], "decode_tokens_per_s") }));
     }
-    let ceiling_paragraph = decode_against_ceiling(&ceiling_ratios);
+    let ceiling_paragraph = decode_against_ceiling(&ceilings_now, &decodes);
 
     // Collaborative decoding: SmolLM2 composed with itself at ≈ 20 % deferral against SmolLM2
     // alone, greedy, the same prompt and length (the text is the same: both members are
@@ -641,21 +642,26 @@ pub fn bench(out: &Path, pairs: usize) -> Result<()> {
     Ok(())
 }
 
-/// The sentence on decoding against the bandwidth ceiling, from the ratios `ceiling / decode` of
-/// pairs measured back to back: their median (the lower middle one for an even count) and range.
-fn decode_against_ceiling(ratios: &[f64]) -> String {
-    let mut sorted = ratios.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    let Some(&median) = sorted.get((sorted.len().max(1) - 1) / 2) else {
+/// The sentence on decoding against the bandwidth ceiling from `ceilings[i]` and `decodes[i]`
+/// (`tokens_per_s`) measured back to back: the median of the pairs' ratios `ceiling / decode`
+/// ([`median_run`]) and their range ([`pair_ratio_range`]).
+fn decode_against_ceiling(ceilings: &[Value], decodes: &[Value]) -> String {
+    let key = "tokens_per_s";
+    let ratios: Vec<Value> = ceilings
+        .iter()
+        .zip(decodes)
+        .map(|(c, d)| json!({ key: f(c, key) / f(d, key) }))
+        .collect();
+    if ratios.is_empty() {
         return String::new();
-    };
+    }
     format!(
         "Decode against that ceiling, measured in {} pairs back to back (`ceilings.py --gguf`'s copy\n\
-         rate, then `chorus check-reference`'s decode on ndarray): **{median:.2}×** below it (pairs\n\
-         {:.2}–{:.2}×); the target is 1.5×.",
-        sorted.len(),
-        sorted[0],
-        sorted[sorted.len() - 1],
+         rate, then `chorus check-reference`'s decode on ndarray): **{:.2}×** below it{}; the\n\
+         target is 1.5×.",
+        ratios.len(),
+        f(&median_run(&ratios, key), key),
+        pair_ratio_range(ceilings, decodes, key),
     )
 }
 
@@ -666,7 +672,6 @@ const COLLABORATIVE_STRATEGY: &str = "confidence:0.3";
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     fn runs(values: &[f64]) -> Vec<Value> {
         values
@@ -692,10 +697,10 @@ mod tests {
 
     #[test]
     fn decode_against_the_ceiling_is_the_median_of_the_pairs_ratios() {
-        let sentence = decode_against_ceiling(&[1.7, 1.3, 1.45]);
+        let sentence = decode_against_ceiling(&runs(&[1.7, 1.3, 1.45]), &runs(&[1.0, 1.0, 1.0]));
         assert!(sentence.contains("**1.45×** below it"), "{sentence}");
         assert!(sentence.contains("1.30–1.70×"), "{sentence}");
         assert!(sentence.contains("in 3 pairs"), "{sentence}");
-        assert_eq!(decode_against_ceiling(&[]), "");
+        assert_eq!(decode_against_ceiling(&[], &[]), "");
     }
 }
