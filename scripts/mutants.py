@@ -438,10 +438,17 @@ MUTANTS = [
         ["-p", "chorus-lm", "--lib", "block_products_equal"],
     ),
     (
-        "quantised decode: the AVX-512 Q4 kernel drops the min term (one row)",
+        "quantised decode: the AVX-512 Q4 kernel's table drops the min (one row)",
         "crates/lm/src/quantised.rs",
-        "        _mm512_reduce_add_ps(_mm512_add_ps(even.0, odd.0)) + (even.1 + odd.1)",
-        "        _mm512_reduce_add_ps(_mm512_add_ps(even.0, odd.0))",
+        "                let table = _mm512_fmadd_ps(k, _mm512_set1_ps(d), _mm512_set1_ps(m));",
+        "                let table = _mm512_mul_ps(k, _mm512_set1_ps(d));",
+        ["-p", "chorus-lm", "--lib", "block_products_equal"],
+    ),
+    (
+        "quantised decode: the AVX-512 Q4 kernel looks up the high nibbles unshifted (one row)",
+        "crates/lm/src/quantised.rs",
+        "                let high = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);",
+        "                let high = _mm512_permutexvar_ps(bytes, table);",
         ["-p", "chorus-lm", "--lib", "block_products_equal"],
     ),
     (
