@@ -452,6 +452,20 @@ MUTANTS = [
         ["-p", "chorus-lm", "--lib", "block_products_equal"],
     ),
     (
+        "quantised decode: the block sums are not made for AVX2's one-row kernel",
+        "crates/lm/src/quantised.rs",
+        "                Self::Avx2 => n == 1,",
+        "                Self::Avx2 => false,",
+        ["-p", "chorus-lm", "--lib", "block_products_equal"],
+    ),
+    (
+        "quantised decode: the block sums are not made for the portable kernel",
+        "crates/lm/src/quantised.rs",
+        "                Self::Portable => true,",
+        "                Self::Portable => false,",
+        ["-p", "chorus-lm", "--lib", "block_products_equal"],
+    ),
+    (
         "quantised decode: the AVX-512 Q8 kernel drops the odd blocks' chain (one row)",
         "crates/lm/src/quantised.rs",
         "        _mm512_reduce_add_ps(_mm512_add_ps(even, odd))",

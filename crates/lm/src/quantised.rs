@@ -321,8 +321,13 @@ fn products_by_row_kernels<const N: usize>(
     n: usize,
     kernel: Kernel,
 ) -> [Vec<f32>; N] {
-    // Σ_j x[i, 32b + j] per row and block: the `m` term of the 4-bit formats.
-    let x_sums: Vec<f32> = x.chunks_exact(BLOCK).map(|c| c.iter().sum()).collect();
+    // Σ_j x[i, 32b + j] per row and block: the `m` term of the 4-bit formats, for the kernels
+    // that add it per block rather than folding `m` into the weights.
+    let x_sums: Vec<f32> = if matrices.iter().any(|m| kernel.reads_x_sums(m.format, n)) {
+        x.chunks_exact(BLOCK).map(|c| c.iter().sum()).collect()
+    } else {
+        Vec::new()
+    };
     // Weight rows `first..first + out.len() / n` of `m`.
     let rows = |m: &BlockMatrix, first: usize, out: &mut [f32]| {
         let row_bytes = m.cols / BLOCK * m.format.block_bytes();
@@ -477,6 +482,20 @@ impl Kernel {
         }
     }
 
+    /// Whether [`Kernel::rows`] reads `x_sums` for `n` rows of `format`: the portable kernel and
+    /// AVX2's one-row kernel add `m · Σ_j x_j` per 4-bit block; the tiles and AVX-512's one-row
+    /// kernel fold `m` into the weights they multiply (`d·q + m`), so the sums need not be made.
+    fn reads_x_sums(self, format: BlockFormat, n: usize) -> bool {
+        format != BlockFormat::Q8_0
+            && match self {
+                Self::Portable => true,
+                #[cfg(target_arch = "x86_64")]
+                Self::Avx2 => n == 1,
+                #[cfg(target_arch = "x86_64")]
+                Self::Avx512 => false,
+            }
+    }
+
     /// `out[r·n + i] = Σ_b d_rb · Σ_j q_rbj x[i, 32b + j] + m_rb · x_sums[i, b]` for the weight rows
     /// `r` whose blocks are `blocks`, `row_bytes` each (`m = −8d` for Q4_0, none for Q8_0): one call
     /// per chunk of rows, so that the checks and the dispatch are not paid per row.
@@ -497,7 +516,7 @@ impl Kernel {
             row_bytes == nb * bb
                 && blocks.len().is_multiple_of(row_bytes)
                 && x.len() >= n * BLOCK * nb
-                && x_sums.len() >= n * nb
+                && (x_sums.len() >= n * nb || !self.reads_x_sums(format, n))
                 && out.len() == blocks.len() / row_bytes * n
                 && n <= MAX_BLOCK_ROWS
         );
@@ -842,11 +861,14 @@ pub(crate) mod avx2 {
     unsafe fn q4_one(with_min: bool, blocks: &[u8], x: &[f32], x_sums: &[f32]) -> f32 {
         let bb = if with_min { 20 } else { 18 };
         let nb = blocks.len() / bb;
+        // Checked here, once per row, rather than by the caller: only this kernel and the
+        // portable one read the sums (`Kernel::reads_x_sums`).
+        let x_sums = &x_sums[..nb];
         let low = _mm256_set1_epi32(0x0f);
         let zero = (_mm256_setzero_ps(), 0.0f32);
         let [even, odd] = super::two_chains(nb, zero, |b, (acc, min_acc)| {
             // SAFETY: block b is `bb` readable bytes (checked by the caller), x holds `32 nb`
-            // values and x_sums `nb`.
+            // values; x_sums holds `nb` (sliced above).
             unsafe {
                 let block = blocks.as_ptr().add(b * bb);
                 let header = _mm_cvtph_ps(_mm_cvtsi32_si128(if with_min {
