@@ -452,6 +452,27 @@ MUTANTS = [
         ["-p", "chorus-lm", "--lib", "block_products_equal"],
     ),
     (
+        "quantised decode: an AVX-512 tile's second weight row reads the first's blocks",
+        "crates/lm/src/quantised.rs",
+        "                    let block = blocks.as_ptr().add(k * row_bytes + b * bb);",
+        "                    let block = blocks.as_ptr().add(b * bb);",
+        ["-p", "chorus-lm", "--lib", "block_products_equal"],
+    ),
+    (
+        "quantised decode: an AVX-512 tile's second weight row multiplies the first's weights",
+        "crates/lm/src/quantised.rs",
+        "                    even[k][i] = _mm512_fmadd_ps(w[k][0], x0, even[k][i]);",
+        "                    even[k][i] = _mm512_fmadd_ps(w[0][0], x0, even[k][i]);",
+        ["-p", "chorus-lm", "--lib", "block_products_equal"],
+    ),
+    (
+        "quantised decode: tiles of two weight rows step through the outputs one weight row at a time",
+        "crates/lm/src/quantised.rs",
+        "            for (blocks, out) in chunks.zip(out.chunks_mut(weight_rows * n)) {",
+        "            for (blocks, out) in chunks.zip(out.chunks_mut(n)) {",
+        ["-p", "chorus-lm", "--lib", "block_products_equal"],
+    ),
+    (
         "quantised decode: the block sums are not made for AVX2's one-row kernel",
         "crates/lm/src/quantised.rs",
         "                Self::Avx2 => n == 1,",

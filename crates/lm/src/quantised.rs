@@ -623,9 +623,10 @@ fn tiles(n: usize, mut tile: impl FnMut(usize, usize)) {
 #[cfg(target_arch = "x86_64")]
 const ROW_GROUP: usize = 16;
 
-/// Calls `tile(blocks, first, rows, out)` for every weight row (its `blocks`, `row_bytes` long;
-/// `out` points at its output for row `first` of `x`) and every tile of the `n` rows of `x`
-/// ([`tiles`]): the weight rows in groups of [`ROW_GROUP`], each group's rows passed by every
+/// Calls `tile(blocks, first, rows, out)` for every `weight_rows` consecutive weight rows (their
+/// `blocks`, `row_bytes` each — fewer at the end of a group; `out` points at the first one's
+/// output for row `first` of `x`, the next one's `n` further) and every tile of the `n` rows of
+/// `x` ([`tiles`]): the weight rows in groups of [`ROW_GROUP`], each group's rows passed by every
 /// tile in turn. So the activations are read from the caches once per group, not once per
 /// weight row: with all 64 rows a tile at a time per weight row, a step of 64 rows read ≈ 27 GB
 /// of activations from the L2 cache for SmolLM2 and took twice as long a row as burn's f32 GEMM.
@@ -633,6 +634,7 @@ const ROW_GROUP: usize = 16;
 fn tiles_by_row_groups(
     blocks: &[u8],
     row_bytes: usize,
+    weight_rows: usize,
     n: usize,
     out: &mut [f32],
     mut tile: impl FnMut(&[u8], usize, usize, *mut f32),
@@ -640,7 +642,8 @@ fn tiles_by_row_groups(
     let groups = blocks.chunks(ROW_GROUP * row_bytes);
     for (group, out) in groups.zip(out.chunks_mut(ROW_GROUP * n)) {
         tiles(n, |first, rows| {
-            for (blocks, out) in group.chunks_exact(row_bytes).zip(out.chunks_exact_mut(n)) {
+            let chunks = group.chunks(weight_rows * row_bytes);
+            for (blocks, out) in chunks.zip(out.chunks_mut(weight_rows * n)) {
                 tile(blocks, first, rows, out[first..].as_mut_ptr());
             }
         });
@@ -744,16 +747,31 @@ macro_rules! row_kernels {
                 return;
             }
             let cols = 32 * (row_bytes / if with_min { 20 } else { 18 });
-            super::tiles_by_row_groups(blocks, row_bytes, n, out, |blocks, first, rows, out| {
-                // SAFETY: rows first..first + rows of x exist (checked by the caller for all n
-                // rows), `out` holds them for one weight row, whose blocks are `blocks`.
-                unsafe {
-                    with_tile!(
-                        rows,
-                        q4_tile(with_min, blocks, x.as_ptr().add(first * cols), out)
-                    )
-                }
-            });
+            let weight_rows = weight_rows_per_tile(n);
+            super::tiles_by_row_groups(
+                blocks,
+                row_bytes,
+                weight_rows,
+                n,
+                out,
+                |blocks, first, rows, out| {
+                    // SAFETY: rows first..first + rows of x exist (checked by the caller for all n
+                    // rows); `out` holds them for each weight row in `blocks`, `n` apart.
+                    unsafe {
+                        with_tile!(
+                            rows,
+                            q4_tile(
+                                with_min,
+                                blocks,
+                                row_bytes,
+                                x.as_ptr().add(first * cols),
+                                out,
+                                n
+                            )
+                        )
+                    }
+                },
+            );
         }
 
         /// See `Kernel::rows`, for Q8_0 blocks: `q8_one` per weight row, or `q8_tile`s over
@@ -771,10 +789,23 @@ macro_rules! row_kernels {
                 return;
             }
             let cols = 32 * (row_bytes / 34);
-            super::tiles_by_row_groups(blocks, row_bytes, n, out, |blocks, first, rows, out| {
-                // SAFETY: as in `q4_rows`.
-                unsafe { with_tile!(rows, q8_tile(blocks, x.as_ptr().add(first * cols), out)) }
-            });
+            let weight_rows = weight_rows_per_tile(n);
+            super::tiles_by_row_groups(
+                blocks,
+                row_bytes,
+                weight_rows,
+                n,
+                out,
+                |blocks, first, rows, out| {
+                    // SAFETY: as in `q4_rows`.
+                    unsafe {
+                        with_tile!(
+                            rows,
+                            q8_tile(blocks, row_bytes, x.as_ptr().add(first * cols), out, n)
+                        )
+                    }
+                },
+            );
         }
     };
 }
@@ -940,13 +971,26 @@ pub(crate) mod avx2 {
         horizontal_sum(_mm256_add_ps(even, odd))
     }
 
+    /// Weight rows per tile for `n` rows of `x`: one. With 16 vector registers a second weight
+    /// row's accumulators would not fit beside the first's.
+    fn weight_rows_per_tile(_n: usize) -> usize {
+        1
+    }
+
     /// One weight row of `q4_rows` with the `R` rows at `x` (`out` at the same rows): each block dequantised once,
     /// `w_j = d·q_j + m`, then multiplied with every row.
     ///
     /// # Safety
-    /// As `q4_rows`, for one weight row, R rows at `x` and `out` at them.
+    /// As `q4_rows`, for one weight row (`weight_rows_per_tile`), R rows at `x` and `out` at them.
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q4_tile<const R: usize>(with_min: bool, blocks: &[u8], x: *const f32, out: *mut f32) {
+    unsafe fn q4_tile<const R: usize>(
+        with_min: bool,
+        blocks: &[u8],
+        _row_bytes: usize,
+        x: *const f32,
+        out: *mut f32,
+        _out_stride: usize,
+    ) {
         let bb = if with_min { 20 } else { 18 };
         let nb = blocks.len() / bb;
         let cols = 32 * nb;
@@ -995,7 +1039,13 @@ pub(crate) mod avx2 {
     /// # Safety
     /// As `q8_rows`, for one weight row, R rows at `x` and `out` at them.
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn q8_tile<const R: usize>(blocks: &[u8], x: *const f32, out: *mut f32) {
+    unsafe fn q8_tile<const R: usize>(
+        blocks: &[u8],
+        _row_bytes: usize,
+        x: *const f32,
+        out: *mut f32,
+        _out_stride: usize,
+    ) {
         let nb = blocks.len() / 34;
         let cols = 32 * nb;
         let mut even = [_mm256_setzero_ps(); R];
@@ -1137,59 +1187,112 @@ mod avx512 {
         _mm512_reduce_add_ps(_mm512_add_ps(even, odd))
     }
 
-    /// One weight row of `q4_rows` with the `R` rows at `x` (`out` at the same rows): each block dequantised once,
-    /// `w_j = d·q_j + m`, then multiplied with every row.
-    ///
-    /// # Safety
-    /// As `q4_rows`, for one weight row, R rows at `x` and `out` at them.
-    #[target_feature(enable = "avx512f,fma,f16c")]
-    unsafe fn q4_tile<const R: usize>(with_min: bool, blocks: &[u8], x: *const f32, out: *mut f32) {
-        let bb = if with_min { 20 } else { 18 };
-        let nb = blocks.len() / bb;
-        let cols = 32 * nb;
-        let mut even = [_mm512_setzero_ps(); R];
-        let mut odd = [_mm512_setzero_ps(); R];
-        for b in 0..nb {
-            // SAFETY: block b is `bb` readable bytes (checked by the caller); x holds R rows
-            // of `cols` values.
-            unsafe {
-                let block = blocks.as_ptr().add(b * bb);
-                let (d, m) = header(with_min, block);
-                let (d, m) = (_mm512_set1_ps(d), _mm512_set1_ps(m));
-                let [low, high] = nibbles(block.add(bb - 16));
-                let w = [_mm512_fmadd_ps(d, low, m), _mm512_fmadd_ps(d, high, m)];
-                accumulate(&w, x.add(32 * b), cols, &mut even, &mut odd);
-            }
-        }
-        // SAFETY: out holds R values.
-        unsafe { store_sums(&even, &odd, out) };
+    /// Weight rows per tile for `n` rows of `x`: two from 3 rows, so that each vector of
+    /// activations loaded from the cache serves both weight rows' multiply-adds. A fused
+    /// multiply-add with a 64-byte load ran at one per cycle on our Zen 5 (two without the
+    /// load), so a tile of one weight row was bound by its loads of `x` rather than by its
+    /// arithmetic. Two weight rows with up to 8 rows of `x` keep their accumulators in 16 of the
+    /// 32 vector registers. With 2 rows, two weight rows at a time were ≈ 0.9× as fast as one
+    /// (their steps are closer to the memory's rate than to the loads'); from 3 rows faster
+    /// (docs/performance.md).
+    fn weight_rows_per_tile(n: usize) -> usize {
+        if n >= 3 { 2 } else { 1 }
     }
 
-    /// Adds `w · x[i, block]` for the `R` rows of a tile (`x` the first row's values of the
-    /// block, rows `cols` apart). With at most 4 rows each row has two accumulators (`even` for
-    /// the block's first 16 weights, `odd` for the rest), so that a row's chain of fused
-    /// multiply-adds is one per block; with more, the rows' chains overlap one another.
+    /// One or two (`weight_rows_per_tile`) weight rows of `q4_rows`, `row_bytes` each, with
+    /// the `R` rows at `x`; the outputs at `out` for the first weight row, `out_stride` further
+    /// for the second. Each block dequantised once, `w_j = d·q_j + m`, then multiplied with
+    /// every row; each output sums in the same order as with one weight row per tile.
+    ///
+    /// # Safety
+    /// As `q4_rows`, for the weight rows in `blocks`, R rows at `x` and `out` at them.
+    #[target_feature(enable = "avx512f,fma,f16c")]
+    unsafe fn q4_tile<const R: usize>(
+        with_min: bool,
+        blocks: &[u8],
+        row_bytes: usize,
+        x: *const f32,
+        out: *mut f32,
+        out_stride: usize,
+    ) {
+        let tile = if blocks.len() == 2 * row_bytes {
+            q4_weight_rows::<R, 2>
+        } else {
+            q4_weight_rows::<R, 1>
+        };
+        // SAFETY: as this function's.
+        unsafe { tile(with_min, blocks, row_bytes, x, out, out_stride) }
+    }
+
+    /// `q4_tile` for `W` weight rows.
+    ///
+    /// # Safety
+    /// As `q4_tile`, with `W` weight rows in `blocks`.
+    #[target_feature(enable = "avx512f,fma,f16c")]
+    unsafe fn q4_weight_rows<const R: usize, const W: usize>(
+        with_min: bool,
+        blocks: &[u8],
+        row_bytes: usize,
+        x: *const f32,
+        out: *mut f32,
+        out_stride: usize,
+    ) {
+        let bb = if with_min { 20 } else { 18 };
+        let nb = row_bytes / bb;
+        let cols = 32 * nb;
+        let mut even = [[_mm512_setzero_ps(); R]; W];
+        let mut odd = [[_mm512_setzero_ps(); R]; W];
+        for b in 0..nb {
+            let mut w = [[_mm512_setzero_ps(); 2]; W];
+            for (k, w) in w.iter_mut().enumerate() {
+                // SAFETY: block b of weight row k is `bb` readable bytes (checked by the
+                // caller).
+                unsafe {
+                    let block = blocks.as_ptr().add(k * row_bytes + b * bb);
+                    let (d, m) = header(with_min, block);
+                    let (d, m) = (_mm512_set1_ps(d), _mm512_set1_ps(m));
+                    let [low, high] = nibbles(block.add(bb - 16));
+                    *w = [_mm512_fmadd_ps(d, low, m), _mm512_fmadd_ps(d, high, m)];
+                }
+            }
+            // SAFETY: x holds R rows of `cols` values.
+            unsafe { accumulate(&w, x.add(32 * b), cols, &mut even, &mut odd) };
+        }
+        for k in 0..W {
+            // SAFETY: out holds R values for each weight row, `out_stride` apart.
+            unsafe { store_sums(&even[k], &odd[k], out.add(k * out_stride)) };
+        }
+    }
+
+    /// Adds `w[k] · x[i, block]` for the `W` weight rows `k` and the `R` rows `i` of a tile (`x`
+    /// the first row's values of the block, rows `cols` apart), each vector of `x` loaded once for
+    /// all `W`. With at most 4 rows each pair has two accumulators (`even` for the block's first
+    /// 16 weights, `odd` for the rest), so that a pair's chain of fused multiply-adds is one per
+    /// block; with more, the chains overlap one another.
     ///
     /// # Safety
     /// `x` points at R rows of 32 readable f32, `cols` apart.
     #[target_feature(enable = "avx512f,fma")]
-    unsafe fn accumulate<const R: usize>(
-        w: &[__m512; 2],
+    unsafe fn accumulate<const R: usize, const W: usize>(
+        w: &[[__m512; 2]; W],
         x: *const f32,
         cols: usize,
-        even: &mut [__m512; R],
-        odd: &mut [__m512; R],
+        even: &mut [[__m512; R]; W],
+        odd: &mut [[__m512; R]; W],
     ) {
         for i in 0..R {
             // SAFETY: the caller guarantees 32 readable values at each row.
-            unsafe {
+            let (x0, x1) = unsafe {
                 let x = x.add(i * cols);
+                (_mm512_loadu_ps(x), _mm512_loadu_ps(x.add(16)))
+            };
+            for k in 0..W {
                 if R <= 4 {
-                    even[i] = _mm512_fmadd_ps(w[0], _mm512_loadu_ps(x), even[i]);
-                    odd[i] = _mm512_fmadd_ps(w[1], _mm512_loadu_ps(x.add(16)), odd[i]);
+                    even[k][i] = _mm512_fmadd_ps(w[k][0], x0, even[k][i]);
+                    odd[k][i] = _mm512_fmadd_ps(w[k][1], x1, odd[k][i]);
                 } else {
-                    let t = _mm512_fmadd_ps(w[0], _mm512_loadu_ps(x), even[i]);
-                    even[i] = _mm512_fmadd_ps(w[1], _mm512_loadu_ps(x.add(16)), t);
+                    let t = _mm512_fmadd_ps(w[k][0], x0, even[k][i]);
+                    even[k][i] = _mm512_fmadd_ps(w[k][1], x1, t);
                 }
             }
         }
@@ -1207,33 +1310,65 @@ mod avx512 {
         }
     }
 
-    /// One weight row of `q8_rows` with the `R` rows at `x` (`out` at the same rows): each block dequantised once,
-    /// `w_j = d·q_j`, then multiplied with every row.
+    /// As `q4_tile`, for Q8_0 blocks: each block dequantised once, `w_j = d·q_j`, then
+    /// multiplied with every row.
     ///
     /// # Safety
-    /// As `q8_rows`, for one weight row, R rows at `x` and `out` at them.
+    /// As `q8_rows`, for the weight rows in `blocks`, R rows at `x` and `out` at them.
     #[target_feature(enable = "avx512f,fma,f16c")]
-    unsafe fn q8_tile<const R: usize>(blocks: &[u8], x: *const f32, out: *mut f32) {
-        let nb = blocks.len() / 34;
+    unsafe fn q8_tile<const R: usize>(
+        blocks: &[u8],
+        row_bytes: usize,
+        x: *const f32,
+        out: *mut f32,
+        out_stride: usize,
+    ) {
+        let tile = if blocks.len() == 2 * row_bytes {
+            q8_weight_rows::<R, 2>
+        } else {
+            q8_weight_rows::<R, 1>
+        };
+        // SAFETY: as this function's.
+        unsafe { tile(blocks, row_bytes, x, out, out_stride) }
+    }
+
+    /// `q8_tile` for `W` weight rows.
+    ///
+    /// # Safety
+    /// As `q8_tile`, with `W` weight rows in `blocks`.
+    #[target_feature(enable = "avx512f,fma,f16c")]
+    unsafe fn q8_weight_rows<const R: usize, const W: usize>(
+        blocks: &[u8],
+        row_bytes: usize,
+        x: *const f32,
+        out: *mut f32,
+        out_stride: usize,
+    ) {
+        let nb = row_bytes / 34;
         let cols = 32 * nb;
-        let mut even = [_mm512_setzero_ps(); R];
-        let mut odd = [_mm512_setzero_ps(); R];
+        let mut even = [[_mm512_setzero_ps(); R]; W];
+        let mut odd = [[_mm512_setzero_ps(); R]; W];
         for b in 0..nb {
-            // SAFETY: block b is 34 readable bytes (checked by the caller): an f16 scale, then
-            // 32 signed bytes read 16 at a time; x holds R rows of `cols` values.
-            unsafe {
-                let block = blocks.as_ptr().add(b * 34);
-                let d = _mm512_set1_ps(header(false, block).0);
-                let sixteen = |k: usize| {
-                    let q = _mm512_cvtepi8_epi32(_mm_loadu_si128(block.add(2 + 16 * k).cast()));
-                    _mm512_mul_ps(d, _mm512_cvtepi32_ps(q))
-                };
-                let w = [sixteen(0), sixteen(1)];
-                accumulate(&w, x.add(32 * b), cols, &mut even, &mut odd);
+            let mut w = [[_mm512_setzero_ps(); 2]; W];
+            for (k, w) in w.iter_mut().enumerate() {
+                // SAFETY: block b of weight row k is 34 readable bytes (checked by the caller):
+                // an f16 scale, then 32 signed bytes read 16 at a time.
+                unsafe {
+                    let block = blocks.as_ptr().add(k * row_bytes + b * 34);
+                    let d = _mm512_set1_ps(header(false, block).0);
+                    for (h, w) in w.iter_mut().enumerate() {
+                        let q = _mm512_cvtepi8_epi32(_mm_loadu_si128(block.add(2 + 16 * h).cast()));
+                        *w = _mm512_mul_ps(d, _mm512_cvtepi32_ps(q));
+                    }
+                }
             }
+            // SAFETY: x holds R rows of `cols` values.
+            unsafe { accumulate(&w, x.add(32 * b), cols, &mut even, &mut odd) };
         }
-        // SAFETY: out holds R values.
-        unsafe { store_sums(&even, &odd, out) };
+        for k in 0..W {
+            // SAFETY: out holds R values for each weight row, `out_stride` apart.
+            unsafe { store_sums(&even[k], &odd[k], out.add(k * out_stride)) };
+        }
     }
 }
 
