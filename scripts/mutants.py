@@ -531,15 +531,15 @@ MUTANTS = [
     (
         "quantised decode: the AVX-512 Q4 tile dequantises without the min",
         "crates/lm/src/quantised.rs",
-        "                let w = [_mm512_fmadd_ps(d, low, m), _mm512_fmadd_ps(d, high, m)];",
-        "                let w = [_mm512_mul_ps(d, low), _mm512_mul_ps(d, high)];",
+        "                    *w = [_mm512_fmadd_ps(d, low, m), _mm512_fmadd_ps(d, high, m)];",
+        "                    *w = [_mm512_mul_ps(d, low), _mm512_mul_ps(d, high)];",
         ["-p", "chorus-lm", "--lib", "block_products_equal"],
     ),
     (
         "quantised decode: the AVX-512 Q8 tile reads the first half twice",
         "crates/lm/src/quantised.rs",
-        "                let w = [sixteen(0), sixteen(1)];",
-        "                let w = [sixteen(0), sixteen(0)];",
+        "                        let q = _mm512_cvtepi8_epi32(_mm_loadu_si128(block.add(2 + 16 * h).cast()));",
+        "                        let q = _mm512_cvtepi8_epi32(_mm_loadu_si128(block.add(2).cast()));",
         ["-p", "chorus-lm", "--lib", "block_products_equal"],
     ),
     (
