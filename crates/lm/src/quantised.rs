@@ -1141,6 +1141,7 @@ mod avx512 {
             // values.
             unsafe {
                 let block = blocks.as_ptr().add(b * bb);
+                prefetch_ahead(block);
                 let (d, m) = header(with_min, block);
                 let table = _mm512_fmadd_ps(k, _mm512_set1_ps(d), _mm512_set1_ps(m));
                 let bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(block.add(bb - 16).cast()));
@@ -1160,6 +1161,20 @@ mod avx512 {
         _mm512_reduce_add_ps(_mm512_add_ps(a, b))
     }
 
+    /// How far ahead of the block it multiplies a one-row kernel asks for the weights: 8 KB.
+    /// A one-row step reads every weight once, from memory, and the hardware prefetchers alone
+    /// kept too few lines in flight on our 2-core Zen 5: with `prefetcht0` 8 KB ahead a
+    /// one-row SmolLM2 step took ≈ 0.92× the time (512 B ahead: slower; docs/performance.md).
+    const PREFETCH_BYTES: usize = 8192;
+
+    /// Asks for the cache line [`PREFETCH_BYTES`] after `block` (past the end of the weights
+    /// too: a prefetch reads nothing and never faults).
+    #[inline(always)]
+    fn prefetch_ahead(block: *const u8) {
+        // SAFETY: `prefetcht0` only hints the caches; any address is allowed.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(block.wrapping_add(PREFETCH_BYTES).cast()) }
+    }
+
     /// One weight row of `q8_rows` with one row of x, `Σ_b d_b · (q_b · x_b)`: the dot product of the raw bytes, scaled.
     ///
     /// # Safety
@@ -1172,6 +1187,7 @@ mod avx512 {
             // 32 signed bytes read 16 at a time; x holds `32 nb` values.
             unsafe {
                 let block = blocks.as_ptr().add(b * 34);
+                prefetch_ahead(block);
                 let (d, _) = header(false, block);
                 let sixteen = |k: usize| {
                     _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
