@@ -507,8 +507,8 @@ fn block_products_equal_products_with_the_dequantised_weights() {
     // (crate::quantised::tiles_by_row_groups); 256 × 384: split across the pool. From 32 rows
     // of activations (43, 64) the products go through dequantised panels and a GEMM
     // (crate::quantised::products_by_panels): 37 and 256 weight rows are a partial panel and
-    // four whole ones. Up to 2 rows a tile holds one weight row, from 3 rows (AVX-512) two
-    // (crate::quantised::avx512::weight_rows_per_tile); 5, 7 and 37 weight rows end on one.
+    // four whole ones. An AVX-512 tile holds two weight rows
+    // (crate::quantised::avx512::WEIGHT_ROWS_PER_TILE); 5, 7 and 37 weight rows end on one.
     let mut all = Vec::new();
     for (rows, cols) in [(5, 64), (7, 160), (37, 96), (256, 384)] {
         let values: Vec<f32> = (0..rows * cols)

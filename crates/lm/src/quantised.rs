@@ -747,7 +747,7 @@ macro_rules! row_kernels {
                 return;
             }
             let cols = 32 * (row_bytes / if with_min { 20 } else { 18 });
-            let weight_rows = weight_rows_per_tile(n);
+            let weight_rows = WEIGHT_ROWS_PER_TILE;
             super::tiles_by_row_groups(
                 blocks,
                 row_bytes,
@@ -789,7 +789,7 @@ macro_rules! row_kernels {
                 return;
             }
             let cols = 32 * (row_bytes / 34);
-            let weight_rows = weight_rows_per_tile(n);
+            let weight_rows = WEIGHT_ROWS_PER_TILE;
             super::tiles_by_row_groups(
                 blocks,
                 row_bytes,
@@ -971,17 +971,15 @@ pub(crate) mod avx2 {
         horizontal_sum(_mm256_add_ps(even, odd))
     }
 
-    /// Weight rows per tile for `n` rows of `x`: one. With 16 vector registers a second weight
-    /// row's accumulators would not fit beside the first's.
-    fn weight_rows_per_tile(_n: usize) -> usize {
-        1
-    }
+    /// Weight rows per tile: one. With 16 vector registers a second weight row's accumulators
+    /// would not fit beside the first's.
+    const WEIGHT_ROWS_PER_TILE: usize = 1;
 
     /// One weight row of `q4_rows` with the `R` rows at `x` (`out` at the same rows): each block dequantised once,
     /// `w_j = d·q_j + m`, then multiplied with every row.
     ///
     /// # Safety
-    /// As `q4_rows`, for one weight row (`weight_rows_per_tile`), R rows at `x` and `out` at them.
+    /// As `q4_rows`, for one weight row ([`WEIGHT_ROWS_PER_TILE`]), R rows at `x` and `out` at them.
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn q4_tile<const R: usize>(
         with_min: bool,
@@ -1161,10 +1159,11 @@ mod avx512 {
         _mm512_reduce_add_ps(_mm512_add_ps(a, b))
     }
 
-    /// How far ahead of the block it multiplies a one-row kernel asks for the weights: 8 KB.
-    /// A one-row step reads every weight once, from memory, and the hardware prefetchers alone
-    /// kept too few lines in flight on our 2-core Zen 5: with `prefetcht0` 8 KB ahead a
-    /// one-row SmolLM2 step took ≈ 0.92× the time (512 B ahead: slower; docs/performance.md).
+    /// How far ahead of the block it multiplies a kernel asks for the weights: 8 KB. A step of
+    /// a few rows reads every weight once, from memory, and the hardware prefetchers alone kept
+    /// too few lines in flight on our 2-core Zen 5: with `prefetcht0` 8 KB ahead a one-row
+    /// SmolLM2 step took ≈ 0.9× the time, steps of 3–16 rows ≈ 0.85× (512 B ahead: slower;
+    /// docs/performance.md).
     const PREFETCH_BYTES: usize = 8192;
 
     /// Asks for the cache line [`PREFETCH_BYTES`] after `block` (past the end of the weights
@@ -1203,19 +1202,14 @@ mod avx512 {
         _mm512_reduce_add_ps(_mm512_add_ps(even, odd))
     }
 
-    /// Weight rows per tile for `n` rows of `x`: two from 3 rows, so that each vector of
-    /// activations loaded from the cache serves both weight rows' multiply-adds. A fused
-    /// multiply-add with a 64-byte load ran at one per cycle on our Zen 5 (two without the
-    /// load), so a tile of one weight row was bound by its loads of `x` rather than by its
-    /// arithmetic. Two weight rows with up to 8 rows of `x` keep their accumulators in 16 of the
-    /// 32 vector registers. With 2 rows, two weight rows at a time were ≈ 0.9× as fast as one
-    /// (their steps are closer to the memory's rate than to the loads'); from 3 rows faster
-    /// (docs/performance.md).
-    fn weight_rows_per_tile(n: usize) -> usize {
-        if n >= 3 { 2 } else { 1 }
-    }
+    /// Weight rows per tile: two, so that each vector of activations loaded from the cache serves
+    /// both weight rows' multiply-adds. A fused multiply-add with a 64-byte load ran at one per
+    /// cycle on our Zen 5 (two without the load), so a tile of one weight row was bound by its
+    /// loads of `x` rather than by its arithmetic. Two weight rows with up to 8 rows of `x` keep
+    /// their accumulators in 16 of the 32 vector registers (docs/performance.md).
+    const WEIGHT_ROWS_PER_TILE: usize = 2;
 
-    /// One or two (`weight_rows_per_tile`) weight rows of `q4_rows`, `row_bytes` each, with
+    /// One or two ([`WEIGHT_ROWS_PER_TILE`]) weight rows of `q4_rows`, `row_bytes` each, with
     /// the `R` rows at `x`; the outputs at `out` for the first weight row, `out_stride` further
     /// for the second. Each block dequantised once, `w_j = d·q_j + m`, then multiplied with
     /// every row; each output sums in the same order as with one weight row per tile.
@@ -1265,6 +1259,7 @@ mod avx512 {
                 // caller).
                 unsafe {
                     let block = blocks.as_ptr().add(k * row_bytes + b * bb);
+                    prefetch_ahead(block);
                     let (d, m) = header(with_min, block);
                     let (d, m) = (_mm512_set1_ps(d), _mm512_set1_ps(m));
                     let [low, high] = nibbles(block.add(bb - 16));
@@ -1371,6 +1366,7 @@ mod avx512 {
                 // an f16 scale, then 32 signed bytes read 16 at a time.
                 unsafe {
                     let block = blocks.as_ptr().add(k * row_bytes + b * 34);
+                    prefetch_ahead(block);
                     let d = _mm512_set1_ps(header(false, block).0);
                     for (h, w) in w.iter_mut().enumerate() {
                         let q = _mm512_cvtepi8_epi32(_mm_loadu_si128(block.add(2 + 16 * h).cast()));
