@@ -747,11 +747,10 @@ macro_rules! row_kernels {
                 return;
             }
             let cols = 32 * (row_bytes / if with_min { 20 } else { 18 });
-            let weight_rows = WEIGHT_ROWS_PER_TILE;
             super::tiles_by_row_groups(
                 blocks,
                 row_bytes,
-                weight_rows,
+                WEIGHT_ROWS_PER_TILE,
                 n,
                 out,
                 |blocks, first, rows, out| {
@@ -789,11 +788,10 @@ macro_rules! row_kernels {
                 return;
             }
             let cols = 32 * (row_bytes / 34);
-            let weight_rows = WEIGHT_ROWS_PER_TILE;
             super::tiles_by_row_groups(
                 blocks,
                 row_bytes,
-                weight_rows,
+                WEIGHT_ROWS_PER_TILE,
                 n,
                 out,
                 |blocks, first, rows, out| {
