@@ -39,6 +39,13 @@ MUTANTS = [
         ["-p", "chorus-lm", "--lib", "team::tests"],
     ),
     (
+        "team: the caller's panic is swallowed",
+        "crates/lm/src/team.rs",
+        "            resume_unwind(panic);",
+        "            let _ = panic;",
+        ["-p", "chorus-lm", "--lib", "team::tests"],
+    ),
+    (
         "team: sleeping helpers are not woken",
         "crates/lm/src/team.rs",
         "            self.wake.notify_all();",
