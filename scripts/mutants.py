@@ -18,6 +18,27 @@ ROOT = Path(__file__).resolve().parent.parent
 
 MUTANTS = [
     (
+        "shifted exp sum: the maximum skips the last partial vector",
+        "crates/lm/src/host_step.rs",
+        "    let max = lanes.iter().fold(tail, |m, v| m.max(*v));",
+        "    let max = lanes.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v) + 0.0 * tail);",
+        ["-p", "chorus-lm", "--lib", "host_step::tests::the_shifted_exp_sum"],
+    ),
+    (
+        "shifted exp sum: a chunk's last partial vector is not added",
+        "crates/lm/src/host_step.rs",
+        "        let rest: f32 = exact.remainder().iter().sum();",
+        "        let rest: f32 = 0.0 * exact.remainder().iter().sum::<f32>();",
+        ["-p", "chorus-lm", "--lib", "host_step::tests::the_shifted_exp_sum"],
+    ),
+    (
+        "shifted exp sum: each chunk is shifted by its own maximum",
+        "crates/lm/src/host_step.rs",
+        "            *s = l - max;",
+        "            *s = l - chunk.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v)) + 0.0 * max;",
+        ["-p", "chorus-lm", "--lib", "host_step::tests::the_shifted_exp_sum"],
+    ),
+    (
         "team: neighbouring shares overlap by one item",
         "crates/lm/src/team.rs",
         "        .map(|p| Share::new(p * count / planned..(p + 1) * count / planned))",

@@ -55,6 +55,7 @@ pub use config::{Gpt2Config, LlamaConfig, LmConfig, LmDims};
 pub use error::LmError;
 pub use gguf::{GgmlType, GgufFile, GgufTensorInfo, GgufValue};
 pub use gpt2::{Gpt2, Gpt2Block, Gpt2Mlp};
+pub use host_step::shifted_exp_sum;
 pub use import::{
     NamedTensors, config_from_hf, gpt2_from_hf, hf_config, llama_config_from_gguf, llama_from_hf,
     to_hf_tensors,

@@ -218,10 +218,10 @@ pub(crate) fn argmax<T: Copy + Into<f64>>(values: &[T]) -> usize {
         .0
 }
 
-/// `max_v softmax(logits)_v`, the top-1 probability at temperature 1.
+/// `max_v softmax(logits)_v = 1 / Σ_v exp(l_v − max_u l_u)`, the top-1 probability at
+/// temperature 1 ([`chorus_lm::shifted_exp_sum`]).
 pub fn top1_prob(logits: &[f32]) -> f64 {
-    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l)) as f64;
-    1.0 / logits.iter().map(|&l| (l as f64 - max).exp()).sum::<f64>()
+    1.0 / chorus_lm::shifted_exp_sum(logits)
 }
 
 /// softmax(logits / T) in f64 (T = 0: one-hot argmax).
