@@ -431,6 +431,27 @@ MUTANTS = [
         ["-p", "chorus-lm", "--lib", "block_products_equal"],
     ),
     (
+        "quantised decode: a chunk's outputs of several rows land at the matrix's first columns",
+        "crates/lm/src/quantised.rs",
+        "            let dst = unsafe { out.add(i * width + first + b * BLOCK_ROWS) };",
+        "            let dst = unsafe { out.add(i * width + 0 * first + b * BLOCK_ROWS) };",
+        ["-p", "chorus-lm", "--lib", "block_products_equal"],
+    ),
+    (
+        "quantised decode: every 16 weight rows of a chunk land at its first columns",
+        "crates/lm/src/quantised.rs",
+        "            let dst = unsafe { out.add(i * width + first + b * BLOCK_ROWS) };",
+        "            let dst = unsafe { out.add(i * width + first + 0 * b * BLOCK_ROWS) };",
+        ["-p", "chorus-lm", "--lib", "block_products_equal"],
+    ),
+    (
+        "quantised decode: a chunk's outputs are written for the first row of x only",
+        "crates/lm/src/quantised.rs",
+        "        for i in 0..n {\n            // SAFETY: row i's columns",
+        "        for i in 0..n.min(1) {\n            // SAFETY: row i's columns",
+        ["-p", "chorus-lm", "--lib", "block_products_equal"],
+    ),
+    (
         "quantised panels: the GEMM reads every activation row as the first",
         "crates/lm/src/quantised.rs",
         "                    x.as_ptr(),\n                    cols as isize,\n                    1,",

@@ -272,24 +272,21 @@ pub(crate) fn matmul_rows_all<const N: usize>(
         x.len(),
         matrices.map(|m| (m.rows, m.cols))
     );
-    // Row-major in W: outputs of one weight row for all n activation rows side by side.
-    let by_weight_row = if n >= GEMM_MIN_ROWS {
+    if n >= GEMM_MIN_ROWS {
         products_by_panels(matrices, x, n, kernel)
     } else {
         products_by_row_kernels(matrices, x, n, kernel)
-    };
-    if n == 1 {
-        return by_weight_row;
     }
-    // `[n, rows]` in tiles: scattering a weight row's n outputs `rows` apart was ≈ 40 % of a
-    // 64-row step.
-    by_weight_row.map(|values| crate::names::transpose(&values, values.len() / n, n))
 }
 
-/// `out_k = W_k xᵀ` for every matrix, `[rows_k, n]` row-major each, from `product(state, m,
-/// first, outputs)`, which fills the outputs of weight rows `first..first + outputs.len() / n` of
-/// `m`: chunks of `chunk_rows` weight rows of all matrices shared out over the team of threads
-/// ([`crate::team`]), each participant with a `state` from `init`.
+/// `out_k = x W_kᵀ` for every matrix, `[n, rows_k]` row-major each, from `product(state, m,
+/// first, outputs)`, which fills `outputs` with `W xᵀ` for weight rows `first..first +
+/// outputs.len() / n` of `m` (`[weight rows, n]` row-major: a weight row's outputs side by side):
+/// chunks of `chunk_rows` weight rows of all matrices shared out over the team of threads
+/// ([`crate::team`]), each participant with a `state` from `init` and a buffer for its chunk,
+/// which it writes into its columns of `out_k` ([`write_columns`]) while the chunk is in its
+/// caches. Transposed after the pass by the calling thread alone, the outputs of a 16-row step
+/// took ≈ 11 % of its time, with the other core idle (docs/performance.md).
 fn by_chunks_of_weight_rows<const N: usize, T>(
     matrices: [&BlockMatrix; N],
     n: usize,
@@ -297,24 +294,82 @@ fn by_chunks_of_weight_rows<const N: usize, T>(
     init: impl Fn() -> T + Sync,
     product: impl Fn(&mut T, &BlockMatrix, usize, &mut [f32]) + Sync,
 ) -> [Vec<f32>; N] {
-    let mut by_weight_row = matrices.map(|m| vec![0.0f32; m.rows * n]);
-    let mut chunks: Vec<(&BlockMatrix, usize, &mut [f32])> = by_weight_row
-        .iter_mut()
-        .zip(matrices)
-        .flat_map(|(outputs, m)| {
-            outputs
-                .chunks_mut(chunk_rows * n)
-                .enumerate()
-                .map(move |(c, chunk)| (m, c * chunk_rows, chunk))
+    let mut outputs = matrices.map(|m| vec![0.0f32; n * m.rows]);
+    if n == 1 {
+        // One row: both layouts are the same, so each chunk is written in place.
+        let mut chunks: Vec<(&BlockMatrix, usize, &mut [f32])> = outputs
+            .iter_mut()
+            .zip(matrices)
+            .flat_map(|(outputs, m)| {
+                outputs
+                    .chunks_mut(chunk_rows)
+                    .enumerate()
+                    .map(move |(c, chunk)| (m, c * chunk_rows, chunk))
+            })
+            .collect();
+        crate::team::for_each_mut(&mut chunks, init, |state, (m, first, chunk)| {
+            product(state, m, *first, chunk)
+        });
+        return outputs;
+    }
+    let targets = outputs.each_mut().map(|o| Columns(o.as_mut_ptr()));
+    // (matrix, first weight row, weight rows)
+    let mut chunks: Vec<(usize, usize, usize)> = matrices
+        .iter()
+        .enumerate()
+        .flat_map(|(k, m)| {
+            (0..m.rows)
+                .step_by(chunk_rows)
+                .map(move |first| (k, first, chunk_rows.min(m.rows - first)))
         })
         .collect();
-    crate::team::for_each_mut(&mut chunks, init, |state, (m, first, chunk)| {
-        product(state, m, *first, chunk)
-    });
-    by_weight_row
+    crate::team::for_each_mut(
+        &mut chunks,
+        || (init(), Vec::new()),
+        |(state, buffer), &mut (k, first, rows)| {
+            let m = matrices[k];
+            buffer.clear();
+            buffer.resize(rows * n, 0.0);
+            product(state, m, first, buffer);
+            // SAFETY: `targets[k]` is `outputs[k]`, `[n, m.rows]`, alive and not otherwise
+            // borrowed until the pass returns; columns `first..first + rows` of its rows are
+            // this chunk's alone (the chunks of a matrix do not overlap).
+            unsafe { write_columns(buffer, n, targets[k].0, m.rows, first) };
+        },
+    );
+    outputs
 }
 
-/// `W_k xᵀ`, `[rows_k, n]` row-major, from the row kernels ([`Kernel::rows`]).
+/// The outputs of a matrix, written column-chunk by column-chunk by the participants of a pass.
+struct Columns(*mut f32);
+
+// SAFETY: every participant writes only the columns of its own chunks (`by_chunks_of_weight_rows`).
+unsafe impl Sync for Columns {}
+
+/// `out[i, first + r] = chunk[r, i]`: a chunk of `W xᵀ`, `[rows, n]`, into columns `first..first
+/// + rows` of `x Wᵀ`, `[n, width]` — in blocks of 16 weight rows, whose outputs stay in the L1
+/// cache while each of the n rows of `out` takes 16 consecutive values.
+///
+/// # Safety
+/// `out` points at `n · width` writable f32 that nothing else reads or writes meanwhile in
+/// columns `first..first + rows`, `first + rows ≤ width`.
+unsafe fn write_columns(chunk: &[f32], n: usize, out: *mut f32, width: usize, first: usize) {
+    const BLOCK_ROWS: usize = 16;
+    let rows = chunk.len() / n;
+    debug_assert!(chunk.len() == rows * n && first + rows <= width);
+    for (b, block) in chunk.chunks(BLOCK_ROWS * n).enumerate() {
+        for i in 0..n {
+            // SAFETY: row i's columns from `first + 16 b` on, inside the caller's columns.
+            let dst = unsafe { out.add(i * width + first + b * BLOCK_ROWS) };
+            for (r, value) in block.iter().skip(i).step_by(n).enumerate() {
+                // SAFETY: r < the block's weight rows, so within the caller's columns.
+                unsafe { *dst.add(r) = *value };
+            }
+        }
+    }
+}
+
+/// `x W_kᵀ`, `[n, rows_k]` row-major, from the row kernels ([`Kernel::rows`]).
 fn products_by_row_kernels<const N: usize>(
     matrices: [&BlockMatrix; N],
     x: &[f32],
@@ -337,11 +392,14 @@ fn products_by_row_kernels<const N: usize>(
     let threads = crate::team::participants();
     let bytes: usize = matrices.iter().map(|m| m.bytes()).sum();
     if bytes < (1 << 16) || threads == 1 {
-        let mut by_weight_row = matrices.map(|m| vec![0.0f32; m.rows * n]);
-        for (m, outputs) in matrices.iter().zip(by_weight_row.iter_mut()) {
-            rows(m, 0, outputs);
-        }
-        return by_weight_row;
+        return matrices.map(|m| {
+            let mut by_weight_row = vec![0.0f32; m.rows * n];
+            rows(m, 0, &mut by_weight_row);
+            let mut out = vec![0.0f32; n * m.rows];
+            // SAFETY: `out` is `[n, m.rows]` and borrowed by nothing else.
+            unsafe { write_columns(&by_weight_row, n, out.as_mut_ptr(), m.rows, 0) };
+            out
+        });
     }
     let total_rows: usize = matrices.iter().map(|m| m.rows).sum();
     // One chunk per participant of the team (`team::for_each_mut` balances the rest): finer
@@ -370,7 +428,7 @@ const GEMM_MIN_ROWS: usize = 32;
 /// ≈ 1.2× faster than 64 for 64-row steps; 256 no faster than 128.
 const PANEL_ROWS: usize = 128;
 
-/// `W_k xᵀ`, `[rows_k, n]` row-major, for many rows: each panel of [`PANEL_ROWS`] weight rows of
+/// `x W_kᵀ`, `[n, rows_k]` row-major, for many rows: each panel of [`PANEL_ROWS`] weight rows of
 /// each matrix is dequantised (the values [`BlockMatrix::dequantise`] gives) into a buffer of its
 /// thread and multiplied with `xᵀ` by the `gemm` crate on that thread, `y_panel = W_panel xᵀ`;
 /// the panels of all matrices are shared out over the thread pool, so only a panel per thread of
@@ -378,7 +436,7 @@ const PANEL_ROWS: usize = 128;
 ///
 /// # Shapes
 /// - x: `[n, cols]` row-major
-/// - output k: `[rows_k, n]` row-major
+/// - output k: `[n, rows_k]` row-major
 fn products_by_panels<const N: usize>(
     matrices: [&BlockMatrix; N],
     x: &[f32],
