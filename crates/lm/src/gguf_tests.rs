@@ -504,10 +504,9 @@ fn block_products_equal_products_with_the_dequantised_weights() {
     let kernels = Kernel::available();
     // 5 × 64: one thread; 7 × 160: an odd number of blocks per row (the one-row kernels' two
     // chains, crate::quantised::two_chains); 37 × 96: groups of 16 weight rows and a partial one
-    // (crate::quantised::tiles_by_row_groups); 256 × 384: split across the pool. From 32 rows
-    // of activations (43, 64) the products go through dequantised panels and a GEMM
-    // (crate::quantised::products_by_panels): 37 and 256 weight rows are a partial panel and
-    // four whole ones. An AVX-512 tile holds two weight rows
+    // (crate::quantised::tiles_by_row_groups); 256 × 384: split across the pool, each chunk's
+    // outputs written into its columns (crate::quantised::write_columns; Q8_0: two chunks of 128
+    // weight rows). 43 and 64 rows of activations are six and eight tiles. An AVX-512 tile holds two weight rows
     // (crate::quantised::avx512::WEIGHT_ROWS_PER_TILE); 5, 7 and 37 weight rows end on one.
     let mut all = Vec::new();
     for (rows, cols) in [(5, 64), (7, 160), (37, 96), (256, 384)] {
@@ -551,7 +550,7 @@ fn block_products_equal_products_with_the_dequantised_weights() {
             }
         }
     }
-    // Several matrices in one pass: each product as alone, bit for bit (row kernels and panels).
+    // Several matrices in one pass: each product as alone, bit for bit.
     for n in [2, 40] {
         let x: Vec<f32> = (0..n * 384).map(|i| (i % 7) as f32 - 3.0).collect();
         let together = matmul_rows_all([&all[0], &all[1], &all[2]], &x, n, Kernel::detect());

@@ -12,10 +12,7 @@
 //! the product with the dequantised weights, regrouped, so equal to it up to f32 rounding (one row;
 //! several rows in a tile multiply each block dequantised once, `w = d·q + m`). The activations
 //! stay f32 (llama.cpp rounds them to 8 bits; chorus keeps its f32 forward's numbers). Kernels:
-//! AVX-512, AVX2 (with FMA and F16C) or portable Rust, the fastest the CPU runs. From
-//! `GEMM_MIN_ROWS` rows on, a product dequantises the weights a panel of rows at a time and
-//! multiplies each panel with a GEMM (`products_by_panels`), as fast as from f32 weights
-//! without holding them. Batched work of more than [`MAX_BLOCK_ROWS`] rows (scoring, training)
+//! AVX-512, AVX2 (with FMA and F16C) or portable Rust, the fastest the CPU runs. Batched work of more than [`MAX_BLOCK_ROWS`] rows (scoring, training)
 //! keeps using the f32 weights; a decoding model's long prompt runs as steps of at most that many.
 
 use std::collections::BTreeSet;
@@ -37,9 +34,8 @@ const BLOCK: usize = 32;
 
 /// The most rows of activations a product takes from the blocks: a decoding step (one row per
 /// sample), a lazy assistant's catch-up over the tokens it missed, a prompt (a longer one in
-/// steps of this many rows). Up to `GEMM_MIN_ROWS` the row kernels unpack a block once per tile
-/// of 8 rows; from there, dequantised panels go through a GEMM. More rows in one forward
-/// (scoring, training) use the f32 weights.
+/// steps of this many rows). The row kernels unpack a block once per tile of up to 8 rows. More
+/// rows in one forward (scoring, training) use the f32 weights.
 pub const MAX_BLOCK_ROWS: usize = 64;
 
 /// The GGUF block layouts a [`BlockMatrix`] multiplies from (as stored in the file).
@@ -230,18 +226,6 @@ impl BlockMatrix {
         Kernel::detect().dequantise(self.format, blocks, out);
     }
 
-    /// `W[first..first + count]` dequantised into `panel` (cleared first), `[count, cols]`
-    /// row-major.
-    fn dequantise_rows(&self, first: usize, count: usize, kernel: Kernel, panel: &mut Vec<f32>) {
-        let row_bytes = self.cols / BLOCK * self.format.block_bytes();
-        panel.clear();
-        kernel.dequantise(
-            self.format,
-            &self.blocks[first * row_bytes..][..count * row_bytes],
-            panel,
-        );
-    }
-
     /// `x Wᵀ` from the blocks (module docs), on the calling thread pool.
     ///
     /// # Shapes
@@ -272,27 +256,21 @@ pub(crate) fn matmul_rows_all<const N: usize>(
         x.len(),
         matrices.map(|m| (m.rows, m.cols))
     );
-    if n >= GEMM_MIN_ROWS {
-        products_by_panels(matrices, x, n, kernel)
-    } else {
-        products_by_row_kernels(matrices, x, n, kernel)
-    }
+    products_by_row_kernels(matrices, x, n, kernel)
 }
 
-/// `out_k = x W_kᵀ` for every matrix, `[n, rows_k]` row-major each, from `product(state, m,
-/// first, outputs)`, which fills `outputs` with `W xᵀ` for weight rows `first..first +
+/// `out_k = x W_kᵀ` for every matrix, `[n, rows_k]` row-major each, from `product(m, first,
+/// outputs)`, which fills `outputs` with `W xᵀ` for weight rows `first..first +
 /// outputs.len() / n` of `m` (`[weight rows, n]` row-major: a weight row's outputs side by side):
 /// chunks of `chunk_rows` weight rows of all matrices shared out over the team of threads
-/// ([`crate::team`]), each participant with a `state` from `init` and a buffer for its chunk,
-/// which it writes into its columns of `out_k` ([`write_columns`]) while the chunk is in its
+/// ([`crate::team`]), each participant with a buffer for its chunk, which it writes into its columns of `out_k` ([`write_columns`]) while the chunk is in its
 /// caches. Transposed after the pass by the calling thread alone, the outputs of a 16-row step
 /// took ≈ 11 % of its time, with the other core idle (docs/performance.md).
-fn by_chunks_of_weight_rows<const N: usize, T>(
+fn by_chunks_of_weight_rows<const N: usize>(
     matrices: [&BlockMatrix; N],
     n: usize,
     chunk_rows: usize,
-    init: impl Fn() -> T + Sync,
-    product: impl Fn(&mut T, &BlockMatrix, usize, &mut [f32]) + Sync,
+    product: impl Fn(&BlockMatrix, usize, &mut [f32]) + Sync,
 ) -> [Vec<f32>; N] {
     let mut outputs = matrices.map(|m| vec![0.0f32; n * m.rows]);
     if n == 1 {
@@ -307,9 +285,11 @@ fn by_chunks_of_weight_rows<const N: usize, T>(
                     .map(move |(c, chunk)| (m, c * chunk_rows, chunk))
             })
             .collect();
-        crate::team::for_each_mut(&mut chunks, init, |state, (m, first, chunk)| {
-            product(state, m, *first, chunk)
-        });
+        crate::team::for_each_mut(
+            &mut chunks,
+            || (),
+            |_, (m, first, chunk)| product(m, *first, chunk),
+        );
         return outputs;
     }
     let targets = outputs.each_mut().map(|o| Columns(o.as_mut_ptr()));
@@ -323,20 +303,16 @@ fn by_chunks_of_weight_rows<const N: usize, T>(
                 .map(move |first| (k, first, chunk_rows.min(m.rows - first)))
         })
         .collect();
-    crate::team::for_each_mut(
-        &mut chunks,
-        || (init(), Vec::new()),
-        |(state, buffer), &mut (k, first, rows)| {
-            let m = matrices[k];
-            buffer.clear();
-            buffer.resize(rows * n, 0.0);
-            product(state, m, first, buffer);
-            // SAFETY: `targets[k]` is `outputs[k]`, `[n, m.rows]`, alive and not otherwise
-            // borrowed until the pass returns; columns `first..first + rows` of its rows are
-            // this chunk's alone (the chunks of a matrix do not overlap).
-            unsafe { write_columns(buffer, n, targets[k].0, m.rows, first) };
-        },
-    );
+    crate::team::for_each_mut(&mut chunks, Vec::new, |buffer, &mut (k, first, rows)| {
+        let m = matrices[k];
+        buffer.clear();
+        buffer.resize(rows * n, 0.0);
+        product(m, first, buffer);
+        // SAFETY: `targets[k]` is `outputs[k]`, `[n, m.rows]`, alive and not otherwise
+        // borrowed until the pass returns; columns `first..first + rows` of its rows are
+        // this chunk's alone (the chunks of a matrix do not overlap).
+        unsafe { write_columns(buffer, n, targets[k].0, m.rows, first) };
+    });
     outputs
 }
 
@@ -406,82 +382,7 @@ fn products_by_row_kernels<const N: usize>(
     // chunks, each a fresh stream for the prefetchers, made one-row steps slower (at 2 and 4
     // chunks per thread ≈ 1.04 and 1.05× the time of one; docs/performance.md).
     let chunk_rows = (total_rows / threads).max(16);
-    by_chunks_of_weight_rows(
-        matrices,
-        n,
-        chunk_rows,
-        || (),
-        |_, m, first, outputs| rows(m, first, outputs),
-    )
-}
-
-/// Rows of activations from which [`matmul_rows_all`] multiplies dequantised panels of the
-/// weights with a GEMM instead of the row kernels: with many rows a product is bound by its
-/// multiply-adds, which the `gemm` crate's packed kernels run faster than the row kernels' tiles,
-/// and unpacking a block once per panel costs little beside `n` rows of multiply-adds. On our
-/// 2-core machine (`chorus bench-rows`, docs/performance.md) panels were ≈ 2.5× slower than the
-/// row kernels at 8 rows, ≈ 1.4× slower at 16 and ≈ 1.5× faster at 32.
-const GEMM_MIN_ROWS: usize = 32;
-
-/// Weight rows per panel of [`products_by_panels`]: a panel of the widest SmolLM2 matrix
-/// (1,536 inputs) is 768 KB of f32, within a core's L2 cache while the GEMM packs it. 128 was
-/// ≈ 1.2× faster than 64 for 64-row steps; 256 no faster than 128.
-const PANEL_ROWS: usize = 128;
-
-/// `x W_kᵀ`, `[n, rows_k]` row-major, for many rows: each panel of [`PANEL_ROWS`] weight rows of
-/// each matrix is dequantised (the values [`BlockMatrix::dequantise`] gives) into a buffer of its
-/// thread and multiplied with `xᵀ` by the `gemm` crate on that thread, `y_panel = W_panel xᵀ`;
-/// the panels of all matrices are shared out over the thread pool, so only a panel per thread of
-/// f32 weights exists at any time.
-///
-/// # Shapes
-/// - x: `[n, cols]` row-major
-/// - output k: `[n, rows_k]` row-major
-fn products_by_panels<const N: usize>(
-    matrices: [&BlockMatrix; N],
-    x: &[f32],
-    n: usize,
-    kernel: Kernel,
-) -> [Vec<f32>; N] {
-    let cols = matrices[0].cols;
-    by_chunks_of_weight_rows(
-        matrices,
-        n,
-        PANEL_ROWS,
-        Vec::new,
-        |panel, m, first, chunk| {
-            let rows = chunk.len() / n;
-            m.dequantise_rows(first, rows, kernel, panel);
-            debug_assert!(panel.len() == rows * cols && x.len() == n * cols);
-            // SAFETY: `chunk` holds rows × n values (row stride n), `panel` rows × cols (row stride
-            // cols) and `x` n × cols, read as xᵀ (cols × n: row stride 1, column stride cols);
-            // `chunk` is borrowed mutably, so it aliases neither operand. `read_dst = false`:
-            // chunk = 1 · (panel · xᵀ).
-            unsafe {
-                gemm::gemm(
-                    rows,
-                    n,
-                    cols,
-                    chunk.as_mut_ptr(),
-                    1,
-                    n as isize,
-                    false,
-                    panel.as_ptr(),
-                    1,
-                    cols as isize,
-                    x.as_ptr(),
-                    cols as isize,
-                    1,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
-        },
-    )
+    by_chunks_of_weight_rows(matrices, n, chunk_rows, rows)
 }
 
 /// The row kernels: AVX2/FMA/F16C where the CPU has them, portable Rust elsewhere (same grouping).
