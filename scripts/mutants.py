@@ -20,8 +20,8 @@ MUTANTS = [
     (
         "shifted exp sum: the maximum skips the last partial vector",
         "crates/lm/src/host_step.rs",
-        "    let max = lanes.iter().fold(tail, |m, v| m.max(*v));",
-        "    let max = lanes.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v) + 0.0 * tail);",
+        "    for (m, v) in lanes.iter_mut().zip(exact.remainder()) {",
+        "    for (m, v) in lanes.iter_mut().zip(&exact.remainder()[..0]) {",
         ["-p", "chorus-lm", "--lib", "host_step::tests::the_shifted_exp_sum"],
     ),
     (

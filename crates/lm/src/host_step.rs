@@ -217,17 +217,16 @@ pub fn shifted_exp_sum(logits: &[f32]) -> f64 {
     const CHUNK: usize = 1024;
     // In lanes, so that the maxima vectorise; `f32::max` skips NaNs, which then reach the sum.
     let mut lanes = [f32::NEG_INFINITY; LANES];
-    let mut tail = f32::NEG_INFINITY;
     let mut exact = logits.chunks_exact(LANES);
     for values in &mut exact {
         for (m, v) in lanes.iter_mut().zip(values) {
             *m = m.max(*v);
         }
     }
-    for v in exact.remainder() {
-        tail = tail.max(*v);
+    for (m, v) in lanes.iter_mut().zip(exact.remainder()) {
+        *m = m.max(*v);
     }
-    let max = lanes.iter().fold(tail, |m, v| m.max(*v));
+    let max = lanes.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
     let kernel = Kernel::detect();
     let mut buffer = [0.0f32; CHUNK];
     let mut total = 0.0f64;
