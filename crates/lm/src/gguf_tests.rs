@@ -506,8 +506,9 @@ fn block_products_equal_products_with_the_dequantised_weights() {
     // chains, crate::quantised::two_chains); 37 × 96: groups of 16 weight rows and a partial one
     // (crate::quantised::tiles_by_row_groups); 256 × 384: split across the pool, each chunk's
     // outputs written into its columns (crate::quantised::write_columns; Q8_0: two chunks of 128
-    // weight rows). 43 and 64 rows of activations are six and eight tiles. An AVX-512 tile holds two weight rows
-    // (crate::quantised::avx512::WEIGHT_ROWS_PER_TILE); 5, 7 and 37 weight rows end on one.
+    // weight rows). 43 and 64 rows of activations are six and eight tiles. An AVX-512 tile
+    // holds two weight rows (crate::quantised::avx512::WEIGHT_ROWS_PER_TILE); 5, 7 and 37 weight
+    // rows end on one.
     let mut all = Vec::new();
     for (rows, cols) in [(5, 64), (7, 160), (37, 96), (256, 384)] {
         let values: Vec<f32> = (0..rows * cols)

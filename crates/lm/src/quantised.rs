@@ -12,8 +12,9 @@
 //! the product with the dequantised weights, regrouped, so equal to it up to f32 rounding (one row;
 //! several rows in a tile multiply each block dequantised once, `w = d·q + m`). The activations
 //! stay f32 (llama.cpp rounds them to 8 bits; chorus keeps its f32 forward's numbers). Kernels:
-//! AVX-512, AVX2 (with FMA and F16C) or portable Rust, the fastest the CPU runs. Batched work of more than [`MAX_BLOCK_ROWS`] rows (scoring, training)
-//! keeps using the f32 weights; a decoding model's long prompt runs as steps of at most that many.
+//! AVX-512, AVX2 (with FMA and F16C) or portable Rust, the fastest the CPU runs. Batched work of
+//! more than [`MAX_BLOCK_ROWS`] rows (scoring, training) keeps using the f32 weights; a decoding
+//! model's long prompt runs as steps of at most that many.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -237,8 +238,9 @@ impl BlockMatrix {
     }
 }
 
-/// `x W_kᵀ` for every matrix `W_k` (all `cols` wide) in one parallel pass over all their rows:
-/// the products of one activation with q, k and v (or gate and up) cost one fork-join.
+/// `x W_kᵀ` for every matrix `W_k` (all `cols` wide) from the row kernels ([`Kernel::rows`]), in
+/// one parallel pass over all their rows: the products of one activation with q, k and v (or
+/// gate and up) cost one fork-join.
 ///
 /// # Shapes
 /// - x: `[n, cols]` row-major, `n ≤ MAX_BLOCK_ROWS`
@@ -256,16 +258,47 @@ pub(crate) fn matmul_rows_all<const N: usize>(
         x.len(),
         matrices.map(|m| (m.rows, m.cols))
     );
-    products_by_row_kernels(matrices, x, n, kernel)
+    // Σ_j x[i, 32b + j] per row and block: the `m` term of the 4-bit formats, for the kernels
+    // that add it per block rather than folding `m` into the weights.
+    let x_sums: Vec<f32> = if matrices.iter().any(|m| kernel.reads_x_sums(m.format, n)) {
+        x.chunks_exact(BLOCK).map(|c| c.iter().sum()).collect()
+    } else {
+        Vec::new()
+    };
+    // Weight rows `first..first + out.len() / n` of `m`.
+    let rows = |m: &BlockMatrix, first: usize, out: &mut [f32]| {
+        let row_bytes = m.cols / BLOCK * m.format.block_bytes();
+        let blocks = &m.blocks[first * row_bytes..][..out.len() / n * row_bytes];
+        kernel.rows(m.format, blocks, row_bytes, x, &x_sums, n, out);
+    };
+    let threads = crate::team::participants();
+    let bytes: usize = matrices.iter().map(|m| m.bytes()).sum();
+    if bytes < (1 << 16) || threads == 1 {
+        return matrices.map(|m| {
+            let mut by_weight_row = vec![0.0f32; m.rows * n];
+            rows(m, 0, &mut by_weight_row);
+            let mut out = vec![0.0f32; n * m.rows];
+            // SAFETY: `out` is `[n, m.rows]` and borrowed by nothing else.
+            unsafe { write_columns(&by_weight_row, n, out.as_mut_ptr(), m.rows, 0) };
+            out
+        });
+    }
+    let total_rows: usize = matrices.iter().map(|m| m.rows).sum();
+    // One chunk per participant of the team (`team::for_each_mut` balances the rest): finer
+    // chunks, each a fresh stream for the prefetchers, made one-row steps slower (at 2 and 4
+    // chunks per thread ≈ 1.04 and 1.05× the time of one; docs/performance.md).
+    let chunk_rows = (total_rows / threads).max(16);
+    by_chunks_of_weight_rows(matrices, n, chunk_rows, rows)
 }
 
 /// `out_k = x W_kᵀ` for every matrix, `[n, rows_k]` row-major each, from `product(m, first,
 /// outputs)`, which fills `outputs` with `W xᵀ` for weight rows `first..first +
 /// outputs.len() / n` of `m` (`[weight rows, n]` row-major: a weight row's outputs side by side):
 /// chunks of `chunk_rows` weight rows of all matrices shared out over the team of threads
-/// ([`crate::team`]), each participant with a buffer for its chunk, which it writes into its columns of `out_k` ([`write_columns`]) while the chunk is in its
-/// caches. Transposed after the pass by the calling thread alone, the outputs of a 16-row step
-/// took ≈ 11 % of its time, with the other core idle (docs/performance.md).
+/// ([`crate::team`]), each participant with a buffer for its chunk, which it writes into its
+/// columns of `out_k` ([`write_columns`]) while the chunk is in its caches. Transposed after
+/// the pass by the calling thread alone, the outputs of a 16-row step took ≈ 11 % of its time,
+/// with the other core idle (docs/performance.md).
 fn by_chunks_of_weight_rows<const N: usize>(
     matrices: [&BlockMatrix; N],
     n: usize,
@@ -343,46 +376,6 @@ unsafe fn write_columns(chunk: &[f32], n: usize, out: *mut f32, width: usize, fi
             }
         }
     }
-}
-
-/// `x W_kᵀ`, `[n, rows_k]` row-major, from the row kernels ([`Kernel::rows`]).
-fn products_by_row_kernels<const N: usize>(
-    matrices: [&BlockMatrix; N],
-    x: &[f32],
-    n: usize,
-    kernel: Kernel,
-) -> [Vec<f32>; N] {
-    // Σ_j x[i, 32b + j] per row and block: the `m` term of the 4-bit formats, for the kernels
-    // that add it per block rather than folding `m` into the weights.
-    let x_sums: Vec<f32> = if matrices.iter().any(|m| kernel.reads_x_sums(m.format, n)) {
-        x.chunks_exact(BLOCK).map(|c| c.iter().sum()).collect()
-    } else {
-        Vec::new()
-    };
-    // Weight rows `first..first + out.len() / n` of `m`.
-    let rows = |m: &BlockMatrix, first: usize, out: &mut [f32]| {
-        let row_bytes = m.cols / BLOCK * m.format.block_bytes();
-        let blocks = &m.blocks[first * row_bytes..][..out.len() / n * row_bytes];
-        kernel.rows(m.format, blocks, row_bytes, x, &x_sums, n, out);
-    };
-    let threads = crate::team::participants();
-    let bytes: usize = matrices.iter().map(|m| m.bytes()).sum();
-    if bytes < (1 << 16) || threads == 1 {
-        return matrices.map(|m| {
-            let mut by_weight_row = vec![0.0f32; m.rows * n];
-            rows(m, 0, &mut by_weight_row);
-            let mut out = vec![0.0f32; n * m.rows];
-            // SAFETY: `out` is `[n, m.rows]` and borrowed by nothing else.
-            unsafe { write_columns(&by_weight_row, n, out.as_mut_ptr(), m.rows, 0) };
-            out
-        });
-    }
-    let total_rows: usize = matrices.iter().map(|m| m.rows).sum();
-    // One chunk per participant of the team (`team::for_each_mut` balances the rest): finer
-    // chunks, each a fresh stream for the prefetchers, made one-row steps slower (at 2 and 4
-    // chunks per thread ≈ 1.04 and 1.05× the time of one; docs/performance.md).
-    let chunk_rows = (total_rows / threads).max(16);
-    by_chunks_of_weight_rows(matrices, n, chunk_rows, rows)
 }
 
 /// The row kernels: AVX2/FMA/F16C where the CPU has them, portable Rust elsewhere (same grouping).
