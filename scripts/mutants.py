@@ -1257,6 +1257,37 @@ MUTANTS = [
         "    for (group, out) in groups.zip(out.chunks_mut(ROW_GROUP * n).rev()) {",
         ["-p", "chorus-lm", "--lib", "block_products_equal"],
     ),
+    (
+        "host steps' RoPE tables start at position 0 in every step",
+        "crates/lm/src/llama.rs",
+        "            let [cos, sin] = rope.host_tables(step.start, seq);",
+        "            let [cos, sin] = rope.host_tables(0 * step.start, seq);",
+        ["-p", "chorus-cli", "--test", "smollm2_reference", "smollm2_matches"],
+    ),
+    (
+        "wgpu backend: `--device wgpu` runs the CPU backend",
+        "crates/cli/src/device.rs",
+        "                    type $B = burn::backend::Wgpu;\n"
+        "                    let $device = burn::backend::wgpu::WgpuDevice::default();",
+        "                    type $B = burn::backend::NdArray;\n"
+        "                    let $device = burn::backend::ndarray::NdArrayDevice::Cpu;",
+        ["-p", "chorus-cli", "--features", "wgpu", "--test", "wgpu_backend", "smollm2_on_wgpu"],
+    ),
+    (
+        "wgpu backend: burn's RoPE tables start at position 0 in every step",
+        "crates/lm/src/rope.rs",
+        "        let [cos, sin] = self.host_tables(start, len);",
+        "        let [cos, sin] = self.host_tables(0 * start, len);",
+        ["-p", "chorus-cli", "--features", "wgpu", "--test", "wgpu_backend", "smollm2_on_wgpu"],
+    ),
+    (
+        "wgpu backend: evaluation draws z from the backend's RNG, not the rows' seeds",
+        "crates/model/src/chorus.rs",
+        "            seeded_noise(iw_samples.max(1), row_seeds, self.config.d_latent, &device)",
+        "            Tensor::random([iw_samples.max(1), rows, self.config.d_latent], "
+        "Distribution::Normal(0.0, 1.0), &device)",
+        ["-p", "chorus-cli", "--features", "wgpu", "--test", "wgpu_backend", "a_joint_model"],
+    ),
 ]
 
 

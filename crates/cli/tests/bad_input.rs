@@ -3,160 +3,11 @@
 //! problem — no panic, no backtrace, nothing already written lost. docs/reliability.md lists the
 //! cases.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
 
-use burn::backend::NdArray;
-use chorus_lm::{LlamaConfig, LmConfig, Tokenizer};
+use std::path::Path;
 
-type B = NdArray<f32>;
-
-/// Runs `chorus ARGS` with an empty corpus cache and returns (exit code, stderr).
-fn chorus(cache: &Path, args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_chorus"))
-        .args(args)
-        .env("CHORUS_CACHE", cache)
-        .env("RUST_BACKTRACE", "1")
-        .output()
-        .expect("the chorus binary runs");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-/// Asserts that `chorus ARGS` fails with exit code 1 and exactly one line `error: …` on stderr
-/// that contains every string of `says`.
-#[track_caller]
-fn fails(cache: &Path, args: &[&str], says: &[&str]) {
-    let (code, stderr) = chorus(cache, args);
-    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    let error_lines: Vec<&&str> = lines.iter().filter(|l| l.starts_with("error:")).collect();
-    assert!(
-        !stderr.contains("panicked") && !stderr.contains("backtrace"),
-        "chorus {args:?} panicked:\n{stderr}"
-    );
-    assert_eq!(code, 1, "chorus {args:?} exited {code}:\n{stderr}");
-    assert_eq!(
-        error_lines.len(),
-        1,
-        "chorus {args:?}: not one error line:\n{stderr}"
-    );
-    let line = error_lines[0];
-    // `cargo test -p chorus-cli --test bad_input -- --nocapture` prints the table of
-    // docs/reliability.md.
-    println!("| `chorus {}` | {line} |", args.join(" "));
-    for s in says {
-        assert!(
-            line.contains(s),
-            "chorus {args:?}: {line:?} does not say {s:?}"
-        );
-    }
-}
-
-/// A tiny tokenizer (`tokenizer.json`) and llama LM (`lm/`, with its tokenizer) in `dir`.
-struct Fixture {
-    dir: tempfile::TempDir,
-    cache: PathBuf,
-    vocab: usize,
-}
-
-impl Fixture {
-    fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let texts = ["the cat sat on the mat.", "a dog ran to the log!"];
-        let tok =
-            Tokenizer::train_bpe(texts.iter().cycle().take(40), 280, &["<|endoftext|>"]).unwrap();
-        tok.save(dir.path().join("tokenizer.json")).unwrap();
-        let vocab = tok.vocab_size();
-        let lm = llama(vocab).init::<B>(&Default::default()).unwrap();
-        lm.save(dir.path().join("lm")).unwrap();
-        tok.save(dir.path().join("lm/tokenizer.json")).unwrap();
-        let cache = dir.path().join("empty-cache");
-        std::fs::create_dir(&cache).unwrap();
-        Self { dir, cache, vocab }
-    }
-
-    fn path(&self, name: &str) -> String {
-        self.dir.path().join(name).display().to_string()
-    }
-
-    fn write(&self, name: &str, contents: impl AsRef<[u8]>) -> String {
-        let p = self.dir.path().join(name);
-        if let Some(parent) = p.parent() {
-            std::fs::create_dir_all(parent).unwrap();
-        }
-        std::fs::write(&p, contents).unwrap();
-        p.display().to_string()
-    }
-
-    /// A second LM of the same shape and tokenizer (another initialisation) at `lm2/`.
-    fn second_lm(&self) {
-        let other = llama(self.vocab).init::<B>(&Default::default()).unwrap();
-        other.save(self.dir.path().join("lm2")).unwrap();
-        std::fs::copy(
-            self.dir.path().join("tokenizer.json"),
-            self.dir.path().join("lm2/tokenizer.json"),
-        )
-        .unwrap();
-    }
-
-    fn fails(&self, args: &[&str], says: &[&str]) {
-        fails(&self.cache, args, says)
-    }
-
-    /// Runs `chorus ARGS --json <dir>/JSON`, requires success and returns what it wrote there.
-    fn succeeds(&self, args: &[&str], json: &str) -> serde_json::Value {
-        let path = self.path(json);
-        let mut args = args.to_vec();
-        args.extend(["--json", path.as_str()]);
-        let (code, stderr) = chorus(&self.cache, &args);
-        assert_eq!(code, 0, "chorus {args:?}:\n{stderr}");
-        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
-    }
-
-    /// A one-step Co-LLM config (`joint.toml`): the fixture's LM as the base, `assistant` (a
-    /// model directory under the fixture) as the assistant, `extra` lines at the top (e.g.
-    /// `scores = …`).
-    fn co_llm_toml(&self, assistant: &str, extra: &str) -> String {
-        self.write(
-            "joint.toml",
-            format!(
-                "tokenizer = {:?}\nbase = {:?}\nassistants = [{:?}]\n{extra}\n\
-                 [chorus]\nd_latent = 0\nassistant_adapters = false\n\
-                 [data]\nmax_seq_len = 32\nbatch_size = 4\nmax_train_examples = 4\nvalid_examples = 4\n\
-                 [train]\nsteps = 1\nselector_init_steps = 0\n",
-                self.path("tokenizer.json"),
-                self.path("lm"),
-                self.path(assistant),
-            ),
-        )
-    }
-
-    /// A pre-training config for the fixture's LM shape.
-    fn pretrain_toml(&self, extra: &str) -> String {
-        format!(
-            "tokenizer = {:?}\n{extra}\n[model]\nfamily = \"llama\"\nvocab_size = {}\nd_model = 16\nn_layers = 1\nn_heads = 2\nn_kv_heads = 1\nd_ff = 32\nmax_seq_len = 32\n",
-            self.path("tokenizer.json"),
-            self.vocab
-        )
-    }
-}
-
-fn llama(vocab: usize) -> LmConfig {
-    LmConfig::Llama(LlamaConfig {
-        vocab_size: vocab,
-        d_model: 16,
-        n_layers: 1,
-        n_heads: 2,
-        n_kv_heads: 1,
-        d_ff: 32,
-        rope_theta: 10_000.0,
-        norm_eps: 1e-5,
-        tie_embeddings: true,
-        max_seq_len: 32,
-    })
-}
+use common::{B, Fixture, chorus, fails, real_cache};
 
 #[test]
 fn missing_files_name_themselves() {
@@ -794,23 +645,6 @@ fn a_long_text_file_is_evaluated_in_chunks_as_in_one_piece() {
         whole["data"].as_str().unwrap().ends_with("long.txt"),
         "{whole}"
     );
-}
-
-/// The corpus cache `chorus data fetch` fills (`.ci/run` fetches it), if it is there.
-fn real_cache() -> Option<PathBuf> {
-    let cache = chorus_data::fetch::cache_dir();
-    let ready = ["brown", "chitchat", "sotu"]
-        .iter()
-        .all(|c| cache.join("corpora").join(c).join(".unpacked").is_file());
-    if ready {
-        Some(cache)
-    } else {
-        eprintln!(
-            "skipped: the corpora are not in {} (run `chorus data fetch`)",
-            cache.display()
-        );
-        None
-    }
 }
 
 #[test]

@@ -10,6 +10,8 @@
 //! (`$CHORUS_PYTHON`, else `$CHORUS_CACHE/venv/bin/python`; `.ci/run` installs it there); without
 //! either the test prints why it is skipped and passes.
 
+mod common;
+
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -42,14 +44,7 @@ fn python() -> PathBuf {
 /// The server on a free port, once it answers; `None` (with the reason printed) where the GGUF or
 /// the package is missing.
 fn start_server() -> Option<(Server, String, PathBuf)> {
-    let gguf = chorus_data::smollm2_gguf(&chorus_data::fetch::cache_dir());
-    if !gguf.is_file() {
-        eprintln!(
-            "skipped: {} is not there (run `chorus data fetch --models`)",
-            gguf.display()
-        );
-        return None;
-    }
+    let gguf = common::smollm2_gguf()?;
     let python = python();
     let has_server = Command::new(&python)
         .args(["-c", "import llama_cpp.server.app"])
