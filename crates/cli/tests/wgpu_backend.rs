@@ -41,10 +41,10 @@ fn smollm2_on_wgpu_matches_the_f32_numpy_reference() {
 ///
 /// - Training, 3 steps with z at the prior mean (so no step draws from the backend's RNG): every
 ///   logged loss equal to 1e-4 relatively, and the loss moved — the forward, the backward and
-///   AdamW agree. AdamW's ε is 1, above every gradient, so that a step is proportional to the
-///   gradient: with the usual ε a step is ≈ lr · sign(g), and a gradient entry near 0 takes
-///   opposite signs on the two backends from rounding alone, which moves the next loss by far
-///   more than the rounding did.
+///   AdamW agree. AdamW's ε is 1, so that a small gradient moves its weight in proportion
+///   (lr · g / (|g| + ε) on the first step): with the usual ε every step is ≈ lr · sign(g), and a
+///   gradient entry near 0 takes opposite signs on the two backends from rounding alone, which
+///   moves the next loss by far more than the rounding did.
 /// - Evaluation of a model trained with sampled z (q(z | x, c), p(z | c), the KL): every example's
 ///   importance-weighted bound, from the same seeded noise, equal to 1e-4.
 /// - Greedy collaborative decoding at the prior mean: the same tokens from the same writers.
@@ -181,10 +181,5 @@ fn assert_close(what: &str, cpu: &[f64], wgpu: &[f64]) {
         .map(|(a, b)| (a - b).abs() / a.abs().max(1.0))
         .fold(0.0, f64::max);
     println!("{what}: cpu {cpu:?}, wgpu {wgpu:?}, largest relative difference {largest:.1e}");
-    for (a, b) in cpu.iter().zip(wgpu) {
-        assert!(
-            (a - b).abs() <= 1e-4 * a.abs().max(1.0),
-            "{what}: cpu {cpu:?}, wgpu {wgpu:?}"
-        );
-    }
+    assert!(largest <= 1e-4, "{what}: cpu {cpu:?}, wgpu {wgpu:?}");
 }

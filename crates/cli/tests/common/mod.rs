@@ -12,7 +12,8 @@ use chorus_lm::{LlamaConfig, LmConfig, Tokenizer};
 /// The backend the fixtures are made on.
 pub type B = NdArray<f32>;
 
-/// Runs `chorus ARGS` with an empty corpus cache and returns (exit code, stderr).
+/// Runs `chorus ARGS` with `cache` as its corpus cache (`CHORUS_CACHE`) and returns (exit code,
+/// stderr).
 pub fn chorus(cache: &Path, args: &[&str]) -> (i32, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_chorus"))
         .args(args)
