@@ -18,6 +18,34 @@ ROOT = Path(__file__).resolve().parent.parent
 
 MUTANTS = [
     (
+        "multiply-add peak: AVX-512 counted as 8 lanes",
+        "crates/lm/src/quantised.rs",
+        "            Self::Avx512 => 16,",
+        "            Self::Avx512 => 8,",
+        ["-p", "chorus-lm", "--lib", "peak::tests"],
+    ),
+    (
+        "multiply-add peak: the AVX2 chains skip the last one",
+        "crates/lm/src/peak.rs",
+        "        for _ in 0..rounds {\n            for a in &mut acc {\n                *a = _mm256_fmadd_ps(*a, b, c);",
+        "        for _ in 0..rounds {\n            for a in &mut acc[..CHAINS - 1] {\n                *a = _mm256_fmadd_ps(*a, b, c);",
+        ["-p", "chorus-lm", "--lib", "peak::tests"],
+    ),
+    (
+        "collaborative ceiling: the weights' reading time is ignored",
+        "xtask/src/bench.rs",
+        "        let floor_s = arithmetic_s.max(reading_s);",
+        "        let floor_s = arithmetic_s;",
+        ["-p", "xtask", "the_collaborative_ceiling"],
+    ),
+    (
+        "collaborative ceiling: the block weights multiplied once, not once a row",
+        "xtask/src/bench.rs",
+        "            2.0 * (rows * self.block_weights + self.output_weights) / self.flops_per_s;",
+        "            2.0 * (self.block_weights + self.output_weights) / self.flops_per_s;",
+        ["-p", "xtask", "the_collaborative_ceiling"],
+    ),
+    (
         "shifted exp sum: the maximum skips the last partial vector",
         "crates/lm/src/host_step.rs",
         "    for (m, v) in lanes.iter_mut().zip(exact.remainder()) {",

@@ -599,6 +599,17 @@ pub fn bench(out: &Path, pairs: usize) -> Result<()> {
 
     // SmolLM2-135M: 134.5 M parameters; f32 weights 4 bytes each, Q4_1 ≈ 0.6 bytes.
     let gguf_bytes = f(&ceilings, "decode_bytes_per_token");
+    let arithmetic_paragraph = CatchUp {
+        deferral,
+        one_row_s: one_row / 1e3,
+        extra_row_s: extra_row / 1e3,
+        block_weights: f(&steps, "block_weights"),
+        output_weights: f(&steps, "output_weights"),
+        flops_per_s: 1e9 * f(&steps, "multiply_add_gflops"),
+        bytes: gguf_bytes,
+        bytes_per_s: 1e9 * copy,
+    }
+    .sentence();
     let (f32_ceiling, q4_ceiling) = (copy * 1e9 / (134.5e6 * 4.0), copy * 1e9 / gguf_bytes);
     let date = output(Command::new("date").arg("-u").arg("+%Y-%m-%d"), "date")?;
     let section = format!(
@@ -615,6 +626,7 @@ pub fn bench(out: &Path, pairs: usize) -> Result<()> {
          Q4_1 GGUF ({:.1} MB per token: the Q4_1 layers and the Q8_0 tied embedding).\n\
          {ceiling_paragraph}\n\n\
          {rows_paragraph}\n\
+         {arithmetic_paragraph}\n\
          <!-- bench:end -->",
         date.trim(),
         machine(),
@@ -665,6 +677,95 @@ fn decode_against_ceiling(ceilings: &[Value], decodes: &[Value]) -> String {
     )
 }
 
+/// What a lazy assistant's catch-up costs against a step of one row, and what bounds it.
+struct CatchUp {
+    /// The share of tokens the base defers.
+    deferral: f64,
+    /// A one-row step, measured.
+    one_row_s: f64,
+    /// An extra row of a step, measured: `(t₆ − t₁)/5`.
+    extra_row_s: f64,
+    /// Multiply-adds of every row of a step (the transformer blocks' weights).
+    block_weights: f64,
+    /// Multiply-adds of the one row whose logits a step makes (the output layer's weights).
+    output_weights: f64,
+    /// The CPU's f32 multiply-add rate, FLOP/s (`chorus bench-rows`).
+    flops_per_s: f64,
+    /// Bytes of weights a step reads.
+    bytes: f64,
+    /// The copy rate, bytes/s.
+    bytes_per_s: f64,
+}
+
+/// The collaborative ratio the arithmetic allows with single-model decoding as fast as measured:
+/// over 1/d tokens the base runs 1/d one-row steps (`s` each) and a lazy assistant one catch-up of
+/// k = 1/d rows, so collaborative / single = 1 / (1 + d·t_k/s). The catch-up multiplies every
+/// block weight k times and the output weights once, and reads the weights once:
+/// `t_k ≥ max(2 (k·B + O) / F, bytes / bandwidth)` for the multiply-add rate F.
+struct Ceiling {
+    /// Rows of a catch-up, 1/d.
+    rows: f64,
+    /// A catch-up's multiply-adds at the rate F: `2 (k·B + O) / F`.
+    arithmetic_s: f64,
+    /// A catch-up's weights read at the copy rate.
+    reading_s: f64,
+    /// The floor of a catch-up's time: the larger of the two.
+    floor_s: f64,
+    /// A catch-up's time from the measured steps, `s + (k − 1)·r`.
+    measured_s: f64,
+    /// The longest catch-up that still gives 0.8×: `(1/0.8 − 1)·s/d`.
+    target_s: f64,
+    /// `1 / (1 + d·floor/s)`.
+    best_ratio: f64,
+}
+
+impl CatchUp {
+    fn ceiling(&self) -> Ceiling {
+        let rows = 1.0 / self.deferral;
+        let arithmetic_s =
+            2.0 * (rows * self.block_weights + self.output_weights) / self.flops_per_s;
+        let reading_s = self.bytes / self.bytes_per_s;
+        let floor_s = arithmetic_s.max(reading_s);
+        Ceiling {
+            rows,
+            arithmetic_s,
+            reading_s,
+            floor_s,
+            measured_s: self.one_row_s + (rows - 1.0) * self.extra_row_s,
+            target_s: (1.0 / 0.8 - 1.0) * self.one_row_s / self.deferral,
+            best_ratio: 1.0 / (1.0 + self.deferral * floor_s / self.one_row_s),
+        }
+    }
+
+    /// The paragraph on [`CatchUp::ceiling`] for docs/performance.md.
+    fn sentence(&self) -> String {
+        let (c, ceiling) = (self, self.ceiling());
+        format!(
+            "The arithmetic's share: a catch-up of 1/d = {:.1} rows multiplies every block weight\n\
+             ({:.1} M) {:.1} times and the output layer's ({:.1} M) once; at this machine's f32\n\
+             multiply-add rate ({:.0} GFLOP/s on both threads, `chorus bench-rows`) that is\n\
+             {:.2} ms, and reading the weights at the copy rate {:.2} ms, so a catch-up takes at\n\
+             least {:.2} ms. With a one-row step of {:.2} ms, collaborative decoding at {:.0} %\n\
+             deferral can reach at most **{:.2}×**\n\
+             with f32 arithmetic; 0.8× needs the catch-up within {:.2} ms, and the steps above\n\
+             make it {:.2} ms.",
+            ceiling.rows,
+            c.block_weights / 1e6,
+            ceiling.rows,
+            c.output_weights / 1e6,
+            c.flops_per_s / 1e9,
+            1e3 * ceiling.arithmetic_s,
+            1e3 * ceiling.reading_s,
+            1e3 * ceiling.floor_s,
+            1e3 * c.one_row_s,
+            100.0 * c.deferral,
+            ceiling.best_ratio,
+            1e3 * ceiling.target_s,
+            1e3 * ceiling.measured_s,
+        )
+    }
+}
+
 /// The composition rule of the collaborative-decoding row: τ chosen so that SmolLM2 defers ≈ 20 %
 /// of the bench's tokens to its assistant.
 const COLLABORATIVE_STRATEGY: &str = "confidence:0.3";
@@ -693,6 +794,44 @@ mod tests {
             key,
         );
         assert_eq!(range, " (pairs 0.40–0.80×)");
+    }
+
+    #[test]
+    fn the_collaborative_ceiling_in_closed_form() {
+        let catch_up = CatchUp {
+            deferral: 0.25,
+            one_row_s: 1e-3,
+            extra_row_s: 0.5e-3,
+            block_weights: 1e6,
+            output_weights: 2e6,
+            flops_per_s: 1e10,
+            bytes: 1e6,
+            bytes_per_s: 1e10,
+        };
+        let close = |a: f64, b: f64| (a - b).abs() <= 1e-12 * b.abs().max(1.0);
+        let c = catch_up.ceiling();
+        // 4 rows: 2 (4·10⁶ + 2·10⁶) / 10¹⁰ = 1.2 ms of arithmetic against 0.1 ms of reading.
+        assert!(close(c.rows, 4.0) && close(c.arithmetic_s, 1.2e-3) && close(c.reading_s, 1e-4));
+        assert!(close(c.floor_s, 1.2e-3), "{}", c.floor_s);
+        assert!(close(c.best_ratio, 1.0 / 1.3), "{}", c.best_ratio);
+        // 0.8× = 1 / (1 + d·t/s) at t = 0.25·s/d = 1 ms; the steps make it s + 3r = 2.5 ms.
+        assert!(close(c.target_s, 1e-3) && close(c.measured_s, 2.5e-3));
+        // At the measured time the ratio is the rows paragraph's 1 / ((1 + d) + (1 − d)·r/s).
+        let (d, rs) = (0.25, 0.5);
+        assert!(close(
+            1.0 / (1.0 + d * c.measured_s / 1e-3),
+            1.0 / ((1.0 + d) + (1.0 - d) * rs)
+        ));
+        // Reading bounds it when the weights take longer to read than to multiply.
+        let slow_memory = CatchUp {
+            bytes_per_s: 5e8,
+            ..catch_up
+        };
+        let c = slow_memory.ceiling();
+        assert!(close(c.floor_s, 2e-3) && close(c.best_ratio, 1.0 / 1.5));
+        let sentence = slow_memory.sentence();
+        assert!(sentence.contains("at most **0.67×**"), "{sentence}");
+        assert!(sentence.contains("1/d = 4.0 rows"), "{sentence}");
     }
 
     #[test]

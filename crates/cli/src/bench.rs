@@ -281,6 +281,13 @@ struct RowsReport {
     repeats: usize,
     /// Per row count: the median seconds of one step.
     steps: Vec<RowsStep>,
+    /// Weights of the transformer blocks (`blk.*` matrices): the multiply-adds of every row.
+    block_weights: u64,
+    /// Weights of the output layer: the multiply-adds of the one row whose logits a step makes.
+    output_weights: u64,
+    /// The CPU's f32 multiply-add rate on the team's threads ([`chorus_lm::multiply_add_gflops`]):
+    /// a step of n rows takes at least `2 (n · block_weights + output_weights) / rate`.
+    multiply_add_gflops: f64,
 }
 
 #[derive(Serialize)]
@@ -291,7 +298,8 @@ struct RowsStep {
 
 /// `chorus bench-rows`: for each row count `n` in `rows`, `repeats` times: a fresh cache takes
 /// `context` tokens, then one step of `n` more (the logits of the last only, as decoding asks
-/// for) is timed; prints a JSON line with each count's median step time. A step of one row is
+/// for) is timed; prints a JSON line with each count's median step time, the model's weights
+/// and the CPU's f32 multiply-add rate (the compute floor of a step). A step of one row is
 /// single-stream decoding; more rows are a lazy assistant's catch-up, whose cost beyond one row
 /// decides how collaborative decoding compares with decoding alone (docs/performance.md).
 pub fn rows<B: Backend>(
@@ -345,11 +353,26 @@ pub fn rows<B: Backend>(
             seconds: seconds[seconds.len() / 2],
         });
     }
+    let weights = |keep: &dyn Fn(&str) -> bool| -> u64 {
+        file.tensors
+            .iter()
+            .filter(|t| t.dims.len() == 2 && keep(&t.name))
+            .map(|t| t.n_elements())
+            .sum()
+    };
+    let output = if file.tensor_info("output.weight").is_some() {
+        "output.weight"
+    } else {
+        "token_embd.weight"
+    };
     let report = RowsReport {
         system: "chorus",
         context,
         repeats,
         steps,
+        block_weights: weights(&|name| name.starts_with("blk.")),
+        output_weights: weights(&|name| name == output),
+        multiply_add_gflops: chorus_lm::multiply_add_gflops(),
     };
     println!("{}", serde_json::to_string(&report)?);
     Ok(())

@@ -344,8 +344,8 @@ enum Command {
         steps: usize,
     },
     /// Time decoding steps of several rows of a GGUF model — a lazy assistant's catch-up over the
-    /// tokens it missed, a short prompt — against a step of one row; prints a JSON line for
-    /// `cargo xtask bench`.
+    /// tokens it missed, a short prompt — against a step of one row, and the CPU's f32
+    /// multiply-add rate beside them; prints a JSON line for `cargo xtask bench`.
     ///
     /// Example: chorus bench-rows --gguf SmolLM2-135M-Instruct.Q4_1.gguf --rows 1,2,4,6,8
     BenchRows {

@@ -417,6 +417,17 @@ impl Kernel {
         kernels
     }
 
+    /// The f32 lanes of this kernel's vectors.
+    pub(crate) fn lanes(self) -> usize {
+        match self {
+            Self::Portable => 1,
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2 => 8,
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx512 => 16,
+        }
+    }
+
     /// [`dequantise_blocks`] compiled for this kernel's instruction set, so that its per-block
     /// loops run in AVX2 or AVX-512 vectors (the same operations in the same order, so the same
     /// values as the portable loop's).
