@@ -625,7 +625,7 @@ pub fn bench(out: &Path, pairs: usize) -> Result<()> {
          decodes at most ≈ {f32_ceiling:.0} tok/s from f32 weights and ≈ {q4_ceiling:.0} tok/s from its\n\
          Q4_1 GGUF ({:.1} MB per token: the Q4_1 layers and the Q8_0 tied embedding).\n\
          {ceiling_paragraph}\n\n\
-         {rows_paragraph}\n\
+         {rows_paragraph}\n\n\
          {arithmetic_paragraph}\n\
          <!-- bench:end -->",
         date.trim(),
