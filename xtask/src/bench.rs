@@ -746,9 +746,8 @@ impl CatchUp {
              multiply-add rate ({:.0} GFLOP/s on both threads, `chorus bench-rows`) that is\n\
              {:.2} ms, and reading the weights at the copy rate {:.2} ms, so a catch-up takes at\n\
              least {:.2} ms. With a one-row step of {:.2} ms, collaborative decoding at {:.0} %\n\
-             deferral can reach at most **{:.2}×**\n\
-             with f32 arithmetic; 0.8× needs the catch-up within {:.2} ms, and the steps above\n\
-             make it {:.2} ms.",
+             deferral can reach at most **{:.2}×** with f32 arithmetic; 0.8× needs the catch-up\n\
+             within {:.2} ms, and the steps above make it {:.2} ms.",
             ceiling.rows,
             c.block_weights / 1e6,
             ceiling.rows,
