@@ -18,6 +18,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 MUTANTS = [
     (
+        "test fixture: the LM drawn from an unseeded generator",
+        "crates/cli/tests/common/mod.rs",
+        "    B::seed(&device, seed);",
+        "",
+        ["-p", "chorus-cli", "--test", "bad_input", "the_fixture_is_the_same"],
+    ),
+    (
         "multiply-add peak: AVX-512 counted as 8 lanes",
         "crates/lm/src/quantised.rs",
         "            Self::Avx512 => 16,",

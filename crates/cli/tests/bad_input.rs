@@ -372,6 +372,24 @@ fn flags_that_cannot_apply_are_refused_and_max_examples_applies_to_text_files() 
     assert_eq!(paired[0]["interval"], serde_json::json!([0.0, 0.0]));
 }
 
+/// The fixture is the same in every run (seeded weights, a deterministic tokenizer), so that a
+/// test's greedy decoding writes the same tokens each time: an unseeded fixture once wrote
+/// `<|endoftext|>` as the second token and ended `a_single_lm_in_any_format_generates` early.
+#[test]
+fn the_fixture_is_the_same_in_every_run() {
+    let (a, b) = (Fixture::new(), Fixture::new());
+    let tokenizer = |f: &Fixture| std::fs::read(f.dir.path().join("tokenizer.json")).unwrap();
+    assert!(tokenizer(&a) == tokenizer(&b), "the tokenizers differ");
+    // By tensor: the safetensors header's order of names may differ from one save to the next.
+    let weights = |f: &Fixture| {
+        let lm = chorus_lm::Lm::<B>::load(f.dir.path().join("lm"), &Default::default()).unwrap();
+        let mut tensors = chorus_lm::to_hf_tensors(&lm).unwrap();
+        tensors.sort_by(|x, y| x.0.cmp(&y.0));
+        tensors
+    };
+    assert!(weights(&a) == weights(&b), "the LMs' weights differ");
+}
+
 #[test]
 fn a_single_lm_in_any_format_generates() {
     let f = Fixture::new();

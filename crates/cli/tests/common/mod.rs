@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use burn::backend::NdArray;
-use chorus_lm::{LlamaConfig, LmConfig, Tokenizer};
+use burn::tensor::backend::Backend;
+use chorus_lm::{LlamaConfig, Lm, LmConfig, Tokenizer};
 
 /// The backend the fixtures are made on.
 pub type B = NdArray<f32>;
@@ -56,6 +57,18 @@ pub fn fails(cache: &Path, args: &[&str], says: &[&str]) {
     }
 }
 
+/// The fixture's llama LM over `vocab` tokens, initialised from `seed`: the same weights in every
+/// run, so that what a test's greedy decoding writes (e.g. whether it ends early on
+/// `<|endoftext|>`) does not change from run to run. The backend's generator is global and tests
+/// run on parallel threads, so seeding and drawing hold one lock.
+pub fn seeded_llama(vocab: usize, seed: u64) -> Lm<B> {
+    static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _drawing = INIT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let device = Default::default();
+    B::seed(&device, seed);
+    llama(vocab).init::<B>(&device).unwrap()
+}
+
 /// A tiny tokenizer (`tokenizer.json`) and llama LM (`lm/`, with its tokenizer) in `dir`.
 pub struct Fixture {
     pub dir: tempfile::TempDir,
@@ -71,7 +84,7 @@ impl Fixture {
             Tokenizer::train_bpe(texts.iter().cycle().take(40), 280, &["<|endoftext|>"]).unwrap();
         tok.save(dir.path().join("tokenizer.json")).unwrap();
         let vocab = tok.vocab_size();
-        let lm = llama(vocab).init::<B>(&Default::default()).unwrap();
+        let lm = seeded_llama(vocab, 0);
         lm.save(dir.path().join("lm")).unwrap();
         tok.save(dir.path().join("lm/tokenizer.json")).unwrap();
         let cache = dir.path().join("empty-cache");
@@ -94,7 +107,7 @@ impl Fixture {
 
     /// A second LM of the same shape and tokenizer (another initialisation) at `lm2/`.
     pub fn second_lm(&self) {
-        let other = llama(self.vocab).init::<B>(&Default::default()).unwrap();
+        let other = seeded_llama(self.vocab, 1);
         other.save(self.dir.path().join("lm2")).unwrap();
         std::fs::copy(
             self.dir.path().join("tokenizer.json"),
