@@ -242,6 +242,27 @@ fn pair_ratio_range(ours: &[Value], peers: &[Value], key: &str) -> String {
 }
 
 /// A table row: chorus on each backend against one peer, ratios to the peer.
+/// A row from `pairs` rounds: each backend's median run (`ours_runs[k]` for `backends[k]`)
+/// against the peer's, with the range of the rounds' ratios beside each where there are several.
+fn paired_row(
+    work: &str,
+    backends: &[&str],
+    ours_runs: &[Vec<Value>],
+    peer_runs: &[Value],
+    key: &str,
+) -> String {
+    let medians: Vec<Value> = ours_runs.iter().map(|r| median_run(r, key)).collect();
+    let ours: Vec<(&str, &Value)> = backends.iter().copied().zip(&medians).collect();
+    let notes: Vec<String> = match peer_runs.len() {
+        1 => Vec::new(),
+        _ => ours_runs
+            .iter()
+            .map(|r| pair_ratio_range(r, peer_runs, key))
+            .collect(),
+    };
+    row_with_notes(work, &ours, &notes, &median_run(peer_runs, key), key)
+}
+
 fn row(work: &str, ours: &[(&str, &Value)], peer: &Value, unit_key: &str) -> String {
     row_with_notes(work, ours, &[], peer, unit_key)
 }
@@ -280,8 +301,9 @@ fn row_with_notes(
     )
 }
 
-/// Runs the comparison and writes docs/performance.md's table; each training-step row is the
-/// median of `pairs` back-to-back pairs, with the range of the pairs' ratios beside it.
+/// Runs the comparison and writes docs/performance.md's table; each training-step, scoring and
+/// collaborative-decoding row is the median of `pairs` back-to-back pairs, with the range of the
+/// pairs' ratios beside it.
 pub fn bench(out: &Path, pairs: usize) -> Result<()> {
     if pairs == 0 {
         bail!("--pairs must be at least 1");
@@ -365,52 +387,49 @@ pub fn bench(out: &Path, pairs: usize) -> Result<()> {
                 &format!("train_step.py (pair {pair}/{pairs})"),
             )?);
         }
-        let key = "tokens_per_s";
-        let medians: Vec<Value> = ours_runs.iter().map(|r| median_run(r, key)).collect();
-        let ours: Vec<(&str, &Value)> = backends.iter().map(|b| b.0).zip(&medians).collect();
-        let notes: Vec<String> = match pairs {
-            1 => Vec::new(),
-            _ => ours_runs
-                .iter()
-                .map(|r| pair_ratio_range(r, &peer_runs, key))
-                .collect(),
-        };
-        rows.push(row_with_notes(
+        rows.push(paired_row(
             &format!("training step (fwd + bwd + AdamW): {what}"),
-            &ours,
-            &notes,
-            &median_run(&peer_runs, key),
-            key,
+            &backends.map(|b| b.0),
+            &ours_runs,
+            &peer_runs,
+            "tokens_per_s",
         ));
     }
 
-    // Scoring: chorus on both backends against PyTorch and llama.cpp.
+    // Scoring: chorus on both backends against PyTorch and llama.cpp, in `pairs` rounds (each
+    // running every backend and then both peers back to back), like the training steps: one
+    // run each left a ratio to the machine's speed between the commands.
     let score_args = ["--batch", "8", "--seq", "128", "--repeats", "3"];
-    let mut ours = Vec::new();
-    for (backend, binary, device) in backends {
-        let v = measure(
-            Command::new(binary)
-                .args(["--device", device, "bench-score", "--gguf", &gguf_s])
-                .args(score_args),
-            &format!("chorus bench-score {backend}"),
-        )?;
-        ours.push((backend, v));
+    let peers = ["torch", "llama_cpp"];
+    let mut ours_runs: Vec<Vec<Value>> = vec![Vec::new(); backends.len()];
+    let mut peer_runs: Vec<Vec<Value>> = vec![Vec::new(); peers.len()];
+    for pair in 1..=pairs {
+        for ((backend, binary, device), runs) in backends.iter().zip(&mut ours_runs) {
+            runs.push(measure(
+                Command::new(binary)
+                    .args(["--device", device, "bench-score", "--gguf", &gguf_s])
+                    .args(score_args),
+                &format!("chorus bench-score {backend} (pair {pair}/{pairs})"),
+            )?);
+        }
+        for (peer, runs) in peers.iter().zip(&mut peer_runs) {
+            runs.push(measure(
+                twin("score.py")
+                    .args([&gguf_s, "--peer", peer])
+                    .args(score_args),
+                &format!("score.py --peer {peer} (pair {pair}/{pairs})"),
+            )?);
+        }
     }
-    let ours: Vec<(&str, &Value)> = ours.iter().map(|(b, v)| (*b, v)).collect();
-    for peer in ["torch", "llama_cpp"] {
-        let theirs = measure(
-            twin("score.py")
-                .args([&gguf_s, "--peer", peer])
-                .args(score_args),
-            &format!("score.py --peer {peer}"),
-        )?;
-        rows.push(row(
+    for (peer, runs) in peers.iter().zip(&peer_runs) {
+        rows.push(paired_row(
             &format!(
                 "SmolLM2-135M scoring, 8 × 128 tokens (batched forward + log-probs of given tokens), against {}",
-                if peer == "torch" { "PyTorch" } else { "llama.cpp" }
+                if *peer == "torch" { "PyTorch" } else { "llama.cpp" }
             ),
-            &ours,
-            &theirs,
+            &backends.map(|b| b.0),
+            &ours_runs,
+            runs,
             "tokens_per_s",
         ));
     }
@@ -616,9 +635,9 @@ pub fn bench(out: &Path, pairs: usize) -> Result<()> {
         "<!-- bench:begin -->\n\
          Generated by `cargo xtask bench` on {} ({}), {}; chorus is the `dev`-profile binary on\n\
          the pure-Rust ndarray backend (the default) and on LibTorch (`--device tch`, built by\n\
-         `cargo xtask setup-torch`); every row ran back to back with its peer; each training-step\n\
-         and collaborative-decoding row is the median of {pairs} such pairs (chorus's and the\n\
-         peer's medians; the range of the {pairs} pairs' ratios in parentheses).\n\n\
+         `cargo xtask setup-torch`); every row ran back to back with its peer; each training-step,\n\
+         scoring and collaborative-decoding row is the median of {pairs} such pairs (chorus's and\n\
+         the peer's medians; the range of the {pairs} pairs' ratios in parentheses).\n\n\
          | work | chorus | peer | chorus / peer |\n|---|---|---|---|\n{}\n\n\
          Ceilings: f32 GEMM {gemm:.0} GFLOP/s (numpy/OpenBLAS, 2 threads, {}³); buffer copy {copy:.1} GB/s\n\
          (read + write). Single-stream decode reads every weight once per token, so SmolLM2-135M\n\

@@ -66,9 +66,9 @@ enum Task {
         /// Where raw outputs go.
         #[arg(long, default_value = "out/bench")]
         out: PathBuf,
-        /// Back-to-back runs of chorus and its PyTorch twin per training-step row (the table
-        /// gives the medians and the range of the pairs' ratios): this machine's run-to-run spread
-        /// is larger than some targets' margins.
+        /// Back-to-back runs of chorus and its peers per training-step, scoring and
+        /// collaborative-decoding row (the table gives the medians and the range of the pairs'
+        /// ratios): this machine's run-to-run spread is larger than some targets' margins.
         #[arg(long, default_value_t = 3)]
         pairs: usize,
     },
