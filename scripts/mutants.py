@@ -18,6 +18,20 @@ ROOT = Path(__file__).resolve().parent.parent
 
 MUTANTS = [
     (
+        "bench paired row: each backend's first run, not its median",
+        "xtask/src/bench.rs",
+        "    let medians: Vec<Value> = ours_runs.iter().map(|r| median_run(r, key)).collect();",
+        "    let medians: Vec<Value> = ours_runs.iter().map(|r| r[0].clone()).collect();",
+        ["-p", "xtask", "a_paired_row"],
+    ),
+    (
+        "bench paired row: the pairs' range left out",
+        "xtask/src/bench.rs",
+        "    let notes: Vec<String> = match peer_runs.len() {\n        1 => Vec::new(),",
+        "    let notes: Vec<String> = match peer_runs.len() {\n        _ if true => Vec::new(),",
+        ["-p", "xtask", "a_paired_row"],
+    ),
+    (
         "test fixture: the LM drawn from an unseeded generator",
         "crates/cli/tests/common/mod.rs",
         "    B::seed(&device, seed);",

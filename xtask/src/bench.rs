@@ -241,7 +241,6 @@ fn pair_ratio_range(ours: &[Value], peers: &[Value], key: &str) -> String {
     format!(" (pairs {low:.2}–{high:.2}×)")
 }
 
-/// A table row: chorus on each backend against one peer, ratios to the peer.
 /// A row from `pairs` rounds: each backend's median run (`ours_runs[k]` for `backends[k]`)
 /// against the peer's, with the range of the rounds' ratios beside each where there are several.
 fn paired_row(
@@ -263,6 +262,7 @@ fn paired_row(
     row_with_notes(work, &ours, &notes, &median_run(peer_runs, key), key)
 }
 
+/// A table row: chorus on each backend against one peer, ratios to the peer.
 fn row(work: &str, ours: &[(&str, &Value)], peer: &Value, unit_key: &str) -> String {
     row_with_notes(work, ours, &[], peer, unit_key)
 }
@@ -812,6 +812,31 @@ mod tests {
             key,
         );
         assert_eq!(range, " (pairs 0.40–0.80×)");
+    }
+
+    #[test]
+    fn a_paired_row_gives_each_backends_median_and_the_range_of_its_pairs() {
+        let row = paired_row(
+            "work",
+            &["ndarray", "tch"],
+            &[runs(&[80.0, 60.0, 70.0]), runs(&[90.0, 110.0, 100.0])],
+            &runs(&[100.0, 50.0, 100.0]),
+            "tokens_per_s",
+        );
+        // Medians 70 and 100 against the peer's 100; pairs 0.8, 1.2, 0.7 and 0.9, 2.2, 1.0.
+        assert!(
+            row.contains("ndarray **0.70×** (pairs 0.70–1.20×)"),
+            "{row}"
+        );
+        assert!(row.contains("tch **1.00×** (pairs 0.90–2.20×)"), "{row}");
+        let one = paired_row(
+            "work",
+            &["ndarray"],
+            &[runs(&[80.0])],
+            &runs(&[100.0]),
+            "tokens_per_s",
+        );
+        assert!(one.contains("ndarray **0.80×** |"), "{one}");
     }
 
     #[test]
