@@ -18,6 +18,27 @@ ROOT = Path(__file__).resolve().parent.parent
 
 MUTANTS = [
     (
+        "AdamW one pass: no weight decay",
+        "crates/train/src/adamw.rs",
+        "            Some(keep) => *p * keep,\n            None => *p,\n        };\n        *p = decayed",
+        "            Some(_) => *p,\n            None => *p,\n        };\n        *p = decayed",
+        ["-p", "chorus-train", "--lib", "adamw::tests"],
+    ),
+    (
+        "AdamW one pass: the moments' buffers swapped",
+        "crates/train/src/adamw.rs",
+        "        .zip(ms.par_chunks_mut(CHUNK))\n        .zip(vs.par_chunks_mut(CHUNK))",
+        "        .zip(vs.par_chunks_mut(CHUNK))\n        .zip(ms.par_chunks_mut(CHUNK))",
+        ["-p", "chorus-train", "--lib", "adamw::tests"],
+    ),
+    (
+        "AdamW one pass: buffers read in memory order, not element order",
+        "crates/train/src/adamw.rs",
+        "    if array.is_standard_layout() {",
+        "    if true {",
+        ["-p", "chorus-train", "--lib", "adamw::tests"],
+    ),
+    (
         "bench paired row: each backend's first run, not its median",
         "xtask/src/bench.rs",
         "    let medians: Vec<Value> = ours_runs.iter().map(|r| median_run(r, key)).collect();",

@@ -8,11 +8,12 @@ use std::time::Instant;
 use anyhow::Result;
 use burn::backend::Autodiff;
 use burn::nn::loss::CrossEntropyLossConfig;
-use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::optim::{GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use chorus_lm::{LlamaConfig, Lm, LmConfig, LmInput};
 use chorus_model::{Chorus, ChorusBatch, ChorusConfig};
+use chorus_train::AdamW;
 use clap::ValueEnum;
 use serde::Serialize;
 
@@ -119,9 +120,11 @@ fn time_lm_steps<B: Backend>(
     let config = shape.config(seq);
     let vocab = config.vocab_size;
     let model: Lm<A<B>> = LmConfig::Llama(config).init(device)?;
-    let optimizer = AdamWConfig::new()
-        .with_weight_decay(0.1)
-        .init::<A<B>, Lm<A<B>>>();
+    let optimizer = AdamW {
+        weight_decay: 0.1,
+        ..AdamW::default()
+    }
+    .init::<A<B>, Lm<A<B>>>();
     let loss_fn = CrossEntropyLossConfig::new().init(device);
     let inputs = data.clone().narrow(1, 0, seq);
     let targets = data.narrow(1, 1, seq).reshape([batch * seq]);
@@ -153,9 +156,11 @@ fn time_joint_steps<B: Backend>(
     };
     let assistants = vec![lm.init(device)?, lm.init(device)?];
     let model = Chorus::new(config, lm.init(device)?, assistants, device)?;
-    let optimizer = AdamWConfig::new()
-        .with_weight_decay(0.1)
-        .init::<A<B>, Chorus<A<B>>>();
+    let optimizer = AdamW {
+        weight_decay: 0.1,
+        ..AdamW::default()
+    }
+    .init::<A<B>, Chorus<A<B>>>();
     let position = Tensor::<A<B>, 1, Int>::arange(0..seq as i64, device)
         .float()
         .unsqueeze_dim::<2>(0)

@@ -17,6 +17,7 @@
 //! # Ok::<(), chorus_train::TrainError>(())
 //! ```
 
+mod adamw;
 mod batch;
 mod checkpoint;
 mod config;
@@ -29,6 +30,7 @@ mod schedule;
 mod scores;
 mod step;
 
+pub use adamw::AdamW;
 pub use batch::{Encoded, TokenBatch, encode_examples, epoch_batches, load_task_examples};
 pub use checkpoint::{
     CheckpointState, best_dir, latest_checkpoint, list_checkpoints, load_chorus, read_state,

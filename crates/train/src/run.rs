@@ -4,7 +4,6 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::module::AutodiffModule;
-use burn::optim::AdamWConfig;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use chorus_data::Split;
@@ -12,6 +11,7 @@ use chorus_lm::{Lm, Tokenizer};
 use chorus_model::{Assistant, Chorus, ChorusConfig, LocalLm, RemoteAssistant, RemoteSettings};
 use serde::Serialize;
 
+use crate::adamw::AdamW;
 use crate::checkpoint::{CheckpointState, load_chorus, resume, save_checkpoint, update_best};
 use crate::metrics::{MetricWindow, Metrics};
 use crate::progress::Progress;
@@ -435,12 +435,13 @@ pub(crate) fn run_loop<B: AutodiffBackend>(
         });
     }
     std::fs::create_dir_all(l.out).map_err(|e| TrainError::io(l.out, e))?;
-    let mut optimizer = AdamWConfig::new()
-        .with_beta_1(cfg.beta1 as f32)
-        .with_beta_2(cfg.beta2 as f32)
-        .with_epsilon(cfg.epsilon as f32)
-        .with_weight_decay(cfg.weight_decay as f32)
-        .init::<B, Chorus<B>>();
+    let mut optimizer = AdamW {
+        beta_1: cfg.beta1 as f32,
+        beta_2: cfg.beta2 as f32,
+        epsilon: cfg.epsilon as f32,
+        weight_decay: cfg.weight_decay as f32,
+    }
+    .init::<B, Chorus<B>>();
     let (mut step, mut best, mut tokens_seen) = (0u64, None::<(u64, f64)>, 0u64);
     let mut window = MetricWindow::default();
     let mut last_good = None;

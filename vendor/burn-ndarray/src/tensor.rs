@@ -42,6 +42,16 @@ impl NdArrayTensor {
         }
     }
 
+    /// chorus: the array of an f32 tensor (borrowed storage copied, owned storage moved; a
+    /// shared buffer is copied on the first write), or the tensor back if it holds another dtype.
+    /// For element-wise passes of chorus's own over whole tensors (`chorus-train`'s AdamW).
+    pub fn into_f32_array(self) -> Result<ArcArray<f32, IxDyn>, Self> {
+        match self {
+            NdArrayTensor::F32(storage) => Ok(storage.into_shared()),
+            other => Err(other),
+        }
+    }
+
     /// Returns true if this tensor uses borrowed (zero-copy) storage.
     #[inline]
     pub fn is_borrowed(&self) -> bool {
