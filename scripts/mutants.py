@@ -18,6 +18,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 MUTANTS = [
     (
+        "AdamW tensor operations: the second moment's decay left out",
+        "crates/train/src/adamw.rs",
+        "                v.mul_scalar(self.beta_2)\n                    .add(",
+        "                v\n                    .add(",
+        ["-p", "chorus-train", "--lib", "adamw::tests::other_backends"],
+    ),
+    (
         "AdamW one pass: no weight decay",
         "crates/train/src/adamw.rs",
         "            Some(keep) => *p * keep,\n            None => *p,\n        };\n        *p = decayed",
