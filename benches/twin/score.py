@@ -5,12 +5,17 @@ log-probability of each next token — and print one JSON line like chorus's: sc
 the mean NLL (equal to chorus's up to rounding for `torch`; llama.cpp quantises activations to 8
 bits in its Q4_1 kernels, so its NLL differs slightly).
 
-- `--peer torch`: PyTorch eager f32, the GGUF's weights dequantised by the `gguf` package into the
-  llama of train_step.py (Q/K rows un-permuted back to the HF layout), one batched forward;
+- `--peer torch`: PyTorch eager (f32 on the CPU; `--device cuda` with `--dtype f32|tf32|bf16`),
+  the GGUF's weights dequantised by the `gguf` package into the llama of train_step.py (Q/K rows
+  un-permuted back to the HF layout), one batched forward;
 - `--peer llama_cpp`: llama-cpp-python on the GGUF itself (its Q4_1 kernels), one row at a time
   with `logits_all`, log-softmax in numpy.
 
+GGUF may also name a shape of train_step.py (`small`, `smollm2`): random weights of that shape, as
+`chorus bench-score --shape` (no NLL check then: the two draw different weights).
+
 usage: score.py GGUF --peer torch|llama_cpp [--batch 8] [--seq 128] [--repeats 3] [--threads 2]
+                [--device cpu|cuda] [--dtype f32|tf32|bf16]
 """
 import argparse
 import json
@@ -27,13 +32,16 @@ def rows(batch, seq, vocab):
                      for r in range(batch)], dtype=np.int64)
 
 
-def torch_scorer(path, threads):
+def torch_scorer(path, threads, device, dtype):
     import torch
-    from gguf import GGUFReader, dequantize
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from train_step import Llama
+    from train_step import Llama, SHAPES
 
     torch.set_num_threads(threads)
+    if path in SHAPES:  # random weights of a shape, as `chorus bench-score --shape`
+        torch.manual_seed(0)
+        return place(Llama(*SHAPES[path]), device, dtype)
+    from gguf import GGUFReader, dequantize
     r = GGUFReader(path)
     field = lambda key: r.fields[key].contents()
     n_layers, heads = field("llama.block_count"), field("llama.attention.head_count")
@@ -68,15 +76,25 @@ def torch_scorer(path, threads):
     for norm in [model.norm] + [m for l in model.layers
                                 for m in (l.input_layernorm, l.post_attention_layernorm)]:
         norm.eps = field("llama.attention.layer_norm_rms_epsilon")
+    return place(model, device, dtype)
+
+
+def place(model, device, dtype):
+    import torch
+    dev = torch.device(device)
+    torch.backends.cuda.matmul.allow_tf32 = dtype == "tf32"
+    model = model.to(dev, torch.bfloat16 if dtype == "bf16" else torch.float32)
 
     def score(ids):
-        ids = torch.from_numpy(ids)
+        ids = torch.from_numpy(ids).to(dev)
         with torch.inference_mode():
-            logits = model(ids[:, :-1])
+            logits = model(ids[:, :-1]).float()
             lp = logits.log_softmax(-1).gather(-1, ids[:, 1:, None])
-        return -float(lp.sum())
+        return -float(lp.sum())  # reads the result back: the device is done
 
-    return vocab, score, f"pytorch {torch.__version__} eager f32, {threads} threads"
+    where = f"{torch.get_num_threads()} threads" if dev.type == "cpu" else torch.cuda.get_device_name(dev)
+    vocab = model.embed_tokens.weight.shape[0]
+    return vocab, score, f"pytorch {torch.__version__} eager {dtype}, {where}"
 
 
 def llama_cpp_scorer(path, threads, seq):
@@ -100,19 +118,24 @@ def llama_cpp_scorer(path, threads, seq):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("gguf")
+    ap.add_argument("gguf", help="a GGUF file, or a shape of train_step.py (random weights; torch only)")
     ap.add_argument("--peer", choices=["torch", "llama_cpp"], required=True)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="torch only: cpu or cuda")
+    ap.add_argument("--dtype", choices=["f32", "tf32", "bf16"], default="f32",
+                    help="torch only; tf32: f32 weights, TF32 matmuls (CUDA)")
     args = ap.parse_args()
     if args.peer == "torch":
-        vocab, score, system = torch_scorer(args.gguf, args.threads)
+        vocab, score, system = torch_scorer(args.gguf, args.threads, args.device, args.dtype)
     else:
         vocab, score, system = llama_cpp_scorer(args.gguf, args.threads, args.seq)
     ids = rows(args.batch, args.seq, vocab)
+    t0 = time.perf_counter()
     score(ids)  # warm-up
+    first = time.perf_counter() - t0
     t0 = time.perf_counter()
     for _ in range(args.repeats):
         nll = score(ids)
@@ -120,7 +143,7 @@ def main():
     n = args.batch * args.seq
     print(json.dumps({
         "system": system, "batch": args.batch, "seq": args.seq, "repeats": args.repeats,
-        "seconds": seconds, "tokens_per_s": n / seconds, "nll_per_token": nll / n,
+        "first_pass_s": first, "seconds": seconds, "tokens_per_s": n / seconds, "nll_per_token": nll / n,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }))
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """PyTorch twin of `chorus bench-step`: the same llama (RMSNorm, RoPE θ 1e4, grouped-query
 attention, SwiGLU, tied embeddings, no biases), the same shapes, random tokens, cross-entropy over
-every position, AdamW (lr 1e-4, weight decay 0.1); one warm-up step, then `--steps` timed steps.
+every position, AdamW (lr 1e-4, weight decay 0.1); two warm-up steps, then `--steps` timed steps.
 Prints one JSON line like chorus's.
 
 With `--joint cached|live` the step is the joint model's ELBO instead (chorus-model's
@@ -216,9 +216,12 @@ def main():
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        return loss.item()
+        return loss
 
-    step()  # warm-up
+    t0 = time.perf_counter()
+    step()  # warm-up: two steps, as chorus (AdamW's first has no moments yet)
+    step().item()  # reading the loss waits for the device
+    warm_up = time.perf_counter() - t0
     t0 = time.perf_counter()
     for _ in range(args.steps):
         step()
@@ -233,6 +236,7 @@ def main():
         "batch": args.batch,
         "seq": args.seq,
         "steps": args.steps,
+        "warm_up_s": warm_up,
         "seconds_per_step": seconds,
         "tokens_per_s": args.batch * args.seq / seconds,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -66,6 +66,8 @@ struct Report {
     batch: usize,
     seq: usize,
     steps: usize,
+    /// The two warm-up steps: on burn-cuda and wgpu they include compiling and autotuning kernels.
+    warm_up_s: f64,
     seconds_per_step: f64,
     tokens_per_s: f64,
     peak_rss_mb: f64,
@@ -73,7 +75,7 @@ struct Report {
 
 type A<B> = Autodiff<B>;
 
-/// Runs one warm-up step and `steps` timed steps; prints a JSON line.
+/// Runs two warm-up steps and `steps` timed steps; prints a JSON line.
 pub fn run<B: Backend>(
     shape: Shape,
     joint: Option<Joint>,
@@ -89,7 +91,7 @@ pub fn run<B: Backend>(
         device,
     )
     .int();
-    let seconds = match joint {
+    let (warm_up_s, seconds) = match joint {
         None => time_lm_steps::<B>(shape, data, steps, device)?,
         Some(joint) => time_joint_steps::<B>(shape, joint, data, steps, device)?,
     };
@@ -100,6 +102,7 @@ pub fn run<B: Backend>(
         batch,
         seq,
         steps,
+        warm_up_s,
         seconds_per_step: seconds,
         tokens_per_s: (batch * seq) as f64 / seconds,
         peak_rss_mb: crate::reference::peak_rss_mb(),
@@ -108,13 +111,14 @@ pub fn run<B: Backend>(
     Ok(())
 }
 
-/// Seconds per step of one LM's training step: cross-entropy over every position, AdamW.
+/// The warm-up and per-step seconds of one LM's training step: cross-entropy over every
+/// position, AdamW.
 fn time_lm_steps<B: Backend>(
     shape: Shape,
     data: Tensor<A<B>, 2, Int>,
     steps: usize,
     device: &B::Device,
-) -> Result<f64> {
+) -> Result<(f64, f64)> {
     let [batch, seq] = data.dims();
     let seq = seq - 1;
     let config = shape.config(seq);
@@ -137,16 +141,17 @@ fn time_lm_steps<B: Backend>(
     })
 }
 
-/// Seconds per step of the joint ELBO (`Chorus::forward_elbo`, default `ChorusConfig`: z of 32
-/// dims, conditional prior, one memory slot and an embedding offset per model) over a base and two
-/// frozen assistants of the shape; the first quarter of each row is context.
+/// The warm-up and per-step seconds of the joint ELBO (`Chorus::forward_elbo`, default
+/// `ChorusConfig`: z of 32 dims, conditional prior, one memory slot and an embedding offset per
+/// model) over a base and two frozen assistants of the shape; the first quarter of each row is
+/// context.
 fn time_joint_steps<B: Backend>(
     shape: Shape,
     joint: Joint,
     data: Tensor<A<B>, 2, Int>,
     steps: usize,
     device: &B::Device,
-) -> Result<f64> {
+) -> Result<(f64, f64)> {
     let [batch, seq] = data.dims();
     let seq = seq - 1;
     let lm = LmConfig::Llama(shape.config(seq));
@@ -186,15 +191,16 @@ fn time_joint_steps<B: Backend>(
     })
 }
 
-/// One warm-up step (allocations, lazy initialisation), then `steps` timed steps of
-/// `loss → backward → AdamW (lr 1e-4)`; seconds per timed step.
+/// Two warm-up steps (allocations, lazy initialisation, kernel compilation and autotuning on GPU
+/// backends; AdamW's first step has no moments yet, its second has), then `steps` timed steps of
+/// `loss → backward → AdamW (lr 1e-4)`; the seconds of the warm-up and per timed step.
 fn time_steps<B: Backend, M, O>(
     mut model: M,
     mut optimizer: O,
     steps: usize,
     device: &B::Device,
     loss: impl Fn(&M) -> Result<Tensor<A<B>, 1>>,
-) -> Result<f64>
+) -> Result<(f64, f64)>
 where
     M: burn::module::AutodiffModule<A<B>>,
     O: Optimizer<M, A<B>>,
@@ -203,14 +209,22 @@ where
         let grads = GradientsParams::from_grads(loss(&model)?.backward(), &model);
         Ok(optimizer.step(1e-4, model, grads))
     };
-    model = step(model)?;
+    let warm_up = Instant::now();
+    for _ in 0..2 {
+        model = step(model)?;
+    }
+    let _ = B::sync(device);
+    let warm_up_s = warm_up.elapsed().as_secs_f64();
     let started = Instant::now();
     for _ in 0..steps {
         model = step(model)?;
     }
     // Wait for the device before stopping the clock.
     let _ = B::sync(device);
-    Ok(started.elapsed().as_secs_f64() / steps.max(1) as f64)
+    Ok((
+        warm_up_s,
+        started.elapsed().as_secs_f64() / steps.max(1) as f64,
+    ))
 }
 
 /// The token at row `r`, position `t` of the scoring workload: a fixed pattern that
@@ -225,26 +239,55 @@ struct ScoreReport {
     batch: usize,
     seq: usize,
     repeats: usize,
+    /// The warm-up pass: on burn-cuda and wgpu it includes compiling and autotuning kernels.
+    first_pass_s: f64,
     seconds: f64,
     tokens_per_s: f64,
     nll_per_token: f64,
     peak_rss_mb: f64,
 }
 
-/// `chorus bench-score`: scores `batch` rows of `seq + 1` tokens ([`score_token`]) with a GGUF
-/// model — one batched forward and `log_softmax` + gather of the given next tokens, the work of
-/// `chorus score` and `chorus eval` — `repeats` times after one warm-up; prints a JSON line with
-/// the scored tokens/s and the mean NLL (equal across peers up to rounding: a check that they do
-/// the same work).
+/// The weights `chorus bench-score` scores with.
+#[derive(Debug, Clone, Copy)]
+pub enum ScoreWeights<'a> {
+    /// A GGUF file, loaded as `chorus score` loads it.
+    Gguf(&'a std::path::Path),
+    /// Random f32 weights of a shape.
+    Random(Shape),
+}
+
+/// `chorus bench-score`: [`score_report`] as a JSON line.
 pub fn score<B: Backend>(
-    gguf: &std::path::Path,
+    weights: ScoreWeights,
     batch: usize,
     seq: usize,
     repeats: usize,
     device: &B::Device,
 ) -> Result<()> {
-    let file = chorus_lm::GgufFile::open(gguf)?;
-    let model = Lm::<B>::from_gguf(&file, device)?;
+    let report = score_report::<B>(weights, batch, seq, repeats, device)?;
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+/// Scores `batch` rows of `seq + 1` tokens ([`score_token`]) with a GGUF model (or random weights
+/// of a shape, seeded: the same in every run) — one batched forward and `log_softmax` + gather of
+/// the given next tokens, the work of `chorus score` and `chorus eval` — `repeats` times after one
+/// warm-up: the scored tokens/s and the mean NLL (for a GGUF, equal across peers up to rounding: a
+/// check that they do the same work).
+fn score_report<B: Backend>(
+    weights: ScoreWeights,
+    batch: usize,
+    seq: usize,
+    repeats: usize,
+    device: &B::Device,
+) -> Result<ScoreReport> {
+    let model = match weights {
+        ScoreWeights::Gguf(path) => Lm::<B>::from_gguf(&chorus_lm::GgufFile::open(path)?, device)?,
+        ScoreWeights::Random(shape) => {
+            B::seed(device, 0);
+            LmConfig::Llama(shape.config(seq)).init(device)?
+        }
+    };
     let vocab = model.dims().vocab_size;
     let ids: Vec<i64> = (0..batch)
         .flat_map(|r| (0..=seq).map(move |t| i64::from(score_token(r, t, vocab))))
@@ -257,25 +300,26 @@ pub fn score<B: Backend>(
             .gather(2, targets.clone().unsqueeze_dim::<3>(2));
         Ok(-log_probs.sum().into_scalar().elem::<f64>())
     };
-    pass()?; // warm-up
+    let warm_up = Instant::now();
+    pass()?; // reads its result back: the device is done
+    let first_pass_s = warm_up.elapsed().as_secs_f64();
     let started = Instant::now();
     let mut nll = 0.0;
     for _ in 0..repeats.max(1) {
         nll = pass()?;
     }
     let seconds = started.elapsed().as_secs_f64() / repeats.max(1) as f64;
-    let report = ScoreReport {
+    Ok(ScoreReport {
         system: "chorus",
         batch,
         seq,
         repeats,
+        first_pass_s,
         seconds,
         tokens_per_s: (batch * seq) as f64 / seconds,
         nll_per_token: nll / (batch * seq) as f64,
         peak_rss_mb: crate::reference::peak_rss_mb(),
-    };
-    println!("{}", serde_json::to_string(&report)?);
-    Ok(())
+    })
 }
 
 /// What `chorus bench-rows` prints.
@@ -381,4 +425,24 @@ pub fn rows<B: Backend>(
     };
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::NdArray;
+
+    #[test]
+    fn random_weights_score_the_same_in_every_run() {
+        let device = Default::default();
+        let score = || {
+            score_report::<NdArray<f32>>(ScoreWeights::Random(Shape::Small), 2, 8, 1, &device)
+                .unwrap()
+                .nll_per_token
+        };
+        let (first, second) = (score(), score());
+        // Random weights near zero give nearly uniform predictions: ≈ ln(vocab) nats.
+        assert!((first - (4096f64).ln()).abs() < 0.5, "{first}");
+        assert_eq!(first, second);
+    }
 }

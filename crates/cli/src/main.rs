@@ -366,8 +366,12 @@ enum Command {
     /// a JSON line for `cargo xtask bench`.
     BenchScore {
         /// The model.
-        #[arg(long)]
-        gguf: PathBuf,
+        #[arg(long, required_unless_present = "shape", conflicts_with = "shape")]
+        gguf: Option<PathBuf>,
+        /// Instead of a GGUF: a model of this shape with random f32 weights (the work of a GGUF
+        /// on backends that dequantise it to f32: cuda, wgpu, tch), for machines the GGUF can't reach.
+        #[arg(long, value_enum)]
+        shape: Option<bench::Shape>,
         /// Rows per batch.
         #[arg(long, default_value_t = 8)]
         batch: usize,
@@ -650,12 +654,20 @@ fn run(cli: Cli) -> Result<()> {
         )),
         Command::BenchScore {
             gguf,
+            shape,
             batch,
             seq,
             repeats,
-        } => with_backend!(cli.device, |B, device| bench::score::<B>(
-            &gguf, batch, seq, repeats, &device
-        )),
+        } => {
+            let weights = match (&gguf, shape) {
+                (Some(path), _) => bench::ScoreWeights::Gguf(path),
+                (None, Some(shape)) => bench::ScoreWeights::Random(shape),
+                (None, None) => anyhow::bail!("bench-score needs --gguf or --shape"),
+            };
+            with_backend!(cli.device, |B, device| bench::score::<B>(
+                weights, batch, seq, repeats, &device
+            ))
+        }
         Command::BenchRows {
             gguf,
             context,
