@@ -18,6 +18,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 MUTANTS = [
     (
+        "CUDA probe: a missing driver reported as no devices",
+        "crates/cli/src/device.rs",
+        "            return Err(format!(\n                \"no CUDA driver on this machine",
+        "            return Ok(0);\n            #[allow(unreachable_code)]\n            return Err(format!(\n                \"no CUDA driver on this machine",
+        ["-p", "chorus-cli", "--bin", "chorus", "a_missing_cuda_driver"],
+    ),
+    (
         "bench-score --shape: random weights drawn unseeded",
         "crates/cli/src/bench.rs",
         "            B::seed(device, 0);\n            LmConfig::Llama(shape.config(seq))",

@@ -39,6 +39,59 @@ pub enum DeviceError {
         /// The command that builds a binary with it.
         rebuild: String,
     },
+    /// `cuda:N` on a machine whose CUDA driver can't be loaded or has no device N.
+    #[error("device `{device}`: {problem}")]
+    NoCudaDevice {
+        /// The device as written.
+        device: String,
+        /// What the driver said, or that there is none.
+        problem: String,
+    },
+}
+
+/// The names the NVIDIA driver's library goes by on Linux.
+pub const CUDA_DRIVER_NAMES: &[&str] = &["libcuda.so.1", "libcuda.so"];
+
+/// The number of CUDA devices that the driver library (the first of `names` that loads) reports,
+/// or why there is none. burn-cuda panics on a missing driver or device; this turns both into an
+/// error before it starts.
+pub fn cuda_device_count(names: &[&str]) -> Result<usize, String> {
+    // SAFETY: loading the driver runs its initialisers, as burn-cuda's own loading does; the two
+    // symbols are called with the signatures of CUDA's driver API (`CUresult cuInit(unsigned)`,
+    // `CUresult cuDeviceGetCount(int*)`), and the library outlives the calls.
+    unsafe {
+        let Some(library) = names
+            .iter()
+            .find_map(|name| libloading::Library::new(name).ok())
+        else {
+            return Err(format!(
+                "no CUDA driver on this machine ({} could not be loaded)",
+                names.join(", ")
+            ));
+        };
+        let init = library
+            .get::<unsafe extern "C" fn(u32) -> i32>(b"cuInit\0")
+            .map_err(|e| format!("the CUDA driver has no cuInit: {e}"))?;
+        let count = library
+            .get::<unsafe extern "C" fn(*mut i32) -> i32>(b"cuDeviceGetCount\0")
+            .map_err(|e| format!("the CUDA driver has no cuDeviceGetCount: {e}"))?;
+        match init(0) {
+            0 => {}
+            100 => return Ok(0), // CUDA_ERROR_NO_DEVICE
+            code => {
+                return Err(format!(
+                    "the CUDA driver failed to start (cuInit: error {code})"
+                ));
+            }
+        }
+        let mut devices = 0i32;
+        match count(&mut devices) {
+            0 => Ok(devices.max(0) as usize),
+            code => Err(format!(
+                "the CUDA driver can't count its devices (error {code})"
+            )),
+        }
+    }
 }
 
 impl FromStr for DeviceSpec {
@@ -105,8 +158,24 @@ impl DeviceSpec {
     }
 
     /// `Ok` when the backend is compiled in, else an error saying which feature to enable.
+    /// For `cuda:N`, also that the driver loads and has a device N.
     pub fn check(&self) -> Result<Self, DeviceError> {
         if self.is_compiled() {
+            if let Self::Cuda(index) = *self {
+                let problem = match cuda_device_count(CUDA_DRIVER_NAMES) {
+                    Ok(count) if index < count => None,
+                    Ok(count) => Some(format!(
+                        "this machine has {count} CUDA device(s), numbered from 0"
+                    )),
+                    Err(problem) => Some(problem),
+                };
+                if let Some(problem) = problem {
+                    return Err(DeviceError::NoCudaDevice {
+                        device: self.to_string(),
+                        problem,
+                    });
+                }
+            }
             Ok(*self)
         } else {
             Err(DeviceError::NotCompiled {
@@ -212,6 +281,10 @@ mod tests {
         ] {
             match spec.check() {
                 Ok(_) => assert!(spec.is_compiled()),
+                // Built with `cuda` on a machine without device 1.
+                Err(err @ DeviceError::NoCudaDevice { .. }) => {
+                    assert!(spec.is_compiled() && spec == DeviceSpec::Cuda(1), "{err}")
+                }
                 Err(err) => {
                     assert!(!spec.is_compiled());
                     let hint = match spec.feature() {
@@ -222,5 +295,14 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_missing_cuda_driver_is_an_error_that_names_the_library() {
+        let problem = cuda_device_count(&["libchorus-no-such-driver.so"]).unwrap_err();
+        assert!(problem.contains("libchorus-no-such-driver.so"), "{problem}");
+        // A library that loads but is not the driver.
+        let problem = cuda_device_count(&["libc.so.6"]).unwrap_err();
+        assert!(problem.contains("has no cuInit"), "{problem}");
     }
 }
