@@ -16,18 +16,35 @@
 #   4. the joint ELBO at the small shape, cached and live assistants.
 # Each chorus row's `warm_up_s`/`first_pass_s` is its warm-up, which holds burn-cuda's kernel
 # compilation and autotuning: on a fresh H200 that took longer than 120 s (small shape) and 300 s
-# (SmolLM2 shape) for a training step (docs/performance.md, "GPU"); the results are cached on disk
-# for the next process on the same machine. CHORUS_LIMIT_S (default 1200) bounds each chorus
-# command; the twin's commands get 90 s.
+# (SmolLM2 shape) for a training step (docs/performance.md, "GPU"). cubecl keeps each autotune
+# result (the fastest kernel for a key of operation and shapes) in target/autotune/ under the
+# directory chorus runs in, one line per key as soon as it is measured; later processes with that
+# cache compile only the chosen kernel. A lent GPU starts bare, so the script carries the cache
+# across leases: it keeps it in OUT/autotune/ (killed commands' keys included), seeded from
+# benches/gpu/autotune/, committed after an earlier run. Commit OUT/autotune/ there and the next
+# lease skips what was tuned (cubecl checks each entry against the binary's candidate kernels,
+# by name, and tunes again where they changed). Each entry also holds every candidate's timing.
+# CHORUS_LIMIT_S (default 1200) bounds each chorus command; the twin's commands get 90 s.
 # Results: OUT/gpu-bench.jsonl (one JSON line per command; a command over its limit leaves a
 # `{"failed": "over its N s", ...}` line), the commands' stderr in OUT/gpu-bench.log.
 set -uo pipefail
 dir=${1:?usage: run.sh DIR (holding the chorus binary) [OUT]}
 out=${2:-$dir}
 mkdir -p "$out"
+dir=$(cd "$dir" && pwd)
+out=$(cd "$out" && pwd)
 export CUDA_PATH=${CUDA_PATH:-/usr/local/cuda}
 here=$(cd "$(dirname "$0")/../.." && pwd)
 chorus="$dir/chorus"
+# cubecl's autotune cache is target/autotune/ beside the Cargo.toml above the working directory;
+# here it is a link into OUT, so each result lands there as it is measured, whatever stops the run.
+cd "$here"
+mkdir -p "$out/autotune" target
+for seed in target/autotune benches/gpu/autotune; do
+  [ -d "$seed" ] && cp -rn "$seed/." "$out/autotune/"
+done
+rm -rf target/autotune
+ln -s "$out/autotune" target/autotune
 twin="python3 $here/benches/twin/train_step.py --device cuda"
 score="python3 $here/benches/twin/score.py"
 log="$out/gpu-bench.jsonl"
