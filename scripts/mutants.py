@@ -18,6 +18,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 MUTANTS = [
     (
+        "LM checkpoint: burn-store's metadata kept (a hash map's order in the header)",
+        "crates/lm/src/checkpoint.rs",
+        "                .skip_enum_variants(true)\n                .clear_metadata();",
+        "                .skip_enum_variants(true);",
+        ["-p", "chorus-lm", "--lib", "saving_the_same_weights"],
+    ),
+    (
         "CUDA probe: a missing driver reported as no devices",
         "crates/cli/src/device.rs",
         "            return Err(format!(\n                \"no CUDA driver on this machine",

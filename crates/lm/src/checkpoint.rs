@@ -31,7 +31,9 @@ impl<B: Backend> Lm<B> {
     }
 
     /// Writes `dir/config.json` and `dir/model.safetensors` atomically (temp file + rename),
-    /// creating `dir` if needed.
+    /// creating `dir` if needed. Equal weights write equal bytes: the safetensors header holds
+    /// no `__metadata__` (burn-store's default, three entries from a hash map, came out in
+    /// another order from one save to the next; nothing reads them).
     pub fn save(&self, dir: impl AsRef<Path>) -> Result<(), LmError> {
         let dir = dir.as_ref();
         std::fs::create_dir_all(dir).map_err(|e| LmError::io(dir, e))?;
@@ -40,7 +42,9 @@ impl<B: Backend> Lm<B> {
             std::fs::write(tmp, &config).map_err(|e| LmError::io(tmp, e))
         })?;
         write_atomic(&dir.join(WEIGHTS_FILE), |tmp| {
-            let mut store = SafetensorsStore::from_file(tmp).skip_enum_variants(true);
+            let mut store = SafetensorsStore::from_file(tmp)
+                .skip_enum_variants(true)
+                .clear_metadata();
             self.save_into(&mut store).map_err(|e| LmError::Weights {
                 path: tmp.to_path_buf(),
                 reason: e.to_string(),

@@ -155,6 +155,7 @@ fn gguf_llama() -> LmConfig {
 
 #[test]
 fn a_llama_written_as_gguf_loads_back_with_identical_logits() {
+    let _rng = crate::tests::seeded(0);
     let model = gguf_llama().init::<B>(&device()).unwrap();
     let file = parse(&llama_to_gguf(&model, Store::F32)).unwrap();
     let loaded = Lm::<B>::from_gguf(&file, &device()).unwrap();
@@ -180,6 +181,7 @@ fn a_llama_written_as_gguf_loads_back_with_identical_logits() {
 
 #[test]
 fn hugging_face_round_trip_is_bit_identical_for_both_families() {
+    let _rng = crate::tests::seeded(1);
     for config in [tiny_llama(4, 2), tiny_gpt2()] {
         let dir = tempfile::tempdir().unwrap();
         let model = config.init::<B>(&device()).unwrap();
@@ -198,6 +200,7 @@ fn hugging_face_round_trip_is_bit_identical_for_both_families() {
 
 #[test]
 fn malformed_gguf_files_are_clear_errors() {
+    let _rng = crate::tests::seeded(2);
     let model = gguf_llama().init::<B>(&device()).unwrap();
     let good = llama_to_gguf(&model, Store::Q4_1).bytes();
     let message = |bytes: Vec<u8>| -> String {
@@ -238,6 +241,7 @@ fn malformed_gguf_files_are_clear_errors() {
 
 #[test]
 fn missing_and_misshapen_tensors_are_named() {
+    let _rng = crate::tests::seeded(3);
     let model = gguf_llama().init::<B>(&device()).unwrap();
     let file = parse(&llama_to_gguf(&model, Store::F32)).unwrap();
     let rebuild = |skip: &str, halve: &str| {
@@ -420,6 +424,7 @@ fn tokenizers_of_one_chorus_must_match() {
 /// long run.
 #[test]
 fn gguf_reader_survives_random_mutations() {
+    let _rng = crate::tests::seeded(4);
     let model = gguf_llama().init::<B>(&device()).unwrap();
     let mut seeds = vec![
         llama_to_gguf(&model, Store::Q4_1).bytes(),
@@ -613,6 +618,7 @@ fn max_abs_diff(a: Tensor<B, 3>, b: Tensor<B, 3>) -> f32 {
 
 #[test]
 fn a_gguf_model_decodes_from_its_blocks_as_from_its_f32_weights() {
+    let _rng = crate::tests::seeded(5);
     let model = block_llama().init::<B>(&device()).unwrap();
     for store in [Store::Q4_1, Store::Q8_0, Store::Q4_0] {
         let file = parse(&llama_to_gguf(&model, store)).unwrap();
@@ -701,6 +707,7 @@ fn f32_weights_made(model: &Lm<B>) -> Vec<bool> {
 /// bit, after which the model decodes as before.
 #[test]
 fn a_decoding_model_makes_f32_weights_only_for_products_the_blocks_cannot_serve() {
+    let _rng = crate::tests::seeded(6);
     let model = block_llama().init::<B>(&device()).unwrap();
     for store in [Store::Q4_1, Store::Q8_0] {
         let file = parse(&llama_to_gguf(&model, store)).unwrap();
@@ -747,6 +754,7 @@ fn a_decoding_model_makes_f32_weights_only_for_products_the_blocks_cannot_serve(
 /// stays as it was.
 #[test]
 fn blocks_attach_only_to_the_model_whose_weights_they_hold() {
+    let _rng = crate::tests::seeded(7);
     let model = block_llama().init::<B>(&device()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let write = |name: &str, model: &Lm<B>| {
@@ -838,6 +846,7 @@ fn blocks_attach_only_to_the_model_whose_weights_they_hold() {
 
 #[test]
 fn a_gguf_model_that_trains_takes_gradients_through_its_f32_weights() {
+    let _rng = crate::tests::seeded(8);
     type AD = burn::backend::Autodiff<B>;
     let model = block_llama().init::<B>(&device()).unwrap();
     let file = parse(&llama_to_gguf(&model, Store::Q4_1)).unwrap();
@@ -882,6 +891,7 @@ fn a_gguf_model_that_trains_takes_gradients_through_its_f32_weights() {
 /// memory slots on every other step.
 #[test]
 fn host_steps_equal_burn_steps_through_every_move_of_the_cache() {
+    let _rng = crate::tests::seeded(9);
     use crate::cache::Buffers;
     let mut config = block_llama();
     if let LmConfig::Llama(c) = &mut config {

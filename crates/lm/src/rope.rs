@@ -114,6 +114,7 @@ mod tests {
 
     #[test]
     fn rotated_scores_depend_only_on_the_position_difference() {
+        let _rng = crate::tests::seeded(0);
         let device = Default::default();
         let rope = Rope {
             head_dim: 16,
@@ -139,6 +140,7 @@ mod tests {
 
     #[test]
     fn rotation_preserves_norms() {
+        let _rng = crate::tests::seeded(1);
         let device = Default::default();
         let rope = Rope {
             head_dim: 8,
