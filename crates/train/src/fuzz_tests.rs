@@ -13,7 +13,6 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use burn::backend::{Autodiff, NdArray};
-use burn::optim::AdamWConfig;
 use chorus_data::rng::SplitMix64;
 use chorus_lm::{LlamaConfig, Lm, LmConfig, Tokenizer};
 use chorus_model::{Chorus, ChorusConfig};
@@ -257,7 +256,8 @@ fn fuzz_checkpoints() {
     let base = tiny_llama(20).init::<AD>(&device).unwrap();
     let assistant = tiny_llama(20).init::<AD>(&device).unwrap();
     let model = Chorus::new(config.clone(), base, vec![assistant], &device).unwrap();
-    let optimizer = AdamWConfig::new().init::<AD, Chorus<AD>>();
+    // Training's optimiser, as `run` builds it.
+    let optimizer = crate::AdamW::default().init::<AD, Chorus<AD>>();
     let sources = Vec::<String>::new();
     let state = CheckpointState {
         step: 1,
