@@ -18,6 +18,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 MUTANTS = [
     (
+        "wgpu probe: the adapter not asked for",
+        "crates/cli/src/device.rs",
+        "                Self::Wgpu => wgpu_adapter().err(),",
+        "                Self::Wgpu => None,",
+        ["-p", "chorus-cli", "--features", "wgpu", "--test", "wgpu_backend", "no_wgpu_adapter"],
+    ),
+    (
         "LM checkpoint: burn-store's metadata kept (a hash map's order in the header)",
         "crates/lm/src/checkpoint.rs",
         "                .skip_enum_variants(true)\n                .clear_metadata();",

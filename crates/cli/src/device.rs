@@ -39,9 +39,10 @@ pub enum DeviceError {
         /// The command that builds a binary with it.
         rebuild: String,
     },
-    /// `cuda:N` on a machine whose CUDA driver can't be loaded or has no device N.
+    /// A compiled-in backend that this machine can't run: `cuda:N` whose driver can't be loaded
+    /// or has no device N, `wgpu` without an adapter.
     #[error("device `{device}`: {problem}")]
-    NoCudaDevice {
+    Unavailable {
         /// The device as written.
         device: String,
         /// What the driver said, or that there is none.
@@ -91,6 +92,30 @@ pub fn cuda_device_count(names: &[&str]) -> Result<usize, String> {
                 "the CUDA driver can't count its devices (error {code})"
             )),
         }
+    }
+}
+
+/// The name of the adapter burn-wgpu's default device gets — the first that wgpu offers for the
+/// graphics API burn-wgpu picks (Vulkan on Linux) at high performance — or why there is none.
+#[cfg(feature = "wgpu")]
+pub fn wgpu_adapter() -> Result<String, String> {
+    use burn::backend::wgpu::graphics::{AutoGraphicsApi, GraphicsApi};
+    let backend = AutoGraphicsApi::backend();
+    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
+        backends: backend.into(),
+        ..wgpu::InstanceDescriptor::new_without_display_handle()
+    });
+    let request = instance.request_adapter(&wgpu::RequestAdapterOptions {
+        power_preference: wgpu::PowerPreference::HighPerformance,
+        force_fallback_adapter: false,
+        compatible_surface: None,
+    });
+    match futures_lite::future::block_on(request) {
+        Ok(adapter) => Ok(adapter.get_info().name),
+        Err(e) => Err(format!(
+            "no {backend:?} adapter on this machine ({e}); without a GPU, Mesa's lavapipe runs \
+             the shaders on the CPU (Debian: apt install mesa-vulkan-drivers)"
+        )),
     }
 }
 
@@ -158,23 +183,27 @@ impl DeviceSpec {
     }
 
     /// `Ok` when the backend is compiled in, else an error saying which feature to enable.
-    /// For `cuda:N`, also that the driver loads and has a device N.
+    /// For `cuda:N`, also that the driver loads and has a device N; for `wgpu`, that there is an
+    /// adapter (burn-cuda and burn-wgpu panic without them).
     pub fn check(&self) -> Result<Self, DeviceError> {
         if self.is_compiled() {
-            if let Self::Cuda(index) = *self {
-                let problem = match cuda_device_count(CUDA_DRIVER_NAMES) {
+            let problem = match *self {
+                Self::Cuda(index) => match cuda_device_count(CUDA_DRIVER_NAMES) {
                     Ok(count) if index < count => None,
                     Ok(count) => Some(format!(
                         "this machine has {count} CUDA device(s), numbered from 0"
                     )),
                     Err(problem) => Some(problem),
-                };
-                if let Some(problem) = problem {
-                    return Err(DeviceError::NoCudaDevice {
-                        device: self.to_string(),
-                        problem,
-                    });
-                }
+                },
+                #[cfg(feature = "wgpu")]
+                Self::Wgpu => wgpu_adapter().err(),
+                _ => None,
+            };
+            if let Some(problem) = problem {
+                return Err(DeviceError::Unavailable {
+                    device: self.to_string(),
+                    problem,
+                });
             }
             Ok(*self)
         } else {
@@ -282,8 +311,10 @@ mod tests {
             match spec.check() {
                 Ok(_) => assert!(spec.is_compiled()),
                 // Built with `cuda` on a machine without device 1.
-                Err(err @ DeviceError::NoCudaDevice { .. }) => {
-                    assert!(spec.is_compiled() && spec == DeviceSpec::Cuda(1), "{err}")
+                // Built with `cuda` on a machine without device 1, or with `wgpu` without an
+                // adapter.
+                Err(err @ DeviceError::Unavailable { .. }) => {
+                    assert!(spec.is_compiled() && spec != DeviceSpec::Cpu, "{err}")
                 }
                 Err(err) => {
                     assert!(!spec.is_compiled());

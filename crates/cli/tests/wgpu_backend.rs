@@ -171,6 +171,39 @@ fn a_joint_model_trains_evaluates_and_decodes_alike_on_wgpu_and_the_cpu() {
     assert_eq!(cpu, wgpu, "greedy tokens and writers (cpu, then wgpu)");
 }
 
+/// Without an adapter (the Vulkan loader pointed at no driver), `--device wgpu` is one error line
+/// naming the device and what is missing, before burn-wgpu starts — not its panic.
+#[test]
+fn no_wgpu_adapter_is_an_error_not_a_panic() {
+    let no_driver = "/nonexistent/chorus-no-such-icd.json";
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_chorus"))
+        .args([
+            "--device",
+            "wgpu",
+            "bench-step",
+            "--batch",
+            "1",
+            "--seq",
+            "8",
+            "--steps",
+            "1",
+        ])
+        .env("VK_ICD_FILENAMES", no_driver)
+        .env("VK_DRIVER_FILES", no_driver)
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .expect("the chorus binary runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "panicked:\n{stderr}");
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    assert!(
+        errors[0].contains("device `wgpu`") && errors[0].contains("no Vulkan adapter"),
+        "{stderr}"
+    );
+}
+
 /// Asserts that `wgpu` holds the same numbers as `cpu` to 1e-4 relatively.
 #[track_caller]
 fn assert_close(what: &str, cpu: &[f64], wgpu: &[f64]) {
