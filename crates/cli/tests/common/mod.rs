@@ -16,8 +16,14 @@ pub type B = NdArray<f32>;
 /// Runs `chorus ARGS` with `cache` as its corpus cache (`CHORUS_CACHE`) and returns (exit code,
 /// stderr).
 pub fn chorus(cache: &Path, args: &[&str]) -> (i32, String) {
+    chorus_with_env(cache, &[], args)
+}
+
+/// [`chorus`] with further environment variables.
+pub fn chorus_with_env(cache: &Path, env: &[(&str, &str)], args: &[&str]) -> (i32, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_chorus"))
         .args(args)
+        .envs(env.iter().copied())
         .env("CHORUS_CACHE", cache)
         .env("RUST_BACKTRACE", "1")
         .output()
@@ -32,7 +38,13 @@ pub fn chorus(cache: &Path, args: &[&str]) -> (i32, String) {
 /// that contains every string of `says`.
 #[track_caller]
 pub fn fails(cache: &Path, args: &[&str], says: &[&str]) {
-    let (code, stderr) = chorus(cache, args);
+    fails_with_env(cache, &[], args, says)
+}
+
+/// [`fails`] with further environment variables.
+#[track_caller]
+pub fn fails_with_env(cache: &Path, env: &[(&str, &str)], args: &[&str], says: &[&str]) {
+    let (code, stderr) = chorus_with_env(cache, env, args);
     let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
     let error_lines: Vec<&&str> = lines.iter().filter(|l| l.starts_with("error:")).collect();
     assert!(
