@@ -18,6 +18,27 @@ ROOT = Path(__file__).resolve().parent.parent
 
 MUTANTS = [
     (
+        "huge pages: the chunks not advised",
+        "crates/lm/src/huge_pages.rs",
+        "        libc::madvise(aligned as *mut libc::c_void, len, libc::MADV_HUGEPAGE);\n",
+        "",
+        ["-p", "chorus-lm", "--lib", "huge_pages"],
+    ),
+    (
+        "huge pages: a GGUF matrix's blocks copied into an ordinary vector",
+        "crates/lm/src/huge_pages.rs",
+        "        Self::new(bytes.len(), |out| out.copy_from_slice(bytes))",
+        "        let v = bytes.to_vec(); let len = v.len(); Self { chunk: Arc::new(Chunk { ptr: NonNull::new(Box::leak(v.into_boxed_slice()).as_mut_ptr()).unwrap(), len: 0, mapped: false }), start: 0, len }",
+        ["-p", "chorus-lm", "--lib", "block_products_equal"],
+    ),
+    (
+        "huge pages: two ranges cut from the same bytes",
+        "crates/lm/src/huge_pages.rs",
+        "                current.1 = start + len;\n",
+        "",
+        ["-p", "chorus-lm", "--lib", "huge_pages"],
+    ),
+    (
         "wgpu probe: the adapter not asked for",
         "crates/cli/src/device.rs",
         "                Self::Wgpu => wgpu_adapter().err(),",

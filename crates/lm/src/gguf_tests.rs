@@ -528,6 +528,13 @@ fn block_products_equal_products_with_the_dequantised_weights() {
             let blocks = BlockMatrix::from_gguf(&file, info, None).unwrap().unwrap();
             assert_eq!((blocks.rows(), blocks.cols()), (rows, cols));
             assert_eq!(blocks.dequantise(), weights, "{store:?}");
+            // A step reads every block: they lie where the kernel may use 2 MiB pages.
+            #[cfg(target_os = "linux")]
+            assert_ne!(
+                crate::huge_pages::advised_for_huge_pages(blocks.blocks_address()),
+                Some(false),
+                "{store:?} blocks in memory not advised for huge pages"
+            );
             for n in [1, 2, 3, 11, 16, 43, 64] {
                 let x: Vec<f32> = (0..n * cols)
                     .map(|_| (rng.uniform() * 2.0 - 1.0) as f32)

@@ -37,6 +37,7 @@ mod error;
 mod gguf;
 mod gpt2;
 mod host_step;
+mod huge_pages;
 mod import;
 mod llama;
 mod model;

@@ -27,6 +27,7 @@ use burn::tensor::TensorData;
 use rayon::prelude::*;
 
 use crate::gguf::{GgmlType, GgufFile, GgufTensorInfo};
+use crate::huge_pages::HugePageBytes;
 use crate::names::{Heads, hf_name_of_gguf};
 use crate::{LlamaConfig, LmError};
 
@@ -69,8 +70,9 @@ pub struct BlockMatrix {
     rows: usize,
     cols: usize,
     format: BlockFormat,
-    /// `rows × cols / 32` blocks, row after row.
-    blocks: Vec<u8>,
+    /// `rows × cols / 32` blocks, row after row, in memory the kernel may back with 2 MiB pages
+    /// (a step reads all of them).
+    blocks: HugePageBytes,
 }
 
 impl fmt::Debug for BlockMatrix {
@@ -151,12 +153,12 @@ impl BlockMatrix {
         let (raw, _) = gguf.tensor_bytes(info)?;
         let row_bytes = cols / BLOCK * format.block_bytes();
         let blocks = match row_sources {
-            None => raw.to_vec(),
-            Some(sources) => sources
-                .iter()
-                .flat_map(|&src| &raw[src * row_bytes..(src + 1) * row_bytes])
-                .copied()
-                .collect(),
+            None => HugePageBytes::copy_of(raw),
+            Some(sources) => HugePageBytes::new(sources.len() * row_bytes, |out| {
+                for (&src, row) in sources.iter().zip(out.chunks_exact_mut(row_bytes)) {
+                    row.copy_from_slice(&raw[src * row_bytes..(src + 1) * row_bytes]);
+                }
+            }),
         };
         Ok(Some(Self {
             rows,
@@ -179,6 +181,12 @@ impl BlockMatrix {
     /// Bytes a product reads from this matrix.
     pub fn bytes(&self) -> usize {
         self.blocks.len()
+    }
+
+    /// Where the blocks start in memory.
+    #[cfg(test)]
+    pub(crate) fn blocks_address(&self) -> *const u8 {
+        self.blocks.as_ptr()
     }
 
     /// `W` dequantised, `[rows, cols]` row-major: the values GGUF loading gives for the same

@@ -1,0 +1,256 @@
+//! Weight bytes in memory that Linux may back with 2 MiB pages.
+//!
+//! A decoding step reads every block of the model once: SmolLM2-135M's ≈ 97 MB are ≈ 24,000 pages
+//! of 4 KiB, far more than a core's TLB holds, so each page's first read in a step walks the page
+//! tables, and a second model decoding beside it (a lazy assistant's catch-ups) doubles the page
+//! tables' share of the caches. In 2 MiB pages the same bytes are 49 entries. [`HugePageBytes`]
+//! hands out immutable byte ranges of chunks of at least [`CHUNK`] bytes, mapped at 2 MiB
+//! boundaries and advised with `madvise(MADV_HUGEPAGE)`, so that the kernel backs them with huge
+//! pages wherever transparent huge pages are `always` or `madvise` (Debian's default; with
+//! `never`, or outside Linux, they are ordinary pages and nothing else changes). A chunk is shared
+//! by the ranges cut from it and unmapped when the last of them is dropped.
+//!
+//! Measured in docs/performance.md ("Decoding weights in 2 MiB pages").
+
+use std::ops::Deref;
+use std::ptr::NonNull;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+
+/// The huge page size of x86-64 and of aarch64 with 4 KiB base pages.
+const HUGE_PAGE: usize = 2 << 20;
+
+/// Bytes of a chunk that ranges share; a range of at least half of it gets a chunk of its own.
+pub(crate) const CHUNK: usize = 16 * HUGE_PAGE;
+
+/// Where each range starts within its chunk: a cache line.
+const RANGE_ALIGN: usize = 64;
+
+/// One mapping (or, where no mapping is made, one allocation) of `len` bytes at a 2 MiB boundary.
+struct Chunk {
+    ptr: NonNull<u8>,
+    len: usize,
+    mapped: bool,
+}
+
+// SAFETY: a chunk is plain memory; the ranges cut from it are disjoint, written once before they
+// are shared, and read-only after ([`HugePageBytes::new`]).
+unsafe impl Send for Chunk {}
+// SAFETY: as above.
+unsafe impl Sync for Chunk {}
+
+impl Chunk {
+    /// `len` (a multiple of [`HUGE_PAGE`]) bytes, zero, at a 2 MiB boundary.
+    fn new(len: usize) -> Self {
+        #[cfg(target_os = "linux")]
+        if let Some(ptr) = map_huge(len) {
+            return Self {
+                ptr,
+                len,
+                mapped: true,
+            };
+        }
+        let ptr = if len == 0 {
+            NonNull::dangling()
+        } else {
+            let layout = Self::layout(len);
+            // SAFETY: the layout's size is not zero.
+            let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+            NonNull::new(ptr).unwrap_or_else(|| std::alloc::handle_alloc_error(layout))
+        };
+        Self {
+            ptr,
+            len,
+            mapped: false,
+        }
+    }
+
+    fn layout(len: usize) -> std::alloc::Layout {
+        std::alloc::Layout::from_size_align(len, HUGE_PAGE).expect("chunk sizes are small")
+    }
+}
+
+impl Drop for Chunk {
+    fn drop(&mut self) {
+        #[cfg(target_os = "linux")]
+        if self.mapped {
+            // SAFETY: `ptr..ptr + len` is exactly what `map_huge` kept mapped, and no range of it
+            // is alive (they hold the chunk).
+            unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+            return;
+        }
+        if !self.mapped && self.len > 0 {
+            // SAFETY: allocated in `Chunk::new` with this layout.
+            unsafe { std::alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.len)) };
+        }
+    }
+}
+
+/// An anonymous private mapping of `len` bytes at a 2 MiB boundary, advised for huge pages;
+/// `None` where the kernel refuses the mapping (the caller allocates instead). A refused advice
+/// (a kernel without transparent huge pages) leaves ordinary pages.
+#[cfg(target_os = "linux")]
+fn map_huge(len: usize) -> Option<NonNull<u8>> {
+    if len == 0 {
+        return None;
+    }
+    // Map a huge page more than asked, then unmap what lies outside the aligned range.
+    let padded = len + HUGE_PAGE;
+    // SAFETY: a fresh anonymous mapping; no existing memory is touched.
+    let raw = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            padded,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if raw == libc::MAP_FAILED {
+        return None;
+    }
+    let start = raw as usize;
+    let aligned = start.next_multiple_of(HUGE_PAGE);
+    let (head, tail) = (aligned - start, start + padded - (aligned + len));
+    // SAFETY: both ranges lie inside the mapping just made and outside what is kept.
+    unsafe {
+        if head > 0 {
+            libc::munmap(raw, head);
+        }
+        if tail > 0 {
+            libc::munmap((aligned + len) as *mut libc::c_void, tail);
+        }
+        libc::madvise(aligned as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
+    }
+    NonNull::new(aligned as *mut u8)
+}
+
+/// The chunk that small ranges are cut from and the offset of its first free byte; weak, so that
+/// a chunk whose ranges are all dropped is unmapped.
+static CURRENT: Mutex<(Weak<Chunk>, usize)> = Mutex::new((Weak::new(), 0));
+
+/// Immutable bytes in a chunk that the kernel may back with 2 MiB pages (module docs). Clones
+/// share the bytes.
+#[derive(Clone)]
+pub(crate) struct HugePageBytes {
+    chunk: Arc<Chunk>,
+    start: usize,
+    len: usize,
+}
+
+impl HugePageBytes {
+    /// `len` bytes written by `fill` (which gets them zeroed), then read-only.
+    pub(crate) fn new(len: usize, fill: impl FnOnce(&mut [u8])) -> Self {
+        let (chunk, start) = Self::reserve(len);
+        // SAFETY: `start..start + len` lies inside the chunk and was handed to no other range
+        // (`reserve` moves the chunk's free offset past it under the lock); nothing reads it
+        // until this range is returned.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(chunk.ptr.as_ptr().add(start), len) };
+        fill(bytes);
+        Self { chunk, start, len }
+    }
+
+    /// A copy of `bytes`.
+    pub(crate) fn copy_of(bytes: &[u8]) -> Self {
+        Self::new(bytes.len(), |out| out.copy_from_slice(bytes))
+    }
+
+    /// A chunk with `len` free bytes and where they start.
+    fn reserve(len: usize) -> (Arc<Chunk>, usize) {
+        if len >= CHUNK / 2 {
+            return (Arc::new(Chunk::new(len.next_multiple_of(HUGE_PAGE))), 0);
+        }
+        let mut current = CURRENT.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(chunk) = current.0.upgrade() {
+            let start = current.1.next_multiple_of(RANGE_ALIGN);
+            if start + len <= chunk.len {
+                current.1 = start + len;
+                return (chunk, start);
+            }
+        }
+        let chunk = Arc::new(Chunk::new(CHUNK));
+        *current = (Arc::downgrade(&chunk), len);
+        (chunk, 0)
+    }
+}
+
+impl Deref for HugePageBytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        // SAFETY: `start..start + len` lies inside the chunk, which this range keeps alive, and
+        // was written before the range was made.
+        unsafe { std::slice::from_raw_parts(self.chunk.ptr.as_ptr().add(self.start), self.len) }
+    }
+}
+
+/// Whether the mapping that holds `address` is advised for huge pages: `/proc/self/smaps` lists
+/// the flag `hg` (`VM_HUGEPAGE`) for it. `None` where the kernel has no transparent huge pages
+/// (nothing to advise). Whether the kernel then backs it with huge pages depends on the machine's
+/// free memory, so that is not what this asks.
+#[cfg(all(test, target_os = "linux"))]
+pub(crate) fn advised_for_huge_pages(address: *const u8) -> Option<bool> {
+    std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").ok()?;
+    let address = address as usize;
+    let smaps = std::fs::read_to_string("/proc/self/smaps").expect("/proc/self/smaps");
+    let mut inside = false;
+    for line in smaps.lines() {
+        let range = line.split(' ').next().and_then(|r| r.split_once('-'));
+        let bounds = range.and_then(|(from, to)| {
+            Some((
+                usize::from_str_radix(from, 16).ok()?,
+                usize::from_str_radix(to, 16).ok()?,
+            ))
+        });
+        if let Some((from, to)) = bounds {
+            inside = (from..to).contains(&address);
+        } else if inside && let Some(flags) = line.strip_prefix("VmFlags:") {
+            return Some(flags.split_whitespace().any(|f| f == "hg"));
+        }
+    }
+    panic!("no mapping in /proc/self/smaps holds {address:#x}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_hold_their_own_bytes() {
+        let ranges: Vec<HugePageBytes> = (0..200u32)
+            .map(|i| {
+                let len = (i as usize * 7919) % 300_000;
+                HugePageBytes::new(len, |out| {
+                    assert!(out.iter().all(|&b| b == 0), "a range starts zeroed");
+                    out.iter_mut()
+                        .enumerate()
+                        .for_each(|(j, b)| *b = (j as u32 ^ i) as u8)
+                })
+            })
+            .collect();
+        for (i, range) in ranges.iter().enumerate() {
+            assert_eq!(range.len(), (i * 7919) % 300_000);
+            assert_eq!(range.as_ptr() as usize % RANGE_ALIGN, 0);
+            let i = i as u32;
+            assert!(
+                range
+                    .iter()
+                    .enumerate()
+                    .all(|(j, &b)| b == (j as u32 ^ i) as u8)
+            );
+        }
+        let big = HugePageBytes::copy_of(&vec![7u8; CHUNK]);
+        assert!(big.iter().all(|&b| b == 7));
+        assert_eq!(big.as_ptr() as usize % HUGE_PAGE, 0);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn chunks_are_advised_for_huge_pages() {
+        let small = HugePageBytes::copy_of(&[1u8; 4096]);
+        let large = HugePageBytes::new(CHUNK, |_| ());
+        for range in [small, large] {
+            assert_ne!(advised_for_huge_pages(range.as_ptr()), Some(false));
+        }
+    }
+}
