@@ -310,7 +310,6 @@ mod tests {
         ] {
             match spec.check() {
                 Ok(_) => assert!(spec.is_compiled()),
-                // Built with `cuda` on a machine without device 1.
                 // Built with `cuda` on a machine without device 1, or with `wgpu` without an
                 // adapter.
                 Err(err @ DeviceError::Unavailable { .. }) => {

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 const HUGE_PAGE: usize = 2 << 20;
 
 /// Bytes of a chunk that ranges share; a range of at least half of it gets a chunk of its own.
-pub(crate) const CHUNK: usize = 16 * HUGE_PAGE;
+const CHUNK: usize = 16 * HUGE_PAGE;
 
 /// Where each range starts within its chunk: a cache line.
 const RANGE_ALIGN: usize = 64;
@@ -78,6 +78,7 @@ impl Drop for Chunk {
             unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
             return;
         }
+        // (Not mapped: allocated. Outside Linux every chunk is.)
         if !self.mapped && self.len > 0 {
             // SAFETY: allocated in `Chunk::new` with this layout.
             unsafe { std::alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.len)) };
