@@ -279,12 +279,12 @@ fn a_server_that_tokenizes_differently_is_refused() {
 #[test]
 fn an_unreachable_server_is_named() {
     let tok = tokenizer();
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port(); // bound, then closed: nothing listens
-    let url = format!("http://127.0.0.1:{port}");
+    // A port held on 127.0.0.1 for the whole test, so that no other test's server gets it (a
+    // port bound and closed again was once handed to a concurrent test's fake server, which
+    // answered); nothing listens on it at 127.0.0.2, which is loopback too.
+    let held = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = held.local_addr().unwrap().port();
+    let url = format!("http://127.0.0.2:{port}");
     let message = RemoteAssistant::connect(&url, &tok, settings())
         .unwrap_err()
         .to_string();
