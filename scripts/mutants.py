@@ -46,6 +46,15 @@ MUTANTS = [
         ["-p", "chorus-cli", "--features", "wgpu", "--test", "wgpu_backend", "no_wgpu_adapter"],
     ),
     (
+        # Needs the environment `cargo xtask setup-torch` builds with: LIBTORCH_USE_PYTORCH=1,
+        # VIRTUAL_ENV and PATH of $CHORUS_CACHE/venv, CARGO_TARGET_DIR=target/tch.
+        "LibTorch probe: tch:cuda:N not checked against LibTorch's devices",
+        "crates/cli/src/device.rs",
+        "                Self::TchCuda(index) => match libtorch_cuda_device_count() {",
+        "                Self::TchCuda(index) => match Ok::<usize, String>(index + 1) {",
+        ["-p", "chorus-cli", "--features", "tch", "--bin", "chorus", "a_libtorch_cuda_device"],
+    ),
+    (
         "LM checkpoint: burn-store's metadata kept (a hash map's order in the header)",
         "crates/lm/src/checkpoint.rs",
         "                .skip_enum_variants(true)\n                .clear_metadata();",

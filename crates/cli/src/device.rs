@@ -40,7 +40,8 @@ pub enum DeviceError {
         rebuild: String,
     },
     /// A compiled-in backend that this machine can't run: `cuda:N` whose driver can't be loaded
-    /// or has no device N, `wgpu` without an adapter.
+    /// or has no device N, `tch:cuda:N` where LibTorch sees no device N, `wgpu` without an
+    /// adapter.
     #[error("device `{device}`: {problem}")]
     Unavailable {
         /// The device as written.
@@ -92,6 +93,27 @@ pub fn cuda_device_count(names: &[&str]) -> Result<usize, String> {
                 "the CUDA driver can't count its devices (error {code})"
             )),
         }
+    }
+}
+
+/// The number of CUDA devices LibTorch sees (`torch::cuda::device_count`: 0 without a GPU, a
+/// driver or with a CPU-only PyTorch), or the exception it raised. burn-tch panics on the first
+/// tensor placed on a device that is not there; this turns that into an error before it starts.
+#[cfg(feature = "tch")]
+pub fn libtorch_cuda_device_count() -> Result<usize, String> {
+    // SAFETY: LibTorch's C wrapper catches the C++ exception of `device_count` and records its
+    // message, which `get_and_reset_last_err` hands over (malloc'd, freed here once read).
+    unsafe {
+        let count = torch_sys::cuda::atc_cuda_device_count();
+        let error = torch_sys::get_and_reset_last_err();
+        if !error.is_null() {
+            let message = std::ffi::CStr::from_ptr(error)
+                .to_string_lossy()
+                .into_owned();
+            libc::free(error.cast());
+            return Err(format!("LibTorch could not count CUDA devices: {message}"));
+        }
+        Ok(count.max(0) as usize)
     }
 }
 
@@ -183,8 +205,9 @@ impl DeviceSpec {
     }
 
     /// `Ok` when the backend is compiled in, else an error saying which feature to enable.
-    /// For `cuda:N`, also that the driver loads and has a device N; for `wgpu`, that there is an
-    /// adapter (burn-cuda and burn-wgpu panic without them).
+    /// For `cuda:N`, also that the driver loads and has a device N; for `tch:cuda:N`, that
+    /// LibTorch sees a device N; for `wgpu`, that there is an adapter (burn-cuda, burn-tch and
+    /// burn-wgpu panic without them).
     pub fn check(&self) -> Result<Self, DeviceError> {
         if self.is_compiled() {
             let problem = match *self {
@@ -197,6 +220,15 @@ impl DeviceSpec {
                 },
                 #[cfg(feature = "wgpu")]
                 Self::Wgpu => wgpu_adapter().err(),
+                #[cfg(feature = "tch")]
+                Self::TchCuda(index) => match libtorch_cuda_device_count() {
+                    Ok(count) if index < count => None,
+                    Ok(count) => Some(format!(
+                        "LibTorch sees {count} CUDA device(s) on this machine, numbered from 0 \
+                         (none without a GPU, its driver, or with a CPU-only PyTorch)"
+                    )),
+                    Err(problem) => Some(problem),
+                },
                 _ => None,
             };
             if let Some(problem) = problem {
@@ -324,6 +356,25 @@ mod tests {
                     assert!(err.to_string().contains(&hint), "{err}");
                 }
             }
+        }
+    }
+
+    /// Needs `cargo xtask setup-torch`'s build (`--features tch`): on this machine's LibTorch, the
+    /// first CUDA device it does not have.
+    #[cfg(feature = "tch")]
+    #[test]
+    fn a_libtorch_cuda_device_that_is_not_there_is_an_error_not_a_panic() {
+        let count = libtorch_cuda_device_count().unwrap();
+        let err = DeviceSpec::TchCuda(count).check().unwrap_err();
+        assert!(
+            matches!(err, DeviceError::Unavailable { .. })
+                && err
+                    .to_string()
+                    .contains(&format!("LibTorch sees {count} CUDA device")),
+            "{err}"
+        );
+        if count > 0 {
+            assert_eq!(DeviceSpec::TchCuda(0).check(), Ok(DeviceSpec::TchCuda(0)));
         }
     }
 
