@@ -598,13 +598,35 @@ pub fn bench(out: &Path, pairs: usize) -> Result<()> {
     };
     let deferral = f(&median_run(&composed_runs[0], key), "deferral_rate");
     let (one_row, extra_row) = (ms_of(1), (ms_of(6) - ms_of(1)) / 5.0);
+    // One-row steps with the thread asleep for a six-row step's time before every 6th: what
+    // holding the base back costs its next steps on this machine, with nothing else running.
+    let paused = measure(
+        Command::new(&chorus).args([
+            "bench-rows",
+            "--gguf",
+            &gguf_s,
+            "--rows",
+            "1",
+            "--repeats",
+            "1",
+            "--pause-ms",
+            &format!("0,{:.1}", ms_of(6)),
+        ]),
+        "chorus bench-rows --pause-ms",
+    )?;
+    // The median one-row step, ms: without pauses, then with them.
+    let [unpaused_ms, paused_ms] =
+        [0, 1].map(|i| 1e3 * f(&paused["steps_with_pauses"][i], "seconds"));
     let rows_paragraph = format!(
         "Steps of several rows (`chorus bench-rows`, SmolLM2 after 16 positions, medians of 7): {}.\n\
          A lazy assistant reads every token once, so over N tokens at deferral rate d it runs d·N\n\
          steps and (1 − d)·N extra rows: collaborative / single ≈ 1 / ((1 + d) + (1 − d)·r/s) for a\n\
          one-row step s = {one_row:.1} ms and an extra row r = (t₆ − t₁)/5 = {extra_row:.1} ms. Here\n\
          r/s = {:.2}, which predicts {:.2}× at the lazy row's {:.0} % deferral; 0.8× would need\n\
-         r/s ≤ {:.2}.",
+         r/s ≤ {:.2}. One-row steps with the thread asleep {:.1} ms (a six-row step) before every\n\
+         6th, nothing else running (`chorus bench-rows --pause-ms`): {:.2} ms against {:.2} ms\n\
+         without pauses ({:.2}×) — what a base held back by catch-ups pays on this machine beyond\n\
+         the catch-ups themselves.",
         step_ms
             .iter()
             .map(|(n, ms)| format!("{n} row{} {ms:.1} ms", if *n == 1 { "" } else { "s" }))
@@ -614,6 +636,10 @@ pub fn bench(out: &Path, pairs: usize) -> Result<()> {
         1.0 / ((1.0 + deferral) + (1.0 - deferral) * extra_row / one_row),
         100.0 * deferral,
         (1.0 / 0.8 - (1.0 + deferral)) / (1.0 - deferral),
+        ms_of(6),
+        paused_ms,
+        unpaused_ms,
+        paused_ms / unpaused_ms,
     );
 
     // SmolLM2-135M: 134.5 M parameters; f32 weights 4 bytes each, Q4_1 ≈ 0.6 bytes.

@@ -337,6 +337,11 @@ struct RowsReport {
     /// The CPU's f32 multiply-add rate on the team's threads ([`chorus_lm::multiply_add_gflops`]):
     /// a step of n rows takes at least `2 (n · block_weights + output_weights) / rate`.
     multiply_add_gflops: f64,
+    /// Per pause length (`--pause-ms`): one-row decoding steps with the decoding thread asleep
+    /// that long before every [`PAUSE_EVERY`]th step, as a lazy assistant's catch-up holds the
+    /// base back.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    steps_with_pauses: Vec<PausedSteps>,
 }
 
 #[derive(Serialize)]
@@ -345,20 +350,45 @@ struct RowsStep {
     seconds: f64,
 }
 
+/// One-row steps decoded with pauses: the median step, and the median of the steps `k` after a
+/// pause (`after_pause[k]`, k < [`PAUSE_EVERY`]).
+#[derive(Serialize)]
+struct PausedSteps {
+    pause_ms: f64,
+    every: usize,
+    seconds: f64,
+    after_pause: Vec<f64>,
+}
+
+/// Steps between pauses in `chorus bench-rows --pause-ms`: about the gap between a lazy
+/// assistant's catch-ups at the bench's 17 % deferral.
+const PAUSE_EVERY: usize = 6;
+
+/// One-row steps per pause length in `chorus bench-rows --pause-ms`.
+const PAUSED_STEPS: usize = 96;
+
 /// `chorus bench-rows`: for each row count `n` in `rows`, `repeats` times: a fresh cache takes
 /// `context` tokens, then one step of `n` more (the logits of the last only, as decoding asks
 /// for) is timed; prints a JSON line with each count's median step time, the model's weights
 /// and the CPU's f32 multiply-add rate (the compute floor of a step). A step of one row is
 /// single-stream decoding; more rows are a lazy assistant's catch-up, whose cost beyond one row
 /// decides how collaborative decoding compares with decoding alone (docs/performance.md).
+///
+/// For each length in `pauses_ms`, a fresh cache takes `context` tokens, then [`PAUSED_STEPS`]
+/// one-row steps are timed, the thread sleeping that long before every [`PAUSE_EVERY`]th:
+/// whether a step is slower after the base was held back, whatever held it.
 pub fn rows<B: Backend>(
     gguf: &std::path::Path,
     context: usize,
     rows: &[usize],
     repeats: usize,
+    pauses_ms: &[f64],
     from_blocks: bool,
     device: &B::Device,
 ) -> Result<()> {
+    if let Some(bad) = pauses_ms.iter().find(|p| !(p.is_finite() && **p >= 0.0)) {
+        anyhow::bail!("--pause-ms {bad}: a pause is a finite number of milliseconds ≥ 0");
+    }
     let file = chorus_lm::GgufFile::open(gguf)?;
     let model = if from_blocks {
         Lm::<B>::from_gguf_for_decoding(&file, device)?
@@ -372,34 +402,66 @@ pub fn rows<B: Backend>(
             .collect();
         Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, n]), device)
     };
+    // A fresh cache holding `context` tokens.
+    let prefilled = || -> Result<_> {
+        let mut cache = model.new_cache();
+        if context > 0 {
+            model.forward(
+                LmInput::new(tokens(0, context)).with_last_logits_only(),
+                Some(&mut cache),
+            )?;
+        }
+        Ok(cache)
+    };
+    // Seconds of one step of `n` tokens from position `start` (the last one's logits, to the host).
+    let timed_step = |cache: &mut _, start: usize, n: usize| -> Result<f64> {
+        let started = Instant::now();
+        let logits = model
+            .forward(
+                LmInput::new(tokens(start, n)).with_last_logits_only(),
+                Some(cache),
+            )?
+            .logits;
+        logits.into_data();
+        Ok(started.elapsed().as_secs_f64())
+    };
+    let median = |mut seconds: Vec<f64>| {
+        seconds.sort_by(f64::total_cmp);
+        seconds.get(seconds.len() / 2).copied().unwrap_or(f64::NAN)
+    };
     let mut steps = Vec::with_capacity(rows.len());
     for &n in rows {
         let mut seconds = Vec::with_capacity(repeats.max(1));
         // One untimed round first (warm-up), then the timed ones.
         for round in 0..=repeats.max(1) {
-            let mut cache = model.new_cache();
-            if context > 0 {
-                model.forward(
-                    LmInput::new(tokens(0, context)).with_last_logits_only(),
-                    Some(&mut cache),
-                )?;
-            }
-            let started = Instant::now();
-            let logits = model
-                .forward(
-                    LmInput::new(tokens(context, n)).with_last_logits_only(),
-                    Some(&mut cache),
-                )?
-                .logits;
-            logits.into_data();
+            let step = timed_step(&mut prefilled()?, context, n)?;
             if round > 0 {
-                seconds.push(started.elapsed().as_secs_f64());
+                seconds.push(step);
             }
         }
-        seconds.sort_by(f64::total_cmp);
         steps.push(RowsStep {
             rows: n,
-            seconds: seconds[seconds.len() / 2],
+            seconds: median(seconds),
+        });
+    }
+    let mut steps_with_pauses = Vec::with_capacity(pauses_ms.len());
+    for &pause_ms in pauses_ms {
+        let mut cache = prefilled()?;
+        // (steps since the last pause, seconds) of each timed step.
+        let mut timed = Vec::with_capacity(PAUSED_STEPS);
+        for i in 0..PAUSED_STEPS {
+            if i % PAUSE_EVERY == 0 && pause_ms > 0.0 {
+                std::thread::sleep(std::time::Duration::from_secs_f64(pause_ms / 1e3));
+            }
+            timed.push((i % PAUSE_EVERY, timed_step(&mut cache, context + i, 1)?));
+        }
+        steps_with_pauses.push(PausedSteps {
+            pause_ms,
+            every: PAUSE_EVERY,
+            seconds: median(timed.iter().map(|t| t.1).collect()),
+            after_pause: (0..PAUSE_EVERY)
+                .map(|k| median(timed.iter().filter(|t| t.0 == k).map(|t| t.1).collect()))
+                .collect(),
         });
     }
     let weights = |keep: &dyn Fn(&str) -> bool| -> u64 {
@@ -422,6 +484,7 @@ pub fn rows<B: Backend>(
         block_weights: weights(&|name| name.starts_with("blk.")),
         output_weights: weights(&|name| name == output),
         multiply_add_gflops: chorus_lm::multiply_add_gflops(),
+        steps_with_pauses,
     };
     println!("{}", serde_json::to_string(&report)?);
     Ok(())

@@ -361,6 +361,11 @@ enum Command {
         /// Timed steps per row count (the median is reported).
         #[arg(long, default_value_t = 7)]
         repeats: usize,
+        /// Also time 96 one-row steps per pause length given (milliseconds, e.g. 0,2,14,50), the
+        /// thread asleep that long before every 6th step — as a base waits for a lazy
+        /// assistant's catch-ups — and report the steps' medians by steps since the pause.
+        #[arg(long, value_delimiter = ',')]
+        pause_ms: Vec<f64>,
     },
     /// Time scoring (a batched forward and the log-probs of given tokens) of a GGUF model; prints
     /// a JSON line for `cargo xtask bench`.
@@ -673,11 +678,13 @@ fn run(cli: Cli) -> Result<()> {
             context,
             rows,
             repeats,
+            pause_ms,
         } => with_backend!(cli.device, |B, device| bench::rows::<B>(
             &gguf,
             context,
             &rows,
             repeats,
+            &pause_ms,
             cli.device.decodes_from_gguf_blocks(),
             &device
         )),
