@@ -12,7 +12,7 @@
 
 mod common;
 
-use std::net::TcpListener;
+use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -58,23 +58,35 @@ fn start_server() -> Option<(Server, String, PathBuf)> {
         );
         return None;
     }
-    let port = TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
-    let child = Command::new(&python)
-        .args(["-m", "llama_cpp.server", "--model"])
+    // The server binds a port the OS picks and prints it first (tests/llama_cpp_server.py).
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/llama_cpp_server.py");
+    let mut child = Command::new(&python)
+        .arg(&script)
         .arg(&gguf)
-        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-        .args(["--n_ctx", "512", "--n_threads", "2", "--verbose", "false"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
         .spawn()
         .expect("python starts");
-    let server = Server(child);
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut server = Server(child);
+    let mut first_line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut first_line)
+        .expect("the server's stdout is readable");
+    let port: u16 = first_line.trim().parse().unwrap_or_else(|_| {
+        panic!(
+            "{} printed {first_line:?}, not a port (its stderr is above)",
+            script.display()
+        )
+    });
     let url = format!("http://127.0.0.1:{port}");
     let started = Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Some(status) = server.0.try_wait().expect("the server's status") {
+            panic!(
+                "the llama.cpp server exited ({status}) before it listened; its stderr is above"
+            );
+        }
         assert!(
             started.elapsed() < Duration::from_secs(120),
             "the llama.cpp server did not start within 2 min"
