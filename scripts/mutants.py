@@ -18,6 +18,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 MUTANTS = [
     (
+        "checked build: the warning before speeds not printed",
+        "crates/cli/src/main.rs",
+        "    if chorus_lm::CHECKED_BUILD && reports_speed(&cli.command) {",
+        "    if false && chorus_lm::CHECKED_BUILD && reports_speed(&cli.command) {",
+        ["-p", "chorus-cli", "--test", "bad_input", "a_checked_build"],
+    ),
+    (
         "huge pages: the chunks not advised",
         "crates/lm/src/huge_pages.rs",
         "        libc::madvise(aligned as *mut libc::c_void, len, libc::MADV_HUGEPAGE);\n",

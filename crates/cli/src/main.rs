@@ -487,7 +487,27 @@ fn one_line(e: &anyhow::Error) -> String {
     parts.join(": ")
 }
 
+/// The commands that report speeds (tokens/s): they warn when this binary was built with
+/// chorus-lm's debug assertions ([`chorus_lm::CHECKED_BUILD`]), whose timings mislead.
+fn reports_speed(command: &Command) -> bool {
+    matches!(
+        command,
+        Command::Generate { .. }
+            | Command::BenchStep { .. }
+            | Command::BenchScore { .. }
+            | Command::BenchRows { .. }
+            | Command::CheckReference { .. }
+    )
+}
+
 fn run(cli: Cli) -> Result<()> {
+    if chorus_lm::CHECKED_BUILD && reports_speed(&cli.command) {
+        eprintln!(
+            "warning: this chorus was built with chorus-lm's debug assertions (the `test` \
+             profile: `cargo test` builds it so), which make its decoding ≈ 3× slower; for \
+             timings, rebuild it with `cargo build -p chorus-cli`"
+        );
+    }
     match cli.command {
         Command::Data {
             command: DataCommand::Fetch { models },

@@ -406,6 +406,32 @@ fn a_single_lm_in_any_format_generates() {
     assert!(tokens.iter().all(|t| t["writer"] == 0), "{report}");
 }
 
+/// A binary built by `cargo test` has chorus-lm's debug assertions (the `test` profile), which
+/// make decoding ≈ 3× slower: the commands that report speeds say so, and only then.
+#[test]
+fn a_checked_build_says_its_speeds_mislead() {
+    let f = Fixture::new();
+    let (code, stderr) = chorus(
+        &f.cache,
+        &[
+            "generate",
+            "--model",
+            &f.path("lm"),
+            "the cat",
+            "--max-tokens",
+            "2",
+        ],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(
+        stderr.contains("warning: this chorus was built with chorus-lm's debug assertions"),
+        chorus_lm::CHECKED_BUILD,
+        "{stderr}"
+    );
+    let (_, stderr) = chorus(&f.cache, &["inspect", &f.path("lm")]);
+    assert!(!stderr.contains("debug assertions"), "{stderr}");
+}
+
 #[test]
 fn lms_compose_without_training_under_the_confidence_rule() {
     let f = Fixture::new();

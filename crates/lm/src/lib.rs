@@ -71,6 +71,12 @@ pub use quantised::{BlockMatrix, MAX_BLOCK_ROWS};
 pub use rope::{Rope, RopeTables};
 pub use tokenizer::{TOKENIZER_CONFIG, Tokenizer};
 
+/// Whether chorus-lm was compiled with debug assertions and overflow checks. The `test` profile
+/// keeps them (Cargo.toml), so that its tests check the preconditions of every SIMD load, and
+/// `cargo test` builds the `chorus` binary with them too: its decoding kernels then run ≈ 3×
+/// slower than the `dev` profile's (docs/performance.md). Commands that report speeds say so.
+pub const CHECKED_BUILD: bool = cfg!(debug_assertions);
+
 #[cfg(test)]
 mod gguf_tests;
 #[cfg(test)]
