@@ -12,7 +12,7 @@ use burn::optim::{GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use chorus_lm::{LlamaConfig, Lm, LmConfig, LmInput};
-use chorus_model::{Chorus, ChorusBatch, ChorusConfig};
+use chorus_model::{Assistant, Chorus, ChorusBatch, ChorusConfig, LocalLm, ScoreRows};
 use chorus_train::AdamW;
 use clap::ValueEnum;
 use serde::Serialize;
@@ -270,10 +270,11 @@ pub fn score<B: Backend>(
 }
 
 /// Scores `batch` rows of `seq + 1` tokens ([`score_token`]) with a GGUF model (or random weights
-/// of a shape, seeded: the same in every run) — one batched forward and `log_softmax` + gather of
-/// the given next tokens, the work of `chorus score` and `chorus eval` — `repeats` times after one
-/// warm-up: the scored tokens/s and the mean NLL (for a GGUF, equal across peers up to rounding: a
-/// check that they do the same work).
+/// of a shape, seeded: the same in every run) — one batched forward and the log-probs of the given
+/// next tokens through [`Assistant::token_log_probs`], the call `chorus score` and `chorus eval`
+/// make (`logits[x_t] − logsumexp_v logits[v]`, no `[batch, seq, vocab]` log-softmax) —
+/// `repeats` times after one warm-up: the scored tokens/s and the mean NLL (for a GGUF, equal
+/// across peers up to rounding: a check that they do the same work).
 fn score_report<B: Backend>(
     weights: ScoreWeights,
     batch: usize,
@@ -293,11 +294,17 @@ fn score_report<B: Backend>(
         .flat_map(|r| (0..=seq).map(move |t| i64::from(score_token(r, t, vocab))))
         .collect();
     let rows = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [batch, seq + 1]), device);
-    let (inputs, targets) = (rows.clone().narrow(1, 0, seq), rows.narrow(1, 1, seq));
+    let rows = ScoreRows {
+        tokens: rows.clone().narrow(1, 0, seq),
+        targets: rows.narrow(1, 1, seq),
+        padding: Tensor::from_data(
+            TensorData::new(vec![false; batch * seq], [batch, seq]),
+            device,
+        ),
+    };
+    let scorer = LocalLm::new(&model);
     let pass = || -> Result<f64> {
-        let logits = model.forward(LmInput::new(inputs.clone()), None)?.logits;
-        let log_probs = burn::tensor::activation::log_softmax(logits, 2)
-            .gather(2, targets.clone().unsqueeze_dim::<3>(2));
+        let log_probs = scorer.token_log_probs(&rows, None)?;
         Ok(-log_probs.sum().into_scalar().elem::<f64>())
     };
     let warm_up = Instant::now();
