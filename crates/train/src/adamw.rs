@@ -1,11 +1,12 @@
 //! AdamW (decoupled weight decay) with burn's formula and state, in one pass over each parameter
-//! on the CPU backend.
+//! on the CPU backends.
 //!
 //! burn 0.21's `AdamW` updates a parameter through fifteen element-wise tensor operations, each a
 //! pass over the parameter in memory; at the SmolLM2-135M shape that made the optimizer ≈ 2×
 //! PyTorch's share of a step on burn-ndarray (docs/performance.md). [`AdamW`] computes the same
-//! values in the same order of f32 operations — on burn-ndarray in one pass over the parameter,
-//! its gradient and its two moments, elsewhere through burn's tensor operations — and keeps
+//! values in the same order of f32 operations — on burn-ndarray and (with the `tch` feature) on
+//! LibTorch's CPU tensors in one pass over the parameter, its gradient and its two moments,
+//! elsewhere through burn's tensor operations — and keeps
 //! burn's [`AdamWState`], so that checkpoints written with either load in the other.
 
 use std::any::{Any, TypeId};
@@ -147,10 +148,15 @@ impl<B: Backend> SimpleOptimizer<B> for AdamW {
         let time = state.as_ref().map_or(1, |s| s.momentum.time + 1);
         let scalars = self.scalars(lr, time);
         let moments = state.map(|s| (s.momentum.moment_1, s.momentum.moment_2));
-        let [p, m, v] = if in_one_pass(&tensor, &grad, moments.as_ref()) {
-            one_pass(&scalars, tensor, grad, moments)
-        } else {
-            scalars.update_tensors(tensor, grad, moments)
+        let [p, m, v] = match () {
+            _ if in_one_pass(&tensor, &grad, moments.as_ref()) => {
+                one_pass(&scalars, tensor, grad, moments)
+            }
+            #[cfg(feature = "tch")]
+            _ if libtorch::in_one_pass(&tensor, &grad, moments.as_ref()) => {
+                libtorch::one_pass(&scalars, tensor, grad, moments)
+            }
+            _ => scalars.update_tensors(tensor, grad, moments),
         };
         let momentum = AdaptiveMomentumState {
             time,
@@ -213,36 +219,131 @@ fn one_pass<B: Backend, const D: usize>(
     let (Some(ps), Some(gs), Some(ms), Some(vs)) = slices else {
         unreachable!("standard-layout arrays are contiguous");
     };
-    ps.par_chunks_mut(CHUNK)
-        .zip(gs.par_chunks(CHUNK))
-        .zip(ms.par_chunks_mut(CHUNK))
-        .zip(vs.par_chunks_mut(CHUNK))
+    update_slices(scalars, ps, gs, ms, vs);
+    [p, m, v].map(|a| from_primitive(NdArrayTensor::from(a)))
+}
+
+/// The backend's float tensor `T` of `t`, which the caller checked `B`'s to be.
+fn primitive<T: 'static, B: Backend, const D: usize>(t: Tensor<B, D>) -> T {
+    let primitive: Box<dyn Any> = Box::new(t.into_primitive().tensor());
+    *primitive
+        .downcast::<T>()
+        .expect("B's float tensors are T (checked by the caller)")
+}
+
+/// The tensor of `B` holding `t`, a float tensor of the type `B`'s are (checked by the caller).
+fn from_primitive<T: 'static, B: Backend, const D: usize>(t: T) -> Tensor<B, D> {
+    let primitive: Box<dyn Any> = Box::new(t);
+    let primitive = *primitive
+        .downcast::<B::FloatTensorPrimitive>()
+        .expect("B's float tensors are T (checked by the caller)");
+    Tensor::from_primitive(TensorPrimitive::Float(primitive))
+}
+
+/// [`Scalars::update`] over each element of `p`, `g`, `m`, `v` (equal lengths), in chunks spread
+/// over rayon's threads.
+fn update_slices(scalars: &Scalars, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
+    p.par_chunks_mut(CHUNK)
+        .zip(g.par_chunks(CHUNK))
+        .zip(m.par_chunks_mut(CHUNK))
+        .zip(v.par_chunks_mut(CHUNK))
         .for_each(|(((p, g), m), v)| {
             for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m).zip(v) {
                 scalars.update(p, g, m, v);
             }
         });
-    [p, m, v].map(|a| {
-        let primitive: Box<dyn Any> = Box::new(NdArrayTensor::from(a));
-        let primitive = *primitive
-            .downcast::<B::FloatTensorPrimitive>()
-            .expect("B's float tensors are burn-ndarray's (checked by in_one_pass)");
-        Tensor::from_primitive(TensorPrimitive::Float(primitive))
-    })
 }
 
 /// The f32 array of a burn-ndarray tensor (checked by [`in_one_pass`]) in standard layout.
 fn standard_f32<B: Backend, const D: usize>(t: Tensor<B, D>) -> ArcArray<f32, IxDyn> {
-    let primitive: Box<dyn Any> = Box::new(t.into_primitive().tensor());
-    let array = primitive
-        .downcast::<NdArrayTensor>()
-        .ok()
-        .and_then(|t| t.into_f32_array().ok())
+    let array = primitive::<NdArrayTensor, B, D>(t)
+        .into_f32_array()
         .expect("an f32 burn-ndarray tensor (checked by in_one_pass)");
     if array.is_standard_layout() {
         array
     } else {
         array.as_standard_layout().into_owned().into_shared()
+    }
+}
+
+/// The same pass over LibTorch's CPU tensors (the `tch` feature): LibTorch would take the fifteen
+/// operations of [`Scalars::update_tensors`] one pass each, as burn-ndarray did.
+#[cfg(feature = "tch")]
+mod libtorch {
+    use super::*;
+    use burn_tch::{LibTorchDevice, TchTensor};
+
+    /// Whether [`one_pass`] takes this step: `B` is LibTorch on the CPU, and the parameter, its
+    /// gradient and moments are f32 of one shape.
+    pub(super) fn in_one_pass<B: Backend, const D: usize>(
+        p: &Tensor<B, D>,
+        g: &Tensor<B, D>,
+        moments: Option<&(Tensor<B, D>, Tensor<B, D>)>,
+    ) -> bool {
+        let fits = |t: &Tensor<B, D>| t.dtype() == DType::F32 && t.shape() == p.shape();
+        let device: Box<dyn Any> = Box::new(p.device());
+        TypeId::of::<B::FloatTensorPrimitive>() == TypeId::of::<TchTensor>()
+            && device.downcast_ref::<LibTorchDevice>() == Some(&LibTorchDevice::Cpu)
+            && fits(p)
+            && fits(g)
+            && moments.is_none_or(|(m, v)| fits(m) && fits(v))
+    }
+
+    /// The LibTorch tensor of `t` (checked by [`in_one_pass`]), contiguous, and its own: `t`
+    /// itself when no other tensor reads its buffer, else a copy, so that writing it changes
+    /// nothing else.
+    fn own_contiguous<B: Backend, const D: usize>(t: Tensor<B, D>) -> TchTensor {
+        let t = primitive::<TchTensor, B, D>(t);
+        if !t.tensor.is_contiguous() {
+            TchTensor::new(t.tensor.contiguous())
+        } else if !t.can_mut() {
+            TchTensor::new(t.tensor.copy())
+        } else {
+            t
+        }
+    }
+
+    /// The f32 values of a contiguous CPU tensor, to write.
+    ///
+    /// # Safety
+    /// `t` is a contiguous f32 tensor on the CPU that no other tensor reads while the slice
+    /// lives ([`own_contiguous`]).
+    unsafe fn values_mut(t: &mut TchTensor) -> &mut [f32] {
+        let n = t.tensor.numel();
+        // SAFETY: the caller guarantees n contiguous f32 on the host, read by nothing else.
+        unsafe { std::slice::from_raw_parts_mut(t.tensor.data_ptr().cast::<f32>(), n) }
+    }
+
+    /// [`super::one_pass`] on LibTorch's CPU tensors (checked by [`in_one_pass`]): the parameter
+    /// and moments updated where they are when nothing else reads them.
+    pub(super) fn one_pass<B: Backend, const D: usize>(
+        scalars: &Scalars,
+        p: Tensor<B, D>,
+        g: Tensor<B, D>,
+        moments: Option<(Tensor<B, D>, Tensor<B, D>)>,
+    ) -> [Tensor<B, D>; 3] {
+        let mut p = own_contiguous(p);
+        let g = primitive::<TchTensor, B, D>(g).tensor.contiguous();
+        let (mut m, mut v) = match moments {
+            Some((m, v)) => (own_contiguous(m), own_contiguous(v)),
+            None => (
+                TchTensor::new(p.tensor.zeros_like()),
+                TchTensor::new(p.tensor.zeros_like()),
+            ),
+        };
+        // SAFETY: p, m, v are contiguous f32 CPU tensors of one shape, each the only reader of
+        // its buffer (own_contiguous, zeros_like); g is contiguous f32 of that shape, read only.
+        unsafe {
+            let gs = std::slice::from_raw_parts(g.data_ptr().cast::<f32>().cast_const(), g.numel());
+            update_slices(
+                scalars,
+                values_mut(&mut p),
+                gs,
+                values_mut(&mut m),
+                values_mut(&mut v),
+            );
+        }
+        [p, m, v].map(from_primitive)
     }
 }
 
@@ -318,6 +419,87 @@ mod tests {
                 "a transposed parameter differs from burn's AdamW"
             );
         }
+    }
+
+    /// Three steps of `ours` on backend `B` from the parameter `p` (a `[rows, cols]` matrix,
+    /// transposed when `transposed`) with fixed gradients; the parameter and moments after each.
+    #[cfg(feature = "tch")]
+    fn ours_three_steps<B: Backend>(
+        p: &[f32],
+        [rows, cols]: [usize; 2],
+        transposed: bool,
+        device: &B::Device,
+    ) -> Vec<Vec<f64>> {
+        let ours = AdamW {
+            weight_decay: 0.1,
+            ..AdamW::default()
+        };
+        let matrix = |values: Vec<f32>| {
+            let t = Tensor::<B, 2>::from_data(TensorData::new(values, [rows, cols]), device);
+            if transposed { t.transpose() } else { t }
+        };
+        let values =
+            |t: &Tensor<B, 2>| -> Vec<f64> { t.to_data().convert::<f64>().to_vec().unwrap() };
+        let (mut p, mut state) = (matrix(p.to_vec()), None);
+        let mut out = Vec::new();
+        for step in 0..3 {
+            let g = (0..rows * cols)
+                .map(|i| ((i * (step + 3)) as f32 * 0.37).sin() * (step + 1) as f32)
+                .collect();
+            (p, state) = SimpleOptimizer::<B>::step(&ours, 1e-3, p, matrix(g), state);
+            let m = &state.as_ref().unwrap().momentum;
+            out.push([values(&p), values(&m.moment_1), values(&m.moment_2)].concat());
+        }
+        out
+    }
+
+    /// LibTorch's CPU tensors take the one pass, and it computes what it computes on
+    /// burn-ndarray (there bit for bit burn's AdamW, above), for a plain and a transposed
+    /// parameter. LibTorch's own element-wise operations are not all correctly rounded, so burn's
+    /// AdamW through them differs from both in the last bits of a few elements. Run with `cargo
+    /// test -p chorus-train --features tch` against `cargo xtask setup-torch`'s PyTorch (its
+    /// `torch/lib` on `LD_LIBRARY_PATH`).
+    #[cfg(feature = "tch")]
+    #[test]
+    fn libtorch_one_pass_equals_the_ndarray_one_bit_for_bit() {
+        type T = burn_tch::LibTorch<f32>;
+        let torch = burn_tch::LibTorchDevice::Cpu;
+        let probe = Tensor::<T, 1>::zeros([4], &torch);
+        assert!(libtorch::in_one_pass(&probe, &probe.clone(), None));
+        // Large enough for several chunks of the pass (3 × 2^18 + 5 elements).
+        let shape = [3, (1 << 18) + 5];
+        let p: Vec<f32> = (0..shape[0] * shape[1])
+            .map(|i| (i as f32 * 0.61).cos() / 3.0)
+            .collect();
+        for transposed in [false, true] {
+            let on_torch = ours_three_steps::<T>(&p, shape, transposed, &torch);
+            let on_ndarray =
+                ours_three_steps::<NdArray<f32>>(&p, shape, transposed, &Default::default());
+            assert!(
+                on_torch == on_ndarray,
+                "the one pass on LibTorch differs from burn-ndarray's (transposed: {transposed})"
+            );
+        }
+    }
+
+    /// The pass writes a parameter in place only when nothing else reads its buffer.
+    #[cfg(feature = "tch")]
+    #[test]
+    fn libtorch_one_pass_leaves_a_shared_parameter_alone() {
+        type B = burn_tch::LibTorch<f32>;
+        let device = burn_tch::LibTorchDevice::Cpu;
+        B::seed(&device, 8);
+        let p = Tensor::<B, 1>::random([1000], Distribution::Normal(0.0, 1.0), &device);
+        let kept = p.clone();
+        let before = kept.to_data();
+        let g = Tensor::<B, 1>::ones([1000], &device);
+        let (stepped, _) = SimpleOptimizer::<B>::step(&AdamW::default(), 0.1, p, g, None);
+        assert_eq!(
+            kept.to_data(),
+            before,
+            "the step wrote into a shared buffer"
+        );
+        assert_ne!(stepped.to_data(), before, "the step changed nothing");
     }
 
     #[test]
