@@ -1382,6 +1382,11 @@ pub(crate) fn products_from_blocks<B: Backend, const N: usize>(
 /// `linear_k(x)` for each of `linears`, from their GGUF blocks (in one pass) where
 /// [`products_from_blocks`] applies.
 ///
+/// Otherwise through `Linear::forward` on the `batch · seq` rows of `x` as one matrix: burn's
+/// linear of a 3-D input multiplies batch by batch, and its weight gradient is then `batch`
+/// products `xᵀ ∂y` of `seq` rows each, written out and summed, where the rows folded together
+/// make it one product of `batch · seq` rows (docs/performance.md, fortieth session).
+///
 /// # Shapes
 /// - x: `[batch, seq, d_in]`; output k: `[batch, seq, d_out_k]`
 pub(crate) fn project_all<B: Backend, const N: usize>(
@@ -1400,7 +1405,15 @@ pub(crate) fn project_all<B: Backend, const N: usize>(
                 },
             )
         }
-        None => linears.map(|l| l.forward(x.clone())),
+        None => {
+            let [batch, seq, d_in] = x.dims();
+            let rows = x.reshape([batch * seq, d_in]);
+            linears.map(|l| {
+                let y = l.forward(rows.clone());
+                let [_, d_out] = y.dims();
+                y.reshape([batch, seq, d_out])
+            })
+        }
     }
 }
 
