@@ -13,6 +13,7 @@ import resource
 import time
 
 import numpy as np
+import llama_cpp
 from llama_cpp import Llama
 
 PROMPTS = [
@@ -51,6 +52,9 @@ def main():
 
     prompts = []
     prefill_tokens = prefill_s = decode_tokens = decode_s = 0.0
+    # llama.cpp's own count of the decode's time, without this Python loop's: its perf counters,
+    # reset before each prompt's decode (a one-token `eval` may count as a prompt eval).
+    eval_tokens = eval_ms = 0.0
     for text in PROMPTS:
         tokens = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
         llm.reset()
@@ -60,12 +64,16 @@ def main():
         prefill_tokens += len(tokens)
         logits = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
         greedy = [int(np.argmax(logits))]
+        llama_cpp.llama_perf_context_reset(llm.ctx)
         t0 = time.perf_counter()
         while len(greedy) < args.greedy:
             llm.eval([greedy[-1]])
             greedy.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
         decode_s += time.perf_counter() - t0
         decode_tokens += len(greedy) - 1
+        perf = llama_cpp.llama_perf_context(llm.ctx)
+        eval_tokens += perf.n_eval + perf.n_p_eval
+        eval_ms += perf.t_eval_ms + perf.t_p_eval_ms
         prompts.append({"text": text, "tokens": tokens, "logits": logits.tolist(), "greedy": greedy})
 
     cases = [
@@ -75,6 +83,7 @@ def main():
         "load_s": load_s,
         "prefill_tokens_per_s": prefill_tokens / prefill_s,
         "decode_tokens_per_s": decode_tokens / decode_s,
+        "decode_eval_tokens_per_s": eval_tokens / (eval_ms / 1e3),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
     }
     with open(args.out, "w") as f:
