@@ -176,12 +176,26 @@ impl fmt::Display for DeviceSpec {
 
 impl DeviceSpec {
     /// Whether GGUF models decode from their quantised blocks here
-    /// ([`chorus_lm::Lm::from_gguf_for_decoding`]): on the ndarray backend only. On LibTorch the
-    /// blocks' rayon threads and LibTorch's own OpenMP threads contend for the same cores, and
-    /// decoding was slower than from the f32 weights (docs/performance.md); on GPUs every
-    /// product would cross to the host.
+    /// ([`chorus_lm::Lm::from_gguf_for_decoding`]): on the CPU, with ndarray or LibTorch (there
+    /// after [`DeviceSpec::prepare_decoding`]); not on GPUs, where every product would cross to
+    /// the host.
     pub fn decodes_from_gguf_blocks(&self) -> bool {
-        matches!(self, Self::Cpu)
+        matches!(self, Self::Cpu | Self::TchCpu)
+    }
+
+    /// Readies the device for a command that decodes. On LibTorch's CPU device: LibTorch's own
+    /// operations run on one thread. A decoding step's products and attention run on chorus's
+    /// team of threads ([`chorus_lm`]'s host steps), and what is left to LibTorch is operations
+    /// on a few rows, after each of which its OpenMP threads spin on the cores the team needs:
+    /// SmolLM2 from its blocks decoded at ≈ 75 tok/s with LibTorch's two threads and ≈ 180 with
+    /// one, and from f32 weights at ≈ 20 with either (docs/performance.md). A model without
+    /// GGUF blocks decodes on that one thread, its prompt's prefill included.
+    pub fn prepare_decoding(&self) {
+        #[cfg(feature = "tch")]
+        if matches!(self, Self::TchCpu) {
+            // SAFETY: sets LibTorch's intra-op thread count; called before any tensor exists.
+            unsafe { torch_sys::at_set_num_threads(1) };
+        }
     }
 
     /// The cargo feature that compiles this device's backend.

@@ -508,6 +508,12 @@ fn run(cli: Cli) -> Result<()> {
              timings, rebuild it with `cargo build -p chorus-cli`"
         );
     }
+    if matches!(
+        cli.command,
+        Command::Generate { .. } | Command::BenchRows { .. } | Command::CheckReference { .. }
+    ) {
+        cli.device.prepare_decoding();
+    }
     match cli.command {
         Command::Data {
             command: DataCommand::Fetch { models },

@@ -21,6 +21,20 @@ fn smollm2_matches_the_f32_numpy_reference() {
     }
 }
 
+/// On LibTorch's CPU device, which decodes a GGUF model from its blocks as ndarray does (its own
+/// operations on one thread, `DeviceSpec::prepare_decoding`): the same agreement with the f32
+/// numpy forward. Only with `--features tch` (CI builds no LibTorch).
+#[cfg(feature = "tch")]
+#[test]
+fn smollm2_on_libtorch_matches_the_f32_numpy_reference() {
+    if let Some((stdout, report)) =
+        check_reference("tch", "smollm2_numpy.json", &["--tolerance", "1e-3"])
+    {
+        assert!(stdout.contains("chorus (libtorch<cpu>)"), "{stdout}");
+        assert_greedy_agrees(&report);
+    }
+}
+
 /// Against llama.cpp: token ids asserted exactly (prompts and the 10 tricky strings); logits
 /// reported only, since llama.cpp quantises activations to 8 bits in its Q4_1 kernels
 /// (docs/models.md).
