@@ -145,6 +145,8 @@ fn llama_cpp_build(python: &Path, gguf: &Path) -> Option<PathBuf> {
         );
         let pip = python.with_file_name("pip").display().to_string();
         let package = LLAMA_CPP_PYTHON.replace("[server]", "");
+        // A build cut short leaves a directory pip would not write into again.
+        let _ = std::fs::remove_dir_all(&dir);
         let target = dir.display().to_string();
         let args = ["install", "--no-deps", "--target", &target, &package];
         if let Err(e) = run(&pip, &args, &[("CMAKE_ARGS", &cmake)]) {
@@ -502,10 +504,14 @@ pub fn bench(out: &Path, pairs: usize) -> Result<()> {
             )?);
         }
         for (peer, runs) in peers.iter().zip(&mut peer_runs) {
+            let script = twin("score.py");
+            let mut script = if *peer == "llama_cpp" {
+                on_llama_cpp(script)
+            } else {
+                script
+            };
             runs.push(measure(
-                on_llama_cpp(twin("score.py"))
-                    .args([&gguf_s, "--peer", peer])
-                    .args(score_args),
+                script.args([&gguf_s, "--peer", peer]).args(score_args),
                 &format!("score.py --peer {peer} (pair {pair}/{pairs})"),
             )?);
         }
