@@ -34,6 +34,7 @@ def main():
         )
     fixture = {
         "source": args.source or full.get("source", args.full),
+        "logit_tolerance": full["logit_tolerance"],
         "prompts": prompts,
         "tokenizer": full["tokenizer"],
     }

@@ -301,7 +301,10 @@ enum Command {
         texts: Vec<String>,
     },
     /// Compare chorus's logits, greedy continuations and tokenization of a GGUF model against a
-    /// reference written by scripts/llama_cpp_reference.py (llama.cpp on the same file).
+    /// reference written by scripts/llama_cpp_reference.py (llama.cpp on the same file) or
+    /// scripts/numpy_reference.py (an f32 numpy forward). Fails where a prompt or string tokenizes
+    /// differently, a logit differs by more than the tolerance, or the top-1 tokens differ by more
+    /// than a near tie (the reference's logits of the two more than 2 × tolerance apart).
     ///
     /// Example: chorus check-reference --gguf SmolLM2.gguf --reference out/llama_cpp_reference.json
     CheckReference {
@@ -311,14 +314,15 @@ enum Command {
         /// JSON written by scripts/llama_cpp_reference.py.
         #[arg(long)]
         reference: PathBuf,
-        /// Largest |Δlogit| accepted at the last prompt position.
-        #[arg(long, default_value_t = 0.5)]
-        tolerance: f32,
+        /// Largest |Δlogit| accepted at the last prompt position [default: the reference's own
+        /// `logit_tolerance`: 1e-3 for the f32 numpy forward, 1.0 for llama.cpp].
+        #[arg(long)]
+        tolerance: Option<f32>,
         /// Write the comparison as JSON here as well.
         #[arg(long)]
         json: Option<PathBuf>,
-        /// Print the comparison but do not fail on disagreement (llama.cpp quantises activations,
-        /// so its logits are not expected to match within a tight tolerance).
+        /// Print the comparison but do not fail on disagreeing logits (token ids must still
+        /// agree).
         #[arg(long)]
         report_only: bool,
     },

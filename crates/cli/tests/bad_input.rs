@@ -294,6 +294,42 @@ fn unwritable_outputs_and_empty_inputs_are_clear() {
     }
     f.fails(&["eval", "--model", &f.path("joint")], &["state.json"]);
     f.fails(&["inspect", &f.path("joint")], &["state.json"]);
+    // A reference for `check-reference` that states no tolerance, and tolerances that are none.
+    let reference = f.write(
+        "reference.json",
+        "{\"prompts\": [], \"tokenizer\": [], \"timing\": null}",
+    );
+    let check = [
+        "check-reference",
+        "--gguf",
+        "g.gguf",
+        "--reference",
+        &reference,
+    ];
+    f.fails(
+        &check,
+        &["reference.json", "no logit_tolerance", "--tolerance"],
+    );
+    for bad in ["NaN", "-1"] {
+        f.fails(
+            &[&check[..], &[&format!("--tolerance={bad}")]].concat(),
+            &["--tolerance", bad],
+        );
+    }
+    let stated = f.write(
+        "stated.json",
+        "{\"logit_tolerance\": -0.5, \"prompts\": [], \"tokenizer\": []}",
+    );
+    f.fails(
+        &[
+            "check-reference",
+            "--gguf",
+            "g.gguf",
+            "--reference",
+            &stated,
+        ],
+        &["stated.json", "logit_tolerance", "-0.5"],
+    );
 }
 
 #[test]
