@@ -126,6 +126,9 @@ struct TokenOut {
 
 #[derive(Serialize)]
 struct SampleOut {
+    /// The sample's z (absent for a model without z).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    z: Option<Vec<f32>>,
     text: String,
     tokens: Vec<TokenOut>,
     counts: Vec<usize>,
@@ -379,6 +382,18 @@ pub fn generate<B: Backend>(args: GenerateArgs<'_>, device: &B::Device) -> Resul
     } else {
         "none (the model has no z)".to_string()
     };
+    // Each row's z on the host, for the report.
+    let z_rows: Vec<Option<Vec<f32>>> = match &z {
+        Some(z) => {
+            let values = z.clone().into_data().convert::<f32>().to_vec::<f32>()?;
+            let d_latent = values.len() / rows;
+            values
+                .chunks(d_latent)
+                .map(|row| Some(row.to_vec()))
+                .collect()
+        }
+        None => vec![None; rows],
+    };
     let config = DecodeConfig {
         strategy,
         temperature: args.temperature,
@@ -465,6 +480,7 @@ pub fn generate<B: Backend>(args: GenerateArgs<'_>, device: &B::Device) -> Resul
             println!("--- sample {} ---\n{line}", samples.len() + 1);
         }
         samples.push(SampleOut {
+            z: z_rows[samples.len()].clone(),
             text,
             tokens: d
                 .tokens

@@ -49,7 +49,9 @@ fn smollm2_on_wgpu_matches_the_f32_numpy_reference() {
 ///   moves the next loss by far more than the rounding did.
 /// - Evaluation of a model trained with sampled z (q(z | x, c), p(z | c), the KL): every example's
 ///   importance-weighted bound, from the same seeded noise, equal to 1e-4.
-/// - Greedy collaborative decoding at the prior mean: the same tokens from the same writers.
+/// - Greedy collaborative decoding at the prior mean and at a prior sample (`--seed 3`, drawn on
+///   the host, not by the backend's generator): the same tokens from the same writers, and z and
+///   π equal to 1e-4.
 #[test]
 fn a_joint_model_trains_evaluates_and_decodes_alike_on_wgpu_and_the_cpu() {
     let Some(cache) = real_cache() else { return };
@@ -142,8 +144,8 @@ fn a_joint_model_trains_evaluates_and_decodes_alike_on_wgpu_and_the_cpu() {
     assert_close("importance-weighted bound", &cpu, &wgpu);
 
     // Decoding.
-    let decode = |device: &str| -> serde_json::Value {
-        let json = f.path(&format!("generate-{device}.json"));
+    let decode = |device: &str, z: &str| -> (serde_json::Value, Vec<f64>) {
+        let json = f.path(&format!("generate-{device}-{z}.json"));
         run(&[
             "--device",
             device,
@@ -151,7 +153,9 @@ fn a_joint_model_trains_evaluates_and_decodes_alike_on_wgpu_and_the_cpu() {
             "--model",
             &format!("{trained}/checkpoints/best"),
             "--z",
-            "prior-mean",
+            z,
+            "--seed",
+            "3",
             "--temperature",
             "0",
             "--max-tokens",
@@ -161,16 +165,30 @@ fn a_joint_model_trains_evaluates_and_decodes_alike_on_wgpu_and_the_cpu() {
             &json,
         ]);
         let report = read_json(&json);
-        report["samples"][0]["tokens"]
+        let tokens = report["samples"][0]["tokens"].as_array().unwrap();
+        // z, then every token's π.
+        let numbers = report["samples"][0]["z"]
             .as_array()
             .unwrap()
             .iter()
+            .chain(tokens.iter().flat_map(|t| t["pi"].as_array().unwrap()))
+            .map(|p| p.as_f64().unwrap())
+            .collect();
+        let ids = tokens
+            .iter()
             .map(|t| serde_json::json!([t["id"], t["writer"]]))
-            .collect()
+            .collect();
+        (ids, numbers)
     };
-    let (cpu, wgpu) = (decode("cpu"), decode("wgpu"));
-    assert_eq!(cpu.as_array().unwrap().len(), 12, "{cpu}");
-    assert_eq!(cpu, wgpu, "greedy tokens and writers (cpu, then wgpu)");
+    for z in ["prior-mean", "prior"] {
+        let ((cpu, cpu_numbers), (wgpu, wgpu_numbers)) = (decode("cpu", z), decode("wgpu", z));
+        assert_eq!(cpu.as_array().unwrap().len(), 12, "{cpu}");
+        assert_eq!(
+            cpu, wgpu,
+            "--z {z}: greedy tokens and writers (cpu, then wgpu)"
+        );
+        assert_close(&format!("--z {z}: z and π"), &cpu_numbers, &wgpu_numbers);
+    }
 }
 
 /// Without an adapter (the Vulkan loader pointed at no driver), `--device wgpu` is one error line

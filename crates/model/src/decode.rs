@@ -16,9 +16,8 @@
 
 use std::str::FromStr;
 
-use crate::{Assistant, AssistantDecoder, Chorus, ChorusBatch, LocalLm, ModelError};
+use crate::{Assistant, AssistantDecoder, Chorus, ChorusBatch, LocalLm, ModelError, seeded_noise};
 use burn::prelude::*;
-use burn::tensor::Distribution;
 use chorus_data::rng::SplitMix64;
 use chorus_latent::DiagonalGaussian;
 
@@ -271,7 +270,8 @@ pub fn mixture_probs(pi: &[f64], per_model: &[Vec<f64>]) -> Vec<f64> {
 /// Where decoding's z comes from ([`Chorus::decoding_z`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum ZSource<'a> {
-    /// A sample `μ + σ ⊙ ε` of the prior p(z | c), ε from the backend seeded with `seed`.
+    /// A sample `μ + σ ⊙ ε` of the prior p(z | c): row r's ε from its own generator, seeded with
+    /// the r-th draw of `SplitMix64(seed)` ([`crate::seeded_noise`]), so the same on every backend.
     PriorSample {
         /// The seed of ε.
         seed: u64,
@@ -387,8 +387,10 @@ impl<B: Backend> Chorus<B> {
             ZSource::PriorMean => prior()?.mean,
             ZSource::PriorSample { seed } => {
                 let p = prior()?;
-                B::seed(device, seed);
-                let eps = Tensor::random(p.mean.dims(), Distribution::Normal(0.0, 1.0), device);
+                let mut seeds = SplitMix64(seed);
+                let row_seeds: Vec<u64> = (0..rows).map(|_| seeds.next_u64()).collect();
+                let eps =
+                    seeded_noise::<B>(1, &row_seeds, d_latent, device).reshape([rows, d_latent]);
                 p.std() * eps + p.mean
             }
             ZSource::Posterior { reference } => posterior_mean(reference)?,

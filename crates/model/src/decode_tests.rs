@@ -574,8 +574,26 @@ fn decoding_z_comes_from_the_source_it_names() {
         host(prior.mean.clone()),
         "prior mean",
     );
-    // A prior sample: μ + σ ε, the same for the same seed, another for another seed.
+    // A prior sample: μ + σ ε with row r's ε the standard normal draws of SplitMix64 seeded with
+    // the r-th draw of SplitMix64(seed) — the backend's generator plays no part — the same for
+    // the same seed, another for another seed.
     let s1 = host(z(ZSource::PriorSample { seed: 5 }));
+    let d_latent = m.config.d_latent;
+    let mut seeds = SplitMix64(5);
+    let eps: Vec<f64> = (0..rows)
+        .flat_map(|_| {
+            let mut rng = SplitMix64(seeds.next_u64());
+            (0..d_latent).map(move |_| rng.standard_normal() as f32 as f64)
+        })
+        .collect();
+    let (mu, sigma) = (host(prior.mean.clone()), host(prior.std()));
+    let by_hand = (0..rows * d_latent)
+        .map(|i| mu[i] + sigma[i] * eps[i])
+        .collect();
+    close(s1.clone(), by_hand, "prior sample");
+    assert!(s1[..d_latent] != s1[d_latent..], "the rows draw alike");
+    // The backend's generator, seeded anyhow, changes nothing.
+    B::seed(&device, 99);
     close(
         host(z(ZSource::PriorSample { seed: 5 })),
         s1.clone(),
