@@ -16,6 +16,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# (original, broken): decoding's prior sample of z from the backend's generator, as before the
+# forty-second session; guarded on ndarray and, across backends, on wgpu.
+PRIOR_SAMPLE_FROM_THE_BACKENDS_RNG = (
+    "                let eps =\n"
+    "                    seeded_noise::<B>(1, &row_seeds, d_latent, device).reshape([rows, d_latent]);",
+    "                let _ = (row_seeds, seeded_noise::<B>);\n"
+    "                B::seed(device, seed);\n"
+    "                let eps = Tensor::random([rows, d_latent], "
+    "burn::tensor::Distribution::Normal(0.0, 1.0), device);",
+)
+
 MUTANTS = [
     (
         "checked build: the warning before speeds not printed",
@@ -1440,23 +1451,13 @@ MUTANTS = [
     (
         "decoding: a prior sample of z drawn from the backend's RNG, not from --seed on the host",
         "crates/model/src/decode.rs",
-        "                let eps =\n"
-        "                    seeded_noise::<B>(1, &row_seeds, d_latent, device).reshape([rows, d_latent]);",
-        "                let _ = (row_seeds, seeded_noise::<B>);\n"
-        "                B::seed(device, seed);\n"
-        "                let eps = Tensor::random([rows, d_latent], "
-        "burn::tensor::Distribution::Normal(0.0, 1.0), device);",
+        *PRIOR_SAMPLE_FROM_THE_BACKENDS_RNG,
         ["-p", "chorus-model", "--lib", "decoding_z_comes_from"],
     ),
     (
         "wgpu backend: decoding's prior sample of z drawn from the backend's RNG",
         "crates/model/src/decode.rs",
-        "                let eps =\n"
-        "                    seeded_noise::<B>(1, &row_seeds, d_latent, device).reshape([rows, d_latent]);",
-        "                let _ = (row_seeds, seeded_noise::<B>);\n"
-        "                B::seed(device, seed);\n"
-        "                let eps = Tensor::random([rows, d_latent], "
-        "burn::tensor::Distribution::Normal(0.0, 1.0), device);",
+        *PRIOR_SAMPLE_FROM_THE_BACKENDS_RNG,
         ["-p", "chorus-cli", "--features", "wgpu", "--test", "wgpu_backend", "a_joint_model"],
     ),
     (
