@@ -311,7 +311,8 @@ enum Command {
         /// The GGUF model both sides run.
         #[arg(long)]
         gguf: PathBuf,
-        /// JSON written by scripts/llama_cpp_reference.py.
+        /// JSON written by scripts/llama_cpp_reference.py or scripts/numpy_reference.py (or a
+        /// fixture cut from one by scripts/make_reference_fixture.py).
         #[arg(long)]
         reference: PathBuf,
         /// Largest |Δlogit| accepted at the last prompt position [default: the reference's own
