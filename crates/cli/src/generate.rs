@@ -419,10 +419,9 @@ pub fn generate<B: Backend>(args: GenerateArgs<'_>, device: &B::Device) -> Resul
             .collect();
         eprintln!("writers: {}", legend.join(" · "));
     }
-    if stream {
-        write!(stdout, "{prompt_text}")?;
-        stdout.flush()?;
-    }
+    // The prompt is streamed before the first new token (or after none), so that a request
+    // `generate_with` refuses prints only its error.
+    let mut prompt_shown = !stream;
     // Streaming and stop strings need the text so far: decode the row's tokens at each step.
     let mut so_far: Vec<Vec<u32>> = vec![Vec::new(); rows];
     let mut printed: Vec<usize> = vec![0; rows];
@@ -435,6 +434,10 @@ pub fn generate<B: Backend>(args: GenerateArgs<'_>, device: &B::Device) -> Resul
         &config,
         device,
         |r, token, writer| {
+            if !prompt_shown {
+                let _ = write!(stdout, "{prompt_text}");
+                prompt_shown = true;
+            }
             if token == eos {
                 return false;
             }
@@ -459,6 +462,9 @@ pub fn generate<B: Backend>(args: GenerateArgs<'_>, device: &B::Device) -> Resul
     )?;
     let seconds = started.elapsed().as_secs_f64();
     if stream {
+        if !prompt_shown {
+            write!(stdout, "{prompt_text}")?;
+        }
         writeln!(stdout)?;
     }
     let mut samples = Vec::with_capacity(rows);

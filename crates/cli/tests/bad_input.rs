@@ -332,6 +332,28 @@ fn unwritable_outputs_and_empty_inputs_are_clear() {
     );
 }
 
+/// A generation the decoder refuses (more tokens than the context window) is one error line and
+/// nothing on stdout: the prompt is streamed only once decoding has started.
+#[test]
+fn a_refused_generation_prints_only_its_error() {
+    let f = Fixture::new();
+    let args = [
+        "generate",
+        "--model",
+        &f.path("lm"),
+        "--max-tokens",
+        "100000",
+        "The cat sat",
+    ];
+    f.fails(&args, &["context window", "100000 new tokens"]);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_chorus"))
+        .args(args)
+        .env("CHORUS_CACHE", &f.cache)
+        .output()
+        .expect("the chorus binary runs");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "");
+}
+
 #[test]
 fn flags_that_cannot_apply_are_refused_and_max_examples_applies_to_text_files() {
     let f = Fixture::new();

@@ -483,7 +483,7 @@ impl<B: Backend> Chorus<B> {
             return Err(ModelError::InvalidInput {
                 input: "prompt",
                 reason: format!(
-                    "{} prompt tokens + {} new tokens exceed the context window of {max_len}: shorten the prompt or lower max_new_tokens",
+                    "{} prompt tokens + {} new tokens exceed the context window of {max_len}: shorten the prompt or ask for fewer new tokens",
                     prompt.len(),
                     config.max_new_tokens
                 ),
