@@ -145,20 +145,18 @@ pub fn run<B: Backend>(
     let path = reference;
     let reference: Reference = serde_json::from_str(&text)
         .with_context(|| format!("{} is not a reference file", path.display()))?;
-    let tolerance = match (tolerance, reference.logit_tolerance) {
-        (Some(t), _) if t.is_finite() && t >= 0.0 => t,
-        (Some(t), _) => bail!("--tolerance must be a finite |Δlogit| ≥ 0, got {t}"),
-        (None, Some(t)) if t.is_finite() && t >= 0.0 => t,
-        (None, Some(t)) => bail!(
-            "{}: logit_tolerance must be a finite |Δlogit| ≥ 0, got {t}",
-            path.display()
-        ),
+    let (tolerance, from) = match (tolerance, reference.logit_tolerance) {
+        (Some(t), _) => (t, "--tolerance".to_string()),
+        (None, Some(t)) => (t, format!("{}: logit_tolerance", path.display())),
         (None, None) => bail!(
             "{} states no logit_tolerance (written by scripts/llama_cpp_reference.py and \
              scripts/numpy_reference.py); pass --tolerance",
             path.display()
         ),
     };
+    if !(tolerance.is_finite() && tolerance >= 0.0) {
+        bail!("{from} must be a finite |Δlogit| ≥ 0, got {tolerance}");
+    }
 
     let start = Instant::now();
     let file = GgufFile::open(gguf)?;
