@@ -1481,6 +1481,20 @@ MUTANTS = [
         "        (None, Some(t)) => (t.max(1.0), format!",
         ["-p", "chorus-cli", "--test", "smollm2_reference", "smollm2_matches"],
     ),
+    (
+        "sampling: the nucleus taken from the tokens above the first floor, sorted or not",
+        "crates/model/src/decode.rs",
+        "        if kept < order.len() || order.len() == p.len() {",
+        "        if kept <= order.len() {",
+        ["-p", "chorus-model", "--lib", "truncation_sorts_only"],
+    ),
+    (
+        "sampling: a distribution with a NaN truncated through the floors",
+        "crates/model/src/decode.rs",
+        "let fractions: &[f64] = if p.iter().any(|v| v.is_nan()) {",
+        "let fractions: &[f64] = if p.is_empty() {",
+        ["-p", "chorus-model", "--lib", "truncation_sorts_only"],
+    ),
 ]
 
 

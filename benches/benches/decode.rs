@@ -7,12 +7,21 @@
 //! - `lazy`: assistants catch up in one batched forward when they next write (the default);
 //! - `eager`: every model consumes every token as it is emitted;
 //! - `reencode`: Co-LLM's way — the assistant re-reads the whole prefix for each of its tokens.
+//!
+//! `sampling`: one token's nucleus truncation (`truncate_probs`, top-p 0.95, `chorus generate`'s
+//! default) over SmolLM2's 49,152-token vocabulary, from logits ~ N(0, σ²) at temperature 0.8:
+//! σ = 3 (a peaked distribution; its nucleus a small share of the vocabulary) and σ = 0.1 (nearly
+//! flat: the nucleus is most of the vocabulary, so it is sorted whole).
 
 use burn::backend::NdArray;
 use burn::module::Param;
 use burn::prelude::*;
+use chorus_data::rng::SplitMix64;
 use chorus_lm::{LlamaConfig, LmConfig};
-use chorus_model::{AssistantUpdate, Chorus, ChorusConfig, DecodeConfig, WriterStrategy};
+use chorus_model::{
+    AssistantUpdate, Chorus, ChorusConfig, DecodeConfig, WriterStrategy, tempered_probs,
+    truncate_probs,
+};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 
 type B = NdArray;
@@ -101,5 +110,24 @@ fn decode(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, decode);
+fn sampling(c: &mut Criterion) {
+    let mut group = c.benchmark_group("sampling");
+    let mut rng = SplitMix64(5);
+    for (name, sigma) in [("peaked", 3.0), ("flat", 0.1)] {
+        let logits: Vec<f32> = (0..49_152)
+            .map(|_| (sigma * rng.standard_normal()) as f32)
+            .collect();
+        let probs = tempered_probs(&logits, 0.8);
+        group.bench_function(BenchmarkId::new("truncate_top_p_0.95", name), |b| {
+            b.iter(|| {
+                let mut p = probs.clone();
+                truncate_probs(&mut p, 0, 0.95);
+                p
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, decode, sampling);
 criterion_main!(benches);

@@ -240,24 +240,64 @@ pub fn tempered_probs(logits: &[f32], temperature: f64) -> Vec<f64> {
 }
 
 /// Zeroes everything outside the top-k and outside the smallest set of mass ≥ top_p (top_k = 0
-/// and top_p ≥ 1 keep everything).
+/// and top_p ≥ 1 keep everything): with the tokens ordered by probability, most likely first
+/// (ties by id), token `rank` is kept while `(top_k = 0 ∨ rank < top_k) ∧ (m_rank < top_p ·
+/// Σ_v p_v ∨ rank = 0)`, where `m_rank` is the kept mass before it, summed in that order.
+///
+/// The kept tokens are a prefix of that order, so only the tokens at or above a floor are
+/// sorted — the floor a fixed fraction of the largest probability ([`TRUNCATION_FLOORS`]), lowered
+/// until the walk stops inside the sorted prefix (at the latest, every token): the same tokens as
+/// a sort of the whole vocabulary, whose ≈ 50,000 comparisons per token had taken more time than
+/// a SmolLM2 decoding step (docs/decoding.md).
 pub fn truncate_probs(p: &mut [f64], top_k: usize, top_p: f64) {
     if (top_k == 0 || top_k >= p.len()) && top_p >= 1.0 {
         return;
     }
-    let mut order: Vec<usize> = (0..p.len()).collect();
-    order.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
     let total: f64 = p.iter().sum();
-    let mut kept = 0.0;
-    for (rank, &i) in order.iter().enumerate() {
-        let keep = (top_k == 0 || rank < top_k) && (kept < top_p * total || rank == 0);
-        if keep {
-            kept += p[i];
-        } else {
-            p[i] = 0.0;
+    let largest = p.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    // A NaN sorts before every number (`total_cmp`), so no floor makes a prefix: sort them all.
+    let fractions: &[f64] = if p.iter().any(|v| v.is_nan()) {
+        &[]
+    } else {
+        &TRUNCATION_FLOORS
+    };
+    // `None`: every token, NaNs included.
+    let floors = fractions.iter().map(|f| Some(largest * f)).chain([None]);
+    for floor in floors {
+        let mut order: Vec<usize> = (0..p.len())
+            .filter(|&v| floor.is_none_or(|floor| p[v] >= floor))
+            .collect();
+        order.sort_unstable_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
+        let mut mass = 0.0;
+        let kept = order
+            .iter()
+            .enumerate()
+            .take_while(|&(rank, &v)| {
+                let keep = (top_k == 0 || rank < top_k) && (mass < top_p * total || rank == 0);
+                if keep {
+                    mass += p[v];
+                }
+                keep
+            })
+            .count();
+        if kept < order.len() || order.len() == p.len() {
+            let mut keep = vec![false; p.len()];
+            for &v in &order[..kept] {
+                keep[v] = true;
+            }
+            for (value, keep) in p.iter_mut().zip(keep) {
+                if !keep {
+                    *value = 0.0;
+                }
+            }
+            return;
         }
     }
 }
+
+/// The floors of [`truncate_probs`], as fractions of the largest probability: tokens within
+/// ≈ 5.5, 16.6 and 44 nats of the most likely, then every token.
+const TRUNCATION_FLOORS: [f64; 3] = [1.0 / 256.0, 1.0 / 16_777_216.0, 1e-19];
 
 /// The mixture `Σ_j π_j P_j` over the vocabulary.
 pub fn mixture_probs(pi: &[f64], per_model: &[Vec<f64>]) -> Vec<f64> {

@@ -538,6 +538,79 @@ fn truncation_keeps_the_top_k_and_the_smallest_nucleus() {
     assert_eq!(kept(1, 0.99), vec![0.0, 0.5, 0.0, 0.0]);
 }
 
+/// [`truncate_probs`]'s definition as it reads: the whole vocabulary sorted, most likely first
+/// (ties by id), then walked.
+fn truncated_by_sorting_everything(p: &[f64], top_k: usize, top_p: f64) -> Vec<f64> {
+    let mut p = p.to_vec();
+    if (top_k == 0 || top_k >= p.len()) && top_p >= 1.0 {
+        return p;
+    }
+    let mut order: Vec<usize> = (0..p.len()).collect();
+    order.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
+    let total: f64 = p.iter().sum();
+    let mut kept = 0.0;
+    for (rank, &v) in order.iter().enumerate() {
+        if (top_k == 0 || rank < top_k) && (kept < top_p * total || rank == 0) {
+            kept += p[v];
+        } else {
+            p[v] = 0.0;
+        }
+    }
+    p
+}
+
+#[test]
+fn truncation_sorts_only_what_it_keeps_and_keeps_what_a_full_sort_keeps() {
+    // Distributions from flat to one-hot (temperatures 0.01–50 over logits of spread 1–30), with
+    // ties (logits rounded to a grid), exact zeros (underflow), and NaNs; every kept set must be
+    // the whole-vocabulary sort's, bit for bit.
+    let mut rng = SplitMix64(11);
+    let mut cases = 0;
+    for &vocab in &[1usize, 2, 7, 300, 49_152] {
+        for trial in 0..12 {
+            let spread = [1.0, 5.0, 30.0][trial % 3];
+            let temperature = [0.01, 0.8, 50.0, 1.0][trial % 4];
+            let grid = if trial % 5 == 0 { 0.5 } else { 0.0 };
+            let logits: Vec<f32> = (0..vocab)
+                .map(|_| {
+                    let l = (rng.uniform() * 2.0 - 1.0) * spread;
+                    (if grid > 0.0 {
+                        (l / grid).round() * grid
+                    } else {
+                        l
+                    }) as f32
+                })
+                .collect();
+            let mut probs = tempered_probs(&logits, temperature);
+            if trial == 11 && vocab > 2 {
+                probs[vocab / 2] = f64::NAN;
+            }
+            for &(top_k, top_p) in &[
+                (0, 0.95),
+                (0, 0.5),
+                (0, 0.999_999),
+                (0, 1e-9),
+                (3, 1.0),
+                (40, 0.9),
+                (vocab, 0.95),
+                (0, 1.0),
+            ] {
+                let mut kept = probs.clone();
+                truncate_probs(&mut kept, top_k, top_p);
+                let expected = truncated_by_sorting_everything(&probs, top_k, top_p);
+                let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(&kept),
+                    bits(&expected),
+                    "vocab {vocab}, trial {trial}, top_k {top_k}, top_p {top_p}"
+                );
+                cases += 1;
+            }
+        }
+    }
+    assert_eq!(cases, 5 * 12 * 8);
+}
+
 #[test]
 fn decoding_z_comes_from_the_source_it_names() {
     let _rng = seeded(47);
