@@ -568,6 +568,7 @@ fn few_row_strided_and_folded_matmuls_equal_the_product_by_hand() {
         (3, 40, 2000),
         (8, 5, 300),
         (2, 1, 7),
+        (4, 13, 50), // whole vectors of 8 and a remainder in each dot product
     ] {
         let x = Tensor::<B, 2>::random([12, k], Distribution::Normal(0.0, 1.0), &d);
         for transposed in [false, true] {
