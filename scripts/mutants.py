@@ -1495,6 +1495,20 @@ MUTANTS = [
         "let fractions: &[f64] = if p.is_empty() {",
         ["-p", "chorus-model", "--lib", "truncation_sorts_only"],
     ),
+    (
+        "burn-ndarray few-row product: an f32 dot product's remainder dropped",
+        "vendor/burn-ndarray/src/ops/matmul.rs",
+        "    lanes.iter().fold(0.0f32, |s, &a| s + a) + rest",
+        "    lanes.iter().fold(0.0f32, |s, &a| s + a) + 0.0 * rest",
+        ["-p", "chorus-lm", "--lib", "few_row_strided"],
+    ),
+    (
+        "burn-ndarray few-row product: an f32 dot product's first vector skipped",
+        "vendor/burn-ndarray/src/ops/matmul.rs",
+        "    for c in 0..chunks {",
+        "    for c in 1..chunks {",
+        ["-p", "chorus-lm", "--lib", "few_row_strided"],
+    ),
 ]
 
 
