@@ -244,60 +244,92 @@ pub fn tempered_probs(logits: &[f32], temperature: f64) -> Vec<f64> {
 /// (ties by id), token `rank` is kept while `(top_k = 0 ∨ rank < top_k) ∧ (m_rank < top_p ·
 /// Σ_v p_v ∨ rank = 0)`, where `m_rank` is the kept mass before it, summed in that order.
 ///
-/// The kept tokens are a prefix of that order, so only the tokens at or above a floor are
-/// sorted — the floor a fixed fraction of the largest probability ([`TRUNCATION_FLOORS`]), lowered
-/// until the walk stops inside the sorted prefix (at the latest, every token): the same tokens as
-/// a sort of the whole vocabulary, whose ≈ 50,000 comparisons per token had taken more time than
-/// a SmolLM2 decoding step (docs/decoding.md).
+/// The kept tokens are a prefix of that order, so only a prefix is sorted: one pass counts the
+/// tokens and their mass in each binade below the largest probability ([`binades_below`]), and
+/// the prefix is every binade down to the first where the count passes top_k or the mass reaches
+/// top_p · Σ_v p_v (with a margin far above the rounding of a sum of them in another order), so
+/// the walk stops inside it or at its end. The same tokens as a sort of the whole vocabulary,
+/// whose ≈ 50,000 comparisons per token had taken as long as a SmolLM2 decoding step
+/// (docs/performance.md).
 pub fn truncate_probs(p: &mut [f64], top_k: usize, top_p: f64) {
     if (top_k == 0 || top_k >= p.len()) && top_p >= 1.0 {
         return;
     }
     let total: f64 = p.iter().sum();
-    let largest = p.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    // A NaN sorts before every number (`total_cmp`), so no floor makes a prefix: sort them all.
-    let fractions: &[f64] = if p.iter().any(|v| v.is_nan()) {
-        &[]
-    } else {
-        &TRUNCATION_FLOORS
+    let target = top_p * total;
+    let mut order: Vec<usize> = match prefix_binades(p, top_k, target) {
+        Some((binade, last)) => (0..p.len()).filter(|&v| binade(p[v]) <= last).collect(),
+        None => (0..p.len()).collect(),
     };
-    // `None`: every token, NaNs included.
-    let floors = fractions.iter().map(|f| Some(largest * f)).chain([None]);
-    for floor in floors {
-        let mut order: Vec<usize> = (0..p.len())
-            .filter(|&v| floor.is_none_or(|floor| p[v] >= floor))
-            .collect();
-        order.sort_unstable_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
-        let mut mass = 0.0;
-        let kept = order
-            .iter()
-            .enumerate()
-            .take_while(|&(rank, &v)| {
-                let keep = (top_k == 0 || rank < top_k) && (mass < top_p * total || rank == 0);
-                if keep {
-                    mass += p[v];
-                }
-                keep
-            })
-            .count();
-        if kept < order.len() || order.len() == p.len() {
-            let mut keep = vec![false; p.len()];
-            for &v in &order[..kept] {
-                keep[v] = true;
+    order.sort_unstable_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
+    let mut mass = 0.0;
+    let kept = order
+        .iter()
+        .enumerate()
+        .take_while(|&(rank, &v)| {
+            let keep = (top_k == 0 || rank < top_k) && (mass < target || rank == 0);
+            if keep {
+                mass += p[v];
             }
-            for (value, keep) in p.iter_mut().zip(keep) {
-                if !keep {
-                    *value = 0.0;
-                }
-            }
-            return;
+            keep
+        })
+        .count();
+    let mut keep = vec![false; p.len()];
+    for &v in &order[..kept] {
+        keep[v] = true;
+    }
+    for (value, keep) in p.iter_mut().zip(keep) {
+        if !keep {
+            *value = 0.0;
         }
     }
 }
 
-/// The floors of [`truncate_probs`], as fractions of the largest probability: tokens within
-/// ≈ 5.5, 16.6 and 44 nats of the most likely, then every token.
-const TRUNCATION_FLOORS: [f64; 3] = [1.0 / 256.0, 1.0 / 16_777_216.0, 1e-19];
+/// [`truncate_probs`]'s prefix: the binade of each value and the last binade whose tokens are
+/// sorted; `None` to sort every token (a NaN, which sorts before every number, or no binade
+/// before the last that decides the walk).
+fn prefix_binades(
+    p: &[f64],
+    top_k: usize,
+    target: f64,
+) -> Option<(impl Fn(f64) -> usize + use<>, usize)> {
+    if p.iter().any(|v| v.is_nan()) {
+        return None;
+    }
+    let binade = binades_below(p);
+    let mut count = vec![0usize; LAST_BINADE + 1];
+    let mut mass = vec![0.0f64; LAST_BINADE + 1];
+    for &v in p {
+        count[binade(v)] += 1;
+        mass[binade(v)] += v;
+    }
+    let (mut seen, mut seen_mass) = (0, 0.0);
+    let last = (0..LAST_BINADE).find(|&b| {
+        seen += count[b];
+        seen_mass += mass[b];
+        (top_k > 0 && seen >= top_k) || seen_mass >= target * (1.0 + 1e-6)
+    })?;
+    Some((binade, last))
+}
+
+/// The binade of the largest value for zeros and negative values, below every positive one's.
+const LAST_BINADE: usize = 2048;
+
+/// For values `p` without NaNs: `v ↦` how many binades `v` lies below the largest of `p` (the
+/// difference of their f64 exponents; subnormals count as one binade), [`LAST_BINADE`] for
+/// `v ≤ 0`. Never smaller for a smaller value, so the values down to any binade are a prefix of
+/// `p` in decreasing order.
+fn binades_below(p: &[f64]) -> impl Fn(f64) -> usize + use<> {
+    let exponent = |v: f64| ((v.to_bits() >> 52) & 0x7ff) as usize;
+    let top = exponent(p.iter().copied().fold(0.0, f64::max));
+    move |v| {
+        if v > 0.0 {
+            top - exponent(v)
+        } else {
+            LAST_BINADE
+        }
+    }
+}
 
 /// The mixture `Σ_j π_j P_j` over the vocabulary.
 pub fn mixture_probs(pi: &[f64], per_model: &[Vec<f64>]) -> Vec<f64> {

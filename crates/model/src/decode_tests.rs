@@ -562,8 +562,8 @@ fn truncated_by_sorting_everything(p: &[f64], top_k: usize, top_p: f64) -> Vec<f
 #[test]
 fn truncation_sorts_only_what_it_keeps_and_keeps_what_a_full_sort_keeps() {
     // Distributions from flat to one-hot (temperatures 0.01–50 over logits of spread 1–30), with
-    // ties (logits rounded to a grid), exact zeros (underflow), and NaNs; every kept set must be
-    // the whole-vocabulary sort's, bit for bit.
+    // ties (logits rounded to a grid), exact zeros (underflow), Zipf's law (unnormalised), and
+    // NaNs; every kept set must be the whole-vocabulary sort's, bit for bit.
     let mut rng = SplitMix64(11);
     let mut cases = 0;
     for &vocab in &[1usize, 2, 7, 300, 49_152] {
@@ -582,6 +582,17 @@ fn truncation_sorts_only_what_it_keeps_and_keeps_what_a_full_sort_keeps() {
                 })
                 .collect();
             let mut probs = tempered_probs(&logits, temperature);
+            if trial % 4 == 3 {
+                // Zipf's law, p ∝ rank^−s, over ids in a random order: the nucleus's edge
+                // anywhere from the first few binades to the last.
+                let s = [0.8, 1.1, 1.5][trial % 3];
+                let ranks: Vec<f64> = probs.iter().map(|_| rng.uniform()).collect();
+                let mut ids: Vec<usize> = (0..vocab).collect();
+                ids.sort_by(|&a, &b| ranks[a].total_cmp(&ranks[b]));
+                for (rank, &v) in ids.iter().enumerate() {
+                    probs[v] = (rank as f64 + 1.0).powf(-s);
+                }
+            }
             if trial == 11 && vocab > 2 {
                 probs[vocab / 2] = f64::NAN;
             }
@@ -590,7 +601,9 @@ fn truncation_sorts_only_what_it_keeps_and_keeps_what_a_full_sort_keeps() {
                 (0, 0.5),
                 (0, 0.999_999),
                 (0, 1e-9),
+                (0, 0.7),
                 (3, 1.0),
+                (1000, 1.0),
                 (40, 0.9),
                 (vocab, 0.95),
                 (0, 1.0),
@@ -608,7 +621,7 @@ fn truncation_sorts_only_what_it_keeps_and_keeps_what_a_full_sort_keeps() {
             }
         }
     }
-    assert_eq!(cases, 5 * 12 * 8);
+    assert_eq!(cases, 5 * 12 * 10);
 }
 
 #[test]
