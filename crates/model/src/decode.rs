@@ -246,7 +246,7 @@ pub fn tempered_probs(logits: &[f32], temperature: f64) -> Vec<f64> {
 ///
 /// The kept tokens are a prefix of that order, so only a prefix is sorted: one pass counts the
 /// tokens and their mass in each binade below the largest probability ([`binades_below`]), and
-/// the prefix is every binade down to the first where the count passes top_k or the mass reaches
+/// the prefix is every binade down to the first where the count reaches top_k or the mass reaches
 /// top_p · Σ_v p_v (with a margin far above the rounding of a sum of them in another order), so
 /// the walk stops inside it or at its end. The same tokens as a sort of the whole vocabulary,
 /// whose ≈ 50,000 comparisons per token had taken as long as a SmolLM2 decoding step
