@@ -300,8 +300,9 @@ fn prefix_binades(
     let mut count = vec![0usize; LAST_BINADE + 1];
     let mut mass = vec![0.0f64; LAST_BINADE + 1];
     for &v in p {
-        count[binade(v)] += 1;
-        mass[binade(v)] += v;
+        let b = binade(v);
+        count[b] += 1;
+        mass[b] += v;
     }
     let (mut seen, mut seen_mass) = (0, 0.0);
     let last = (0..LAST_BINADE).find(|&b| {

@@ -245,11 +245,13 @@ fn small_m_matmul<E: NdArrayElement>(
     // Block-major result: block b holds rows 0..m of columns b·block.., `width` wide.
     let mut result = vec![E::zero(); m * n];
     let avx2 = has_avx2();
+    let f32_avx = is_f32_with_avx::<E>();
     let work = |(b, chunk): (usize, &mut [E])| {
         let block = Block {
             lhs_rows: &lhs_rows,
             rhs: rhs_data,
             row_major,
+            f32_avx,
             n,
             k,
             start: b * block,
@@ -298,11 +300,24 @@ fn has_avx2() -> bool {
     false
 }
 
+/// chorus: whether `E` is f32 and the CPU has AVX, so [`Block::dot`] may run [`dot_f32_avx`].
+fn is_f32_with_avx<E: NdArrayElement>() -> bool {
+    #[cfg(all(target_arch = "x86_64", feature = "std"))]
+    {
+        core::any::TypeId::of::<E>() == core::any::TypeId::of::<f32>()
+            && std::is_x86_feature_detected!("avx")
+    }
+    #[cfg(not(all(target_arch = "x86_64", feature = "std")))]
+    false
+}
+
 /// chorus: one column block of [`small_m_matmul`].
 struct Block<'a, E> {
     lhs_rows: &'a [Vec<E>],
     rhs: &'a [E],
     row_major: bool,
+    /// [`is_f32_with_avx`], asked once per product rather than per dot product.
+    f32_avx: bool,
     n: usize,
     k: usize,
     start: usize,
@@ -352,10 +367,9 @@ impl<E: NdArrayElement> Block<'_, E> {
     #[inline(always)]
     fn dot(&self, x: &[E], w: &[E]) -> E {
         #[cfg(all(target_arch = "x86_64", feature = "std"))]
-        if core::any::TypeId::of::<E>() == core::any::TypeId::of::<f32>()
-            && std::is_x86_feature_detected!("avx")
-        {
-            // SAFETY: E is f32 (checked above), so the slices are slices of f32; the CPU has AVX.
+        if self.f32_avx {
+            // SAFETY: E is f32 and the CPU has AVX (`is_f32_with_avx`), so the slices are slices
+            // of f32.
             let sum = unsafe {
                 dot_f32_avx(
                     core::slice::from_raw_parts(x.as_ptr().cast::<f32>(), x.len()),
