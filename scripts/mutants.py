@@ -1503,6 +1503,20 @@ MUTANTS = [
         ["-p", "chorus-model", "--lib", "truncation_sorts_only"],
     ),
     (
+        "sampling: the radix sort skips the pass of the keys' lowest byte",
+        "crates/model/src/decode.rs",
+        "        if counts.contains(&keys.len()) {",
+        "        if byte == 0 || counts.contains(&keys.len()) {",
+        ["-p", "chorus-model", "--lib", "the_radix_sort"],
+    ),
+    (
+        "sampling: the radix sort scatters each pass's keys in reverse (not stable)",
+        "crates/model/src/decode.rs",
+        "        for &(key, value) in keys.iter() {",
+        "        for &(key, value) in keys.iter().rev() {",
+        ["-p", "chorus-model", "--lib", "the_radix_sort"],
+    ),
+    (
         "burn-ndarray few-row product: an f32 dot product's remainder dropped",
         "vendor/burn-ndarray/src/ops/matmul.rs",
         "    lanes.iter().fold(0.0f32, |s, &a| s + a) + rest",

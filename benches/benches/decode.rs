@@ -11,7 +11,7 @@
 //! `sampling`: one token's nucleus truncation (`truncate_probs`, top-p 0.95, `chorus generate`'s
 //! default) over SmolLM2's 49,152-token vocabulary, from logits ~ N(0, σ²) at temperature 0.8:
 //! σ = 3 (a peaked distribution; its nucleus a small share of the vocabulary) and σ = 0.1 (nearly
-//! flat: the nucleus is most of the vocabulary, so it is sorted whole).
+//! flat: the nucleus is most of the vocabulary, so most of it is sorted).
 
 use burn::backend::NdArray;
 use burn::module::Param;

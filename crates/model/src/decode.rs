@@ -248,40 +248,91 @@ pub fn tempered_probs(logits: &[f32], temperature: f64) -> Vec<f64> {
 /// tokens and their mass in each binade below the largest probability ([`binades_below`]), and
 /// the prefix is every binade down to the first where the count reaches top_k or the mass reaches
 /// top_p · Σ_v p_v (with a margin far above the rounding of a sum of them in another order), so
-/// the walk stops inside it or at its end. The same tokens as a sort of the whole vocabulary,
-/// whose ≈ 50,000 comparisons per token had taken as long as a SmolLM2 decoding step
-/// (docs/performance.md).
+/// the walk stops inside it or at its end; the prefix is sorted by [`radix_sort`] on its
+/// probabilities' bits. The same tokens as a sort of the whole vocabulary, whose ≈ 50,000
+/// comparisons per token had taken as long as a SmolLM2 decoding step (docs/performance.md).
 pub fn truncate_probs(p: &mut [f64], top_k: usize, top_p: f64) {
     if (top_k == 0 || top_k >= p.len()) && top_p >= 1.0 {
         return;
     }
     let total: f64 = p.iter().sum();
     let target = top_p * total;
-    let mut order: Vec<usize> = match prefix_binades(p, top_k, target) {
-        Some((binade, last)) => (0..p.len()).filter(|&v| binade(p[v]) <= last).collect(),
-        None => (0..p.len()).collect(),
-    };
-    order.sort_unstable_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
-    let mut mass = 0.0;
-    let kept = order
-        .iter()
-        .enumerate()
-        .take_while(|&(rank, &v)| {
-            let keep = (top_k == 0 || rank < top_k) && (mass < target || rank == 0);
-            if keep {
-                mass += p[v];
-            }
-            keep
-        })
-        .count();
+    // Walks the tokens in that order, keeping each until one is not kept.
     let mut keep = vec![false; p.len()];
-    for &v in &order[..kept] {
-        keep[v] = true;
+    let mut mass = 0.0;
+    let mut walk = |order: &mut dyn Iterator<Item = usize>| {
+        for (rank, v) in order.enumerate() {
+            let kept = (top_k == 0 || rank < top_k) && (mass < target || rank == 0);
+            if !kept {
+                break;
+            }
+            mass += p[v];
+            keep[v] = true;
+        }
+    };
+    match prefix_binades(p, top_k, target) {
+        Some((binade, last)) => SORT_SCRATCH.with_borrow_mut(|[keys, spare]| {
+            // The prefix's values are positive, so their bits order them as numbers do: one
+            // integer key per token, `(u64::MAX − bits(p_v), v)`, sorted without reading `p`.
+            keys.clear();
+            keys.extend(
+                (0..p.len())
+                    .filter(|&v| binade(p[v]) <= last)
+                    .map(|v| (u64::MAX - p[v].to_bits(), v)),
+            );
+            radix_sort(keys, spare);
+            walk(&mut keys.iter().map(|&(_, v)| v));
+        }),
+        None => {
+            let mut order: Vec<usize> = (0..p.len()).collect();
+            order.sort_unstable_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
+            walk(&mut order.into_iter());
+        }
     }
     for (value, keep) in p.iter_mut().zip(keep) {
         if !keep {
             *value = 0.0;
         }
+    }
+}
+
+thread_local! {
+    /// [`truncate_probs`]'s sort keys and [`radix_sort`]'s second buffer, kept from token to
+    /// token: allocated afresh, their pages (16 bytes per token of the prefix each) were zeroed by
+    /// the kernel at every token (docs/performance.md).
+    static SORT_SCRATCH: std::cell::RefCell<[Vec<(u64, usize)>; 2]> = const {
+        std::cell::RefCell::new([Vec::new(), Vec::new()])
+    };
+}
+
+/// Sorts `keys` by their `u64` in increasing order, equal ones kept in their order: a stable
+/// least-significant-digit radix sort, a byte a pass (the passes whose byte is the same in every
+/// key skipped), through `spare` (its contents replaced).
+pub(crate) fn radix_sort<T: Copy>(keys: &mut Vec<(u64, T)>, spare: &mut Vec<(u64, T)>) {
+    let mut counts = [[0usize; 256]; 8];
+    for &(key, _) in keys.iter() {
+        for (byte, counts) in counts.iter_mut().enumerate() {
+            counts[(key >> (8 * byte)) as usize & 0xff] += 1;
+        }
+    }
+    spare.clear();
+    spare.extend_from_slice(keys);
+    for (byte, counts) in counts.iter().enumerate() {
+        if counts.contains(&keys.len()) {
+            continue;
+        }
+        let mut next = [0usize; 256];
+        let mut start = 0;
+        for (next, &count) in next.iter_mut().zip(counts) {
+            *next = start;
+            start += count;
+        }
+        for &(key, value) in keys.iter() {
+            let digit = (key >> (8 * byte)) as usize & 0xff;
+            spare[next[digit]] = (key, value);
+            next[digit] += 1;
+        }
+        std::mem::swap(keys, spare);
     }
 }
 

@@ -7,7 +7,7 @@ use burn::tensor::Distribution;
 use burn::tensor::activation::softmax;
 use chorus_lm::LmInput;
 
-use crate::decode::{argmax, categorical};
+use crate::decode::{argmax, categorical, radix_sort};
 use crate::tests::{chorus, seeded};
 use crate::{
     Assistant, AssistantUpdate, Chorus, ChorusConfig, DecodeConfig, Decoded, LocalLm,
@@ -622,6 +622,37 @@ fn truncation_sorts_only_what_it_keeps_and_keeps_what_a_full_sort_keeps() {
         }
     }
     assert_eq!(cases, 5 * 12 * 10);
+}
+
+#[test]
+fn the_radix_sort_orders_as_a_stable_sort_does() {
+    // Keys that differ anywhere (every byte random), only in their lowest byte, only in their
+    // highest, in a few values with many repeats, none at all; each tagged with its position, so
+    // that equal keys must keep their order.
+    let mut rng = SplitMix64(29);
+    let mut random =
+        move || (rng.uniform() * 2f64.powi(53)) as u64 ^ (rng.uniform() * 2048.0) as u64;
+    let kinds: [(&str, &mut dyn FnMut(usize) -> u64); 5] = [
+        ("any byte", &mut |_| random() << 11 ^ random()),
+        ("lowest byte", &mut |i| {
+            0x3f1a_0000_0000_0000 | (i as u64 * 2_654_435_761) & 0xff
+        }),
+        ("highest byte", &mut |i| ((i as u64 * 40_503) & 0xff) << 56),
+        ("repeats", &mut |i| [7u64, 1 << 40, 7, u64::MAX][i % 4]),
+        ("all equal", &mut |_| 42),
+    ];
+    for (kind, key) in kinds {
+        for n in [0, 1, 2, 255, 256, 3000] {
+            let mut keys: Vec<(u64, usize)> = (0..n).map(|i| (key(i), i)).collect();
+            let mut expected = keys.clone();
+            expected.sort_by_key(|&(key, _)| key);
+            // A spare buffer longer than the keys, with other contents, as one left from a
+            // larger sort.
+            let mut spare = vec![(9, 9); n + 5];
+            radix_sort(&mut keys, &mut spare);
+            assert_eq!(keys, expected, "{kind}, {n} keys");
+        }
+    }
 }
 
 #[test]
