@@ -1517,6 +1517,20 @@ MUTANTS = [
         ["-p", "chorus-model", "--lib", "the_radix_sort"],
     ),
     (
+        "cli: a count of 0 accepted (`--samples 0`, `--iw-samples 0`, …)",
+        "crates/cli/src/main.rs",
+        "        Ok(0) => Err(\"must be at least 1\".into()),",
+        "        Ok(0) => Ok(0),",
+        ["-p", "chorus-cli", "--test", "bad_input", "sampling_flags"],
+    ),
+    (
+        "generate: an empty --stop string accepted",
+        "crates/cli/src/generate.rs",
+        "    if args.stop.iter().any(String::is_empty) {",
+        "    if args.stop.iter().all(String::is_empty) && args.stop.len() > 1 {",
+        ["-p", "chorus-cli", "--test", "bad_input", "sampling_flags"],
+    ),
+    (
         "burn-ndarray few-row product: an f32 dot product's remainder dropped",
         "vendor/burn-ndarray/src/ops/matmul.rs",
         "    lanes.iter().fold(0.0f32, |s, &a| s + a) + rest",

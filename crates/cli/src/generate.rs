@@ -289,6 +289,9 @@ fn load_model<B: Backend>(
 }
 
 pub fn generate<B: Backend>(args: GenerateArgs<'_>, device: &B::Device) -> Result<()> {
+    if args.stop.iter().any(String::is_empty) {
+        bail!("--stop \"\": an empty stop string is found before the first token");
+    }
     let mut remotes = Vec::new();
     let (model, sources, tokenizer, calibration) = match args.model {
         ModelSource::One(path) => {
@@ -341,7 +344,7 @@ pub fn generate<B: Backend>(args: GenerateArgs<'_>, device: &B::Device) -> Resul
     let prompt_text = read_prompt(&args)?;
     let mut prompt = vec![eos];
     prompt.extend(tokenizer.encode(&prompt_text)?);
-    let rows = args.samples.max(1);
+    let rows = args.samples;
     let encode_reference = |text: &str| -> Result<Vec<u32>> {
         let mut ids = tokenizer.encode(text)?;
         ids.push(eos);

@@ -167,7 +167,7 @@ enum Command {
         #[arg(long)]
         max_examples: Option<usize>,
         /// z samples per example for the importance-weighted bound.
-        #[arg(long, default_value_t = 100)]
+        #[arg(long, default_value_t = 100, value_parser = parse_count)]
         iw_samples: usize,
         /// Also evaluate each member of a joint model alone.
         #[arg(long)]
@@ -258,7 +258,7 @@ enum Command {
         #[arg(long)]
         stop: Vec<String>,
         /// Samples of the same prompt, decoded as one batch.
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 1, value_parser = parse_count)]
         samples: usize,
         /// Colour tokens by writer.
         #[arg(long, value_enum, default_value_t = generate::Color::Auto)]
@@ -282,7 +282,7 @@ enum Command {
         /// A joint checkpoint directory.
         #[arg(long)]
         model: PathBuf,
-        /// Validation examples per task.
+        /// Validation examples per task (0 = all).
         #[arg(long, default_value_t = 200)]
         max_examples: usize,
         /// Data settings (the [data] table of a train config).
@@ -339,13 +339,13 @@ enum Command {
         #[arg(long, value_enum)]
         joint: Option<bench::Joint>,
         /// Rows per batch.
-        #[arg(long, default_value_t = 8)]
+        #[arg(long, default_value_t = 8, value_parser = parse_count)]
         batch: usize,
         /// Tokens per row.
-        #[arg(long, default_value_t = 128)]
+        #[arg(long, default_value_t = 128, value_parser = parse_count)]
         seq: usize,
         /// Timed steps (after one warm-up step).
-        #[arg(long, default_value_t = 5)]
+        #[arg(long, default_value_t = 5, value_parser = parse_count)]
         steps: usize,
     },
     /// Time decoding steps of several rows of a GGUF model — a lazy assistant's catch-up over the
@@ -361,10 +361,10 @@ enum Command {
         #[arg(long, default_value_t = 16)]
         context: usize,
         /// Rows per timed step.
-        #[arg(long, value_delimiter = ',', default_value = "1,2,4,6,8,16")]
+        #[arg(long, value_delimiter = ',', default_value = "1,2,4,6,8,16", value_parser = parse_count)]
         rows: Vec<usize>,
         /// Timed steps per row count (the median is reported).
-        #[arg(long, default_value_t = 7)]
+        #[arg(long, default_value_t = 7, value_parser = parse_count)]
         repeats: usize,
         /// Also time 96 one-row steps per pause length given (milliseconds, e.g. 0,2,14,50), the
         /// thread asleep that long before every 6th step — as a base waits for a lazy
@@ -383,13 +383,13 @@ enum Command {
         #[arg(long, value_enum)]
         shape: Option<bench::Shape>,
         /// Rows per batch.
-        #[arg(long, default_value_t = 8)]
+        #[arg(long, default_value_t = 8, value_parser = parse_count)]
         batch: usize,
         /// Scored tokens per row.
-        #[arg(long, default_value_t = 128)]
+        #[arg(long, default_value_t = 128, value_parser = parse_count)]
         seq: usize,
         /// Timed passes (after one warm-up pass).
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = 3, value_parser = parse_count)]
         repeats: usize,
     },
 }
@@ -402,6 +402,16 @@ fn parse_split(s: &str) -> Result<Split, String> {
         _ => Err(format!(
             "unknown split `{s}`: expected train, valid or test"
         )),
+    }
+}
+
+/// A count of at least one (samples, rows, steps, repeats): 0 would leave nothing to do or
+/// divide by nothing.
+fn parse_count(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
     }
 }
 

@@ -355,6 +355,50 @@ fn a_refused_generation_prints_only_its_error() {
 }
 
 #[test]
+fn sampling_flags_and_counts_out_of_range_are_refused_by_name() {
+    let f = Fixture::new();
+    let lm = f.path("lm");
+    for (flag, value, says) in [
+        ("--stop", "", "--stop \"\""),
+        ("--top-p", "0", "top_p"),
+        ("--top-p", "1.5", "top_p"),
+        ("--temperature", "NaN", "temperature"),
+    ] {
+        f.fails(
+            &["generate", "--model", &lm, flag, value, "The cat sat"],
+            &[says],
+        );
+    }
+    // Counts of nothing: refused by the argument parser (exit code 2), before any work, where
+    // they were taken as 1 (`--samples`), gave a bound of 0 samples (`--iw-samples`), a rate
+    // over no steps (`--steps`) or a panic (`--batch`).
+    for (flag, args) in [
+        (
+            "--samples",
+            vec!["generate", "--model", &lm, "--samples", "0", "The cat sat"],
+        ),
+        (
+            "--iw-samples",
+            vec!["eval", "--model", &lm, "--iw-samples", "0"],
+        ),
+        ("--steps", vec!["bench-step", "--steps", "0"]),
+        ("--batch", vec!["bench-step", "--batch", "0"]),
+        (
+            "--seq",
+            vec!["bench-score", "--shape", "small", "--seq", "0"],
+        ),
+        ("--rows", vec!["bench-rows", "--gguf", &lm, "--rows", "1,0"]),
+    ] {
+        let (code, stderr) = chorus(&f.cache, &args);
+        assert_eq!(code, 2, "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(&format!("for '{flag} ")) && stderr.contains("must be at least 1"),
+            "{args:?}: {stderr}"
+        );
+    }
+}
+
+#[test]
 fn flags_that_cannot_apply_are_refused_and_max_examples_applies_to_text_files() {
     let f = Fixture::new();
     // 60 sentences: 15 passages of four.
