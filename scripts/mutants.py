@@ -1531,6 +1531,13 @@ MUTANTS = [
         ["-p", "chorus-cli", "--test", "bad_input", "sampling_flags"],
     ),
     (
+        "eval: two models of one name accepted",
+        "crates/cli/src/train.rs",
+        "        if !names.insert(name.clone()) {\n            bail!(\n                \"two models named `{name}`: name each one",
+        "        if names.insert(name.clone()) && false {\n            bail!(\n                \"two models named `{name}`: name each one",
+        ["-p", "chorus-cli", "--test", "bad_input", "flags_that_cannot_apply"],
+    ),
+    (
         "burn-ndarray few-row product: an f32 dot product's remainder dropped",
         "vendor/burn-ndarray/src/ops/matmul.rs",
         "    lanes.iter().fold(0.0f32, |s, &a| s + a) + rest",

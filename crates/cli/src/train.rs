@@ -242,6 +242,22 @@ pub fn eval<B: Backend>(args: EvalArgs<'_>, device: &B::Device) -> Result<()> {
     if args.models.is_empty() && args.compositions.is_empty() {
         bail!("give at least one --model (a joint checkpoint directory or an LM) or --composition");
     }
+    // Rows, the paired comparisons and `chorus eval-mean` tell the models apart by name.
+    let mut names = std::collections::BTreeSet::new();
+    for spec in args.models {
+        let (name, _) = parse_model(spec);
+        if !names.insert(name.clone()) {
+            bail!(
+                "two models named `{name}`: name each one, e.g. --model a={name} --model b={name}"
+            );
+        }
+    }
+    for spec in args.compositions {
+        let (name, _, _) = parse_composition(spec)?;
+        if !names.insert(name.clone()) {
+            bail!("two models named `{name}`: name the composition, e.g. --composition c=…");
+        }
+    }
     let data: DataConfig = match args.config {
         Some(_) => load_config::<TrainConfig>(args.config, args.sets)?.data,
         None => load_config::<DataSection>(None, args.sets)?.data,

@@ -79,6 +79,20 @@ fn malformed_and_truncated_model_files_are_named() {
         b"{\"family\": \"llama\", \"vocab_size\": ",
     );
     f.fails(&["inspect", &f.path("cut-lm")], &["config.json"]);
+    // A Hugging Face config.json of an architecture chorus does not load, and a chorus LM's
+    // where a BERT encoder's is expected: the file named, not its weights.
+    f.write(
+        "cut-lm/config.json",
+        b"{\"model_type\": \"mistral\", \"vocab_size\": 10}",
+    );
+    f.fails(
+        &["inspect", &f.path("cut-lm")],
+        &["config.json: not a Hugging Face config", "\"mistral\""],
+    );
+    f.fails(
+        &["embed", "--encoder", &f.path("lm"), "hi"],
+        &["config.json: not a Hugging Face config", "bert"],
+    );
     // tokenizer.json: truncated, next to a model being evaluated.
     std::fs::copy(
         lm.join("config.json"),
@@ -420,6 +434,27 @@ fn flags_that_cannot_apply_are_refused_and_max_examples_applies_to_text_files() 
     );
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("--split"), "{stderr}");
+    // Two models of one name (the same path twice, or one NAME= twice): their rows and paired
+    // comparison could not be told apart.
+    let lm = f.path("lm");
+    for (first, second) in [
+        (lm.clone(), lm.clone()),
+        (format!("a={lm}"), format!("a={lm}")),
+    ] {
+        let name = if first.starts_with("a=") { "a" } else { &lm };
+        f.fails(
+            &[
+                "eval",
+                "--model",
+                &first,
+                "--model",
+                &second,
+                "--text-file",
+                &text_file,
+            ],
+            &[&format!("two models named `{name}`")],
+        );
+    }
     let report = f.succeeds(
         &[
             "eval",

@@ -86,13 +86,13 @@ impl<B: Backend> Bert<B> {
             v.get(key)
                 .and_then(Value::as_u64)
                 .map(|x| x as usize)
-                .ok_or_else(|| LmError::Weights {
+                .ok_or_else(|| LmError::HfConfig {
                     path: config_path.clone(),
                     reason: format!("missing or non-integer `{key}`"),
                 })
         };
         if v.get("model_type").and_then(Value::as_str) != Some("bert") {
-            return Err(LmError::Weights {
+            return Err(LmError::HfConfig {
                 path: config_path,
                 reason: "model_type is not \"bert\"".into(),
             });

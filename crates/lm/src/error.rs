@@ -35,6 +35,14 @@ pub enum LmError {
         /// The parser's error.
         source: serde_json::Error,
     },
+    /// A Hugging Face `config.json` lacks a key chorus needs or names another architecture.
+    #[error("{path}: not a Hugging Face config chorus can load: {reason}")]
+    HfConfig {
+        /// The file.
+        path: PathBuf,
+        /// What is missing or wrong.
+        reason: String,
+    },
     /// A weights file is not a readable safetensors file (truncated, corrupt header, ...).
     #[error("{path}: not a readable safetensors file: {reason}")]
     Weights {

@@ -251,7 +251,7 @@ pub fn config_from_hf(path: &Path) -> Result<LmConfig, LmError> {
         path: path.to_path_buf(),
         source,
     })?;
-    let bad = |reason: String| LmError::Weights {
+    let bad = |reason: String| LmError::HfConfig {
         path: path.to_path_buf(),
         reason,
     };
@@ -298,11 +298,12 @@ pub fn config_from_hf(path: &Path) -> Result<LmConfig, LmError> {
                 tie_embeddings: bool_or("tie_word_embeddings", true),
             })
         }
-        other => {
+        Some(other) => {
             return Err(bad(format!(
-                "model_type {other:?} is not supported (llama, gpt2 are)"
+                "model_type \"{other}\" is not supported (llama, gpt2 are)"
             )));
         }
+        None => return Err(bad("no `model_type` (llama or gpt2)".into())),
     };
     config.validate()?;
     Ok(config)
