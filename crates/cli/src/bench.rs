@@ -221,10 +221,7 @@ where
     }
     // Wait for the device before stopping the clock.
     let _ = B::sync(device);
-    Ok((
-        warm_up_s,
-        started.elapsed().as_secs_f64() / steps.max(1) as f64,
-    ))
+    Ok((warm_up_s, started.elapsed().as_secs_f64() / steps as f64))
 }
 
 /// The token at row `r`, position `t` of the scoring workload: a fixed pattern that
@@ -312,10 +309,10 @@ fn score_report<B: Backend>(
     let first_pass_s = warm_up.elapsed().as_secs_f64();
     let started = Instant::now();
     let mut nll = 0.0;
-    for _ in 0..repeats.max(1) {
+    for _ in 0..repeats {
         nll = pass()?;
     }
-    let seconds = started.elapsed().as_secs_f64() / repeats.max(1) as f64;
+    let seconds = started.elapsed().as_secs_f64() / repeats as f64;
     Ok(ScoreReport {
         system: "chorus",
         batch,
@@ -438,9 +435,9 @@ pub fn rows<B: Backend>(
     };
     let mut steps = Vec::with_capacity(rows.len());
     for &n in rows {
-        let mut seconds = Vec::with_capacity(repeats.max(1));
+        let mut seconds = Vec::with_capacity(repeats);
         // One untimed round first (warm-up), then the timed ones.
-        for round in 0..=repeats.max(1) {
+        for round in 0..=repeats {
             let step = timed_step(&mut prefilled()?, context, n)?;
             if round > 0 {
                 seconds.push(step);
