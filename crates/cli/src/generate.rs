@@ -42,9 +42,11 @@ pub struct GenerateArgs<'a> {
     pub prompt: Option<&'a str>,
     pub prompt_file: Option<&'a Path>,
     pub strategy: Option<&'a str>,
-    pub z: ZChoice,
+    /// `None`: the prior (a sample of it).
+    pub z: Option<ZChoice>,
     pub references: &'a [String],
-    pub alpha: f64,
+    /// `None`: 0.5.
+    pub alpha: Option<f64>,
     pub temperature: f64,
     pub top_k: usize,
     pub top_p: f64,
@@ -55,7 +57,8 @@ pub struct GenerateArgs<'a> {
     pub color: Color,
     pub json: Option<&'a Path>,
     pub html: Option<&'a Path>,
-    pub assistants: AssistantUpdate,
+    /// `None`: lazy.
+    pub assistants: Option<AssistantUpdate>,
     /// GGUF members keep their quantised blocks for decoding (on host devices).
     pub gguf_blocks: bool,
 }
@@ -288,6 +291,62 @@ fn load_model<B: Backend>(
     Ok((model, vec![path.display().to_string()], tokenizer))
 }
 
+/// Refuses a flag that the model cannot read, rather than decoding as if it had not been given:
+/// writer strategies and assistant updates without assistants (`k` models in all), a choice of z
+/// for a model without z (or one that fixes z at the prior mean), references and `--alpha` that
+/// the chosen z does not read.
+fn refuse_flags_that_cannot_apply(
+    args: &GenerateArgs<'_>,
+    config: &chorus_model::ChorusConfig,
+    k: usize,
+) -> Result<()> {
+    if k == 1 {
+        if let Some(strategy) = args.strategy {
+            bail!(
+                "--strategy {strategy}: a single LM writes every token itself; writer strategies \
+                 are for a joint model or for --base with --assistant"
+            );
+        }
+        if args.assistants.is_some() {
+            bail!("--assistant-update: a single LM has no assistants to update");
+        }
+    }
+    let name = |choice: ZChoice| {
+        clap::ValueEnum::to_possible_value(&choice)
+            .map_or_else(|| format!("{choice:?}"), |v| v.get_name().to_string())
+    };
+    if let Some(choice) = args.z {
+        if !config.has_z() {
+            bail!(
+                "--z {}: the model has no latent z (a single LM, a composition, or a joint model \
+                 trained without z)",
+                name(choice)
+            );
+        }
+        if config.z_at_prior_mean && choice != ZChoice::PriorMean {
+            bail!(
+                "--z {}: the model fixes z at the prior mean E p(z | c) \
+                 (chorus.z_at_prior_mean), the only z it reads",
+                name(choice)
+            );
+        }
+    }
+    let z = args.z.unwrap_or(ZChoice::Prior);
+    if !args.references.is_empty() && !matches!(z, ZChoice::Posterior | ZChoice::Interpolate) {
+        bail!(
+            "--reference: read only by --z posterior and --z interpolate (z is the {})",
+            name(z)
+        );
+    }
+    if args.alpha.is_some() && z != ZChoice::Interpolate {
+        bail!(
+            "--alpha: the weight of --z interpolate, not of --z {}",
+            name(z)
+        );
+    }
+    Ok(())
+}
+
 pub fn generate<B: Backend>(args: GenerateArgs<'_>, device: &B::Device) -> Result<()> {
     if args.stop.iter().any(String::is_empty) {
         bail!("--stop \"\": an empty stop string is found before the first token");
@@ -317,6 +376,9 @@ pub fn generate<B: Backend>(args: GenerateArgs<'_>, device: &B::Device) -> Resul
     let remote_refs: Vec<&dyn Assistant<B>> =
         remotes.iter().map(|r| r as &dyn Assistant<B>).collect();
     let k = model.n_local() + remotes.len();
+    refuse_flags_that_cannot_apply(&args, &model.config, k)?;
+    let z_choice = args.z.unwrap_or(ZChoice::Prior);
+    let alpha = args.alpha.unwrap_or(0.5);
     let names = model_names(&sources, k);
     let strategy: WriterStrategy = match args.strategy {
         Some("threshold") => WriterStrategy::Threshold {
@@ -355,7 +417,7 @@ pub fn generate<B: Backend>(args: GenerateArgs<'_>, device: &B::Device) -> Resul
         .iter()
         .map(|r| encode_reference(r))
         .collect::<Result<Vec<_>>>()?;
-    let (source, z_description) = match (args.z, references.as_slice()) {
+    let (source, z_description) = match (z_choice, references.as_slice()) {
         (ZChoice::Prior, _) => (
             ZSource::PriorSample { seed: args.seed },
             "prior sample".into(),
@@ -367,23 +429,21 @@ pub fn generate<B: Backend>(args: GenerateArgs<'_>, device: &B::Device) -> Resul
         ),
         (ZChoice::Posterior, _) => bail!("--z posterior needs exactly one --reference TEXT"),
         (ZChoice::Interpolate, [from, to]) => (
-            ZSource::Interpolate {
-                from,
-                to,
-                alpha: args.alpha,
-            },
+            ZSource::Interpolate { from, to, alpha },
             format!(
                 "(1 − {0}) · q({1:?}) + {0} · q({2:?})",
-                args.alpha, args.references[0], args.references[1]
+                alpha, args.references[0], args.references[1]
             ),
         ),
         (ZChoice::Interpolate, _) => bail!("--z interpolate needs two --reference TEXT"),
     };
     let z = model.decoding_z(&source, &prompt, rows, device)?;
-    let z_description = if z.is_some() {
-        z_description
-    } else {
+    let z_description = if z.is_none() {
         "none (the model has no z)".to_string()
+    } else if model.config.z_at_prior_mean {
+        "prior mean (the model fixes z there: chorus.z_at_prior_mean)".to_string()
+    } else {
+        z_description
     };
     // Each row's z on the host, for the report.
     let z_rows: Vec<Option<Vec<f32>>> = match &z {
@@ -405,7 +465,7 @@ pub fn generate<B: Backend>(args: GenerateArgs<'_>, device: &B::Device) -> Resul
         max_new_tokens: args.max_tokens,
         eos: Some(eos),
         seed: args.seed,
-        assistants: args.assistants,
+        assistants: args.assistants.unwrap_or_default(),
     };
     let color = match args.color {
         Color::Always => true,
@@ -521,7 +581,7 @@ pub fn generate<B: Backend>(args: GenerateArgs<'_>, device: &B::Device) -> Resul
     let report = Report {
         prompt: prompt_text,
         models: names,
-        strategy: format!("{strategy:?}"),
+        strategy: strategy.to_string(),
         z: z_description,
         temperature: args.temperature,
         top_k: args.top_k,

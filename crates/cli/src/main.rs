@@ -227,18 +227,20 @@ enum Command {
         #[arg(long)]
         prompt_file: Option<PathBuf>,
         /// Writer choice: sample, greedy, threshold[:η] (default; η from `chorus calibrate`),
-        /// mixture, or confidence[:τ] (the default for `--base/--assistant`).
+        /// mixture, or confidence[:τ] (the default for `--base/--assistant`). Not for a single LM,
+        /// which writes every token.
         #[arg(long)]
         strategy: Option<String>,
-        /// Where z comes from.
-        #[arg(long, value_enum, default_value_t = generate::ZChoice::Prior)]
-        z: generate::ZChoice,
+        /// Where z comes from (default: prior). Only for a joint model with z.
+        #[arg(long, value_enum)]
+        z: Option<generate::ZChoice>,
         /// Reference text(s) for `--z posterior` (one) or `--z interpolate` (two).
         #[arg(long = "reference")]
         references: Vec<String>,
-        /// Interpolation weight of the second reference.
-        #[arg(long, default_value_t = 0.5)]
-        alpha: f64,
+        /// Interpolation weight of the second reference, in [0, 1], for `--z interpolate`
+        /// (default: 0.5).
+        #[arg(long)]
+        alpha: Option<f64>,
         /// Sampling temperature (0 = greedy tokens).
         #[arg(long, default_value_t = 0.8)]
         temperature: f64,
@@ -269,10 +271,11 @@ enum Command {
         /// Write a self-contained HTML page showing who wrote what.
         #[arg(long)]
         html: Option<PathBuf>,
-        /// How assistants follow the text: lazy (catch up in one batched step when needed),
-        /// eager (every token) or reencode (Co-LLM: re-read the whole prefix when needed).
-        #[arg(long, default_value = "lazy", value_parser = parse_update)]
-        assistant_update: chorus_model::AssistantUpdate,
+        /// How assistants follow the text: lazy (catch up in one batched step when needed; the
+        /// default), eager (every token) or reencode (Co-LLM: re-read the whole prefix when
+        /// needed). Only for a model with assistants.
+        #[arg(long, value_parser = parse_update)]
+        assistant_update: Option<chorus_model::AssistantUpdate>,
     },
     /// Calibrate η of the threshold rule on the validation split (quantiles of the selector's
     /// assistant probability, scored by hard-routing NLL) and store it next to the model.

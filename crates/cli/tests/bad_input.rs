@@ -7,7 +7,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{B, Fixture, chorus, fails, real_cache};
+use common::{B, Fixture, chorus, fails, read_json, real_cache};
 
 #[test]
 fn missing_files_name_themselves() {
@@ -541,6 +541,135 @@ fn a_single_lm_in_any_format_generates() {
     let tokens = report["samples"][0]["tokens"].as_array().unwrap();
     assert_eq!(tokens.len(), 5, "{report}");
     assert!(tokens.iter().all(|t| t["writer"] == 0), "{report}");
+}
+
+/// `chorus generate`'s flags that the model cannot read are refused, where they were ignored: a
+/// writer strategy or an assistant update for a single LM, a choice of z for a model without z,
+/// references and `--alpha` that the chosen z does not read, and (with the corpora, to train it)
+/// any z but the prior mean for the control that fixes z there.
+#[test]
+fn generate_refuses_flags_the_model_cannot_read() {
+    let f = Fixture::new();
+    let lm = f.path("lm");
+    for (extra, says) in [
+        (
+            &["--strategy", "mixture"][..],
+            &["--strategy mixture", "single LM"][..],
+        ),
+        (
+            &["--assistant-update", "eager"],
+            &["--assistant-update", "no assistants"],
+        ),
+        (
+            &["--z", "posterior", "--reference", "a dog"],
+            &["--z posterior", "no latent z"],
+        ),
+        (&["--z", "prior-mean"], &["--z prior-mean", "no latent z"]),
+        (&["--reference", "a dog"], &["--reference", "--z posterior"]),
+        (&["--alpha", "0.3"], &["--alpha", "--z interpolate"]),
+    ] {
+        let args = [
+            &["generate", "--model", lm.as_str()][..],
+            extra,
+            &["The cat"],
+        ]
+        .concat();
+        f.fails(&args, says);
+    }
+    let composition = [
+        "generate",
+        "--base",
+        lm.as_str(),
+        "--assistant",
+        lm.as_str(),
+    ];
+    // A composition has assistants but no z; its strategy is named as it was written.
+    for (extra, says) in [
+        (
+            &["--z", "interpolate", "--reference", "a", "--reference", "b"][..],
+            &["--z interpolate", "no latent z"][..],
+        ),
+        (
+            &["--strategy", "threshold:0.3"],
+            &["threshold:0.3 reads the selector"],
+        ),
+    ] {
+        let args = [&composition[..], extra, &["--max-tokens", "4", "The cat"]].concat();
+        f.fails(&args, says);
+    }
+    // What applies still runs.
+    let report = f.succeeds(
+        &[
+            &composition[..],
+            &[
+                "--assistant-update",
+                "eager",
+                "--strategy",
+                "confidence:0.5",
+                "--max-tokens",
+                "3",
+                "The cat",
+            ],
+        ]
+        .concat(),
+        "composition.json",
+    );
+    assert_eq!(report["strategy"], "confidence:0.5", "{report}");
+    let Some(cache) = real_cache() else { return };
+    f.second_lm();
+    let config = f.write(
+        "control.toml",
+        format!(
+            "tokenizer = {:?}\nbase = {:?}\nassistants = [{:?}]\n\
+             [chorus]\nd_latent = 4\nz_at_prior_mean = true\nassistant_adapters = false\n\
+             [data]\nmax_seq_len = 32\nbatch_size = 4\nmax_train_examples = 4\nvalid_examples = 4\n\
+             [train]\nsteps = 1\nselector_init_steps = 0\n",
+            f.path("tokenizer.json"),
+            lm,
+            f.path("lm2"),
+        ),
+    );
+    let (code, stderr) = chorus(
+        &cache,
+        &["train", "--config", &config, "--out", &f.path("control")],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let control = f.path("control/checkpoints/best");
+    fails(
+        &cache,
+        &[
+            "generate",
+            "--model",
+            &control,
+            "--z",
+            "posterior",
+            "--reference",
+            "a dog",
+            "The cat",
+        ],
+        &["--z posterior", "fixes z at the prior mean"],
+    );
+    // Without --z it decodes at the prior mean, and its report says so (it said "prior sample").
+    let json = f.path("control.json");
+    let (code, stderr) = chorus(
+        &cache,
+        &[
+            "generate",
+            "--model",
+            &control,
+            "--max-tokens",
+            "3",
+            "The cat",
+            "--json",
+            &json,
+        ],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let report = read_json(&json);
+    assert!(
+        report["z"].as_str().unwrap().starts_with("prior mean"),
+        "{report}"
+    );
 }
 
 /// A binary built by `cargo test` has chorus-lm's debug assertions (the `test` profile), which

@@ -210,6 +210,62 @@ fn iw_bound_is_above_the_elbo_and_rises_with_samples() {
     assert!(exact - b100 < exact - b1);
 }
 
+/// The same model with q the exact posterior p(z | x) = N(x / (1 + σ²), σ² / (1 + σ²)): every
+/// importance weight p(x | z) p(z) / q(z) is p(x), so the bound is log p(x) for every draw and
+/// every S (the zero-variance case); and with one sample of any q it is
+/// log p(x | z) + log p(z) − log q(z) itself. Both fail if a term enters with the wrong sign,
+/// which the ordering checks above do not see.
+#[test]
+fn iw_bound_is_log_p_x_under_the_exact_posterior() {
+    let device = Default::default();
+    let _rng = seeded(7);
+    let (x, sigma2) = (1.3f64, 0.5f64);
+    let exact =
+        -0.5 * ((2.0 * std::f64::consts::PI * (1.0 + sigma2)).ln() + x * x / (1.0 + sigma2));
+    let log_px_given = |z: Tensor<F64, 3>| {
+        ((z - x).powf_scalar(2.0) / sigma2 + (2.0 * std::f64::consts::PI * sigma2).ln())
+            .mul_scalar(-0.5)
+            .squeeze_dim::<2>(2)
+    };
+    let prior = DiagonalGaussian::<F64>::standard(1, 1, &device);
+    let posterior = DiagonalGaussian::<F64> {
+        mean: Tensor::from_data([[x / (1.0 + sigma2)]], &device),
+        log_var: Tensor::from_data([[(sigma2 / (1.0 + sigma2)).ln()]], &device),
+    };
+    for s in [1, 7] {
+        for _ in 0..5 {
+            let z = posterior.sample(s); // [S, 1, 1]
+            let bound = iw_log_likelihood(
+                log_px_given(z.clone()),
+                prior.log_prob(z.clone()),
+                posterior.log_prob(z),
+            );
+            let bound = to_vec(bound)[0];
+            assert!((bound - exact).abs() < 1e-12, "S = {s}: {bound} vs {exact}");
+        }
+    }
+    let q = DiagonalGaussian::<F64> {
+        mean: Tensor::from_data([[0.4]], &device),
+        log_var: Tensor::from_data([[(0.6f64).ln()]], &device),
+    };
+    let z = q.sample(1);
+    let (log_px, log_pz, log_qz) = (
+        to_vec(log_px_given(z.clone()))[0],
+        to_vec(prior.log_prob(z.clone()))[0],
+        to_vec(q.log_prob(z.clone()))[0],
+    );
+    let bound = to_vec(iw_log_likelihood(
+        log_px_given(z.clone()),
+        prior.log_prob(z.clone()),
+        q.log_prob(z),
+    ))[0];
+    assert!(
+        (bound - (log_px + log_pz - log_qz)).abs() < 1e-12,
+        "{bound} vs {}",
+        log_px + log_pz - log_qz
+    );
+}
+
 #[test]
 fn mutual_information_and_active_units() {
     let device = Default::default();

@@ -14,6 +14,7 @@
 //! smallest top-p set, and sampled with a seeded generator; temperature 0 takes the argmax. For the
 //! mixture, each P_j is tempered before mixing and the cuts apply to the mixture.
 
+use std::fmt;
 use std::str::FromStr;
 
 use crate::{Assistant, AssistantDecoder, Chorus, ChorusBatch, LocalLm, ModelError, seeded_noise};
@@ -46,6 +47,19 @@ impl WriterStrategy {
     /// Whether the rule reads the selector's π (all but [`WriterStrategy::Confidence`]).
     pub fn needs_selector(&self) -> bool {
         !matches!(self, Self::Confidence { .. })
+    }
+}
+
+impl fmt::Display for WriterStrategy {
+    /// The form [`FromStr`] reads: `sample`, `greedy`, `mixture`, `threshold:η`, `confidence:τ`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Sample => write!(f, "sample"),
+            Self::Greedy => write!(f, "greedy"),
+            Self::Mixture => write!(f, "mixture"),
+            Self::Threshold { eta } => write!(f, "threshold:{eta}"),
+            Self::Confidence { tau } => write!(f, "confidence:{tau}"),
+        }
     }
 }
 
@@ -617,7 +631,7 @@ impl<B: Backend> Chorus<B> {
             return Err(ModelError::Unsupported {
                 operation: "decoding",
                 reason: format!(
-                    "{:?} reads the selector's π, which a composition of {k} models without \
+                    "{} reads the selector's π, which a composition of {k} models without \
                      training does not have: use confidence:τ",
                     config.strategy
                 ),

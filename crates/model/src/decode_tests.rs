@@ -517,6 +517,21 @@ fn bad_decoding_input_is_a_clear_error() {
         "threshold:0.25".parse::<WriterStrategy>().unwrap(),
         WriterStrategy::Threshold { eta: 0.25 }
     );
+    // Each strategy prints as the text that reads back to it (errors and reports show that).
+    for strategy in [
+        WriterStrategy::Sample,
+        WriterStrategy::Greedy,
+        WriterStrategy::Mixture,
+        WriterStrategy::Threshold { eta: 0.25 },
+        WriterStrategy::Confidence { tau: 0.3 },
+    ] {
+        let text = strategy.to_string();
+        assert_eq!(text.parse::<WriterStrategy>(), Ok(strategy), "{text}");
+    }
+    assert_eq!(
+        WriterStrategy::Confidence { tau: 0.3 }.to_string(),
+        "confidence:0.3"
+    );
 }
 
 #[test]
