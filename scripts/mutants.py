@@ -1545,6 +1545,13 @@ MUTANTS = [
         ["-p", "chorus-elbo", "--lib", "iw_bound"],
     ),
     (
+        "eval: --members and --scores ignored without a joint model that uses them",
+        "crates/cli/src/train.rs",
+        "    if args.members && joints.is_empty() {",
+        "    if args.members && joints.is_empty() && false {",
+        ["-p", "chorus-cli", "--test", "bad_input", "flags_that_cannot_apply"],
+    ),
+    (
         "generate: flags the model cannot read ignored",
         "crates/cli/src/generate.rs",
         "    refuse_flags_that_cannot_apply(&args, &model.config, k)?;",

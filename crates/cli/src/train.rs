@@ -353,6 +353,26 @@ pub fn eval<B: Backend>(args: EvalArgs<'_>, device: &B::Device) -> Result<()> {
             "--oracle picks the best of the single LMs at each token: give at least two (found {singles})"
         );
     }
+    // Flags for joint models, refused where no model given can use them.
+    let joints: Vec<&chorus_model::Chorus<B>> = loaded
+        .iter()
+        .filter_map(|(_, m)| match m {
+            Loaded::Joint(m, _, _) => Some(m.as_ref()),
+            _ => None,
+        })
+        .collect();
+    if args.members && joints.is_empty() {
+        bail!("--members: no joint model among --model, so there are no members to evaluate alone");
+    }
+    if let Some(dir) = args.scores
+        && !joints.iter().any(|m| uncacheable_assistants(m).is_none())
+    {
+        bail!(
+            "--scores {}: no joint model among --model has assistants that are frozen and read no \
+             z, whose log-probs the cache would hold",
+            dir.display()
+        );
+    }
     // Evaluations per example: each model, and each member of a joint model with --members.
     let evaluations: usize = loaded
         .iter()

@@ -455,6 +455,21 @@ fn flags_that_cannot_apply_are_refused_and_max_examples_applies_to_text_files() 
             &[&format!("two models named `{name}`")],
         );
     }
+    // Flags for joint models, given none: refused, where they were ignored.
+    for (extra, says) in [
+        (&["--members"][..], &["--members", "no joint model"][..]),
+        (
+            &["--scores", &f.path("scores")],
+            &["--scores", "no joint model"],
+        ),
+    ] {
+        let args = [
+            &["eval", "--model", &lm, "--text-file", &text_file][..],
+            extra,
+        ]
+        .concat();
+        f.fails(&args, says);
+    }
     let report = f.succeeds(
         &[
             "eval",
