@@ -1538,6 +1538,20 @@ MUTANTS = [
         ["-p", "chorus-cli", "--test", "bad_input", "flags_that_cannot_apply"],
     ),
     (
+        "active units: the variance over n + 1 instead of n − 1",
+        "crates/elbo/src/objective.rs",
+        "            .filter(|&&m2| m2 / (self.n as f64 - 1.0) > threshold)",
+        "            .filter(|&&m2| m2 / (self.n as f64 + 1.0) > threshold)",
+        ["-p", "chorus-elbo", "--lib", "active_units_count"],
+    ),
+    (
+        "active units: a variance equal to the threshold counted",
+        "crates/elbo/src/objective.rs",
+        "            .filter(|&&m2| m2 / (self.n as f64 - 1.0) > threshold)",
+        "            .filter(|&&m2| m2 / (self.n as f64 - 1.0) >= threshold)",
+        ["-p", "chorus-elbo", "--lib", "active_units_count"],
+    ),
+    (
         "iw bound: log q(z | x, c) added instead of subtracted",
         "crates/elbo/src/objective.rs",
         "    let log_w = log_px + log_pz - log_qz;",

@@ -320,6 +320,32 @@ fn mutual_information_and_active_units() {
     assert!((all.m2[0] / 63.0 - by_hand).abs() < 1e-12, "{all:?}");
 }
 
+/// Active units at their threshold, on means whose sample variances are exact in binary: a unit
+/// counts when `M2 / (n − 1)` strictly exceeds the threshold, and fewer than two examples have no
+/// variance. (The test above has variances far from its threshold, so it could not tell `n − 1`
+/// from `n` or `>` from `≥`; `cargo mutants` found both unguarded.)
+#[test]
+fn active_units_count_sample_variances_strictly_above_the_threshold() {
+    let device = Default::default();
+    let means = |values: &[f64]| {
+        Tensor::<F64, 2>::from_data(TensorData::new(values.to_vec(), [values.len(), 1]), &device)
+    };
+    // 0, 1, 2: M2 = 2, sample variance 1 (2/3 with n, 4 with n − 1 as a factor).
+    let three = MeanMoments::of(means(&[0.0, 1.0, 2.0]));
+    assert_eq!((three.n, three.m2.clone()), (3, vec![2.0]));
+    for (threshold, active) in [(0.99, 1), (1.0, 0), (1.01, 0)] {
+        assert_eq!(
+            three.active_units(threshold),
+            active,
+            "threshold {threshold}"
+        );
+    }
+    // Two examples, 0 and 2: sample variance 2; one example: none.
+    assert_eq!(MeanMoments::of(means(&[0.0, 2.0])).active_units(1.99), 1);
+    assert_eq!(MeanMoments::of(means(&[5.0])).active_units(0.0), 0);
+    assert_eq!(MeanMoments::default().active_units(0.0), 0);
+}
+
 /// The bag-of-words term by hand: per row, Σ over the masked-in target positions of
 /// log softmax(ℓ)[x_t], with a repeated token counted at each of its positions; and the loss it
 /// adds to, `mean(−reconstruction + β · KL) − α · mean(log p_bow)`.
