@@ -1538,6 +1538,13 @@ MUTANTS = [
         ["-p", "chorus-cli", "--test", "bad_input", "flags_that_cannot_apply"],
     ),
     (
+        "pseudo-labels: the assistants' share of an all-masked batch taken as 0/0",
+        "crates/elbo/src/routing.rs",
+        "    let assistant_share = if n > 0.0 {",
+        "    let assistant_share = if n >= 0.0 {",
+        ["-p", "chorus-elbo", "--lib", "pseudo_label_loss"],
+    ),
+    (
         "active units: the variance over n + 1 instead of n − 1",
         "crates/elbo/src/objective.rs",
         "            .filter(|&&m2| m2 / (self.n as f64 - 1.0) > threshold)",

@@ -515,6 +515,10 @@ fn pseudo_label_loss_matches_hand_labels_and_only_trains_the_selector() {
         assert!((a - b).abs() < 1e-12, "{g:?}");
     }
     assert!(log_p.grad(&grads).is_none(), "log P must be a constant");
+    // A batch with every target masked out: no labels, a loss of 0 and no share (not 0/0).
+    let none = Tensor::<A, 2>::zeros([1, 4], &device);
+    let (loss, share) = pseudo_label_loss(log_pi, log_p, none);
+    assert_eq!((loss.into_scalar(), share), (0.0, 0.0));
 }
 
 #[test]
