@@ -1545,6 +1545,20 @@ MUTANTS = [
         ["-p", "chorus-elbo", "--lib", "pseudo_label_loss"],
     ),
     (
+        "KL schedule: zero_then_linear's cycles checked only when all are wrong (&& for ||)",
+        "crates/elbo/src/schedule.rs",
+        "                if total_steps == 0 || n_cycles == 0 || u64::from(n_cycles) > total_steps {\n                    cycles(\"zero_then_linear",
+        "                if total_steps == 0 && n_cycles == 0 && u64::from(n_cycles) > total_steps {\n                    cycles(\"zero_then_linear",
+        ["-p", "chorus-elbo", "--lib", "out_of_range_schedules"],
+    ),
+    (
+        "KL schedule: a cyclical ratio of 0 accepted",
+        "crates/elbo/src/schedule.rs",
+        "                } else if !(ratio > 0.0 && ratio <= 1.0) {",
+        "                } else if !(ratio >= 0.0 && ratio <= 1.0) {",
+        ["-p", "chorus-elbo", "--lib", "out_of_range_schedules"],
+    ),
+    (
         "active units: the variance over n + 1 instead of n − 1",
         "crates/elbo/src/objective.rs",
         "            .filter(|&&m2| m2 / (self.n as f64 - 1.0) > threshold)",

@@ -253,6 +253,37 @@ mod tests {
             let err = s.validate().unwrap_err().to_string();
             assert!(err.contains(field), "{s:?}: {err}");
         }
+        // Each range at its edges, on both sides (`cargo mutants` found these unguarded: ≥ for >,
+        // && for ||, and no check of the cycles of zero_then_linear at all).
+        let cyclical = |total_steps, n_cycles, ratio| KlSchedule::Cyclical {
+            total_steps,
+            n_cycles,
+            ratio,
+        };
+        let zero_then_linear =
+            |total_steps, n_cycles, ratio_zero, ratio_increase| KlSchedule::ZeroThenLinear {
+                total_steps,
+                n_cycles,
+                ratio_zero,
+                ratio_increase,
+            };
+        for (s, valid) in [
+            (cyclical(10, 10, 0.5), true),
+            (cyclical(10, 11, 0.5), false),
+            (cyclical(0, 1, 0.5), false),
+            (cyclical(10, 0, 0.5), false),
+            (cyclical(10, 2, 1.0), true),
+            (cyclical(10, 2, 0.0), false),
+            (zero_then_linear(10, 10, 0.5, 0.5), true),
+            (zero_then_linear(10, 11, 0.5, 0.5), false),
+            (zero_then_linear(10, 0, 0.5, 0.5), false),
+            (zero_then_linear(0, 1, 0.5, 0.5), false),
+            (zero_then_linear(10, 1, 0.0, 1.0), true),
+            (zero_then_linear(10, 1, 0.5, 0.0), false),
+            (zero_then_linear(10, 1, -0.1, 0.5), false),
+        ] {
+            assert_eq!(s.validate().is_ok(), valid, "{s:?}");
+        }
         let parsed: Result<KlSchedule, _> = serde_json::from_str(r#"{"kind":"linear","warmup":5}"#);
         let err = parsed.unwrap_err().to_string();
         assert!(err.contains("unknown field `warmup`"), "{err}");
