@@ -176,29 +176,50 @@ fn elbo_terms_are_sequence_sums_with_beta() {
     assert!((to_vec(terms.loss)[0] - (11.35 + 22.5) / 2.0).abs() < 1e-12);
 }
 
-/// A 1-D linear-Gaussian model where log p(x) is known: z ~ N(0,1), x | z ~ N(z, σ²), so
-/// x ~ N(0, 1 + σ²). With a deliberately imperfect q, the IW bound must lie between the ELBO and
-/// log p(x), and rise with S.
+/// The 1-D linear-Gaussian model of the IW tests, where log p(x) is known: z ~ N(0, 1),
+/// x | z ~ N(z, σ²), so x ~ N(0, 1 + σ²); observed x = 1.3, σ² = 0.5.
+const LINEAR_GAUSSIAN_X: f64 = 1.3;
+const LINEAR_GAUSSIAN_SIGMA2: f64 = 0.5;
+
+/// log p(x) = log N(x; 0, 1 + σ²) of the linear-Gaussian model.
+fn linear_gaussian_log_px() -> f64 {
+    let (x, sigma2) = (LINEAR_GAUSSIAN_X, LINEAR_GAUSSIAN_SIGMA2);
+    -0.5 * ((2.0 * std::f64::consts::PI * (1.0 + sigma2)).ln() + x * x / (1.0 + sigma2))
+}
+
+/// log p(x | z) = log N(x; z, σ²) of the linear-Gaussian model.
+///
+/// # Shapes
+/// - z: `[S, 1, 1]`
+/// - output: `[S, 1]`
+fn linear_gaussian_log_px_given(z: Tensor<F64, 3>) -> Tensor<F64, 2> {
+    let (x, sigma2) = (LINEAR_GAUSSIAN_X, LINEAR_GAUSSIAN_SIGMA2);
+    ((z - x).powf_scalar(2.0) / sigma2 + (2.0 * std::f64::consts::PI * sigma2).ln())
+        .mul_scalar(-0.5)
+        .squeeze_dim::<2>(2)
+}
+
+/// A deliberately imperfect q(z | x) = N(0.4, 0.6) for the linear-Gaussian model.
+fn imperfect_q(device: &burn::tensor::Device<F64>) -> DiagonalGaussian<F64> {
+    DiagonalGaussian {
+        mean: Tensor::from_data([[0.4]], device),
+        log_var: Tensor::from_data([[(0.6f64).ln()]], device),
+    }
+}
+
+/// With the imperfect q, the IW bound must lie between the ELBO and log p(x), and rise with S.
 #[test]
 fn iw_bound_is_above_the_elbo_and_rises_with_samples() {
     let device = Default::default();
     let _rng = seeded(2024);
-    let (x, sigma2) = (1.3f64, 0.5f64);
-    let exact =
-        -0.5 * ((2.0 * std::f64::consts::PI * (1.0 + sigma2)).ln() + x * x / (1.0 + sigma2));
-    let q = DiagonalGaussian::<F64> {
-        mean: Tensor::from_data([[0.4]], &device),
-        log_var: Tensor::from_data([[(0.6f64).ln()]], &device),
-    };
+    let exact = linear_gaussian_log_px();
+    let q = imperfect_q(&device);
     let prior = DiagonalGaussian::<F64>::standard(1, 1, &device);
     let estimate = |s: usize, reps: usize| -> f64 {
         let mut total = 0.0;
         for _ in 0..reps {
             let z = q.sample(s); // [S, 1, 1]
-            let log_px = ((z.clone() - x).powf_scalar(2.0) / sigma2
-                + (2.0 * std::f64::consts::PI * sigma2).ln())
-                * -0.5;
-            let log_px = log_px.squeeze_dim::<2>(2);
+            let log_px = linear_gaussian_log_px_given(z.clone());
             let b = iw_log_likelihood(log_px, prior.log_prob(z.clone()), q.log_prob(z));
             total += to_vec(b)[0];
         }
@@ -219,14 +240,9 @@ fn iw_bound_is_above_the_elbo_and_rises_with_samples() {
 fn iw_bound_is_log_p_x_under_the_exact_posterior() {
     let device = Default::default();
     let _rng = seeded(7);
-    let (x, sigma2) = (1.3f64, 0.5f64);
-    let exact =
-        -0.5 * ((2.0 * std::f64::consts::PI * (1.0 + sigma2)).ln() + x * x / (1.0 + sigma2));
-    let log_px_given = |z: Tensor<F64, 3>| {
-        ((z - x).powf_scalar(2.0) / sigma2 + (2.0 * std::f64::consts::PI * sigma2).ln())
-            .mul_scalar(-0.5)
-            .squeeze_dim::<2>(2)
-    };
+    let (x, sigma2) = (LINEAR_GAUSSIAN_X, LINEAR_GAUSSIAN_SIGMA2);
+    let exact = linear_gaussian_log_px();
+    let log_px_given = linear_gaussian_log_px_given;
     let prior = DiagonalGaussian::<F64>::standard(1, 1, &device);
     let posterior = DiagonalGaussian::<F64> {
         mean: Tensor::from_data([[x / (1.0 + sigma2)]], &device),
@@ -244,10 +260,7 @@ fn iw_bound_is_log_p_x_under_the_exact_posterior() {
             assert!((bound - exact).abs() < 1e-12, "S = {s}: {bound} vs {exact}");
         }
     }
-    let q = DiagonalGaussian::<F64> {
-        mean: Tensor::from_data([[0.4]], &device),
-        log_var: Tensor::from_data([[(0.6f64).ln()]], &device),
-    };
+    let q = imperfect_q(&device);
     let z = q.sample(1);
     let (log_px, log_pz, log_qz) = (
         to_vec(log_px_given(z.clone()))[0],
