@@ -303,12 +303,13 @@ fn refuse_flags_that_cannot_apply(
     if k == 1 {
         if let Some(strategy) = args.strategy {
             bail!(
-                "--strategy {strategy}: a single LM writes every token itself; writer strategies \
-                 are for a joint model or for --base with --assistant"
+                "--strategy {strategy}: a model without assistants (a single LM, or a joint model \
+                 of one) writes every token itself; writer strategies are for models with \
+                 assistants and for --base with --assistant"
             );
         }
         if args.assistants.is_some() {
-            bail!("--assistant-update: a single LM has no assistants to update");
+            bail!("--assistant-update: the model has no assistants to update");
         }
     }
     let name = |choice: ZChoice| {

@@ -569,7 +569,7 @@ fn generate_refuses_flags_the_model_cannot_read() {
     for (extra, says) in [
         (
             &["--strategy", "mixture"][..],
-            &["--strategy mixture", "single LM"][..],
+            &["--strategy mixture", "without assistants"][..],
         ),
         (
             &["--assistant-update", "eager"],
