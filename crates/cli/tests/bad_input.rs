@@ -559,7 +559,7 @@ fn a_single_lm_in_any_format_generates() {
 }
 
 /// `chorus generate`'s flags that the model cannot read are refused, where they were ignored: a
-/// writer strategy or an assistant update for a single LM, a choice of z for a model without z,
+/// writer strategy or an assistant update for a model without assistants, a choice of z for a model without z,
 /// references and `--alpha` that the chosen z does not read, and (with the corpora, to train it)
 /// any z but the prior mean for the control that fixes z there.
 #[test]
@@ -632,21 +632,21 @@ fn generate_refuses_flags_the_model_cannot_read() {
     assert_eq!(report["strategy"], "confidence:0.5", "{report}");
     let Some(cache) = real_cache() else { return };
     f.second_lm();
-    let config = f.write(
-        "control.toml",
-        format!(
-            "tokenizer = {:?}\nbase = {:?}\nassistants = [{:?}]\n\
-             [chorus]\nd_latent = 4\nz_at_prior_mean = true\nassistant_adapters = false\n\
-             [data]\nmax_seq_len = 32\nbatch_size = 4\nmax_train_examples = 4\nvalid_examples = 4\n\
-             [train]\nsteps = 1\nselector_init_steps = 0\n",
-            f.path("tokenizer.json"),
-            lm,
-            f.path("lm2"),
-        ),
-    );
+    // The one-step Co-LLM config, with z fixed at the prior mean.
+    let config = f.co_llm_toml("lm2", "");
     let (code, stderr) = chorus(
         &cache,
-        &["train", "--config", &config, "--out", &f.path("control")],
+        &[
+            "train",
+            "--config",
+            &config,
+            "--set",
+            "chorus.d_latent=4",
+            "--set",
+            "chorus.z_at_prior_mean=true",
+            "--out",
+            &f.path("control"),
+        ],
     );
     assert_eq!(code, 0, "{stderr}");
     let control = f.path("control/checkpoints/best");
