@@ -1621,6 +1621,34 @@ MUTANTS = [
         "    for c in 1..chunks {",
         ["-p", "chorus-lm", "--lib", "few_row_strided"],
     ),
+    (
+        "latent: one noise draw broadcast over the batch and the dimensions of z",
+        "crates/latent/src/gaussian.rs",
+        "        self.mean.dims()\n",
+        "        [1; 2]\n",
+        ["-p", "chorus-latent", "--lib", "reparameterize_is"],
+    ),
+    (
+        "latent: z = μ − σ ⊙ ε (the same law, another z for given noise)",
+        "crates/latent/src/gaussian.rs",
+        "        self.mean.clone().unsqueeze_dim(0) + self.std().unsqueeze_dim(0) * eps",
+        "        self.mean.clone().unsqueeze_dim(0) - self.std().unsqueeze_dim(0) * eps",
+        ["-p", "chorus-latent", "--lib", "reparameterize_is"],
+    ),
+    (
+        "latent: a selector of one model given the bias ln(9 · 0) = −∞",
+        "crates/latent/src/selector.rs",
+        "        if self.n_models > 1 {",
+        "        if self.n_models >= 1 {",
+        ["-p", "chorus-latent", "--lib", "untrained_selector"],
+    ),
+    (
+        "z-adapter: every layer reads layer 0's memory keys",
+        "crates/lm-adapters/src/lib.rs",
+        "                    key: keys.clone().narrow(2, l, 1).squeeze_dim::<3>(2),",
+        "                    key: keys.clone().narrow(2, 0, 1).squeeze_dim::<3>(2),",
+        ["-p", "chorus-lm-adapters", "--lib", "each_layer_reads"],
+    ),
 ]
 
 

@@ -166,6 +166,44 @@ mod tests {
         assert!((entropy - expected).abs() < 1e-12);
     }
 
+    /// `reparameterize` is `μ + σ ⊙ ε` to the bit for given noise (`μ − σ ⊙ ε` has the same law,
+    /// so only given noise tells them apart), and `sample` draws every coordinate of every row
+    /// independently: the sample covariance of two coordinates is ≈ 0, not 1 as with one draw
+    /// broadcast over the batch and the dimensions.
+    #[test]
+    fn reparameterize_is_mean_plus_std_times_noise_and_samples_are_independent() {
+        let device = Default::default();
+        let q = gaussian::<B>(&[0.3, -1.0], &[-0.5, 0.2], &device);
+        let eps = [0.7f64, -1.3, 2.0, 0.1];
+        let z = q
+            .reparameterize(Tensor::from_data(
+                TensorData::new(eps.to_vec(), [2, 1, 2]),
+                &device,
+            ))
+            .into_data()
+            .to_vec::<f64>()
+            .unwrap();
+        let (mean, log_var) = ([0.3f64, -1.0], [-0.5f64, 0.2]);
+        for (i, (z, e)) in z.iter().zip(eps).enumerate() {
+            let expected = mean[i % 2] + (log_var[i % 2] / 2.0).exp() * e;
+            assert!((z - expected).abs() < 1e-12, "{i}: {z} vs {expected}");
+        }
+
+        let _rng = seeded(13);
+        let n = 20_000;
+        let z = DiagonalGaussian::<B>::standard(2, 2, &device).sample(n);
+        assert_eq!(z.dims(), [n, 2, 2]);
+        let z = z.reshape([n, 4]).into_data().to_vec::<f64>().unwrap();
+        for (a, b) in [(0, 1), (0, 2), (1, 3), (2, 3)] {
+            let cov = (0..n).map(|s| z[4 * s + a] * z[4 * s + b]).sum::<f64>() / n as f64;
+            // Standard error 1/√n ≈ 0.007: 0.05 is > 7 of them.
+            assert!(
+                cov.abs() < 0.05,
+                "coordinates {a} and {b}: covariance {cov}"
+            );
+        }
+    }
+
     #[test]
     fn samples_have_the_right_moments() {
         let device = Default::default();

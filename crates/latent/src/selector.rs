@@ -112,6 +112,16 @@ mod tests {
     #[test]
     fn untrained_selector_prefers_the_base_at_ninety_percent() {
         let device = Default::default();
+        // One model: π(base) = 1 (log π = 0), not the log-softmax of a bias ln(9 · 0) = −∞.
+        let alone = SelectorConfig {
+            d_hidden: 4,
+            n_models: 1,
+            kind: SelectorKind::PerToken,
+        }
+        .init::<B>(&device)
+        .unwrap();
+        let log_pi = alone.forward(Tensor::ones([1, 2, 4], &device));
+        assert_eq!(log_pi.into_data().to_vec::<f64>().unwrap(), vec![0.0, 0.0]);
         for k in [2, 3] {
             let selector = SelectorConfig {
                 d_hidden: 4,

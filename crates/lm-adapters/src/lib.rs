@@ -235,6 +235,81 @@ mod tests {
         }
     }
 
+    /// Layer l's slot s reads columns `(s · n_layers + l) · kv_dim ..` of `z W` (the layout the
+    /// doc of [`ZAdapter::memory_key`] gives), keys and values alike, and the embedding offset is
+    /// `z W_e`: checked on the host against each projection's weights.
+    #[test]
+    fn each_layer_reads_its_own_slots_of_z_projected() {
+        let device = Default::default();
+        let dims = models()[0].dims();
+        let (d_latent, slots) = (3, 2);
+        let mut adapter = ZAdapterConfig {
+            d_latent,
+            memory_slots: slots,
+            embedding: true,
+        }
+        .init::<B>(&dims, &device)
+        .unwrap();
+        let randomize = |l: &mut Linear<B>| {
+            l.weight = l
+                .weight
+                .clone()
+                .map(|w| w.random_like(Distribution::Normal(0.0, 1.0)));
+        };
+        for l in [
+            &mut adapter.memory_key,
+            &mut adapter.memory_value,
+            &mut adapter.embedding,
+        ] {
+            randomize(l.as_mut().unwrap());
+        }
+        let batch = 2;
+        let z = Tensor::<B, 2>::random([batch, d_latent], Distribution::Normal(0.0, 1.0), &device);
+        let host = |t: Tensor<B, 2>| t.into_data().to_vec::<f32>().unwrap();
+        let zs = host(z.clone());
+        // (z W)[b, c] for W [d_latent, width].
+        let project = |l: &Option<Linear<B>>, b: usize, c: usize| {
+            let w = host(l.as_ref().unwrap().weight.val());
+            let width = w.len() / d_latent;
+            (0..d_latent)
+                .map(|i| zs[b * d_latent + i] * w[i * width + c])
+                .sum::<f32>()
+        };
+        let input = adapter.condition(LmInput::new(Tensor::zeros([batch, 1], &device)), z);
+        let memory = input.memory.expect("memory slots");
+        assert_eq!(memory.len(), dims.n_layers);
+        let kv = dims.kv_dim();
+        for (layer, m) in memory.into_iter().enumerate() {
+            for (got, projection) in [
+                (m.key, &adapter.memory_key),
+                (m.value, &adapter.memory_value),
+            ] {
+                assert_eq!(got.dims(), [batch, slots, kv]);
+                let got = got.into_data().to_vec::<f32>().unwrap();
+                for b in 0..batch {
+                    for s in 0..slots {
+                        for c in 0..kv {
+                            let expected =
+                                project(projection, b, (s * dims.n_layers + layer) * kv + c);
+                            let v = got[(b * slots + s) * kv + c];
+                            assert!(
+                                (v - expected).abs() < 1e-4,
+                                "layer {layer}, row {b}, slot {s}, column {c}: {v} vs {expected}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        let offset = host(input.embedding_offset.expect("an embedding offset"));
+        for b in 0..batch {
+            for c in 0..dims.d_model {
+                let expected = project(&adapter.embedding, b, c);
+                assert!((offset[b * dims.d_model + c] - expected).abs() < 1e-4);
+            }
+        }
+    }
+
     #[test]
     fn bad_configs_are_rejected() {
         let device = Default::default();
