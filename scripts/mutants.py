@@ -1649,6 +1649,20 @@ MUTANTS = [
         "                    key: keys.clone().narrow(2, 0, 1).squeeze_dim::<3>(2),",
         ["-p", "chorus-lm-adapters", "--lib", "each_layer_reads"],
     ),
+    (
+        "evaluation: no router posterior for K ≥ 2 (`>` → `<` in its condition)",
+        "crates/model/src/chorus.rs",
+        "        let router = if self.n_models() > 1 {",
+        "        let router = if self.n_models() < 1 {",
+        ["-p", "chorus-model", "--lib", "evaluation_routes"],
+    ),
+    (
+        "evaluation: a row's seeded noise placed by s / rows (rows overwrite each other's draws)",
+        "crates/model/src/chorus.rs",
+        "            let start = (s * rows + r) * d_latent;",
+        "            let start = (s / rows + r) * d_latent;",
+        ["-p", "chorus-model", "--lib", "evaluation_routes"],
+    ),
 ]
 
 

@@ -1128,3 +1128,58 @@ fn a_composition_of_decoding_models_leaves_their_block_weights_unmade() {
         .unwrap();
     assert_eq!(model.base.weights_made_on_use().len(), unmade);
 }
+
+/// Evaluation's two by-products that the bound does not show: the router posterior is
+/// `r_t(j) ∝ π(j) P_j(x_t)` at z = E q for K ≥ 2 and absent for K = 1, and the seeded noise of
+/// row r, sample s is draws `s · d .. (s + 1) · d` of `SplitMix64(seed_r)` whatever rows stand
+/// beside it.
+#[test]
+fn evaluation_routes_at_the_posterior_mean_and_seeds_each_row_alone() {
+    let _rng = seeded(35);
+    let device = Default::default();
+    let batch = batch::<F64>();
+    let model = chorus::<F64>(full_config(), 1);
+    let seeds = [5, 6];
+    let router = model
+        .evaluate_batch(&batch, 2, &seeds)
+        .unwrap()
+        .router
+        .expect("K = 2 has a router posterior");
+    let mean = model
+        .latent_distributions(&batch)
+        .unwrap()
+        .unwrap()
+        .posterior
+        .mean;
+    let (log_pi, log_p) = model.token_terms(&batch, Some(mean)).unwrap();
+    let expected = chorus_latent::router_posterior(log_pi, log_p);
+    assert_eq!(router.dims(), [2, 6, 2]);
+    let diff = (router - expected).abs().max().into_scalar();
+    assert!(diff < 1e-12, "router posterior off by {diff}");
+    let alone = chorus::<F64>(full_config(), 0);
+    assert!(
+        alone
+            .evaluate_batch(&batch, 2, &seeds)
+            .unwrap()
+            .router
+            .is_none(),
+        "K = 1 routes nothing"
+    );
+
+    let (samples, d) = (3, 4);
+    let row_seeds = [11u64, 22, 33];
+    let noise = crate::seeded_noise::<F64>(samples, &row_seeds, d, &device)
+        .into_data()
+        .to_vec::<f64>()
+        .unwrap();
+    for (r, &seed) in row_seeds.iter().enumerate() {
+        let mut rng = chorus_data::rng::SplitMix64(seed);
+        let draws: Vec<f64> = (0..samples * d)
+            .map(|_| f64::from(rng.standard_normal() as f32))
+            .collect();
+        for s in 0..samples {
+            let got = &noise[(s * row_seeds.len() + r) * d..][..d];
+            assert_eq!(got, &draws[s * d..(s + 1) * d], "row {r}, sample {s}");
+        }
+    }
+}
