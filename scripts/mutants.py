@@ -1663,6 +1663,27 @@ MUTANTS = [
         "            let start = (s / rows + r) * d_latent;",
         ["-p", "chorus-model", "--lib", "evaluation_routes"],
     ),
+    (
+        "config: train.weight_decay = 0 refused (`>=` → `>`)",
+        "crates/train/src/config.rs",
+        "            self.weight_decay.is_finite() && self.weight_decay >= 0.0,",
+        "            self.weight_decay.is_finite() && self.weight_decay > 0.0,",
+        ["-p", "chorus-train", "--lib", "every_range_is_checked"],
+    ),
+    (
+        "config: train.beta2 = 1 accepted (the range closed at 1)",
+        "crates/train/src/config.rs",
+        "            (0.0..1.0).contains(&self.beta2),",
+        "            (0.0..=1.0).contains(&self.beta2),",
+        ["-p", "chorus-train", "--lib", "every_range_is_checked"],
+    ),
+    (
+        "config: train.selector_init_steps = train.steps accepted (no ELBO step left)",
+        "crates/train/src/config.rs",
+        "        if self.selector_init_steps >= self.steps {",
+        "        if self.selector_init_steps > self.steps {",
+        ["-p", "chorus-train", "--lib", "every_range_is_checked"],
+    ),
 ]
 
 

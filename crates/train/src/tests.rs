@@ -822,6 +822,147 @@ fn bad_configs_are_clear_errors() {
     );
 }
 
+/// Every range of `[train]` and `[data]` at its edges: the edge itself and a value just inside
+/// are accepted, a value just outside is refused naming its key (the rest of the config is the
+/// default).
+#[test]
+fn every_range_is_checked_at_its_edges() {
+    use crate::config::{DataConfig, OptimConfig};
+    type Edit = fn(&mut OptimConfig);
+    let optim: &[(&str, Edit, Option<&str>)] = &[
+        ("lr tiny", |c| c.lr = 1e-30, None),
+        ("lr 0", |c| c.lr = 0.0, Some("train.lr")),
+        ("lr ∞", |c| c.lr = f64::INFINITY, Some("train.lr")),
+        ("lr NaN", |c| c.lr = f64::NAN, Some("train.lr")),
+        ("steps 1", |c| c.steps = 1, None),
+        ("steps 0", |c| c.steps = 0, Some("train.steps")),
+        ("min_lr_ratio 0", |c| c.min_lr_ratio = 0.0, None),
+        ("min_lr_ratio 1", |c| c.min_lr_ratio = 1.0, None),
+        (
+            "min_lr_ratio < 0",
+            |c| c.min_lr_ratio = -1e-9,
+            Some("train.min_lr_ratio"),
+        ),
+        (
+            "min_lr_ratio > 1",
+            |c| c.min_lr_ratio = 1.0 + 1e-9,
+            Some("train.min_lr_ratio"),
+        ),
+        ("weight_decay 0", |c| c.weight_decay = 0.0, None),
+        (
+            "weight_decay < 0",
+            |c| c.weight_decay = -1e-9,
+            Some("train.weight_decay"),
+        ),
+        (
+            "weight_decay ∞",
+            |c| c.weight_decay = f64::INFINITY,
+            Some("train.weight_decay"),
+        ),
+        ("beta1 0", |c| c.beta1 = 0.0, None),
+        ("beta1 near 1", |c| c.beta1 = 1.0 - 1e-9, None),
+        ("beta1 1", |c| c.beta1 = 1.0, Some("train.beta1")),
+        ("beta1 < 0", |c| c.beta1 = -1e-9, Some("train.beta1")),
+        ("beta2 0", |c| c.beta2 = 0.0, None),
+        ("beta2 near 1", |c| c.beta2 = 1.0 - 1e-9, None),
+        ("beta2 1", |c| c.beta2 = 1.0, Some("train.beta2")),
+        ("beta2 < 0", |c| c.beta2 = -1e-9, Some("train.beta2")),
+        ("epsilon tiny", |c| c.epsilon = 1e-30, None),
+        ("epsilon 0", |c| c.epsilon = 0.0, Some("train.epsilon")),
+        (
+            "epsilon ∞",
+            |c| c.epsilon = f64::INFINITY,
+            Some("train.epsilon"),
+        ),
+        ("grad_clip 0", |c| c.grad_clip = 0.0, None),
+        (
+            "grad_clip < 0",
+            |c| c.grad_clip = -1e-9,
+            Some("train.grad_clip"),
+        ),
+        (
+            "grad_clip ∞",
+            |c| c.grad_clip = f64::INFINITY,
+            Some("train.grad_clip"),
+        ),
+        (
+            "selector_lr_scale tiny",
+            |c| c.selector_lr_scale = 1e-30,
+            None,
+        ),
+        (
+            "selector_lr_scale 0",
+            |c| c.selector_lr_scale = 0.0,
+            Some("train.selector_lr_scale"),
+        ),
+        (
+            "selector_lr_scale ∞",
+            |c| c.selector_lr_scale = f64::INFINITY,
+            Some("train.selector_lr_scale"),
+        ),
+        ("accumulation 1", |c| c.accumulation = 1, None),
+        (
+            "accumulation 0",
+            |c| c.accumulation = 0,
+            Some("train.accumulation"),
+        ),
+        ("iw_samples 1", |c| c.iw_samples = 1, None),
+        (
+            "iw_samples 0",
+            |c| c.iw_samples = 0,
+            Some("train.iw_samples"),
+        ),
+        ("log_every 1", |c| c.log_every = 1, None),
+        ("log_every 0", |c| c.log_every = 0, Some("train.log_every")),
+        ("keep_last 1", |c| c.keep_last = 1, None),
+        ("keep_last 0", |c| c.keep_last = 0, Some("train.keep_last")),
+        (
+            "selector_init_steps = steps − 1",
+            |c| c.selector_init_steps = c.steps - 1,
+            None,
+        ),
+        (
+            "selector_init_steps = steps",
+            |c| c.selector_init_steps = c.steps,
+            Some("train.selector_init_steps"),
+        ),
+    ];
+    for (what, edit, refused) in optim {
+        let mut c = OptimConfig::default();
+        edit(&mut c);
+        match (c.validate(), refused) {
+            (Ok(()), None) => {}
+            (Err(e), Some(key)) => assert!(e.to_string().starts_with(key), "{what}: {e}"),
+            (got, _) => panic!("{what}: {got:?}"),
+        }
+    }
+    type DataEdit = fn(&mut DataConfig);
+    let data: &[(&str, DataEdit, Option<&str>)] = &[
+        ("max_seq_len 4", |c| c.max_seq_len = 4, None),
+        (
+            "max_seq_len 3",
+            |c| c.max_seq_len = 3,
+            Some("data.max_seq_len"),
+        ),
+        ("batch_size 1", |c| c.batch_size = 1, None),
+        (
+            "batch_size 0",
+            |c| c.batch_size = 0,
+            Some("data.batch_size"),
+        ),
+        ("no tasks", |c| c.tasks.clear(), Some("data.tasks")),
+    ];
+    for (what, edit, refused) in data {
+        let mut c = DataConfig::default();
+        edit(&mut c);
+        match (c.validate(), refused) {
+            (Ok(()), None) => {}
+            (Err(e), Some(key)) => assert!(e.to_string().starts_with(key), "{what}: {e}"),
+            (got, _) => panic!("{what}: {got:?}"),
+        }
+    }
+}
+
 #[test]
 fn vocab_mismatch_and_missing_corpus_are_clear_errors() {
     let _rng = rng_lock();
