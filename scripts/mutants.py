@@ -1684,6 +1684,27 @@ MUTANTS = [
         "        if self.selector_init_steps > self.steps {",
         ["-p", "chorus-train", "--lib", "every_range_is_checked"],
     ),
+    (
+        "checkpoint: tokenizer_config.json never checksummed (`&&` → `||`)",
+        "crates/train/src/checkpoint.rs",
+        "        if file == TOKENIZER_CONFIG && !tmp.join(file).is_file() {",
+        "        if file == TOKENIZER_CONFIG || !tmp.join(file).is_file() {",
+        ["-p", "chorus-train", "--lib", "every_file_of_a_checkpoint"],
+    ),
+    (
+        "resume: a checkpoint of another seed continued",
+        "crates/train/src/checkpoint.rs",
+        "    if state.seed != seed {",
+        "    if state.seed != seed && false {",
+        ["-p", "chorus-train", "--lib", "resume_refuses"],
+    ),
+    (
+        "resume: a checkpoint of other models continued when the sources match",
+        "crates/train/src/checkpoint.rs",
+        "        && m.sources == sources;",
+        "        || m.sources == sources;",
+        ["-p", "chorus-train", "--lib", "resume_refuses"],
+    ),
 ]
 
 

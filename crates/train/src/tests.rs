@@ -537,6 +537,142 @@ fn interrupted_or_truncated_checkpoints_never_replace_the_last_good_one() {
     );
 }
 
+/// `state.json` holds the sha256 of every other file of a checkpoint — `tokenizer_config.json`
+/// too, which a tokenizer with a BOS token writes — and damage to any of them is named.
+#[test]
+fn every_file_of_a_checkpoint_is_checksummed() {
+    let _rng = rng_lock();
+    let dir = tempfile::tempdir().unwrap();
+    // A tokenizer with a BOS: saved, given a tokenizer_config.json, read back.
+    let tok_dir = dir.path().join("tokenizer");
+    std::fs::create_dir_all(&tok_dir).unwrap();
+    tokenizer().save(tok_dir.join("tokenizer.json")).unwrap();
+    write(
+        &tok_dir,
+        chorus_lm::TOKENIZER_CONFIG,
+        r#"{"bos_token": "<|endoftext|>"}"#,
+    );
+    let tok = Tokenizer::from_file(tok_dir.join("tokenizer.json")).unwrap();
+    assert!(tok.bos_id().is_some());
+    let (model, sources) = joint(z_config(), 1);
+    let optimizer = crate::AdamW::default().init::<AD, Chorus<AD>>();
+    let state = crate::checkpoint::CheckpointState {
+        step: 1,
+        total_steps: 2,
+        seed: 0,
+        tokens_seen: 0,
+        valid_nll: None,
+        best: None,
+        window: Default::default(),
+        files: Default::default(),
+    };
+    let out = dir.path().join("out");
+    let ckpt =
+        crate::checkpoint::save_checkpoint(&out, &model, &optimizer, &sources, &tok, state, 1)
+            .unwrap();
+    let mut on_disk: Vec<String> = std::fs::read_dir(&ckpt)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|f| f != "state.json")
+        .collect();
+    on_disk.sort();
+    let recorded: Vec<String> = read_state(&ckpt).unwrap().files.into_keys().collect();
+    assert_eq!(recorded, on_disk);
+    assert!(on_disk.iter().any(|f| f == chorus_lm::TOKENIZER_CONFIG));
+    write(
+        &ckpt,
+        chorus_lm::TOKENIZER_CONFIG,
+        r#"{"bos_token": "the"}"#,
+    );
+    let err = read_state(&ckpt).unwrap_err().to_string();
+    assert!(
+        err.contains(chorus_lm::TOKENIZER_CONFIG) && err.contains("corrupt"),
+        "{err}"
+    );
+}
+
+/// `--resume` continues only the run that wrote the checkpoint: another seed, base, assistant,
+/// chorus setting or source list is refused, each with the checkpoint named.
+#[test]
+fn resume_refuses_a_checkpoint_of_other_models_or_another_seed() {
+    let _rng = rng_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let train = synthetic(8, 0);
+    let valid = synthetic(4, 500);
+    let optim = OptimConfig {
+        checkpoint_every: 2,
+        ..optim(2)
+    };
+    let (model, sources) = joint(z_config(), 1);
+    fit(model, sources, &train, &valid, &optim, dir.path(), false).unwrap();
+    let resume = |model: Chorus<AD>, sources: Vec<String>, optim: &OptimConfig| {
+        let optim = OptimConfig {
+            steps: 4,
+            ..optim.clone()
+        };
+        fit(model, sources, &train, &valid, &optim, dir.path(), true)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string()
+    };
+    let other_seed = OptimConfig {
+        seed: optim.seed + 1,
+        ..optim.clone()
+    };
+    let (model, sources) = joint(z_config(), 1);
+    let e = resume(model, sources, &other_seed);
+    assert!(e.contains("step-00000002") && e.contains("seed"), "{e}");
+    let device = Default::default();
+    let wider = || {
+        LmConfig::Llama(LlamaConfig {
+            d_model: 24,
+            ..match llama(VOCAB) {
+                LmConfig::Llama(c) => c,
+                LmConfig::Gpt2(_) => unreachable!("the fixture is a llama"),
+            }
+        })
+        .init::<AD>(&device)
+        .unwrap()
+    };
+    let plain = || llama(VOCAB).init::<AD>(&device).unwrap();
+    let models: [(&str, Chorus<AD>, Vec<String>); 4] = [
+        (
+            "another base",
+            Chorus::new(z_config(), wider(), vec![plain()], &device).unwrap(),
+            Vec::new(),
+        ),
+        (
+            "another assistant",
+            Chorus::new(z_config(), plain(), vec![wider()], &device).unwrap(),
+            Vec::new(),
+        ),
+        (
+            "another chorus setting",
+            joint(
+                ChorusConfig {
+                    d_latent: 2,
+                    ..z_config()
+                },
+                1,
+            )
+            .0,
+            Vec::new(),
+        ),
+        (
+            "other sources",
+            joint(z_config(), 1).0,
+            vec!["base".into(), "assistant".into()],
+        ),
+    ];
+    for (what, model, sources) in models {
+        let e = resume(model, sources, &optim);
+        assert!(
+            e.contains("step-00000002") && e.contains("differ from the config"),
+            "{what}: {e}"
+        );
+    }
+}
+
 #[test]
 fn divergence_stops_training_and_keeps_the_last_good_checkpoint() {
     let _rng = rng_lock();
