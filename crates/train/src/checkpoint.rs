@@ -49,6 +49,24 @@ pub struct CheckpointState {
     pub files: BTreeMap<String, String>,
 }
 
+#[cfg(test)]
+impl CheckpointState {
+    /// Step `step` of `total_steps` of a run with seed 0, nothing validated, no file recorded yet:
+    /// what tests hand to [`save_checkpoint`].
+    pub(crate) fn at_step(step: u64, total_steps: u64) -> Self {
+        Self {
+            step,
+            total_steps,
+            seed: 0,
+            tokens_seen: 0,
+            valid_nll: None,
+            best: None,
+            window: Default::default(),
+            files: Default::default(),
+        }
+    }
+}
+
 fn recorder() -> NamedMpkFileRecorder<FullPrecisionSettings> {
     NamedMpkFileRecorder::new()
 }

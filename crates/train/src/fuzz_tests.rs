@@ -259,16 +259,7 @@ fn fuzz_checkpoints() {
     // Training's optimiser, as `run` builds it.
     let optimizer = crate::AdamW::default().init::<AD, Chorus<AD>>();
     let sources = Vec::<String>::new();
-    let state = CheckpointState {
-        step: 1,
-        total_steps: 2,
-        seed: 0,
-        tokens_seen: 0,
-        valid_nll: None,
-        best: None,
-        window: Default::default(),
-        files: Default::default(),
-    };
+    let state = CheckpointState::at_step(1, 2);
     let ckpt = save_checkpoint(
         dir.path(),
         &model,

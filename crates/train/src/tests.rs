@@ -495,18 +495,24 @@ fn resume_is_bit_identical_to_an_uninterrupted_run() {
     assert_eq!(csv.lines().count(), 1 + uninterrupted_rows.len());
 }
 
-#[test]
-fn interrupted_or_truncated_checkpoints_never_replace_the_last_good_one() {
-    let _rng = rng_lock();
-    let dir = tempfile::tempdir().unwrap();
-    let train = synthetic(16, 0);
-    let valid = synthetic(4, 500);
+/// Two steps of a joint model with z and one assistant on `synthetic(16, 0)`, validated on
+/// `synthetic(4, 500)` and checkpointed at step 2 under `out`; returns the run's optimiser config.
+fn checkpointed_run(out: &Path) -> OptimConfig {
     let optim = OptimConfig {
         checkpoint_every: 2,
         ..optim(2)
     };
     let (model, sources) = joint(z_config(), 1);
-    fit(model, sources, &train, &valid, &optim, dir.path(), false).unwrap();
+    let (train, valid) = (synthetic(16, 0), synthetic(4, 500));
+    fit(model, sources, &train, &valid, &optim, out, false).unwrap();
+    optim
+}
+
+#[test]
+fn interrupted_or_truncated_checkpoints_never_replace_the_last_good_one() {
+    let _rng = rng_lock();
+    let dir = tempfile::tempdir().unwrap();
+    checkpointed_run(dir.path());
     let good = latest_checkpoint(dir.path()).unwrap();
     // Killed between the temp write and the rename: a partial temp directory is left behind.
     let partial = dir.path().join("checkpoints/.tmp-step-00000004");
@@ -556,16 +562,7 @@ fn every_file_of_a_checkpoint_is_checksummed() {
     assert!(tok.bos_id().is_some());
     let (model, sources) = joint(z_config(), 1);
     let optimizer = crate::AdamW::default().init::<AD, Chorus<AD>>();
-    let state = crate::checkpoint::CheckpointState {
-        step: 1,
-        total_steps: 2,
-        seed: 0,
-        tokens_seen: 0,
-        valid_nll: None,
-        best: None,
-        window: Default::default(),
-        files: Default::default(),
-    };
+    let state = crate::checkpoint::CheckpointState::at_step(1, 2);
     let out = dir.path().join("out");
     let ckpt =
         crate::checkpoint::save_checkpoint(&out, &model, &optimizer, &sources, &tok, state, 1)
@@ -597,14 +594,8 @@ fn every_file_of_a_checkpoint_is_checksummed() {
 fn resume_refuses_a_checkpoint_of_other_models_or_another_seed() {
     let _rng = rng_lock();
     let dir = tempfile::tempdir().unwrap();
-    let train = synthetic(8, 0);
-    let valid = synthetic(4, 500);
-    let optim = OptimConfig {
-        checkpoint_every: 2,
-        ..optim(2)
-    };
-    let (model, sources) = joint(z_config(), 1);
-    fit(model, sources, &train, &valid, &optim, dir.path(), false).unwrap();
+    let optim = checkpointed_run(dir.path());
+    let (train, valid) = (synthetic(16, 0), synthetic(4, 500));
     let resume = |model: Chorus<AD>, sources: Vec<String>, optim: &OptimConfig| {
         let optim = OptimConfig {
             steps: 4,
@@ -964,8 +955,7 @@ fn bad_configs_are_clear_errors() {
 #[test]
 fn every_range_is_checked_at_its_edges() {
     use crate::config::{DataConfig, OptimConfig};
-    type Edit = fn(&mut OptimConfig);
-    let optim: &[(&str, Edit, Option<&str>)] = &[
+    let optim: &[EdgeCase<OptimConfig>] = &[
         ("lr tiny", |c| c.lr = 1e-30, None),
         ("lr 0", |c| c.lr = 0.0, Some("train.lr")),
         ("lr ∞", |c| c.lr = f64::INFINITY, Some("train.lr")),
@@ -1063,17 +1053,8 @@ fn every_range_is_checked_at_its_edges() {
             Some("train.selector_init_steps"),
         ),
     ];
-    for (what, edit, refused) in optim {
-        let mut c = OptimConfig::default();
-        edit(&mut c);
-        match (c.validate(), refused) {
-            (Ok(()), None) => {}
-            (Err(e), Some(key)) => assert!(e.to_string().starts_with(key), "{what}: {e}"),
-            (got, _) => panic!("{what}: {got:?}"),
-        }
-    }
-    type DataEdit = fn(&mut DataConfig);
-    let data: &[(&str, DataEdit, Option<&str>)] = &[
+    check_edges(optim, OptimConfig::validate);
+    let data: &[EdgeCase<DataConfig>] = &[
         ("max_seq_len 4", |c| c.max_seq_len = 4, None),
         (
             "max_seq_len 3",
@@ -1088,10 +1069,22 @@ fn every_range_is_checked_at_its_edges() {
         ),
         ("no tasks", |c| c.tasks.clear(), Some("data.tasks")),
     ];
-    for (what, edit, refused) in data {
-        let mut c = DataConfig::default();
+    check_edges(data, DataConfig::validate);
+}
+
+/// A case of [`check_edges`]: what it is, the edit of the default config, the key it is refused
+/// by (`None`: accepted).
+type EdgeCase<'a, C> = (&'a str, fn(&mut C), Option<&'a str>);
+
+/// Each case edits the default config and expects it accepted (`None`) or refused naming the key.
+fn check_edges<C: Default>(
+    cases: &[EdgeCase<'_, C>],
+    validate: fn(&C) -> Result<(), crate::config::ConfigError>,
+) {
+    for (what, edit, refused) in cases {
+        let mut c = C::default();
         edit(&mut c);
-        match (c.validate(), refused) {
+        match (validate(&c), refused) {
             (Ok(()), None) => {}
             (Err(e), Some(key)) => assert!(e.to_string().starts_with(key), "{what}: {e}"),
             (got, _) => panic!("{what}: {got:?}"),
