@@ -166,14 +166,15 @@ mod tests {
         assert!((entropy - expected).abs() < 1e-12);
     }
 
-    /// `reparameterize` is `μ + σ ⊙ ε` to the bit for given noise (`μ − σ ⊙ ε` has the same law,
+    /// `reparameterize` is `μ + σ ⊙ ε` (to 1e-12) for given noise (`μ − σ ⊙ ε` has the same law,
     /// so only given noise tells them apart), and `sample` draws every coordinate of every row
     /// independently: the sample covariance of two coordinates is ≈ 0, not 1 as with one draw
     /// broadcast over the batch and the dimensions.
     #[test]
     fn reparameterize_is_mean_plus_std_times_noise_and_samples_are_independent() {
         let device = Default::default();
-        let q = gaussian::<B>(&[0.3, -1.0], &[-0.5, 0.2], &device);
+        let (mean, log_var) = ([0.3f64, -1.0], [-0.5f64, 0.2]);
+        let q = gaussian::<B>(&mean, &log_var, &device);
         let eps = [0.7f64, -1.3, 2.0, 0.1];
         let z = q
             .reparameterize(Tensor::from_data(
@@ -183,7 +184,6 @@ mod tests {
             .into_data()
             .to_vec::<f64>()
             .unwrap();
-        let (mean, log_var) = ([0.3f64, -1.0], [-0.5f64, 0.2]);
         for (i, (z, e)) in z.iter().zip(eps).enumerate() {
             let expected = mean[i % 2] + (log_var[i % 2] / 2.0).exp() * e;
             assert!((z - expected).abs() < 1e-12, "{i}: {z} vs {expected}");
