@@ -182,4 +182,6 @@ impl ModelError {
 #[cfg(test)]
 mod decode_tests;
 #[cfg(test)]
+mod remote_tests;
+#[cfg(test)]
 mod tests;
