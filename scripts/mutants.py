@@ -1003,6 +1003,35 @@ MUTANTS = [
         "        for attempt in 0..1 {",
         ["-p", "chorus-train", "--test", "remote_scores", "retried"],
     ),
+    # `cargo mutants` over crates/model/src/remote.rs (forty-seventh session): its survivors.
+    (
+        "remote: candidates' byte fragments mapped to a token",
+        "crates/model/src/remote.rs",
+        "if !text.is_empty() && !text.contains('\\u{fffd}') {",
+        "if !text.is_empty() || !text.contains('\\u{fffd}') {",
+        ["-p", "chorus-model", "--lib", "next_token_logits_are_the_top_candidates"],
+    ),
+    (
+        "remote: a wait before the first attempt",
+        "crates/model/src/remote.rs",
+        "            if attempt > 0 {",
+        "            if attempt < 9 {",
+        ["-p", "chorus-model", "--lib", "transient_faults_are_retried"],
+    ),
+    (
+        "remote: a bodiless request sent as a POST",
+        "crates/model/src/remote.rs",
+        "None => self.agent.get(&url).call(),",
+        "None => self.agent.post(&url).send_empty(),",
+        ["-p", "chorus-model", "--lib", "connecting_reads_the_served_model"],
+    ),
+    (
+        "remote: an all-padding row sent with the last target before it",
+        "crates/model/src/remote.rs",
+        "                if len > 0 {",
+        "                if len < usize::MAX {",
+        ["-p", "chorus-model", "--lib", "a_padded_batch_is_scored"],
+    ),
     (
         "resume ignores the checkpoint's parameters",
         "crates/train/src/checkpoint.rs",

@@ -20,7 +20,7 @@ type B = burn::backend::NdArray<f64>;
 /// A chorus whose selector and every adapter (memory keys and values, embedding offsets, on the
 /// base and on the assistants) are random, so writers vary and z reaches every model.
 /// Callers hold [`seeded`]'s lock.
-fn model(n_assistants: usize, d_latent: usize) -> Chorus<B> {
+pub(crate) fn model(n_assistants: usize, d_latent: usize) -> Chorus<B> {
     let mut m: Chorus<B> = chorus(
         ChorusConfig {
             d_latent,

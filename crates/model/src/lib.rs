@@ -181,6 +181,8 @@ impl ModelError {
 
 #[cfg(test)]
 mod decode_tests;
+#[cfg(any(test, feature = "fake-server"))]
+pub mod fake_server;
 #[cfg(test)]
 mod remote_tests;
 #[cfg(test)]

@@ -126,7 +126,7 @@ impl RemoteAssistant {
             kind: ServerKind::OpenAi,
             ids_by_text,
         };
-        let models = remote.request("GET", "/v1/models", None)?;
+        let models = remote.request("/v1/models", None)?;
         remote.model = models["data"][0]["id"]
             .as_str()
             .ok_or_else(|| remote.error("/v1/models lists no model".into()))?
@@ -159,7 +159,7 @@ impl RemoteAssistant {
 
     /// llama-cpp-python answers `/extras/tokenize`; anything else must answer `/tokenize`.
     fn server_kind(&self) -> Result<ServerKind, ModelError> {
-        match self.try_request("POST", "/extras/tokenize", Some(&json!({"input": ""}))) {
+        match self.try_request("/extras/tokenize", Some(&json!({"input": ""}))) {
             Ok(Some(_)) => {
                 let bos = self.tokenizer.bos_id().ok_or_else(|| {
                     self.error(format!(
@@ -180,10 +180,9 @@ impl RemoteAssistant {
     fn server_tokens(&self, text: &str) -> Result<Vec<u32>, ModelError> {
         let answer = match self.kind {
             ServerKind::LlamaCppPython { .. } => {
-                self.request("POST", "/extras/tokenize", Some(&json!({"input": text})))?
+                self.request("/extras/tokenize", Some(&json!({"input": text})))?
             }
             ServerKind::OpenAi => self.request(
-                "POST",
                 "/tokenize",
                 Some(&json!({"model": self.model, "prompt": text, "add_special_tokens": false})),
             )?,
@@ -204,22 +203,18 @@ impl RemoteAssistant {
     }
 
     /// [`Self::try_request`], with a 404 as an error.
-    fn request(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value, ModelError> {
-        self.try_request(method, path, body)?.ok_or_else(|| {
+    fn request(&self, path: &str, body: Option<&Value>) -> Result<Value, ModelError> {
+        self.try_request(path, body)?.ok_or_else(|| {
             self.error(format!(
                 "{path}: not found (404): is this an OpenAI-compatible completions server?"
             ))
         })
     }
 
-    /// One JSON request with retries (dropped connections, timeouts, 5xx and 429 are retried with
-    /// backoff; 4xx and malformed JSON are not). `Ok(None)` for a 404.
-    fn try_request(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<&Value>,
-    ) -> Result<Option<Value>, ModelError> {
+    /// One JSON request, a POST of `body` or a GET without one, with retries (dropped connections,
+    /// timeouts, 5xx and 429 are retried with backoff; 4xx and malformed JSON are not). `Ok(None)`
+    /// for a 404.
+    fn try_request(&self, path: &str, body: Option<&Value>) -> Result<Option<Value>, ModelError> {
         let url = format!("{}{path}", self.url);
         let mut delay = self.settings.backoff;
         let mut last = String::new();
@@ -230,8 +225,7 @@ impl RemoteAssistant {
             }
             let sent = match body {
                 Some(body) => self.agent.post(&url).send_json(body),
-                None if method == "GET" => self.agent.get(&url).call(),
-                None => self.agent.post(&url).send_empty(),
+                None => self.agent.get(&url).call(),
             };
             let mut response = match sent {
                 Ok(r) => r,
@@ -311,7 +305,6 @@ impl RemoteAssistant {
             )));
         }
         let answer = self.request(
-            "POST",
             "/v1/completions",
             Some(&json!({
                 "model": self.model, "prompt": text, "max_tokens": 1, "echo": true,
@@ -351,7 +344,6 @@ impl RemoteAssistant {
         let ids = self.request_ids(row)?;
         let text = self.tokenizer.decode(&ids)?;
         let answer = self.request(
-            "POST",
             "/v1/completions",
             Some(&json!({
                 "model": self.model, "prompt": text, "max_tokens": 1,

@@ -4,237 +4,24 @@
 //! next-token candidates arrive at the right tokens, transient faults are retried with doubling
 //! backoff, everything else is one error naming the server and what it did.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use burn::prelude::*;
 use chorus_lm::Tokenizer;
 use serde_json::{Value, json};
 
+use crate::fake_server::{Dialect, FakeLm, FakeServer, Handler, Reply, Request, fake_log_prob};
 use crate::{Assistant, RemoteAssistant, RemoteSettings, ScoreRows, TOKENIZER_PROBE};
 
-type B = burn::backend::NdArray<f32>;
-
-/// One request as the fake server read it.
-#[derive(Debug, Clone)]
-struct Request {
-    path: String,
-    body: Value,
-    /// How many earlier requests went to the same path.
-    n: usize,
-    at: Instant,
-}
-
-/// What the fake server does with one request.
-enum Reply {
-    /// An answer with this status and body.
-    Answer(u16, String),
-    /// Headers promising more body than is sent, then the connection closed.
-    BrokenOff,
-    /// Closes the connection without answering.
-    Close,
-    /// Answers nothing for this long (longer than the client's timeout), then closes.
-    Hang(Duration),
-}
-
-impl Reply {
-    fn json(body: Value) -> Self {
-        Self::Answer(200, body.to_string())
-    }
-}
-
-type Handler = dyn Fn(&Request) -> Reply + Send + Sync;
+/// f64 as the crate's other tests: burn-ndarray 0.21 backends of two element types in one test
+/// process read each other's float type (an f64 tensor's data came back F32 while this ran on f32).
+type B = burn::backend::NdArray<f64>;
 
 /// A misbehaviour, for tables of them.
 type Fault = fn() -> Reply;
 
 /// An edit of a healthy answer's echoed log-probs.
 type Edit = fn(&mut Vec<Value>);
-
-/// A server on an ephemeral port of 127.0.0.1, one thread per connection; it stops with the test.
-struct FakeServer {
-    url: String,
-    seen: Arc<Mutex<Vec<Request>>>,
-}
-
-impl FakeServer {
-    fn start(handler: impl Fn(&Request) -> Reply + Send + Sync + 'static) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let seen = Arc::new(Mutex::new(Vec::<Request>::new()));
-        let handler: Arc<Handler> = Arc::new(handler);
-        let log = seen.clone();
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(stream) = stream else { continue };
-                let (handler, log) = (handler.clone(), log.clone());
-                std::thread::spawn(move || serve(stream, &*handler, &log));
-            }
-        });
-        Self { url, seen }
-    }
-
-    /// The requests to `path` so far, in arrival order.
-    fn requests(&self, path: &str) -> Vec<Request> {
-        let seen = self.seen.lock().unwrap();
-        seen.iter().filter(|r| r.path == path).cloned().collect()
-    }
-}
-
-fn serve(stream: TcpStream, handler: &Handler, log: &Mutex<Vec<Request>>) {
-    let mut reader = BufReader::new(stream.try_clone().unwrap());
-    let mut line = String::new();
-    if reader.read_line(&mut line).is_err() {
-        return;
-    }
-    let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
-    let mut length = 0;
-    loop {
-        let mut header = String::new();
-        if reader.read_line(&mut header).is_err() || header.trim().is_empty() {
-            break;
-        }
-        if let Some(v) = header.to_ascii_lowercase().strip_prefix("content-length:") {
-            length = v.trim().parse().unwrap_or(0);
-        }
-    }
-    let mut body = vec![0; length];
-    let _ = reader.read_exact(&mut body);
-    let request = {
-        let mut log = log.lock().unwrap();
-        let request = Request {
-            n: log.iter().filter(|r| r.path == path).count(),
-            path,
-            body: serde_json::from_slice(&body).unwrap_or(Value::Null),
-            at: Instant::now(),
-        };
-        log.push(request.clone());
-        request
-    };
-    let mut stream = stream;
-    match handler(&request) {
-        Reply::Answer(status, body) => {
-            let _ = write!(
-                stream,
-                "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-        }
-        Reply::BrokenOff => {
-            let _ = write!(
-                stream,
-                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\nConnection: close\r\n\r\n{{\"choices\""
-            );
-        }
-        Reply::Close => {}
-        Reply::Hang(d) => std::thread::sleep(d),
-    }
-}
-
-/// Which server the fake imitates.
-#[derive(Clone, Copy, PartialEq, Debug)]
-enum Dialect {
-    /// `/extras/tokenize`; a prompt's log-probs follow the OpenAI convention only after a leading
-    /// BOS, without one each entry is shifted to the token before (its issue #1983).
-    LlamaCppPython,
-    /// `/tokenize` (vLLM): the OpenAI convention.
-    OpenAi,
-}
-
-/// `log P(token | …, previous)` at row position `at` as the fake LM gives it (exact in f32).
-fn fake_log_prob(previous: u32, token: u32, at: usize) -> f64 {
-    -0.25 * ((token as usize * 7 + previous as usize * 3 + at) % 40) as f64 - 0.125
-}
-
-/// A well-behaved server of `tokenizer`'s LM in `dialect`.
-#[derive(Clone)]
-struct FakeLm {
-    tokenizer: Tokenizer,
-    dialect: Dialect,
-    /// Ids whose text is their own (what a server's `top_logprobs` keys can name).
-    named: Vec<u32>,
-}
-
-impl FakeLm {
-    fn new(tokenizer: &Tokenizer, dialect: Dialect) -> Self {
-        let named = (0..tokenizer.vocab_size() as u32)
-            .filter(|&id| {
-                let text = tokenizer.decode(&[id]).unwrap();
-                !text.is_empty()
-                    && !text.contains('\u{fffd}')
-                    && tokenizer.encode(&text).unwrap() == [id]
-            })
-            .collect::<Vec<_>>();
-        assert!(named.len() > 44, "five candidates 11 apart stay distinct");
-        Self {
-            tokenizer: tokenizer.clone(),
-            dialect,
-            named,
-        }
-    }
-
-    /// The row the LM reads from a prompt, and whether a leading BOS aligned its log-probs.
-    fn row(&self, prompt: &str) -> (Vec<u32>, bool) {
-        let mut ids = self.tokenizer.encode(prompt).unwrap();
-        let bos = self.tokenizer.bos_id();
-        let aligned = match self.dialect {
-            Dialect::OpenAi => true,
-            Dialect::LlamaCppPython => bos.is_some() && ids.first() == bos.as_ref(),
-        };
-        if self.dialect == Dialect::LlamaCppPython && aligned {
-            ids.remove(0);
-        }
-        (ids, aligned)
-    }
-
-    /// `top` candidates of the next token after `row`: named ids, log-probs −0.5, −1, …
-    fn candidates(&self, row: &[u32], top: usize) -> Vec<(u32, f64)> {
-        let last = row.last().copied().unwrap_or(0) as usize;
-        (0..top)
-            .map(|j| {
-                let id = self.named[(last * 5 + row.len() * 3 + j * 11) % self.named.len()];
-                (id, -0.5 * (j + 1) as f64)
-            })
-            .collect()
-    }
-
-    fn reply(&self, request: &Request) -> Reply {
-        let tokenize = |text: &Value| {
-            let ids = self.tokenizer.encode(text.as_str().unwrap_or("")).unwrap();
-            Reply::json(json!({ "tokens": ids }))
-        };
-        match (request.path.as_str(), self.dialect) {
-            ("/v1/models", _) => Reply::json(json!({"data": [{"id": "fake-lm"}]})),
-            ("/extras/tokenize", Dialect::LlamaCppPython) => tokenize(&request.body["input"]),
-            ("/tokenize", Dialect::OpenAi) => tokenize(&request.body["prompt"]),
-            ("/v1/completions", _) => {
-                let (row, aligned) = self.row(request.body["prompt"].as_str().unwrap());
-                let mut logprobs = json!({});
-                if request.body["echo"] == json!(true) {
-                    let mut entries: Vec<Value> = if aligned { vec![Value::Null] } else { vec![] };
-                    entries.extend(
-                        (1..row.len()).map(|i| json!(fake_log_prob(row[i - 1], row[i], i))),
-                    );
-                    entries.push(json!(-1.0)); // the generated token
-                    logprobs["token_logprobs"] = json!(entries);
-                }
-                if let Some(top) = request.body["logprobs"].as_u64().filter(|&t| t > 0) {
-                    let mut candidates = serde_json::Map::new();
-                    for (id, lp) in self.candidates(&row, top as usize) {
-                        candidates.insert(self.tokenizer.decode(&[id]).unwrap(), json!(lp));
-                    }
-                    // A byte fragment that is no token's text, ranked first: left out.
-                    candidates.insert("bytes:\\xe2\\x80".into(), json!(-0.01));
-                    logprobs["top_logprobs"] = json!([candidates]);
-                }
-                Reply::json(json!({"choices": [{"text": "x", "logprobs": logprobs}]}))
-            }
-            _ => Reply::Answer(404, r#"{"detail":"Not Found"}"#.into()),
-        }
-    }
-}
 
 /// A byte-level BPE (trained to at most 300 ids) whose `<|endoftext|>` (id 0) is its BOS, read back through
 /// `tokenizer_config.json` as from a model directory.
@@ -584,6 +371,17 @@ fn transient_faults_are_retried_with_doubling_backoff_and_others_are_final() {
     let tokenizer = tokenizer_with_bos();
     let row = tokenizer.encode("a dog ran to the log!").unwrap();
     let lm = FakeLm::new(&tokenizer, Dialect::OpenAi);
+    // No wait before a first attempt: with a 20 s backoff, a final 400 to the first request
+    // comes back at once.
+    let server = FakeServer::start(|_| Reply::Answer(400, "no".into()));
+    let patient = RemoteSettings {
+        backoff: Duration::from_secs(20),
+        ..settings()
+    };
+    let started = Instant::now();
+    let error = message(RemoteAssistant::connect(&server.url, &tokenizer, patient));
+    assert!(error.contains("/v1/models: HTTP 400: no"), "{error}");
+    assert!(started.elapsed() < Duration::from_secs(10));
     // The first `failures` completions requests get `fault`, the rest a healthy answer.
     let run = |fault: Fault, failures: usize| {
         let lm = lm.clone();
@@ -711,11 +509,12 @@ fn a_padded_batch_is_scored_through_the_assistant_interface() {
     let device = Default::default();
     let rows = rows(&lm.tokenizer);
     let seq = rows.iter().map(Vec::len).max().unwrap() - 1;
-    // Row b's input is rows[b] without its last token, padded; an all-padding row last.
+    // Row b's input is rows[b − 1] without its last token, padded; row 0 is all padding (the
+    // first row, so that no earlier row's last target can stand in for its own).
     let batch = rows.len() + 1;
     let (mut tokens, mut targets, mut padding) = (vec![], vec![], vec![]);
     for b in 0..batch {
-        let row = rows.get(b).map(Vec::as_slice).unwrap_or(&[]);
+        let row = if b == 0 { &[][..] } else { &rows[b - 1] };
         let len = row.len().saturating_sub(1);
         for t in 0..seq {
             tokens.push(if t < len { row[t] as i64 } else { 9 });
@@ -732,10 +531,15 @@ fn a_padded_batch_is_scored_through_the_assistant_interface() {
         .token_log_probs(&score_rows, None)
         .unwrap()
         .into_data()
+        .convert::<f32>()
         .to_vec::<f32>()
         .unwrap();
     for b in 0..batch {
-        let mut want = rows.get(b).map(|r| expected_scores(r)).unwrap_or_default();
+        let mut want = if b == 0 {
+            vec![]
+        } else {
+            expected_scores(&rows[b - 1])
+        };
         want.resize(seq, 0.0);
         assert_eq!(got[b * seq..(b + 1) * seq], want, "row {b}");
     }

@@ -1183,3 +1183,117 @@ fn evaluation_routes_at_the_posterior_mean_and_seeds_each_row_alone() {
         }
     }
 }
+
+/// η calibration against its rule computed here from the model's per-token terms at z = the prior
+/// mean: π* = max_{j≥1} π_j; candidates η = 0, the nearest-rank quantiles `sorted[round(q (n − 1))]`
+/// of π*, η = 1; each scored by hard routing (the assistant j* = argmax_{j≥1} π_j where π* > η,
+/// else the base); the lowest NLL chosen. K = 3 with a random selector, so that j* is a choice and
+/// every π* differs. `decoding.json` round-trips, and a damaged one is named.
+#[test]
+fn calibration_scores_hard_routing_at_every_quantile_of_the_top_assistant_probability() {
+    let _rng = seeded(61);
+    let model = crate::decode_tests::model(2, 3);
+    let batch = batch::<F64>();
+    let host = |t: Tensor<F64, 3>| t.into_data().to_vec::<f64>().unwrap();
+    let prior_mean = model
+        .latent_distributions(&batch)
+        .unwrap()
+        .map(|l| l.prior.mean);
+    let (log_pi, log_p) = model.token_terms(&batch, prior_mean).unwrap();
+    let (pi, log_p) = (host(log_pi.exp()), host(log_p));
+    let mask = batch
+        .target_mask
+        .clone()
+        .into_data()
+        .to_vec::<f64>()
+        .unwrap();
+    // (π*, log P_base, log P_j*) of every target token.
+    let mut tokens = Vec::new();
+    let mut writers = [0; 3];
+    for (i, &m) in mask.iter().enumerate() {
+        if m == 1.0 {
+            let j = if pi[i * 3 + 2] > pi[i * 3 + 1] { 2 } else { 1 };
+            writers[j] += 1;
+            tokens.push((pi[i * 3 + j], log_p[i * 3], log_p[i * 3 + j]));
+        }
+    }
+    assert_eq!(tokens.len(), 10);
+    assert!(writers[1] > 0 && writers[2] > 0, "j* varies: {writers:?}");
+    let mut sorted: Vec<f64> = tokens.iter().map(|t| t.0).collect();
+    sorted.sort_by(f64::total_cmp);
+    assert!(sorted.windows(2).all(|w| w[0] < w[1]), "π* all differ");
+    let routed = |eta: f64| {
+        let deferred: Vec<bool> = tokens.iter().map(|t| t.0 > eta).collect();
+        let nll = tokens
+            .iter()
+            .zip(&deferred)
+            .map(|(t, &d)| if d { -t.2 } else { -t.1 })
+            .sum::<f64>()
+            / 10.0;
+        (nll, deferred.iter().filter(|&&d| d).count() as f64 / 10.0)
+    };
+    let quantiles = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99];
+    let mut want = vec![(None, 0.0)];
+    want.extend(quantiles.map(|q| (Some(q), sorted[(q * 9.0_f64).round() as usize])));
+    want.push((None, 1.0));
+
+    let c = model.calibrate_eta([batch.clone()]).unwrap();
+    assert_eq!(c.tokens, 10);
+    assert_eq!(c.candidates.len(), want.len());
+    for (got, &(quantile, eta)) in c.candidates.iter().zip(&want) {
+        let (nll, deferral) = routed(eta);
+        assert_eq!((got.quantile, got.eta), (quantile, eta));
+        assert!((got.nll - nll).abs() < 1e-12, "{got:?}: nll {nll}");
+        assert_eq!(got.deferral, deferral, "{got:?}");
+    }
+    // η = 0 defers every token, η = 1 none; a quantile η keeps its own token with the base.
+    assert_eq!(
+        (c.candidates[0].deferral, c.candidates[13].deferral),
+        (1.0, 0.0)
+    );
+    assert_eq!(c.candidates[1].deferral, 0.9);
+    let best = c
+        .candidates
+        .iter()
+        .map(|k| k.nll)
+        .fold(f64::INFINITY, f64::min);
+    let first_best = c.candidates.iter().find(|k| k.nll == best).unwrap();
+    assert_eq!(c.eta, first_best.eta);
+    assert!(
+        c.candidates.iter().any(|k| k.nll > best + 1e-3),
+        "the choice matters: {c:?}"
+    );
+
+    // Batches pool their tokens.
+    let twice = model.calibrate_eta([batch.clone(), batch.clone()]).unwrap();
+    assert_eq!(twice.tokens, 20);
+    assert_eq!(twice.candidates[0], c.candidates[0]);
+    assert_eq!(twice.candidates[13], c.candidates[13]);
+
+    // decoding.json: absent, round trip, damage named.
+    let dir = tempfile::tempdir().unwrap();
+    assert_eq!(crate::EtaCalibration::load(dir.path()).unwrap(), None);
+    c.save(dir.path()).unwrap();
+    assert_eq!(crate::EtaCalibration::load(dir.path()).unwrap(), Some(c));
+    let path = dir.path().join(crate::DECODING_FILE);
+    std::fs::write(&path, r#"{"eta": 0.5}"#).unwrap();
+    let err = crate::EtaCalibration::load(dir.path())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&path.display().to_string()) && err.contains("not an η calibration"),
+        "{err}"
+    );
+
+    // Refused: no selector to calibrate; no target token to calibrate on.
+    let alone = chorus::<F64>(ChorusConfig::default(), 0);
+    let err = alone
+        .calibrate_eta([batch.clone()])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("has no selector"), "{err}");
+    let mut unmasked = batch;
+    unmasked.target_mask = unmasked.target_mask.zeros_like();
+    let err = model.calibrate_eta([unmasked]).unwrap_err().to_string();
+    assert!(err.contains("no target tokens"), "{err}");
+}

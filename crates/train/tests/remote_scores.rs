@@ -4,18 +4,16 @@
 //! never readable half-written, and a rerun completes it to exactly the bytes of an uninterrupted
 //! run.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use burn::backend::NdArray;
 use chorus_lm::Tokenizer;
+use chorus_model::fake_server::{Dialect, FakeLm, FakeServer, Reply, Request, fake_log_prob};
 use chorus_model::{Assistant, RemoteAssistant, RemoteSettings};
 use chorus_train::{Encoded, ScoreCache, score_assistants};
-use serde_json::{Value, json};
+use serde_json::json;
 
 type B = NdArray;
 
@@ -33,105 +31,39 @@ enum Failure {
     DropOnce,
 }
 
-struct FakeServer {
-    url: String,
-    completions: Arc<AtomicUsize>,
-}
-
-/// The log-prob the fake server gives token `id` at prompt position `i` (exactly representable).
-fn fake_log_prob(id: u32, i: usize) -> f64 {
-    -0.25 * ((id as usize * 7 + i) % 40) as f64 - 0.125
-}
-
-fn answer(stream: &mut TcpStream, status: &str, body: &str) {
-    let _ = write!(
-        stream,
-        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-}
-
-/// A server with llama-cpp-python's OpenAI behaviour minus its BOS quirk (it serves `/tokenize`,
-/// as vLLM does): tokenizes with `tokenizer` (`shift` added to every id to fake another
-/// tokenizer) and scores every prompt token with [`fake_log_prob`].
+/// A vLLM-like server of `tokenizer` (`shift` added to every id its tokenize endpoint gives, to
+/// fake another tokenizer) whose `/v1/completions` requests fail as `failure` says.
 fn fake_server(tokenizer: Tokenizer, failure: Failure, fail_from: usize, shift: u32) -> FakeServer {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let completions = Arc::new(AtomicUsize::new(0));
-    let count = completions.clone();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            let mut reader = BufReader::new(stream.try_clone().unwrap());
-            let mut line = String::new();
-            if reader.read_line(&mut line).is_err() {
-                continue;
+    let lm = FakeLm::new(&tokenizer, Dialect::OpenAi);
+    FakeServer::start(move |r: &Request| {
+        let failing = match failure {
+            Failure::None => false,
+            Failure::DropOnce => r.n == fail_from,
+            _ => r.n >= fail_from,
+        };
+        match r.path.as_str() {
+            "/tokenize" if shift > 0 => {
+                let ids = lm
+                    .tokenizer
+                    .encode(r.body["prompt"].as_str().unwrap())
+                    .unwrap();
+                let ids: Vec<u32> = ids.into_iter().map(|t| t + shift).collect();
+                Reply::json(json!({ "tokens": ids }))
             }
-            let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
-            let mut length = 0;
-            loop {
-                let mut header = String::new();
-                if reader.read_line(&mut header).is_err() || header.trim().is_empty() {
-                    break;
-                }
-                if let Some(v) = header.to_ascii_lowercase().strip_prefix("content-length:") {
-                    length = v.trim().parse().unwrap_or(0);
-                }
-            }
-            let mut body = vec![0; length];
-            let _ = reader.read_exact(&mut body);
-            let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-            match path.as_str() {
-                "/v1/models" => answer(&mut stream, "200 OK", r#"{"data":[{"id":"fake"}]}"#),
-                "/tokenize" => {
-                    let ids: Vec<u32> = tokenizer
-                        .encode(request["prompt"].as_str().unwrap_or(""))
-                        .unwrap()
-                        .into_iter()
-                        .map(|t| t + shift)
-                        .collect();
-                    answer(&mut stream, "200 OK", &json!({ "tokens": ids }).to_string());
-                }
-                "/v1/completions" => {
-                    let n = count.fetch_add(1, Ordering::SeqCst);
-                    let failing = match failure {
-                        Failure::DropOnce => n == fail_from,
-                        f => f != Failure::None && n >= fail_from,
-                    };
-                    if failing {
-                        match failure {
-                            Failure::Drop | Failure::DropOnce => drop(stream),
-                            Failure::Slow => {
-                                std::thread::sleep(Duration::from_secs(2));
-                                answer(&mut stream, "200 OK", "{}");
-                            }
-                            Failure::Malformed => {
-                                answer(&mut stream, "200 OK", r#"{"choices": [{"logprobs": "#)
-                            }
-                            Failure::None => unreachable!(),
-                        }
-                        continue;
-                    }
-                    let ids = tokenizer
-                        .encode(request["prompt"].as_str().unwrap_or(""))
-                        .unwrap();
-                    let mut lps: Vec<Value> = vec![Value::Null];
-                    lps.extend(
-                        ids.iter()
-                            .enumerate()
-                            .skip(1)
-                            .map(|(i, &t)| json!(fake_log_prob(t, i))),
-                    );
-                    lps.push(json!(-1.0)); // the generated token
-                    let body =
-                        json!({"choices": [{"text": "", "logprobs": {"token_logprobs": lps}}]});
-                    answer(&mut stream, "200 OK", &body.to_string());
-                }
-                _ => answer(&mut stream, "404 Not Found", r#"{"detail":"Not Found"}"#),
-            }
+            "/v1/completions" if failing => match failure {
+                Failure::Drop | Failure::DropOnce => Reply::Close,
+                Failure::Slow => Reply::Hang(Duration::from_secs(2)),
+                Failure::Malformed => Reply::Answer(200, r#"{"choices": [{"logprobs": "#.into()),
+                Failure::None => unreachable!(),
+            },
+            _ => lm.reply(r),
         }
-    });
-    FakeServer { url, completions }
+    })
+}
+
+/// How many `/v1/completions` requests `server` has had.
+fn completions(server: &FakeServer) -> usize {
+    server.requests("/v1/completions").len()
 }
 
 fn tokenizer() -> Tokenizer {
@@ -206,11 +138,11 @@ fn a_healthy_server_scores_every_target_token() {
     for (i, e) in data.iter().enumerate() {
         // Target t is row token t + 1, scored at the server's prompt position t + 1.
         let expected: Vec<f32> = (0..e.input_len())
-            .map(|t| fake_log_prob(e.tokens[t + 1], t + 1) as f32)
+            .map(|t| fake_log_prob(e.tokens[t], e.tokens[t + 1], t + 1) as f32)
             .collect();
         assert_eq!(cache.example(i).unwrap(), expected, "example {i}");
     }
-    assert_eq!(server.completions.load(Ordering::SeqCst), data.len());
+    assert_eq!(completions(&server), data.len());
 }
 
 #[test]
@@ -243,7 +175,7 @@ fn failures_give_one_clear_error_and_a_cache_that_completes_on_rerun() {
         // Rerun against a working server: it continues after the 2 scored examples.
         let good = fake_server(tok.clone(), Failure::None, 0, 0);
         score(&good.url, &tok, &data, dir.path()).unwrap();
-        assert_eq!(good.completions.load(Ordering::SeqCst), data.len() - 2);
+        assert_eq!(completions(&good), data.len() - 2);
         assert_eq!(
             std::fs::read(dir.path().join("scores.f32")).unwrap(),
             expected
@@ -260,7 +192,7 @@ fn a_dropped_connection_is_retried() {
     let server = fake_server(tok.clone(), Failure::DropOnce, 3, 0);
     let dir = tempfile::tempdir().unwrap();
     score(&server.url, &tok, &data, dir.path()).unwrap();
-    assert_eq!(server.completions.load(Ordering::SeqCst), data.len() + 1);
+    assert_eq!(completions(&server), data.len() + 1);
     ScoreCache::open(dir.path(), "fp").unwrap();
 }
 
