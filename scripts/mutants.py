@@ -1003,6 +1003,21 @@ MUTANTS = [
         "        for attempt in 0..1 {",
         ["-p", "chorus-train", "--test", "remote_scores", "retried"],
     ),
+    # η calibration checked against its rule (forty-seventh session).
+    (
+        "calibration: z at the posterior mean",
+        "crates/model/src/calibrate.rs",
+        ".map(|l| l.prior.mean);",
+        ".map(|l| l.posterior.mean);",
+        ["-p", "chorus-model", "--lib", "calibration_scores_hard_routing"],
+    ),
+    (
+        "calibration: tied assistants' last taken",
+        "crates/model/src/calibrate.rs",
+        "let j = 1 + argmax(&row[1..]);",
+        "let j = k - 1 - argmax(&row[1..].iter().rev().copied().collect::<Vec<_>>());",
+        ["-p", "chorus-model", "--lib", "calibration_scores_hard_routing"],
+    ),
     # `cargo mutants` over crates/model/src/remote.rs (forty-seventh session): its survivors.
     (
         "remote: candidates' byte fragments mapped to a token",

@@ -3,14 +3,16 @@
 //! quantiles of π*, plus η = 0 (always defer) and η = 1 (never): the quantiles alone cannot
 //! defer the tokens at the smallest π*, so when π* barely varies they could not express "always
 //! defer"; each is scored by the NLL of *hard* routing — token t scored by the assistant
-//! `j* = argmax_{j≥1} π_j` when `π* > η`, else by the base — and the lowest wins. The result is
-//! stored next to the model as `decoding.json` and is `chorus generate`'s default η.
+//! `j* = argmax_{j≥1} π_j` (the first of ties, as decoding takes it) when `π* > η`, else by the
+//! base — and the lowest wins. The result is stored next to the model as `decoding.json` and is
+//! `chorus generate`'s default η.
 
 use std::path::Path;
 
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::decode::argmax;
 use crate::{Chorus, ChorusBatch, ModelError};
 
 /// File name of the calibration inside a checkpoint directory.
@@ -109,7 +111,7 @@ impl<B: Backend> Chorus<B> {
                     continue;
                 }
                 let row = &pi[i * k..(i + 1) * k];
-                let j = (1..k).fold(1, |b, j| if row[j] > row[b] { j } else { b });
+                let j = 1 + argmax(&row[1..]);
                 tokens.push((row[j], lp[i * k], lp[i * k + j]));
             }
         }

@@ -1199,7 +1199,7 @@ fn calibration_scores_hard_routing_at_every_quantile_of_the_top_assistant_probab
         .latent_distributions(&batch)
         .unwrap()
         .map(|l| l.prior.mean);
-    let (log_pi, log_p) = model.token_terms(&batch, prior_mean).unwrap();
+    let (log_pi, log_p) = model.token_terms(&batch, prior_mean.clone()).unwrap();
     let (pi, log_p) = (host(log_pi.exp()), host(log_p));
     let mask = batch
         .target_mask
@@ -1222,7 +1222,7 @@ fn calibration_scores_hard_routing_at_every_quantile_of_the_top_assistant_probab
     let mut sorted: Vec<f64> = tokens.iter().map(|t| t.0).collect();
     sorted.sort_by(f64::total_cmp);
     assert!(sorted.windows(2).all(|w| w[0] < w[1]), "π* all differ");
-    let routed = |eta: f64| {
+    let routed_among = |tokens: &[(f64, f64, f64)], eta: f64| {
         let deferred: Vec<bool> = tokens.iter().map(|t| t.0 > eta).collect();
         let nll = tokens
             .iter()
@@ -1232,6 +1232,7 @@ fn calibration_scores_hard_routing_at_every_quantile_of_the_top_assistant_probab
             / 10.0;
         (nll, deferred.iter().filter(|&&d| d).count() as f64 / 10.0)
     };
+    let routed = |eta: f64| routed_among(&tokens, eta);
     let quantiles = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99];
     let mut want = vec![(None, 0.0)];
     want.extend(quantiles.map(|q| (Some(q), sorted[(q * 9.0_f64).round() as usize])));
@@ -1263,6 +1264,28 @@ fn calibration_scores_hard_routing_at_every_quantile_of_the_top_assistant_probab
         c.candidates.iter().any(|k| k.nll > best + 1e-3),
         "the choice matters: {c:?}"
     );
+
+    // Tied assistants (π_1 = π_2 at every token): j* is the first, as decoding's argmax takes it.
+    let mut tied = model.clone();
+    let proj = &mut tied.selector.as_mut().unwrap().proj.weight;
+    let w = proj.val();
+    let [d, _] = w.dims();
+    *proj = Param::from_tensor(w.clone().slice_assign([0..d, 2..3], w.slice([0..d, 1..2])));
+    let (log_pi, log_p) = tied.token_terms(&batch, prior_mean).unwrap();
+    let (pi, log_p) = (host(log_pi.exp()), host(log_p));
+    let first: Vec<(f64, f64, f64)> = (0..mask.len())
+        .filter(|&i| mask[i] == 1.0)
+        .map(|i| {
+            assert_eq!(pi[i * 3 + 1], pi[i * 3 + 2], "tied");
+            (pi[i * 3 + 1], log_p[i * 3], log_p[i * 3 + 1])
+        })
+        .collect();
+    assert!((0..mask.len()).any(|i| mask[i] == 1.0 && log_p[i * 3 + 1] != log_p[i * 3 + 2]));
+    let c_tied = tied.calibrate_eta([batch.clone()]).unwrap();
+    for got in &c_tied.candidates {
+        let (nll, _) = routed_among(&first, got.eta);
+        assert!((got.nll - nll).abs() < 1e-12, "tied, {got:?}: nll {nll}");
+    }
 
     // Batches pool their tokens.
     let twice = model.calibrate_eta([batch.clone(), batch.clone()]).unwrap();
