@@ -365,7 +365,8 @@ fn answers_that_cannot_be_the_rows_scores_are_refused() {
 }
 
 /// Dropped connections, answers that break off, timeouts, 429 and 5xx are retried, waiting the
-/// backoff and then twice as long; a 4xx or an answer that is not JSON is final at once.
+/// backoff and then twice as long (and nothing before the first attempt); a 4xx, a 404 or an
+/// answer that is not JSON is final at once, quoted to its first 200 characters.
 #[test]
 fn transient_faults_are_retried_with_doubling_backoff_and_others_are_final() {
     let tokenizer = tokenizer_with_bos();
