@@ -133,6 +133,17 @@ fn serve(stream: TcpStream, handler: &Handler, log: &Mutex<Vec<Request>>) {
     }
 }
 
+/// A byte-level BPE trained to at most 300 ids on three sentences, `<|endoftext|>` at id 0 (no
+/// BOS named): the tokenizer the remote tests serve.
+pub fn tokenizer() -> Tokenizer {
+    let texts = [
+        "the cat sat on the mat.",
+        "a dog ran to the log!",
+        "what did the cat see?",
+    ];
+    Tokenizer::train_bpe(texts.iter().cycle().take(60), 300, &["<|endoftext|>"]).unwrap()
+}
+
 /// Which server the fake imitates.
 #[derive(Clone, Copy, PartialEq, Debug)]
 pub enum Dialect {

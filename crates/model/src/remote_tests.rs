@@ -10,7 +10,9 @@ use burn::prelude::*;
 use chorus_lm::Tokenizer;
 use serde_json::{Value, json};
 
-use crate::fake_server::{Dialect, FakeLm, FakeServer, Handler, Reply, Request, fake_log_prob};
+use crate::fake_server::{
+    self, Dialect, FakeLm, FakeServer, Handler, Reply, Request, fake_log_prob,
+};
 use crate::{Assistant, RemoteAssistant, RemoteSettings, ScoreRows, TOKENIZER_PROBE};
 
 /// f64 as the crate's other tests: burn-ndarray 0.21 backends of two element types in one test
@@ -27,7 +29,7 @@ type Edit = fn(&mut Vec<Value>);
 /// `tokenizer_config.json` as from a model directory.
 fn tokenizer_with_bos() -> Tokenizer {
     let dir = tempfile::tempdir().unwrap();
-    bare_tokenizer()
+    fake_server::tokenizer()
         .save(dir.path().join("tokenizer.json"))
         .unwrap();
     std::fs::write(
@@ -38,16 +40,6 @@ fn tokenizer_with_bos() -> Tokenizer {
     let tokenizer = Tokenizer::from_file(dir.path().join("tokenizer.json")).unwrap();
     assert_eq!(tokenizer.bos_id(), Some(0));
     tokenizer
-}
-
-/// The same BPE without a BOS.
-fn bare_tokenizer() -> Tokenizer {
-    let texts = [
-        "the cat sat on the mat.",
-        "a dog ran to the log!",
-        "what did the cat see?",
-    ];
-    Tokenizer::train_bpe(texts.iter().cycle().take(60), 300, &["<|endoftext|>"]).unwrap()
 }
 
 fn settings() -> RemoteSettings {
@@ -181,7 +173,7 @@ fn connecting_reads_the_served_model_and_checks_the_tokenizer() {
     let lm = FakeLm::new(&tokenizer, Dialect::LlamaCppPython);
     refuse(
         Box::new(move |r: &Request| lm.reply(r)),
-        &bare_tokenizer(),
+        &fake_server::tokenizer(),
         "aligned only after a BOS token (its issue #1983)",
     );
     // Neither tokenize endpoint: not a completions server chorus can check.

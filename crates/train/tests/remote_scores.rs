@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use burn::backend::NdArray;
 use chorus_lm::Tokenizer;
-use chorus_model::fake_server::{Dialect, FakeLm, FakeServer, Reply, Request, fake_log_prob};
+use chorus_model::fake_server::{self, Dialect, FakeLm, FakeServer, Reply, Request, fake_log_prob};
 use chorus_model::{Assistant, RemoteAssistant, RemoteSettings};
 use chorus_train::{Encoded, ScoreCache, score_assistants};
 use serde_json::json;
@@ -64,15 +64,6 @@ fn fake_server(tokenizer: Tokenizer, failure: Failure, fail_from: usize, shift: 
 /// How many `/v1/completions` requests `server` has had.
 fn completions(server: &FakeServer) -> usize {
     server.requests("/v1/completions").len()
-}
-
-fn tokenizer() -> Tokenizer {
-    let texts = [
-        "the cat sat on the mat.",
-        "a dog ran to the log!",
-        "what did the cat see?",
-    ];
-    Tokenizer::train_bpe(texts.iter().cycle().take(60), 300, &["<|endoftext|>"]).unwrap()
 }
 
 fn examples(tokenizer: &Tokenizer) -> Vec<Encoded> {
@@ -129,7 +120,7 @@ fn score(url: &str, tokenizer: &Tokenizer, data: &[Encoded], dir: &Path) -> Resu
 
 #[test]
 fn a_healthy_server_scores_every_target_token() {
-    let tok = tokenizer();
+    let tok = fake_server::tokenizer();
     let data = examples(&tok);
     let server = fake_server(tok.clone(), Failure::None, 0, 0);
     let dir = tempfile::tempdir().unwrap();
@@ -147,7 +138,7 @@ fn a_healthy_server_scores_every_target_token() {
 
 #[test]
 fn failures_give_one_clear_error_and_a_cache_that_completes_on_rerun() {
-    let tok = tokenizer();
+    let tok = fake_server::tokenizer();
     let data = examples(&tok);
     let reference = tempfile::tempdir().unwrap();
     let healthy = fake_server(tok.clone(), Failure::None, 0, 0);
@@ -187,7 +178,7 @@ fn failures_give_one_clear_error_and_a_cache_that_completes_on_rerun() {
 
 #[test]
 fn a_dropped_connection_is_retried() {
-    let tok = tokenizer();
+    let tok = fake_server::tokenizer();
     let data = examples(&tok);
     let server = fake_server(tok.clone(), Failure::DropOnce, 3, 0);
     let dir = tempfile::tempdir().unwrap();
@@ -198,7 +189,7 @@ fn a_dropped_connection_is_retried() {
 
 #[test]
 fn a_server_that_tokenizes_differently_is_refused() {
-    let tok = tokenizer();
+    let tok = fake_server::tokenizer();
     let server = fake_server(tok.clone(), Failure::None, 0, 1);
     let error = RemoteAssistant::connect(&server.url, &tok, settings()).unwrap_err();
     let message = error.to_string();
@@ -210,7 +201,7 @@ fn a_server_that_tokenizes_differently_is_refused() {
 
 #[test]
 fn an_unreachable_server_is_named() {
-    let tok = tokenizer();
+    let tok = fake_server::tokenizer();
     // A port held on 127.0.0.1 for the whole test, so that no other test's server gets it (a
     // port bound and closed again was once handed to a concurrent test's fake server, which
     // answered); nothing listens on it at 127.0.0.2, which is loopback too.
