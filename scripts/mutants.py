@@ -1749,6 +1749,57 @@ MUTANTS = [
         "        || m.sources == sources;",
         ["-p", "chorus-train", "--lib", "resume_refuses"],
     ),
+    # Decoding's pure functions (forty-eighth session): each range of `DecodeConfig::validate`,
+    # `tempered_probs` against its closed form, `categorical` against its rule.
+    (
+        "decoding settings: temperature 0 refused",
+        "crates/model/src/decode.rs",
+        "self.temperature.is_finite() && self.temperature >= 0.0",
+        "self.temperature.is_finite() && self.temperature > 0.0",
+        ["-p", "chorus-model", "--lib", "every_decoding_range_is_checked"],
+    ),
+    (
+        "decoding settings: top_p = 1 refused",
+        "crates/model/src/decode.rs",
+        "self.top_p > 0.0 && self.top_p <= 1.0",
+        "self.top_p > 0.0 && self.top_p < 1.0",
+        ["-p", "chorus-model", "--lib", "every_decoding_range_is_checked"],
+    ),
+    (
+        "decoding settings: η = 1 refused",
+        "crates/model/src/decode.rs",
+        "WriterStrategy::Threshold { eta } if !(0.0..=1.0).contains(&eta)",
+        "WriterStrategy::Threshold { eta } if !(0.0..1.0).contains(&eta)",
+        ["-p", "chorus-model", "--lib", "every_decoding_range_is_checked"],
+    ),
+    (
+        "decoding settings: τ above 1 accepted",
+        "crates/model/src/decode.rs",
+        "WriterStrategy::Confidence { tau } if !(0.0..=1.0).contains(&tau)",
+        "WriterStrategy::Confidence { tau } if !(0.0..=2.0).contains(&tau)",
+        ["-p", "chorus-model", "--lib", "every_decoding_range_is_checked"],
+    ),
+    (
+        "tempered probabilities: logits not shifted by their maximum",
+        "crates/model/src/decode.rs",
+        ".map(|&l| ((l as f64 - max) / temperature).exp())",
+        ".map(|&l| ((l as f64 - 0.0 * max) / temperature).exp())",
+        ["-p", "chorus-model", "--lib", "tempered_probabilities_are_the_softmax"],
+    ),
+    (
+        "categorical: u not scaled by the total weight",
+        "crates/model/src/decode.rs",
+        "let mut u = rng.uniform() * total;",
+        "let mut u = rng.uniform();",
+        ["-p", "chorus-model", "--lib", "a_categorical_draw_is_the_first_index"],
+    ),
+    (
+        "categorical: a second draw per index",
+        "crates/model/src/decode.rs",
+        "let mut u = rng.uniform() * total;",
+        "let mut u = rng.uniform() * total; let _ = rng.uniform();",
+        ["-p", "chorus-model", "--lib", "a_categorical_draw_is_the_first_index"],
+    ),
 ]
 
 

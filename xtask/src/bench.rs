@@ -125,8 +125,8 @@ const LLAMA_CPP_AVX2_FLAGS: &str = "-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=
 /// subsets ggml's `GGML_AVX512` compiles for (F, CD, VL, DQ, BW), a second llama-cpp-python built
 /// with them (and with VBMI, VNNI and BF16 where present) into `$CHORUS_CACHE/llama-cpp-<flags>`,
 /// returned as the directory to put on `PYTHONPATH`; `None` for the venv's AVX2 build — on CPUs
-/// without AVX-512, or when the AVX-512 build fails to build or to decode two tokens of `gguf`
-/// (said on stderr). On the Zen 4 the AVX-512 build decoded at 1.01× the AVX2 build's speed
+/// without AVX-512, or when the AVX-512 build fails to build, to decode two tokens of `gguf` or to
+/// say `AVX512 = 1` in its system info (said on stderr). On the Zen 4 the AVX-512 build decoded at 1.01× the AVX2 build's speed
 /// (docs/performance.md).
 fn llama_cpp_build(python: &Path, gguf: &Path) -> Option<PathBuf> {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
@@ -148,13 +148,26 @@ fn llama_cpp_build(python: &Path, gguf: &Path) -> Option<PathBuf> {
         // A build cut short leaves a directory pip would not write into again.
         let _ = std::fs::remove_dir_all(&dir);
         let target = dir.display().to_string();
-        let args = ["install", "--no-deps", "--target", &target, &package];
+        // Built from source, not from pip's wheel cache: the venv's AVX2 build left a wheel of the
+        // same name and version there, which pip took without building (forty-eighth session).
+        let args = [
+            "install",
+            "--no-deps",
+            "--no-cache-dir",
+            "--no-binary",
+            "llama-cpp-python",
+            "--target",
+            &target,
+            &package,
+        ];
         if let Err(e) = run(&pip, &args, &[("CMAKE_ARGS", &cmake)]) {
             eprintln!("xtask: {e:#}; llama.cpp stays the AVX2 build");
             return None;
         }
     }
+    // Decodes two tokens, and fails unless the build says it was compiled with AVX-512.
     let smoke = "import sys, llama_cpp\n\
+        assert 'AVX512 = 1' in llama_cpp.llama_print_system_info().decode(), 'no AVX-512'\n\
         llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=16, n_threads=2, verbose=False)\n\
         llm.eval(llm.tokenize(b'Once upon', add_bos=False))\n\
         llm.eval([llm.token_eos()])\n";
@@ -165,8 +178,8 @@ fn llama_cpp_build(python: &Path, gguf: &Path) -> Option<PathBuf> {
         .is_ok_and(|o| o.status.success());
     if !decodes {
         eprintln!(
-            "xtask: the AVX-512 build of llama.cpp in {} fails to decode; llama.cpp stays the \
-             AVX2 build",
+            "xtask: the AVX-512 build of llama.cpp in {} fails to decode or was compiled without \
+             AVX-512 (delete it to rebuild); llama.cpp stays the AVX2 build",
             dir.display()
         );
         return None;

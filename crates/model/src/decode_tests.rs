@@ -1,5 +1,7 @@
 //! Decoding tests: cached decoding against a full-recompute reference, the threshold rule's
-//! extremes, the mixture against Σ_j π_j P_j by hand, provenance counts, bad input.
+//! extremes, the mixture against Σ_j π_j P_j by hand, provenance counts, bad input and every
+//! setting's range at its edges, and the sampling functions against their definitions
+//! (softmax with temperature, categorical draws, truncation, the radix sort).
 
 use burn::module::Param;
 use burn::prelude::*;
@@ -534,6 +536,87 @@ fn bad_decoding_input_is_a_clear_error() {
     );
 }
 
+/// Every range of [`DecodeConfig::validate`] at its edges: each edge and a value just inside
+/// accepted, a value just outside (and NaN, and ∞ where the range is open) refused, the error
+/// naming the key and the value as given.
+#[test]
+fn every_decoding_range_is_checked_at_its_edges() {
+    let below = |x: f64| x - 1e-12;
+    let above = |x: f64| x + 1e-12;
+    let with_temperature = |temperature| DecodeConfig {
+        temperature,
+        ..DecodeConfig::default()
+    };
+    let with_top_p = |top_p| DecodeConfig {
+        top_p,
+        ..DecodeConfig::default()
+    };
+    let with_strategy = |strategy| DecodeConfig {
+        strategy,
+        ..DecodeConfig::default()
+    };
+    let threshold = |eta| with_strategy(WriterStrategy::Threshold { eta });
+    let confidence = |tau| with_strategy(WriterStrategy::Confidence { tau });
+    let accepted = [
+        ("temperature", with_temperature(0.0)),
+        ("temperature", with_temperature(1e-12)),
+        ("temperature", with_temperature(1e300)),
+        ("top_p", with_top_p(1.0)),
+        ("top_p", with_top_p(below(1.0))),
+        ("top_p", with_top_p(1e-12)),
+        ("η", threshold(0.0)),
+        ("η", threshold(1.0)),
+        ("η", threshold(above(0.0))),
+        ("η", threshold(below(1.0))),
+        ("τ", confidence(0.0)),
+        ("τ", confidence(1.0)),
+        ("τ", confidence(above(0.0))),
+        ("τ", confidence(below(1.0))),
+    ];
+    for (key, config) in &accepted {
+        assert!(config.validate().is_ok(), "{key}: {config:?}");
+    }
+    let refused = [
+        ("temperature", -1e-12, with_temperature(-1e-12)),
+        ("temperature", f64::NAN, with_temperature(f64::NAN)),
+        (
+            "temperature",
+            f64::INFINITY,
+            with_temperature(f64::INFINITY),
+        ),
+        ("top_p", 0.0, with_top_p(0.0)),
+        ("top_p", above(1.0), with_top_p(above(1.0))),
+        ("top_p", -0.5, with_top_p(-0.5)),
+        ("top_p", f64::NAN, with_top_p(f64::NAN)),
+        ("η", -1e-12, threshold(-1e-12)),
+        ("η", above(1.0), threshold(above(1.0))),
+        ("η", f64::NAN, threshold(f64::NAN)),
+        ("τ", -1e-12, confidence(-1e-12)),
+        ("τ", above(1.0), confidence(above(1.0))),
+        ("τ", f64::NAN, confidence(f64::NAN)),
+    ];
+    for (key, value, config) in &refused {
+        match config.validate() {
+            Err(crate::ModelError::OutOfRange {
+                key: named,
+                value: given,
+                ..
+            }) => {
+                assert_eq!((named, given), (*key, value.to_string()), "{config:?}")
+            }
+            other => panic!("{key} = {value}: {other:?}"),
+        }
+    }
+    // The other strategies have no range of their own.
+    for strategy in [
+        WriterStrategy::Sample,
+        WriterStrategy::Greedy,
+        WriterStrategy::Mixture,
+    ] {
+        assert!(with_strategy(strategy).validate().is_ok(), "{strategy}");
+    }
+}
+
 #[test]
 fn truncation_keeps_the_top_k_and_the_smallest_nucleus() {
     let p = [0.15, 0.5, 0.05, 0.3];
@@ -637,6 +720,89 @@ fn truncation_sorts_only_what_it_keeps_and_keeps_what_a_full_sort_keeps() {
         }
     }
     assert_eq!(cases, 5 * 12 * 10);
+}
+
+/// `tempered_probs` is `softmax(l / T)` in closed form: for logits small enough to exponentiate
+/// unshifted, `exp(l_v / T) / Σ_u exp(l_u / T)` to 1e-14; shifted logits (±1000, where the
+/// unshifted form overflows) give the same probabilities as the unshifted small ones; T = 0 is
+/// one-hot on the first largest logit.
+#[test]
+fn tempered_probabilities_are_the_softmax_of_logits_over_temperature() {
+    let logits = [0.5f32, -1.25, 2.0, 0.0, 2.0 - 0.125];
+    for temperature in [0.3, 1.0, 2.0, 7.5] {
+        let e: Vec<f64> = logits
+            .iter()
+            .map(|&l| (f64::from(l) / temperature).exp())
+            .collect();
+        let z: f64 = e.iter().sum();
+        let p = tempered_probs(&logits, temperature);
+        assert_eq!(p.len(), logits.len());
+        for (v, (p, e)) in p.iter().zip(&e).enumerate() {
+            assert!(
+                (p - e / z).abs() <= 1e-14,
+                "T = {temperature}, token {v}: {p} vs {}",
+                e / z
+            );
+        }
+        for shift in [1000.0f32, -1000.0] {
+            let shifted: Vec<f32> = logits.iter().map(|l| l + shift).collect();
+            let q = tempered_probs(&shifted, temperature);
+            for (v, (q, e)) in q.iter().zip(&e).enumerate() {
+                assert!(
+                    (q - e / z).abs() <= 1e-14,
+                    "T = {temperature}, shift {shift}, token {v}: {q} vs {}",
+                    e / z
+                );
+            }
+        }
+    }
+    assert_eq!(
+        tempered_probs(&[1.0, 4.0, -2.0, 4.0], 0.0),
+        vec![0.0, 1.0, 0.0, 0.0]
+    );
+}
+
+/// `categorical` draws `u` from the generator once and returns the first index whose cumulative
+/// weight exceeds `u · Σ w` (so never an index of weight 0), for weights with zeros first, last
+/// and between; its draws follow the weights' proportions.
+#[test]
+fn a_categorical_draw_is_the_first_index_whose_cumulative_weight_exceeds_u() {
+    let cases: [&[f64]; 5] = [
+        &[1.0],
+        &[0.2, 0.3, 0.5],
+        &[0.0, 0.0, 3.0, 0.0, 1.0, 0.0],
+        &[5.0, 0.0, 0.0, 0.25],
+        &[1e-300, 2.0, 1e-300],
+    ];
+    let mut rng = SplitMix64(23);
+    for weights in cases {
+        let total: f64 = weights.iter().sum();
+        let mut counts = vec![0usize; weights.len()];
+        let draws = 20_000;
+        for _ in 0..draws {
+            let mut after_one_draw = rng.clone();
+            let u = after_one_draw.uniform();
+            let mut cumulative = 0.0;
+            let expected = weights
+                .iter()
+                .position(|w| {
+                    cumulative += w;
+                    u * total < cumulative
+                })
+                .unwrap();
+            let drawn = categorical(&mut rng, weights);
+            assert_eq!(drawn, expected, "{weights:?}, u = {u}");
+            assert_eq!(rng, after_one_draw, "one draw from the generator");
+            counts[drawn] += 1;
+        }
+        for (i, (&count, w)) in counts.iter().zip(weights).enumerate() {
+            let share = count as f64 / draws as f64;
+            assert!(
+                (share - w / total).abs() < 0.015,
+                "{weights:?}: index {i} drawn {share}"
+            );
+        }
+    }
 }
 
 #[test]
