@@ -1794,6 +1794,13 @@ MUTANTS = [
         ["-p", "chorus-model", "--lib", "a_categorical_draw_is_the_first_index"],
     ),
     (
+        "categorical: all-zero weights give the last index (found by `cargo mutants`: `>` → `>=` in the fallback)",
+        "crates/model/src/decode.rs",
+        "weights.iter().rposition(|w| *w > 0.0).unwrap_or(0)",
+        "weights.iter().rposition(|w| *w >= 0.0).unwrap_or(0)",
+        ["-p", "chorus-model", "--lib", "a_categorical_draw_is_the_first_index"],
+    ),
+    (
         "categorical: a second draw per index",
         "crates/model/src/decode.rs",
         "let mut u = rng.uniform() * total;",

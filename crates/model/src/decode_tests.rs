@@ -764,7 +764,7 @@ fn tempered_probabilities_are_the_softmax_of_logits_over_temperature() {
 
 /// `categorical` draws `u` from the generator once and returns the first index whose cumulative
 /// weight exceeds `u · Σ w` (so never an index of weight 0), for weights with zeros first, last
-/// and between; its draws follow the weights' proportions.
+/// and between; its draws follow the weights' proportions; without a positive weight, index 0.
 #[test]
 fn a_categorical_draw_is_the_first_index_whose_cumulative_weight_exceeds_u() {
     let cases: [&[f64]; 5] = [
@@ -802,6 +802,14 @@ fn a_categorical_draw_is_the_first_index_whose_cumulative_weight_exceeds_u() {
                 "{weights:?}: index {i} drawn {share}"
             );
         }
+    }
+    // No positive weight: index 0 (the rule has no index; the fallback's last positive weight
+    // has none either), after one draw.
+    for zeros in [&[0.0][..], &[0.0, 0.0, 0.0]] {
+        let mut after_one_draw = rng.clone();
+        after_one_draw.uniform();
+        assert_eq!(categorical(&mut rng, zeros), 0, "{zeros:?}");
+        assert_eq!(rng, after_one_draw);
     }
 }
 
