@@ -126,8 +126,8 @@ const LLAMA_CPP_AVX2_FLAGS: &str = "-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=
 /// with them (and with VBMI, VNNI and BF16 where present) into `$CHORUS_CACHE/llama-cpp-<flags>`,
 /// returned as the directory to put on `PYTHONPATH`; `None` for the venv's AVX2 build — on CPUs
 /// without AVX-512, or when the AVX-512 build fails to build, to decode two tokens of `gguf` or to
-/// say `AVX512 = 1` in its system info (said on stderr). On the Zen 4 the AVX-512 build decoded at 1.01× the AVX2 build's speed
-/// (docs/performance.md).
+/// say `AVX512 = 1` in its system info (said on stderr). On the Zen 4 the AVX-512 build decoded at
+/// 1.01× the AVX2 build's speed (docs/performance.md).
 fn llama_cpp_build(python: &Path, gguf: &Path) -> Option<PathBuf> {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let cpu_flags: Vec<&str> = cpuinfo
