@@ -1807,6 +1807,49 @@ MUTANTS = [
         "let mut u = rng.uniform() * total; let _ = rng.uniform();",
         ["-p", "chorus-model", "--lib", "a_categorical_draw_is_the_first_index"],
     ),
+    # chorus-train's checkpoints, schedule and batches (forty-ninth session).
+    (
+        "best/ not put back after a kill between its two renames (found by `cargo mutants`)",
+        "crates/train/src/checkpoint.rs",
+        "    if old.is_dir() && !best.exists() {",
+        "    if false && old.is_dir() && !best.exists() {",
+        ["-p", "chorus-train", "--lib", "resume_puts_back"],
+    ),
+    (
+        "best/ replaced by the old one when a kill left both (found by `cargo mutants`: `&&` → `||`)",
+        "crates/train/src/checkpoint.rs",
+        "    if old.is_dir() && !best.exists() {",
+        "    if old.is_dir() || !best.exists() {",
+        ["-p", "chorus-train", "--lib", "resume_puts_back"],
+    ),
+    (
+        "learning rate: past the last step the cosine rises again",
+        "crates/train/src/schedule.rs",
+        ".clamp(0.0, 1.0);",
+        ".max(0.0);",
+        ["-p", "chorus-train", "--lib", "learning_rate_warms_up"],
+    ),
+    (
+        "over-long rows keep the oldest context tokens instead of the newest",
+        "crates/train/src/batch.rs",
+        "tokens.extend_from_slice(&context[lc - keep_c..]);",
+        "tokens.extend_from_slice(&context[..keep_c]);",
+        ["-p", "chorus-train", "--lib", "over_long_rows"],
+    ),
+    (
+        "an epoch's windows not sorted by length (batches pad as much as random ones)",
+        "crates/train/src/batch.rs",
+        "        window.sort_by_key(|&i| lengths[i]);",
+        "",
+        ["-p", "chorus-train", "--lib", "an_epoch_batches_rows"],
+    ),
+    (
+        "a task's subset is its first examples, not the hash's choice",
+        "crates/train/src/batch.rs",
+        "            chosen.sort_by_key(|(h, _)| *h);",
+        "",
+        ["-p", "chorus-train", "--lib", "each_task_keeps_a_fixed_subset"],
+    ),
 ]
 
 

@@ -12,9 +12,9 @@ use chorus_model::{Assistant, Chorus, ChorusConfig, LocalLm};
 
 use crate::run::{Loop, run_loop};
 use crate::{
-    Encoded, OptimConfig, PretrainConfig, ScoreCache, TokenBatch, TrainConfig, TrainError,
-    encode_examples, epoch_batches, latest_checkpoint, learning_rate, list_checkpoints,
-    load_chorus, load_config, read_state, score_assistants,
+    DataConfig, Encoded, OptimConfig, PretrainConfig, ScoreCache, TokenBatch, TrainConfig,
+    TrainError, encode_examples, epoch_batches, latest_checkpoint, learning_rate, list_checkpoints,
+    load_chorus, load_config, load_task_examples, read_state, score_assistants,
 };
 
 type B = NdArray<f32>;
@@ -293,22 +293,223 @@ fn epoch_batches_cover_every_example_once_deterministically() {
 }
 
 #[test]
+fn over_long_rows_lose_the_oldest_context_first_then_the_end_of_the_target() {
+    let tok = tokenizer();
+    let eos = tok.token_to_id("<|endoftext|>").unwrap();
+    let example = |context: &str, target: &str| Example {
+        task: Task::Story,
+        document: "d".into(),
+        split: Split::Train,
+        context: context.into(),
+        target: target.into(),
+    };
+    let encode = |e: &Example, budget: usize| {
+        encode_examples(std::slice::from_ref(e), &tok, "<|endoftext|>", budget).unwrap()[0].clone()
+    };
+    let row = |context: &[u32], target: &[u32]| {
+        let mut row = vec![eos];
+        row.extend_from_slice(context);
+        row.extend_from_slice(target);
+        row
+    };
+
+    let e = example(
+        &"the cat sat on the mat. a dog ran to the log!".repeat(2),
+        &" what did the cat see?".repeat(3),
+    );
+    let context = tok.encode(&e.context).unwrap();
+    let mut target = tok.encode(&e.target).unwrap();
+    target.push(eos);
+    let (lc, lx) = (context.len(), target.len());
+    // A row of exactly the budget is kept whole.
+    let whole = encode(&e, lc + lx);
+    assert_eq!(whole.tokens, row(&context, &target));
+    assert_eq!(
+        (whole.context_len, whole.target_bytes),
+        (lc, e.target.len())
+    );
+    // One token over: the context's first token goes, the target stays whole with its EOS.
+    let cut = encode(&e, lc + lx - 1);
+    assert_eq!(cut.tokens, row(&context[1..], &target));
+    assert_eq!(
+        (cut.context_len, cut.target_bytes),
+        (lc - 1, e.target.len())
+    );
+    // The context keeps its most recent tokens, down to a quarter of the budget; then the target
+    // is cut from the right.
+    let budget = 16;
+    let min_c = budget / 4;
+    assert!(lc > min_c && lx > budget - min_c);
+    let cut = encode(&e, budget);
+    let keep_x = budget - min_c;
+    assert_eq!(cut.tokens, row(&context[lc - min_c..], &target[..keep_x]));
+    assert_eq!(cut.context_len, min_c);
+    assert_eq!(
+        cut.target_bytes,
+        tok.decode(&target[..keep_x]).unwrap().len()
+    );
+
+    // A context shorter than a quarter of the budget is kept whole; the target takes the rest.
+    let long_target = " the cat sat on the mat.".repeat(8);
+    let e = example("the cat.", &long_target);
+    let context = tok.encode(&e.context).unwrap();
+    let target = tok.encode(&long_target).unwrap();
+    let budget = 16;
+    assert!(context.len() < budget / 4 && target.len() > budget);
+    let cut = encode(&e, budget);
+    assert_eq!(cut.tokens, row(&context, &target[..budget - context.len()]));
+    assert_eq!(cut.context_len, context.len());
+
+    // Four inputs are the shortest row; three are refused, naming the setting.
+    assert_eq!(encode(&e, 4).input_len(), 4);
+    let err = encode_examples(&[e], &tok, "<|endoftext|>", 3)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("data.max_seq_len") && err.contains('3'),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_epoch_batches_rows_of_neighbouring_lengths_in_shuffled_order() {
+    // 103 distinct lengths (a permutation of 0..103) fit one window of 50 batches of 8: sorted by
+    // length, the batches hold lengths 0–7, 8–15, …, 96–102, and come in shuffled order.
+    let lengths: Vec<usize> = (0..103).map(|i| (i * 37) % 103).collect();
+    let batches = epoch_batches(&lengths, 8, 1, 0);
+    let mut spans: Vec<Vec<usize>> = batches
+        .iter()
+        .map(|b| {
+            let mut l: Vec<usize> = b.iter().map(|&i| lengths[i]).collect();
+            l.sort();
+            l
+        })
+        .collect();
+    let in_order: Vec<usize> = spans.iter().map(|l| l[0]).collect();
+    spans.sort();
+    let want: Vec<Vec<usize>> = (0..103)
+        .collect::<Vec<_>>()
+        .chunks(8)
+        .map(<[usize]>::to_vec)
+        .collect();
+    assert_eq!(spans, want);
+    let mut sorted = in_order.clone();
+    sorted.sort();
+    assert_ne!(in_order, sorted, "the batches are shuffled");
+    // Another seed, another order of the same batches.
+    let other = epoch_batches(&lengths, 8, 2, 0);
+    assert_ne!(other, batches);
+    assert_eq!(other.len(), batches.len());
+}
+
+#[test]
+fn each_task_keeps_a_fixed_subset_chosen_by_the_hash_of_document_and_position() {
+    use chorus_data::rng::stable_hash;
+    let example = |task, split, document: &str, n: usize| Example {
+        task,
+        document: document.into(),
+        split,
+        context: format!("context {n}"),
+        target: format!("target {n}"),
+    };
+    let mut all = Vec::new();
+    for n in 0..7 {
+        all.push(example(Task::Story, Split::Train, "novel", n));
+        all.push(example(Task::Dialogue, Split::Train, "chat", n));
+        all.push(example(Task::OpenEnded, Split::Valid, "wiki", n));
+    }
+    all.push(example(Task::Story, Split::Valid, "novel", 99));
+    let config = DataConfig {
+        tasks: vec![Task::Dialogue, Task::Story],
+        ..DataConfig::default()
+    };
+    let targets = |v: &[Example]| -> Vec<String> { v.iter().map(|e| e.target.clone()).collect() };
+    let of = |task| -> Vec<Example> {
+        all.iter()
+            .filter(|e| e.task == task && e.split == Split::Train)
+            .cloned()
+            .collect()
+    };
+    // 0 = all, and a limit at or above the count keeps all: tasks in the config's order, each
+    // in corpus order.
+    let every = [of(Task::Dialogue), of(Task::Story)].concat();
+    for limit in [0, 7, 8] {
+        let got = load_task_examples(&all, &config, Split::Train, limit).unwrap();
+        assert_eq!(targets(&got), targets(&every), "limit {limit}");
+    }
+    // A limit keeps, per task, the examples whose hash of "document#position" is smallest.
+    let smallest = |task, k: usize| -> Vec<Example> {
+        let mut v: Vec<(u64, Example)> = of(task)
+            .into_iter()
+            .enumerate()
+            .map(|(i, e)| (stable_hash(&format!("{}#{i}", e.document)), e))
+            .collect();
+        v.sort_by_key(|(h, _)| *h);
+        v.into_iter().take(k).map(|(_, e)| e).collect()
+    };
+    for limit in [1, 3, 6] {
+        let got = load_task_examples(&all, &config, Split::Train, limit).unwrap();
+        let want = [
+            smallest(Task::Dialogue, limit),
+            smallest(Task::Story, limit),
+        ]
+        .concat();
+        assert_eq!(targets(&got), targets(&want), "limit {limit}");
+    }
+    assert_ne!(
+        targets(&smallest(Task::Story, 3)),
+        targets(&of(Task::Story)[..3]),
+        "the fixture must tell the hash's choice from the first examples"
+    );
+    // A task without examples in the split is an error naming it.
+    let err = load_task_examples(&all, &config, Split::Valid, 0)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("dialogue") && err.contains("no examples"),
+        "{err}"
+    );
+}
+
+#[test]
 fn learning_rate_warms_up_then_follows_the_cosine() {
-    let c = OptimConfig {
-        steps: 110,
-        lr: 1.0,
-        warmup_steps: 10,
-        min_lr_ratio: 0.1,
+    // lr and m away from 0 and 1, so that a product swapped for a quotient or a sum shows.
+    let (lr, m) = (0.003, 0.2);
+    let config = |warmup_steps, steps| OptimConfig {
+        steps,
+        lr,
+        warmup_steps,
+        min_lr_ratio: m,
         ..OptimConfig::default()
     };
-    assert!((learning_rate(&c, 0) - 0.1).abs() < 1e-12);
-    assert!((learning_rate(&c, 9) - 1.0).abs() < 1e-12);
-    assert!((learning_rate(&c, 10) - 1.0).abs() < 1e-12);
-    let mid = 10 + 99 / 2; // p ≈ 0.5 → 0.1 + 0.9 · (1 + cos(π·49.5/99))/2 ≈ 0.55
-    let p = 49.0 / 99.0;
-    let want = 0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * p).cos());
-    assert!((learning_rate(&c, mid as u64) - want).abs() < 1e-12);
-    assert!((learning_rate(&c, 109) - 0.1).abs() < 1e-12);
+    let close = |got: f64, want: f64, what: &str| {
+        assert!((got - want).abs() <= 1e-15, "{what}: {got} vs {want}");
+    };
+    // W = 4, S = 11: warm-up at steps 0–3, then p = (s − 4) / 6 for s = 4…10, so the cosine is read
+    // where cos(π p) is known exactly: p = 0, 1/3, 1/2, 2/3, 1.
+    let c = config(4, 11);
+    for s in 0..4 {
+        close(learning_rate(&c, s), lr * (s + 1) as f64 / 4.0, "warm-up");
+    }
+    for (s, cos) in [(4, 1.0), (6, 0.5), (7, 0.0), (8, -0.5), (10, -1.0)] {
+        let want = lr * (m + (1.0 - m) * (1.0 + cos) / 2.0);
+        close(learning_rate(&c, s), want, &format!("cosine at step {s}"));
+    }
+    // Strictly decreasing after the warm-up; past the last step it stays at m · lr.
+    for s in 4..10 {
+        assert!(learning_rate(&c, s + 1) < learning_rate(&c, s), "step {s}");
+    }
+    for s in [11, 12, 1000] {
+        close(learning_rate(&c, s), m * lr, "past the end");
+    }
+    // No warm-up starts at lr; one step is all lr.
+    close(learning_rate(&config(0, 11), 0), lr, "W = 0");
+    close(learning_rate(&config(0, 1), 0), lr, "S = 1");
+    // A warm-up as long as the run: it ends at lr at its last step, then decays over one step.
+    let c = config(5, 5);
+    close(learning_rate(&c, 4), lr, "the last warm-up step");
+    close(learning_rate(&c, 5), lr, "p = 0 after it");
+    close(learning_rate(&c, 6), m * lr, "p = 1 one step later");
 }
 
 #[test]
@@ -1467,6 +1668,56 @@ fn keep_last_prunes_old_checkpoints_and_best_holds_the_lowest_validation_nll() {
     assert!(!best.join("optimizer.mpk").exists());
     load_chorus::<B>(&best, &Default::default()).unwrap();
     assert_eq!(summary.model, best);
+}
+
+/// `best/` is replaced in three moves (`.tmp-best` written, `best → .old-best`, `.tmp-best → best`,
+/// then `.old-best` removed). A kill between the two renames leaves no `best/`: `--resume` puts the
+/// old one back. A kill after them leaves both: the new one stays.
+#[test]
+fn resume_puts_back_a_best_moved_aside_by_a_kill_and_keeps_one_already_renamed_in() {
+    let _rng = rng_lock();
+    let train = synthetic(32, 0);
+    let valid = synthetic(8, 1000);
+    let dir = tempfile::tempdir().unwrap();
+    let optim = OptimConfig {
+        checkpoint_every: 1,
+        eval_every: 1,
+        keep_last: 10,
+        ..optim(3)
+    };
+    let (model, sources) = joint(z_config(), 1);
+    fit(
+        model,
+        sources.clone(),
+        &train,
+        &valid,
+        &optim,
+        dir.path(),
+        false,
+    )
+    .unwrap();
+    let best = crate::best_dir(dir.path());
+    let old = dir.path().join("checkpoints").join(".old-best");
+    let best_state = read_state(&best).unwrap();
+    let best_model = std::fs::read(best.join("model.mpk")).unwrap();
+    let resume = || {
+        let (model, sources) = joint(z_config(), 1);
+        fit(model, sources, &train, &valid, &optim, dir.path(), true).unwrap()
+    };
+
+    std::fs::rename(&best, &old).unwrap();
+    let summary = resume();
+    assert_eq!(summary.model, best, "best/ is back and is the run's model");
+    assert!(!old.exists());
+    assert_eq!(read_state(&best).unwrap(), best_state);
+    assert_eq!(std::fs::read(best.join("model.mpk")).unwrap(), best_model);
+
+    std::fs::create_dir(&old).unwrap();
+    std::fs::write(old.join("model.mpk"), b"the best before the last").unwrap();
+    let summary = resume();
+    assert_eq!(summary.model, best);
+    assert_eq!(read_state(&best).unwrap(), best_state);
+    assert_eq!(std::fs::read(best.join("model.mpk")).unwrap(), best_model);
 }
 
 /// Trains with a checkpoint after every step until step 3 or 4 turns something non-finite; checks
