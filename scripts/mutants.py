@@ -1844,6 +1844,27 @@ MUTANTS = [
         ["-p", "chorus-train", "--lib", "an_epoch_batches_rows"],
     ),
     (
+        "shuffle: j drawn from 0..i, not 0..=i (Sattolo's cycles; found by `cargo mutants`)",
+        "crates/train/src/batch.rs",
+        "        let j = rng.index(i + 1);",
+        "        let j = rng.index(i);",
+        ["-p", "chorus-train", "--lib", "an_epoch_draws_every_order"],
+    ),
+    (
+        "an over-long target after an empty context kept whole (found by `cargo mutants`: `lc + lx` → `lc * lx`)",
+        "crates/train/src/batch.rs",
+        "if lc + lx <= budget {",
+        "if lc * lx <= budget {",
+        ["-p", "chorus-train", "--lib", "over_long_rows"],
+    ),
+    (
+        "an epoch's seed mixed by `|`: seeds differing in low bits share their epochs' orders (found by `cargo mutants`)",
+        "crates/train/src/batch.rs",
+        "SplitMix64(seed ^ epoch.wrapping_mul(",
+        "SplitMix64(seed | epoch.wrapping_mul(",
+        ["-p", "chorus-train", "--lib", "an_epoch_batches_rows"],
+    ),
+    (
         "a task's subset is its first examples, not the hash's choice",
         "crates/train/src/batch.rs",
         "            chosen.sort_by_key(|(h, _)| *h);",
