@@ -353,7 +353,7 @@ pub(crate) fn radix_sort<T: Copy>(keys: &mut Vec<(u64, T)>, spare: &mut Vec<(u64
 /// [`truncate_probs`]'s prefix: the binade of each value and the last binade whose tokens are
 /// sorted; `None` to sort every token (a NaN, which sorts before every number, or no binade
 /// before the last that decides the walk).
-fn prefix_binades(
+pub(crate) fn prefix_binades(
     p: &[f64],
     top_k: usize,
     target: f64,
@@ -379,7 +379,7 @@ fn prefix_binades(
 }
 
 /// The binade of the largest value for zeros and negative values, below every positive one's.
-const LAST_BINADE: usize = 2048;
+pub(crate) const LAST_BINADE: usize = 2048;
 
 /// For values `p` without NaNs: `v ↦` how many binades `v` lies below the largest of `p` (the
 /// difference of their f64 exponents; subnormals count as one binade), [`LAST_BINADE`] for

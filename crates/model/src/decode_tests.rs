@@ -9,7 +9,7 @@ use burn::tensor::Distribution;
 use burn::tensor::activation::softmax;
 use chorus_lm::LmInput;
 
-use crate::decode::{argmax, categorical, radix_sort};
+use crate::decode::{LAST_BINADE, argmax, categorical, prefix_binades, radix_sort};
 use crate::tests::{chorus, seeded};
 use crate::{
     Assistant, AssistantUpdate, Chorus, ChorusConfig, DecodeConfig, Decoded, LocalLm,
@@ -811,6 +811,36 @@ fn a_categorical_draw_is_the_first_index_whose_cumulative_weight_exceeds_u() {
         assert_eq!(categorical(&mut rng, zeros), 0, "{zeros:?}");
         assert_eq!(rng, after_one_draw);
     }
+}
+
+/// [`truncate_probs`] sorts the tokens down to the first binade where the count reaches top_k or
+/// the mass reaches top_p · Σ p (with its margin of 1e-6), and every token when none does. A
+/// prefix longer than that keeps the same tokens, only slower, so the truncation tests cannot see
+/// it: this test reads the prefix itself.
+#[test]
+fn the_sorted_prefix_ends_at_the_first_binade_that_reaches_top_k_or_the_nucleus() {
+    // 0.4 and 0.3 lie in [2⁻², 2⁻¹), 0.2 one binade below, 0.05 three, 0.03 and 0.02 four; zero
+    // after every positive value.
+    let p = [0.4, 0.3, 0.2, 0.05, 0.03, 0.02, 0.0];
+    let (binade, _) = prefix_binades(&p, 1, 1.0).unwrap();
+    let binades: Vec<usize> = p.iter().map(|&v| binade(v)).collect();
+    assert_eq!(binades, [0, 0, 1, 3, 4, 4, LAST_BINADE]);
+    let last = |top_k, target| prefix_binades(&p, top_k, target).map(|(_, last)| last);
+    assert_eq!(last(1, 1.0), Some(0), "the top token");
+    assert_eq!(
+        last(3, 1.0),
+        Some(1),
+        "two tokens in binade 0, the third in binade 1"
+    );
+    assert_eq!(last(0, 0.5), Some(0), "0.7 ≥ 0.5");
+    assert_eq!(last(0, 0.8), Some(1), "0.9 ≥ 0.8");
+    // 0.4 + 0.3 + 0.2 falls short of 0.9 · (1 + 1e-6); with 0.05 the mass is 0.95.
+    assert_eq!(last(0, 0.9), Some(3));
+    assert_eq!(last(3, 0.5), Some(0), "the mass first");
+    // The whole mass is reached only with every token (and not past the margin): sort them all.
+    assert_eq!(last(0, 1.0), None);
+    // A NaN sorts before every number: sort them all.
+    assert!(prefix_binades(&[0.5, f64::NAN, 0.25], 1, 1.0).is_none());
 }
 
 #[test]
