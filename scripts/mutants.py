@@ -1871,6 +1871,21 @@ MUTANTS = [
         "",
         ["-p", "chorus-train", "--lib", "each_task_keeps_a_fixed_subset"],
     ),
+    # The truncation's sorted prefix (forty-ninth session): longer than it needs, the same tokens.
+    (
+        "sorted prefix: tokens not counted per binade, so top-k never ends it (found by `cargo mutants`)",
+        "crates/model/src/decode.rs",
+        "        count[b] += 1;",
+        "        count[b] *= 1;",
+        ["-p", "chorus-model", "--lib", "the_sorted_prefix_ends"],
+    ),
+    (
+        "sorted prefix: the nucleus's margin added to top_p · Σ p instead of scaling it (found by `cargo mutants`)",
+        "crates/model/src/decode.rs",
+        "seen_mass >= target * (1.0 + 1e-6)",
+        "seen_mass >= target + (1.0 + 1e-6)",
+        ["-p", "chorus-model", "--lib", "the_sorted_prefix_ends"],
+    ),
 ]
 
 
