@@ -1,7 +1,7 @@
 //! Decoding tests: cached decoding against a full-recompute reference, the threshold rule's
 //! extremes, the mixture against Σ_j π_j P_j by hand, provenance counts, bad input and every
 //! setting's range at its edges, and the sampling functions against their definitions
-//! (softmax with temperature, categorical draws, truncation, the radix sort).
+//! (softmax with temperature, categorical draws, truncation and its sorted prefix, the radix sort).
 
 use burn::module::Param;
 use burn::prelude::*;

@@ -1,5 +1,6 @@
-//! Tests of the data pipeline, the loop (loss goes down, exact resume, NaN stop), checkpoints
-//! (interrupted and truncated writes), score caches and configs.
+//! Tests of the data pipeline (truncation, length-sorted and uniformly shuffled epochs, each task's
+//! subset), the schedule, the loop (loss goes down, exact resume, NaN stop), checkpoints
+//! (interrupted and truncated writes, `best/` after a kill), score caches and configs.
 
 use std::path::Path;
 
@@ -416,7 +417,7 @@ fn an_epoch_batches_rows_of_neighbouring_lengths_in_shuffled_order() {
 
 /// Fisher–Yates draws every order with probability 1/n!. Over 6,000 seeds, each of the 6 orders of
 /// 3 examples of one length (batches of one, so the epoch is two shuffles) comes 1,000 ± 150 times
-/// (σ ≈ 29). Drawing j from 0..i instead of 0..=i (Sattolo's cycles) would never give a swap of two.
+/// (σ ≈ 29). Drawing j from 0..i instead of 0..=i (Sattolo's cycles) would never swap just two.
 #[test]
 fn an_epoch_draws_every_order_of_its_examples_equally_often() {
     let mut counts = std::collections::BTreeMap::<Vec<usize>, usize>::new();
