@@ -1705,7 +1705,7 @@ fn keep_last_prunes_old_checkpoints_and_best_holds_the_lowest_validation_nll() {
     assert_eq!(summary.model, best);
 }
 
-/// `best/` is replaced in three moves (`.tmp-best` written, `best → .old-best`, `.tmp-best → best`,
+/// `best/` is replaced in four moves (`.tmp-best` written, `best → .old-best`, `.tmp-best → best`,
 /// then `.old-best` removed). A kill between the two renames leaves no `best/`: `--resume` puts the
 /// old one back. A kill after them leaves both: the new one stays.
 #[test]
@@ -1721,16 +1721,7 @@ fn resume_puts_back_a_best_moved_aside_by_a_kill_and_keeps_one_already_renamed_i
         ..optim(3)
     };
     let (model, sources) = joint(z_config(), 1);
-    fit(
-        model,
-        sources.clone(),
-        &train,
-        &valid,
-        &optim,
-        dir.path(),
-        false,
-    )
-    .unwrap();
+    fit(model, sources, &train, &valid, &optim, dir.path(), false).unwrap();
     let best = crate::best_dir(dir.path());
     let old = dir.path().join("checkpoints").join(".old-best");
     let best_state = read_state(&best).unwrap();
