@@ -1886,6 +1886,21 @@ MUTANTS = [
         "seen_mass >= target + (1.0 + 1e-6)",
         ["-p", "chorus-model", "--lib", "the_sorted_prefix_ends"],
     ),
+    # Which steps ask an assistant for its logits (fiftieth session).
+    (
+        "lazy assistants: asked for their logits at every step, as eager ones are (found by `cargo mutants`)",
+        "crates/model/src/decode.rs",
+        "                    config.assistants == AssistantUpdate::Eager\n",
+        "                    config.assistants != AssistantUpdate::Reencode\n",
+        ["-p", "chorus-model", "--lib", "a_lazy_assistant_is_asked"],
+    ),
+    (
+        "lazy assistants: asked for rows already stopped (found by `cargo mutants`)",
+        "crates/model/src/decode.rs",
+        ".any(|(w, d)| !d && (w.is_none() || *w == Some(j)))",
+        ".any(|(w, _)| w.is_none() || *w == Some(j))",
+        ["-p", "chorus-model", "--lib", "a_lazy_assistant_is_asked"],
+    ),
 ]
 
 

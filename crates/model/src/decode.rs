@@ -627,6 +627,19 @@ impl<B: Backend> Chorus<B> {
                 ),
             });
         }
+        if let Some((i, t)) = prompt
+            .iter()
+            .enumerate()
+            .find(|&(_, &t)| t as usize >= vocab)
+        {
+            return Err(ModelError::InvalidInput {
+                input: "prompt",
+                reason: format!(
+                    "token {t} at position {i} is outside the vocabulary of {vocab}: was the \
+                     prompt encoded with another model's tokenizer?"
+                ),
+            });
+        }
         if self.selector.is_none() && k > 1 && config.strategy.needs_selector() {
             return Err(ModelError::Unsupported {
                 operation: "decoding",

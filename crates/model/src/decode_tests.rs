@@ -12,8 +12,9 @@ use chorus_lm::LmInput;
 use crate::decode::{LAST_BINADE, argmax, categorical, prefix_binades, radix_sort};
 use crate::tests::{chorus, seeded};
 use crate::{
-    Assistant, AssistantUpdate, Chorus, ChorusConfig, DecodeConfig, Decoded, LocalLm,
-    WriterStrategy, ZSource, mixture_probs, tempered_probs, truncate_probs,
+    Assistant, AssistantDecoder, AssistantUpdate, Chorus, ChorusConfig, DecodeConfig, Decoded,
+    LocalLm, ModelError, ScoreRows, WriterStrategy, ZSource, mixture_probs, tempered_probs,
+    truncate_probs,
 };
 use chorus_data::rng::SplitMix64;
 
@@ -503,6 +504,73 @@ fn bad_decoding_input_is_a_clear_error() {
         .generate(&long, 1, z.clone(), &config, &device, |_, _, _| true)
         .unwrap_err();
     assert!(err.to_string().contains("context window of 32"), "{err}");
+    // The window's edge: prompt + new tokens = 32 decodes every token; one more is refused.
+    let four = DecodeConfig {
+        max_new_tokens: 4,
+        ..DecodeConfig::default()
+    };
+    let fits: Vec<u32> = (0..28).map(|t| t % 20).collect();
+    let got = m
+        .generate(&fits, 1, z.clone(), &four, &device, |_, _, _| true)
+        .unwrap();
+    assert_eq!(got[0].tokens.len(), 4);
+    let err = m
+        .generate(
+            &fits[..27],
+            1,
+            z.clone(),
+            &DecodeConfig {
+                max_new_tokens: 6,
+                ..four.clone()
+            },
+            &device,
+            |_, _, _| true,
+        )
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("27 prompt tokens + 6 new tokens exceed the context window of 32"),
+        "{err}"
+    );
+    // A prompt token outside the vocabulary of 20.
+    let err = m
+        .generate(&[0, 19, 20], 1, z.clone(), &four, &device, |_, _, _| true)
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("token 20 at position 2 is outside the vocabulary of 20"),
+        "{err}"
+    );
+    // An extra assistant with another vocabulary is named by its place among the models (j = 2
+    // after a composition's own assistant).
+    let composed = Chorus::compose(m.base.clone(), m.assistants.clone(), &device).unwrap();
+    let other = crate::tests::gpt2(21).init::<B>(&device).unwrap();
+    let other = LocalLm::new(&other);
+    let err = composed
+        .generate_with(
+            &[&other],
+            &[0, 1],
+            1,
+            None,
+            &DecodeConfig {
+                strategy: WriterStrategy::Confidence { tau: 0.5 },
+                ..four.clone()
+            },
+            &device,
+            |_, _, _| true,
+        )
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ModelError::VocabMismatch {
+                base: 20,
+                assistant: 2,
+                vocab: 21
+            }
+        ),
+        "{err}"
+    );
     let short = DecodeConfig {
         max_new_tokens: 4,
         ..DecodeConfig::default()
@@ -1077,4 +1145,156 @@ fn a_remote_assistant_stands_in_exactly_for_the_same_model_held_locally() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("1 of them remote, but 0 servers"), "{err}");
+}
+
+/// An assistant that records, each time decoding asks it for logits, how many tokens per row it
+/// had been told by then (the prompt's length plus the step).
+struct Recorded<'a> {
+    lm: LocalLm<'a, B>,
+    asked: std::cell::RefCell<Vec<usize>>,
+}
+
+struct RecordedDecoder<'a> {
+    inner: Box<dyn AssistantDecoder + 'a>,
+    told: usize,
+    asked: &'a std::cell::RefCell<Vec<usize>>,
+}
+
+impl AssistantDecoder for RecordedDecoder<'_> {
+    fn push(&mut self, tokens: &[Vec<u32>]) {
+        self.told += tokens[0].len();
+        self.inner.push(tokens);
+    }
+
+    fn next_logits(&mut self) -> Result<&[Vec<f32>], ModelError> {
+        self.asked.borrow_mut().push(self.told);
+        self.inner.next_logits()
+    }
+}
+
+impl Assistant<B> for Recorded<'_> {
+    fn describe(&self) -> String {
+        self.lm.describe()
+    }
+
+    fn vocab_size(&self) -> usize {
+        Assistant::<B>::vocab_size(&self.lm)
+    }
+
+    fn max_seq_len(&self) -> usize {
+        Assistant::<B>::max_seq_len(&self.lm)
+    }
+
+    fn token_log_probs(
+        &self,
+        rows: &ScoreRows<B>,
+        z: Option<Tensor<B, 2>>,
+    ) -> Result<Tensor<B, 2>, ModelError> {
+        self.lm.token_log_probs(rows, z)
+    }
+
+    fn decoder<'a>(
+        &'a self,
+        rows: usize,
+        z: Option<Tensor<B, 2>>,
+        update: AssistantUpdate,
+        device: &burn::tensor::Device<B>,
+    ) -> Box<dyn AssistantDecoder + 'a> {
+        Box::new(RecordedDecoder {
+            inner: self.lm.decoder(rows, z, update, device),
+            told: 0,
+            asked: &self.asked,
+        })
+    }
+}
+
+/// The saving that lazy assistants exist for: an eager assistant is asked for its logits at every
+/// step; a lazy or re-encoding one only at the steps where a row still going may take its token
+/// (it drew the writer, or the mixture reads every model), never for rows already stopped. Checked
+/// for a trained chorus's rules (the assistant served as its remote one, so decoding can be watched),
+/// with a row stopped early, and the tokens the same under every update mode.
+#[test]
+fn a_lazy_assistant_is_asked_for_logits_only_at_the_steps_it_may_write() {
+    let _rng = seeded(61);
+    let device = Default::default();
+    let mut m = model(1, 0);
+    let served = m.assistants.pop().unwrap();
+    m.config.remote_assistants = 1;
+    assert!(m.assistant_adapters.is_empty(), "the served LM reads no z");
+    let prompt = [0u32, 4, 9];
+    let rows = 3;
+    // Rows 1 and 2 stop after their first token, row 0 runs to the end: the stopped rows' writers
+    // are still drawn (the same draws in the same order), but nobody takes their tokens.
+    let stop = |r: usize, n: usize| r > 0 && n == 1;
+    let (mut skipped, mut asked_lazily) = (0, 0);
+    for (strategy, temperature, seed) in [
+        (WriterStrategy::Sample, 1.0, 8),
+        (WriterStrategy::Sample, 1.0, 9),
+        (WriterStrategy::Sample, 0.7, 10),
+        (WriterStrategy::Greedy, 0.0, 0),
+        (WriterStrategy::Threshold { eta: 0.4 }, 0.8, 8),
+        (WriterStrategy::Threshold { eta: 0.2 }, 1.0, 9),
+        (WriterStrategy::Mixture, 1.0, 8),
+    ] {
+        let mut tokens_of_first_mode = None;
+        for update in [
+            AssistantUpdate::Eager,
+            AssistantUpdate::Lazy,
+            AssistantUpdate::Reencode,
+        ] {
+            let config = DecodeConfig {
+                strategy,
+                temperature,
+                max_new_tokens: 10,
+                seed,
+                assistants: update,
+                ..DecodeConfig::default()
+            };
+            let recorded = Recorded {
+                lm: LocalLm::new(&served),
+                asked: Default::default(),
+            };
+            let mut emitted = vec![0; rows];
+            let got = m
+                .generate_with(
+                    &[&recorded],
+                    &prompt,
+                    rows,
+                    None,
+                    &config,
+                    &device,
+                    |r, _, _| {
+                        emitted[r] += 1;
+                        !stop(r, emitted[r])
+                    },
+                )
+                .unwrap();
+            let steps = got.iter().map(|d| d.tokens.len()).max().unwrap();
+            assert_eq!(steps, 10, "{config:?}");
+            // A row still going at step t wrote a token there.
+            let may_write = |t: usize| {
+                got.iter().any(|d| match strategy {
+                    WriterStrategy::Mixture => d.tokens.len() > t,
+                    _ => d.writers.get(t) == Some(&1),
+                })
+            };
+            let want: Vec<usize> = (0..steps)
+                .filter(|&t| update == AssistantUpdate::Eager || may_write(t))
+                .map(|t| prompt.len() + t)
+                .collect();
+            assert_eq!(*recorded.asked.borrow(), want, "{config:?}");
+            if update == AssistantUpdate::Lazy {
+                skipped += steps - want.len();
+                asked_lazily += want.len();
+            }
+            let tokens: Vec<Vec<u32>> = got.iter().map(|d| d.tokens.clone()).collect();
+            assert_eq!(
+                *tokens_of_first_mode.get_or_insert_with(|| tokens.clone()),
+                tokens,
+                "{config:?}"
+            );
+        }
+    }
+    // Not vacuous: lazy decoding both skipped the assistant and asked it.
+    assert!(skipped > 0 && asked_lazily > 0, "{skipped} {asked_lazily}");
 }
