@@ -1901,6 +1901,34 @@ MUTANTS = [
         ".any(|(w, _)| w.is_none() || *w == Some(j))",
         ["-p", "chorus-model", "--lib", "a_lazy_assistant_is_asked"],
     ),
+    (
+        "decoding: a prompt and new tokens that exactly fill the context window refused (found by `cargo mutants`)",
+        "crates/model/src/decode.rs",
+        "if prompt.len() + config.max_new_tokens > max_len {",
+        "if prompt.len() + config.max_new_tokens >= max_len {",
+        ["-p", "chorus-model", "--lib", "bad_decoding_input"],
+    ),
+    (
+        "decoding: an extra assistant's other vocabulary blamed on the model before it (found by `cargo mutants`)",
+        "crates/model/src/decode.rs",
+        "                    assistant: i + 1,\n                    vocab: a.vocab_size(),",
+        "                    assistant: i,\n                    vocab: a.vocab_size(),",
+        ["-p", "chorus-model", "--lib", "bad_decoding_input"],
+    ),
+    (
+        "decoding: a prompt token outside the vocabulary let through to the embedding",
+        "crates/model/src/decode.rs",
+        ".find(|&(_, &t)| t as usize >= vocab)",
+        ".find(|&(_, &t)| t as usize > vocab)",
+        ["-p", "chorus-model", "--lib", "bad_decoding_input"],
+    ),
+    (
+        "confidence rule: the assistant writes when the base's top-1 probability equals τ (found by `cargo mutants`)",
+        "crates/model/src/decode.rs",
+        ".map(|(l, &d)| !d && top1_prob(l) < tau)",
+        ".map(|(l, &d)| !d && top1_prob(l) <= tau)",
+        ["-p", "chorus-model", "--lib", "the_base_writes_when_its_top1"],
+    ),
 ]
 
 

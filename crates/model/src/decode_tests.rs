@@ -1298,3 +1298,35 @@ fn a_lazy_assistant_is_asked_for_logits_only_at_the_steps_it_may_write() {
     // Not vacuous: lazy decoding both skipped the assistant and asked it.
     assert!(skipped > 0 && asked_lazily > 0, "{skipped} {asked_lazily}");
 }
+
+/// The confidence rule's edge: the base writes while its top-1 probability is ≥ τ, so at τ equal
+/// to it (the same f64 the rule computes, from the same cached step) the base writes, and at the
+/// next f64 above it the assistant does.
+#[test]
+fn the_base_writes_when_its_top1_probability_equals_tau() {
+    let _rng = seeded(62);
+    let device = Default::default();
+    let trained = model(1, 0);
+    let m = Chorus::compose(trained.base.clone(), trained.assistants.clone(), &device).unwrap();
+    let prompt = [0u32, 6, 2, 11];
+    let tokens = Tensor::<B, 2, Int>::from_data(
+        TensorData::new(prompt.iter().map(|&t| t as i64).collect::<Vec<_>>(), [1, 4]),
+        &device,
+    );
+    let mut cache = m.base.new_cache();
+    let (logits, _) = m.member(0).step(tokens, None, Some(&mut cache)).unwrap();
+    let top1 = crate::top1_prob(&logits[0]);
+    let first_writer = |tau: f64| {
+        let config = DecodeConfig {
+            strategy: WriterStrategy::Confidence { tau },
+            temperature: 0.0,
+            max_new_tokens: 1,
+            ..DecodeConfig::default()
+        };
+        m.generate(&prompt, 1, None, &config, &device, |_, _, _| true)
+            .unwrap()[0]
+            .writers[0]
+    };
+    assert_eq!(first_writer(top1), 0, "τ = {top1}");
+    assert_eq!(first_writer(top1.next_up()), 1, "τ = {}", top1.next_up());
+}
