@@ -1927,7 +1927,14 @@ MUTANTS = [
         "crates/model/src/decode.rs",
         ".map(|(l, &d)| !d && top1_prob(l) < tau)",
         ".map(|(l, &d)| !d && top1_prob(l) <= tau)",
-        ["-p", "chorus-model", "--lib", "the_base_writes_when_its_top1"],
+        ["-p", "chorus-model", "--lib", "the_base_writes_at_the_edge"],
+    ),
+    (
+        "threshold rule: the assistant writes when its π equals η (found by `cargo mutants`)",
+        "crates/model/src/decode.rs",
+        "Some(if p[j] > eta { j } else { 0 })",
+        "Some(if p[j] >= eta { j } else { 0 })",
+        ["-p", "chorus-model", "--lib", "the_base_writes_at_the_edge"],
     ),
 ]
 

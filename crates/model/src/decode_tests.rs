@@ -1,7 +1,8 @@
 //! Decoding tests: cached decoding against a full-recompute reference, the threshold rule's
-//! extremes, the mixture against Σ_j π_j P_j by hand, provenance counts, bad input and every
-//! setting's range at its edges, and the sampling functions against their definitions
-//! (softmax with temperature, categorical draws, truncation and its sorted prefix, the radix sort).
+//! extremes and the confidence rule's edge, the mixture against Σ_j π_j P_j by hand, provenance
+//! counts, which steps ask a lazy assistant for logits, bad input and every setting's range at its
+//! edges, and the sampling functions against their definitions (softmax with temperature,
+//! categorical draws, truncation and its sorted prefix, the radix sort).
 
 use burn::module::Param;
 use burn::prelude::*;
@@ -1299,11 +1300,12 @@ fn a_lazy_assistant_is_asked_for_logits_only_at_the_steps_it_may_write() {
     assert!(skipped > 0 && asked_lazily > 0, "{skipped} {asked_lazily}");
 }
 
-/// The confidence rule's edge: the base writes while its top-1 probability is ≥ τ, so at τ equal
+/// Each rule's edge. Confidence: the base writes while its top-1 probability is ≥ τ, so at τ equal
 /// to it (the same f64 the rule computes, from the same cached step) the base writes, and at the
-/// next f64 above it the assistant does.
+/// next f64 above it the assistant does. Threshold: the assistant writes when its π exceeds η, so
+/// at η equal to π the base writes, and at the f64 below it the assistant does.
 #[test]
-fn the_base_writes_when_its_top1_probability_equals_tau() {
+fn the_base_writes_at_the_edge_of_the_confidence_and_threshold_rules() {
     let _rng = seeded(62);
     let device = Default::default();
     let trained = model(1, 0);
@@ -1316,9 +1318,9 @@ fn the_base_writes_when_its_top1_probability_equals_tau() {
     let mut cache = m.base.new_cache();
     let (logits, _) = m.member(0).step(tokens, None, Some(&mut cache)).unwrap();
     let top1 = crate::top1_prob(&logits[0]);
-    let first_writer = |tau: f64| {
+    let first_writer = |m: &Chorus<B>, strategy| {
         let config = DecodeConfig {
-            strategy: WriterStrategy::Confidence { tau },
+            strategy,
             temperature: 0.0,
             max_new_tokens: 1,
             ..DecodeConfig::default()
@@ -1327,6 +1329,13 @@ fn the_base_writes_when_its_top1_probability_equals_tau() {
             .unwrap()[0]
             .writers[0]
     };
-    assert_eq!(first_writer(top1), 0, "τ = {top1}");
-    assert_eq!(first_writer(top1.next_up()), 1, "τ = {}", top1.next_up());
+    let confidence = |tau| WriterStrategy::Confidence { tau };
+    assert_eq!(first_writer(&m, confidence(top1)), 0, "τ = {top1}");
+    assert_eq!(first_writer(&m, confidence(top1.next_up())), 1);
+    let (pi, _) = trained
+        .next_token_distributions(&prompt, None, 1.0, &device)
+        .unwrap();
+    let threshold = |eta| WriterStrategy::Threshold { eta };
+    assert_eq!(first_writer(&trained, threshold(pi[1])), 0, "η = {}", pi[1]);
+    assert_eq!(first_writer(&trained, threshold(pi[1].next_down())), 1);
 }
