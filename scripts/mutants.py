@@ -1936,6 +1936,20 @@ MUTANTS = [
         "Some(if p[j] >= eta { j } else { 0 })",
         ["-p", "chorus-model", "--lib", "the_base_writes_at_the_edge"],
     ),
+    (
+        "greedy tokens from sampled writers drawn through the generator, shifting every later writer (found by `cargo mutants`)",
+        "crates/model/src/decode.rs",
+        "Some(j) if config.temperature == 0.0 => (argmax(logits_of(j, r)), None),",
+        "Some(j) if false => (argmax(logits_of(j, r)), None),",
+        ["-p", "chorus-model", "--lib", "cached_decoding_equals_full_recomputation"],
+    ),
+    (
+        "mixture: a token credited to argmax π_j + P_j instead of π_j · P_j (found by `cargo mutants`)",
+        "crates/model/src/decode.rs",
+        ".map(|j| pi[r][j] * per_model[j][token as usize])",
+        ".map(|j| pi[r][j] + per_model[j][token as usize])",
+        ["-p", "chorus-model", "--lib", "mixture_distribution_is_the_pi"],
+    ),
 ]
 
 

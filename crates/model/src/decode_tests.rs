@@ -209,6 +209,8 @@ fn cached_decoding_equals_full_recomputation_for_every_strategy_and_update_mode(
             (WriterStrategy::Greedy, 0.0, 0, 1.0),
             (WriterStrategy::Sample, 1.0, 0, 1.0),
             (WriterStrategy::Sample, 0.8, 6, 0.9),
+            // Greedy tokens from sampled writers: only the writers draw from the generator.
+            (WriterStrategy::Sample, 0.0, 0, 1.0),
             (WriterStrategy::Threshold { eta: 0.3 }, 0.7, 0, 0.8),
             (WriterStrategy::Mixture, 1.2, 8, 1.0),
             (WriterStrategy::Mixture, 0.0, 0, 1.0),
@@ -433,6 +435,31 @@ fn mixture_distribution_is_the_pi_weighted_sum_of_the_models() {
         );
     }
     assert!((mix.iter().sum::<f64>() - 1.0).abs() < 1e-12);
+    // A token drawn from the mixture is credited to argmax_j π_j P_j(token), the model most
+    // likely to have written it; over 40 draws that rule and a sum π_j + P_j disagree somewhere.
+    let mut sum_rule_differs = false;
+    for seed in 0..40 {
+        let config = DecodeConfig {
+            strategy: WriterStrategy::Mixture,
+            max_new_tokens: 1,
+            seed,
+            ..DecodeConfig::default()
+        };
+        let got = m
+            .generate(&prompt, 1, z.clone(), &config, &device, |_, _, _| true)
+            .unwrap();
+        let token = got[0].tokens[0] as usize;
+        let credit = |f: &dyn Fn(f64, f64) -> f64| {
+            argmax(
+                &(0..3)
+                    .map(|j| f(pi[j], per_model[j][token]))
+                    .collect::<Vec<_>>(),
+            )
+        };
+        assert_eq!(got[0].writers[0], credit(&|p, q| p * q), "seed {seed}");
+        sum_rule_differs |= credit(&|p, q| p + q) != credit(&|p, q| p * q);
+    }
+    assert!(sum_rule_differs, "the draws cannot tell the rules apart");
     // Tempering: T = 0 is one-hot on the argmax; T = 2 flattens.
     let logits = [1.0f32, 3.0, 2.0];
     assert_eq!(tempered_probs(&logits, 0.0), vec![0.0, 1.0, 0.0]);
