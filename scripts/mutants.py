@@ -1950,6 +1950,34 @@ MUTANTS = [
         ".map(|j| pi[r][j] + per_model[j][token as usize])",
         ["-p", "chorus-model", "--lib", "mixture_distribution_is_the_pi"],
     ),
+    (
+        "LM: a token id outside the vocabulary let through to the embedding's lookup",
+        "crates/lm/src/model.rs",
+        "    check_token_ids(&input.tokens, dims.vocab_size)?;\n",
+        "",
+        ["-p", "chorus-lm", "--lib", "outside"],
+    ),
+    (
+        "LM: the vocabulary's last id refused",
+        "crates/lm/src/model.rs",
+        "let vocab_ids = 0..vocab as i64;",
+        "let vocab_ids = 0..vocab as i64 - 1;",
+        ["-p", "chorus-lm", "--lib", "outside"],
+    ),
+    (
+        "LM: the first offender's position named from the wrong stride",
+        "crates/lm/src/model.rs",
+        "            index / seq.max(1),",
+        "            index / 2,",
+        ["-p", "chorus-lm", "--lib", "outside"],
+    ),
+    (
+        "BERT: a token id outside the vocabulary let through to the embedding's lookup",
+        "crates/lm/src/bert.rs",
+        "        check_token_ids(&tokens, self.word_embeddings.weight.dims()[0])?;\n",
+        "",
+        ["-p", "chorus-lm", "--lib", "outside"],
+    ),
 ]
 
 

@@ -15,6 +15,7 @@ use serde_json::Value;
 use crate::LmError;
 use crate::attention::Attention;
 use crate::import::{NamedTensors, read_safetensors};
+use crate::model::check_token_ids;
 
 /// Shape of a BERT encoder.
 #[derive(Debug, Clone, PartialEq)]
@@ -227,6 +228,7 @@ impl<B: Backend> Bert<B> {
                 ),
             });
         }
+        check_token_ids(&tokens, self.word_embeddings.weight.dims()[0])?;
         let device = tokens.device();
         let positions = Tensor::<B, 1, Int>::arange(0..seq as i64, &device)
             .unsqueeze_dim::<2>(0)

@@ -687,6 +687,41 @@ fn a_gguf_model_decodes_from_its_blocks_as_from_its_f32_weights() {
     );
 }
 
+/// A model decoding from its blocks refuses a token id outside its vocabulary in a prefill and in
+/// a step, as a dense model does (`token_ids_outside_the_vocabulary_are_errors`).
+#[test]
+fn a_decoding_model_refuses_token_ids_outside_its_vocabulary() {
+    let _rng = crate::tests::seeded(5);
+    let model = block_llama().init::<B>(&device()).unwrap();
+    let vocab = model.dims().vocab_size as i64;
+    let file = parse(&llama_to_gguf(&model, Store::Q4_1)).unwrap();
+    let decoding = Lm::<B>::from_gguf_for_decoding(&file, &device()).unwrap();
+    let mut cache = decoding.new_cache();
+    let prompt = Tensor::<B, 2, Int>::from_data([[1, vocab, 2]], &device());
+    let err = decoding
+        .forward(LmInput::new(prompt), Some(&mut cache))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&format!("token id {vocab} at row 0, position 1 is outside")),
+        "{err}"
+    );
+    let prompt = Tensor::<B, 2, Int>::from_data([[1, vocab - 1, 2]], &device());
+    decoding
+        .forward(LmInput::new(prompt), Some(&mut cache))
+        .unwrap();
+    let step = Tensor::<B, 2, Int>::from_data([[-3]], &device());
+    let err = decoding
+        .forward(LmInput::new(step), Some(&mut cache))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("token id -3 at row 0, position 0 is outside"),
+        "{err}"
+    );
+    assert_eq!(cache.len(), 3);
+}
+
 /// Whether each of a llama's block-quantised matrices (q, k, v, o, gate, up, down of every layer,
 /// then the tied embedding) has its f32 weights.
 fn f32_weights_made(model: &Lm<B>) -> Vec<bool> {

@@ -97,6 +97,51 @@ impl<B: Backend> Step<B> {
     }
 }
 
+/// Refuses token ids outside `0..vocab`: an embedding lookup would panic on them (ndarray) or read
+/// past its table (a GPU). One read of the ids' minimum and maximum (a sync on a GPU); the ids
+/// themselves are read only to name the first offender.
+///
+/// # Shapes
+/// - tokens: `[batch, seq]`
+pub(crate) fn check_token_ids<B: Backend>(
+    tokens: &Tensor<B, 2, Int>,
+    vocab: usize,
+) -> Result<(), LmError> {
+    let range = Tensor::cat(
+        vec![
+            tokens.clone().min().reshape([1]),
+            tokens.clone().max().reshape([1]),
+        ],
+        0,
+    );
+    let vocab_ids = 0..vocab as i64;
+    if range
+        .into_data()
+        .iter::<i64>()
+        .all(|id| vocab_ids.contains(&id))
+    {
+        return Ok(());
+    }
+    let [_, seq] = tokens.dims();
+    let Some((index, id)) = tokens
+        .to_data()
+        .iter::<i64>()
+        .enumerate()
+        .find(|(_, id)| !vocab_ids.contains(id))
+    else {
+        return Ok(());
+    };
+    Err(LmError::InvalidInput {
+        input: "tokens",
+        reason: format!(
+            "token id {id} at row {}, position {} is outside the vocabulary of {vocab}: were \
+             the tokens encoded with another model's tokenizer?",
+            index / seq.max(1),
+            index % seq.max(1)
+        ),
+    })
+}
+
 /// Validates `input` against the model's dims and the cache, and advances the cache's length and
 /// padding.
 pub(crate) fn prepare_step<B: Backend>(
@@ -112,6 +157,7 @@ pub(crate) fn prepare_step<B: Backend>(
             reason: "an empty sequence".into(),
         });
     }
+    check_token_ids(&input.tokens, dims.vocab_size)?;
     let start = cache.as_ref().map_or(0, |c| c.len);
     if start + seq > dims.max_seq_len {
         return Err(LmError::InvalidInput {

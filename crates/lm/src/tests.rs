@@ -304,6 +304,71 @@ fn bad_inputs_are_errors() {
     assert!(matches!(err, LmError::InvalidInput { .. }), "{err}");
 }
 
+/// A token id outside `0..vocab` reached the embedding's lookup, where burn-ndarray panicked
+/// ("index < dim") and a GPU would read past the table; it is now refused before any forward
+/// work, naming the id and where it sits.
+#[test]
+fn token_ids_outside_the_vocabulary_are_errors() {
+    let _rng = seeded(13);
+    for (name, config) in families() {
+        let model = config.init::<B>(&device()).unwrap();
+        let vocab = model.dims().vocab_size as i64;
+        assert!(
+            model
+                .forward(LmInput::new(tokens(&[&[0, vocab - 1]])), None)
+                .is_ok(),
+            "{name}: the vocabulary's edges are tokens"
+        );
+        for (id, row, position) in [(vocab, 1, 2), (-1, 0, 0), (vocab + 7, 1, 0)] {
+            let mut rows = [vec![1i64, 2, 3], vec![4, 5, 6]];
+            rows[row][position] = id;
+            let err = model
+                .forward(LmInput::new(tokens(&[&rows[0], &rows[1]])), None)
+                .unwrap_err()
+                .to_string();
+            let expected = format!(
+                "token id {id} at row {row}, position {position} is outside the vocabulary of \
+                 {vocab}"
+            );
+            assert!(err.contains(&expected), "{name}: {err}");
+        }
+        // A decoding step after a prefill, through the cache.
+        let mut cache = model.new_cache();
+        model
+            .forward(LmInput::new(tokens(&[&[1, 2]])), Some(&mut cache))
+            .unwrap();
+        let err = model
+            .forward(LmInput::new(tokens(&[&[vocab]])), Some(&mut cache))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("outside the vocabulary"), "{name}: {err}");
+        assert_eq!(
+            cache.len(),
+            2,
+            "{name}: a refused step leaves the cache as it was"
+        );
+    }
+    let d = 8;
+    let bert = crate::Bert::<B> {
+        word_embeddings: burn::nn::EmbeddingConfig::new(10, d).init(&device()),
+        position_embeddings: burn::nn::EmbeddingConfig::new(16, d).init(&device()),
+        token_type_embeddings: burn::nn::EmbeddingConfig::new(2, d).init(&device()),
+        embeddings_norm: burn::nn::LayerNormConfig::new(d).init(&device()),
+        layers: Vec::new(),
+        d_model: d,
+        max_positions: 16,
+    };
+    assert!(bert.forward(tokens(&[&[0, 9]]), None).is_ok());
+    let err = bert
+        .forward(tokens(&[&[0, 10]]), None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("token id 10 at row 0, position 1 is outside the vocabulary of 10"),
+        "{err}"
+    );
+}
+
 #[test]
 fn invalid_configs_are_rejected_before_allocation() {
     let _rng = seeded(7);
