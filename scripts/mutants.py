@@ -1978,6 +1978,34 @@ MUTANTS = [
         "",
         ["-p", "chorus-lm", "--lib", "outside"],
     ),
+    (
+        "config: train.lr's default moved off the 1e-3 its doc comment states",
+        "crates/train/src/config.rs",
+        "fn default_lr() -> f64 {\n    1e-3",
+        "fn default_lr() -> f64 {\n    2e-3",
+        ["-p", "chorus-train", "--lib", "the_defaults_are"],
+    ),
+    (
+        "config: data.eos_token's default moved off the one its doc comment states",
+        "crates/train/src/config.rs",
+        '"<|endoftext|>".into()',
+        '"</s>".into()',
+        ["-p", "chorus-train", "--lib", "the_defaults_are"],
+    ),
+    (
+        "config: a doc comment states another default than the code's (train.beta2)",
+        "crates/train/src/config.rs",
+        "/// AdamW β₂. Default 0.99.",
+        "/// AdamW β₂. Default 0.999.",
+        ["-p", "chorus-train", "--lib", "the_defaults_are"],
+    ),
+    (
+        "config: [data]'s default tasks cut to two of the three",
+        "crates/train/src/config.rs",
+        "    Task::ALL.to_vec()\n",
+        "    Task::ALL[..2].to_vec()\n",
+        ["-p", "chorus-train", "--lib", "the_defaults_are"],
+    ),
 ]
 
 

@@ -1328,6 +1328,92 @@ fn check_edges<C: Default>(
     }
 }
 
+/// The defaults `[train]` and `[data]` take are the ones their fields' doc comments state
+/// ("Default 1e-3."), which is where a user reads them (`cargo doc`, and the configs' comments
+/// copy them): every scalar field of the serialised defaults has a stated default, equal to it.
+#[test]
+fn the_defaults_are_the_ones_the_doc_comments_state() {
+    use crate::config::{DataConfig, OptimConfig};
+    let source = include_str!("config.rs");
+    let stated = |name: &str| stated_defaults(source, name);
+    let check = |name: &str, defaults: toml::Value, stated: Vec<(String, String)>| {
+        let table = defaults.as_table().expect("a table");
+        let mut checked = 0;
+        for (field, value) in table {
+            let text = match value {
+                toml::Value::Integer(_) | toml::Value::Float(_) | toml::Value::String(_) => value,
+                _ => continue,
+            };
+            let (_, doc) = stated
+                .iter()
+                .find(|(f, _)| f == field)
+                .unwrap_or_else(|| panic!("{name}.{field}: no \"Default …\" in its doc comment"));
+            let equal = match text {
+                toml::Value::String(s) => doc.trim_matches('`') == s,
+                number => {
+                    let number = number
+                        .as_float()
+                        .or_else(|| number.as_integer().map(|i| i as f64));
+                    doc.parse::<f64>().ok() == number
+                }
+            };
+            assert!(
+                equal,
+                "{name}.{field}: the doc comment says {doc}, the default is {text}"
+            );
+            checked += 1;
+        }
+        checked
+    };
+    let optim = toml::Value::try_from(OptimConfig::default()).unwrap();
+    let data = toml::Value::try_from(DataConfig::default()).unwrap();
+    // Every number of [train] and of [data], and [data]'s end-of-text token.
+    assert_eq!(check("train", optim, stated("OptimConfig")), 18);
+    assert_eq!(check("data", data, stated("DataConfig")), 5);
+    // The two that are not scalars, by their doc comments' words.
+    assert!(source.contains("Tasks to train and validate on. Default: all three."));
+    assert_eq!(DataConfig::default().tasks, Task::ALL.to_vec());
+    assert_eq!(Task::ALL.len(), 3);
+    assert!(source.contains("Default constant 1."));
+    assert_eq!(
+        OptimConfig::default().kl_schedule,
+        chorus_elbo::KlSchedule::Constant { beta: 1.0 }
+    );
+    assert_eq!(DataConfig::default().cache, None);
+}
+
+/// `(field, default)` for each field of `pub struct NAME` in `source` whose doc comment says
+/// "Default X." (X up to the first period that ends a sentence).
+fn stated_defaults(source: &str, name: &str) -> Vec<(String, String)> {
+    let start = source
+        .find(&format!("pub struct {name} {{"))
+        .unwrap_or_else(|| panic!("no struct {name}"));
+    let body = &source[start..];
+    let body = &body[..body.find("\n}").expect("the struct ends")];
+    let mut out = Vec::new();
+    let mut doc = String::new();
+    for line in body.lines().skip(1).map(str::trim) {
+        if let Some(text) = line.strip_prefix("///") {
+            doc.push(' ');
+            doc.push_str(text.trim());
+        } else if let Some(field) = line.strip_prefix("pub ") {
+            let field = field.split(':').next().unwrap_or_default().to_string();
+            if let Some(at) = doc.find("Default ") {
+                let rest = &doc[at + "Default ".len()..];
+                let end = rest
+                    .char_indices()
+                    .find(|&(i, c)| {
+                        c == '.' && rest[i + 1..].chars().next().is_none_or(|n| n == ' ')
+                    })
+                    .map_or(rest.len(), |(i, _)| i);
+                out.push((field, rest[..end].to_string()));
+            }
+            doc.clear();
+        }
+    }
+    out
+}
+
 #[test]
 fn vocab_mismatch_and_missing_corpus_are_clear_errors() {
     let _rng = rng_lock();
