@@ -2000,6 +2000,13 @@ MUTANTS = [
         ["-p", "chorus-train", "--lib", "the_defaults_are"],
     ),
     (
+        "config: the corpus cache's directory empty when `data.cache` is unset (found by `cargo mutants`)",
+        "crates/train/src/config.rs",
+        ".unwrap_or_else(chorus_data::fetch::cache_dir)",
+        ".unwrap_or_default()",
+        ["-p", "chorus-train", "--lib", "the_defaults_are"],
+    ),
+    (
         "config: [data]'s default tasks cut to two of the three",
         "crates/train/src/config.rs",
         "    Task::ALL.to_vec()\n",

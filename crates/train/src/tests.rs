@@ -1380,6 +1380,16 @@ fn the_defaults_are_the_ones_the_doc_comments_state() {
         chorus_elbo::KlSchedule::Constant { beta: 1.0 }
     );
     assert_eq!(DataConfig::default().cache, None);
+    // No `data.cache`: the corpus cache of `$CHORUS_CACHE` or `~/.cache/chorus`; else the one set.
+    assert_eq!(
+        DataConfig::default().cache_dir(),
+        chorus_data::fetch::cache_dir()
+    );
+    let set = DataConfig {
+        cache: Some("/elsewhere/corpora".into()),
+        ..DataConfig::default()
+    };
+    assert_eq!(set.cache_dir(), Path::new("/elsewhere/corpora"));
 }
 
 /// `(field, default)` for each field of `pub struct NAME` in `source` whose doc comment says
