@@ -1088,6 +1088,32 @@ fn score_cache_round_trips_and_rejects_other_data() {
             .to_string()
             .contains("truncated")
     );
+    // A corrupt index: no assistants, or offsets and lengths of different counts.
+    std::fs::write(&data_file, &bytes).unwrap();
+    let index_file = dir.path().join("scores.json");
+    let index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&index_file).unwrap()).unwrap();
+    let corruptions: [(fn(&mut serde_json::Value), &str); 2] = [
+        (
+            |i| i["n_assistants"] = 0.into(),
+            "0 assistants, 10 offsets for 10 examples",
+        ),
+        (
+            |i| {
+                i["offsets"].as_array_mut().unwrap().pop();
+            },
+            "1 assistants, 9 offsets for 10 examples",
+        ),
+    ];
+    for (corrupt, expected) in corruptions {
+        let mut bad = index.clone();
+        corrupt(&mut bad);
+        std::fs::write(&index_file, bad.to_string()).unwrap();
+        let err = ScoreCache::open(dir.path(), &fp).unwrap_err().to_string();
+        assert!(err.contains(expected), "{err}");
+    }
+    std::fs::write(&index_file, index.to_string()).unwrap();
+    ScoreCache::open(dir.path(), &fp).unwrap();
 }
 
 fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
@@ -1168,6 +1194,31 @@ fn bad_configs_are_clear_errors() {
     assert!(e.contains("key.path=value"), "{e}");
     let e = load(&format!("{base}[train]\nsteps = \"many\"\n"), &[]);
     assert!(e.contains("steps"), "{e}");
+    // The selector's first phase needs an assistant; cached log-probs need assistants that read
+    // no z (either no z, or no assistant adapters).
+    let e = load(base, &["train.selector_init_steps=1"]);
+    assert!(
+        e.contains("train.selector_init_steps = 1") && e.contains("at least one assistant"),
+        "{e}"
+    );
+    let e = load(base, &["scores=\"s\""]);
+    assert!(e.contains("there are no assistants"), "{e}");
+    let e = load(base, &["assistants=[\"a\"]", "scores=\"s\""]);
+    assert!(e.contains("chorus.assistant_adapters = false"), "{e}");
+    let accepted = |sets: &[&str]| {
+        let p = write(dir.path(), "ok.toml", base);
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        if let Err(e) = load_config::<TrainConfig>(Some(&p), &sets) {
+            panic!("{sets:?}: {e}");
+        }
+    };
+    accepted(&["assistants=[\"a\"]", "train.selector_init_steps=1"]);
+    accepted(&[
+        "assistants=[\"a\"]",
+        "scores=\"s\"",
+        "chorus.assistant_adapters=false",
+    ]);
+    accepted(&["assistants=[\"a\"]", "scores=\"s\"", "chorus.d_latent=0"]);
     // Overrides reach nested tables, with TOML-typed values.
     let p = write(dir.path(), "ok.toml", base);
     let c: TrainConfig = load_config(
@@ -2355,6 +2406,39 @@ fn checkpoint_state_round_trips_floats_exactly() {
         let back: crate::MetricWindow = serde_json::from_str(&text).unwrap();
         assert_eq!(back.kl.to_bits(), value.to_bits(), "{value:e} → {text}");
     }
+}
+
+/// `chorus pretrain`'s config and the `[data]`-only one (`chorus eval`, `chorus calibrate`) check
+/// their tables as `chorus train`'s does, and pretraining refuses the selector's first phase.
+#[test]
+fn pretrain_and_data_only_configs_check_their_tables() {
+    let dir = tempfile::tempdir().unwrap();
+    let pretrain = "tokenizer = \"t.json\"\n[model]\nfamily = \"llama\"\nvocab_size = 100\n\
+                    d_model = 16\nn_layers = 1\nn_heads = 2\nn_kv_heads = 1\nd_ff = 32\n\
+                    max_seq_len = 32\n";
+    let p = write(dir.path(), "pre.toml", pretrain);
+    let pretrain_err = |sets: &[&str]| {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        load_config::<PretrainConfig>(Some(&p), &sets)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string()
+    };
+    load_config::<PretrainConfig>(Some(&p), &[]).unwrap();
+    let e = pretrain_err(&["train.selector_init_steps=1"]);
+    assert!(e.contains("pretrain has none"), "{e}");
+    let e = pretrain_err(&["data.batch_size=0"]);
+    assert!(e.contains("data.batch_size = 0"), "{e}");
+    let e = pretrain_err(&["train.lr=0"]);
+    assert!(e.contains("train.lr = 0"), "{e}");
+    let e = pretrain_err(&["model.n_heads=3"]);
+    assert!(e.contains("n_heads"), "{e}");
+    load_config::<crate::config::DataSection>(None, &[]).unwrap();
+    let e = load_config::<crate::config::DataSection>(None, &["data.max_seq_len=3".into()])
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("data.max_seq_len = 3"), "{e}");
 }
 
 /// Validation errors are typed: the variant names the key and carries the value as given.
