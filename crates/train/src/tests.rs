@@ -1093,25 +1093,24 @@ fn score_cache_round_trips_and_rejects_other_data() {
     let index_file = dir.path().join("scores.json");
     let index: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&index_file).unwrap()).unwrap();
-    let corruptions: [(fn(&mut serde_json::Value), &str); 2] = [
-        (
-            |i| i["n_assistants"] = 0.into(),
-            "0 assistants, 10 offsets for 10 examples",
-        ),
-        (
-            |i| {
-                i["offsets"].as_array_mut().unwrap().pop();
-            },
-            "1 assistants, 9 offsets for 10 examples",
-        ),
-    ];
-    for (corrupt, expected) in corruptions {
-        let mut bad = index.clone();
-        corrupt(&mut bad);
+    let open_with = |bad: &serde_json::Value| {
         std::fs::write(&index_file, bad.to_string()).unwrap();
-        let err = ScoreCache::open(dir.path(), &fp).unwrap_err().to_string();
-        assert!(err.contains(expected), "{err}");
-    }
+        ScoreCache::open(dir.path(), &fp).unwrap_err().to_string()
+    };
+    let mut bad = index.clone();
+    bad["n_assistants"] = 0.into();
+    let err = open_with(&bad);
+    assert!(
+        err.contains("0 assistants, 10 offsets for 10 examples"),
+        "{err}"
+    );
+    let mut bad = index.clone();
+    bad["offsets"].as_array_mut().unwrap().pop();
+    let err = open_with(&bad);
+    assert!(
+        err.contains("1 assistants, 9 offsets for 10 examples"),
+        "{err}"
+    );
     std::fs::write(&index_file, index.to_string()).unwrap();
     ScoreCache::open(dir.path(), &fp).unwrap();
 }
