@@ -1115,6 +1115,143 @@ fn score_cache_round_trips_and_rejects_other_data() {
     ScoreCache::open(dir.path(), &fp).unwrap();
 }
 
+/// An assistant that scores as its LM does until its `fail_from`-th call (counting from 0), then
+/// fails; it counts its calls.
+struct Flaky<'a> {
+    inner: LocalLm<'a, B>,
+    fail_from: usize,
+    calls: std::cell::Cell<usize>,
+}
+
+impl<'a> Flaky<'a> {
+    fn new(lm: &'a Lm<B>, fail_from: usize) -> Self {
+        Self {
+            inner: LocalLm::new(lm),
+            fail_from,
+            calls: std::cell::Cell::new(0),
+        }
+    }
+}
+
+impl Assistant<B> for Flaky<'_> {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.inner.vocab_size()
+    }
+
+    fn max_seq_len(&self) -> usize {
+        self.inner.max_seq_len()
+    }
+
+    fn token_log_probs(
+        &self,
+        rows: &chorus_model::ScoreRows<B>,
+        z: Option<Tensor<B, 2>>,
+    ) -> Result<Tensor<B, 2>, chorus_model::ModelError> {
+        let call = self.calls.get();
+        self.calls.set(call + 1);
+        if call >= self.fail_from {
+            return Err(chorus_model::ModelError::InvalidInput {
+                input: "rows",
+                reason: "the assistant failed (on purpose)".into(),
+            });
+        }
+        self.inner.token_log_probs(rows, z)
+    }
+
+    fn decoder<'a>(
+        &'a self,
+        rows: usize,
+        z: Option<Tensor<B, 2>>,
+        update: chorus_model::AssistantUpdate,
+        device: &burn::backend::ndarray::NdArrayDevice,
+    ) -> Box<dyn chorus_model::AssistantDecoder + 'a> {
+        self.inner.decoder(rows, z, update, device)
+    }
+}
+
+/// Scoring with two local assistants (batches of 2 of 7 examples: 4 calls each) that stops when one
+/// fails continues after the listed examples on a rerun and leaves the bytes one run writes; a
+/// half-written cache of other assistants (another fingerprint, or another count) is started
+/// over, and a complete cache is left alone.
+#[test]
+fn scoring_resumes_where_it_stopped_and_leaves_a_complete_cache_alone() {
+    let _rng = rng_lock();
+    let device = Default::default();
+    let data = synthetic(7, 0);
+    let lms = [
+        llama(VOCAB).init::<B>(&device).unwrap(),
+        llama(VOCAB).init::<B>(&device).unwrap(),
+    ];
+    let fp = crate::scores::fingerprint(&data, &["a".into(), "b".into()]);
+    // Scores with the two LMs (the second failing from its `fail_from`-th call) under `fp`;
+    // returns each one's calls and the error, if any.
+    let run = |dir: &Path, fp: &str, n: usize, fail_from: usize| {
+        let a = Flaky::new(&lms[0], usize::MAX);
+        let b = Flaky::new(&lms[1], fail_from);
+        let assistants = [&a as &dyn Assistant<B>, &b][..n].to_vec();
+        let result = score_assistants(&assistants, &data, fp, 2, dir, &device, |_| {});
+        let calls = (a.calls.get(), b.calls.get());
+        (calls, result.err().map(|e| e.to_string()))
+    };
+    let reference = tempfile::tempdir().unwrap();
+    assert_eq!(run(reference.path(), &fp, 2, usize::MAX), ((4, 4), None));
+    let expected = std::fs::read(reference.path().join("scores.f32")).unwrap();
+
+    // The second assistant fails at its third batch: the first two (4 examples) are listed.
+    let dir = tempfile::tempdir().unwrap();
+    let (_, err) = run(dir.path(), &fp, 2, 2);
+    assert!(err.unwrap().contains("failed (on purpose)"));
+    let open = ScoreCache::open(dir.path(), &fp).unwrap_err().to_string();
+    assert!(open.contains("scoring stopped after 4 examples"), "{open}");
+    // The rerun scores the 3 examples left, in 2 batches, and writes what one run writes.
+    assert_eq!(run(dir.path(), &fp, 2, usize::MAX), ((2, 2), None));
+    assert_eq!(
+        std::fs::read(dir.path().join("scores.f32")).unwrap(),
+        expected
+    );
+    assert_eq!(ScoreCache::open(dir.path(), &fp).unwrap().n_assistants(), 2);
+    // Complete: a rerun asks nobody.
+    assert_eq!(run(dir.path(), &fp, 2, usize::MAX), ((0, 0), None));
+
+    // Half-written for another fingerprint, or for one assistant: started over.
+    let other_fp = crate::scores::fingerprint(&data, &["a".into(), "c".into()]);
+    for (what, fp_before, n_before) in [("fingerprint", &other_fp, 2), ("count", &fp, 1)] {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, err) = run(dir.path(), fp_before, n_before, 2);
+        if n_before == 1 {
+            // Alone, the first assistant completes; its files renamed back make a half-written
+            // cache that lists all 7 examples.
+            assert!(err.is_none());
+            std::fs::rename(
+                dir.path().join("scores.f32"),
+                dir.path().join("scores.f32.partial"),
+            )
+            .unwrap();
+            std::fs::rename(
+                dir.path().join("scores.json"),
+                dir.path().join("scores.partial.json"),
+            )
+            .unwrap();
+        } else {
+            assert!(err.is_some());
+        }
+        assert_eq!(
+            run(dir.path(), &fp, 2, usize::MAX),
+            ((4, 4), None),
+            "{what}"
+        );
+        assert_eq!(
+            std::fs::read(dir.path().join("scores.f32")).unwrap(),
+            expected,
+            "{what}"
+        );
+    }
+}
+
 fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
     let p = dir.join(name);
     std::fs::write(&p, text).unwrap();
