@@ -2077,6 +2077,13 @@ MUTANTS = [
         ["-p", "chorus-train", "--lib", "scoring_resumes"],
     ),
     (
+        "metrics: the CSV's cells written other than the JSONL's values (found by `cargo mutants`: `csv_line` → \"xyzzy\"; the test counted lines)",
+        "crates/train/src/metrics.rs",
+        "            serde_json::Value::Null => String::new(),",
+        "            serde_json::Value::Null => \"-\".into(),",
+        ["-p", "chorus-train", "--lib", "the_loop_drives"],
+    ),
+    (
         "config: [data]'s default tasks cut to two of the three",
         "crates/train/src/config.rs",
         "    Task::ALL.to_vec()\n",

@@ -580,10 +580,25 @@ fn the_loop_drives_the_loss_down_on_a_synthetic_task() {
     assert!(last < 0.6 * first, "loss {first} → {last}");
     let (_, best) = summary.best_valid_nll.unwrap();
     assert!(best < 0.7 * (VOCAB as f64).ln(), "valid NLL {best}");
-    // The CSV mirrors the JSONL.
+    // The CSV mirrors the JSONL: its header, then each row's values in the header's order (empty
+    // where the row has none).
     let csv = std::fs::read_to_string(dir.path().join("metrics.csv")).unwrap();
-    assert!(csv.starts_with("step,kind,lr,loss"));
-    assert_eq!(csv.lines().count(), 1 + metric_rows(dir.path()).len());
+    let mut lines = csv.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    assert_eq!(header[..4], ["step", "kind", "lr", "loss"]);
+    let jsonl_rows = metric_rows(dir.path());
+    assert_eq!(lines.clone().count(), jsonl_rows.len());
+    for (line, row) in lines.zip(&jsonl_rows) {
+        let expected: Vec<String> = header
+            .iter()
+            .map(|column| match &row[*column] {
+                serde_json::Value::Null => String::new(),
+                serde_json::Value::String(s) => s.clone(),
+                value => value.to_string(),
+            })
+            .collect();
+        assert_eq!(line.split(',').collect::<Vec<_>>(), expected, "{row}");
+    }
 }
 
 /// A model with the bag-of-words term logs `bow_nll_per_token` (−log p_bow per target token) in
