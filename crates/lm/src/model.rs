@@ -98,8 +98,8 @@ impl<B: Backend> Step<B> {
 }
 
 /// Refuses token ids outside `0..vocab`: an embedding lookup would panic on them (ndarray) or read
-/// past its table (a GPU). One read of the ids' minimum and maximum (a sync on a GPU); the ids
-/// themselves are read only to name the first offender.
+/// past its table (a GPU). One read of the ids to the host (a sync on a GPU), naming the first
+/// offender.
 ///
 /// # Shapes
 /// - tokens: `[batch, seq]`
@@ -107,39 +107,25 @@ pub(crate) fn check_token_ids<B: Backend>(
     tokens: &Tensor<B, 2, Int>,
     vocab: usize,
 ) -> Result<(), LmError> {
-    let range = Tensor::cat(
-        vec![
-            tokens.clone().min().reshape([1]),
-            tokens.clone().max().reshape([1]),
-        ],
-        0,
-    );
-    let vocab_ids = 0..vocab as i64;
-    if range
-        .into_data()
-        .iter::<i64>()
-        .all(|id| vocab_ids.contains(&id))
-    {
-        return Ok(());
-    }
     let [_, seq] = tokens.dims();
-    let Some((index, id)) = tokens
+    let vocab_ids = 0..vocab as i64;
+    match tokens
         .to_data()
         .iter::<i64>()
         .enumerate()
         .find(|(_, id)| !vocab_ids.contains(id))
-    else {
-        return Ok(());
-    };
-    Err(LmError::InvalidInput {
-        input: "tokens",
-        reason: format!(
-            "token id {id} at row {}, position {} is outside the vocabulary of {vocab}: were \
-             the tokens encoded with another model's tokenizer?",
-            index / seq.max(1),
-            index % seq.max(1)
-        ),
-    })
+    {
+        None => Ok(()),
+        Some((index, id)) => Err(LmError::InvalidInput {
+            input: "tokens",
+            reason: format!(
+                "token id {id} at row {}, position {} is outside the vocabulary of {vocab}: \
+                 were the tokens encoded with another model's tokenizer?",
+                index / seq.max(1),
+                index % seq.max(1)
+            ),
+        }),
+    }
 }
 
 /// Validates `input` against the model's dims and the cache, and advances the cache's length and
