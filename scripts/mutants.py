@@ -2090,6 +2090,20 @@ MUTANTS = [
         "    Task::ALL[..2].to_vec()\n",
         ["-p", "chorus-train", "--lib", "the_defaults_are"],
     ),
+    (
+        "clipping: a norm just under the limit left unscaled, unlike torch's min(1, max / (‖g‖ + 1e-6)) (found by `cargo mutants`: `>` → `>=` passed)",
+        "crates/train/src/grads.rs",
+        "    if max_norm > 0.0 && norm.is_finite() && factor < 1.0 {",
+        "    if max_norm > 0.0 && norm.is_finite() && norm > max_norm {",
+        ["-p", "chorus-train", "--lib", "clipping_scales"],
+    ),
+    (
+        "clipping: the 1e-6 subtracted instead of added",
+        "crates/train/src/grads.rs",
+        "    let factor = max_norm / (norm + 1e-6);",
+        "    let factor = max_norm / (norm - 1e-6);",
+        ["-p", "chorus-train", "--lib", "clipping_scales"],
+    ),
 ]
 
 

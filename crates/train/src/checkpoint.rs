@@ -67,6 +67,16 @@ impl CheckpointState {
     }
 }
 
+/// Writes `text` to `path` through `<name>.tmp` beside it and a rename, so that a reader sees the
+/// old file or the new one, never half of one.
+pub(crate) fn write_atomically(path: &Path, text: &str) -> Result<(), TrainError> {
+    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
+    tmp_name.push(".tmp");
+    let tmp = path.with_file_name(tmp_name);
+    std::fs::write(&tmp, text).map_err(|e| TrainError::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| TrainError::io(path, e))
+}
+
 fn recorder() -> NamedMpkFileRecorder<FullPrecisionSettings> {
     NamedMpkFileRecorder::new()
 }

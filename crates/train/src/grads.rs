@@ -60,15 +60,17 @@ pub fn scale<B: AutodiffBackend, M: AutodiffModule<B>>(
 }
 
 /// Clips to `max_norm` like `torch.nn.utils.clip_grad_norm_`: scales every gradient by
-/// `min(1, max_norm / (‖g‖ + 1e-6))` when `max_norm > 0`. Returns ‖g‖ before clipping.
+/// `min(1, max_norm / (‖g‖ + 1e-6))` when `max_norm > 0`, so a norm within 1e-6 of the limit is
+/// scaled too (by half when ‖g‖ = max_norm = 1e-6). Returns ‖g‖ before clipping.
 pub fn clip_global_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
     module: &M,
     grads: &mut GradientsParams,
     max_norm: f64,
 ) -> f64 {
     let norm = global_norm(module, grads);
-    if max_norm > 0.0 && norm.is_finite() && norm > max_norm {
-        scale(module, grads, max_norm / (norm + 1e-6));
+    let factor = max_norm / (norm + 1e-6);
+    if max_norm > 0.0 && norm.is_finite() && factor < 1.0 {
+        scale(module, grads, factor);
     }
     norm
 }

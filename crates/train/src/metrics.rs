@@ -9,6 +9,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::TrainError;
+use crate::checkpoint::write_atomically;
 
 /// Appends metric rows to `<out>/metrics.jsonl` and `<out>/metrics.csv`.
 pub(crate) struct Metrics {
@@ -81,13 +82,6 @@ fn csv_line(row: &serde_json::Value) -> String {
         })
         .collect::<Vec<_>>()
         .join(",")
-}
-
-/// Writes `text` to `path` through a temporary file and a rename.
-fn write_atomically(path: &Path, text: &str) -> Result<(), TrainError> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).map_err(|e| TrainError::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| TrainError::io(path, e))
 }
 
 /// The sums behind the next metrics row. Saved with each checkpoint, so that a resumed run logs

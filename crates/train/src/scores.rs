@@ -13,6 +13,7 @@ use chorus_model::{Assistant, ScoreRows};
 use memmap2::Mmap;
 use serde::{Deserialize, Serialize};
 
+use crate::checkpoint::write_atomically;
 use crate::{Encoded, TokenBatch, TrainError};
 use chorus_data::rng::stable_hash;
 
@@ -283,11 +284,4 @@ pub fn score_assistants<B: Backend>(
 /// The listing of a half-written cache, if there is a readable one.
 fn read_partial(path: &Path) -> Option<Index> {
     serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
-}
-
-/// Writes `text` to a temporary name and renames it into place.
-fn write_atomically(path: &Path, text: &str) -> Result<(), TrainError> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).map_err(|e| TrainError::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| TrainError::io(path, e))
 }

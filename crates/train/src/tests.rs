@@ -1952,6 +1952,22 @@ fn clipping_scales_every_gradient_by_max_norm_over_the_global_norm() {
     }
     let after = flat(&clipped).iter().map(|g| g * g).sum::<f64>().sqrt();
     assert!((after - norm / 4.0).abs() < 1e-4 * norm, "{after}");
+    // Near a tiny norm the 1e-6 counts: ‖g‖ = 1e-6 and a limit of 1.5e-6, above the norm,
+    // still scale by 1.5e-6 / 2e-6 = 0.75, as torch does.
+    let mut tiny = fresh_grads();
+    crate::grads::scale(&model, &mut tiny, 1e-6 / norm);
+    let tiny_before = flat(&tiny);
+    let tiny_norm = crate::grads::clip_global_norm(&model, &mut tiny, 0.0);
+    assert!((tiny_norm - 1e-6).abs() < 1e-9, "{tiny_norm}");
+    crate::grads::clip_global_norm(&model, &mut tiny, 1.5 * tiny_norm);
+    let factor = 1.5 * tiny_norm / (tiny_norm + 1e-6);
+    assert!((factor - 0.75).abs() < 1e-3, "{factor}");
+    for (a, b) in flat(&tiny).iter().zip(&tiny_before) {
+        assert!(
+            (a - b * factor).abs() <= 1e-6 * b.abs().max(1e-12),
+            "{a} vs {b} · {factor}"
+        );
+    }
     // Above the norm, or off (0): untouched.
     for max_norm in [2.0 * norm, 0.0] {
         let mut same = fresh_grads();
