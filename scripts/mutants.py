@@ -2104,6 +2104,27 @@ MUTANTS = [
         "    let factor = max_norm / (norm - 1e-6);",
         ["-p", "chorus-train", "--lib", "clipping_scales"],
     ),
+    (
+        "metrics: the logged deferral a remainder, not a mean (found by `cargo mutants`: `/` → `%`; no test read it)",
+        "crates/train/src/metrics.rs",
+        "            \"deferral\": self.deferral / tokens,",
+        "            \"deferral\": self.deferral % tokens,",
+        ["-p", "chorus-train", "--lib", "a_metrics_row"],
+    ),
+    (
+        "metrics: tokens/s a remainder, not a rate (found by `cargo mutants`: `/` → `%`; no test read it)",
+        "crates/train/src/metrics.rs",
+        "        let tokens_per_s = self.tokens as f64 / secs.max(1e-9);",
+        "        let tokens_per_s = self.tokens as f64 % secs.max(1e-9);",
+        ["-p", "chorus-train", "--lib", "a_metrics_row"],
+    ),
+    (
+        "metrics: the loss averaged over steps, not micro-batches",
+        "crates/train/src/metrics.rs",
+        "        let batches = (self.steps * accumulation) as f64;",
+        "        let batches = self.steps as f64;",
+        ["-p", "chorus-train", "--lib", "a_metrics_row"],
+    ),
 ]
 
 

@@ -2972,3 +2972,62 @@ fn an_examples_iw_bound_and_the_mi_estimate_are_the_same_in_every_run_and_batch(
         }
     }
 }
+
+/// A metrics row's means, from sums whose every quotient is exact in binary: loss per
+/// micro-batch (steps × accumulation), NLL and deferral per target token, KL per row, gradient
+/// norm per step, bag-of-words NLL per token; and the rate, tokens over the seconds since the
+/// window started, bounded on both sides without timing anything tight.
+#[test]
+fn a_metrics_row_holds_the_windows_means() {
+    let window = crate::MetricWindow {
+        loss: 12.0,
+        log_px: -4800.0,
+        kl: 6.0,
+        rows: 4,
+        tokens: 6400,
+        deferral: 1600.0,
+        beta: 0.5,
+        grad_norm: 3.0,
+        steps: 2,
+        bag_of_words: Some(-3200.0),
+        started: Some(std::time::Instant::now() - std::time::Duration::from_secs(2)),
+    };
+    let (row, line) = window.row(7, 1e-3, false, 3);
+    let get = |key: &str| {
+        row[key]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{key} in {row}"))
+    };
+    assert_eq!(row["step"], 7);
+    assert_eq!(row["kind"], "train");
+    assert_eq!(get("lr"), 1e-3);
+    assert_eq!(get("loss"), 2.0); // 12 / (2 steps × 3 micro-batches)
+    assert_eq!(get("nll_per_token"), 0.75); // 4800 / 6400
+    assert_eq!(get("kl"), 1.5); // 6 / 4 rows
+    assert_eq!(get("beta"), 0.5);
+    assert_eq!(get("deferral"), 0.25); // 1600 / 6400
+    assert_eq!(get("grad_norm"), 1.5); // 3 / 2 steps
+    assert_eq!(get("bow_nll_per_token"), 0.5); // 3200 / 6400
+    // 6,400 tokens over at least 2 s (and, on any machine running this test, less than 60 s).
+    let rate = get("tokens_per_s");
+    assert!(rate <= 3200.0 && rate > 6400.0 / 60.0, "{rate}");
+    assert!(
+        line.starts_with("loss 2.000 | nll/tok 0.750 | KL 1.50 | β 0.50 | defer 25.0% | "),
+        "{line}"
+    );
+    assert!(line.ends_with(" tok/s | bow nll/tok 0.500"), "{line}");
+
+    // The selector's first phase: no NLL, KL, β or bag-of-words; the deferral is the share of
+    // pseudo-labels that go to assistants.
+    let (row, line) = window.row(1, 1e-3, true, 3);
+    assert_eq!(row["kind"], "selector_init");
+    for key in ["nll_per_token", "kl", "beta"] {
+        assert!(row[key].is_null(), "{key} in {row}");
+    }
+    assert!(row.get("bow_nll_per_token").is_none(), "{row}");
+    assert_eq!(row["deferral"].as_f64(), Some(0.25));
+    assert!(
+        line.starts_with("selector-init loss 2.000 | pseudo-labels to assistants 25.0% | "),
+        "{line}"
+    );
+}
