@@ -402,6 +402,37 @@ mod tests {
         }
     }
 
+    /// The one pass reads every buffer as the parameter's f32 elements: a tensor of another float
+    /// type or shape goes through the tensor operations.
+    #[test]
+    fn the_one_pass_takes_only_f32_tensors_of_the_parameters_shape() {
+        type B = NdArray<f32>;
+        let device = Default::default();
+        let p = Tensor::<B, 2>::ones([2, 3], &device);
+        let f64 = || p.clone().cast(burn::tensor::FloatDType::F64);
+        assert_eq!(f64().dtype(), DType::F64);
+        let other_shape = Tensor::<B, 2>::ones([3, 2], &device);
+        assert!(in_one_pass(&p, &p, Some(&(p.clone(), p.clone()))));
+        assert!(
+            !in_one_pass(&p, &other_shape, None),
+            "a gradient of another shape"
+        );
+        assert!(!in_one_pass(&p, &f64(), None), "an f64 gradient");
+        assert!(!in_one_pass(&f64(), &p, None), "an f64 parameter");
+        assert!(
+            !in_one_pass(&p, &p, Some(&(f64(), p.clone()))),
+            "an f64 first moment"
+        );
+        assert!(
+            !in_one_pass(&p, &p, Some(&(p.clone(), f64()))),
+            "an f64 second moment"
+        );
+        assert!(
+            !in_one_pass(&p, &p, Some(&(p.clone(), other_shape.clone()))),
+            "a second moment of another shape"
+        );
+    }
+
     #[test]
     fn a_transposed_parameter_is_stepped_element_by_element() {
         type B = NdArray<f32>;

@@ -3031,3 +3031,133 @@ fn a_metrics_row_holds_the_windows_means() {
         "{line}"
     );
 }
+
+/// One optimiser step adds its sums to the metrics window, on top of what it holds: per
+/// micro-batch the loss, Σ log p(x | z, c), Σ KL, Σ log p_bow, the posterior deferral summed over
+/// target tokens, rows and target tokens; once per step the global norm of the accumulated
+/// gradient (as the gradient hook sees it, before clipping) and the step count. In the selector's
+/// first phase the deferral is the pseudo-labels' share times the target tokens. The expected
+/// sums come from the same forward passes run outside the step, on the same z draws.
+#[test]
+fn a_step_adds_its_sums_to_the_metrics_window() {
+    use crate::metrics::MetricWindow;
+    use crate::step::{Objective, StepSettings, optimiser_step};
+    use chorus_elbo::posterior_deferral;
+
+    let _rng = rng_lock();
+    let device = Default::default();
+    let config = ChorusConfig {
+        bag_of_words: 0.5,
+        ..z_config()
+    };
+    let (model, _) = joint(config, 1);
+    let data = synthetic(5, 0);
+    let micro_batches: Vec<TokenBatch> = [&data[..3], &data[3..]]
+        .iter()
+        .map(|chunk| TokenBatch::new(&chunk.iter().collect::<Vec<_>>()))
+        .collect();
+    let start = MetricWindow {
+        loss: 1.0,
+        log_px: -2.0,
+        kl: 3.0,
+        rows: 4,
+        tokens: 5,
+        deferral: 6.0,
+        beta: 0.0,
+        grad_norm: 7.0,
+        steps: 8,
+        bag_of_words: Some(-9.0),
+        started: None,
+    };
+    let scalar = |t: Tensor<AD, 1>| t.sum().into_scalar().elem::<f64>();
+    let close = |what: &str, got: f64, want: f64| {
+        assert!(
+            (got - want).abs() <= 1e-9 * want.abs().max(1.0),
+            "{what}: {got} in the window, {want} expected"
+        );
+    };
+    for objective in [Objective::Elbo { beta: 0.25 }, Objective::SelectorInit] {
+        // Expected: the same passes, z drawn from the same seed.
+        AD::seed(&device, 11);
+        let mut want = start.clone();
+        for host in &micro_batches {
+            let batch = host.to_device::<AD>(&device);
+            let loss = match objective {
+                Objective::SelectorInit => {
+                    let (loss, share) = model.selector_pseudo_label_loss(&batch).unwrap();
+                    want.deferral += share * host.n_targets() as f64;
+                    loss
+                }
+                Objective::Elbo { beta } => {
+                    let out = model.forward_elbo(&batch, beta).unwrap();
+                    want.deferral += scalar(posterior_deferral(out.router, batch.target_mask));
+                    want.log_px += scalar(out.terms.reconstruction);
+                    want.kl += scalar(out.terms.kl);
+                    *want.bag_of_words.as_mut().unwrap() += scalar(out.terms.bag_of_words.unwrap());
+                    want.beta = beta;
+                    out.terms.loss
+                }
+            };
+            want.loss += scalar(loss);
+            want.rows += host.rows;
+            want.tokens += host.n_targets();
+        }
+        // The step, its hook reading the accumulated gradient's norm.
+        let seen_norm = std::rc::Rc::new(std::cell::Cell::new(f64::NAN));
+        let (seen, hook_model) = (seen_norm.clone(), model.clone());
+        let hook = move |_: u64, grads: &mut burn::optim::GradientsParams| {
+            seen.set(crate::grads::global_norm(&hook_model, grads));
+        };
+        let settings = StepSettings {
+            step: 0,
+            lr: 1e-3,
+            selector_lr_scale: 1.0,
+            grad_clip: 1e-3,
+            objective,
+            gradient_hook: Some(&hook),
+        };
+        let mut window = start.clone();
+        let mut optimizer = crate::AdamW::default().init::<AD, Chorus<AD>>();
+        AD::seed(&device, 11);
+        optimiser_step(
+            model.clone(),
+            &mut optimizer,
+            &micro_batches,
+            &settings,
+            &mut window,
+            &device,
+        )
+        .unwrap();
+        want.grad_norm += seen_norm.get();
+        want.steps += 1;
+        assert!(
+            seen_norm.get() > 1e-3,
+            "the norm {} is clipped",
+            seen_norm.get()
+        );
+        let label = format!("{objective:?}");
+        close(&format!("{label} loss"), window.loss, want.loss);
+        close(&format!("{label} log_px"), window.log_px, want.log_px);
+        close(&format!("{label} kl"), window.kl, want.kl);
+        close(&format!("{label} deferral"), window.deferral, want.deferral);
+        close(
+            &format!("{label} grad_norm"),
+            window.grad_norm,
+            want.grad_norm,
+        );
+        close(
+            &format!("{label} bag_of_words"),
+            window.bag_of_words.unwrap(),
+            want.bag_of_words.unwrap(),
+        );
+        assert_eq!(
+            (window.rows, window.tokens, window.steps, window.beta),
+            (want.rows, want.tokens, want.steps, want.beta),
+            "{label}"
+        );
+        assert_ne!(
+            window.deferral, start.deferral,
+            "{label}: no deferral added"
+        );
+    }
+}
