@@ -2188,6 +2188,27 @@ MUTANTS = [
         "    window.grad_norm -= norm;",
         ["-p", "chorus-train", "--lib", "a_step_adds"],
     ),
+    (
+        "eval: seeds' reports of another split averaged when their IW samples agree (found by `cargo mutants`: `||` → `&&` in `EvalReport::mean_of`)",
+        "crates/train/src/eval.rs",
+        "            if report.data != first.data || report.iw_samples != first.iw_samples {",
+        "            if report.data != first.data && report.iw_samples != first.iw_samples {",
+        ["-p", "chorus-train", "--lib", "the_mean_of_seed"],
+    ),
+    (
+        "eval: the seeds' mean KL left out (found by `cargo mutants`: the field deleted from `mean_of`'s row; no test set KL, MI or deferral)",
+        "crates/train/src/eval.rs",
+        "                kl: kl.map(|v| v / count),\n",
+        "",
+        ["-p", "chorus-train", "--lib", "the_mean_of_seed"],
+    ),
+    (
+        "eval: the seeds' deferrals multiplied, not added (found by `cargo mutants`: `+` → `*` in `mean_of`'s `add`)",
+        "crates/train/src/eval.rs",
+        "let add = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a + b);",
+        "let add = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a * b);",
+        ["-p", "chorus-train", "--lib", "the_mean_of_seed"],
+    ),
 ]
 
 

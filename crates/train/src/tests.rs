@@ -2692,8 +2692,15 @@ fn the_mean_of_seed_evaluations_pairs_the_seed_mean_scores() {
         ];
         EvalReport::new("test split".into(), 10, rows, 1000, 0).unwrap()
     };
+    // The joint model's KL, MI and deferral: 1 + s, s / 2 and (s + 1) / 10 for seed s.
     let sources: Vec<(String, EvalReport)> = (0..3)
-        .map(|s| (format!("seed-{s}.json"), report(s)))
+        .map(|s| {
+            let mut r = report(s);
+            let f = s as f64;
+            (r.rows[0].kl, r.rows[0].mi) = (Some(1.0 + f), Some(f / 2.0));
+            r.rows[0].deferral = Some((f + 1.0) / 10.0);
+            (format!("seed-{s}.json"), r)
+        })
         .collect();
     let own_width = |r: &EvalReport| r.paired[0].interval.1 - r.paired[0].interval.0;
     assert!(own_width(&sources[0].1) > 0.05, "{:?}", sources[0].1.paired);
@@ -2713,6 +2720,12 @@ fn the_mean_of_seed_evaluations_pairs_the_seed_mean_scores() {
         let nll_mean = sources.iter().map(|(_, r)| nll(&r.rows[k])).sum::<f64>() / 3.0;
         assert!((row.nll - nll_mean).abs() < 1e-9, "{} {nll_mean}", row.nll);
     }
+    let close = |v: Option<f64>, want: f64| v.is_some_and(|v| (v - want).abs() < 1e-12);
+    let joint = &mean.rows[0];
+    assert!(close(joint.kl, 2.0) && close(joint.mi, 0.5), "{joint:?}");
+    assert!(close(joint.deferral, 0.2), "{joint:?}");
+    let single = &mean.rows[1];
+    assert_eq!((single.kl, single.mi, single.deferral), (None, None, None));
     let paired = &mean.paired[0];
     let delta_mean = sources
         .iter()
@@ -2744,6 +2757,17 @@ fn the_mean_of_seed_evaluations_pairs_the_seed_mean_scores() {
         err.contains("seed-1.json") && err.contains("no row of SmolLM2"),
         "{err}"
     );
+    // So do reports of another split, or with another number of IW samples, each on its own.
+    let mut other_data = sources.clone();
+    other_data[1].1.data = "valid split".into();
+    let mut other_iw = sources.clone();
+    other_iw[2].1.iw_samples = 100;
+    for (mismatched, name) in [(other_data, "seed-1.json"), (other_iw, "seed-2.json")] {
+        let err = EvalReport::mean_of(&mismatched, 10, 0)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(name) && err.contains("IW samples"), "{err}");
+    }
     assert!(EvalReport::mean_of(&[], 10, 0).is_err());
 }
 
