@@ -2209,6 +2209,20 @@ MUTANTS = [
         "let add = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a * b);",
         ["-p", "chorus-train", "--lib", "the_mean_of_seed"],
     ),
+    (
+        "eval: a paired example scored over other tokens accepted (found by `cargo mutants`: the guard `y.tokens == x.tokens` → `true` in `paired_difference`)",
+        "crates/train/src/eval.rs",
+        "            Some(y) if y.tokens == x.tokens => Ok(",
+        "            Some(y) if true => Ok(",
+        ["-p", "chorus-train", "--lib", "paired_bootstrap"],
+    ),
+    (
+        "eval: the bootstrap quantile's index over n + 1 resamples, not n − 1 (found by `cargo mutants`: `-` → `+`; 1,000 resamples moved the interval's edge by one)",
+        "crates/train/src/eval.rs",
+        "    let quantile = |q: f64| deltas[((q * (deltas.len() - 1) as f64).round()) as usize];",
+        "    let quantile = |q: f64| deltas[((q * (deltas.len() + 1) as f64).round()) as usize];",
+        ["-p", "chorus-train", "--lib", "paired_bootstrap"],
+    ),
 ]
 
 

@@ -2819,10 +2819,24 @@ fn paired_bootstrap_intervals_behave_as_the_statistics_say() {
         large.interval.1 < 0.0,
         "a real edge is resolved with enough examples: {large:?}"
     );
-    // Rows of other examples are refused.
+    // A few resamples (none counts as one): the quantiles are their smallest and largest Δ, one
+    // resample a zero-width interval.
+    for resamples in [0, 1, 3] {
+        let d = paired_difference(&a, &b, resamples, 2).unwrap();
+        assert_eq!(d.resamples, resamples.max(1));
+        assert!(d.interval.0 <= d.interval.1, "{d:?}");
+        if resamples < 2 {
+            assert_eq!(d.interval.0, d.interval.1, "{d:?}");
+        }
+    }
+    // Rows of other examples are refused, and so is an example scored over other tokens.
     let (a, _) = noisy(40);
     let (_, b) = noisy(41);
     assert!(paired_difference(&a, &b, 10, 0).is_err());
+    let (a, mut b) = noisy(40);
+    b.per_example[7].tokens += 1;
+    let err = paired_difference(&a, &b, 10, 0).unwrap_err().to_string();
+    assert!(err.contains("example 7 is not scored alike"), "{err}");
 }
 
 /// An evaluation run chunk by chunk and merged ([`crate::ChunkedRows`], as `chorus eval
