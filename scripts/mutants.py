@@ -3,6 +3,7 @@
 
     python3 scripts/mutants.py            # every mutation (≈ 1–2 min each on 2 cores)
     python3 scripts/mutants.py resume     # those whose name contains "resume"
+    python3 scripts/mutants.py --check    # only that each still applies (no build; CI runs it)
 
 Each mutation is (name, file, original text, broken text, cargo test arguments). The script first
 runs the guarding tests on the unbroken code (they must pass), then on the broken code (they must
@@ -117,8 +118,8 @@ MUTANTS = [
     (
         "AdamW one pass: the moments' buffers swapped",
         "crates/train/src/adamw.rs",
-        "        .zip(ms.par_chunks_mut(CHUNK))\n        .zip(vs.par_chunks_mut(CHUNK))",
-        "        .zip(vs.par_chunks_mut(CHUNK))\n        .zip(ms.par_chunks_mut(CHUNK))",
+        "        .zip(m.par_chunks_mut(CHUNK))\n        .zip(v.par_chunks_mut(CHUNK))",
+        "        .zip(v.par_chunks_mut(CHUNK))\n        .zip(m.par_chunks_mut(CHUNK))",
         ["-p", "chorus-train", "--lib", "adamw::tests"],
     ),
     (
@@ -1099,8 +1100,8 @@ MUTANTS = [
     (
         "clipping scales by max_norm / ‖g‖²",
         "crates/train/src/grads.rs",
-        "scale(module, grads, max_norm / (norm + 1e-6));",
-        "scale(module, grads, max_norm / (norm * norm + 1e-6));",
+        "    let factor = max_norm / (norm + 1e-6);\n    if max_norm",
+        "    let factor = max_norm / (norm * norm + 1e-6);\n    if max_norm",
         ["-p", "chorus-train", "--lib", "clipping_scales"],
     ),
     (
@@ -1183,8 +1184,8 @@ MUTANTS = [
     (
         "top-p keeps one token too few",
         "crates/model/src/decode.rs",
-        "(kept < top_p * total || rank == 0)",
-        "(kept + p[i] < top_p * total || rank == 0)",
+        "(mass < target || rank == 0)",
+        "(mass + p[v] < target || rank == 0)",
         ["-p", "chorus-model", "--lib", "truncation_keeps_the_top_k_and_the_smallest_nucleus"],
     ),
     (
@@ -1268,8 +1269,8 @@ MUTANTS = [
     (
         "few-row matmul drops the last product (transposed weights)",
         "vendor/burn-ndarray/src/ops/matmul.rs",
-        "                    *y = dot(x, &self.rhs[j * k..(j + 1) * k]);",
-        "                    *y = dot(x, &self.rhs[j * k..(j + 1) * k - 1]);",
+        "                    chunk[i * width + c] = self.dot(x, w);",
+        "                    chunk[i * width + c] = self.dot(&x[..k - 1], &w[..k - 1]);",
         ["-p", "chorus-lm", "--lib", "few_row_strided_and_folded_matmuls"],
     ),
     (
@@ -2223,6 +2224,62 @@ MUTANTS = [
         "    let quantile = |q: f64| deltas[((q * (deltas.len() + 1) as f64).round()) as usize];",
         ["-p", "chorus-train", "--lib", "paired_bootstrap"],
     ),
+    (
+        "skeleton: the remote assistants subtracted from K (found by `cargo mutants`: `+` → `-` in `n_models`; no model test built a chorus with remote assistants)",
+        "crates/model/src/chorus.rs",
+        "        let n_models = 1 + assistants.len() + config.remote_assistants;",
+        "        let n_models = 1 + assistants.len() - config.remote_assistants;",
+        ["-p", "chorus-model", "--lib", "the_selector_chooses_among"],
+    ),
+    (
+        "decoding's reference row: a reference of one token (EOS) refused (found by `cargo mutants`: `<` → `<=` and `==` in the empty-reference guard; no test scored the shortest reference)",
+        "crates/model/src/decode.rs",
+        "    if row.len() < 2 {\n        return Err(ModelError::InvalidInput {\n            input: \"reference\",",
+        "    if row.len() <= 2 {\n        return Err(ModelError::InvalidInput {\n            input: \"reference\",",
+        ["-p", "chorus-model", "--lib", "decodings_posterior_and_prior"],
+    ),
+    (
+        "decoding's reference row: the prompt's positions marked as x's (found by `cargo mutants`: `>=` → `<` in the target mask; q reads no mask, so no test saw it)",
+        "crates/model/src/decode.rs",
+        "        target_mask: floats((0..n).map(|t| f32::from(u8::from(t >= m))).collect()),\n        context_mask: floats(\n            (0..n)\n                .map(|t| f32::from(u8::from((1..=m).contains(&t))))",
+        "        target_mask: floats((0..n).map(|t| f32::from(u8::from(t < m))).collect()),\n        context_mask: floats(\n            (0..n)\n                .map(|t| f32::from(u8::from((1..=m).contains(&t))))",
+        ["-p", "chorus-model", "--lib", "decodings_posterior_and_prior"],
+    ),
+    (
+        "decoding's reference row: the leading EOS counted as context",
+        "crates/model/src/decode.rs",
+        "                .map(|t| f32::from(u8::from((1..=m).contains(&t))))\n                .collect(),\n        ),\n        padding: Tensor::<B, 2, Int>::zeros([1, n], device).bool(),\n        assistant_log_probs: None,\n    })",
+        "                .map(|t| f32::from(u8::from((0..=m).contains(&t))))\n                .collect(),\n        ),\n        padding: Tensor::<B, 2, Int>::zeros([1, n], device).bool(),\n        assistant_log_probs: None,\n    })",
+        ["-p", "chorus-model", "--lib", "decodings_posterior_and_prior"],
+    ),
+    (
+        "train: a model with fewer ids than the tokenizer accepted (found by `cargo mutants`: `>` → `<` in `check_vocab`, and `check_vocab` → `Ok(())`; no test opened such a model)",
+        "crates/train/src/run.rs",
+        "    if tokenizer.vocab_size() > vocab {",
+        "    if tokenizer.vocab_size() < vocab {",
+        ["-p", "chorus-train", "--lib", "vocab_mismatch_and_missing"],
+    ),
+    (
+        "train: the summary line without the best validation NLL (found by `cargo mutants`: `TrainSummary`'s `fmt` → `Ok(())`; no test read the line)",
+        "crates/train/src/run.rs",
+        "            self.best_valid_nll\n                .map_or(\"–\".into(), |(s, v)| format!(\"{v:.4} (step {s})\")),",
+        "            self.best_valid_nll\n                .map_or(\"–\".into(), |(_, v)| format!(\"{v:.4}\")),",
+        ["-p", "chorus-train", "--lib", "a_summary_reads"],
+    ),
+    (
+        "train: a score cache's local assistants not identified, so one scored with other weights is taken (found by `cargo mutants`: `assistant_identities`, `Models::identities` → `Ok(vec![])`; no test read the identities)",
+        "crates/train/src/run.rs",
+        "            .map(|r| format!(\"remote {}\", Assistant::<B>::describe(r))),\n    );\n    Ok(ids)",
+        "            .map(|r| format!(\"remote {}\", Assistant::<B>::describe(r))),\n    );\n    ids.retain(|id| id.starts_with(\"remote \"));\n    Ok(ids)",
+        ["-p", "chorus-train", "--lib", "local_assistants_are_identified"],
+    ),
+    (
+        "train: assistants of the base's vocabulary refused (found by `cargo mutants`: `!=` → `==` in `open_models`' vocabulary check; no library test opened local assistants)",
+        "crates/train/src/run.rs",
+        "        if a.dims().vocab_size != vocab {",
+        "        if a.dims().vocab_size == vocab {",
+        ["-p", "chorus-train", "--lib", "local_assistants_are_identified"],
+    ),
 ]
 
 
@@ -2264,7 +2321,25 @@ def run(name, file, original, broken, args):
         path.write_text(text)
 
 
+def stale():
+    """The mutations whose original text no longer occurs exactly once in its file (the code moved
+    on without them), and those whose broken text is the original."""
+    out = []
+    for name, file, original, broken, _ in MUTANTS:
+        count = (ROOT / file).read_text().count(original)
+        if count != 1 or broken == original:
+            out.append(f"{name} ({file}: the original text occurs {count} times)")
+    return out
+
+
 def main():
+    if sys.argv[1:] == ["--check"]:
+        # Fast (no build): CI runs it so that a refactor cannot silently retire a mutation.
+        bad = stale()
+        for line in bad:
+            print(f"no longer applies: {line}", file=sys.stderr)
+        print(f"{len(MUTANTS) - len(bad)} of {len(MUTANTS)} mutations apply")
+        sys.exit(1 if bad else 0)
     only = sys.argv[1] if len(sys.argv) > 1 else ""
     bad = 0
     print("| mutation | file | test | result |\n|---|---|---|---|")

@@ -432,6 +432,45 @@ pub enum ZSource<'a> {
     },
 }
 
+/// The training row that a prompt (token ids starting with EOS, as [`Chorus::generate`] takes
+/// them) and a reference text `x` (ending with EOS) make: inputs `prompt ++ x` without its last
+/// token, targets without its first, x's tokens the targets, the prompt's tokens after the leading
+/// EOS the context.
+///
+/// # Shapes
+/// - every tensor of the batch: `[1, prompt.len() + x.len() − 1]`
+pub(crate) fn reference_row<B: Backend>(
+    prompt: &[u32],
+    text: &[u32],
+    device: &B::Device,
+) -> Result<ChorusBatch<B>, ModelError> {
+    let row: Vec<u32> = prompt.iter().chain(text).copied().collect();
+    if row.len() < 2 {
+        return Err(ModelError::InvalidInput {
+            input: "reference",
+            reason: "the reference text is empty".into(),
+        });
+    }
+    let n = row.len() - 1;
+    let ints = |v: Vec<i64>| Tensor::<B, 2, Int>::from_data(TensorData::new(v, [1, n]), device);
+    let floats = |v: Vec<f32>| {
+        Tensor::<B, 2>::from_data(TensorData::new(v, [1, n]).convert::<B::FloatElem>(), device)
+    };
+    let m = prompt.len().saturating_sub(1);
+    Ok(ChorusBatch {
+        tokens: ints(row[..n].iter().map(|&t| t as i64).collect()),
+        targets: ints(row[1..].iter().map(|&t| t as i64).collect()),
+        target_mask: floats((0..n).map(|t| f32::from(u8::from(t >= m))).collect()),
+        context_mask: floats(
+            (0..n)
+                .map(|t| f32::from(u8::from((1..=m).contains(&t))))
+                .collect(),
+        ),
+        padding: Tensor::<B, 2, Int>::zeros([1, n], device).bool(),
+        assistant_log_probs: None,
+    })
+}
+
 impl<B: Backend> Chorus<B> {
     /// p(z | c) for prompts `[rows, len]` whose positions `1..` are context (position 0 is the
     /// leading EOS, as in training). `None` without z.
@@ -462,31 +501,7 @@ impl<B: Backend> Chorus<B> {
         text: &[u32],
         device: &B::Device,
     ) -> Result<Option<DiagonalGaussian<B>>, ModelError> {
-        let row: Vec<u32> = prompt.iter().chain(text).copied().collect();
-        if row.len() < 2 {
-            return Err(ModelError::InvalidInput {
-                input: "reference",
-                reason: "the reference text is empty".into(),
-            });
-        }
-        let n = row.len() - 1;
-        let ints = |v: Vec<i64>| Tensor::<B, 2, Int>::from_data(TensorData::new(v, [1, n]), device);
-        let floats = |v: Vec<f32>| {
-            Tensor::<B, 2>::from_data(TensorData::new(v, [1, n]).convert::<B::FloatElem>(), device)
-        };
-        let m = prompt.len().saturating_sub(1);
-        let batch = ChorusBatch {
-            tokens: ints(row[..n].iter().map(|&t| t as i64).collect()),
-            targets: ints(row[1..].iter().map(|&t| t as i64).collect()),
-            target_mask: floats((0..n).map(|t| f32::from(u8::from(t >= m))).collect()),
-            context_mask: floats(
-                (0..n)
-                    .map(|t| f32::from(u8::from((1..=m).contains(&t))))
-                    .collect(),
-            ),
-            padding: Tensor::<B, 2, Int>::zeros([1, n], device).bool(),
-            assistant_log_probs: None,
-        };
+        let batch = reference_row(prompt, text, device)?;
         Ok(self.latent_distributions(&batch)?.map(|l| l.posterior))
     }
 

@@ -10,12 +10,12 @@ use burn::tensor::Distribution;
 use burn::tensor::activation::softmax;
 use chorus_lm::LmInput;
 
-use crate::decode::{LAST_BINADE, argmax, categorical, prefix_binades, radix_sort};
+use crate::decode::{LAST_BINADE, argmax, categorical, prefix_binades, radix_sort, reference_row};
 use crate::tests::{chorus, seeded};
 use crate::{
-    Assistant, AssistantDecoder, AssistantUpdate, Chorus, ChorusConfig, DecodeConfig, Decoded,
-    LocalLm, ModelError, ScoreRows, WriterStrategy, ZSource, mixture_probs, tempered_probs,
-    truncate_probs,
+    Assistant, AssistantDecoder, AssistantUpdate, Chorus, ChorusBatch, ChorusConfig, DecodeConfig,
+    Decoded, LocalLm, ModelError, ScoreRows, WriterStrategy, ZSource, mixture_probs,
+    tempered_probs, truncate_probs,
 };
 use chorus_data::rng::SplitMix64;
 
@@ -968,6 +968,102 @@ fn the_radix_sort_orders_as_a_stable_sort_does() {
             assert_eq!(keys, expected, "{kind}, {n} keys");
         }
     }
+}
+
+/// Decoding's q(z | x, c) and p(z | c) are those of the training row that the prompt and the
+/// reference make — position 0 the leading EOS, the prompt's other tokens the context, then x
+/// ending with EOS, x's tokens the targets — here written by hand; the shortest reference, EOS
+/// alone, makes a row of one position, and an empty one is refused by name.
+#[test]
+fn decodings_posterior_and_prior_are_those_of_the_training_row() {
+    let _rng = seeded(64);
+    let device = Default::default();
+    let m = model(1, 3);
+    let ints = |v: Vec<i64>| {
+        let n = v.len();
+        Tensor::<B, 2, Int>::from_data(TensorData::new(v, [1, n]), &device)
+    };
+    let floats = |v: Vec<f64>| {
+        let n = v.len();
+        Tensor::<B, 2>::from_data(TensorData::new(v, [1, n]), &device)
+    };
+    let by_hand = |tokens, targets, target_mask, context_mask| {
+        let n = Vec::len(&tokens);
+        ChorusBatch {
+            tokens: ints(tokens),
+            targets: ints(targets),
+            target_mask: floats(target_mask),
+            context_mask: floats(context_mask),
+            padding: Tensor::<B, 2, Int>::zeros([1, n], &device).bool(),
+            assistant_log_probs: None,
+        }
+    };
+    let same_row = |got: &ChorusBatch<B>, want: &ChorusBatch<B>| {
+        let ints = |t: &Tensor<B, 2, Int>| t.to_data().to_vec::<i64>().unwrap();
+        let floats = |t: &Tensor<B, 2>| t.to_data().to_vec::<f64>().unwrap();
+        assert_eq!(ints(&got.tokens), ints(&want.tokens), "inputs");
+        assert_eq!(ints(&got.targets), ints(&want.targets), "targets");
+        assert_eq!(
+            floats(&got.target_mask),
+            floats(&want.target_mask),
+            "x's positions"
+        );
+        assert_eq!(
+            floats(&got.context_mask),
+            floats(&want.context_mask),
+            "the context"
+        );
+        assert_eq!(got.padding.dims(), want.padding.dims());
+        assert!(!got.padding.clone().any().into_scalar(), "padding");
+        assert!(got.assistant_log_probs.is_none());
+    };
+    // Prompt [EOS, 4, 5], x = [6, 7, EOS]: inputs EOS 4 5 6 7, targets 4 5 6 7 EOS.
+    let (prompt, x) = ([0u32, 4, 5], [6u32, 7, 0]);
+    let want = by_hand(
+        vec![0, 4, 5, 6, 7],
+        vec![4, 5, 6, 7, 0],
+        vec![0.0, 0.0, 1.0, 1.0, 1.0],
+        vec![0.0, 1.0, 1.0, 0.0, 0.0],
+    );
+    same_row(&reference_row::<B>(&prompt, &x, &device).unwrap(), &want);
+    let host = |t: Tensor<B, 2>| t.into_data().to_vec::<f64>().unwrap();
+    let want = m.latent_distributions(&want).unwrap().unwrap();
+    let q = m.posterior_for_text(&prompt, &x, &device).unwrap().unwrap();
+    assert_eq!(host(q.mean), host(want.posterior.mean), "q's mean");
+    assert_eq!(
+        host(q.log_var),
+        host(want.posterior.log_var),
+        "q's log-variance"
+    );
+    // The prompt alone gives the same prior up to rounding: its positions' hidden states are the
+    // row's (causal attention), and the context is pooled over the same ones.
+    let p = m.prior_for_prompt(ints(vec![0, 4, 5])).unwrap().unwrap();
+    for (got, want, what) in [
+        (p.mean, want.prior.mean, "p's mean"),
+        (p.log_var, want.prior.log_var, "p's log-variance"),
+    ] {
+        let (got, want) = (host(got), host(want));
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() < 1e-12, "{what}: {got:?} vs {want:?}");
+        }
+    }
+    // The shortest row: EOS, then x = EOS alone.
+    let shortest = reference_row::<B>(&[0], &[0], &device).unwrap();
+    same_row(&shortest, &by_hand(vec![0], vec![0], vec![1.0], vec![0.0]));
+    assert!(m.posterior_for_text(&[0], &[0], &device).unwrap().is_some());
+    let Err(err) = m.posterior_for_text(&[0], &[], &device) else {
+        panic!("an empty reference was scored")
+    };
+    assert!(
+        matches!(
+            err,
+            ModelError::InvalidInput {
+                input: "reference",
+                ..
+            }
+        ),
+        "{err}"
+    );
 }
 
 #[test]

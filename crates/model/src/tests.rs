@@ -466,6 +466,36 @@ fn models_with_different_vocabularies_are_rejected() {
     assert!(err.to_string().contains("share one tokenizer"));
 }
 
+/// The selector chooses among every model, K = 1 + local + remote assistants: a model built
+/// with remote assistants (served elsewhere, so absent from `Chorus::new`'s list) still has a
+/// log π over all K.
+#[test]
+fn the_selector_chooses_among_local_and_remote_assistants() {
+    let _rng = seeded(63);
+    let device = Default::default();
+    for (local, remote) in [(0, 1), (1, 2), (2, 0)] {
+        let config = ChorusConfig {
+            remote_assistants: remote,
+            assistant_adapters: false,
+            ..full_config()
+        };
+        let base = llama(20, 12).init::<F64>(&device).unwrap();
+        let assistants = (0..local)
+            .map(|_| llama(20, 8).init::<F64>(&device).unwrap())
+            .collect();
+        let m = Chorus::new(config, base, assistants, &device).unwrap();
+        let k = 1 + local + remote;
+        assert_eq!(m.n_models(), k, "{local} local, {remote} remote");
+        let hidden = Tensor::<F64, 3>::zeros([1, 2, 12], &device);
+        let log_pi = m
+            .selector
+            .as_ref()
+            .expect("K > 1 has a selector")
+            .forward(hidden);
+        assert_eq!(log_pi.dims(), [1, 2, k], "{local} local, {remote} remote");
+    }
+}
+
 #[test]
 fn bad_configs_are_rejected() {
     let _rng = seeded(37);

@@ -1626,6 +1626,73 @@ fn stated_defaults(source: &str, name: &str) -> Vec<(String, String)> {
     out
 }
 
+/// What a score cache records of its local assistants — and so what makes a cache scored with
+/// other weights at the same path refused — is the sha256 of each one's weights file, in the
+/// config's order; models that share the base's vocabulary open together.
+#[test]
+fn local_assistants_are_identified_by_their_weights() {
+    let _rng = rng_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let device = Default::default();
+    let tok = tokenizer();
+    tok.save(dir.path().join("tokenizer.json")).unwrap();
+    for name in ["base", "a", "b"] {
+        llama(tok.vocab_size())
+            .init::<B>(&device)
+            .unwrap()
+            .save(dir.path().join(name))
+            .unwrap();
+    }
+    let t = write(
+        dir.path(),
+        "joint.toml",
+        &format!(
+            "tokenizer = {:?}\nbase = {:?}\nassistants = [{:?}, {:?}]\n",
+            dir.path().join("tokenizer.json"),
+            dir.path().join("base"),
+            dir.path().join("b"),
+            dir.path().join("a"),
+        ),
+    );
+    let config: TrainConfig = load_config(Some(&t), &[]).unwrap();
+    let models = crate::run::open_models::<B>(&config, &device).unwrap();
+    assert_eq!(models.assistants.len(), 2);
+    let sha = |name: &str| {
+        chorus_data::fetch::sha256_file(&dir.path().join(name).join(chorus_lm::WEIGHTS_FILE))
+            .unwrap()
+    };
+    assert_ne!(sha("a"), sha("b"), "two draws of weights");
+    assert_eq!(models.identities().unwrap(), [sha("b"), sha("a")]);
+}
+
+/// The line `chorus train` ends with: steps, time, tokens, the best validation NLL and its step
+/// (a dash before any validation), the exported model.
+#[test]
+fn a_summary_reads_as_one_line() {
+    let summary = crate::TrainSummary {
+        steps: 120,
+        steps_run: 20,
+        last_checkpoint: "out/checkpoints/step-120".into(),
+        model: "out/model".into(),
+        best_valid_nll: Some((100, 2.345_67)),
+        tokens_seen: 9_000,
+        seconds: 61.6,
+    };
+    assert_eq!(
+        summary.to_string(),
+        "120 steps (20 in this run) in 62 s (9000 target tokens); best valid NLL/token 2.3457 \
+         (step 100); model: out/model"
+    );
+    let unvalidated = crate::TrainSummary {
+        best_valid_nll: None,
+        ..summary
+    };
+    assert!(
+        unvalidated.to_string().contains("best valid NLL/token –;"),
+        "{unvalidated}"
+    );
+}
+
 #[test]
 fn vocab_mismatch_and_missing_corpus_are_clear_errors() {
     let _rng = rng_lock();
@@ -1690,8 +1757,8 @@ fn vocab_mismatch_and_missing_corpus_are_clear_errors() {
         .unwrap()
         .save(dir.path().join("assistant"))
         .unwrap();
-    // `chorus train` with the shared tokenizer, the base and these assistants: its error.
-    let train_error = |assistants: &[&str]| -> String {
+    // `chorus train` with the shared tokenizer, a base and these assistants: its error.
+    let train_error_with = |base: &str, assistants: &[&str]| -> String {
         let list: Vec<String> = assistants
             .iter()
             .map(|a| format!("{:?}", dir.path().join(a)))
@@ -1700,10 +1767,11 @@ fn vocab_mismatch_and_missing_corpus_are_clear_errors() {
             dir.path(),
             "joint.toml",
             &format!(
-                "tokenizer = {:?}\nbase = {:?}\nassistants = [{}]\n",
+                "tokenizer = {:?}\nbase = {:?}\nassistants = [{}]\n[data]\ncache = {:?}\n",
                 dir.path().join("tokenizer.json"),
-                dir.path().join("base"),
+                dir.path().join(base),
                 list.join(", "),
+                dir.path().join("empty-cache"),
             ),
         );
         let config: TrainConfig = load_config(Some(&t), &[]).unwrap();
@@ -1717,8 +1785,24 @@ fn vocab_mismatch_and_missing_corpus_are_clear_errors() {
         .unwrap_err()
         .to_string()
     };
+    let train_error = |assistants: &[&str]| train_error_with("base", assistants);
     let err = train_error(&["assistant"]);
     assert!(err.contains("vocabular"), "{err}");
+    // A model with fewer ids than the tokenizer has tokens is refused by name; one with more
+    // (a vocabulary padded past the tokenizer's, as SmolLM2's is not but many are) is not, and
+    // the run goes on to its data (none here).
+    llama(vocab - 1)
+        .init::<B>(&device)
+        .unwrap()
+        .save(dir.path().join("small"))
+        .unwrap();
+    let err = train_error_with("small", &[]);
+    assert!(
+        err.contains("base") && err.contains("small") && err.contains("do not belong together"),
+        "{err}"
+    );
+    let err = train_error_with("assistant", &[]);
+    assert!(err.contains("chorus data fetch"), "{err}");
     // A base whose own tokenizer.json has the same vocabulary and merges but a normaliser of
     // its own: refused before training, naming both files and the part that differs.
     let shared: serde_json::Value =
