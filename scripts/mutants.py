@@ -2280,6 +2280,13 @@ MUTANTS = [
         "        if a.dims().vocab_size == vocab {",
         ["-p", "chorus-train", "--lib", "local_assistants_are_identified"],
     ),
+    (
+        "train: every step seeded alike, so z's noise repeats from step to step (found by `cargo mutants`: `step_seed` → 0 or 1)",
+        "crates/train/src/run.rs",
+        "    chorus_data::rng::SplitMix64(seed ^ step.wrapping_mul(0x9e37_79b9_7f4a_7c15)).next_u64()",
+        "    chorus_data::rng::SplitMix64(seed).next_u64()",
+        ["-p", "chorus-train", "--lib", "every_step_of_every_run_seeds"],
+    ),
 ]
 
 

@@ -414,7 +414,7 @@ pub(crate) struct Loop<'a> {
 }
 
 /// The per-step seed: a fixed mix of the run's seed and the step.
-fn step_seed(seed: u64, step: u64) -> u64 {
+pub(crate) fn step_seed(seed: u64, step: u64) -> u64 {
     chorus_data::rng::SplitMix64(seed ^ step.wrapping_mul(0x9e37_79b9_7f4a_7c15)).next_u64()
 }
 

@@ -1665,6 +1665,21 @@ fn local_assistants_are_identified_by_their_weights() {
     assert_eq!(models.identities().unwrap(), [sha("b"), sha("a")]);
 }
 
+/// Each step of a run seeds the backend's generator (z's noise, dropout) with its own seed, and
+/// two runs' seeds give two runs' draws: 10,000 steps of three seeds, no seed twice.
+#[test]
+fn every_step_of_every_run_seeds_its_own_draws() {
+    let mut seen = std::collections::HashSet::new();
+    for seed in [0, 1, 42] {
+        for step in 0..10_000 {
+            assert!(
+                seen.insert(crate::run::step_seed(seed, step)),
+                "seed {seed}, step {step} repeats an earlier step's seed"
+            );
+        }
+    }
+}
+
 /// The line `chorus train` ends with: steps, time, tokens, the best validation NLL and its step
 /// (a dash before any validation), the exported model.
 #[test]
