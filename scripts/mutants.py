@@ -2287,6 +2287,13 @@ MUTANTS = [
         "    chorus_data::rng::SplitMix64(seed).next_u64()",
         ["-p", "chorus-train", "--lib", "every_step_of_every_run_seeds"],
     ),
+    (
+        "train: the target tokens seen not counted (found by `cargo mutants`: `+=` → `*=` in `run_loop`'s `tokens_seen`; no test read the count)",
+        "crates/train/src/run.rs",
+        "        tokens_seen += micro_batches",
+        "        tokens_seen *= micro_batches",
+        ["-p", "chorus-train", "--lib", "resume_is_bit_identical"],
+    ),
 ]
 
 

@@ -671,7 +671,7 @@ fn resume_is_bit_identical_to_an_uninterrupted_run() {
     };
     let config = z_config();
     let (model, sources) = joint(config.clone(), 1);
-    fit(
+    let summary = fit(
         model,
         sources.clone(),
         &train,
@@ -681,6 +681,10 @@ fn resume_is_bit_identical_to_an_uninterrupted_run() {
         false,
     )
     .unwrap();
+    // 6 steps of 2 micro-batches of 4 rows are 2 epochs of the 24 examples: each target token
+    // trained on twice.
+    let targets_of_two_epochs = 2 * train.iter().map(|e| e.n_targets() as u64).sum::<u64>();
+    assert_eq!(summary.tokens_seen, targets_of_two_epochs);
     let steps: Vec<u64> = list_checkpoints(dir.path()).iter().map(|c| c.0).collect();
     assert_eq!(steps, vec![3, 6]);
     let final_dir = latest_checkpoint(dir.path()).unwrap();
@@ -722,6 +726,10 @@ fn resume_is_bit_identical_to_an_uninterrupted_run() {
     let (fresh, _) = joint_seeded(config, 1, 99);
     let summary = fit(fresh, sources, &train, &valid, &optim, dir.path(), true).unwrap();
     assert_eq!((summary.steps, summary.steps_run), (6, 3));
+    assert_eq!(
+        summary.tokens_seen, targets_of_two_epochs,
+        "tokens seen across the resume"
+    );
     let resumed_dir = latest_checkpoint(dir.path()).unwrap();
     // Bitwise equal parameters after 3 more steps also means the AdamW moments, the data order,
     // the z noise and the schedules were restored exactly (the optimizer file itself is a hash map
