@@ -2294,6 +2294,27 @@ MUTANTS = [
         "        tokens_seen *= micro_batches",
         ["-p", "chorus-train", "--lib", "resume_is_bit_identical"],
     ),
+    (
+        "train: the validation NLL per token taken as Σ (NLL + tokens) / Σ tokens (found by `cargo mutants`: `*` → `+` in `run_loop`; the tests compared the summary with the metrics file, which holds the same number)",
+        "crates/train/src/run.rs",
+        "                rows.iter().map(|r| r.nll * r.tokens as f64).sum::<f64>() / tokens.max(1) as f64;",
+        "                rows.iter().map(|r| r.nll + r.tokens as f64).sum::<f64>() / tokens.max(1) as f64;",
+        ["-p", "chorus-train", "--lib", "keep_last_prunes"],
+    ),
+    (
+        "train: best/ never moved past the first validation (found by `cargo mutants`: `<` → `==` in `run_loop`'s `is_best`; the test's first validation was its lowest)",
+        "crates/train/src/run.rs",
+        "        let is_best = valid_nll.is_some_and(|v| best.is_none_or(|(_, b)| v < b));",
+        "        let is_best = valid_nll.is_some_and(|v| best.is_none_or(|(_, b)| v == b));",
+        ["-p", "chorus-train", "--lib", "keep_last_prunes"],
+    ),
+    (
+        "train: the trainable count taken over every parameter, frozen ones included (found by `cargo mutants`: `trainable_params` → 0 or 1; no test read the count)",
+        "crates/train/src/run.rs",
+        "            if param.is_require_grad() {\n                self.0 += param.shape().num_elements();",
+        "            if param.is_require_grad() || true {\n                self.0 += param.shape().num_elements();",
+        ["-p", "chorus-train", "--lib", "the_trainable_count"],
+    ),
 ]
 
 

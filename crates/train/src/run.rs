@@ -641,7 +641,8 @@ pub(crate) fn run_loop<B: AutodiffBackend>(
     Ok(summary)
 }
 
-fn trainable_params<B: AutodiffBackend>(model: &Chorus<B>) -> usize {
+/// Elements of the parameters that receive gradients (the frozen models' are left out).
+pub(crate) fn trainable_params<B: AutodiffBackend>(model: &Chorus<B>) -> usize {
     struct Count(usize);
     impl<B: AutodiffBackend> burn::module::ModuleVisitor<B> for Count {
         fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<B, D>>) {

@@ -1688,6 +1688,28 @@ fn every_step_of_every_run_seeds_its_own_draws() {
     }
 }
 
+/// The count a run reports as trainable leaves out exactly the frozen models' parameters.
+#[test]
+fn the_trainable_count_leaves_out_the_frozen_models() {
+    let _rng = rng_lock();
+    let config = ChorusConfig {
+        train_base: false,
+        ..z_config()
+    };
+    let (model, _) = joint(config, 1);
+    let frozen = model.base.num_params() + model.assistants[0].num_params();
+    assert_eq!(
+        crate::run::trainable_params(&model),
+        model.num_params() - frozen
+    );
+    let (model, _) = joint(z_config(), 1);
+    assert_eq!(
+        crate::run::trainable_params(&model),
+        model.num_params() - model.assistants[0].num_params(),
+        "the base trains by default, the assistants do not"
+    );
+}
+
 /// The line `chorus train` ends with: steps, time, tokens, the best validation NLL and its step
 /// (a dash before any validation), the exported model.
 #[test]
@@ -2083,47 +2105,89 @@ fn clipping_scales_every_gradient_by_max_norm_over_the_global_norm() {
     }
 }
 
+/// Run at two learning rates: at 3e-2 an early validation stays the lowest, so `best/` outlives
+/// the pruning of its step's checkpoint; at 1e-2 later steps improve on the first, so `best/`
+/// moves on.
 #[test]
 fn keep_last_prunes_old_checkpoints_and_best_holds_the_lowest_validation_nll() {
     let _rng = rng_lock();
-    let dir = tempfile::tempdir().unwrap();
     let train = synthetic(32, 0);
     let valid = synthetic(6, 700);
-    let optim = OptimConfig {
-        checkpoint_every: 1,
-        eval_every: 1,
-        keep_last: 2,
-        lr: 3e-2,
-        ..optim(6)
-    };
-    let (model, sources) = joint(z_config(), 1);
-    let summary = fit(model, sources, &train, &valid, &optim, dir.path(), false).unwrap();
-    let steps: Vec<u64> = list_checkpoints(dir.path()).iter().map(|c| c.0).collect();
-    assert_eq!(steps, vec![5, 6], "keep_last = 2");
-    let valid_rows: Vec<(u64, f64)> = metric_rows(dir.path())
-        .iter()
-        .filter(|r| r["kind"] == "valid")
-        .map(|r| {
-            (
-                r["step"].as_u64().unwrap(),
-                r["valid_nll"].as_f64().unwrap(),
-            )
-        })
-        .collect();
-    assert_eq!(valid_rows.len(), 6);
-    let lowest = valid_rows
-        .iter()
-        .copied()
-        .min_by(|a, b| a.1.total_cmp(&b.1))
+    for lr in [3e-2, 1e-2] {
+        let dir = tempfile::tempdir().unwrap();
+        let optim = OptimConfig {
+            checkpoint_every: 1,
+            eval_every: 1,
+            keep_last: 2,
+            lr,
+            ..optim(6)
+        };
+        let (model, sources) = joint(z_config(), 1);
+        let summary = fit(model, sources, &train, &valid, &optim, dir.path(), false).unwrap();
+        let steps: Vec<u64> = list_checkpoints(dir.path()).iter().map(|c| c.0).collect();
+        assert_eq!(steps, vec![5, 6], "keep_last = 2");
+        let valid_rows: Vec<(u64, f64)> = metric_rows(dir.path())
+            .iter()
+            .filter(|r| r["kind"] == "valid")
+            .map(|r| {
+                (
+                    r["step"].as_u64().unwrap(),
+                    r["valid_nll"].as_f64().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(valid_rows.len(), 6);
+        let lowest = valid_rows
+            .iter()
+            .copied()
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+            .unwrap();
+        if lr == 3e-2 {
+            assert!(
+                lowest.0 < 5,
+                "lr {lr}: the lowest is kept by keep_last: {valid_rows:?}"
+            );
+        } else {
+            assert!(
+                lowest.0 > 1,
+                "lr {lr}: no step improves on the first: {valid_rows:?}"
+            );
+        }
+        assert_eq!(summary.best_valid_nll, Some(lowest));
+        let best = crate::best_dir(dir.path());
+        let state = read_state(&best).unwrap();
+        assert_eq!((state.step, state.valid_nll), (lowest.0, Some(lowest.1)));
+        // best/ holds that step's parameters, loadable without its optimizer file.
+        assert!(!best.join("optimizer.mpk").exists());
+        let (loaded, _) = load_chorus::<B>(&best, &Default::default()).unwrap();
+        assert_eq!(summary.model, best);
+        // Its validation NLL is per target token of the whole valid set: the loaded model evaluated
+        // again, each task's NLL weighted by its tokens (the two tasks have different counts).
+        let set = crate::EvalSet {
+            data: &valid,
+            batch_size: 4,
+            device: &Default::default(),
+        };
+        let rows = crate::evaluate_chorus(
+            &loaded.model,
+            "valid",
+            &set,
+            crate::AssistantScores::Local,
+            optim.iw_samples,
+            &mut crate::Silent,
+            None,
+        )
         .unwrap();
-    assert_eq!(summary.best_valid_nll, Some(lowest));
-    let best = crate::best_dir(dir.path());
-    let state = read_state(&best).unwrap();
-    assert_eq!((state.step, state.valid_nll), (lowest.0, Some(lowest.1)));
-    // best/ holds that step's parameters, loadable without its optimizer file.
-    assert!(!best.join("optimizer.mpk").exists());
-    load_chorus::<B>(&best, &Default::default()).unwrap();
-    assert_eq!(summary.model, best);
+        assert_eq!(rows.len(), 2, "two tasks");
+        assert_ne!(rows[0].tokens, rows[1].tokens);
+        let tokens: usize = rows.iter().map(|r| r.tokens).sum();
+        let per_token = rows.iter().map(|r| r.nll * r.tokens as f64).sum::<f64>() / tokens as f64;
+        assert!(
+            (per_token - lowest.1).abs() < 1e-9 * per_token.abs(),
+            "{per_token} vs {}",
+            lowest.1
+        );
+    }
 }
 
 /// `best/` is replaced in four moves (`.tmp-best` written, `best → .old-best`, `.tmp-best → best`,
