@@ -2315,6 +2315,20 @@ MUTANTS = [
         "            if param.is_require_grad() || true {\n                self.0 += param.shape().num_elements();",
         ["-p", "chorus-train", "--lib", "the_trainable_count"],
     ),
+    (
+        "pseudo-labels: the classes that occur counted twice",
+        "crates/elbo/src/routing.rs",
+        "            present += 1;",
+        "            present += 2;",
+        ["-p", "chorus-elbo", "--lib", "pseudo_label_loss"],
+    ),
+    (
+        "pseudo-labels: an all-masked batch's loss divided by no class (0/0)",
+        "crates/elbo/src/routing.rs",
+        "        .div_scalar(present.max(1) as f64);",
+        "        .div_scalar(present as f64);",
+        ["-p", "chorus-elbo", "--lib", "pseudo_label_loss"],
+    ),
 ]
 
 

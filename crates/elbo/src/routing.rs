@@ -6,9 +6,9 @@ use burn::prelude::*;
 /// Co-LLM's selector initialisation (DESIGN §2): label target t with the assistant
 /// `y_t = argmax_{j≥1} log P_j(x_t)` when it beats the base (`log P_{y_t} > log P_0(x_t)`), else with
 /// the base (0), and return the class-balanced cross-entropy
-/// `−Σ_t m_t w_{y_t} log π(y_t) / Σ_t m_t w_{y_t}`, `w_c = n / (n_present · n_c)` over the n masked
-/// tokens (n_c of them labelled c, n_present the classes that occur), with the share of masked
-/// tokens labelled to assistants.
+/// `−(1 / n_present) Σ_c (1 / n_c) Σ_{t: y_t = c} m_t log π(y_t)` — over the classes that occur
+/// (n_present of them), the mean of each class's mean −log π over its n_c scored tokens — with the
+/// share of scored tokens labelled to assistants (0 when none is scored).
 ///
 /// # Shapes
 /// - log_pi: `[batch, seq, K]`, the selector's log π (gradients flow into it)
@@ -28,24 +28,29 @@ pub fn pseudo_label_loss<B: Backend>(
     let best_j = assistants.argmax(2).squeeze_dim::<2>(2).add_scalar(1);
     let labels = best_j.mask_fill(best.lower_equal(lp0), 0); // [B, T]
     let n = mask.clone().sum().into_scalar().elem::<f64>();
+    // w_t = m_t / n_{y_t}: each class that occurs weighs 1 in all.
     let mut weights = mask.zeros_like();
-    let mut counts = Vec::with_capacity(k);
+    let mut present = 0usize;
+    let mut n_base = 0.0;
     for c in 0..k {
         let is_c = labels.clone().equal_elem(c as i64).float() * mask.clone();
-        counts.push((is_c.clone(), is_c.sum().into_scalar().elem::<f64>()));
-    }
-    let present = counts.iter().filter(|(_, n_c)| *n_c > 0.0).count().max(1) as f64;
-    for (is_c, n_c) in &counts {
-        if *n_c > 0.0 {
-            weights = weights + is_c.clone().mul_scalar(n / (present * n_c));
+        let n_c = is_c.clone().sum().into_scalar().elem::<f64>();
+        if c == 0 {
+            n_base = n_c;
+        }
+        if n_c > 0.0 {
+            weights = weights + is_c.div_scalar(n_c);
+            present += 1;
         }
     }
     let picked = log_pi
         .gather(2, labels.unsqueeze_dim::<3>(2))
         .squeeze_dim::<2>(2);
-    let total = weights.clone().sum().clamp_min(1e-12);
-    let loss = (picked * weights).sum().neg() / total;
-    let assistant_share = if n > 0.0 { 1.0 - counts[0].1 / n } else { 0.0 };
+    let loss = (picked * weights)
+        .sum()
+        .neg()
+        .div_scalar(present.max(1) as f64);
+    let assistant_share = if n > 0.0 { 1.0 - n_base / n } else { 0.0 };
     (loss, assistant_share)
 }
 

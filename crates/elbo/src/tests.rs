@@ -481,8 +481,8 @@ fn mutual_information_equals_the_formula_by_hand_and_its_limits() {
 }
 
 /// Labels by hand: t0 the base is best; t1 an assistant ties the base (the base keeps it); t2 the
-/// second assistant is best; t3 is masked. Two classes occur among n = 3 tokens: w_0 = 3/(2·2),
-/// w_2 = 3/(2·1); loss = −(w_0 log π_0(t0) + w_0 log π_0(t1) + w_2 log π_2(t2)) / (2 w_0 + w_2).
+/// second assistant is best; t3 is masked. Two classes occur among n = 3 tokens, the base's twice
+/// and the second assistant's once: loss = −((log π_0(t0) + log π_0(t1)) / 2 + log π_2(t2)) / 2.
 #[test]
 fn pseudo_label_loss_matches_hand_labels_and_only_trains_the_selector() {
     type A = Autodiff<F64>;
@@ -509,8 +509,7 @@ fn pseudo_label_loss_matches_hand_labels_and_only_trains_the_selector() {
     .require_grad();
     let mask = Tensor::<A, 2>::from_data([[1.0, 1.0, 1.0, 0.0]], &device);
     let (loss, share) = pseudo_label_loss(log_pi.clone(), log_p.clone(), mask);
-    let (w0, w2) = (0.75, 1.5);
-    let expected = -(w0 * -0.1 + w0 * -0.5 + w2 * -0.7) / (2.0 * w0 + w2);
+    let expected = -((-0.1 + -0.5) / 2.0 + -0.7) / 2.0;
     assert!((loss.clone().into_scalar() - expected).abs() < 1e-12);
     assert!((share - 1.0 / 3.0).abs() < 1e-12);
     let grads = loss.backward();
@@ -521,9 +520,9 @@ fn pseudo_label_loss_matches_hand_labels_and_only_trains_the_selector() {
         .to_vec::<f64>()
         .unwrap();
     let mut want = vec![0.0; 12];
-    want[0] = -w0 / 3.0; // t0, base
-    want[3] = -w0 / 3.0; // t1, base
-    want[8] = -w2 / 3.0; // t2, second assistant
+    want[0] = -1.0 / 4.0; // t0, base: 1 / (n_present · n_0)
+    want[3] = -1.0 / 4.0; // t1, base
+    want[8] = -1.0 / 2.0; // t2, second assistant: 1 / (n_present · n_2)
     for (a, b) in g.iter().zip(&want) {
         assert!((a - b).abs() < 1e-12, "{g:?}");
     }
