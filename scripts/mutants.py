@@ -2329,6 +2329,20 @@ MUTANTS = [
         "        .div_scalar(present as f64);",
         ["-p", "chorus-elbo", "--lib", "pseudo_label_loss"],
     ),
+    (
+        "chunked eval: a chunk's row joins the first free row, whatever its model and task",
+        "crates/train/src/eval.rs",
+        "                !matched[i] && self.rows[i].model == row.model && self.rows[i].task == row.task",
+        "                !matched[i] || self.rows[i].model == row.model && self.rows[i].task == row.task",
+        ["-p", "chorus-train", "--lib", "a_chunked_evaluation_merges"],
+    ),
+    (
+        "chunked eval: a chunk's row joins any row of its task, whatever its model",
+        "crates/train/src/eval.rs",
+        "                !matched[i] && self.rows[i].model == row.model && self.rows[i].task == row.task",
+        "                !matched[i] && self.rows[i].model == row.model || self.rows[i].task == row.task",
+        ["-p", "chorus-train", "--lib", "a_chunked_evaluation_merges"],
+    ),
 ]
 
 

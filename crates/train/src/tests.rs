@@ -3054,13 +3054,39 @@ fn a_chunked_evaluation_merges_into_the_evaluation_of_all_examples() {
         let mut merged = [crate::ChunkedRows::default(), crate::ChunkedRows::default()];
         let mut chunks: Vec<Vec<EvalRow>> = Vec::new();
         let mut whole: Vec<Vec<EvalRow>> = Vec::new();
+        // Both models' rows in one evaluation, renamed apart; the second chunk's rows come in
+        // the reverse order, so each must find the row of its own model and task.
+        let mut both = crate::ChunkedRows::default();
+        let mut both_second = Vec::new();
         for (m, model) in [&closed, &z_model].into_iter().enumerate() {
             let eval = |data: &[Encoded]| evaluate_locally(model, data, 3, 2);
             let (first, second) = (eval(&data[..cut]), eval(&data[cut..]));
             merged[m].add(first.clone(), 0);
             merged[m].add(second.clone(), cut);
+            let named = |rows: &[EvalRow]| -> Vec<EvalRow> {
+                let mut rows = rows.to_vec();
+                rows.iter_mut().for_each(|r| r.model = format!("m{m}"));
+                rows
+            };
+            both.add(named(&first), 0);
+            both_second.extend(named(&second));
             chunks.push([first, second].concat());
             whole.push(eval(&data));
+        }
+        both_second.reverse();
+        both.add(both_second, cut);
+        let both = both.into_rows();
+        assert_eq!(both.len(), 4, "{cut}: one row per model and task");
+        for (m, whole) in whole.iter().enumerate() {
+            for task in ["story", "dialogue"] {
+                let a = both
+                    .iter()
+                    .find(|r| r.model == format!("m{m}") && r.task == task)
+                    .unwrap();
+                let b = by_task(whole, task).unwrap();
+                assert_eq!((a.examples, a.tokens), (b.examples, b.tokens), "{cut} m{m}");
+                assert!(close(a.nll, b.nll), "{cut} m{m} {task}");
+            }
         }
         let [closed_rows, z_rows] = merged.map(|m| m.into_rows());
         for task in ["story", "dialogue"] {
