@@ -546,7 +546,7 @@ fn by_task(data: &[Encoded]) -> BTreeMap<Task, Vec<usize>> {
 /// The seed of an example's z draws for the IW bound: a hash of its tokens and of where its
 /// target starts, so an example gets the same z whenever and wherever (batch, chunk, file) it is
 /// evaluated, and a rerun reproduces its score.
-fn iw_seed(example: &Encoded) -> u64 {
+pub(crate) fn iw_seed(example: &Encoded) -> u64 {
     let mut bytes: Vec<u8> = example
         .tokens
         .iter()

@@ -2835,6 +2835,147 @@ fn score_row(model: &str, scores: Vec<(usize, f64)>) -> crate::EvalRow {
     }
 }
 
+/// A report's two Markdown tables, character for character: the rows sorted by task (stable, so
+/// each task's models keep their order), missing columns as "–", deferral in percent; and the
+/// paired comparison of the first model with the other, better by exactly 0.5 nats a token in
+/// both examples, so every resample gives −0.5. A report without pairs has no paired table.
+#[test]
+fn a_report_reads_as_two_markdown_tables() {
+    use crate::EvalReport;
+    let mut chorus = score_row("chorus", vec![(4, -6.0), (6, -9.0)]);
+    (chorus.nll, chorus.ppl, chorus.bits_per_byte) = (1.5, 1.5f64.exp(), 0.5);
+    (chorus.kl, chorus.mi) = (Some(1.25), Some(0.5));
+    (chorus.active_units, chorus.deferral) = (Some(3), Some(0.125));
+    let mut single = score_row("SmolLM2", vec![(4, -8.0), (6, -12.0)]);
+    (single.nll, single.ppl) = (2.0, 2f64.exp());
+    let mut report = EvalReport::new("test split".into(), 1, vec![chorus, single], 100, 0).unwrap();
+    let mut dialogue = score_row("SmolLM2", vec![(3, -3.0)]);
+    (dialogue.task, dialogue.nll, dialogue.ppl) = ("dialogue".into(), 1.0, 1f64.exp());
+    report.rows.push(dialogue);
+    assert_eq!(
+        report.table(),
+        "| task | model | examples | tokens | NLL/token | PPL | bits/byte | KL | MI | AU | deferral |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|\n\
+         | dialogue | SmolLM2 | 1 | 3 | 1.0000 | 2.72 | 0.0000 | – | – | – | – |\n\
+         | story | chorus | 2 | 10 | 1.5000 | 4.48 | 0.5000 | 1.250 | 0.500 | 3 | 12.5 % |\n\
+         | story | SmolLM2 | 2 | 10 | 2.0000 | 7.39 | 0.0000 | – | – | – | – |\n"
+    );
+    assert_eq!(
+        report.paired_table(),
+        "Paired, per example (Δ = NLL/token of the first model − the other's; 95 % percentile \
+         bootstrap interval over examples, 100 resamples):\n\n\
+         | task | model | against | examples | Δ NLL/token | 95 % interval |\n\
+         |---|---|---|---|---|---|\n\
+         | story | chorus | SmolLM2 | 2 | -0.5000 | [-0.5000, -0.5000] |\n"
+    );
+    report.paired.clear();
+    assert_eq!(report.paired_table(), "");
+}
+
+/// A text file of 22 sentences in two paragraphs holds 5 passages of 4 (the last 2 sentences make
+/// none); read 2 passages at a time it gives chunks of 2, 2 and 1 passages, and with a limit of 3,
+/// of 2 and 1; every passage is a test example, in the file's order, even ones with no context and
+/// odd ones with the first sentence as context, the file's path as its document. A file of fewer
+/// than 4 sentences is refused, naming it.
+#[test]
+fn a_text_file_is_read_in_chunks_of_its_passages() {
+    use crate::TextFile;
+    let dir = tempfile::tempdir().unwrap();
+    // A file whose own split (a hash of its path, the examples' document) is not the test split,
+    // so that the test split seen below is the one a text file's passages are given.
+    let path = (0..)
+        .map(|i| dir.path().join(format!("novel{i}.txt")))
+        .find(|p| {
+            let document = p.display().to_string();
+            let split = chorus_data::split_of(
+                &document,
+                chorus_data::tasks::VALID_FRACTION,
+                chorus_data::tasks::TEST_FRACTION,
+            );
+            split != Split::Test
+        })
+        .unwrap();
+    let sentence = |i: usize| format!("Sentence {i} goes here.");
+    let paragraph = |r: std::ops::Range<usize>| r.map(sentence).collect::<Vec<_>>().join(" ");
+    std::fs::write(
+        &path,
+        format!("{}\n\n{}\n", paragraph(0..10), paragraph(10..22)),
+    )
+    .unwrap();
+    let file = || TextFile::open(&path).unwrap();
+    assert_eq!(file().passages(), 5);
+    let passage = |k: usize| -> (String, String) {
+        let s: Vec<String> = (4 * k..4 * k + 4).map(sentence).collect();
+        if k % 2 == 0 {
+            (String::new(), s.join(" "))
+        } else {
+            (s[0].clone(), format!(" {}", s[1..].join(" ")))
+        }
+    };
+    for (limit, sizes) in [(None, vec![2, 2, 1]), (Some(3), vec![2, 1])] {
+        let chunks: Vec<Vec<Example>> = file()
+            .chunks(2, limit)
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(chunks.iter().map(Vec::len).collect::<Vec<_>>(), sizes);
+        for (k, e) in chunks.iter().flatten().enumerate() {
+            assert_eq!(
+                (e.context.clone(), e.target.clone()),
+                passage(k),
+                "passage {k}"
+            );
+            assert_eq!(
+                (e.task, e.split),
+                (Task::OpenEnded, Split::Test),
+                "passage {k}"
+            );
+            assert_eq!(e.document, path.display().to_string());
+        }
+    }
+    let short = dir.path().join("short.txt");
+    std::fs::write(&short, "One. Two. Three.\n").unwrap();
+    let err = TextFile::open(&short).err().unwrap().to_string();
+    assert!(
+        err.contains("short.txt") && err.contains("fewer than 4 sentences"),
+        "{err}"
+    );
+}
+
+/// An example's IW seed is a function of its tokens and of where its target starts: the same
+/// example always gets the same one, another token or another context length another, and a
+/// field that does not change the scored text (the target's bytes) none.
+#[test]
+fn an_examples_iw_seed_is_that_of_its_tokens_and_its_context_length() {
+    use crate::eval::iw_seed;
+    let example = Encoded {
+        task: Task::Story,
+        tokens: vec![0, 5, 9, 7, 0],
+        context_len: 1,
+        target_bytes: 11,
+    };
+    let seed = iw_seed(&example);
+    assert_eq!(iw_seed(&example.clone()), seed);
+    let other_token = Encoded {
+        tokens: vec![0, 5, 9, 8, 0],
+        ..example.clone()
+    };
+    let other_context = Encoded {
+        context_len: 2,
+        ..example.clone()
+    };
+    let seeds = [seed, iw_seed(&other_token), iw_seed(&other_context)];
+    assert!(
+        seeds[0] != seeds[1] && seeds[0] != seeds[2] && seeds[1] != seeds[2],
+        "{seeds:?}"
+    );
+    let other_bytes = Encoded {
+        target_bytes: 12,
+        ..example
+    };
+    assert_eq!(iw_seed(&other_bytes), seed);
+}
+
 /// The mean of three seeds' evaluations ([`crate::EvalReport::mean_of`]): each example's score is
 /// the mean of its three scores, the NLL and the paired Δ the means of the seeds' (exactly), and
 /// the interval that of the seed-mean differences: seed noise that cancels across seeds leaves a
