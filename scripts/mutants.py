@@ -2406,6 +2406,20 @@ MUTANTS = [
         "",
         ["-p", "chorus-train", "--lib", "an_examples_iw_seed"],
     ),
+    (
+        "eval: a z model's KL subtracted batch by batch",
+        "crates/train/src/eval.rs",
+        "            s.kl += l.posterior.kl(&l.prior)",
+        "            s.kl -= l.posterior.kl(&l.prior)",
+        ["-p", "chorus-train", "--lib", "a_z_models_kl_is_the_mean"],
+    ),
+    (
+        "eval: a score cache ignored, the assistants run instead",
+        "crates/train/src/eval.rs",
+        "            AssistantScores::Cache(cache) => Some(cache),",
+        "            AssistantScores::Cache(_) => None,",
+        ["-p", "chorus-train", "--lib", "an_evaluation_with_a_score_cache"],
+    ),
 ]
 
 

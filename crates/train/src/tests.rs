@@ -2976,6 +2976,99 @@ fn an_examples_iw_seed_is_that_of_its_tokens_and_its_context_length() {
     assert_eq!(iw_seed(&other_bytes), seed);
 }
 
+/// A z model's KL column is, per task, the mean over its examples of KL(q(z | x, c) ‖ p(z | c)),
+/// here written out for diagonal Gaussians from each example's q and p alone:
+/// `½ Σ_d (σ_q² / σ_p² + (μ_q − μ_p)² / σ_p² − 1 + log σ_p² − log σ_q²)`.
+#[test]
+fn a_z_models_kl_is_the_mean_over_examples_of_each_examples_kl() {
+    let _rng = rng_lock();
+    let device = Default::default();
+    let model = joint(z_config(), 1).0.valid();
+    let data = synthetic(11, 0);
+    let rows = evaluate_locally(&model, &data, 3, 2);
+    let values = |t: Tensor<B, 2>| t.into_data().convert::<f64>().to_vec::<f64>().unwrap();
+    for row in &rows {
+        let (mut sum, mut n) = (0.0, 0);
+        for e in data.iter().filter(|e| e.task.to_string() == row.task) {
+            let batch = TokenBatch::new(&[e]).to_device::<B>(&device);
+            let latent = model
+                .evaluate_batch(&batch, 1, &[0])
+                .unwrap()
+                .latent
+                .unwrap();
+            let (mq, lq) = (
+                values(latent.posterior.mean),
+                values(latent.posterior.log_var),
+            );
+            let (mp, lp) = (values(latent.prior.mean), values(latent.prior.log_var));
+            for d in 0..mq.len() {
+                let (vq, vp) = (lq[d].exp(), lp[d].exp());
+                sum += 0.5 * (vq / vp + (mq[d] - mp[d]).powi(2) / vp - 1.0 + lp[d] - lq[d]);
+            }
+            n += 1;
+        }
+        let (kl, want) = (row.kl.unwrap(), sum / n as f64);
+        assert!(want > 1e-3, "{}: a KL of {want} tells nothing", row.task);
+        assert!(
+            (kl - want).abs() <= 1e-4 * want,
+            "{}: KL {kl} vs {want}",
+            row.task
+        );
+    }
+}
+
+/// Evaluation with a score cache reads the assistants' log-probs from it instead of running
+/// them: a cache scored by another assistant (the closed-form model with other logits) makes the
+/// first model's evaluation that of the second.
+#[test]
+fn an_evaluation_with_a_score_cache_reads_the_assistants_from_it() {
+    let _rng = rng_lock();
+    let device = Default::default();
+    let logits = |m: usize| -> Vec<f32> {
+        (0..VOCAB)
+            .map(|v| ((v * m % 23) as f32 - 11.0) / 5.0)
+            .collect()
+    };
+    let model = closed_form_model(&logits(37), [0.4, -0.7]);
+    let other = closed_form_model(&logits(11), [0.4, -0.7]);
+    let data = synthetic(10, 0);
+    let set = crate::EvalSet {
+        data: &data,
+        batch_size: 4,
+        device: &device,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let assistant_dir = dir.path().join("other-assistant");
+    other.assistants[0].save(&assistant_dir).unwrap();
+    let sources = vec!["base".to_string(), assistant_dir.display().to_string()];
+    let cache = crate::assistant_scores(
+        &other,
+        &sources,
+        &data,
+        &dir.path().join("scores"),
+        3,
+        &device,
+        &mut crate::Silent,
+    )
+    .unwrap();
+    let evaluate = |model: &Chorus<B>, scores| {
+        crate::evaluate_chorus(model, "m", &set, scores, 1, &mut crate::Silent, None).unwrap()
+    };
+    let own = evaluate(&model, crate::AssistantScores::Local);
+    let others = evaluate(&other, crate::AssistantScores::Local);
+    let cached = evaluate(&model, crate::AssistantScores::Cache(&cache));
+    for ((own, other), cached) in own.iter().zip(&others).zip(&cached) {
+        assert!(
+            (cached.nll - other.nll).abs() < 1e-6,
+            "{}: {} with the cache, {} by the other model",
+            cached.task,
+            cached.nll,
+            other.nll
+        );
+        assert!((own.nll - other.nll).abs() > 1e-3, "{}", own.task);
+    }
+}
+
 /// The mean of three seeds' evaluations ([`crate::EvalReport::mean_of`]): each example's score is
 /// the mean of its three scores, the NLL and the paired Δ the means of the seeds' (exactly), and
 /// the interval that of the seed-mean differences: seed noise that cancels across seeds leaves a
