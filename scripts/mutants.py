@@ -2420,6 +2420,34 @@ MUTANTS = [
         "            AssistantScores::Cache(_) => None,",
         ["-p", "chorus-train", "--lib", "an_evaluation_with_a_score_cache"],
     ),
+    (
+        "eval: a z model without assistants given a deferral column",
+        "crates/train/src/eval.rs",
+        "                deferral: (model.n_models() > 1)",
+        "                deferral: (model.n_models() >= 1)",
+        ["-p", "chorus-train", "--lib", "a_z_models_kl_is_the_mean"],
+    ),
+    (
+        "composition eval: the padding's log-probs summed into the rows",
+        "crates/train/src/eval.rs",
+        "        let per_row = (routed * mask.clone()).sum_dim(1)",
+        "        let per_row = (routed + mask.clone()).sum_dim(1)",
+        ["-p", "chorus-train", "--lib", "a_composition_is_evaluated"],
+    ),
+    (
+        "composition eval: the padding counted as deferred",
+        "crates/train/src/eval.rs",
+        "        s.deferred += (writer.greater_elem(0).float() * mask)",
+        "        s.deferred += (writer.greater_elem(0).float() + mask)",
+        ["-p", "chorus-train", "--lib", "a_composition_is_evaluated"],
+    ),
+    (
+        "composition eval: no deferral column",
+        "crates/train/src/eval.rs",
+        "            deferral: Some(s.deferred / s.tokens.max(1) as f64),\n            ..EvalRow::new(name, task, s)",
+        "            ..EvalRow::new(name, task, s)",
+        ["-p", "chorus-train", "--lib", "a_composition_is_evaluated"],
+    ),
 ]
 
 

@@ -2978,42 +2978,93 @@ fn an_examples_iw_seed_is_that_of_its_tokens_and_its_context_length() {
 
 /// A z model's KL column is, per task, the mean over its examples of KL(q(z | x, c) ‖ p(z | c)),
 /// here written out for diagonal Gaussians from each example's q and p alone:
-/// `½ Σ_d (σ_q² / σ_p² + (μ_q − μ_p)² / σ_p² − 1 + log σ_p² − log σ_q²)`.
+/// `½ Σ_d (σ_q² / σ_p² + (μ_q − μ_p)² / σ_p² − 1 + log σ_p² − log σ_q²)`. A model with no
+/// assistant (K = 1) has no deferral column; one with an assistant has.
 #[test]
 fn a_z_models_kl_is_the_mean_over_examples_of_each_examples_kl() {
     let _rng = rng_lock();
     let device = Default::default();
-    let model = joint(z_config(), 1).0.valid();
     let data = synthetic(11, 0);
-    let rows = evaluate_locally(&model, &data, 3, 2);
     let values = |t: Tensor<B, 2>| t.into_data().convert::<f64>().to_vec::<f64>().unwrap();
-    for row in &rows {
-        let (mut sum, mut n) = (0.0, 0);
-        for e in data.iter().filter(|e| e.task.to_string() == row.task) {
-            let batch = TokenBatch::new(&[e]).to_device::<B>(&device);
-            let latent = model
-                .evaluate_batch(&batch, 1, &[0])
-                .unwrap()
-                .latent
-                .unwrap();
-            let (mq, lq) = (
-                values(latent.posterior.mean),
-                values(latent.posterior.log_var),
-            );
-            let (mp, lp) = (values(latent.prior.mean), values(latent.prior.log_var));
-            for d in 0..mq.len() {
-                let (vq, vp) = (lq[d].exp(), lp[d].exp());
-                sum += 0.5 * (vq / vp + (mq[d] - mp[d]).powi(2) / vp - 1.0 + lp[d] - lq[d]);
+    for n_assistants in [0, 1] {
+        let model = joint(z_config(), n_assistants).0.valid();
+        let rows = evaluate_locally(&model, &data, 3, 2);
+        for row in &rows {
+            assert_eq!(row.deferral.is_some(), n_assistants > 0, "{n_assistants}");
+            let (mut sum, mut n) = (0.0, 0);
+            for e in data.iter().filter(|e| e.task.to_string() == row.task) {
+                let batch = TokenBatch::new(&[e]).to_device::<B>(&device);
+                let latent = model
+                    .evaluate_batch(&batch, 1, &[0])
+                    .unwrap()
+                    .latent
+                    .unwrap();
+                let (mq, lq) = (
+                    values(latent.posterior.mean),
+                    values(latent.posterior.log_var),
+                );
+                let (mp, lp) = (values(latent.prior.mean), values(latent.prior.log_var));
+                for d in 0..mq.len() {
+                    let (vq, vp) = (lq[d].exp(), lp[d].exp());
+                    sum += 0.5 * (vq / vp + (mq[d] - mp[d]).powi(2) / vp - 1.0 + lp[d] - lq[d]);
+                }
+                n += 1;
             }
-            n += 1;
+            let (kl, want) = (row.kl.unwrap(), sum / n as f64);
+            assert!(want > 1e-3, "{}: a KL of {want} tells nothing", row.task);
+            assert!(
+                (kl - want).abs() <= 1e-4 * want,
+                "{}: KL {kl} vs {want}",
+                row.task
+            );
         }
-        let (kl, want) = (row.kl.unwrap(), sum / n as f64);
-        assert!(want > 1e-3, "{}: a KL of {want} tells nothing", row.task);
-        assert!(
-            (kl - want).abs() <= 1e-4 * want,
-            "{}: KL {kl} vs {want}",
-            row.task
-        );
+    }
+}
+
+/// A training-free composition's evaluation, in closed form: the base predicts 1/V everywhere,
+/// the assistant q. With τ = 0 the base's top-1 probability 1/V always clears the threshold, so
+/// the base writes every token (NLL = log V, deferral 0); with τ = 0.5 it never does, so the
+/// assistant writes every token (NLL = −mean log q[x], deferral 1).
+#[test]
+fn a_composition_is_evaluated_as_its_confidence_rule_routes() {
+    let _rng = rng_lock();
+    let device = Default::default();
+    let logits: Vec<f32> = (0..VOCAB)
+        .map(|v| ((v * 37 % 23) as f32 - 11.0) / 5.0)
+        .collect();
+    let q = softmax64(&logits);
+    let members = closed_form_model(&logits, [0.0, 0.0]);
+    let model = Chorus::compose(members.base, members.assistants, &device).unwrap();
+    let data = synthetic(10, 0);
+    let set = crate::EvalSet {
+        data: &data,
+        batch_size: 4,
+        device: &device,
+    };
+    for (tau, deferral) in [(0.0, 0.0), (0.5, 1.0)] {
+        let rows =
+            crate::evaluate_composition(&model, tau, "composed", &set, &mut crate::Silent).unwrap();
+        assert_eq!(rows.len(), 2, "two tasks");
+        for row in &rows {
+            let targets: Vec<usize> = data
+                .iter()
+                .filter(|e| e.task.to_string() == row.task)
+                .flat_map(scored_targets)
+                .collect();
+            let nll = if deferral == 0.0 {
+                (VOCAB as f64).ln()
+            } else {
+                -targets.iter().map(|&x| q[x].ln()).sum::<f64>() / targets.len() as f64
+            };
+            assert_eq!(row.tokens, targets.len(), "{tau} {}", row.task);
+            assert!(
+                (row.nll - nll).abs() < 1e-5,
+                "{tau} {}: {} vs {nll}",
+                row.task,
+                row.nll
+            );
+            assert_eq!(row.deferral, Some(deferral), "{tau} {}", row.task);
+        }
     }
 }
 
