@@ -2448,6 +2448,27 @@ MUTANTS = [
         "            ..EvalRow::new(name, task, s)",
         ["-p", "chorus-train", "--lib", "a_composition_is_evaluated"],
     ),
+    (
+        "score cache: a model without assistants taken as cacheable",
+        "crates/train/src/eval.rs",
+        "    if model.n_models() < 2 {",
+        "    if model.n_models() > 2 {",
+        ["-p", "chorus-train", "--lib", "only_frozen_local_z_blind"],
+    ),
+    (
+        "score cache: remote assistants taken as cacheable",
+        "crates/train/src/eval.rs",
+        "    } else if model.config.remote_assistants > 0 {\n        Some(\"the model has remote",
+        "    } else if model.config.remote_assistants < 0 {\n        Some(\"the model has remote",
+        ["-p", "chorus-train", "--lib", "only_frozen_local_z_blind"],
+    ),
+    (
+        "lm eval: the masked log-probs divided by the mask",
+        "crates/train/src/eval.rs",
+        "        let lp = lm.token_log_probs(&batch.score_rows(), None)? * batch.target_mask.clone();",
+        "        let lp = lm.token_log_probs(&batch.score_rows(), None)? / batch.target_mask.clone();",
+        ["-p", "chorus-train", "--lib", "the_oracle_takes_the_best"],
+    ),
 ]
 
 

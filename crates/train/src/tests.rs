@@ -2573,7 +2573,7 @@ fn the_oracle_takes_the_best_model_at_each_token_and_cached_assistants_score_as_
         crate::TargetLogProbs::default(),
     ];
     for (j, k) in kept.iter_mut().enumerate() {
-        crate::evaluate_lm(
+        let rows = crate::evaluate_lm(
             &model.member(j),
             "member",
             &set,
@@ -2581,6 +2581,25 @@ fn the_oracle_takes_the_best_model_at_each_token_and_cached_assistants_score_as_
             Some(k),
         )
         .unwrap();
+        // Each model on its own: the base log V, the assistant −mean log q[x].
+        for row in &rows {
+            let targets: Vec<usize> = data
+                .iter()
+                .filter(|e| e.task.to_string() == row.task)
+                .flat_map(scored_targets)
+                .collect();
+            let want = match j {
+                0 => (VOCAB as f64).ln(),
+                _ => -targets.iter().map(|&x| q[x].ln()).sum::<f64>() / targets.len() as f64,
+            };
+            assert_eq!(row.tokens, targets.len());
+            assert!(
+                (row.nll - want).abs() < 1e-5,
+                "{j} {}: {} vs {want}",
+                row.task,
+                row.nll
+            );
+        }
     }
     let rows = crate::evaluate_oracle("oracle", &data, &[&kept[0], &kept[1]]).unwrap();
     assert_eq!(rows.len(), 2, "two tasks");
@@ -2906,7 +2925,7 @@ fn a_text_file_is_read_in_chunks_of_its_passages() {
     assert_eq!(file().passages(), 5);
     let passage = |k: usize| -> (String, String) {
         let s: Vec<String> = (4 * k..4 * k + 4).map(sentence).collect();
-        if k % 2 == 0 {
+        if k.is_multiple_of(2) {
             (String::new(), s.join(" "))
         } else {
             (s[0].clone(), format!(" {}", s[1..].join(" ")))
@@ -3117,6 +3136,50 @@ fn an_evaluation_with_a_score_cache_reads_the_assistants_from_it() {
             other.nll
         );
         assert!((own.nll - other.nll).abs() > 1e-3, "{}", own.task);
+    }
+}
+
+/// A joint model's assistants can be scored once into a cache only when they exist, are local,
+/// frozen and read no z; each other case says why not.
+#[test]
+fn only_frozen_local_z_blind_assistants_can_be_cached() {
+    let _rng = rng_lock();
+    let why = |config: ChorusConfig, n_assistants: usize| {
+        crate::uncacheable_assistants(&joint(config, n_assistants).0)
+    };
+    let no_z = ChorusConfig {
+        d_latent: 0,
+        ..ChorusConfig::default()
+    };
+    assert_eq!(why(no_z.clone(), 1), None, "no z");
+    let z_blind = ChorusConfig {
+        assistant_adapters: false,
+        ..z_config()
+    };
+    assert_eq!(why(z_blind, 1), None, "z that only the base reads");
+    let cases = [
+        (no_z.clone(), 0, "no assistants"),
+        (z_config(), 1, "read z"),
+        (
+            ChorusConfig {
+                train_assistants: true,
+                ..no_z.clone()
+            },
+            1,
+            "trained",
+        ),
+        (
+            ChorusConfig {
+                remote_assistants: 1,
+                ..no_z
+            },
+            1,
+            "remote",
+        ),
+    ];
+    for (config, n_assistants, reason) in cases {
+        let why = why(config, n_assistants);
+        assert!(why.is_some_and(|w| w.contains(reason)), "{reason}: {why:?}");
     }
 }
 
