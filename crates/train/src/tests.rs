@@ -2379,6 +2379,21 @@ fn zeroed<M: burn::module::Module<B>>(module: M) -> M {
     module.map(&mut Zero)
 }
 
+/// The closed-form tests' assistant logits over the vocabulary: `((v · m mod 23) − 11) / 5`.
+fn assistant_logits(m: usize) -> Vec<f32> {
+    (0..VOCAB)
+        .map(|v| ((v * m % 23) as f32 - 11.0) / 5.0)
+        .collect()
+}
+
+/// The scored target ids of the examples of `task` in `data`, in order.
+fn task_targets(data: &[Encoded], task: &str) -> Vec<usize> {
+    data.iter()
+        .filter(|e| e.task.to_string() == task)
+        .flat_map(scored_targets)
+        .collect()
+}
+
 /// A K = 2 joint model without z whose likelihood is known in closed form: the base is a llama
 /// with every weight zero (its final RMSNorm outputs 0, so P_base(x) = 1/V at every position); the
 /// assistant a gpt2 with every weight zero but the final LayerNorm's bias e_0 and an untied output
@@ -2443,9 +2458,7 @@ fn scored_targets(e: &Encoded) -> Vec<usize> {
 fn evaluation_matches_a_joint_model_whose_likelihood_is_known_in_closed_form() {
     let _rng = rng_lock();
     let device = Default::default();
-    let logits: Vec<f32> = (0..VOCAB)
-        .map(|v| ((v * 37 % 23) as f32 - 11.0) / 5.0)
-        .collect();
+    let logits = assistant_logits(37);
     let q = softmax64(&logits);
     let model = closed_form_model(&logits, [0.4, -0.7]);
     let pi = softmax64(&[0.4, -0.7]);
@@ -2555,9 +2568,7 @@ fn evaluation_matches_a_joint_model_whose_likelihood_is_known_in_closed_form() {
 fn the_oracle_takes_the_best_model_at_each_token_and_cached_assistants_score_as_live_ones() {
     let _rng = rng_lock();
     let device = Default::default();
-    let logits: Vec<f32> = (0..VOCAB)
-        .map(|v| ((v * 37 % 23) as f32 - 11.0) / 5.0)
-        .collect();
+    let logits = assistant_logits(37);
     let q = softmax64(&logits);
     let model = closed_form_model(&logits, [0.4, -0.7]);
     let data = synthetic(10, 0);
@@ -2583,11 +2594,7 @@ fn the_oracle_takes_the_best_model_at_each_token_and_cached_assistants_score_as_
         .unwrap();
         // Each model on its own: the base log V, the assistant −mean log q[x].
         for row in &rows {
-            let targets: Vec<usize> = data
-                .iter()
-                .filter(|e| e.task.to_string() == row.task)
-                .flat_map(scored_targets)
-                .collect();
+            let targets = task_targets(&data, &row.task);
             let want = match j {
                 0 => (VOCAB as f64).ln(),
                 _ => -targets.iter().map(|&x| q[x].ln()).sum::<f64>() / targets.len() as f64,
@@ -3048,9 +3055,7 @@ fn a_z_models_kl_is_the_mean_over_examples_of_each_examples_kl() {
 fn a_composition_is_evaluated_as_its_confidence_rule_routes() {
     let _rng = rng_lock();
     let device = Default::default();
-    let logits: Vec<f32> = (0..VOCAB)
-        .map(|v| ((v * 37 % 23) as f32 - 11.0) / 5.0)
-        .collect();
+    let logits = assistant_logits(37);
     let q = softmax64(&logits);
     let members = closed_form_model(&logits, [0.0, 0.0]);
     let model = Chorus::compose(members.base, members.assistants, &device).unwrap();
@@ -3065,11 +3070,7 @@ fn a_composition_is_evaluated_as_its_confidence_rule_routes() {
             crate::evaluate_composition(&model, tau, "composed", &set, &mut crate::Silent).unwrap();
         assert_eq!(rows.len(), 2, "two tasks");
         for row in &rows {
-            let targets: Vec<usize> = data
-                .iter()
-                .filter(|e| e.task.to_string() == row.task)
-                .flat_map(scored_targets)
-                .collect();
+            let targets = task_targets(&data, &row.task);
             let nll = if deferral == 0.0 {
                 (VOCAB as f64).ln()
             } else {
@@ -3094,13 +3095,8 @@ fn a_composition_is_evaluated_as_its_confidence_rule_routes() {
 fn an_evaluation_with_a_score_cache_reads_the_assistants_from_it() {
     let _rng = rng_lock();
     let device = Default::default();
-    let logits = |m: usize| -> Vec<f32> {
-        (0..VOCAB)
-            .map(|v| ((v * m % 23) as f32 - 11.0) / 5.0)
-            .collect()
-    };
-    let model = closed_form_model(&logits(37), [0.4, -0.7]);
-    let other = closed_form_model(&logits(11), [0.4, -0.7]);
+    let model = closed_form_model(&assistant_logits(37), [0.4, -0.7]);
+    let other = closed_form_model(&assistant_logits(11), [0.4, -0.7]);
     let data = synthetic(10, 0);
     let set = crate::EvalSet {
         data: &data,
@@ -3390,9 +3386,7 @@ fn evaluate_locally(
 fn a_chunked_evaluation_merges_into_the_evaluation_of_all_examples() {
     use crate::EvalRow;
     let _rng = rng_lock();
-    let logits: Vec<f32> = (0..VOCAB)
-        .map(|v| ((v * 37 % 23) as f32 - 11.0) / 5.0)
-        .collect();
+    let logits = assistant_logits(37);
     let closed = closed_form_model(&logits, [0.4, -0.7]);
     let z_model = joint(z_config(), 1).0.valid();
     let data = synthetic(11, 0);
