@@ -222,6 +222,17 @@ mod tests {
     }
 
     #[test]
+    fn the_cache_is_chorus_cache_else_under_home() {
+        let dir = tempfile::tempdir().unwrap();
+        // SAFETY: no other test of this crate reads `CHORUS_CACHE`.
+        unsafe { std::env::set_var("CHORUS_CACHE", dir.path()) };
+        assert_eq!(cache_dir(), dir.path());
+        unsafe { std::env::remove_var("CHORUS_CACHE") };
+        let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
+        assert_eq!(cache_dir(), home.join(".cache/chorus"));
+    }
+
+    #[test]
     fn a_missing_client_is_a_clear_error() {
         let dir = tempfile::tempdir().unwrap();
         let err =

@@ -80,6 +80,23 @@ mod tests {
     }
 
     #[test]
+    fn an_index_is_the_next_draw_modulo_n() {
+        let mut rng = SplitMix64(5);
+        let mut draws = SplitMix64(5);
+        for n in [1, 2, 3, 7, 1000, usize::MAX] {
+            assert_eq!(
+                rng.index(n),
+                (draws.next_u64() % n as u64) as usize,
+                "n = {n}"
+            );
+        }
+        // n = 0 is taken as 1, and the draw is still made.
+        assert_eq!(rng.index(0), 0);
+        draws.next_u64();
+        assert_eq!(rng.next_u64(), draws.next_u64());
+    }
+
+    #[test]
     fn the_generator_and_hashes_match_their_published_values() {
         // FNV-1a test vectors (Fowler, Noll, Vo).
         assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);

@@ -45,4 +45,15 @@ mod tests {
         // Known values pin the hash: a change would silently reshuffle every corpus.
         assert_eq!(mix64(fnv1a(b"doc-1")), 0xf013_4868_2ab2_8e14);
     }
+
+    #[test]
+    fn a_document_at_a_fractions_edge_falls_in_the_split_above_it() {
+        // Test is u ∈ [0, test), valid u ∈ [test, test + valid), train the rest.
+        let u = mix64(fnv1a(b"doc-1")) as f64 / 2f64.powi(64);
+        let above = u * (1.0 + 1e-12);
+        assert_eq!(split_of("doc-1", 0.0, u), Split::Train);
+        assert_eq!(split_of("doc-1", 0.0, above), Split::Test);
+        assert_eq!(split_of("doc-1", u, 0.0), Split::Train);
+        assert_eq!(split_of("doc-1", above, 0.0), Split::Valid);
+    }
 }

@@ -215,6 +215,17 @@ mod tests {
     }
 
     #[test]
+    fn a_tasks_name_parses_back_to_it() {
+        let names: Vec<String> = Task::ALL.iter().map(Task::to_string).collect();
+        assert_eq!(names, ["story", "dialogue", "open_ended"]);
+        for task in Task::ALL {
+            assert_eq!(task.name().parse::<Task>(), Ok(task));
+        }
+        let err = "stories".parse::<Task>().unwrap_err();
+        assert!(err.contains("`stories`"), "{err}");
+    }
+
+    #[test]
     fn text_file_passages_stream_the_examples_of_the_whole_file() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("novel.txt");

@@ -124,6 +124,17 @@ mod tests {
             ]
         );
         assert!(sentences("   ").is_empty());
+        // Closing quotes and brackets after the punctuation stay with their sentence; an opening
+        // bracket does not start one.
+        assert_eq!(
+            sentences("He said \"Stop.\" Then he left. (It was late.) Done."),
+            vec!["He said \"Stop.\"", "Then he left. (It was late.)", "Done."]
+        );
+        // A sentence needs whitespace after its punctuation; trailing whitespace ends the text.
+        assert_eq!(
+            sentences("It ended.Then it began.  "),
+            vec!["It ended.Then it began."]
+        );
     }
 
     #[test]

@@ -31,6 +31,18 @@ fn brown_tags_are_stripped_and_punctuation_rejoined() {
 }
 
 #[test]
+fn brown_brackets_open_onto_the_next_word_and_untagged_tokens_stay_whole() {
+    // A bracket attaches to the word after it, its closing one to the word before; a token whose
+    // only `/` is its first character has no tag and is kept as it is.
+    let sentences = brown::parse(
+        "cx01",
+        "\n\n\tHe/pps left/vbd (/( quietly/rb )/) at/in [/( 9/cd ]/) ,/, /home ./.\n",
+    )
+    .unwrap();
+    assert_eq!(sentences, vec!["He left (quietly) at [9], /home."]);
+}
+
+#[test]
 fn brown_categories_separate_fiction() {
     let err = brown::parse_categories(&fixture("cats.txt")).unwrap_err();
     assert!(err.to_string().contains("cats.txt line 5"), "{err}");
