@@ -240,6 +240,220 @@ fn malformed_gguf_files_are_clear_errors() {
 }
 
 #[test]
+fn every_metadata_value_type_reads_back_as_written() {
+    // GGUF v3 with no tensor and 13 keys, one of each value type (0–12), written by hand: the
+    // test writer only writes types 4–9. The file ends with the last value.
+    let mut bytes = b"GGUF".to_vec();
+    bytes.extend(3u32.to_le_bytes());
+    bytes.extend(0u64.to_le_bytes());
+    bytes.extend(13u64.to_le_bytes());
+    let key = |bytes: &mut Vec<u8>, name: &str, type_id: u32, value: &[u8]| {
+        bytes.extend((name.len() as u64).to_le_bytes());
+        bytes.extend(name.as_bytes());
+        bytes.extend(type_id.to_le_bytes());
+        bytes.extend(value);
+    };
+    key(&mut bytes, "u8", 0, &[200]);
+    key(&mut bytes, "i8", 1, &(-5i8).to_le_bytes());
+    key(&mut bytes, "u16", 2, &60_000u16.to_le_bytes());
+    key(&mut bytes, "i16", 3, &(-300i16).to_le_bytes());
+    key(&mut bytes, "u32", 4, &4_000_000_000u32.to_le_bytes());
+    key(&mut bytes, "i32", 5, &(-70_000i32).to_le_bytes());
+    key(&mut bytes, "f32", 6, &0.25f32.to_le_bytes());
+    key(&mut bytes, "bool", 7, &[1]);
+    let mut string = 2u64.to_le_bytes().to_vec();
+    string.extend(b"hi");
+    key(&mut bytes, "string", 8, &string);
+    let mut array = 0u32.to_le_bytes().to_vec();
+    array.extend(3u64.to_le_bytes());
+    array.extend([7, 0, 255]);
+    key(&mut bytes, "array", 9, &array);
+    key(&mut bytes, "u64", 10, &(1u64 << 40).to_le_bytes());
+    key(&mut bytes, "i64", 11, &(-(1i64 << 40)).to_le_bytes());
+    key(&mut bytes, "f64", 12, &0.1f64.to_le_bytes());
+    let file = GgufFile::parse(bytes, "every.gguf").unwrap();
+    let expected = [
+        ("u8", GgufValue::Uint(200)),
+        ("i8", GgufValue::Int(-5)),
+        ("u16", GgufValue::Uint(60_000)),
+        ("i16", GgufValue::Int(-300)),
+        ("u32", GgufValue::Uint(4_000_000_000)),
+        ("i32", GgufValue::Int(-70_000)),
+        ("f32", GgufValue::Float(0.25)),
+        ("bool", GgufValue::Bool(true)),
+        ("string", GgufValue::String("hi".into())),
+        (
+            "array",
+            GgufValue::Array(vec![
+                GgufValue::Uint(7),
+                GgufValue::Uint(0),
+                GgufValue::Uint(255),
+            ]),
+        ),
+        ("u64", GgufValue::Uint(1 << 40)),
+        ("i64", GgufValue::Int(-(1 << 40))),
+        ("f64", GgufValue::Float(0.1)),
+    ];
+    let expected: std::collections::BTreeMap<String, GgufValue> = expected
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+    assert_eq!(file.metadata, expected);
+    assert!(file.tensors.is_empty());
+}
+
+/// A GGUF v3 file with no tensor and one metadata key, `value` of type `type_id`.
+fn one_key_gguf(type_id: u32, value: &[u8]) -> Vec<u8> {
+    let mut bytes = b"GGUF".to_vec();
+    bytes.extend(3u32.to_le_bytes());
+    bytes.extend(0u64.to_le_bytes());
+    bytes.extend(1u64.to_le_bytes());
+    bytes.extend(1u64.to_le_bytes());
+    bytes.push(b'k');
+    bytes.extend(type_id.to_le_bytes());
+    bytes.extend(value);
+    bytes
+}
+
+#[test]
+fn metadata_arrays_nest_three_deep_and_hold_no_more_items_than_bytes() {
+    // An array (type 9) of `levels` nested arrays, the innermost holding the byte 7.
+    let nested = |levels: usize| -> Vec<u8> {
+        let mut value = 0u32.to_le_bytes().to_vec();
+        value.extend(1u64.to_le_bytes());
+        value.push(7);
+        for _ in 1..levels {
+            let mut outer = 9u32.to_le_bytes().to_vec();
+            outer.extend(1u64.to_le_bytes());
+            outer.extend(value);
+            value = outer;
+        }
+        one_key_gguf(9, &value)
+    };
+    let file = GgufFile::parse(nested(3), "nested.gguf").unwrap();
+    let seven = GgufValue::Array(vec![GgufValue::Uint(7)]);
+    let expected = GgufValue::Array(vec![GgufValue::Array(vec![seven])]);
+    assert_eq!(file.metadata["k"], expected);
+    let err = GgufFile::parse(nested(4), "nested.gguf")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("nested.gguf") && err.contains("nested too deeply"),
+        "{err}"
+    );
+
+    // Three one-byte items that end the file fit; a fourth is more items than bytes.
+    let items = |count: u64| -> Vec<u8> {
+        let mut value = 0u32.to_le_bytes().to_vec();
+        value.extend(count.to_le_bytes());
+        value.extend([1, 2, 3]);
+        one_key_gguf(9, &value)
+    };
+    let file = GgufFile::parse(items(3), "items.gguf").unwrap();
+    let bytes: Vec<GgufValue> = (1..=3).map(GgufValue::Uint).collect();
+    assert_eq!(file.metadata["k"], GgufValue::Array(bytes));
+    let err = GgufFile::parse(items(4), "items.gguf")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("array of 4 items in 3 bytes"), "{err}");
+}
+
+#[test]
+fn a_signed_metadata_integer_is_unsigned_only_when_it_is_not_negative() {
+    for (value, expected) in [(5i32, Some(5u64)), (0, Some(0)), (-1, None)] {
+        let file = GgufFile::parse(one_key_gguf(5, &value.to_le_bytes()), "int.gguf").unwrap();
+        match (file.get_uint("k"), expected) {
+            (Ok(got), Some(expected)) => assert_eq!(got, expected),
+            (Err(e), None) => assert!(e.to_string().contains("not an unsigned integer"), "{e}"),
+            (got, _) => panic!("{value}: {got:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_tensor_count_the_file_cannot_hold_is_refused_before_any_is_read() {
+    // 40 tensors claimed in a 48-byte file (each takes at least 24 bytes).
+    let mut bytes = one_key_gguf(4, &7u32.to_le_bytes());
+    bytes[8..16].copy_from_slice(&40u64.to_le_bytes());
+    bytes.resize(48, 0);
+    let err = GgufFile::parse(bytes, "count.gguf")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("40 tensors cannot fit in 48 bytes"), "{err}");
+}
+
+#[test]
+fn a_tensor_has_one_to_eight_dimensions() {
+    let with_dims = |n: usize| {
+        let mut w = Writer::new();
+        let mut dims = vec![1u64; n];
+        if let Some(first) = dims.first_mut() {
+            *first = 2;
+        }
+        w.raw_tensor(
+            "t",
+            dims,
+            0,
+            [1.5f32, -2.0]
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+        );
+        GgufFile::parse(w.bytes(), "dims.gguf")
+    };
+    for n in [1, 8] {
+        let file = with_dims(n).unwrap();
+        let (shape, values) = file.tensor_f32(&file.tensors[0]).unwrap();
+        let mut expected = vec![1; n];
+        expected[n - 1] = 2;
+        assert_eq!(
+            (shape, values),
+            (expected, vec![1.5, -2.0]),
+            "{n} dimensions"
+        );
+    }
+    for n in [0, 9] {
+        let err = with_dims(n).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("tensor `t`: {n} dimensions")),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn general_alignment_places_the_data_and_must_be_a_power_of_two() {
+    let values = ramp(64);
+    let aligned = |alignment: u64| {
+        let mut w = Writer::new();
+        w.meta("general.alignment", GgufValue::Uint(alignment));
+        w.tensor("a", &[2, 32], &values, Store::F32);
+        w.tensor(
+            "b",
+            &[64],
+            &values[..].iter().rev().copied().collect::<Vec<_>>(),
+            Store::F32,
+        );
+        w.bytes()
+    };
+    let bytes = aligned(256);
+    assert_eq!(bytes.len() % 256, 0);
+    let file = GgufFile::parse(bytes, "aligned.gguf").unwrap();
+    assert_eq!(file.tensor_f32(&file.tensors[0]).unwrap().1, values);
+    let reversed: Vec<f32> = values.iter().rev().copied().collect();
+    assert_eq!(file.tensor_f32(&file.tensors[1]).unwrap().1, reversed);
+    for bad in [0, 48] {
+        let err = GgufFile::parse(aligned(bad), "aligned.gguf")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("general.alignment") && err.contains("power of two"),
+            "{bad}: {err}"
+        );
+    }
+}
+
+#[test]
 fn missing_and_misshapen_tensors_are_named() {
     let _rng = crate::tests::seeded(3);
     let model = gguf_llama().init::<B>(&device()).unwrap();

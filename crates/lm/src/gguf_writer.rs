@@ -154,7 +154,16 @@ impl Writer {
         self
     }
 
+    /// The file: tensor data at `general.alignment` where the metadata sets it, else 32.
     pub fn bytes(&self) -> Vec<u8> {
+        let alignment = self
+            .metadata
+            .iter()
+            .find_map(|(key, value)| match (key.as_str(), value) {
+                ("general.alignment", GgufValue::Uint(a)) if *a > 0 => Some(*a as usize),
+                _ => None,
+            })
+            .unwrap_or(32);
         let mut out = Vec::new();
         out.extend(b"GGUF");
         out.extend(3u32.to_le_bytes());
@@ -175,14 +184,14 @@ impl Writer {
             out.extend(type_id.to_le_bytes());
             out.extend(offset.to_le_bytes());
             offsets.push(offset);
-            offset += (bytes.len() as u64).div_ceil(32) * 32;
+            offset += bytes.len().div_ceil(alignment) as u64 * alignment as u64;
         }
-        while out.len() % 32 != 0 {
+        while !out.len().is_multiple_of(alignment) {
             out.push(0);
         }
         for (_, _, _, bytes) in &self.tensors {
             out.extend(bytes);
-            while out.len() % 32 != 0 {
+            while !out.len().is_multiple_of(alignment) {
                 out.push(0);
             }
         }
