@@ -568,6 +568,15 @@ fn a_saved_gguf_tokenizer_keeps_its_bos() {
     let back = Tokenizer::open(dir.path()).unwrap();
     assert_eq!(back.bos_id(), Some(1));
     back.check_same(&gguf).unwrap();
+    // `open` takes the tokenizer.json itself and the .gguf file too.
+    let gguf_path = dir.path().join("model.gguf");
+    std::fs::write(&gguf_path, w.bytes()).unwrap();
+    for source in [&path, &gguf_path] {
+        let opened = Tokenizer::open(source).unwrap();
+        assert_eq!(opened.source(), source.display().to_string());
+        assert_eq!(opened.bos_id(), Some(1));
+        opened.check_same(&gguf).unwrap();
+    }
     let config = dir.path().join(crate::TOKENIZER_CONFIG);
     std::fs::write(&config, r#"{"bos_token": {"content": "<s>"}}"#).unwrap();
     let err = Tokenizer::open(dir.path()).unwrap_err().to_string();
@@ -575,6 +584,27 @@ fn a_saved_gguf_tokenizer_keeps_its_bos() {
         err.contains("tokenizer_config.json") && err.contains("<s>"),
         "{err}"
     );
+}
+
+#[test]
+fn a_gguf_bos_is_one_of_its_tokens_or_none() {
+    let file = parse(&tokenizer_gguf("smollm")).unwrap();
+    let tokens = file.get_strings("tokenizer.ggml.tokens").unwrap().len();
+    assert_eq!(Tokenizer::from_gguf(&file).unwrap().bos_id(), None);
+    for (id, bos) in [
+        (2, Some(2)),
+        (tokens - 1, Some(tokens as u32 - 1)),
+        (tokens, None),
+    ] {
+        let mut w = tokenizer_gguf("smollm");
+        w.meta("tokenizer.ggml.bos_token_id", GgufValue::Uint(id as u64));
+        let tokenizer = Tokenizer::from_gguf(&parse(&w).unwrap()).unwrap();
+        assert_eq!(
+            tokenizer.bos_id(),
+            bos,
+            "bos_token_id {id} of {tokens} tokens"
+        );
+    }
 }
 
 #[test]
@@ -599,6 +629,22 @@ fn tokenizers_of_one_chorus_must_match() {
     assert_ne!(a.encode("12").unwrap(), smollm.encode("12").unwrap());
     let err = a.check_same(&smollm).unwrap_err().to_string();
     assert!(err.contains("pre-tokenizer differs"), "{err}");
+    // Each side in full up to 120 characters, else its first 120 and "…": gpt2's ByteLevel is
+    // short, smollm's sequence of Digits and ByteLevel long.
+    let pre_tokenizer = |t: &Tokenizer| {
+        let dir = tempfile::tempdir().unwrap();
+        t.save(dir.path().join("tokenizer.json")).unwrap();
+        let text = std::fs::read_to_string(dir.path().join("tokenizer.json")).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+        json["pre_tokenizer"].to_string()
+    };
+    let (short, long) = (pre_tokenizer(&a), pre_tokenizer(&smollm));
+    assert!(short.chars().count() <= 120 && long.chars().count() > 120);
+    let long: String = long.chars().take(120).collect();
+    assert!(
+        err.ends_with(&format!("differs: {short} vs {long}…")),
+        "{err}"
+    );
     // A normaliser or a decoder of its own, through tokenizer.json: refused, naming the part.
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tokenizer.json");

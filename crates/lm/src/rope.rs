@@ -139,6 +139,34 @@ mod tests {
     }
 
     #[test]
+    fn pair_i_at_position_p_turns_by_p_theta_to_the_minus_2i_over_head_dim() {
+        // head_dim 4, θ = 100: pair 0 = (x₀, x₂) turns by p, pair 1 = (x₁, x₃) by p · 100^(−1/2).
+        let device = Default::default();
+        let rope = Rope {
+            head_dim: 4,
+            theta: 100.0,
+        };
+        let x = [1.0f32, 2.0, 3.0, 4.0];
+        let rows = Tensor::<B, 1>::from_floats([x, x].concat().as_slice(), &device);
+        let rotated = rope.apply(rows.reshape([1, 1, 2, 4]), 2);
+        let got: Vec<f32> = rotated.into_data().to_vec().unwrap();
+        let mut expected = Vec::new();
+        for p in [2.0f64, 3.0] {
+            let [a0, a1] = [p, p * 0.1];
+            let turn = |u: f32, v: f32, a: f64| {
+                let (u, v) = (u as f64, v as f64);
+                [u * a.cos() - v * a.sin(), v * a.cos() + u * a.sin()]
+            };
+            let [x0, x2] = turn(x[0], x[2], a0);
+            let [x1, x3] = turn(x[1], x[3], a1);
+            expected.extend([x0, x1, x2, x3].map(|v| v as f32));
+        }
+        for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
+            assert!((g - e).abs() < 1e-6, "value {i}: {g} vs {e}");
+        }
+    }
+
+    #[test]
     fn rotation_preserves_norms() {
         let _rng = crate::tests::seeded(1);
         let device = Default::default();

@@ -500,6 +500,11 @@ mod tests {
             "merges were learned: {ids:?}"
         );
         assert_eq!(tok.decode(&ids).unwrap(), "the cat sat<|endoftext|>");
+        // Without a post-processor there is nothing of its own to add.
+        assert_eq!(
+            tok.encode_with_special_tokens("the dog").unwrap(),
+            tok.encode("the dog").unwrap()
+        );
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tokenizer.json");
         tok.save(&path).unwrap();
@@ -513,6 +518,17 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("vocab_size 100 is below"), "{err}");
+        // The bound is the 256 byte symbols plus the special tokens: exactly that is enough.
+        let specials = ["<|endoftext|>", "<pad>"];
+        let exact = Tokenizer::train_bpe(texts.iter(), 258, &specials).unwrap();
+        assert_eq!(exact.vocab_size(), 258);
+        let err = Tokenizer::train_bpe(texts.iter(), 257, &specials)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("vocab_size 257 is below the 256 byte symbols plus 2 special tokens"),
+            "{err}"
+        );
     }
 
     #[test]
