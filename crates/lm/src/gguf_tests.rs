@@ -243,34 +243,26 @@ fn malformed_gguf_files_are_clear_errors() {
 fn every_metadata_value_type_reads_back_as_written() {
     // GGUF v3 with no tensor and 13 keys, one of each value type (0–12), written by hand: the
     // test writer only writes types 4–9. The file ends with the last value.
-    let mut bytes = b"GGUF".to_vec();
-    bytes.extend(3u32.to_le_bytes());
-    bytes.extend(0u64.to_le_bytes());
-    bytes.extend(13u64.to_le_bytes());
-    let key = |bytes: &mut Vec<u8>, name: &str, type_id: u32, value: &[u8]| {
-        bytes.extend((name.len() as u64).to_le_bytes());
-        bytes.extend(name.as_bytes());
-        bytes.extend(type_id.to_le_bytes());
-        bytes.extend(value);
-    };
-    key(&mut bytes, "u8", 0, &[200]);
-    key(&mut bytes, "i8", 1, &(-5i8).to_le_bytes());
-    key(&mut bytes, "u16", 2, &60_000u16.to_le_bytes());
-    key(&mut bytes, "i16", 3, &(-300i16).to_le_bytes());
-    key(&mut bytes, "u32", 4, &4_000_000_000u32.to_le_bytes());
-    key(&mut bytes, "i32", 5, &(-70_000i32).to_le_bytes());
-    key(&mut bytes, "f32", 6, &0.25f32.to_le_bytes());
-    key(&mut bytes, "bool", 7, &[1]);
     let mut string = 2u64.to_le_bytes().to_vec();
     string.extend(b"hi");
-    key(&mut bytes, "string", 8, &string);
     let mut array = 0u32.to_le_bytes().to_vec();
     array.extend(3u64.to_le_bytes());
     array.extend([7, 0, 255]);
-    key(&mut bytes, "array", 9, &array);
-    key(&mut bytes, "u64", 10, &(1u64 << 40).to_le_bytes());
-    key(&mut bytes, "i64", 11, &(-(1i64 << 40)).to_le_bytes());
-    key(&mut bytes, "f64", 12, &0.1f64.to_le_bytes());
+    let bytes = metadata_gguf(&[
+        ("u8", 0, &[200]),
+        ("i8", 1, &(-5i8).to_le_bytes()),
+        ("u16", 2, &60_000u16.to_le_bytes()),
+        ("i16", 3, &(-300i16).to_le_bytes()),
+        ("u32", 4, &4_000_000_000u32.to_le_bytes()),
+        ("i32", 5, &(-70_000i32).to_le_bytes()),
+        ("f32", 6, &0.25f32.to_le_bytes()),
+        ("bool", 7, &[1]),
+        ("string", 8, &string),
+        ("array", 9, &array),
+        ("u64", 10, &(1u64 << 40).to_le_bytes()),
+        ("i64", 11, &(-(1i64 << 40)).to_le_bytes()),
+        ("f64", 12, &0.1f64.to_le_bytes()),
+    ]);
     let file = GgufFile::parse(bytes, "every.gguf").unwrap();
     let expected = [
         ("u8", GgufValue::Uint(200)),
@@ -302,17 +294,25 @@ fn every_metadata_value_type_reads_back_as_written() {
     assert!(file.tensors.is_empty());
 }
 
-/// A GGUF v3 file with no tensor and one metadata key, `value` of type `type_id`.
-fn one_key_gguf(type_id: u32, value: &[u8]) -> Vec<u8> {
+/// A GGUF v3 file with no tensor and the metadata `(key, type id, value bytes)`, in order; it
+/// ends with the last value.
+fn metadata_gguf(keys: &[(&str, u32, &[u8])]) -> Vec<u8> {
     let mut bytes = b"GGUF".to_vec();
     bytes.extend(3u32.to_le_bytes());
     bytes.extend(0u64.to_le_bytes());
-    bytes.extend(1u64.to_le_bytes());
-    bytes.extend(1u64.to_le_bytes());
-    bytes.push(b'k');
-    bytes.extend(type_id.to_le_bytes());
-    bytes.extend(value);
+    bytes.extend((keys.len() as u64).to_le_bytes());
+    for (key, type_id, value) in keys {
+        bytes.extend((key.len() as u64).to_le_bytes());
+        bytes.extend(key.as_bytes());
+        bytes.extend(type_id.to_le_bytes());
+        bytes.extend(*value);
+    }
     bytes
+}
+
+/// [`metadata_gguf`] with one key, `k`.
+fn one_key_gguf(type_id: u32, value: &[u8]) -> Vec<u8> {
+    metadata_gguf(&[("k", type_id, value)])
 }
 
 #[test]
