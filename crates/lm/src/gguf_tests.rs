@@ -179,6 +179,39 @@ fn a_llama_written_as_gguf_loads_back_with_identical_logits() {
     assert!(diff > 0.0 && diff < 0.05, "Q8_0 |Δ| = {diff}");
 }
 
+/// `Lm::open` reads a file whose name ends in `.gguf` as GGUF and a directory as a chorus
+/// checkpoint or a Hugging Face directory, even one named `….gguf`; any other file is read as a
+/// directory, and the error names the config it looked for.
+#[test]
+fn open_reads_a_gguf_file_and_each_kind_of_directory() {
+    let _rng = crate::tests::seeded(3);
+    let model = gguf_llama().init::<B>(&device()).unwrap();
+    let gguf = llama_to_gguf(&model, Store::F32).bytes();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("model.gguf");
+    std::fs::write(&file, &gguf).unwrap();
+    let chorus = dir.path().join("checkpoint.gguf");
+    model.save(&chorus).unwrap();
+    let hf = dir.path().join("hf");
+    model.save_hf_dir(&hf).unwrap();
+    let ids = Tensor::<B, 2, Int>::from_data([[1, 5, 9, 2]], &device());
+    let logits = |m: &Lm<B>| m.forward(LmInput::new(ids.clone()), None).unwrap().logits;
+    let expected = logits(&model);
+    for path in [&file, &chorus, &hf] {
+        let opened = Lm::<B>::open(path, &device()).unwrap();
+        assert_eq!(opened.config(), model.config(), "{}", path.display());
+        let diff: f32 = (logits(&opened) - expected.clone())
+            .abs()
+            .max()
+            .into_scalar();
+        assert!(diff < 1e-5, "{}: |Δ| = {diff}", path.display());
+    }
+    let unnamed = dir.path().join("model.bin");
+    std::fs::write(&unnamed, &gguf).unwrap();
+    let err = Lm::<B>::open(&unnamed, &device()).unwrap_err().to_string();
+    assert!(err.contains("model.bin/config.json"), "{err}");
+}
+
 #[test]
 fn hugging_face_round_trip_is_bit_identical_for_both_families() {
     let _rng = crate::tests::seeded(1);

@@ -78,6 +78,8 @@ pub use tokenizer::{TOKENIZER_CONFIG, Tokenizer};
 pub const CHECKED_BUILD: bool = cfg!(debug_assertions);
 
 #[cfg(test)]
+mod forward_tests;
+#[cfg(test)]
 mod gguf_tests;
 #[cfg(test)]
 mod gguf_writer;

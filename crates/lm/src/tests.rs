@@ -144,6 +144,34 @@ fn cached_decoding_across_buffer_growth_equals_full_forward() {
     assert!(diff < 1e-4, "|Δ| = {diff}");
 }
 
+/// A cache is empty until its first step; `reset` forgets every position, so decoding after it
+/// equals decoding from scratch.
+#[test]
+fn a_reset_cache_decodes_as_a_new_one() {
+    let _rng = seeded(13);
+    let model = tiny_llama(4, 2).init::<B>(&device()).unwrap();
+    let mut cache = model.new_cache();
+    assert!(cache.is_empty());
+    model
+        .forward(LmInput::new(tokens(&[&[3, 14, 15]])), Some(&mut cache))
+        .unwrap();
+    assert!(!cache.is_empty());
+    cache.reset();
+    assert!(cache.is_empty());
+    assert_eq!(cache.layers.len(), 2);
+    let after_reset = model
+        .forward(LmInput::new(tokens(&[&[8, 9]])), Some(&mut cache))
+        .unwrap()
+        .logits;
+    assert_eq!(cache.len(), 2);
+    let fresh = model
+        .forward(LmInput::new(tokens(&[&[8, 9]])), None)
+        .unwrap()
+        .logits;
+    let diff = max_abs_diff(after_reset, fresh);
+    assert!(diff < 1e-5, "|Δ| = {diff}");
+}
+
 #[test]
 fn last_logits_only_is_the_last_position_of_the_full_logits() {
     let _rng = seeded(2);
@@ -398,6 +426,114 @@ fn invalid_configs_are_rejected_before_allocation() {
     assert!(err.contains("dmodel"), "{err}");
 }
 
+/// The parameter count, written out: llama's tied embedding, per block two RMSNorms, the query
+/// and output projections (d²), the key and value ones (d · kv_dim) and three SwiGLU matrices, and
+/// the final norm; GPT-2's token and position embeddings, per block two LayerNorms (scale and
+/// shift), four biased projections and a biased two-matrix MLP, the final LayerNorm and an untied
+/// output layer without bias.
+#[test]
+fn the_parameter_count_is_the_sum_of_each_familys_weights() {
+    let _rng = seeded(14);
+    let (vocab, d, kv_dim) = (50, 32, 16); // tiny_llama(4, 2): head_dim 8, 2 key/value heads
+    let d_ff = 48;
+    let llama_block = 2 * d + 2 * d * d + 2 * d * kv_dim + 3 * d * d_ff;
+    let llama = tiny_llama(4, 2).init::<B>(&device()).unwrap();
+    assert_eq!(llama.num_params(), vocab * d + 2 * llama_block + d);
+    let (d_ff, positions) = (64, 64);
+    let gpt2_block = 2 * 2 * d + 4 * (d * d + d) + (d * d_ff + d_ff) + (d_ff * d + d);
+    let gpt2 = tiny_gpt2().init::<B>(&device()).unwrap();
+    assert_eq!(
+        gpt2.num_params(),
+        (vocab + positions) * d + 2 * gpt2_block + 2 * d + d * vocab
+    );
+}
+
+/// Each field's own rule, field by field: every count > 0 (GPT-2's key/value heads are its query
+/// heads), ε > 0 and finite, and llama's θ > 1 and finite; an odd head width is refused only
+/// where RoPE rotates it. The defaults a config file may leave out are the documented ones.
+#[test]
+fn every_config_field_is_checked_by_its_rule_and_defaults_are_as_documented() {
+    let refused = |config: &LmConfig| match config.validate() {
+        Err(LmError::InvalidConfig { field, .. }) => Some(field),
+        Err(other) => panic!("{other}"),
+        Ok(()) => None,
+    };
+    let llama = |edit: &dyn Fn(&mut LlamaConfig)| {
+        let LmConfig::Llama(mut c) = tiny_llama(4, 2) else {
+            unreachable!()
+        };
+        edit(&mut c);
+        LmConfig::Llama(c)
+    };
+    let gpt2 = |edit: &dyn Fn(&mut Gpt2Config)| {
+        let LmConfig::Gpt2(mut c) = tiny_gpt2() else {
+            unreachable!()
+        };
+        edit(&mut c);
+        LmConfig::Gpt2(c)
+    };
+    assert_eq!(refused(&llama(&|_| ())), None);
+    assert_eq!(refused(&gpt2(&|_| ())), None);
+    let zero_llama: [(&str, fn(&mut LlamaConfig)); 7] = [
+        ("vocab_size", |c| c.vocab_size = 0),
+        ("d_model", |c| c.d_model = 0),
+        ("n_layers", |c| c.n_layers = 0),
+        ("n_heads", |c| c.n_heads = 0),
+        ("n_kv_heads", |c| c.n_kv_heads = 0),
+        ("d_ff", |c| c.d_ff = 0),
+        ("max_seq_len", |c| c.max_seq_len = 0),
+    ];
+    for (field, edit) in zero_llama {
+        assert_eq!(refused(&llama(&edit)), Some(field));
+    }
+    let zero_gpt2: [(&str, fn(&mut Gpt2Config)); 6] = [
+        ("vocab_size", |c| c.vocab_size = 0),
+        ("d_model", |c| c.d_model = 0),
+        ("n_layers", |c| c.n_layers = 0),
+        ("n_heads", |c| c.n_heads = 0),
+        ("d_ff", |c| c.d_ff = 0),
+        ("max_seq_len", |c| c.max_seq_len = 0),
+    ];
+    for (field, edit) in zero_gpt2 {
+        assert_eq!(refused(&gpt2(&edit)), Some(field));
+    }
+    for eps in [0.0, -1e-5, f64::NAN, f64::INFINITY] {
+        assert_eq!(refused(&llama(&|c| c.norm_eps = eps)), Some("norm_eps"));
+        assert_eq!(refused(&gpt2(&|c| c.norm_eps = eps)), Some("norm_eps"));
+    }
+    assert_eq!(refused(&llama(&|c| c.norm_eps = 1e-30)), None);
+    for theta in [1.0, 0.5, f64::NAN, f64::INFINITY] {
+        assert_eq!(
+            refused(&llama(&|c| c.rope_theta = theta)),
+            Some("rope_theta")
+        );
+    }
+    assert_eq!(refused(&llama(&|c| c.rope_theta = 1.5)), None);
+    // head_dim 5: no pair to rotate in llama; GPT-2 has no RoPE.
+    assert_eq!(refused(&llama(&|c| c.d_model = 20)), Some("n_heads"));
+    assert_eq!(refused(&gpt2(&|c| c.d_model = 20)), None);
+
+    let minimal = r#""vocab_size":5,"d_model":8,"n_layers":1,"n_heads":2,"d_ff":8"#;
+    let llama: LmConfig =
+        serde_json::from_str(&format!(r#"{{"family":"llama",{minimal},"n_kv_heads":1}}"#)).unwrap();
+    let LmConfig::Llama(c) = llama else {
+        panic!("{llama:?}")
+    };
+    assert_eq!(
+        (c.rope_theta, c.norm_eps, c.tie_embeddings, c.max_seq_len),
+        (10_000.0, 1e-5, false, 2048)
+    );
+    let gpt2: LmConfig =
+        serde_json::from_str(&format!(r#"{{"family":"gpt2",{minimal}}}"#)).unwrap();
+    let LmConfig::Gpt2(c) = gpt2 else {
+        panic!("{gpt2:?}")
+    };
+    assert_eq!(
+        (c.norm_eps, c.tie_embeddings, c.max_seq_len),
+        (1e-5, true, 1024)
+    );
+}
+
 #[test]
 fn gqa_equals_mha_with_replicated_kv_heads() {
     let _rng = seeded(8);
@@ -601,6 +737,47 @@ fn broken_checkpoints_are_errors_naming_file_and_tensor() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("nowhere"), "{err}");
+}
+
+/// `Lm::load` refuses a config that describes more weights than its file could hold, before
+/// allocating them: `4 n > 2 · bytes + 2^20` for the config's lower bound n, checked on both sides
+/// of the boundary, and a count past `u64`. At the boundary the file is read, and its zeros are
+/// not safetensors.
+#[test]
+fn a_config_describing_far_more_weights_than_its_file_is_refused_before_allocation() {
+    let _rng = seeded(15);
+    let dir = tempfile::tempdir().unwrap();
+    let LmConfig::Llama(mut c) = tiny_llama(4, 2) else {
+        unreachable!()
+    };
+    c.vocab_size = 10_000;
+    let write_config = |c: &LlamaConfig| {
+        let json = serde_json::to_string(&LmConfig::Llama(c.clone())).unwrap();
+        std::fs::write(dir.path().join(crate::CONFIG_FILE), json).unwrap();
+    };
+    write_config(&c);
+    let n = LmConfig::Llama(c.clone()).min_parameters().unwrap();
+    assert_eq!(n, 10_000 * 32 + 2 * (2 * 32 * 32 + 3 * 32 * 48));
+    let weights = dir.path().join(crate::WEIGHTS_FILE);
+    let boundary = 2 * n - (1 << 19);
+    for (bytes, refused) in [(boundary - 1, true), (boundary, false)] {
+        std::fs::write(&weights, vec![0u8; bytes as usize]).unwrap();
+        let err = Lm::<B>::load(dir.path(), &device())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(crate::WEIGHTS_FILE), "{err}");
+        assert_eq!(
+            err.contains(&format!("describes at least {n} parameters")),
+            refused,
+            "{bytes} bytes: {err}"
+        );
+    }
+    c.vocab_size = usize::MAX;
+    write_config(&c);
+    let err = Lm::<B>::load(dir.path(), &device())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("describes at least 2^64 parameters"), "{err}");
 }
 
 /// chorus's burn-ndarray multiplies up to 8 rows without GEMM packing, reading the right-hand
