@@ -1049,6 +1049,9 @@ fn a_decoding_model_makes_f32_weights_only_for_products_the_blocks_cannot_serve(
         let loaded = Lm::<B>::from_gguf(&file, &device()).unwrap();
         let decoding = Lm::<B>::from_gguf_for_decoding(&file, &device()).unwrap();
         assert!(!f32_weights_made(&decoding).contains(&true), "{store:?}");
+        let unmade = f32_weights_made(&decoding).len();
+        assert_eq!(decoding.weights_made_on_use().len(), unmade, "{store:?}");
+        assert_eq!(loaded.weights_made_on_use(), vec![], "{store:?}");
         let steps = |lm: &Lm<B>| {
             let mut cache = lm.new_cache();
             let prompt = Tensor::<B, 2, Int>::from_data([[3, 9, 27, 17]], &device());
@@ -1070,6 +1073,7 @@ fn a_decoding_model_makes_f32_weights_only_for_products_the_blocks_cannot_serve(
         assert!(!f32_weights_made(&decoding).contains(&true), "{store:?}");
         let logits = uncached_forward(&decoding);
         assert!(!f32_weights_made(&decoding).contains(&false), "{store:?}");
+        assert_eq!(decoding.weights_made_on_use(), vec![], "{store:?}");
         let diff = max_abs_diff(logits, uncached_forward(&loaded));
         assert_eq!(diff, 0.0, "{store:?}");
         for (s, (a, b)) in steps(&decoding).into_iter().zip(before).enumerate() {

@@ -232,6 +232,25 @@ fn padding_keys_are_ignored() {
         };
         let diff = max_abs_diff(run(&[1, 2, 3, 0, 0]), run(&[1, 2, 3, 17, 44]));
         assert_eq!(diff, 0.0, "{name}");
+        // A cache keeps the padding of the batch it was filled with, and refuses another batch.
+        let mut cache = model.new_cache();
+        let batch_of_two = tokens(&[&[1, 2, 3, 0, 0], &[4, 5, 6, 7, 8]]);
+        model
+            .forward(
+                LmInput::new(batch_of_two).with_padding(padding.clone().repeat_dim(0, 2)),
+                Some(&mut cache),
+            )
+            .unwrap();
+        model
+            .forward(LmInput::new(tokens(&[&[9], &[9]])), Some(&mut cache))
+            .unwrap();
+        let err = model
+            .forward(LmInput::new(tokens(&[&[9]])), Some(&mut cache))
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("batch of 1 for a cache holding 2"),
+            "{name}: {err}"
+        );
         let plain = model
             .forward(LmInput::new(tokens(&[&[1, 2, 3]])), None)
             .unwrap()
@@ -268,14 +287,31 @@ fn zero_conditioning_is_a_no_op_and_nonzero_is_not() {
             Tensor::<B, 2>::random([1, dims.d_model], Distribution::Normal(0.0, 1.0), &device());
         let offset = model
             .forward(
-                LmInput::new(tokens(ids)).with_embedding_offset(nonzero),
+                LmInput::new(tokens(ids)).with_embedding_offset(nonzero.clone()),
                 None,
             )
-            .unwrap()
-            .logits;
+            .unwrap();
         assert!(
-            max_abs_diff(plain.clone(), offset) > 1e-3,
+            max_abs_diff(plain.clone(), offset.logits) > 1e-3,
             "{name}: offset ignored"
+        );
+        // The offset is added to every position's embedding: the same hidden states as a model
+        // whose token embeddings each have it added.
+        let mut shifted = model.clone();
+        let embedding = match &mut shifted {
+            Lm::Llama(m) => &mut m.embed_tokens,
+            Lm::Gpt2(m) => &mut m.wte,
+        };
+        embedding.weight =
+            burn::module::Param::from_tensor(embedding.weight.val() + nonzero.clone());
+        let shifted = shifted
+            .forward(LmInput::new(tokens(ids)), None)
+            .unwrap()
+            .hidden;
+        let diff = max_abs_diff(offset.hidden, shifted);
+        assert!(
+            diff < 1e-5,
+            "{name}: the offset added to the embeddings, |Δ| = {diff}"
         );
 
         // Memory slots whose values are zero contribute exactly nothing (whatever the keys).
@@ -315,6 +351,11 @@ fn bad_inputs_are_errors() {
         .forward(LmInput::new(tokens(&[&long])), None)
         .unwrap_err();
     assert!(err.to_string().contains("context window of 64"), "{err}");
+    assert!(
+        model
+            .forward(LmInput::new(tokens(&[&long[..64]])), None)
+            .is_ok()
+    );
     let err = model
         .forward(
             LmInput::new(tokens(&[&[1, 2]])).with_memory(random_memory(&model, 1, 1)[..1].to_vec()),
@@ -322,6 +363,12 @@ fn bad_inputs_are_errors() {
         )
         .unwrap_err();
     assert!(err.to_string().contains("1 memory layers"), "{err}");
+    let mut memory = random_memory(&model, 1, 1);
+    memory[1].value = random_memory(&model, 1, 2)[1].value.clone();
+    let err = model
+        .forward(LmInput::new(tokens(&[&[1, 2]])).with_memory(memory), None)
+        .unwrap_err();
+    assert!(err.to_string().contains("memory of layer 1"), "{err}");
     let err = model
         .forward(
             LmInput::new(tokens(&[&[1, 2]]))
@@ -474,7 +521,8 @@ fn every_config_field_is_checked_by_its_rule_and_defaults_are_as_documented() {
     };
     assert_eq!(refused(&llama(&|_| ())), None);
     assert_eq!(refused(&gpt2(&|_| ())), None);
-    let zero_llama: [(&str, fn(&mut LlamaConfig)); 7] = [
+    type Edit<C> = fn(&mut C);
+    let zero_llama: [(&str, Edit<LlamaConfig>); 7] = [
         ("vocab_size", |c| c.vocab_size = 0),
         ("d_model", |c| c.d_model = 0),
         ("n_layers", |c| c.n_layers = 0),
@@ -486,7 +534,7 @@ fn every_config_field_is_checked_by_its_rule_and_defaults_are_as_documented() {
     for (field, edit) in zero_llama {
         assert_eq!(refused(&llama(&edit)), Some(field));
     }
-    let zero_gpt2: [(&str, fn(&mut Gpt2Config)); 6] = [
+    let zero_gpt2: [(&str, Edit<Gpt2Config>); 6] = [
         ("vocab_size", |c| c.vocab_size = 0),
         ("d_model", |c| c.d_model = 0),
         ("n_layers", |c| c.n_layers = 0),
