@@ -2917,6 +2917,41 @@ MUTANTS = [
         '            x = block\n',
         ['-p', 'chorus-lm', '--lib', 'a_gpt2_forward_equals_gpt2_written_out'],
     ),
+    (
+        'LM: the embedding offset subtracted',
+        'crates/lm/src/model.rs',
+        'Some(offset) => x + offset.clone().unsqueeze_dim::<3>(1),',
+        'Some(offset) => x - offset.clone().unsqueeze_dim::<3>(1),',
+        ['-p', 'chorus-lm', '--lib', 'zero_conditioning_is_a_no_op_and_nonzero_is_not'],
+    ),
+    (
+        "LM: the context window's last position refused",
+        'crates/lm/src/model.rs',
+        'if start + seq > dims.max_seq_len {',
+        'if start + seq >= dims.max_seq_len {',
+        ['-p', 'chorus-lm', '--lib', 'bad_inputs_are_errors'],
+    ),
+    (
+        "LM: a memory value's shape not checked",
+        'crates/lm/src/model.rs',
+        'if m.key.dims() != expected || m.value.dims() != expected {',
+        'if m.key.dims() != expected {',
+        ['-p', 'chorus-lm', '--lib', 'bad_inputs_are_errors'],
+    ),
+    (
+        'LM cache: another batch let into a padded cache',
+        'crates/lm/src/model.rs',
+        '&& past.dims()[0] != batch',
+        '&& past.dims()[0] == usize::MAX',
+        ['-p', 'chorus-lm', '--lib', 'padding_keys_are_ignored'],
+    ),
+    (
+        'LM: no weight made on use',
+        'crates/lm/src/model.rs',
+        'Lm::Llama(m) => m.weights_made_on_use(),',
+        'Lm::Llama(_) => Vec::new(),',
+        ['-p', 'chorus-lm', '--lib', 'a_decoding_model_makes_f32_weights_only_for_products_the_blocks_cannot_serve'],
+    ),
 ]
 
 

@@ -64,7 +64,7 @@ impl<B: Backend> Lm<B> {
             .map_err(|e| LmError::io(&weights, e))?
             .len();
         let described = config.min_parameters();
-        if described.is_none_or(|n| n.saturating_mul(4) >= bytes.saturating_mul(2) + (1 << 20)) {
+        if described.is_none_or(|n| n.saturating_mul(4) > bytes.saturating_mul(2) + (1 << 20)) {
             return Err(LmError::Weights {
                 path: weights,
                 reason: format!(
