@@ -305,23 +305,21 @@ fn a_bert_directory_encodes_as_bert_written_out() {
     }
 }
 
+/// A tensor's values in f64, in row-major order.
+fn f64_values(t: Tensor<B, 2>) -> Vec<f64> {
+    let values = t.into_data().to_vec::<f32>().unwrap();
+    values.into_iter().map(f64::from).collect()
+}
+
 /// A linear layer's weight as `[out, in]` rows and its bias (zeros where it has none).
 fn linear_weights(w: &mut Weights, name: &str, linear: &Linear<B>) {
     let [_, d_out] = linear.weight.dims();
-    let values = |t: Tensor<B, 2>| -> Vec<f64> {
-        t.into_data()
-            .to_vec::<f32>()
-            .unwrap()
-            .into_iter()
-            .map(f64::from)
-            .collect()
-    };
     w.insert(
         format!("{name}.weight"),
-        values(linear.weight.val().transpose()),
+        f64_values(linear.weight.val().transpose()),
     );
     let bias = match &linear.bias {
-        Some(bias) => values(bias.val().unsqueeze_dim(0)),
+        Some(bias) => f64_values(bias.val().unsqueeze_dim(0)),
         None => vec![0.0; d_out],
     };
     w.insert(format!("{name}.bias"), bias);
@@ -369,16 +367,8 @@ fn a_gpt2_forward_equals_gpt2_written_out() {
         };
         let mut rng = SplitMix64(16);
         let mut w = Weights::new();
-        let table = |t: Tensor<B, 2>| -> Vec<f64> {
-            t.into_data()
-                .to_vec::<f32>()
-                .unwrap()
-                .into_iter()
-                .map(f64::from)
-                .collect()
-        };
-        let wte = table(model.wte.weight.val());
-        let wpe = table(model.wpe.weight.val());
+        let wte = f64_values(model.wte.weight.val());
+        let wpe = f64_values(model.wpe.weight.val());
         for (i, block) in model.h.iter_mut().enumerate() {
             let attn = &block.attn;
             for (name, linear) in [
