@@ -9,6 +9,7 @@ use burn::nn::{LayerNorm, Linear};
 use burn::prelude::*;
 use chorus_data::rng::SplitMix64;
 
+use crate::import::write_safetensors;
 use crate::tests::{seeded, tiny_gpt2};
 use crate::{Bert, Lm, LmConfig, LmInput, TestBackend};
 
@@ -176,16 +177,10 @@ fn tiny_bert_dir(dir: &std::path::Path) -> Weights {
         } else {
             name.clone()
         };
-        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        stored.push((key, shape, bytes));
         weights.insert(name, values.iter().map(|&v| v as f64).collect());
+        stored.push((key, shape, values));
     }
-    let views = stored.iter().map(|(key, shape, bytes)| {
-        let view =
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes);
-        (key.clone(), view.unwrap())
-    });
-    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+    write_safetensors(&dir.join("model.safetensors"), &stored).unwrap();
     let config = serde_json::json!({
         "model_type": "bert", "vocab_size": vocab, "hidden_size": d,
         "num_hidden_layers": BERT_LAYERS, "num_attention_heads": BERT_HEADS,

@@ -172,6 +172,28 @@ pub(crate) fn linear<B: Backend>(
     })
 }
 
+/// Writes f32 tensors to a safetensors file at `path`, without `__metadata__`.
+pub(crate) fn write_safetensors(path: &Path, tensors: &[NamedTensor]) -> Result<(), LmError> {
+    let error = |e: safetensors::SafeTensorError| LmError::Weights {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    };
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, _, values)| values.iter().flat_map(|v| v.to_le_bytes()).collect())
+        .collect();
+    let views = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((name, shape, _), data)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data)
+                .map(|view| (name.clone(), view))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(error)?;
+    safetensors::serialize_to_file(views, None, path).map_err(error)
+}
+
 /// Builds a llama model from tensors named as Hugging Face's `LlamaForCausalLM` writes them
 /// ([`LLAMA_NAMES`](crate::llama::LLAMA_NAMES)); every tensor must be used.
 pub fn llama_from_hf<B: Backend>(
@@ -414,32 +436,8 @@ impl<B: Backend> Lm<B> {
             std::fs::write(tmp, &config).map_err(|e| LmError::io(tmp, e))
         })?;
         let tensors = to_hf_tensors(self)?;
-        let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
-            .into_iter()
-            .map(|(name, shape, values)| {
-                (
-                    name,
-                    shape,
-                    values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-                )
-            })
-            .collect();
-        let views = bytes
-            .iter()
-            .map(|(name, shape, data)| {
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data)
-                    .map(|v| (name.clone(), v))
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| LmError::Weights {
-                path: dir.join("model.safetensors"),
-                reason: e.to_string(),
-            })?;
         crate::checkpoint::write_atomic(&dir.join("model.safetensors"), |tmp| {
-            safetensors::serialize_to_file(views, None, tmp).map_err(|e| LmError::Weights {
-                path: tmp.to_path_buf(),
-                reason: e.to_string(),
-            })
+            write_safetensors(tmp, &tensors)
         })
     }
 
