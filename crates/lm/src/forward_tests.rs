@@ -1,6 +1,6 @@
-//! BERT's and GPT-2's forwards against the same forwards written out in f64, one vector at a
-//! time (the llama forward has its reference outside the crate: SmolLM2 against an f32 numpy
-//! forward and llama.cpp, in chorus-cli's tests).
+//! BERT's, GPT-2's and llama's forwards against the same forwards written out in f64, one vector
+//! at a time (the llama forward also has references outside the crate: SmolLM2 against an f32
+//! numpy forward and llama.cpp, in chorus-cli's tests).
 
 use std::collections::HashMap;
 
@@ -10,8 +10,8 @@ use burn::prelude::*;
 use chorus_data::rng::SplitMix64;
 
 use crate::import::write_safetensors;
-use crate::tests::{seeded, tiny_gpt2};
-use crate::{Bert, Lm, LmConfig, LmInput, TestBackend};
+use crate::tests::{seeded, tiny_gpt2, tiny_llama};
+use crate::{Bert, KvCache, LayerMemory, Lm, LmConfig, LmInput, RmsNorm, TestBackend};
 
 type B = TestBackend;
 
@@ -46,34 +46,38 @@ fn affine(x: &[f64], w: &Weights, name: &str) -> Vec<f64> {
         .collect()
 }
 
-/// Each head h's `softmax_j(q_i,h · k_j,h / √head_dim) v_j,h` over the keys j that query i sees,
-/// the heads side by side.
+/// Each query head h's `softmax_j(q_i,h · k_j,g / √head_dim) v_j,g` over the keys j that query i
+/// sees, the heads side by side; key/value head `g = h / (heads / kv_heads)` serves query head h.
 fn attention(
     q: &[Vec<f64>],
     k: &[Vec<f64>],
     v: &[Vec<f64>],
-    heads: usize,
+    [heads, kv_heads]: [usize; 2],
     sees: impl Fn(usize, usize) -> bool,
 ) -> Vec<Vec<f64>> {
     let width = q[0].len();
     let head_dim = width / heads;
+    let group = heads / kv_heads;
     (0..q.len())
         .map(|i| {
             let mut out = vec![0.0; width];
             for h in 0..heads {
-                let lanes = h * head_dim..(h + 1) * head_dim;
+                let g = h / group;
+                let dot = |j: usize| -> f64 {
+                    (0..head_dim)
+                        .map(|c| q[i][h * head_dim + c] * k[j][g * head_dim + c])
+                        .sum()
+                };
                 let scores: Vec<(usize, f64)> = (0..k.len())
                     .filter(|&j| sees(i, j))
-                    .map(|j| {
-                        let dot: f64 = lanes.clone().map(|c| q[i][c] * k[j][c]).sum();
-                        (j, dot / (head_dim as f64).sqrt())
-                    })
+                    .map(|j| (j, dot(j) / (head_dim as f64).sqrt()))
                     .collect();
                 let max = scores.iter().map(|s| s.1).fold(f64::MIN, f64::max);
                 let total: f64 = scores.iter().map(|s| (s.1 - max).exp()).sum();
                 for &(j, score) in &scores {
-                    for c in lanes.clone() {
-                        out[c] += (score - max).exp() / total * v[j][c];
+                    for c in 0..head_dim {
+                        out[h * head_dim + c] +=
+                            (score - max).exp() / total * v[j][g * head_dim + c];
                     }
                 }
             }
@@ -221,7 +225,7 @@ fn bert_by_hand(w: &Weights, ids: &[usize], padding: &[bool]) -> Vec<Vec<f64>> {
             &project("query"),
             &project("key"),
             &project("value"),
-            BERT_HEADS,
+            [BERT_HEADS; 2],
             |_, j| !padding[j],
         );
         x = x
@@ -408,7 +412,7 @@ fn a_gpt2_forward_equals_gpt2_written_out() {
                 &project("q"),
                 &project("k"),
                 &project("v"),
-                heads,
+                [heads; 2],
                 |q, k| k <= q,
             );
             x = x
@@ -440,5 +444,232 @@ fn a_gpt2_forward_equals_gpt2_written_out() {
             .logits;
         let logits = logits.into_data().to_vec::<f32>().unwrap();
         assert_close(&logits, &expected, &format!("tied {tied}"));
+    }
+}
+
+/// `x / √(mean(x²) + ε) ⊙ w`.
+fn rms_norm(x: &[f64], w: &Weights, name: &str, eps: f64) -> Vec<f64> {
+    let mean_square = x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64;
+    let weight = &w[&format!("{name}.weight")];
+    let rms = (mean_square + eps).sqrt();
+    x.iter().zip(weight).map(|(v, g)| v / rms * g).collect()
+}
+
+/// Hugging Face llama's RoPE at `position`: in each head the pair `(i, i + head_dim/2)` turned by
+/// the angle `position · θ^(−2i/head_dim)`.
+fn rope(x: &[f64], heads: usize, position: usize, theta: f64) -> Vec<f64> {
+    let head_dim = x.len() / heads;
+    let half = head_dim / 2;
+    let mut out = x.to_vec();
+    for h in 0..heads {
+        for i in 0..half {
+            let angle = position as f64 * theta.powf(-2.0 * i as f64 / head_dim as f64);
+            let (a, b) = (x[h * head_dim + i], x[h * head_dim + i + half]);
+            out[h * head_dim + i] = a * angle.cos() - b * angle.sin();
+            out[h * head_dim + i + half] = b * angle.cos() + a * angle.sin();
+        }
+    }
+    out
+}
+
+/// `x / (1 + e^(−x))`.
+fn silu(x: f64) -> f64 {
+    x / (1.0 + (-x).exp())
+}
+
+/// Draws an RMSNorm's weight near 1 (a new one is all ones, which would hide a norm that skips
+/// it) and records it.
+fn drawn_rms_norm(w: &mut Weights, name: &str, norm: &mut RmsNorm<B>, rng: &mut SplitMix64) {
+    let weight: Vec<f32> = (0..norm.weight.dims()[0])
+        .map(|_| (1.0 + 0.3 * rng.standard_normal()) as f32)
+        .collect();
+    norm.weight = Param::from_tensor(Tensor::from_floats(weight.as_slice(), &device()));
+    w.insert(
+        format!("{name}.weight"),
+        weight.iter().map(|&v| v as f64).collect(),
+    );
+}
+
+/// `n` values drawn from N(0, std²).
+fn drawn(rng: &mut SplitMix64, n: usize, std: f64) -> Vec<f32> {
+    (0..n)
+        .map(|_| (std * rng.standard_normal()) as f32)
+        .collect()
+}
+
+/// `Lm::forward` of a llama equals llama written out: the token embedding plus the conditioning
+/// offset; per block, for `n = RMSNorm₁(x)`, `x += W_o (attn + memory)` where `attn` reads
+/// `RoPE(W_q n)` against `RoPE(W_k n)` and `W_v n` over the keys up to the query's own position,
+/// each key/value head serving two query heads, and `memory` is each head's own softmax over its
+/// key/value head's memory slots; then, for `n = RMSNorm₂(x)`, `x += W_down (silu(W_gate n) ⊙
+/// W_up n)`; then the final RMSNorm and the output layer (the embedding's transpose when tied).
+/// Checked uncached over 5 positions and through a cache in two steps of 3 and 2 positions (the
+/// second turned by the angles of positions 3 and 4). The weights are 10× their initial scale, so
+/// that the activations are of order 1 (near 0, SwiGLU with its gate and up swapped looks alike).
+#[test]
+fn a_llama_forward_equals_llama_written_out() {
+    let _rng = seeded(17);
+    let ids = [3usize, 41, 7, 7, 19];
+    let n_slots = 2;
+    for tied in [true, false] {
+        let LmConfig::Llama(mut config) = tiny_llama(4, 2) else {
+            unreachable!()
+        };
+        config.tie_embeddings = tied;
+        let (d, heads, kv_heads) = (config.d_model, config.n_heads, config.n_kv_heads);
+        let (eps, theta) = (config.norm_eps, config.rope_theta);
+        let kv_dim = kv_heads * d / heads;
+        let Lm::Llama(mut model) = LmConfig::Llama(config).init::<B>(&device()).unwrap() else {
+            unreachable!()
+        };
+        let scaled = |linear: &mut Linear<B>| {
+            linear.weight = Param::from_tensor(linear.weight.val() * 10.0);
+        };
+        let mut rng = SplitMix64(17);
+        let mut w = Weights::new();
+        model.embed_tokens.weight = Param::from_tensor(model.embed_tokens.weight.val() * 10.0);
+        let embedding = f64_values(model.embed_tokens.weight.val());
+        for (i, layer) in model.layers.iter_mut().enumerate() {
+            let (attn, mlp) = (&mut layer.self_attn, &mut layer.mlp);
+            for (name, linear) in [
+                ("q", &mut attn.q_proj),
+                ("k", &mut attn.k_proj),
+                ("v", &mut attn.v_proj),
+                ("o", &mut attn.o_proj),
+                ("gate", &mut mlp.gate_proj),
+                ("up", &mut mlp.up_proj),
+                ("down", &mut mlp.down_proj),
+            ] {
+                scaled(linear);
+                linear_weights(&mut w, &format!("{i}.{name}"), linear);
+            }
+            drawn_rms_norm(
+                &mut w,
+                &format!("{i}.norm_1"),
+                &mut layer.input_layernorm,
+                &mut rng,
+            );
+            let norm_2 = &mut layer.post_attention_layernorm;
+            drawn_rms_norm(&mut w, &format!("{i}.norm_2"), norm_2, &mut rng);
+        }
+        drawn_rms_norm(&mut w, "norm", &mut model.norm, &mut rng);
+        match &mut model.lm_head {
+            Some(head) => {
+                scaled(head);
+                linear_weights(&mut w, "head", head);
+            }
+            None => {
+                w.insert("head.weight".into(), embedding.clone());
+                w.insert("head.bias".into(), vec![0.0; embedding.len() / d]);
+            }
+        }
+        let offset = drawn(&mut rng, d, 0.3);
+        // Each layer's memory slots, keys and values: `[n_slots, kv_dim]` row-major.
+        let slots: Vec<[Vec<f32>; 2]> = (0..model.layers.len())
+            .map(|_| [0, 1].map(|_| drawn(&mut rng, n_slots * kv_dim, 1.0)))
+            .collect();
+
+        let mut x: Vec<Vec<f64>> = ids
+            .iter()
+            .map(|&id| {
+                (0..d)
+                    .map(|c| embedding[id * d + c] + offset[c] as f64)
+                    .collect()
+            })
+            .collect();
+        for (i, [memory_keys, memory_values]) in slots.iter().enumerate() {
+            let normed: Vec<Vec<f64>> = x
+                .iter()
+                .map(|row| rms_norm(row, &w, &format!("{i}.norm_1"), eps))
+                .collect();
+            let project = |name: &str, heads: usize| -> Vec<Vec<f64>> {
+                normed
+                    .iter()
+                    .enumerate()
+                    .map(|(t, row)| {
+                        let projected = affine(row, &w, &format!("{i}.{name}"));
+                        match name {
+                            "v" => projected,
+                            _ => rope(&projected, heads, t, theta),
+                        }
+                    })
+                    .collect()
+            };
+            let q = project("q", heads);
+            let attended = attention(
+                &q,
+                &project("k", kv_heads),
+                &project("v", kv_heads),
+                [heads, kv_heads],
+                |q, k| k <= q,
+            );
+            let rows = |values: &[f32]| -> Vec<Vec<f64>> {
+                let rows = values.chunks_exact(kv_dim);
+                rows.map(|row| row.iter().map(|&v| v as f64).collect())
+                    .collect()
+            };
+            let from_memory = attention(
+                &q,
+                &rows(memory_keys),
+                &rows(memory_values),
+                [heads, kv_heads],
+                |_, _| true,
+            );
+            x = x
+                .iter()
+                .zip(attended.iter().zip(&from_memory))
+                .map(|(x, (attended, from_memory))| {
+                    let o = affine(&add(attended, from_memory), &w, &format!("{i}.o"));
+                    let x = add(x, &o);
+                    let n = rms_norm(&x, &w, &format!("{i}.norm_2"), eps);
+                    let gate = affine(&n, &w, &format!("{i}.gate"));
+                    let up = affine(&n, &w, &format!("{i}.up"));
+                    let inner: Vec<f64> = gate.iter().zip(&up).map(|(g, u)| silu(*g) * u).collect();
+                    add(&x, &affine(&inner, &w, &format!("{i}.down")))
+                })
+                .collect();
+        }
+        let expected: Vec<Vec<f64>> = x
+            .iter()
+            .map(|row| affine(&rms_norm(row, &w, "norm", eps), &w, "head"))
+            .collect();
+
+        let memory: Vec<LayerMemory<B>> = slots
+            .iter()
+            .map(|[key, value]| {
+                let tensor = |v: &[f32]| {
+                    Tensor::<B, 1>::from_floats(v, &device()).reshape([1, n_slots, kv_dim])
+                };
+                LayerMemory {
+                    key: tensor(key),
+                    value: tensor(value),
+                }
+            })
+            .collect();
+        let offset = Tensor::<B, 1>::from_floats(offset.as_slice(), &device()).unsqueeze();
+        let model = Lm::Llama(model);
+        let logits = |ids: &[usize], cache: Option<&mut KvCache<B>>| -> Vec<f32> {
+            let ids: Vec<i32> = ids.iter().map(|&v| v as i32).collect();
+            let tokens = Tensor::<B, 1, Int>::from_ints(ids.as_slice(), &device()).unsqueeze();
+            let input = LmInput::new(tokens)
+                .with_memory(memory.clone())
+                .with_embedding_offset(offset.clone());
+            let logits = model.forward(input, cache).unwrap().logits;
+            logits.into_data().to_vec::<f32>().unwrap()
+        };
+        assert_close(&logits(&ids, None), &expected, &format!("tied {tied}"));
+        let mut cache = model.new_cache();
+        let first = logits(&ids[..3], Some(&mut cache));
+        assert_close(
+            &first,
+            &expected[..3],
+            &format!("tied {tied}, cached, first step"),
+        );
+        let second = logits(&ids[3..], Some(&mut cache));
+        assert_close(
+            &second,
+            &expected[3..],
+            &format!("tied {tied}, cached, second step"),
+        );
     }
 }
