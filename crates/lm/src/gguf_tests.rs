@@ -486,12 +486,15 @@ fn general_alignment_places_the_data_and_must_be_a_power_of_two() {
     }
 }
 
+/// A tensor the config needs but the file lacks, one of another shape, and one the config does not
+/// describe are each an error naming the tensor, from a GGUF file and from a Hugging Face
+/// directory.
 #[test]
-fn missing_and_misshapen_tensors_are_named() {
+fn missing_misshapen_and_unexpected_tensors_are_named() {
     let _rng = crate::tests::seeded(3);
     let model = gguf_llama().init::<B>(&device()).unwrap();
     let file = parse(&llama_to_gguf(&model, Store::F32)).unwrap();
-    let rebuild = |skip: &str, halve: &str| {
+    let rebuild = |skip: &str, halve: &str, extra: Option<&str>| {
         let mut w = Writer::new();
         for (k, v) in &file.metadata {
             w.meta(k, v.clone());
@@ -511,17 +514,41 @@ fn missing_and_misshapen_tensors_are_named() {
             } else {
                 w.tensor(&info.name, &shape, &values, Store::F32);
             }
+            if Some(info.name.as_str()) == extra.map(|_| "blk.1.ffn_gate.weight") {
+                w.tensor(extra.unwrap(), &shape, &values, Store::F32);
+            }
         }
         Lm::<B>::from_gguf(&parse(&w).unwrap(), &device()).unwrap_err()
     };
-    let err = rebuild("blk.1.ffn_gate.weight", "");
+    let err = rebuild("blk.1.ffn_gate.weight", "", None);
     assert!(
         matches!(&err, LmError::MissingTensor { tensor, .. } if tensor == "model.layers.1.mlp.gate_proj.weight"),
         "{err}"
     );
-    let err = rebuild("", "blk.0.ffn_up.weight");
+    let err = rebuild("", "blk.0.ffn_up.weight", None);
     assert!(
         matches!(&err, LmError::TensorMismatch { tensor, .. } if tensor == "model.layers.0.mlp.up_proj.weight"),
+        "{err}"
+    );
+    // A third layer's gate in a file whose config has two.
+    let err = rebuild("", "", Some("blk.2.ffn_gate.weight"));
+    assert!(
+        matches!(&err, LmError::UnexpectedTensor { tensor, .. } if tensor == "model.layers.2.mlp.gate_proj.weight"),
+        "{err}"
+    );
+
+    // A Hugging Face directory whose config.json says one layer where its weights hold two.
+    let dir = tempfile::tempdir().unwrap();
+    model.save_hf_dir(dir.path()).unwrap();
+    let config_path = dir.path().join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["num_hidden_layers"] = 1.into();
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let err = Lm::<B>::from_hf_dir(dir.path(), &device()).unwrap_err();
+    assert!(
+        matches!(&err, LmError::UnexpectedTensor { path, tensor }
+            if tensor.starts_with("model.layers.1.") && path.ends_with("model.safetensors")),
         "{err}"
     );
 }

@@ -61,11 +61,6 @@ impl NamedTensors {
         self.deferred.contains(name)
     }
 
-    /// Whether a tensor is present.
-    pub fn contains(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
-    }
-
     /// Removes and returns `name`, which must have exactly `shape`.
     pub fn take(&mut self, name: &str, shape: &[usize]) -> Result<Vec<f32>, LmError> {
         self.get(name, shape)?;
