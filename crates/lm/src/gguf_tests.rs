@@ -231,6 +231,68 @@ fn hugging_face_round_trip_is_bit_identical_for_both_families() {
     }
 }
 
+/// A Hugging Face `config.json` without its optional keys takes Hugging Face's defaults: llama's
+/// `num_key_value_heads` = `num_attention_heads`, `rope_theta` 10,000, `rms_norm_eps` 10⁻⁶ and
+/// untied embeddings; GPT-2's `n_inner` = 4 · `n_embd`, `layer_norm_epsilon` 10⁻⁵ and tied
+/// embeddings. A required key missing or a `model_type` other than theirs is an error naming it.
+#[test]
+fn a_hugging_face_config_without_optional_keys_takes_hugging_faces_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.json");
+    let read = |json: serde_json::Value| {
+        std::fs::write(&path, json.to_string()).unwrap();
+        crate::config_from_hf(&path)
+    };
+    let llama = serde_json::json!({
+        "model_type": "llama", "vocab_size": 50, "hidden_size": 32, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "intermediate_size": 48, "max_position_embeddings": 64,
+    });
+    let expected = LmConfig::Llama(crate::LlamaConfig {
+        vocab_size: 50,
+        d_model: 32,
+        n_layers: 2,
+        n_heads: 4,
+        n_kv_heads: 4,
+        d_ff: 48,
+        rope_theta: 10_000.0,
+        norm_eps: 1e-6,
+        tie_embeddings: false,
+        max_seq_len: 64,
+    });
+    assert_eq!(read(llama.clone()).unwrap(), expected);
+    let gpt2 = serde_json::json!({
+        "model_type": "gpt2", "vocab_size": 50, "n_embd": 32, "n_layer": 2, "n_head": 4,
+        "n_positions": 64,
+    });
+    let expected = LmConfig::Gpt2(crate::Gpt2Config {
+        vocab_size: 50,
+        d_model: 32,
+        n_layers: 2,
+        n_heads: 4,
+        d_ff: 128,
+        max_seq_len: 64,
+        norm_eps: 1e-5,
+        tie_embeddings: true,
+    });
+    assert_eq!(read(gpt2).unwrap(), expected);
+    // Every key that a config writes reads back.
+    for config in [tiny_llama(4, 2), tiny_gpt2()] {
+        assert_eq!(read(crate::hf_config(&config)).unwrap(), config);
+    }
+
+    let mut without_width = llama.clone();
+    without_width.as_object_mut().unwrap().remove("hidden_size");
+    let err = read(without_width).unwrap_err().to_string();
+    assert!(
+        err.contains("config.json") && err.contains("`hidden_size`"),
+        "{err}"
+    );
+    let mut mamba = llama;
+    mamba["model_type"] = "mamba".into();
+    let err = read(mamba).unwrap_err().to_string();
+    assert!(err.contains("\"mamba\" is not supported"), "{err}");
+}
+
 #[test]
 fn malformed_gguf_files_are_clear_errors() {
     let _rng = crate::tests::seeded(2);
