@@ -580,7 +580,7 @@ MUTANTS = [
     (
         "quantised decode: blocks used for a product that needs a gradient",
         "crates/lm/src/quantised.rs",
-        "    if batch * seq > MAX_BLOCK_ROWS || x.is_require_grad() || weights_need_grad {",
+        "    if batch * seq > MAX_BLOCK_ROWS || !host_products_allowed::<B>(&x.device()) {",
         "    if batch * seq > MAX_BLOCK_ROWS {",
         ["-p", "chorus-lm", "--lib", "a_gguf_model_that_trains"],
     ),
@@ -3035,6 +3035,34 @@ MUTANTS = [
         '                    .map_or(n_heads, |x| x as usize),',
         '                    .map_or(1, |x| x as usize),',
         ['-p', 'chorus-lm', '--lib', 'a_hugging_face_config_without_optional_keys_takes_hugging_faces_defaults'],
+    ),
+    (
+        "autodiff: a frozen decoding model's host steps and block products run on a backend with autodiff",
+        'crates/lm/src/quantised.rs',
+        '    !B::ad_enabled(device)\n',
+        '    true\n',
+        ['-p', 'chorus-lm', '--lib', 'memory_and_offsets_that_take_a_gradient_get_it_through_a_frozen_decoding_model'],
+    ),
+    (
+        "autodiff: the host steps run on a backend with autodiff (the blocks' products kept off)",
+        'crates/lm/src/llama.rs',
+        '                && host_products_allowed::<B>(&device)\n',
+        '\n',
+        ['-p', 'chorus-lm', '--lib', 'memory_and_offsets_that_take_a_gradient_get_it_through_a_frozen_decoding_model'],
+    ),
+    (
+        'split prefill: a prompt past the window on an empty cache split into steps (`+` → `*`)',
+        'crates/lm/src/llama.rs',
+        '            && cache.len + seq <= self.config.max_seq_len',
+        '            && cache.len * seq <= self.config.max_seq_len',
+        ['-p', 'chorus-lm', '--lib', 'a_long_prompt_in_steps_keeps_its_last_logits_and_one_past_the_window_changes_nothing'],
+    ),
+    (
+        "split prefill: with last_logits_only, every step's last logits kept but the final one's",
+        'crates/lm/src/llama.rs',
+        '            if !input.last_logits_only || end == seq {',
+        '            if !input.last_logits_only || end != seq {',
+        ['-p', 'chorus-lm', '--lib', 'a_long_prompt_in_steps_keeps_its_last_logits_and_one_past_the_window_changes_nothing'],
     ),
 ]
 

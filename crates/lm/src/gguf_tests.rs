@@ -1313,6 +1313,106 @@ fn a_gguf_model_that_trains_takes_gradients_through_its_f32_weights() {
     assert_eq!(rows_touched, 64);
 }
 
+/// A frozen decoding model (no weight takes a gradient) whose memory slots or embedding offset
+/// do — a z-adapter's, in training — runs through burn's path, not the host steps or the blocks'
+/// products, so that they get their gradients: keys marked themselves, values computed from a
+/// marked tensor (burn's `is_require_grad` is false for those), an offset computed likewise.
+#[test]
+fn memory_and_offsets_that_take_a_gradient_get_it_through_a_frozen_decoding_model() {
+    let _rng = crate::tests::seeded(10);
+    type AD = burn::backend::Autodiff<B>;
+    let model = block_llama().init::<B>(&device()).unwrap();
+    let file = parse(&llama_to_gguf(&model, Store::Q4_1)).unwrap();
+    let frozen = Lm::<AD>::from_gguf_for_decoding(&file, &device())
+        .unwrap()
+        .no_grad();
+    let dims = block_llama().dims();
+    let tokens = Tensor::<AD, 2, Int>::from_data([[3, 9]], &device());
+    let marked = |shape: [usize; 3]| {
+        Tensor::<AD, 3>::random(shape, Distribution::Normal(0.0, 1.0), &device()).require_grad()
+    };
+    let slots = [1, 2, dims.kv_dim()];
+    for case in ["keys", "values", "offset"] {
+        let leaves: Vec<Tensor<AD, 3>> = (0..dims.n_layers).map(|_| marked(slots)).collect();
+        let input = match case {
+            "keys" => LmInput::new(tokens.clone()).with_memory(
+                leaves
+                    .iter()
+                    .map(|key| crate::LayerMemory {
+                        key: key.clone(),
+                        value: Tensor::random(slots, Distribution::Default, &device()),
+                    })
+                    .collect(),
+            ),
+            "values" => LmInput::new(tokens.clone()).with_memory(
+                leaves
+                    .iter()
+                    .map(|value| crate::LayerMemory {
+                        key: Tensor::random(slots, Distribution::Default, &device()),
+                        value: value.clone() * 2.0,
+                    })
+                    .collect(),
+            ),
+            _ => {
+                let offset = leaves[0]
+                    .clone()
+                    .narrow(1, 0, 1)
+                    .narrow(2, 0, 1)
+                    .reshape([1, 1]);
+                let offset = offset.expand([1, dims.d_model]) * 2.0;
+                LmInput::new(tokens.clone()).with_embedding_offset(offset)
+            }
+        };
+        let grads = frozen.forward(input, None).unwrap().logits.sum().backward();
+        let read = if case == "offset" {
+            &leaves[..1]
+        } else {
+            &leaves[..]
+        };
+        for (layer, leaf) in read.iter().enumerate() {
+            let grad = leaf
+                .grad(&grads)
+                .unwrap_or_else(|| panic!("{case}, layer {layer}: no gradient"));
+            let norm: f32 = grad.abs().sum().into_scalar();
+            assert!(norm > 0.0, "{case}, layer {layer}: a zero gradient");
+        }
+    }
+}
+
+/// A long cached prompt that a decoding model runs in steps of the blocks' rows returns, with
+/// `last_logits_only`, its last position's logits (the whole prefill's last row); one that would
+/// pass the context window is refused before any step, its cache left empty.
+#[test]
+fn a_long_prompt_in_steps_keeps_its_last_logits_and_one_past_the_window_changes_nothing() {
+    let _rng = crate::tests::seeded(11);
+    let model = block_llama().init::<B>(&device()).unwrap();
+    let file = parse(&llama_to_gguf(&model, Store::Q8_0)).unwrap();
+    let decoding = Lm::<B>::from_gguf_for_decoding(&file, &device()).unwrap();
+    let (prefill, _) = prefill_and_steps(&decoding);
+    let [batch, seq, vocab] = prefill.dims();
+    let mut cache = decoding.new_cache();
+    let input = LmInput::new(long_prompt()).with_last_logits_only();
+    let last = decoding.forward(input, Some(&mut cache)).unwrap().logits;
+    assert_eq!(last.dims(), [batch, 1, vocab]);
+    let diff = max_abs_diff(last, prefill.slice([0..batch, seq - 1..seq, 0..vocab]));
+    assert!(diff < 1e-5, "|Δ| = {diff}");
+    assert_eq!(cache.len, seq);
+
+    let window = decoding.dims().max_seq_len;
+    let too_long: Vec<i64> = (0..window as i64 + 6).map(|i| i % 64).collect();
+    let too_long = Tensor::<B, 1, Int>::from_data(too_long.as_slice(), &device()).unsqueeze();
+    let mut cache = decoding.new_cache();
+    let err = decoding
+        .forward(LmInput::new(too_long), Some(&mut cache))
+        .unwrap_err();
+    assert!(err.to_string().contains("context window of 64"), "{err}");
+    assert!(
+        cache.is_empty(),
+        "a refused prompt left {} positions",
+        cache.len
+    );
+}
+
 /// The host steps (`crate::host_step`) against burn's path over the same blocks, step by step
 /// through every move of the cache: filled on the host, moved to the backend by a step of more
 /// rows than the blocks take, back to the host, grown on the host. Batch 2, grouped-query heads,

@@ -21,7 +21,7 @@ use crate::model::{
 use crate::names::{Layout, WeightName};
 use crate::norm::RmsNorm;
 use crate::quantised::{
-    BlockMatrix, Kernel, LayerBlocks, MAX_BLOCK_ROWS, llama_blocks, needs_grad,
+    BlockMatrix, Kernel, LayerBlocks, MAX_BLOCK_ROWS, host_products_allowed, llama_blocks,
     products_from_blocks, project, project_all,
 };
 use crate::rope::Rope;
@@ -484,15 +484,12 @@ impl<B: Backend> Llama<B> {
             theta: self.config.rope_theta,
         };
         let device = input.tokens.device();
-        let memory_needs_grad = memory_needs_grad(&input);
         let mut x = add_offset(self.embed(input.tokens)?, input.embedding_offset.as_ref());
         let [batch, _, d_model] = x.dims();
         let host_blocks = self.host_blocks().filter(|_| {
             batch * seq <= MAX_BLOCK_ROWS
-                && !memory_needs_grad
                 && step.padding.is_none()
-                && !x.is_require_grad()
-                && !needs_grad(&self.embed_tokens.weight)
+                && host_products_allowed::<B>(&device)
         });
         if let Some(blocks) = host_blocks {
             // Every block on the host (crate::host_step): the activations leave the backend
@@ -558,13 +555,10 @@ impl<B: Backend> Llama<B> {
         let output_blocks = self.output_blocks.as_deref();
         let logits = match &self.lm_head {
             Some(head) => project(head, output_blocks, positions),
-            None => {
-                let need_grad = needs_grad(&self.embed_tokens.weight);
-                match products_from_blocks(output_blocks.map(|b| [b]), &positions, need_grad) {
-                    Some([logits]) => logits,
-                    None => tied_logits(positions, self.embed_tokens.weight.val()),
-                }
-            }
+            None => match products_from_blocks(output_blocks.map(|b| [b]), &positions) {
+                Some([logits]) => logits,
+                None => tied_logits(positions, self.embed_tokens.weight.val()),
+            },
         };
         Ok(LmOutput { logits, hidden })
     }
@@ -573,7 +567,7 @@ impl<B: Backend> Llama<B> {
 impl<B: Backend> Llama<B> {
     /// Positions per step when a cached forward of more rows than the blocks take
     /// ([`MAX_BLOCK_ROWS`]) — a long prompt's prefill — would read them if it were split: a
-    /// model decoding from its blocks, no padding, nothing that takes a gradient. `None`: one
+    /// model decoding from its blocks, no padding, no autodiff ([`host_products_allowed`]). `None`: one
     /// step.
     fn positions_per_step(&self, input: &LmInput<B>, cache: &KvCache<B>) -> Option<usize> {
         let [batch, seq] = input.tokens.dims();
@@ -581,12 +575,7 @@ impl<B: Backend> Llama<B> {
             && batch <= MAX_BLOCK_ROWS
             && cache.len + seq <= self.config.max_seq_len
             && input.padding.is_none()
-            && !memory_needs_grad(input)
-            && !input
-                .embedding_offset
-                .as_ref()
-                .is_some_and(Tensor::is_require_grad)
-            && !needs_grad(&self.embed_tokens.weight)
+            && host_products_allowed::<B>(&input.tokens.device())
             && self.host_blocks().is_some();
         split.then_some(MAX_BLOCK_ROWS / batch)
     }
@@ -640,15 +629,6 @@ fn host_memory<B: Backend>(memory: &LayerMemory<B>) -> Result<HostMemory, LmErro
         value: host(&memory.value)?,
         n_slots,
     })
-}
-
-/// Whether `input`'s memory slots take a gradient.
-fn memory_needs_grad<B: Backend>(input: &LmInput<B>) -> bool {
-    input
-        .memory
-        .iter()
-        .flatten()
-        .any(|m| m.key.is_require_grad() || m.value.is_require_grad())
 }
 
 /// Makes each of `linears` a weight made on use ([`weight_made_on_use`]) from its `blocks`,

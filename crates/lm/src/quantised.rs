@@ -20,7 +20,6 @@ use std::collections::BTreeSet;
 use std::fmt;
 use std::sync::Arc;
 
-use burn::module::Param;
 use burn::nn::Linear;
 use burn::prelude::*;
 use burn::tensor::TensorData;
@@ -1354,20 +1353,18 @@ mod avx512 {
 }
 
 /// `x W_kᵀ` for each of `blocks` when they apply — `x` has at most [`MAX_BLOCK_ROWS`] rows and
-/// neither it nor the same matrices in f32 (`weights_need_grad`) need a gradient — else `None`.
-/// The activations go to the host and back once for all `N`, which is where the CPU backends
-/// hold them anyway.
+/// its backend has no autodiff ([`host_products_allowed`]) — else `None`. The activations go to
+/// the host and back once for all `N`, which is where the CPU backends hold them anyway.
 ///
 /// # Shapes
 /// - x: `[batch, seq, cols]`; output k: `[batch, seq, rows_k]`
 pub(crate) fn products_from_blocks<B: Backend, const N: usize>(
     blocks: Option<[&BlockMatrix; N]>,
     x: &Tensor<B, 3>,
-    weights_need_grad: bool,
 ) -> Option<[Tensor<B, 3>; N]> {
     let blocks = blocks?;
     let [batch, seq, _] = x.dims();
-    if batch * seq > MAX_BLOCK_ROWS || x.is_require_grad() || weights_need_grad {
+    if batch * seq > MAX_BLOCK_ROWS || !host_products_allowed::<B>(&x.device()) {
         return None;
     }
     let host: Vec<f32> = x.to_data().iter::<f32>().collect();
@@ -1394,8 +1391,7 @@ pub(crate) fn project_all<B: Backend, const N: usize>(
     blocks: Option<[&BlockMatrix; N]>,
     x: Tensor<B, 3>,
 ) -> [Tensor<B, 3>; N] {
-    let need_grad = linears.iter().any(|l| needs_grad(&l.weight));
-    match products_from_blocks(blocks, &x, need_grad) {
+    match products_from_blocks(blocks, &x) {
         Some(ys) => {
             let mut linears = linears.into_iter();
             ys.map(
@@ -1444,16 +1440,14 @@ fn gguf_blocks(gguf: &GgufFile, name: &str, heads: Heads) -> Result<Option<Block
     BlockMatrix::from_gguf(gguf, info, sources.as_deref())
 }
 
-/// Whether `param` takes a gradient, read without making a weight that is still to be made: one
-/// is, on a backend without autodiff, a decoding model's weight made from its blocks on first use
-/// ([`Lm::from_gguf_for_decoding`](crate::Lm::from_gguf_for_decoding)), which takes none; on a
-/// backend with autodiff it is counted as taking one.
-pub(crate) fn needs_grad<B: Backend, const D: usize>(param: &Param<Tensor<B, D>>) -> bool {
-    if param.is_initialized() {
-        param.val().is_require_grad()
-    } else {
-        B::ad_enabled(&param.lazy_device())
-    }
+/// Whether products may leave burn's graph for the host (the GGUF blocks' products and the host
+/// steps): only on a backend without autodiff. On one with autodiff, any activation may carry a
+/// gradient — an adapter's memory slots or embedding offset, computed from z, flowing through a
+/// frozen model — and burn 0.21 cannot say which: `is_require_grad` is true only for a tensor
+/// marked itself (`Requirement::Grad`), not for those computed from it, so a product on the host
+/// would drop their gradients without an error.
+pub(crate) fn host_products_allowed<B: Backend>(device: &B::Device) -> bool {
+    !B::ad_enabled(device)
 }
 
 /// The GGUF names of a llama layer's attention matrices (q, k, v, o), as [`LayerBlocks`] holds
