@@ -3064,6 +3064,13 @@ MUTANTS = [
         '            if !input.last_logits_only || end != seq {',
         ['-p', 'chorus-lm', '--lib', 'a_long_prompt_in_steps_keeps_its_last_logits_and_one_past_the_window_changes_nothing'],
     ),
+    (
+        'names: every number in a name taken as its layer, not only the first',
+        'crates/lm/src/names.rs',
+        '            Ok(i) if layer.is_none() => {',
+        '            Ok(i) => {',
+        ['-p', 'chorus-lm', '--lib', 'a_names_first_number_is_its_layer'],
+    ),
 ]
 
 

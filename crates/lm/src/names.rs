@@ -389,7 +389,27 @@ pub(crate) fn export_hf<B: Backend, M: ModuleSnapshot<B>>(
 
 #[cfg(test)]
 mod tests {
-    use super::transpose;
+    use super::{fill, pattern, transpose};
+
+    /// A name's first all-digit segment is its layer; a later number stays in the pattern.
+    #[test]
+    fn a_names_first_number_is_its_layer() {
+        let owned = |p: &str, layer| (p.to_string(), layer);
+        assert_eq!(
+            pattern("blk.3.ffn_up.weight"),
+            owned("blk.{i}.ffn_up.weight", Some(3))
+        );
+        assert_eq!(
+            pattern("h.10.mlp.2.weight"),
+            owned("h.{i}.mlp.2.weight", Some(10))
+        );
+        assert_eq!(
+            pattern("output_norm.weight"),
+            owned("output_norm.weight", None)
+        );
+        assert_eq!(fill("h.{i}.mlp.2.weight", Some(7)), "h.7.mlp.2.weight");
+        assert_eq!(fill("output_norm.weight", None), "output_norm.weight");
+    }
 
     #[test]
     fn transpose_moves_every_value_for_shapes_that_are_not_whole_tiles() {
