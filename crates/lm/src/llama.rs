@@ -567,8 +567,8 @@ impl<B: Backend> Llama<B> {
 impl<B: Backend> Llama<B> {
     /// Positions per step when a cached forward of more rows than the blocks take
     /// ([`MAX_BLOCK_ROWS`]) — a long prompt's prefill — would read them if it were split: a
-    /// model decoding from its blocks, no padding, no autodiff ([`host_products_allowed`]). `None`: one
-    /// step.
+    /// model decoding from its blocks, no padding, no autodiff ([`host_products_allowed`]).
+    /// `None`: one step.
     fn positions_per_step(&self, input: &LmInput<B>, cache: &KvCache<B>) -> Option<usize> {
         let [batch, seq] = input.tokens.dims();
         let split = batch * seq > MAX_BLOCK_ROWS
