@@ -3071,6 +3071,41 @@ MUTANTS = [
         '            Ok(i) => {',
         ['-p', 'chorus-lm', '--lib', 'a_names_first_number_is_its_layer'],
     ),
+    (
+        "quantised: a BlockMatrix's Debug naming its columns as rows and its rows as columns",
+        'crates/lm/src/quantised.rs',
+        '            self.format, self.rows, self.cols\n',
+        '            self.format, self.cols, self.rows\n',
+        ['-p', 'chorus-lm', '--lib', 'block_products_equal_products_with_the_dequantised_weights'],
+    ),
+    (
+        'quantised: a BlockMatrix read as holding no bytes',
+        'crates/lm/src/quantised.rs',
+        '    pub fn bytes(&self) -> usize {\n        self.blocks.len()\n',
+        '    pub fn bytes(&self) -> usize {\n        0\n',
+        ['-p', 'chorus-lm', '--lib', 'block_products_equal_products_with_the_dequantised_weights'],
+    ),
+    (
+        "quantised: a matrix's last chunk of weight rows as long as the others in a pass of several activation rows",
+        'crates/lm/src/quantised.rs',
+        '(k, first, chunk_rows.min(m.rows - first))',
+        '(k, first, chunk_rows.min(m.rows + first))',
+        ['-p', 'chorus-lm', '--lib', 'block_products_equal_products_with_the_dequantised_weights'],
+    ),
+    (
+        "quantised: the names of the matrices kept as blocks without GGUF's `.weight` suffix (each loaded in f32 beside its blocks)",
+        'crates/lm/src/quantised.rs',
+        '        names.extend(parts.map(|part| format!("blk.{i}.{part}.weight")));\n',
+        '        names.extend(parts.map(|part| format!("blk.{i}.{part}")));\n',
+        ['-p', 'chorus-lm', '--lib', 'the_matrices_kept_as_blocks_are_the_files_block_quantised_tensors'],
+    ),
+    (
+        'quantised: the output layer left out of the matrices kept as blocks',
+        'crates/lm/src/quantised.rs',
+        '    if output.is_some() {\n        names.insert(output_matrix(config).to_string());\n',
+        '    if output.is_none() {\n        names.insert(output_matrix(config).to_string());\n',
+        ['-p', 'chorus-lm', '--lib', 'the_matrices_kept_as_blocks_are_the_files_block_quantised_tensors'],
+    ),
 ]
 
 

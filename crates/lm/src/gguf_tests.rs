@@ -891,13 +891,13 @@ fn block_products_equal_products_with_the_dequantised_weights() {
     let kernels = Kernel::available();
     // 5 × 64: one thread; 7 × 160: an odd number of blocks per row (the one-row kernels' two
     // chains, crate::quantised::two_chains); 37 × 96: groups of 16 weight rows and a partial one
-    // (crate::quantised::tiles_by_row_groups); 256 × 384: split across the pool, each chunk's
+    // (crate::quantised::tiles_by_row_groups); 257 × 384: split across the pool, each chunk's
     // outputs written into its columns (crate::quantised::write_columns; Q8_0: two chunks of 128
-    // weight rows). 43 and 64 rows of activations are six and eight tiles. An AVX-512 tile
-    // holds two weight rows (crate::quantised::avx512::WEIGHT_ROWS_PER_TILE); 5, 7 and 37 weight
-    // rows end on one.
+    // weight rows and a last of one). 43 and 64 rows of activations are six and eight tiles. An
+    // AVX-512 tile holds two weight rows (crate::quantised::avx512::WEIGHT_ROWS_PER_TILE); 5, 7,
+    // 37 and 257 weight rows end on one.
     let mut all = Vec::new();
-    for (rows, cols) in [(5, 64), (7, 160), (37, 96), (256, 384)] {
+    for (rows, cols) in [(5, 64), (7, 160), (37, 96), (257, 384)] {
         let values: Vec<f32> = (0..rows * cols)
             .map(|_| (rng.uniform() * 2.0 - 1.0) as f32)
             .collect();
@@ -909,6 +909,16 @@ fn block_products_equal_products_with_the_dequantised_weights() {
             let (_, weights) = file.tensor_f32(info).unwrap();
             let blocks = BlockMatrix::from_gguf(&file, info, None).unwrap().unwrap();
             assert_eq!((blocks.rows(), blocks.cols()), (rows, cols));
+            assert_eq!(
+                format!("{blocks:?}"),
+                format!("BlockMatrix({store:?}, {rows}×{cols})")
+            );
+            let block_bytes = match store {
+                Store::Q8_0 => 34,
+                Store::Q4_0 => 18,
+                _ => 20,
+            };
+            assert_eq!(blocks.bytes(), rows * cols / 32 * block_bytes, "{store:?}");
             assert_eq!(blocks.dequantise(), weights, "{store:?}");
             // A step reads every block: they lie where the kernel may use 2 MiB pages.
             #[cfg(target_os = "linux")]
@@ -1172,6 +1182,41 @@ fn a_decoding_model_makes_f32_weights_only_for_products_the_blocks_cannot_serve(
                 "{store:?} step {s} after the prefill"
             );
         }
+    }
+}
+
+/// The matrices a model read for decoding keeps as blocks, and so leaves out of its f32 import
+/// (`quantised::block_matrix_names`), are exactly the file's block-quantised tensors but an
+/// untied embedding (read by lookups, in f32): every layer's seven and the output layer (the tied
+/// embedding, or `output.weight`). A name missing from the set would be loaded in f32 beside its
+/// blocks, doubling what the import holds.
+#[test]
+fn the_matrices_kept_as_blocks_are_the_files_block_quantised_tensors() {
+    use crate::quantised::{block_matrix_names, llama_blocks};
+    let _rng = crate::tests::seeded(8);
+    for tie in [true, false] {
+        let mut config = block_llama();
+        if let LmConfig::Llama(c) = &mut config {
+            c.tie_embeddings = tie;
+        }
+        let model = config.init::<B>(&device()).unwrap();
+        let file = parse(&llama_to_gguf(&model, Store::Q8_0)).unwrap();
+        let quantised: std::collections::BTreeSet<String> = file
+            .tensors
+            .iter()
+            .filter(|t| t.dtype == crate::GgmlType::Q8_0)
+            .map(|t| t.name.clone())
+            .collect();
+        let config = crate::llama_config_from_gguf(&file).unwrap();
+        assert_eq!(quantised.len(), 7 * config.n_layers + 2 - tie as usize);
+        let mut expected = quantised;
+        if !tie {
+            assert!(expected.remove("token_embd.weight"));
+            assert!(expected.contains("output.weight"));
+        }
+        let (layers, output) = llama_blocks(&file, &config).unwrap();
+        let kept = block_matrix_names(&layers, output.as_deref(), &config);
+        assert_eq!(kept, expected, "tied: {tie}");
     }
 }
 

@@ -91,7 +91,8 @@ fn f16_at(bytes: &[u8]) -> f32 {
 /// Appends the values of whole `blocks` of `format` to `out`: `w = d·q` (Q8_0), `d·(q − 8)`
 /// (Q4_0), `d·q + m` (Q4_1), each block through a 32-value array so that the conversions run in
 /// vectors where the caller enables them ([`Kernel::dequantise`]). `headers(block)`: the f16
-/// values at the block's bytes 0 and 2 as f32 (`d`, and Q4_1's `m`).
+/// values at the block's bytes 0 and 2 as f32 (`d`, and Q4_1's `m`). Callers make `out` large
+/// enough beforehand (a matrix, a row, an embedding's rows).
 #[inline(always)]
 fn dequantise_blocks(
     format: BlockFormat,
@@ -99,7 +100,6 @@ fn dequantise_blocks(
     out: &mut Vec<f32>,
     headers: impl Fn(&[u8]) -> [f32; 2],
 ) {
-    out.reserve(blocks.len() / format.block_bytes() * BLOCK);
     for block in blocks.chunks_exact(format.block_bytes()) {
         let [d, second] = headers(block);
         let (m, offset, qs) = match format {
