@@ -319,6 +319,55 @@ mod tests {
         });
     }
 
+    /// Each participant of a pass gets its own index in `0..n` and the same count `n`, the
+    /// caller and every helper: the shares of [`for_each_mut`] are dealt out by these. (Two
+    /// participants with one index would both start on one share, which still visits each item
+    /// once, so the test above cannot see it.)
+    #[test]
+    fn every_participant_of_a_pass_has_its_own_index_and_the_same_count() {
+        finishes("passes that record their participants", || {
+            let everyone = participants();
+            let want: Vec<(usize, usize)> = (0..everyone).map(|p| (p, everyone)).collect();
+            // Again while another test's pass held the team and this one ran alone.
+            for _ in 0..1000 {
+                let seen = Mutex::new(Vec::new());
+                Team::get().run(&|participant, count| {
+                    seen.lock().unwrap().push((participant, count));
+                });
+                let mut seen = seen.into_inner().unwrap();
+                seen.sort_unstable();
+                if seen == [(0, 1)] && everyone > 1 {
+                    std::thread::sleep(Duration::from_millis(1));
+                    continue;
+                }
+                assert_eq!(seen, want, "(participant, count) of a pass");
+                return;
+            }
+            panic!("the team was busy for 1000 passes");
+        });
+    }
+
+    /// Helpers that saw no pass for a while go to sleep instead of holding a core: after a
+    /// decoding stops, its helpers must not spin on.
+    #[test]
+    fn helpers_without_a_pass_go_to_sleep() {
+        if participants() < 2 {
+            return;
+        }
+        finishes("helpers going to sleep", || {
+            let team = Team::get();
+            // Until no other test's pass kept them busy for 20 SPINs.
+            let deadline = Instant::now() + Duration::from_secs(50);
+            while Instant::now() < deadline {
+                std::thread::sleep(SPIN * 20);
+                if team.sleepers.load(Ordering::SeqCst) == team.helpers.load(Ordering::Relaxed) {
+                    return;
+                }
+            }
+            panic!("the helpers spun on without a pass for 50 s");
+        });
+    }
+
     #[test]
     fn passes_from_many_threads_at_once_and_nested_passes_finish() {
         finishes("concurrent and nested passes", || {
