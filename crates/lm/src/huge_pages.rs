@@ -245,13 +245,113 @@ mod tests {
         assert_eq!(big.as_ptr() as usize % HUGE_PAGE, 0);
     }
 
+    /// Ranges just under half a chunk fill chunks and go on in new ones, and a range longer than
+    /// a chunk gets one of its own: each holds its own bytes, none runs past its chunk.
+    #[test]
+    fn ranges_that_fill_chunks_and_ranges_longer_than_a_chunk_hold_their_own_bytes() {
+        let lens = [
+            CHUNK / 2 - 1,
+            CHUNK / 2 - 1,
+            CHUNK / 2 - 1,
+            2 * CHUNK + 5,
+            100,
+        ];
+        let ranges: Vec<HugePageBytes> = (0u8..)
+            .zip(lens)
+            .map(|(i, len)| HugePageBytes::copy_of(&vec![i + 1; len]))
+            .collect();
+        for ((i, len), range) in (0u8..).zip(lens).zip(&ranges) {
+            assert_eq!(range.len(), len);
+            assert!(
+                range.iter().all(|&b| b == i + 1),
+                "range {i} of {len} bytes"
+            );
+            let (start, end) = (range.start, range.start + range.len);
+            assert!(
+                end <= range.chunk.len,
+                "{start}..{end} in {}",
+                range.chunk.len
+            );
+        }
+    }
+
+    /// Whether any mapping of this process holds `address` (`/proc/self/maps`).
+    #[cfg(target_os = "linux")]
+    fn mapped(address: usize) -> bool {
+        let maps = std::fs::read_to_string("/proc/self/maps").expect("/proc/self/maps");
+        maps.lines().any(|line| {
+            let range = line.split(' ').next().and_then(|r| r.split_once('-'));
+            range.is_some_and(|(from, to)| {
+                let bound = |h| usize::from_str_radix(h, 16).unwrap_or(0);
+                (bound(from)..bound(to)).contains(&address)
+            })
+        })
+    }
+
+    /// The process's mapped bytes (`VmSize` in `/proc/self/status`).
+    #[cfg(target_os = "linux")]
+    fn mapped_bytes() -> usize {
+        let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+        let line = status.lines().find_map(|l| l.strip_prefix("VmSize:"));
+        let kb = line.and_then(|l| l.trim().strip_suffix("kB")?.trim().parse::<usize>().ok());
+        kb.expect("VmSize in /proc/self/status") * 1024
+    }
+
+    /// A chunk stays mapped while any range cut from it lives and is unmapped with the last one.
+    /// (Another test's mapping may take the freed addresses at once: tried again, it cannot do so
+    /// every time.)
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_chunk_is_unmapped_with_its_last_range() {
+        for _ in 0..20 {
+            let range = HugePageBytes::new(CHUNK, |_| ());
+            let address = range.as_ptr() as usize;
+            let clone = range.clone();
+            drop(range);
+            assert!(mapped(address), "unmapped while a range of it lives");
+            drop(clone);
+            if !mapped(address) {
+                return;
+            }
+        }
+        panic!("a chunk's mapping outlived its last range, 20 times");
+    }
+
+    /// `map_huge` keeps exactly the `len` bytes from a 2 MiB boundary and unmaps the rest of what
+    /// it mapped: the process maps `len` bytes more. (Other tests map and unmap meanwhile: tried
+    /// again until one try saw no other change.)
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_mapping_keeps_its_aligned_bytes_and_unmaps_the_rest() {
+        let len = 3 * HUGE_PAGE;
+        for _ in 0..100 {
+            let before = mapped_bytes();
+            let Some(ptr) = map_huge(len) else {
+                return; // the kernel refused the mapping: nothing of it to check
+            };
+            let after = mapped_bytes();
+            // SAFETY: the mapping just made, used by nothing else.
+            unsafe { libc::munmap(ptr.as_ptr().cast(), len) };
+            assert_eq!(ptr.as_ptr() as usize % HUGE_PAGE, 0);
+            if after.wrapping_sub(before) == len {
+                return;
+            }
+        }
+        panic!("no try of map_huge({len}) mapped exactly {len} bytes");
+    }
+
     #[cfg(target_os = "linux")]
     #[test]
     fn chunks_are_advised_for_huge_pages() {
         let small = HugePageBytes::copy_of(&[1u8; 4096]);
         let large = HugePageBytes::new(CHUNK, |_| ());
+        // Where the kernel has transparent huge pages, the chunks are advised and the stack is
+        // not (the check itself can tell them apart).
+        let thp = std::fs::metadata("/sys/kernel/mm/transparent_hugepage/enabled").is_ok();
         for range in [small, large] {
-            assert_ne!(advised_for_huge_pages(range.as_ptr()), Some(false));
+            assert_eq!(advised_for_huge_pages(range.as_ptr()), thp.then_some(true));
         }
+        let on_the_stack = 0u8;
+        assert_eq!(advised_for_huge_pages(&on_the_stack), thp.then_some(false));
     }
 }

@@ -118,13 +118,40 @@ mod tests {
 
     /// Every kernel runs `rounds` multiply-adds in each of its [`CHAINS`] chains and lanes, the
     /// count the rate is computed from: with `b = c = 1` each chain ends at `rounds + 1`, exactly
-    /// in f32, so the sum is `CHAINS · lanes · (rounds + 1)`.
+    /// in f32, so the sum is `CHAINS · lanes · (rounds + 1)`; with `b = 1/2` the product is seen.
     #[test]
     fn every_kernel_runs_rounds_multiply_adds_in_every_chain_and_lane() {
         let rounds = 1000;
         for kernel in Kernel::available() {
             let expected = (CHAINS * kernel.lanes() * (rounds + 1)) as f32;
             assert_eq!(chains(kernel, rounds, 1.0, 1.0), expected, "{kernel:?}");
+            // `a ← a/2 + 1` from 1 is 2 − 2⁻ⁿ after n rounds, exact in f32 for n = 10.
+            let expected = (CHAINS * kernel.lanes()) as f32 * (2.0 - 1.0 / 1024.0);
+            assert_eq!(chains(kernel, 10, 0.5, 1.0), expected, "{kernel:?}");
         }
+    }
+
+    /// The rate is the multiply-adds counted over the time taken: near one thread's rate timed
+    /// here on the same chains, times at most the team's participants. The band is wide (a factor
+    /// of 8 either way, for a machine busy with other tests), so it catches a miscounted rate — the
+    /// lanes, the seconds or the giga inverted — not a slow one.
+    #[test]
+    fn the_rate_is_near_one_threads_rate_times_the_participants() {
+        let kernel = Kernel::detect();
+        let rounds = 1 << 20;
+        let seconds = (0..5)
+            .map(|_| {
+                let started = Instant::now();
+                black_box(chains(kernel, black_box(rounds), 0.999_999, 1e-7));
+                started.elapsed().as_secs_f64()
+            })
+            .fold(f64::INFINITY, f64::min);
+        let one_thread = (rounds * CHAINS * kernel.lanes() * 2) as f64 / seconds / 1e9;
+        let rate = multiply_add_gflops();
+        let participants = crate::team::participants() as f64;
+        assert!(
+            rate > one_thread / 8.0 && rate < one_thread * participants * 8.0,
+            "{rate} GFLOP/s on {participants} threads, {one_thread} GFLOP/s on one ({kernel:?})"
+        );
     }
 }
