@@ -3149,7 +3149,7 @@ MUTANTS = [
         ["-p", "chorus-lm", "--lib", "huge_pages"],
     ),
     (
-        "huge pages: a range cut from a chunk it does not fit",
+        "huge pages: a small range cut from the current chunk only where it does not fit, so each from a new chunk",
         "crates/lm/src/huge_pages.rs",
         "            if start + len <= chunk.len {",
         "            if start + len > chunk.len {",
@@ -3182,6 +3182,13 @@ MUTANTS = [
         "instructions * kernel.lanes() as f64",
         "instructions / kernel.lanes() as f64",
         ["-p", "chorus-lm", "--lib", "peak"],
+    ),
+    (
+        "huge pages: a range cut from the current chunk only where start · len fits",
+        "crates/lm/src/huge_pages.rs",
+        "            if start + len <= chunk.len {",
+        "            if start * len <= chunk.len {",
+        ["-p", "chorus-lm", "--lib", "huge_pages"],
     ),
 ]
 

@@ -249,13 +249,7 @@ mod tests {
     /// a chunk gets one of its own: each holds its own bytes, none runs past its chunk.
     #[test]
     fn ranges_that_fill_chunks_and_ranges_longer_than_a_chunk_hold_their_own_bytes() {
-        let lens = [
-            CHUNK / 2 - 1,
-            CHUNK / 2 - 1,
-            CHUNK / 2 - 1,
-            2 * CHUNK + 5,
-            100,
-        ];
+        let lens = [CHUNK / 2 - 1, CHUNK / 2 - 1, CHUNK / 2 - 1, CHUNK + 5, 100];
         let ranges: Vec<HugePageBytes> = (0u8..)
             .zip(lens)
             .map(|(i, len)| HugePageBytes::copy_of(&vec![i + 1; len]))
@@ -273,6 +267,20 @@ mod tests {
                 range.chunk.len
             );
         }
+    }
+
+    /// Small ranges made one after the other are cut from one chunk, not each from a chunk of its
+    /// own (32 MiB each). (Another test's ranges may fill the chunk in between: tried again.)
+    #[test]
+    fn small_ranges_share_a_chunk() {
+        for _ in 0..20 {
+            let first = HugePageBytes::copy_of(&[1u8; 1 << 16]);
+            let second = HugePageBytes::copy_of(&[2u8; 1 << 16]);
+            if Arc::ptr_eq(&first.chunk, &second.chunk) {
+                return;
+            }
+        }
+        panic!("two 64 KiB ranges made one after the other never shared a chunk");
     }
 
     /// Whether any mapping of this process holds `address` (`/proc/self/maps`).
