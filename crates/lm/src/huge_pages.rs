@@ -196,20 +196,21 @@ pub(crate) fn advised_for_huge_pages(address: *const u8) -> Option<bool> {
     let smaps = std::fs::read_to_string("/proc/self/smaps").expect("/proc/self/smaps");
     let mut inside = false;
     for line in smaps.lines() {
-        let range = line.split(' ').next().and_then(|r| r.split_once('-'));
-        let bounds = range.and_then(|(from, to)| {
-            Some((
-                usize::from_str_radix(from, 16).ok()?,
-                usize::from_str_radix(to, 16).ok()?,
-            ))
-        });
-        if let Some((from, to)) = bounds {
-            inside = (from..to).contains(&address);
+        if let Some(range) = mapping_range(line) {
+            inside = range.contains(&address);
         } else if inside && let Some(flags) = line.strip_prefix("VmFlags:") {
             return Some(flags.split_whitespace().any(|f| f == "hg"));
         }
     }
     panic!("no mapping in /proc/self/smaps holds {address:#x}")
+}
+
+/// The addresses of the mapping a line of `/proc/self/maps` or `smaps` starts (`from-to …` in
+/// hex); `None` for the other lines of `smaps`.
+#[cfg(all(test, target_os = "linux"))]
+fn mapping_range(line: &str) -> Option<std::ops::Range<usize>> {
+    let (from, to) = line.split(' ').next()?.split_once('-')?;
+    Some(usize::from_str_radix(from, 16).ok()?..usize::from_str_radix(to, 16).ok()?)
 }
 
 #[cfg(test)]
@@ -287,13 +288,8 @@ mod tests {
     #[cfg(target_os = "linux")]
     fn mapped(address: usize) -> bool {
         let maps = std::fs::read_to_string("/proc/self/maps").expect("/proc/self/maps");
-        maps.lines().any(|line| {
-            let range = line.split(' ').next().and_then(|r| r.split_once('-'));
-            range.is_some_and(|(from, to)| {
-                let bound = |h| usize::from_str_radix(h, 16).unwrap_or(0);
-                (bound(from)..bound(to)).contains(&address)
-            })
-        })
+        maps.lines()
+            .any(|line| mapping_range(line).is_some_and(|range| range.contains(&address)))
     }
 
     /// The process's mapped bytes (`VmSize` in `/proc/self/status`).
